@@ -1,0 +1,72 @@
+"""The one exception hierarchy of pgpubsub.
+
+Every error raised by the library derives from :class:`PgPubSubError`. When a
+driver error caused it, that error is the ``__cause__``. All classes are
+picklable (they keep their message in ``args``), so they cross process
+boundaries in the multi-process worker unchanged::
+
+    PgPubSubError
+    ├── InvalidChannelName      (also ValueError)   bad channel name, raised before any SQL
+    ├── PayloadError            (also ValueError)   payload cannot be sent or decoded
+    │   ├── PayloadTooLarge                          over PostgreSQL's 7999-byte NOTIFY limit
+    │   └── SchemaMismatch                           payload does not match the channel's fields
+    ├── ChannelNotFound         (also LookupError)  dotted path names no channel
+    ├── ConnectionLost                               the server connection dropped
+    ├── ListenerStateError                          call not valid in the current state
+    └── ConfigurationError                          bad settings or arguments
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChannelNotFound",
+    "ConfigurationError",
+    "ConnectionLost",
+    "InvalidChannelName",
+    "ListenerStartError",
+    "ListenerStateError",
+    "PayloadError",
+    "PayloadTooLarge",
+    "PgPubSubError",
+    "SchemaMismatch",
+]
+
+
+class PgPubSubError(Exception):
+    """Root of every error raised by pgpubsub."""
+
+
+class InvalidChannelName(PgPubSubError, ValueError):
+    """A channel name is empty, too long, not a string, or contains NUL."""
+
+
+class PayloadError(PgPubSubError, ValueError):
+    """A payload cannot be sent or cannot be decoded."""
+
+
+class PayloadTooLarge(PayloadError):
+    """A plain-channel payload is over PostgreSQL's NOTIFY limit (in UTF-8 bytes)."""
+
+
+class SchemaMismatch(PayloadError):
+    """A payload does not match the fields declared by its channel."""
+
+
+class ChannelNotFound(PgPubSubError, LookupError):
+    """A dotted path or wire name names no known channel."""
+
+
+class ConnectionLost(PgPubSubError):
+    """The connection to the server was lost; the driver error is ``__cause__``."""
+
+
+class ListenerStateError(PgPubSubError):
+    """A call that the listener's current state does not allow (e.g. not started)."""
+
+
+#: Name used by the psqlpy ``Listener`` documents for "not started yet".
+ListenerStartError = ListenerStateError
+
+
+class ConfigurationError(PgPubSubError):
+    """Settings or arguments that cannot work."""
