@@ -3,8 +3,14 @@
 Levels, from the wire up:
 
 * :mod:`pgpubsub.pubsub` - one connection: ``connect()``, ``notify``, ``listen``, ``events``.
+* :mod:`pgpubsub.engine` - the supervised listening engine every level below builds on.
+* :mod:`pgpubsub.asynclistener` - ``Listener`` / ``ConnectionPool`` (asyncio, callbacks).
+* :mod:`pgpubsub.notifier` - ``Notifier`` (threads, subscribers, muting).
 """
 
+from .asynclistener import Connection, ConnectionPool, Listener, ListenerNotificationMsg
+from .backoff import Backoff
+from .engine import Engine, Gap, Status
 from .errors import (
     ChannelNotFound,
     ConfigurationError,
@@ -17,10 +23,20 @@ from .errors import (
     PgPubSubError,
     SchemaMismatch,
 )
+from .notifier import Notifier
 from .pubsub import AsyncPubSub, Notify, PubSub, connect, connect_async
 
 __all__ = [
     "AsyncPubSub",
+    "Backoff",
+    "Connection",
+    "ConnectionPool",
+    "Engine",
+    "Gap",
+    "Listener",
+    "ListenerNotificationMsg",
+    "Notifier",
+    "Status",
     "ChannelNotFound",
     "ConfigurationError",
     "ConnectionLost",

@@ -1,0 +1,308 @@
+"""``Notifier``: the pgnotifier-style threaded API on the engine.
+
+Code written for pgnotifier runs with its import line changed to
+``from pgpubsub import Notifier``::
+
+    n = Notifier({"dbname": "app", "user": "me"})
+    n.add_channels(["ch1", "ch3"])
+    n.subscribe(42, "ch1", lambda id, channel, payload, pid: print(payload))
+
+Subscriber callbacks receive ``(id, channel, payload, pid)`` with the payload
+turned into a Python value by :func:`pgpubsub.values.parse_value` (JSON, then
+a Python literal, else the text itself; never code execution, never a crash).
+
+A channel is *active* (LISTENed to) when it is not muted and has at least one
+non-muted subscriber. Changes made with ``autorun=True`` (the default) and
+every mute/unmute apply at once, without restarting anything (and start the
+notifier when a channel becomes active, as pgnotifier's autorun does); with
+``autorun=False`` they wait for ``restart()`` (or ``stop()`` and ``start()``),
+as pgnotifier documents.
+
+Unlike pgnotifier: a callback that raises is logged and the others still run;
+a payload that parses as nothing is passed as text; ``unsubscribe`` from one
+channel leaves the subscriber's other channels working; a dropped connection
+is reconnected; ``is_running()`` is true only while the notifier really
+listens; ``stop()`` leaves no thread behind; and the threads are daemons, so
+the interpreter exits without an explicit ``stop()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dispatch import Subscription, handler_name
+from .driver import Notify
+from .engine import Engine, GapHandler
+from .loopthread import LoopThread
+from .names import validate_channel
+from .values import parse_value
+
+__all__ = ["Notifier"]
+
+log = logging.getLogger("pgpubsub.notifier")
+
+SubscriberFn = Callable[[Hashable, str, Any, int], Any]
+Channels = str | Iterable[str] | None
+
+
+@dataclass
+class _Subscriber:
+    fn: SubscriberFn
+    muted: bool = False
+
+
+@dataclass
+class _Channel:
+    muted: bool = False
+    subscribers: dict[Hashable, _Subscriber] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return not self.muted and any(not s.muted for s in self.subscribers.values())
+
+
+def _as_list(channels: Channels) -> list[str] | None:
+    if channels is None:
+        return None
+    if isinstance(channels, str):
+        return [channels]
+    return list(channels)
+
+
+class Notifier:
+    """Threaded LISTEN/NOTIFY with subscribers, muting and autorun (see module docs)."""
+
+    def __init__(self, dbconf: dict[str, Any] | str, **engine_options: Any):
+        self._dbconf = dbconf
+        self._engine_options = engine_options
+        self._lock = threading.RLock()
+        self._channels: dict[str, _Channel] = {}
+        self._loop: LoopThread | None = None
+        self._engine: Engine | None = None
+        self._subs: dict[str, Subscription] = {}
+        # What dispatch reads, without a lock: rebuilt whole on every change.
+        self._targets: dict[str, tuple[tuple[Hashable, SubscriberFn], ...]] = {}
+        self._gap_handlers: list[GapHandler] = []
+
+    # -- channels --------------------------------------------------------------
+
+    def add_channels(self, channels: Channels) -> None:
+        """Add channels to monitor (no-op for those already there)."""
+        with self._lock:
+            for name in _as_list(channels) or []:
+                self._channels.setdefault(validate_channel(name), _Channel())
+        self._apply()
+
+    def remove_channels(self, channels: Channels, autorun: bool = True) -> None:
+        """Remove channels (no-op for unknown ones); with autorun, stop listening at once."""
+        with self._lock:
+            for name in _as_list(channels) or []:
+                self._channels.pop(name, None)
+        self._apply(listen=autorun)
+
+    def channels(self) -> dict[str, dict[str, Any]]:
+        """``{channel: {"muted": bool, "active": bool, "subscribers": {id: {"fn", "muted"}}}}``."""
+        with self._lock:
+            return {
+                name: {
+                    "muted": ch.muted,
+                    "active": ch.active,
+                    "subscribers": {
+                        sid: {"fn": s.fn, "muted": s.muted} for sid, s in ch.subscribers.items()
+                    },
+                }
+                for name, ch in self._channels.items()
+            }
+
+    # -- subscribers -----------------------------------------------------------
+
+    def subscribe(self, id: Hashable, channel: str, fn: SubscriberFn, autorun: bool = True) -> None:
+        """Call ``fn(id, channel, payload, pid)`` for notifications on ``channel``."""
+        hash(id)
+        with self._lock:
+            ch = self._channels.setdefault(validate_channel(channel), _Channel())
+            ch.subscribers[id] = _Subscriber(fn)
+        self._apply(listen=autorun)
+
+    def unsubscribe(self, id: Hashable, channel: str, autorun: bool = True) -> None:
+        """Remove subscriber ``id`` from ``channel`` only."""
+        with self._lock:
+            ch = self._channels.get(channel)
+            if ch is not None:
+                ch.subscribers.pop(id, None)
+        self._apply(listen=autorun)
+
+    def subscribers(self) -> dict[Hashable, dict[str, dict[str, Any]]]:
+        """``{id: {channel: {"fn", "muted"}}}``."""
+        with self._lock:
+            out: dict[Hashable, dict[str, dict[str, Any]]] = {}
+            for name, ch in self._channels.items():
+                for sid, s in ch.subscribers.items():
+                    out.setdefault(sid, {})[name] = {"fn": s.fn, "muted": s.muted}
+            return out
+
+    # -- muting ----------------------------------------------------------------
+
+    def _set_channel_mute(self, channels: Channels, muted: bool) -> None:
+        with self._lock:
+            names = _as_list(channels)
+            for name in self._channels if names is None else names:
+                if name in self._channels:
+                    self._channels[name].muted = muted
+        self._apply()
+
+    def mute_channels(self, channels: Channels = None) -> None:
+        """Stop listening to channels (all when none given); subscribers keep their state."""
+        self._set_channel_mute(channels, True)
+
+    def unmute_channels(self, channels: Channels = None) -> None:
+        """Listen again to channels (all when none given) that have a non-muted subscriber."""
+        self._set_channel_mute(channels, False)
+
+    def muted_channels(self) -> list[str]:
+        with self._lock:
+            return [name for name, ch in self._channels.items() if ch.muted]
+
+    def non_muted_channels(self) -> list[str]:
+        with self._lock:
+            return [name for name, ch in self._channels.items() if not ch.muted]
+
+    def _set_subscriber_mute(self, id: Hashable, channels: Channels, muted: bool) -> None:
+        with self._lock:
+            names = _as_list(channels)
+            for name in self._channels if names is None else names:
+                sub = self._channels.get(name, _Channel()).subscribers.get(id)
+                if sub is not None:
+                    sub.muted = muted
+        self._apply()
+
+    def mute_subscriber(self, id: Hashable, channels: Channels = None) -> None:
+        """Mute subscriber ``id`` on channels (all of its channels when none given)."""
+        self._set_subscriber_mute(id, channels, True)
+
+    def unmute_subscriber(self, id: Hashable, channels: Channels = None) -> None:
+        """Unmute subscriber ``id`` on channels (all of its channels when none given)."""
+        self._set_subscriber_mute(id, channels, False)
+
+    def muted_subscribers(self) -> dict[Hashable, list[str]]:
+        """``{id: [channels it is muted on]}``."""
+        with self._lock:
+            out: dict[Hashable, list[str]] = {}
+            for name, ch in self._channels.items():
+                for sid, s in ch.subscribers.items():
+                    if s.muted:
+                        out.setdefault(sid, []).append(name)
+            return out
+
+    # -- running ---------------------------------------------------------------
+
+    def add_gap_handler(self, handler: GapHandler) -> None:
+        """Call ``handler(gap)`` after each reconnect (in the notifier's loop thread)."""
+        self._gap_handlers.append(handler)
+        if self._engine is not None:
+            self._engine.add_gap_handler(handler)
+
+    def start(self) -> None:
+        """Start listening (no-op if running)."""
+        with self._lock:
+            if self._engine is not None:
+                return
+            loop = LoopThread("pgpubsub-notifier")
+            engine = Engine(**self._conn_args(), **self._engine_options)
+            for handler in self._gap_handlers:
+                engine.add_gap_handler(handler)
+            try:
+                loop.run(engine.start())
+            except BaseException:
+                loop.close()
+                raise
+            self._loop, self._engine = loop, engine
+        self._apply()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop listening and end the notifier's threads (no-op if not running)."""
+        with self._lock:
+            loop, engine = self._loop, self._engine
+            self._loop = self._engine = None
+            self._subs = {}
+        if loop is not None and engine is not None:
+            try:
+                loop.run(engine.stop(timeout), timeout=timeout + 5)
+            finally:
+                loop.close()
+
+    def restart(self) -> None:
+        """Stop and start again, applying every pending change."""
+        self.stop()
+        self.start()
+
+    def is_running(self) -> bool:
+        """True only while the notifier is connected and listening."""
+        engine, loop = self._engine, self._loop
+        return (
+            engine is not None
+            and loop is not None
+            and loop.alive
+            and engine.status().state == "listening"
+        )
+
+    def status(self) -> Any:
+        """The engine's :class:`~pgpubsub.engine.Status`, or None when stopped."""
+        engine = self._engine
+        return engine.status() if engine is not None else None
+
+    # -- internals -------------------------------------------------------------
+
+    def _conn_args(self) -> dict[str, Any]:
+        if isinstance(self._dbconf, str):
+            return {"conninfo": self._dbconf}
+        return {k: v for k, v in self._dbconf.items() if v is not None}
+
+    def _apply(self, listen: bool = True) -> None:
+        """Route to the current subscribers; with ``listen``, LISTEN to the active channels."""
+        with self._lock:
+            self._targets = {
+                name: tuple((sid, s.fn) for sid, s in ch.subscribers.items() if not s.muted)
+                for name, ch in self._channels.items()
+                if not ch.muted
+            }
+            if not listen:
+                return
+            loop, engine = self._loop, self._engine
+            if loop is None or engine is None:
+                if any(ch.active for ch in self._channels.values()):
+                    self.start()  # autorun: the listener thread starts when needed
+                return
+            active = {name for name, ch in self._channels.items() if ch.active}
+            for name in sorted(set(self._subs) - active):
+                loop.run(engine.unsubscribe(self._subs.pop(name)))
+            for name in sorted(active - set(self._subs)):
+                self._subs[name] = loop.run(
+                    engine.subscribe(name, self._dispatcher(name), batch=True, thread=True)
+                )
+
+    def _dispatcher(self, channel: str) -> Callable[[list[Notify]], None]:
+        def dispatch(batch: list[Notify]) -> None:
+            for msg in batch:
+                targets = self._targets.get(channel, ())
+                if not targets:
+                    continue
+                payload = parse_value(msg.payload)
+                for sid, fn in targets:
+                    try:
+                        fn(sid, msg.channel, payload, msg.pid)
+                    except Exception:
+                        log.exception(
+                            "subscriber %r (%s) failed on channel %r",
+                            sid,
+                            handler_name(fn),
+                            channel,
+                            extra={"channel": channel, "handler": handler_name(fn)},
+                        )
+
+        dispatch.__qualname__ = f"Notifier[{channel}]"
+        return dispatch
