@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .driver import Notify
+from .errors import ConfigurationError
 
 __all__ = ["Handler", "Subscription"]
 
@@ -60,6 +61,8 @@ class Subscription:
         is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004
         )
+        if is_async and thread:
+            raise ConfigurationError(f"async handler {handler_name(handler)} cannot run in a thread")
         self.threaded = (not is_async) if thread is None else thread
         self.max_pending = max_pending
         self.queue: deque[Notify] = deque()
@@ -151,6 +154,9 @@ class Subscription:
     async def _run_task(self) -> None:
         assert self._event is not None
         queue, handler, event = self.queue, self.handler, self._event
+        is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004
+        )
         while True:
             await event.wait()
             event.clear()
@@ -165,15 +171,26 @@ class Subscription:
                     except Exception as exc:
                         self._failed(exc, items)
                     self.delivered += len(items)
+                    continue
+                # One loop per kind: no per-message type checks on the hot path.
+                count = 0
+                if is_async:
+                    while queue:
+                        msg = queue.popleft()
+                        count += 1
+                        try:
+                            await handler(msg)
+                        except Exception as exc:
+                            self._failed(exc, [msg])
                 else:
-                    msg = queue.popleft()
-                    try:
-                        result = handler(msg)
-                        if inspect.isawaitable(result):
-                            await result
-                    except Exception as exc:
-                        self._failed(exc, [msg])
-                    self.delivered += 1
+                    while queue:
+                        msg = queue.popleft()
+                        count += 1
+                        try:
+                            handler(msg)
+                        except Exception as exc:
+                            self._failed(exc, [msg])
+                self.delivered += count
             if self._paused():
                 self._on_drained()
             if self._closing:

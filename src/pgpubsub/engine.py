@@ -420,10 +420,11 @@ class Engine:
             return
         routes = self._routes
         woken: list[Subscription] = []
+        new = tuple.__new__  # Notify(...) without the NamedTuple's Python-level __new__
         while n is not None:
             route = routes.get(n.relname)
             if route is not None:
-                msg = Notify(route.channel, n.extra.decode(), n.be_pid)
+                msg = new(Notify, (route.channel, n.extra.decode(), n.be_pid))
                 for sub in route.subs:
                     queue = sub.queue
                     if not queue:
