@@ -6,10 +6,15 @@ Levels, from the wire up:
 * :mod:`pgpubsub.engine` - the supervised listening engine every level below builds on.
 * :mod:`pgpubsub.asynclistener` - ``Listener`` / ``ConnectionPool`` (asyncio, callbacks).
 * :mod:`pgpubsub.notifier` - ``Notifier`` (threads, subscribers, muting).
+* :mod:`pgpubsub.channel`, :mod:`pgpubsub.listen`, :mod:`pgpubsub.notify`,
+  :mod:`pgpubsub.worker` - typed channels, ``@listener``, ``notify()``, the worker.
+* :mod:`pgpubsub.durable` - ``lock_notifications``: stored, exactly-once, retried messages.
 """
 
 from .asynclistener import Connection, ConnectionPool, Listener, ListenerNotificationMsg
 from .backoff import Backoff
+from .channel import Channel
+from .durable import process_stored_notifications
 from .engine import Engine, Gap, Status
 from .errors import (
     ChannelNotFound,
@@ -23,12 +28,15 @@ from .errors import (
     PgPubSubError,
     SchemaMismatch,
 )
+from .listen import listener, registry
 from .notifier import Notifier
+from .notify import anotify, notify, notify_many
 from .pubsub import AsyncPubSub, Notify, PubSub, connect, connect_async
 
 __all__ = [
     "AsyncPubSub",
     "Backoff",
+    "Channel",
     "Connection",
     "ConnectionPool",
     "Engine",
@@ -49,6 +57,12 @@ __all__ = [
     "PgPubSubError",
     "PubSub",
     "SchemaMismatch",
+    "anotify",
     "connect",
     "connect_async",
+    "listener",
+    "notify",
+    "notify_many",
+    "process_stored_notifications",
+    "registry",
 ]

@@ -62,7 +62,9 @@ class Subscription:
             getattr(handler, "__call__", None)  # noqa: B004
         )
         if is_async and thread:
-            raise ConfigurationError(f"async handler {handler_name(handler)} cannot run in a thread")
+            raise ConfigurationError(
+                f"async handler {handler_name(handler)} cannot run in a thread"
+            )
         self.threaded = (not is_async) if thread is None else thread
         self.max_pending = max_pending
         self.queue: deque[Notify] = deque()

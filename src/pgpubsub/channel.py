@@ -1,0 +1,150 @@
+"""Typed channels: dataclasses whose fields are the payload schema.
+
+::
+
+    @dataclass
+    class PostReads(Channel):
+        model_id: int
+        date: datetime.date
+
+Payloads are JSON objects of the fields, encoded and decoded by msgspec
+straight into the declared types: primitives, ``Optional``, ``date`` and
+``datetime`` (naive or aware, kept as they were), ``UUID``, ``Decimal``,
+enums, ``bytes``, lists, dicts, sets and tuples of these, nested dataclasses,
+defaults, and modules using ``from __future__ import annotations``. A payload
+that does not match raises :class:`~pgpubsub.errors.SchemaMismatch`.
+
+The wire name (the PostgreSQL channel) defaults to the class's dotted path,
+``module.QualName``; when that is over 63 bytes it is shortened to its tail
+plus a 64-bit hash of the whole path, so it stays readable and stable. Set
+your own with a class keyword, which keeps the class namespace free for
+fields::
+
+    @dataclass
+    class Orders(Channel, name="orders", lock_notifications=True, max_attempts=5):
+        order_id: int
+
+``lock_notifications = True`` as a class attribute (the django-pgpubsub
+spelling) works too: see :mod:`pgpubsub.durable`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgspec
+
+from .errors import ChannelNotFound, ConfigurationError, SchemaMismatch
+from .names import MAX_NAME_BYTES, validate_channel
+
+__all__ = ["Channel", "ChannelSpec", "resolve_channel", "spec_of"]
+
+_OPTIONS = ("name", "lock_notifications", "max_attempts", "retry_delay", "retry_max_delay")
+
+
+class Channel:
+    """Base class of typed channels (declare subclasses as dataclasses)."""
+
+    lock_notifications: ClassVar[bool] = False
+    max_attempts: ClassVar[int] = 5
+    retry_delay: ClassVar[float] = 1.0
+    retry_max_delay: ClassVar[float] = 300.0
+    _pgpubsub_options: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **options: Any) -> None:
+        unknown = set(options) - set(_OPTIONS)
+        if unknown:
+            raise ConfigurationError(f"unknown channel option(s) {sorted(unknown)} on {cls}")
+        super().__init_subclass__()
+        cls._pgpubsub_options = options
+        for key in ("lock_notifications", "max_attempts", "retry_delay", "retry_max_delay"):
+            if key in options:
+                setattr(cls, key, options[key])
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """Everything the library derives from a channel class, computed once."""
+
+    cls: type[Channel]
+    name: str  # the PostgreSQL channel name
+    path: str  # module.QualName
+    fields: tuple[str, ...]
+    lock: bool
+    encoder: msgspec.json.Encoder
+    decoder: msgspec.json.Decoder[Any]
+
+    def encode(self, message: Any) -> str:
+        return self.encoder.encode(message).decode()
+
+    def build(self, fields: dict[str, Any]) -> Any:
+        """An instance from keyword fields; SchemaMismatch if they do not fit."""
+        try:
+            return self.cls(**fields)
+        except TypeError as exc:
+            raise SchemaMismatch(f"{self.path}: {exc}") from exc
+
+    def decode(self, payload: str | bytes) -> Any:
+        try:
+            return self.decoder.decode(payload)
+        except msgspec.ValidationError as exc:
+            raise SchemaMismatch(f"payload does not match {self.path}: {exc}") from exc
+        except msgspec.DecodeError as exc:
+            raise SchemaMismatch(f"payload on {self.path} is not valid JSON: {exc}") from exc
+
+
+_specs: dict[type[Any], ChannelSpec] = {}
+
+
+def _default_name(path: str) -> str:
+    if len(path.encode()) <= MAX_NAME_BYTES:
+        return path
+    digest = hashlib.blake2b(path.encode(), digest_size=8).hexdigest()
+    tail = path.encode()[-(MAX_NAME_BYTES - len(digest) - 2) :].decode(errors="ignore")
+    return f"{tail}~{digest}"
+
+
+def spec_of(cls: type[Any]) -> ChannelSpec:
+    """The :class:`ChannelSpec` of a channel class (validated on first use)."""
+    spec = _specs.get(cls)
+    if spec is not None:
+        return spec
+    if not (isinstance(cls, type) and issubclass(cls, Channel)):
+        raise ConfigurationError(f"{cls!r} is not a Channel subclass")
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigurationError(f"{cls.__qualname__} must be declared with @dataclass")
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    name = validate_channel(cls._pgpubsub_options.get("name") or _default_name(path))
+    try:
+        decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(type=cls)
+    except (TypeError, NameError) as exc:
+        raise ConfigurationError(
+            f"channel {path} has a field type msgspec cannot use: {exc}"
+        ) from exc
+    spec = ChannelSpec(
+        cls=cls,
+        name=name,
+        path=path,
+        fields=tuple(f.name for f in dataclasses.fields(cls)),
+        lock=bool(cls.lock_notifications),
+        encoder=msgspec.json.Encoder(),
+        decoder=decoder,
+    )
+    _specs[cls] = spec
+    return spec
+
+
+def resolve_channel(channel: type[Any] | str) -> ChannelSpec:
+    """The spec of a channel class or of a dotted path ``module.Class``."""
+    if isinstance(channel, str):
+        module_name, _, attr = channel.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ChannelNotFound(f"no channel at {channel!r}: {exc}") from exc
+        return spec_of(obj)
+    return spec_of(channel)

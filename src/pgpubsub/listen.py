@@ -1,0 +1,139 @@
+"""Listener functions for typed channels: ``@pgpubsub.listener(Channel)``.
+
+::
+
+    @pgpubsub.listener(PostReads)
+    def update_cache(model_id: int, date: datetime.date) -> None: ...
+
+A listener's parameters are a subset of the channel's fields (a listener
+taking ``**kwargs`` gets them all); a parameter that is not a field, or a
+required field it does not take, is a ConfigurationError at decoration time.
+Several listeners may listen to one channel; sync and async functions are both
+accepted. Listeners are recorded in a :class:`Registry` (``pgpubsub.registry``
+by default) that the worker reads; nothing runs until a worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .channel import ChannelSpec, resolve_channel
+from .errors import ChannelNotFound, ConfigurationError
+
+__all__ = ["ListenerSpec", "Registry", "listener", "registry"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    channel: ChannelSpec
+    fn: Callable[..., Any]
+    params: tuple[str, ...] | None  # None: every field (the function takes **kwargs)
+    is_async: bool
+    operations: frozenset[str] | None = None  # trigger listeners: the operations wanted
+
+    @property
+    def name(self) -> str:
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+    def arguments(self, message: Any) -> dict[str, Any]:
+        names = self.channel.fields if self.params is None else self.params
+        return {name: getattr(message, name) for name in names}
+
+    def call(self, message: Any) -> Any:
+        return self.fn(**self.arguments(message))
+
+
+def _params(spec: ChannelSpec, fn: Callable[..., Any]) -> tuple[str, ...] | None:
+    sig = inspect.signature(fn)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    fields = {f.name: f for f in dataclasses.fields(spec.cls)}  # type: ignore[arg-type]
+    params = []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
+            raise ConfigurationError(f"listener {fn.__qualname__}: fields are passed by keyword")
+        if p.name not in fields:
+            if p.default is p.empty:
+                raise ConfigurationError(
+                    f"listener {fn.__qualname__} takes {p.name!r}, which {spec.path} does not have"
+                )
+            continue
+        params.append(p.name)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in params:
+            raise ConfigurationError(
+                f"listener {fn.__qualname__} must take the required field {name!r} of {spec.path}"
+            )
+    return tuple(params)
+
+
+class Registry:
+    """Channels and their listeners, in registration order."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[type[Any], list[ListenerSpec]] = {}
+
+    def add(
+        self,
+        channel: type[Any] | str,
+        fn: Callable[..., Any],
+        operations: frozenset[str] | None = None,
+        params: tuple[str, ...] | None = None,
+    ) -> ListenerSpec:
+        spec = resolve_channel(channel)
+        entry = ListenerSpec(
+            channel=spec,
+            fn=fn,
+            params=params if operations is not None else _params(spec, fn),
+            is_async=inspect.iscoroutinefunction(fn),
+            operations=operations,
+        )
+        listeners = self._listeners.setdefault(spec.cls, [])
+        if not any(existing.fn is fn for existing in listeners):
+            listeners.append(entry)
+        return entry
+
+    def listeners(self, spec: ChannelSpec) -> list[ListenerSpec]:
+        return list(self._listeners.get(spec.cls, []))
+
+    def channels(self) -> list[ChannelSpec]:
+        return [resolve_channel(cls) for cls, ls in self._listeners.items() if ls]
+
+    def select(self, paths: list[str] | None) -> list[ChannelSpec]:
+        """Registered channels named by dotted paths (a parent class selects its subclasses)."""
+        everything = self.channels()
+        if not paths:
+            return everything
+        chosen: list[ChannelSpec] = []
+        for path in paths:
+            wanted = resolve_channel(path) if "." in path else None
+            if wanted is None:
+                raise ChannelNotFound(f"{path!r} is not a dotted path to a channel")
+            matches = [s for s in everything if issubclass(s.cls, wanted.cls)]
+            if not matches:
+                raise ChannelNotFound(f"no listener is registered for {path} or its subclasses")
+            chosen += [m for m in matches if m not in chosen]
+        return chosen
+
+    def clear(self) -> None:
+        self._listeners.clear()
+
+
+registry = Registry()
+
+
+def listener(channel: type[Any] | str) -> Callable[[F], F]:
+    """Register the decorated function as a listener of ``channel`` (class or dotted path)."""
+
+    def decorate(fn: F) -> F:
+        registry.add(channel, fn)
+        return fn
+
+    return decorate

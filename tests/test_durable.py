@@ -1,0 +1,202 @@
+"""Durable channels: exactly-once processing, retries, dead letters, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from app.channels import Jobs, SeedStyleDurable
+from helpers import admin_query, wait_until
+from test_cli import Listen
+
+import pgpubsub
+from pgpubsub import durable
+from pgpubsub.channel import spec_of
+from pgpubsub.listen import Registry
+from pgpubsub.worker import Worker
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[str]:
+    durable.migrate(dsn)
+    admin_query(dsn, "CREATE TABLE effects (kind text, n int, pid int)")
+    yield dsn
+
+
+def effects(dsn: str) -> dict[int, int]:
+    return dict(admin_query(dsn, "SELECT n, count(*) FROM effects GROUP BY n"))  # type: ignore[arg-type]
+
+
+def in_tx_recorder(registry: Registry, fail_on: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    def record(n: int, blob: str) -> None:
+        durable.connection().execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+        if n in fail_on:
+            raise RuntimeError(f"poison {n}")
+
+    registry.add(Jobs, record)
+
+
+def run_worker(dsn: str, registry: Registry, until: Any, timeout: float = 30) -> None:
+    async def main() -> None:
+        worker = Worker(dsn, registry=registry)
+        await worker.start()
+        try:
+            deadline = time.monotonic() + timeout
+            while not until():
+                assert time.monotonic() < deadline, "condition not met"
+                await asyncio.sleep(0.05)
+        finally:
+            await worker.stop()
+
+    asyncio.run(main())
+
+
+def publish(dsn: str, ns: list[int], blob: str = "") -> None:
+    with psycopg.connect(dsn) as conn:
+        pgpubsub.notify_many(Jobs, [{"n": n, "blob": blob} for n in ns], conn=conn)
+
+
+def test_identical_messages_in_one_transaction_are_all_processed(db: str) -> None:
+    registry = Registry()
+    in_tx_recorder(registry)
+    with psycopg.connect(db) as conn:
+        for _ in range(5):
+            pgpubsub.notify(Jobs, conn=conn, n=7)
+    run_worker(db, registry, lambda: effects(db).get(7) == 5)
+    time.sleep(0.3)
+    assert effects(db) == {7: 5}
+
+
+def test_large_payload_and_rollback(db: str) -> None:
+    registry = Registry()
+    in_tx_recorder(registry)
+    with psycopg.connect(db) as conn:
+        pgpubsub.notify(Jobs, conn=conn, n=1, blob="x" * 100_000)
+        conn.rollback()
+        pgpubsub.notify(Jobs, conn=conn, n=2, blob="é" * 100_000)
+    run_worker(db, registry, lambda: effects(db) == {2: 1})
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
+
+
+def test_published_while_no_worker_runs_are_processed_once_after_start(db: str) -> None:
+    registry = Registry()
+    in_tx_recorder(registry)
+    publish(db, list(range(1000)))
+    run_worker(db, registry, lambda: len(effects(db)) == 1000)
+    time.sleep(0.3)
+    assert effects(db) == {n: 1 for n in range(1000)}
+
+
+def test_poison_message_is_retried_to_the_limit_then_dead_then_replayed(db: str) -> None:
+    registry = Registry()
+    attempts: list[int] = []
+    poisoned = {"on": True}
+
+    def record(n: int) -> None:
+        durable.connection().execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+        if n == 500:
+            attempts.append(n)
+            if poisoned["on"]:
+                raise RuntimeError("poison 500")
+
+    registry.add(Jobs, record)
+    publish(db, list(range(1000)))
+
+    def dead_rows() -> list[tuple[object, ...]]:
+        return admin_query(db, "SELECT count(*) FROM pgpubsub.message WHERE status='dead'")
+
+    run_worker(db, registry, lambda: len(effects(db)) == 999 and dead_rows() == [(1,)])
+    assert len(attempts) == Jobs.max_attempts == 3
+    assert effects(db) == {n: 1 for n in range(1000) if n != 500}  # poison's writes rolled back
+    with psycopg.connect(db, autocommit=True) as conn:
+        (row,) = durable.dead(conn)
+        assert row["attempts"] == 3 and "RuntimeError: poison 500" in row["last_error"]
+        assert "Traceback" in row["last_error"]
+        poisoned["on"] = False
+        assert durable.replay(conn, ids=[row["id"]]) == 1
+    run_worker(db, registry, lambda: effects(db).get(500) == 1)
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
+
+
+def test_seed_style_attribute_and_process_stored_notifications(db: str) -> None:
+    assert spec_of(SeedStyleDurable).lock
+    registry = Registry()
+    seen: list[int] = []
+    registry.add(SeedStyleDurable, lambda n: seen.append(n))
+    with psycopg.connect(db) as conn:
+        for i in range(3):
+            pgpubsub.notify(SeedStyleDurable, conn=conn, n=i)
+    assert pgpubsub.process_stored_notifications([SeedStyleDurable], dsn=db, registry=registry) == 3
+    assert seen == [0, 1, 2]
+
+
+@pytest.mark.chaos
+def test_killed_listener_backend_loses_and_duplicates_nothing(db: str) -> None:
+    registry = Registry()
+    in_tx_recorder(registry)
+
+    async def main() -> None:
+        worker = Worker(db, registry=registry)
+        await worker.start()
+        try:
+            for round_ in range(5):
+                await asyncio.to_thread(publish, db, list(range(round_ * 200, round_ * 200 + 200)))
+                pid = worker.engine.status().backend_pid
+                admin_query(db, "SELECT pg_terminate_backend(%s)", (pid,))
+                await asyncio.sleep(0.3)
+            deadline = time.monotonic() + 20
+            while len(effects(db)) < 1000:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            await worker.stop()
+
+    asyncio.run(main())
+    assert effects(db) == {n: 1 for n in range(1000)}
+
+
+@pytest.mark.acceptance
+def test_four_processes_20k_messages_random_delays_exactly_once(db: str) -> None:
+    publish(db, list(range(20_000)))
+    run = Listen(db, "app.durable_listeners", "--processes", "4", env={"RANDOM_DELAY": "0.0005"})
+    try:
+        wait_until(
+            lambda: admin_query(db, "SELECT count(*) FROM effects")[0][0] >= 20_000,
+            timeout=120,
+            interval=0.2,
+        )
+        time.sleep(0.5)
+    finally:
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(30) == 0
+    counts = effects(db)
+    assert len(counts) == 20_000 and set(counts.values()) == {1}
+    assert len({p for (p,) in admin_query(db, "SELECT DISTINCT pid FROM effects")}) >= 2
+
+
+@pytest.mark.acceptance
+def test_worker_sigkilled_in_handler_its_message_completed_once_by_another(
+    db: str, tmp_path: Any
+) -> None:
+    hang = tmp_path / "hang"
+    hang.write_text("")
+    run = Listen(db, "app.durable_listeners", "--processes", "2", env={"HANG_FILE": str(hang)})
+    try:
+        wait_until(lambda: len(run.workers()) == 2, timeout=10)
+        publish(db, [1, 2, 3, 4])
+        pidfile = tmp_path / "hang.pid"
+        wait_until(pidfile.exists, timeout=20)
+        hang.unlink()  # the next attempt completes
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        wait_until(lambda: effects(db).get(3) == 1, timeout=20)
+        time.sleep(0.5)
+        assert effects(db) == {1: 1, 2: 1, 3: 1, 4: 1}
+    finally:
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(30) == 0
