@@ -58,9 +58,9 @@ class Subscription:
         self.channel = channel
         self.handler = handler
         self.batch = batch
-        is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-            getattr(handler, "__call__", None)  # noqa: B004
-        )
+        self.is_async = is_async = inspect.iscoroutinefunction(
+            handler
+        ) or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004
         if is_async and thread:
             raise ConfigurationError(
                 f"async handler {handler_name(handler)} cannot run in a thread"
@@ -156,9 +156,7 @@ class Subscription:
     async def _run_task(self) -> None:
         assert self._event is not None
         queue, handler, event = self.queue, self.handler, self._event
-        is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-            getattr(handler, "__call__", None)  # noqa: B004
-        )
+        is_async = self.is_async
         while True:
             await event.wait()
             event.clear()

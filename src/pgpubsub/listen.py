@@ -35,7 +35,6 @@ class ListenerSpec:
     fn: Callable[..., Any]
     params: tuple[str, ...] | None  # None: every field (the function takes **kwargs)
     is_async: bool
-    operations: frozenset[str] | None = None  # trigger listeners: the operations wanted
 
     @property
     def name(self) -> str:
@@ -84,16 +83,13 @@ class Registry:
         self,
         channel: type[Any] | str,
         fn: Callable[..., Any],
-        operations: frozenset[str] | None = None,
-        params: tuple[str, ...] | None = None,
     ) -> ListenerSpec:
         spec = resolve_channel(channel)
         entry = ListenerSpec(
             channel=spec,
             fn=fn,
-            params=params if operations is not None else _params(spec, fn),
+            params=_params(spec, fn),
             is_async=inspect.iscoroutinefunction(fn),
-            operations=operations,
         )
         listeners = self._listeners.setdefault(spec.cls, [])
         if not any(existing.fn is fn for existing in listeners):

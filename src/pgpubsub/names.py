@@ -17,6 +17,7 @@ from .errors import InvalidChannelName, PayloadError, PayloadTooLarge
 __all__ = [
     "MAX_NAME_BYTES",
     "MAX_PAYLOAD_BYTES",
+    "NOTIFY_SQL",
     "check_payload",
     "listen_sql",
     "unlisten_sql",
@@ -27,6 +28,8 @@ __all__ = [
 MAX_NAME_BYTES = 63
 #: The server rejects payloads of 8000 bytes or more.
 MAX_PAYLOAD_BYTES = 7999
+#: NOTIFY with the channel and payload as bound parameters (case-exact, never SQL text).
+NOTIFY_SQL = "SELECT pg_catalog.pg_notify(%s, %s)"
 
 
 def validate_channel(name: object) -> str:

@@ -25,11 +25,10 @@ import psycopg
 from . import driver
 from .channel import ChannelSpec, resolve_channel
 from .errors import ConfigurationError
-from .names import check_payload
+from .names import NOTIFY_SQL, check_payload
 
 __all__ = ["anotify", "notify", "notify_many"]
 
-NOTIFY_SQL = "SELECT pg_catalog.pg_notify(%s, %s)"
 NOTIFY_MANY_SQL = "SELECT pg_catalog.pg_notify(%s, x) FROM unnest(%s::text[]) AS x"
 
 _local = threading.local()

@@ -38,14 +38,12 @@ from psycopg import sql
 from . import driver
 from .driver import Notify
 from .errors import ConnectionLost
-from .names import check_payload, listen_sql, unlisten_sql, validate_channel
+from .names import NOTIFY_SQL, check_payload, listen_sql, unlisten_sql, validate_channel
 
 __all__ = ["AsyncPubSub", "Notify", "PubSub", "connect", "connect_async"]
 
-Query = sql.SQL | sql.Composed
+Query = str | sql.SQL | sql.Composed
 Params = tuple[Any, ...] | None
-
-NOTIFY_SQL = sql.SQL("SELECT pg_catalog.pg_notify(%s, %s)")
 
 
 def connect(conninfo: str = "", /, **kwargs: Any) -> PubSub:
