@@ -16,7 +16,7 @@ from helpers import admin_query, wait_until
 from test_cli import Listen
 
 import pgpubsub
-from pgpubsub import durable
+from pgpubsub import durable, messages
 from pgpubsub.channel import spec_of
 from pgpubsub.listen import Registry
 from pgpubsub.worker import Worker
@@ -115,11 +115,11 @@ def test_poison_message_is_retried_to_the_limit_then_dead_then_replayed(db: str)
     assert len(attempts) == Jobs.max_attempts == 3
     assert effects(db) == {n: 1 for n in range(1000) if n != 500}  # poison's writes rolled back
     with psycopg.connect(db, autocommit=True) as conn:
-        (row,) = durable.dead(conn)
-        assert row["attempts"] == 3 and "RuntimeError: poison 500" in row["last_error"]
-        assert "Traceback" in row["last_error"]
+        (row,) = messages.list_messages(conn, "dead")
+        assert row.attempts == 3 and "RuntimeError: poison 500" in (row.last_error or "")
+        assert "Traceback" in (row.last_error or "")
         poisoned["on"] = False
-        assert durable.replay(conn, ids=[row["id"]]) == 1
+        assert messages.replay(conn, ids=[row.id]) == 1
     run_worker(db, registry, lambda: effects(db).get(500) == 1)
     assert admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
 

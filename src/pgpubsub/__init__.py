@@ -8,12 +8,15 @@ Levels, from the wire up:
 * :mod:`pgpubsub.notifier` - ``Notifier`` (threads, subscribers, muting).
 * :mod:`pgpubsub.channel`, :mod:`pgpubsub.listen`, :mod:`pgpubsub.notify`,
   :mod:`pgpubsub.worker` - typed channels, ``@listener``, ``notify()``, the worker.
-* :mod:`pgpubsub.durable` - ``lock_notifications``: stored, exactly-once, retried messages.
+* :mod:`pgpubsub.durable` - ``lock_notifications``: stored, exactly-once, retried messages;
+  :mod:`pgpubsub.messages` - list, replay and purge them.
+* :mod:`pgpubsub.triggers` - ``TriggerChannel`` listeners: row events of a table.
+* Django: add ``pgpubsub`` (and ``pgtrigger``) to ``INSTALLED_APPS``; see :mod:`pgpubsub.apps`.
 """
 
 from .asynclistener import Connection, ConnectionPool, Listener, ListenerNotificationMsg
 from .backoff import Backoff
-from .channel import Channel
+from .channel import Channel, TriggerChannel
 from .durable import process_stored_notifications
 from .engine import Engine, Gap, Status
 from .errors import (
@@ -32,6 +35,20 @@ from .listen import listener, registry
 from .notifier import Notifier
 from .notify import anotify, notify, notify_many
 from .pubsub import AsyncPubSub, Notify, PubSub, connect, connect_async
+from .triggers import (
+    install_triggers,
+    post_delete_listener,
+    post_insert_listener,
+    post_save_listener,
+    post_update_listener,
+    pre_delete_listener,
+    pre_insert_listener,
+    pre_save_listener,
+    pre_update_listener,
+    remove_triggers,
+    set_notification_context,
+    trigger_listener,
+)
 
 __all__ = [
     "AsyncPubSub",
@@ -57,6 +74,7 @@ __all__ = [
     "PgPubSubError",
     "PubSub",
     "SchemaMismatch",
+    "TriggerChannel",
     "anotify",
     "connect",
     "connect_async",
@@ -65,4 +83,16 @@ __all__ = [
     "notify_many",
     "process_stored_notifications",
     "registry",
+    "install_triggers",
+    "post_delete_listener",
+    "post_insert_listener",
+    "post_save_listener",
+    "post_update_listener",
+    "pre_delete_listener",
+    "pre_insert_listener",
+    "pre_save_listener",
+    "pre_update_listener",
+    "remove_triggers",
+    "set_notification_context",
+    "trigger_listener",
 ]

@@ -24,6 +24,11 @@ fields::
     class Orders(Channel, name="orders", lock_notifications=True, max_attempts=5):
         order_id: int
 
+Channel options (class keywords, or class attributes of the same name):
+``lock_notifications``, ``max_attempts``, ``retry_delay``, ``retry_max_delay``
+and ``retention`` (durable channels, :mod:`pgpubsub.durable`).
+:class:`TriggerChannel` channels carry the row events of a table.
+
 ``lock_notifications = True`` as a class attribute (the django-pgpubsub
 spelling) works too: see :mod:`pgpubsub.durable`.
 """
@@ -41,9 +46,10 @@ import msgspec
 from .errors import ChannelNotFound, ConfigurationError, SchemaMismatch
 from .names import MAX_NAME_BYTES, validate_channel
 
-__all__ = ["Channel", "ChannelSpec", "resolve_channel", "spec_of"]
+__all__ = ["Channel", "ChannelSpec", "TriggerChannel", "resolve_channel", "spec_of"]
 
-_OPTIONS = ("name", "lock_notifications", "max_attempts", "retry_delay", "retry_max_delay")
+_SETTINGS = ("lock_notifications", "max_attempts", "retry_delay", "retry_max_delay", "retention")
+_OPTIONS = ("name", "table", *_SETTINGS)
 
 
 class Channel:
@@ -53,6 +59,8 @@ class Channel:
     max_attempts: ClassVar[int] = 5
     retry_delay: ClassVar[float] = 1.0
     retry_max_delay: ClassVar[float] = 300.0
+    #: Seconds a completed durable message is kept (status ``done``); 0 deletes it at once.
+    retention: ClassVar[float] = 0.0
     _pgpubsub_options: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **options: Any) -> None:
@@ -61,9 +69,47 @@ class Channel:
             raise ConfigurationError(f"unknown channel option(s) {sorted(unknown)} on {cls}")
         super().__init_subclass__()
         cls._pgpubsub_options = options
-        for key in ("lock_notifications", "max_attempts", "retry_delay", "retry_max_delay"):
+        for key in _SETTINGS:
             if key in options:
                 setattr(cls, key, options[key])
+
+
+@dataclass
+class TriggerChannel(Channel):
+    """Row events of one table, sent by triggers (:mod:`pgpubsub.triggers`).
+
+    Bind it to a table with the class keyword ``table="schema.name"`` (or a
+    ``(schema, name)`` tuple), or, under Django, with ``model = MyModel``::
+
+        @dataclass
+        class OrderEvents(TriggerChannel, table="shop.orders"):
+            pass
+
+    A listener takes any of the event's fields: ``old`` and ``new`` (the row
+    before and after: a dict of columns, or an unsaved model instance when
+    ``model`` is set; None for the side that does not exist), ``operation``
+    (``INSERT``, ``UPDATE`` or ``DELETE``), ``when`` (``BEFORE`` or ``AFTER``),
+    ``table`` (``schema.name``) and ``context`` (see
+    :func:`pgpubsub.triggers.set_notification_context`).
+    """
+
+    old: Any = None
+    new: Any = None
+    operation: str = ""
+    when: str = ""
+    table: str = ""
+    context: dict[str, Any] | None = None
+
+    #: The Django model whose table the channel watches (django-pgpubsub's spelling).
+    model: ClassVar[Any] = None
+
+    def __post_init__(self) -> None:
+        model = type(self).model
+        if model is not None:
+            from .djangorows import instance_from_row
+
+            self.old = instance_from_row(model, self.old)
+            self.new = instance_from_row(model, self.new)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""The ``pgpubsub`` command: ``listen``, ``demo`` (and ``migrate`` for durable channels).
+"""The ``pgpubsub`` command: ``listen``, ``demo``, ``migrate`` and ``messages``.
 
 ``pgpubsub listen myapp.listeners --channels myapp.channels.Orders --processes 2``
 imports the listener modules, then runs workers under the supervisor
-(:mod:`pgpubsub.supervisor`). ``--dsn`` defaults to ``$PGPUBSUB_DSN``.
+(:mod:`pgpubsub.supervisor`). ``pgpubsub migrate [modules]`` installs the schema
+and the triggers of trigger channels; ``pgpubsub messages list|show|replay|purge``
+operates on stored messages. ``--dsn`` defaults to ``$PGPUBSUB_DSN``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["main"]
@@ -56,26 +59,30 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_worker(args: argparse.Namespace) -> int:
-    """One worker process: import, listen until SIGTERM/SIGINT, exit 0."""
-    from .listen import registry
-    from .worker import Worker
-
+def serve(make_worker: Callable[[], Any]) -> int:
+    """Run one worker in this process until SIGTERM/SIGINT, then stop it gracefully; 0."""
     _die_with_parent()
-    for module in args.modules:
-        importlib.import_module(module)
-    channels = registry.select(args.channels)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        worker = Worker(args.dsn, channels=channels, recover=args.recover)
-        await worker.run(stop)
+        await make_worker().run(stop)
 
     asyncio.run(main())
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """One worker process: import the listener modules, then :func:`serve`."""
+    from .listen import registry
+    from .worker import Worker
+
+    for module in args.modules:
+        importlib.import_module(module)
+    channels = registry.select(args.channels)
+    return serve(lambda: Worker(args.dsn, channels=channels, recover=args.recover))
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -94,11 +101,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from . import driver
     from .durable import migrate
+    from .triggers import install_triggers
 
     migrate(args.dsn)
-    print("pgpubsub schema is up to date")
+    for module in args.modules:
+        importlib.import_module(module)
+    with driver.connect(driver.build_conninfo(args.dsn), autocommit=False) as conn:
+        installed = install_triggers(conn)
+    print(f"pgpubsub schema is up to date; {installed} trigger(s) installed")
     return 0
+
+
+def cmd_messages(args: argparse.Namespace) -> int:
+    from . import driver, messages
+
+    with driver.connect(driver.build_conninfo(args.dsn)) as conn:
+        if args.action == "list":
+            for m in messages.list_messages(conn, args.status, args.channel, args.limit):
+                error = (m.last_error or "").strip().splitlines()[-1:] or [""]
+                print(
+                    f"{m.id}\t{m.status}\t{m.channel}\tattempts={m.attempts}\t"
+                    f"created={m.created_at:%Y-%m-%d %H:%M:%S}\t{error[0]}"
+                )
+        elif args.action == "show":
+            found = [messages.get(conn, i) for i in args.ids]
+            print(json.dumps([m.__dict__ if m else None for m in found], default=str, indent=2))
+            if not all(found):
+                return 1
+        elif args.action == "replay":
+            n = messages.replay(conn, args.ids or None, args.channel, args.status)
+            print(f"replayed {n} message(s)")
+        else:
+            n = messages.purge(conn, args.status, args.channel, args.older_than, args.ids or None)
+            print(f"purged {n} message(s)")
+    return 0
+
+
+def listen_options(sp: argparse.ArgumentParser) -> None:
+    """The options of ``listen`` (shared with Django's ``manage.py listen``)."""
+    sp.add_argument("--channels", nargs="*", help="dotted paths of channels (default: all)")
+    sp.add_argument("--processes", type=int, default=1)
+    sp.add_argument(
+        "--recover",
+        action="store_true",
+        help="process stored notifications of durable channels at start",
+    )
+    sp.add_argument(
+        "--grace", type=float, default=30.0, help="seconds workers get to finish on SIGTERM"
+    )
+    sp.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -117,17 +170,7 @@ def parser() -> argparse.ArgumentParser:
     listen = sub.add_parser("listen", help="run listeners of typed channels")
     common(listen)
     listen.add_argument("modules", nargs="*", help="modules to import (they register listeners)")
-    listen.add_argument("--channels", nargs="*", help="dotted paths of channels (default: all)")
-    listen.add_argument("--processes", type=int, default=1)
-    listen.add_argument(
-        "--recover",
-        action="store_true",
-        help="process stored notifications of durable channels at start",
-    )
-    listen.add_argument(
-        "--grace", type=float, default=30.0, help="seconds workers get to finish on SIGTERM"
-    )
-    listen.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    listen_options(listen)
     listen.set_defaults(func=cmd_listen)
 
     demo = sub.add_parser("demo", help="a live demo (embedded PostgreSQL unless --dsn)")
@@ -136,9 +179,22 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(log_level="WARNING")
     demo.set_defaults(func=cmd_demo)
 
-    migrate = sub.add_parser("migrate", help="install or upgrade the durable-channel schema")
+    migrate = sub.add_parser(
+        "migrate", help="install or upgrade the schema, and the triggers of trigger channels"
+    )
     common(migrate)
+    migrate.add_argument("modules", nargs="*", help="modules to import (they register listeners)")
     migrate.set_defaults(func=cmd_migrate)
+
+    msgs = sub.add_parser("messages", help="list, show, replay or purge stored messages")
+    common(msgs)
+    msgs.add_argument("action", choices=["list", "show", "replay", "purge"])
+    msgs.add_argument("ids", nargs="*", type=int, help="message ids (show, replay, purge)")
+    msgs.add_argument("--status", default="dead", help="dead, pending, done or spill")
+    msgs.add_argument("--channel", help="PostgreSQL channel name")
+    msgs.add_argument("--limit", type=int, default=100)
+    msgs.add_argument("--older-than", type=float, help="seconds (purge)")
+    msgs.set_defaults(func=cmd_messages)
     return p
 
 

@@ -7,8 +7,10 @@ A channel with ``lock_notifications = True`` is durable:
   payload is not in the NOTIFY, so it has no size limit, and identical
   messages in one transaction are separate rows, each processed.
 * Workers claim due messages of a channel in batches with
-  ``FOR UPDATE SKIP LOCKED`` (never the same row twice at once), run the
-  listeners, and delete the messages in the same transaction. Database writes
+  ``FOR UPDATE SKIP LOCKED`` (never the same row twice at once), counting the
+  attempt in a short transaction of its own, then lock them again, run the
+  listeners and complete the messages in one transaction (deleted, or kept as
+  ``done`` for the channel's ``retention`` seconds). Database writes
   that listeners make through :func:`connection` commit atomically with that
   completion: each message's effects happen exactly once, across any number of
   workers and processes. A worker that dies mid-batch holds no lock once its
@@ -17,7 +19,8 @@ A channel with ``lock_notifications = True`` is durable:
   re-run with a savepoint per message); the message is retried after an
   exponential delay with jitter, up to the channel's ``max_attempts``; then
   it is kept as ``dead`` with the error and traceback, and can be replayed
-  with :func:`replay`.
+  (:mod:`pgpubsub.messages`, ``pgpubsub messages``). A message whose worker
+  dies in the handler every time is counted too, and ends dead.
 * Missed wake-ups (no worker running, a reconnect gap) are covered by polling:
   each worker looks for due messages every ``poll_interval`` seconds anyway.
 
@@ -32,27 +35,29 @@ import contextvars
 import logging
 import threading
 import traceback
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from importlib import resources
 from typing import Any
 
 import psycopg
 
-from . import driver
+from . import driver, integration
 from .backoff import Backoff
 from .channel import ChannelSpec
 from .engine import Engine, Gap
 from .errors import ConnectionLost
 from .listen import ListenerSpec, Registry
+from .session import Session
 
 __all__ = [
     "DurableRunner",
+    "PsycopgSession",
     "astore",
     "connection",
-    "dead",
+    "default_session",
     "migrate",
     "process_stored_notifications",
-    "purge",
-    "replay",
     "store",
 ]
 
@@ -63,27 +68,50 @@ STORE_SQL = (
     "SELECT %s, x FROM unnest(%s::text[]) AS x RETURNING id) "
     "SELECT array_agg(id ORDER BY id), pg_catalog.pg_notify(%s, '') FROM ins"
 )
-CLAIM_SQL = (
-    "SELECT id, payload, attempts FROM pgpubsub.message "
-    "WHERE channel = %s AND status = 'pending' AND run_at <= now() "
-    "ORDER BY run_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
+# Claiming counts the attempt and commits at once, so a message whose worker
+# dies in the handler (SIGKILL, OOM, power loss) still uses up its attempts.
+# The row is leased until the retry delay of that attempt: if the worker dies
+# it is claimed again then; while the worker is alive it holds the row lock.
+CLAIM_SQL = """
+WITH due AS (
+    SELECT id FROM pgpubsub.message
+    WHERE channel = %(channel)s AND status = 'pending' AND run_at <= now()
+    ORDER BY run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 )
-DONE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
+UPDATE pgpubsub.message m SET
+    attempts = m.attempts + 1,
+    run_at = now() + make_interval(secs => least(%(cap)s, %(base)s * power(2, m.attempts))),
+    status = CASE WHEN m.attempts >= %(max)s THEN 'dead' ELSE 'pending' END,
+    last_error = CASE WHEN m.attempts >= %(max)s
+        THEN 'the process handling it stopped before it completed, ' || m.attempts || ' times'
+        ELSE m.last_error END
+FROM due WHERE m.id = due.id
+RETURNING m.id, m.payload, m.attempts, m.status
+"""
+LOCK_SQL = "SELECT id, attempts FROM pgpubsub.message WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED"
+DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
+KEEP_SQL = (
+    "UPDATE pgpubsub.message SET status = 'done', completed_at = now(), last_error = NULL "
+    "WHERE id = ANY(%s)"
+)
+EXPIRE_SQL = (
+    "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
+    "AND completed_at < now() - make_interval(secs => %s)"
+)
 RETRY_SQL = (
-    "UPDATE pgpubsub.message SET attempts = attempts + 1, last_error = %s, "
+    "UPDATE pgpubsub.message SET last_error = %s, "
     "run_at = now() + make_interval(secs => %s), "
-    "status = CASE WHEN attempts + 1 >= %s THEN 'dead' ELSE 'pending' END WHERE id = %s"
+    "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END WHERE id = %s"
 )
 
-_connection: contextvars.ContextVar[psycopg.Connection[Any]] = contextvars.ContextVar(
-    "pgpubsub_durable_connection"
-)
+_connection: contextvars.ContextVar[Any] = contextvars.ContextVar("pgpubsub_durable_connection")
 
 
-def connection() -> psycopg.Connection[Any]:
+def connection() -> Any:
     """The connection of the claim transaction, inside a durable listener.
 
-    Writes made through it commit if and only if the message completes.
+    Writes made through it commit if and only if the message completes. Under
+    Django it is Django's connection (the ORM writes there already).
     """
     try:
         return _connection.get()
@@ -98,14 +126,18 @@ def schema_sql() -> str:
 
 
 def migrate(dsn: str = "") -> None:
-    """Install or upgrade the durable-channel schema (idempotent)."""
+    """Install or upgrade the pgpubsub schema (idempotent)."""
     with driver.connect(driver.build_conninfo(dsn), autocommit=False) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgpubsub.migrate'))")
         conn.execute(schema_sql().encode())
 
 
 def store(conn: Any, spec: ChannelSpec, payloads: list[str]) -> list[int]:
-    """Insert messages in ``conn``'s transaction and wake the workers; return their ids."""
+    """Insert messages in ``conn``'s transaction and wake the workers; return their ids.
+
+    ``conn`` is any DB-API connection with ``cursor()`` (psycopg 3, psycopg2,
+    Django's), so the message joins whatever transaction the caller is in.
+    """
     with conn.cursor() as cur:
         cur.execute(STORE_SQL, [spec.name, payloads, spec.name])
         row = cur.fetchone()
@@ -123,25 +155,59 @@ async def astore(
 # -- processing ---------------------------------------------------------------------
 
 
+class PsycopgSession(Session):
+    """The claim session on a psycopg 3 connection of its own."""
+
+    def __init__(self, conninfo: str):
+        self.conninfo = conninfo
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def open(self) -> None:
+        if self.conn is None or self.conn.closed:
+            self.conn = driver.connect(self.conninfo, autocommit=False)
+
+    @property
+    def connection(self) -> Any:
+        return self.conn
+
+    def atomic(self) -> AbstractContextManager[Any]:
+        assert self.conn is not None
+        return self.conn.transaction()
+
+    def execute(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        assert self.conn is not None
+        cur = self.conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+    def broken(self, exc: BaseException) -> bool:
+        return isinstance(exc, psycopg.OperationalError | ConnectionLost)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+
+
 class _ChannelProcessor:
-    """Claims and processes one durable channel, in a thread with its own connection."""
+    """Claims and processes one durable channel, in a thread with its own session."""
 
     def __init__(
         self,
-        dsn: str,
+        session: Session,
         spec: ChannelSpec,
         listeners: list[ListenerSpec],
         *,
         batch_size: int = 100,
         poll_interval: float = 1.0,
     ):
-        self.dsn = dsn
+        self.session = session
         self.spec = spec
         self.listeners = listeners
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         cls = spec.cls
         self.max_attempts = int(cls.max_attempts)
+        self.retention = float(cls.retention)
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -160,32 +226,33 @@ class _ChannelProcessor:
         self.wake.set()
         self._thread.join(timeout)
 
-    def drain_once(self, conn: psycopg.Connection[Any]) -> int:
+    def drain_once(self) -> int:
         """Process due messages batch by batch until none is left; return how many."""
+        self.session.open()
         total = 0
         while not self.stopping.is_set():
-            n = self._batch(conn)
+            n = self._batch()
             total += n
             if n < self.batch_size:
-                return total
+                break
+        if self.retention:
+            with self.session.atomic():
+                self.session.execute(EXPIRE_SQL, (self.spec.name, self.retention))
         return total
 
     def _run(self) -> None:
-        conn: psycopg.Connection[Any] | None = None
         while not self.stopping.is_set():
             try:
-                if conn is None or conn.closed:
-                    conn = driver.connect(driver.build_conninfo(self.dsn), autocommit=False)
-                self.drain_once(conn)
-            except (psycopg.OperationalError, ConnectionLost) as exc:
-                log.warning("durable channel %s: connection problem: %s", self.spec.name, exc)
-                if conn is not None:
-                    conn.close()
-                conn = None
+                self.drain_once()
+            except Exception as exc:
+                if not self.session.broken(exc):
+                    log.exception("durable channel %s: unexpected error", self.spec.name)
+                else:
+                    log.warning("durable channel %s: connection problem: %s", self.spec.name, exc)
+                self.session.close()
             self.wake.wait(self.poll_interval)
             self.wake.clear()
-        if conn is not None:
-            conn.close()
+        self.session.close()
         if self._loop is not None:
             self._loop.close()
 
@@ -199,58 +266,82 @@ class _ChannelProcessor:
     def _handle(self, payload: str) -> None:
         message = self.spec.decode(payload)
         for listener in self.listeners:
-            self._call(listener, message)
+            if listener.accepts(message):
+                self._call(listener, message)
 
-    def _batch(self, conn: psycopg.Connection[Any]) -> int:
-        token = _connection.set(conn)
+    def _claim(self) -> list[tuple[Any, ...]]:
+        params = {
+            "channel": self.spec.name,
+            "limit": self.batch_size,
+            "max": self.max_attempts,
+            "base": self.backoff.base,
+            "cap": self.backoff.cap,
+        }
+        with self.session.atomic():
+            return self.session.execute(CLAIM_SQL, params)
+
+    def _batch(self) -> int:
+        claimed = self._claim()
+        rows = []
+        for mid, payload, attempts, status in sorted(claimed):
+            if status == "dead":
+                log.error(
+                    "message %s on %s is dead: its worker stopped during each of %d attempts",
+                    mid,
+                    self.spec.path,
+                    attempts - 1,
+                    extra={"channel": self.spec.name, "message_id": mid, "attempt": attempts},
+                )
+            else:
+                rows.append((mid, payload, attempts))
+        if rows:
+            self._process(rows)
+        return len(claimed)
+
+    def _process(self, claimed: list[tuple[Any, ...]]) -> None:
+        session = self.session
+        token = _connection.set(session.connection)
         try:
-            with conn.transaction():
-                rows = conn.execute(CLAIM_SQL, (self.spec.name, self.batch_size)).fetchall()
-                if not rows:
-                    return 0
+            with session.atomic():
+                locked = dict(session.execute(LOCK_SQL, ([r[0] for r in claimed],)))
+                # A row claimed again by someone else since (lease over) is theirs.
+                rows = [r for r in claimed if locked.get(r[0]) == r[2]]
                 failed_at = 0
                 try:
                     # Fast path: the whole batch in one transaction, one savepoint.
-                    with conn.transaction():
+                    with session.atomic():
                         for failed_at, (_, payload, _) in enumerate(rows):  # noqa: B007
                             self._handle(payload)
-                        conn.execute(DONE_SQL, ([r[0] for r in rows],))
-                    self.processed += len(rows)
+                        self._complete([r[0] for r in rows])
                 except Exception as exc:
                     # Redo the others one savepoint each; the failed one is not run twice.
-                    self._careful(conn, rows, failed_at, exc)
-            return len(rows)
+                    self._careful(rows, failed_at, exc)
         finally:
             _connection.reset(token)
 
-    def _careful(
-        self,
-        conn: psycopg.Connection[Any],
-        rows: list[tuple[Any, ...]],
-        failed_at: int,
-        first_error: Exception,
-    ) -> None:
+    def _complete(self, ids: list[int]) -> None:
+        if ids:
+            self.session.execute(KEEP_SQL if self.retention else DELETE_SQL, (ids,))
+            self.processed += len(ids)
+
+    def _careful(self, rows: list[tuple[Any, ...]], failed_at: int, first_error: Exception) -> None:
         done = []
         for index, (mid, payload, attempts) in enumerate(rows):
             try:
                 if index == failed_at:
                     raise first_error
-                with conn.transaction():
+                with self.session.atomic():
                     self._handle(payload)
                 done.append(mid)
             except Exception as exc:
-                self._failed(conn, mid, attempts + 1, exc)
-        if done:
-            conn.execute(DONE_SQL, (done,))
-        self.processed += len(done)
+                self._failed(mid, attempts, exc)
+        self._complete(done)
 
-    def _failed(
-        self, conn: psycopg.Connection[Any], mid: int, attempt: int, exc: Exception
-    ) -> None:
+    def _failed(self, mid: int, attempt: int, exc: Exception) -> None:
         self.failed += 1
         error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         delay = self.backoff.delay(attempt - 1)
-        conn.execute(RETRY_SQL, (error, delay, self.max_attempts, mid))
+        self.session.execute(RETRY_SQL, (error, delay, self.max_attempts, mid))
         final = attempt >= self.max_attempts
         log.log(
             logging.ERROR if final else logging.WARNING,
@@ -269,12 +360,17 @@ class DurableRunner:
     """The durable side of a worker: one processor per channel, woken by NOTIFY and a poll."""
 
     def __init__(
-        self, engine: Engine, channels: list[ChannelSpec], registry: Registry, **opts: Any
+        self,
+        engine: Engine,
+        channels: list[ChannelSpec],
+        registry: Registry,
+        session_factory: Callable[[], Session] | None = None,
+        **opts: Any,
     ):
         self.engine = engine
+        make = session_factory or (lambda: PsycopgSession(engine.conninfo))
         self.processors = [
-            _ChannelProcessor(engine.conninfo, spec, registry.listeners(spec), **opts)
-            for spec in channels
+            _ChannelProcessor(make(), spec, registry.listeners(spec), **opts) for spec in channels
         ]
 
     async def start(self, recover: bool = False) -> None:
@@ -300,13 +396,23 @@ class DurableRunner:
         await asyncio.gather(*(asyncio.to_thread(p.stop, timeout) for p in self.processors))
 
 
+def default_session(dsn: str = "") -> Session:
+    """Django's connection when pgpubsub is an installed app and no dsn is given, else psycopg."""
+    if not dsn and integration.django_connection() is not None:
+        from .djangodb import DjangoSession
+
+        return DjangoSession()
+    return PsycopgSession(driver.build_conninfo(dsn))
+
+
 def process_stored_notifications(
     channels: list[Any] | None = None, dsn: str = "", registry: Registry | None = None
 ) -> int:
     """Process every due stored message of durable channels now; return how many.
 
     ``channels``: channel classes or dotted paths (default: every registered
-    durable channel). Each batch is its own short transaction.
+    durable channel). Each batch is its own short transaction, so this never
+    holds one transaction over the backlog.
     """
     from .channel import resolve_channel
     from .listen import registry as default_registry
@@ -317,48 +423,10 @@ def process_stored_notifications(
         if channels
         else [s for s in reg.channels() if s.lock]
     )
-    conninfo = driver.build_conninfo(dsn)
-    total = 0
-    with driver.connect(conninfo, autocommit=False) as conn:
-        for spec in specs:
-            total += _ChannelProcessor(conninfo, spec, reg.listeners(spec)).drain_once(conn)
-    return total
-
-
-# -- operations on stored messages ----------------------------------------------------
-
-
-def dead(conn: psycopg.Connection[Any], channel: str | None = None) -> list[dict[str, Any]]:
-    """Dead messages (all channels, or one wire name), oldest first."""
-    rows = conn.execute(
-        "SELECT id, channel, payload, attempts, last_error, created_at FROM pgpubsub.message "
-        "WHERE status = 'dead' AND (%s::text IS NULL OR channel = %s) ORDER BY id",
-        (channel, channel),
-    ).fetchall()
-    keys = ("id", "channel", "payload", "attempts", "last_error", "created_at")
-    return [dict(zip(keys, r, strict=True)) for r in rows]
-
-
-def replay(
-    conn: psycopg.Connection[Any], ids: list[int] | None = None, channel: str | None = None
-) -> int:
-    """Make dead messages pending again (attempts reset) and wake the workers."""
-    cur = conn.execute(
-        "UPDATE pgpubsub.message SET status = 'pending', attempts = 0, run_at = now() "
-        "WHERE status = 'dead' AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
-        "AND (%s::text IS NULL OR channel = %s) RETURNING channel",
-        (ids, ids, channel, channel),
-    )
-    channels = {r[0] for r in cur.fetchall()}
-    for name in channels:
-        conn.execute("SELECT pg_catalog.pg_notify(%s, '')", (name,))
-    return cur.rowcount
-
-
-def purge(conn: psycopg.Connection[Any], status: str = "dead", channel: str | None = None) -> int:
-    """Delete stored messages of a status ('dead' or 'pending')."""
-    cur = conn.execute(
-        "DELETE FROM pgpubsub.message WHERE status = %s AND (%s::text IS NULL OR channel = %s)",
-        (status, channel, channel),
-    )
-    return cur.rowcount
+    session = default_session(dsn)
+    try:
+        return sum(
+            _ChannelProcessor(session, spec, reg.listeners(spec)).drain_once() for spec in specs
+        )
+    finally:
+        session.close()

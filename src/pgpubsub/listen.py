@@ -35,6 +35,8 @@ class ListenerSpec:
     fn: Callable[..., Any]
     params: tuple[str, ...] | None  # None: every field (the function takes **kwargs)
     is_async: bool
+    #: Trigger listeners: the row events they take, e.g. {"AFTER INSERT"}; None: every message.
+    events: frozenset[str] | None = None
 
     @property
     def name(self) -> str:
@@ -43,6 +45,9 @@ class ListenerSpec:
     def arguments(self, message: Any) -> dict[str, Any]:
         names = self.channel.fields if self.params is None else self.params
         return {name: getattr(message, name) for name in names}
+
+    def accepts(self, message: Any) -> bool:
+        return self.events is None or f"{message.when} {message.operation}" in self.events
 
     def call(self, message: Any) -> Any:
         return self.fn(**self.arguments(message))
@@ -83,6 +88,7 @@ class Registry:
         self,
         channel: type[Any] | str,
         fn: Callable[..., Any],
+        events: frozenset[str] | None = None,
     ) -> ListenerSpec:
         spec = resolve_channel(channel)
         entry = ListenerSpec(
@@ -90,6 +96,7 @@ class Registry:
             fn=fn,
             params=_params(spec, fn),
             is_async=inspect.iscoroutinefunction(fn),
+            events=events,
         )
         listeners = self._listeners.setdefault(spec.cls, [])
         if not any(existing.fn is fn for existing in listeners):
@@ -98,6 +105,10 @@ class Registry:
 
     def listeners(self, spec: ChannelSpec) -> list[ListenerSpec]:
         return list(self._listeners.get(spec.cls, []))
+
+    def events(self, spec: ChannelSpec) -> frozenset[str]:
+        """The row events the trigger listeners of ``spec`` take (their triggers)."""
+        return frozenset().union(*(ls.events or () for ls in self._listeners.get(spec.cls, [])))
 
     def channels(self) -> list[ChannelSpec]:
         return [resolve_channel(cls) for cls, ls in self._listeners.items() if ls]

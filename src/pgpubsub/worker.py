@@ -18,18 +18,43 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .channel import ChannelSpec
+from . import driver
+from .channel import ChannelSpec, TriggerChannel
 from .driver import Notify
 from .engine import Engine
 from .listen import ListenerSpec, Registry, registry
+from .session import Session
+from .triggers import PURGE_SPILL_SQL, SPILL_PREFIX, SPILL_TTL, read_spill
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("pgpubsub.worker")
 
 
-def _plain_handler(listener: ListenerSpec) -> Callable[[Notify], Any]:
-    decode, call = listener.channel.decode, listener.call
+def _plain_handler(listener: ListenerSpec, conninfo: str) -> Callable[[Notify], Any]:
+    decode, call, accepts = listener.channel.decode, listener.call, listener.accepts
+    if listener.events is not None:  # a trigger channel: events may be spilled, and filtered
+        if listener.is_async:
+
+            async def handle_event_async(msg: Notify) -> None:
+                payload = msg.payload
+                if payload.startswith(SPILL_PREFIX):
+                    payload = await asyncio.to_thread(read_spill, conninfo, payload)
+                message = decode(payload)
+                if accepts(message):
+                    await call(message)
+
+            handle_event_async.__qualname__ = listener.name
+            return handle_event_async
+
+        def handle_event(msg: Notify) -> None:
+            message = decode(read_spill(conninfo, msg.payload))
+            if accepts(message):
+                call(message)
+
+        handle_event.__qualname__ = listener.name
+        return handle_event
+
     if listener.is_async:
 
         async def handle_async(msg: Notify) -> None:
@@ -55,29 +80,52 @@ class Worker:
         channels: list[ChannelSpec] | None = None,
         registry: Registry = registry,
         recover: bool = False,
+        session_factory: Callable[[], Session] | None = None,
         **engine_options: Any,
     ):
         self.registry = registry
         self.channels = channels if channels is not None else registry.channels()
         self.recover = recover
+        self.session_factory = session_factory
         self.engine = Engine(dsn, **engine_options)
         self._durable: Any = None
+        self._janitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         plain = [c for c in self.channels if not c.lock]
         durable = [c for c in self.channels if c.lock]
         for spec in plain:
             for listener in self.registry.listeners(spec):
-                await self.engine.subscribe(spec.name, _plain_handler(listener))
+                await self.engine.subscribe(
+                    spec.name, _plain_handler(listener, self.engine.conninfo)
+                )
         await self.engine.start()
         if durable:
             from .durable import DurableRunner
 
-            self._durable = DurableRunner(self.engine, durable, self.registry)
+            self._durable = DurableRunner(
+                self.engine, durable, self.registry, session_factory=self.session_factory
+            )
             await self._durable.start(recover=self.recover)
+        spilling = [c.name for c in plain if issubclass(c.cls, TriggerChannel)]
+        if spilling:
+            self._janitor = asyncio.create_task(self._purge_spills(spilling))
         log.info("worker listening on %s", ", ".join(c.path for c in self.channels) or "nothing")
 
+    async def _purge_spills(self, channels: list[str], every: float = 60.0) -> None:
+        """Delete the wide events of plain trigger channels once their listeners had them."""
+        while True:
+            try:
+                conn = await driver.connect_async(self.engine.conninfo)
+                async with conn:
+                    await conn.execute(PURGE_SPILL_SQL, (channels, SPILL_TTL))
+            except Exception as exc:  # the next round tries again
+                log.warning("could not purge spilled trigger events: %s", exc)
+            await asyncio.sleep(every)
+
     async def stop(self, timeout: float = 10.0) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
         if self._durable is not None:
             await self._durable.stop(timeout)
         await self.engine.stop(timeout)

@@ -1,0 +1,38 @@
+"""Admin for stored notifications: filter by status and channel, read errors, replay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db import connection, transaction
+
+from . import messages as stored
+from .models import Notification
+
+
+@admin.register(Notification)
+class NotificationAdmin(admin.ModelAdmin):
+    list_display = ("id", "channel", "status", "attempts", "run_at", "created_at", "error")
+    list_filter = ("status", "channel")
+    search_fields = ("channel", "payload", "last_error")
+    readonly_fields = [f.name for f in Notification._meta.fields]
+    actions = ["replay"]
+
+    @admin.display(description="last error")
+    def error(self, obj: Notification) -> str:
+        lines = (obj.last_error or "").strip().splitlines()
+        return lines[-1] if lines else ""
+
+    @admin.action(description="Replay: run again now, attempts reset")
+    def replay(self, request: Any, queryset: Any) -> None:
+        ids = list(queryset.filter(status__in=["dead", "pending"]).values_list("id", flat=True))
+        with transaction.atomic():
+            n = sum(stored.replay(connection, ids=ids, status=s) for s in ("dead", "pending"))
+        self.message_user(request, f"{n} notification(s) will run again", messages.SUCCESS)
+
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
+        return False

@@ -1,0 +1,68 @@
+"""pgpubsub on Django's database: the claim session and the listening conninfo.
+
+Durable listeners under Django run inside a claim transaction on Django's own
+connection (``transaction.atomic``), so ORM writes in a listener commit if and
+only if its message completes - whichever driver Django uses (psycopg 3 or
+psycopg2). The listening connection is pgpubsub's own psycopg 3 connection to
+the same database, built from Django's connection parameters.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+from psycopg import pq
+from psycopg.conninfo import make_conninfo
+
+from .session import Session
+
+__all__ = ["DjangoSession", "django_conninfo"]
+
+
+class DjangoSession(Session):
+    """The claim session on Django's connection ``alias`` (one per thread, as Django does)."""
+
+    def __init__(self, alias: str = "default"):
+        self.alias = alias
+
+    @property
+    def connection(self) -> Any:
+        from django.db import connections
+
+        return connections[self.alias]
+
+    def open(self) -> None:
+        conn = self.connection
+        conn.close_if_unusable_or_obsolete()
+        conn.ensure_connection()
+
+    def atomic(self) -> AbstractContextManager[Any]:
+        from django.db import transaction
+
+        atomic: AbstractContextManager[Any] = transaction.atomic(using=self.alias)
+        return atomic
+
+    def execute(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        with self.connection.cursor() as cur:
+            cur.execute(query, params)
+            return list(cur.fetchall()) if cur.description else []
+
+    def broken(self, exc: BaseException) -> bool:
+        from django.db import InterfaceError, OperationalError
+
+        return isinstance(exc, OperationalError | InterfaceError)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def django_conninfo(alias: str = "default") -> str:
+    """A libpq conninfo for the database of Django's connection ``alias``."""
+    from django.db import connections
+
+    params = connections[alias].get_connection_params()
+    known = {d.keyword.decode() for d in pq.Conninfo.get_defaults()}
+    return make_conninfo(
+        "", **{k: v for k, v in params.items() if k in known and isinstance(v, str | int)}
+    )

@@ -1,0 +1,118 @@
+"""Stored messages: list, inspect, replay and purge (API and ``pgpubsub messages``).
+
+Every function takes a DB-API connection (psycopg 3, psycopg2 or Django's) and
+runs in its transaction; commit is the caller's, as with any write. Channels
+are PostgreSQL channel names (``spec_of(MyChannel).name``).
+
+Statuses: ``pending`` (waiting, or waiting for a retry), ``dead`` (attempts
+exhausted; ``last_error`` has the traceback), ``done`` (completed, kept for the
+channel's ``retention``), ``spill`` (a plain trigger channel's wide row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["StoredMessage", "get", "list_messages", "purge", "replay", "STATUSES"]
+
+STATUSES = ("pending", "dead", "done", "spill")
+_COLUMNS = (
+    "id, channel, payload, status, attempts, run_at, last_error, context, created_at, completed_at"
+)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    channel: str
+    payload: str
+    status: str
+    attempts: int
+    run_at: datetime
+    last_error: str | None
+    context: Any
+    created_at: datetime
+    completed_at: datetime | None
+
+
+def _status(status: str | None) -> str | None:
+    if status is not None and status not in STATUSES:
+        raise ConfigurationError(f"unknown message status {status!r}: one of {', '.join(STATUSES)}")
+    return status
+
+
+def _rows(conn: Any, query: str, params: Any) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        return list(cur.fetchall())
+
+
+def list_messages(
+    conn: Any, status: str | None = "dead", channel: str | None = None, limit: int = 100
+) -> list[StoredMessage]:
+    """Stored messages of a status (None: any) and channel (None: any), oldest first."""
+    rows = _rows(
+        conn,
+        f"SELECT {_COLUMNS} FROM pgpubsub.message "  # noqa: S608 - constant column list
+        "WHERE (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR channel = %s) "
+        "ORDER BY id LIMIT %s",
+        (_status(status), status, channel, channel, limit),
+    )
+    return [StoredMessage(*r) for r in rows]
+
+
+def get(conn: Any, message_id: int) -> StoredMessage | None:
+    rows = _rows(
+        conn,
+        f"SELECT {_COLUMNS} FROM pgpubsub.message WHERE id = %s",  # noqa: S608
+        (message_id,),
+    )
+    return StoredMessage(*rows[0]) if rows else None
+
+
+def replay(
+    conn: Any,
+    ids: list[int] | None = None,
+    channel: str | None = None,
+    status: str = "dead",
+) -> int:
+    """Make messages pending and due now, attempts reset, and wake the workers.
+
+    Replays dead messages by default; ``status="pending"`` makes retries due at
+    once. With neither ``ids`` nor ``channel`` every message of that status is
+    replayed. Returns how many.
+    """
+    if _status(status) not in ("dead", "pending"):
+        raise ConfigurationError("only dead or pending messages can be replayed")
+    rows = _rows(
+        conn,
+        "WITH r AS (UPDATE pgpubsub.message SET status = 'pending', attempts = 0, "
+        "run_at = now() WHERE status = %s AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
+        "AND (%s::text IS NULL OR channel = %s) RETURNING channel) "
+        "SELECT channel, count(*), pg_catalog.pg_notify(channel, '') FROM r GROUP BY channel",
+        (status, ids, ids, channel, channel),
+    )
+    return sum(int(r[1]) for r in rows)
+
+
+def purge(
+    conn: Any,
+    status: str = "dead",
+    channel: str | None = None,
+    older_than: float | None = None,
+    ids: list[int] | None = None,
+) -> int:
+    """Delete stored messages of a status, optionally of a channel, older than seconds, or ids."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "DELETE FROM pgpubsub.message WHERE status = %s "
+            "AND (%s::text IS NULL OR channel = %s) "
+            "AND (%s::float8 IS NULL OR created_at < now() - make_interval(secs => %s)) "
+            "AND (%s::bigint[] IS NULL OR id = ANY(%s))",
+            (_status(status), channel, channel, older_than, older_than, ids, ids),
+        )
+        return int(cur.rowcount)

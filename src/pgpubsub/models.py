@@ -1,0 +1,37 @@
+"""The ``Notification`` model: Django's view of ``pgpubsub.message``.
+
+The table comes from ``sql/schema.sql`` (the same source ``pgpubsub migrate``
+applies); the migration runs that file, so the model is unmanaged.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+STATUS_CHOICES = [
+    ("pending", "pending"),
+    ("dead", "dead"),
+    ("done", "done"),
+    ("spill", "spill (wide trigger row)"),
+]
+
+
+class Notification(models.Model):
+    id = models.BigAutoField(primary_key=True)
+    channel = models.TextField()
+    payload = models.TextField()
+    status = models.TextField(choices=STATUS_CHOICES, default="pending")
+    attempts = models.IntegerField(default=0)
+    run_at = models.DateTimeField()
+    last_error = models.TextField(null=True)
+    context = models.JSONField(null=True)
+    created_at = models.DateTimeField()
+    completed_at = models.DateTimeField(null=True)
+
+    class Meta:
+        managed = False
+        db_table = 'pgpubsub"."message'
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.channel} #{self.id} ({self.status})"

@@ -1,0 +1,268 @@
+"""Trigger channels: row events of a table delivered to listeners.
+
+::
+
+    @dataclass
+    class OrderEvents(TriggerChannel, table="shop.orders"):
+        pass
+
+    @pgpubsub.post_insert_listener(OrderEvents)
+    def on_new_order(old: None, new: dict) -> None: ...
+
+Each decorated listener asks for some row events (``post_insert`` = AFTER
+INSERT, ``pre_save`` = BEFORE INSERT or UPDATE, ...); each event gets its own
+row-level trigger on the table, and a listener is only called for the events it
+asked for. Install the triggers with :func:`install_triggers` (or ``pgpubsub
+migrate <modules>``); under Django the triggers of ``model = ...`` channels are
+django-pgtrigger triggers installed by ``manage.py migrate``.
+
+The trigger calls ``pgpubsub.notify_row`` (``sql/schema.sql``): the event JSON
+(operation, when, table, old and new rows, context) goes in the NOTIFY; when it
+is over PostgreSQL's 8000-byte limit it is stored and only its id is sent, so
+a wide row never makes the user's write fail. Durable trigger channels
+(``lock_notifications``) always store the event (exactly-once processing, as
+for any durable channel). Triggers never cancel or change the operation: a
+BEFORE trigger returns the row as it came. Every identifier is quoted, and
+notifications go through ``pg_catalog.pg_notify``. Nothing is sent for a
+rolled-back write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from psycopg import sql
+
+from . import driver
+from .channel import ChannelSpec, TriggerChannel, resolve_channel
+from .errors import ConfigurationError
+from .listen import Registry, registry
+
+__all__ = [
+    "install_triggers",
+    "post_delete_listener",
+    "post_insert_listener",
+    "post_save_listener",
+    "post_update_listener",
+    "pre_delete_listener",
+    "pre_insert_listener",
+    "pre_save_listener",
+    "pre_update_listener",
+    "remove_triggers",
+    "set_notification_context",
+    "trigger_listener",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+WHENS = ("BEFORE", "AFTER")
+OPERATIONS = ("INSERT", "UPDATE", "DELETE")
+SPILL_PREFIX = '{"spill": '
+CONTEXT_SETTING = "pgpubsub.notification_context"
+
+
+def _events(when: str, operations: Iterable[str]) -> frozenset[str]:
+    when = when.upper()
+    ops = [op.strip().upper() for op in operations]
+    if when not in WHENS or not ops or any(op not in OPERATIONS for op in ops):
+        raise ConfigurationError(
+            f"trigger events are BEFORE/AFTER and INSERT/UPDATE/DELETE, not {when} {ops}"
+        )
+    return frozenset(f"{when} {op}" for op in ops)
+
+
+def _trigger_spec(channel: type[Any] | str) -> ChannelSpec:
+    spec = resolve_channel(channel)
+    if not issubclass(spec.cls, TriggerChannel):
+        raise ConfigurationError(f"{spec.path} is not a TriggerChannel")
+    if "$" in spec.name:
+        raise ConfigurationError(f"trigger channel names may not contain '$': {spec.name!r}")
+    if model_of(spec) is None and "table" not in spec.cls._pgpubsub_options:
+        raise ConfigurationError(f"{spec.path} needs table=... (or model = ... under Django)")
+    return spec
+
+
+def model_of(spec: ChannelSpec) -> Any:
+    """The Django model a trigger channel is bound to, or None."""
+    return getattr(spec.cls, "model", None)
+
+
+def trigger_listener(
+    channel: type[Any] | str,
+    trigger: Any = None,
+    *,
+    when: str = "AFTER",
+    operations: Iterable[str] = OPERATIONS,
+    registry: Registry = registry,
+) -> Callable[[F], F]:
+    """A listener of the row events ``when`` x ``operations`` of a trigger channel.
+
+    ``trigger`` may be a django-pgtrigger ``Trigger`` (django-pgpubsub's form):
+    its ``when`` and ``operation`` are used.
+    """
+    if trigger is not None:
+        when = str(trigger.when)
+        operations = str(trigger.operation).split(" OR ")
+    events = _events(when, operations)
+
+    def decorate(fn: F) -> F:
+        spec = _trigger_spec(channel)
+        registry.add(spec.cls, fn, events=events)
+        if model_of(spec) is not None:
+            from .djangotriggers import register_triggers
+
+            register_triggers(spec, events)
+        return fn
+
+    return decorate
+
+
+def _shortcut(when: str, *operations: str) -> Callable[..., Callable[[F], F]]:
+    def decorator(channel: type[Any] | str) -> Callable[[F], F]:
+        return trigger_listener(channel, when=when, operations=operations)
+
+    return decorator
+
+
+pre_save_listener = _shortcut("BEFORE", "INSERT", "UPDATE")
+post_save_listener = _shortcut("AFTER", "INSERT", "UPDATE")
+pre_insert_listener = _shortcut("BEFORE", "INSERT")
+post_insert_listener = _shortcut("AFTER", "INSERT")
+pre_update_listener = _shortcut("BEFORE", "UPDATE")
+post_update_listener = _shortcut("AFTER", "UPDATE")
+pre_delete_listener = _shortcut("BEFORE", "DELETE")
+post_delete_listener = _shortcut("AFTER", "DELETE")
+
+
+# -- installing (without Django) -----------------------------------------------------
+
+
+def channel_hash(spec: ChannelSpec) -> str:
+    return hashlib.blake2b(spec.name.encode(), digest_size=4).hexdigest()
+
+
+def trigger_name(spec: ChannelSpec, event: str) -> str:
+    when, op = event.split()
+    return f"pgpubsub_{when}_{op}_{channel_hash(spec)}".lower()
+
+
+def table_of(spec: ChannelSpec) -> tuple[str, str]:
+    table = spec.cls._pgpubsub_options.get("table")
+    if isinstance(table, tuple) and len(table) == 2:
+        return str(table[0]), str(table[1])
+    if isinstance(table, str) and "." in table:
+        schema, _, name = table.partition(".")
+        return schema, name
+    raise ConfigurationError(f"{spec.path}: table must be 'schema.name' or (schema, name)")
+
+
+_EXISTING_SQL = (
+    "SELECT t.tgname FROM pg_catalog.pg_trigger t "
+    "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = %s AND c.relname = %s AND NOT t.tgisinternal AND t.tgname LIKE %s"
+)
+
+
+def _sync_triggers(conn: Any, spec: ChannelSpec, events: frozenset[str]) -> None:
+    schema, table = table_of(spec)
+    target = sql.Identifier(schema, table)
+    pattern = f"pgpubsub\\_%\\_{channel_hash(spec)}"
+    with conn.cursor() as cur:
+        cur.execute(_EXISTING_SQL, (schema, table, pattern))
+        existing = {r[0] for r in cur.fetchall()}
+        wanted = {trigger_name(spec, e): e for e in events}
+        for name in existing | set(wanted):
+            cur.execute(
+                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), target)
+            )
+        for name, event in sorted(wanted.items()):
+            when, op = event.split()
+            cur.execute(
+                sql.SQL(
+                    "CREATE TRIGGER {name} {when} {op} ON {table} FOR EACH ROW "
+                    "EXECUTE FUNCTION pgpubsub.notify_trigger({channel}, {mode})"
+                ).format(
+                    name=sql.Identifier(name),
+                    when=sql.SQL(when),  # from the fixed WHENS / OPERATIONS lists
+                    op=sql.SQL(op),
+                    table=target,
+                    channel=sql.Literal(spec.name),
+                    mode=sql.Literal("durable" if spec.lock else "plain"),
+                )
+            )
+
+
+def install_triggers(
+    conn: Any, channels: Iterable[type[Any] | str] | None = None, registry: Registry = registry
+) -> int:
+    """Create the triggers the registered listeners need, and drop the ones they no longer need.
+
+    Idempotent; runs in ``conn``'s transaction (commit is the caller's).
+    Channels bound to a Django model are left to django-pgtrigger. Needs the
+    pgpubsub schema (:func:`pgpubsub.durable.migrate`). Returns how many
+    triggers are installed.
+    """
+    specs = [resolve_channel(c) for c in channels] if channels else registry.channels()
+    total = 0
+    for spec in specs:
+        if issubclass(spec.cls, TriggerChannel) and model_of(spec) is None:
+            events = registry.events(spec)
+            _sync_triggers(conn, spec, events)
+            total += len(events)
+    return total
+
+
+def remove_triggers(conn: Any, channels: Iterable[type[Any] | str]) -> None:
+    """Drop every trigger of these channels (idempotent)."""
+    for channel in channels:
+        _sync_triggers(conn, _trigger_spec(channel), frozenset())
+
+
+# -- at run time -----------------------------------------------------------------------
+
+
+def set_notification_context(context: dict[str, Any], conn: Any = None, local: bool = True) -> None:
+    """Attach ``context`` (a JSON object) to the row events of this transaction.
+
+    Trigger events then carry it as ``context``, and stored messages keep it in
+    their ``context`` column. ``local=True`` (default) scopes it to the current
+    transaction, like ``SET LOCAL``; ``local=False`` keeps it for the session.
+    ``conn`` defaults as for :func:`pgpubsub.notify`.
+    """
+    from .notify import default_connection
+
+    conn = default_connection() if conn is None else conn
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT pg_catalog.set_config(%s, %s, %s)",
+            (CONTEXT_SETTING, json.dumps(context), local),
+        )
+
+
+_spill_local = threading.local()
+
+
+def read_spill(conninfo: str, payload: str) -> str:
+    """The stored event a ``{"spill": id}`` notification points to (plain trigger channels)."""
+    if not payload.startswith(SPILL_PREFIX):
+        return payload
+    conn = getattr(_spill_local, "conn", None)
+    if conn is None or conn.closed:
+        conn = _spill_local.conn = driver.connect(conninfo)
+    mid = int(json.loads(payload)["spill"])
+    row = conn.execute("SELECT payload FROM pgpubsub.message WHERE id = %s", (mid,)).fetchone()
+    if row is None:
+        raise LookupError(f"spilled event {mid} is gone (kept {SPILL_TTL:.0f} s)")
+    return str(row[0])
+
+
+SPILL_TTL = 600.0
+PURGE_SPILL_SQL = (
+    "DELETE FROM pgpubsub.message WHERE status = 'spill' AND channel = ANY(%s) "
+    "AND created_at < now() - make_interval(secs => %s)"
+)
