@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
+
+from pgpubsub.listen import Registry
+from pgpubsub.listen import registry as default_registry
+from pgpubsub.worker import Worker
 
 
 def admin_query(dsn: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -24,3 +31,19 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+class Running:
+    """A worker on its own loop in a thread, for tests that write while it listens."""
+
+    def __init__(self, dsn: str, registry: Registry | None = None, **options: Any):
+        self.worker = Worker(dsn, registry=registry or default_registry, **options)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.worker.start(), self.loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.worker.stop(), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

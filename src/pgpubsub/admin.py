@@ -26,9 +26,16 @@ class NotificationAdmin(admin.ModelAdmin):
 
     @admin.action(description="Replay: run again now, attempts reset")
     def replay(self, request: Any, queryset: Any) -> None:
-        ids = list(queryset.filter(status__in=["dead", "pending"]).values_list("id", flat=True))
+        chosen = {
+            status: list(queryset.filter(status=status).values_list("id", flat=True))
+            for status in ("dead", "pending")
+        }
         with transaction.atomic():
-            n = sum(stored.replay(connection, ids=ids, status=s) for s in ("dead", "pending"))
+            n = sum(
+                stored.replay(connection, ids=ids, status=status)
+                for status, ids in chosen.items()
+                if ids
+            )
         self.message_user(request, f"{n} notification(s) will run again", messages.SUCCESS)
 
     def has_add_permission(self, request: Any) -> bool:

@@ -8,8 +8,6 @@ channel's model; ``makemigrations`` writes them into the app's migrations and
 
 from __future__ import annotations
 
-from typing import Any
-
 from psycopg import sql
 
 from .channel import ChannelSpec

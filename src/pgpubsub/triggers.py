@@ -122,8 +122,10 @@ def trigger_listener(
 
 
 def _shortcut(when: str, *operations: str) -> Callable[..., Callable[[F], F]]:
-    def decorator(channel: type[Any] | str) -> Callable[[F], F]:
-        return trigger_listener(channel, when=when, operations=operations)
+    def decorator(channel: type[Any] | str, *, registry: Registry = registry) -> Callable[[F], F]:
+        return trigger_listener(channel, when=when, operations=operations, registry=registry)
+
+    decorator.__doc__ = f"A listener of {' and '.join(operations)} rows ({when} the write)."
 
     return decorator
 

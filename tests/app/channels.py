@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from pgpubsub.channel import Channel
+from pgpubsub.channel import Channel, TriggerChannel
 
 
 @dataclass
@@ -88,3 +88,15 @@ class Jobs(Channel, lock_notifications=True, max_attempts=3, retry_delay=0.05):
 class SeedStyleDurable(Channel):
     n: int
     lock_notifications = True
+
+
+@dataclass
+class OrderEvents(TriggerChannel, table=('we"ird', "Order")):
+    """A plain trigger channel on a table whose names need quoting."""
+
+
+@dataclass
+class OrderJobs(TriggerChannel, table=('we"ird', "Order"), lock_notifications=True):
+    """The same table, durable: each row event processed exactly once."""
+
+    retry_delay = 0.05

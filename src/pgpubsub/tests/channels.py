@@ -1,0 +1,36 @@
+import datetime
+from dataclasses import dataclass
+
+from pgpubsub.channel import Channel, TriggerChannel
+from pgpubsub.tests.models import Author, Book, Post
+
+
+@dataclass
+class PostReads(Channel):
+    model_id: int
+    date: datetime.date
+
+
+@dataclass
+class AuthorTriggerChannel(TriggerChannel):
+    model = Author
+    lock_notifications = True
+
+
+@dataclass
+class PostTriggerChannel(TriggerChannel):
+    model = Post
+
+
+@dataclass
+class BookTriggerChannel(TriggerChannel):
+    model = Book
+
+
+@dataclass
+class Greetings(Channel):
+    """Several listeners, each taking some of the optional fields."""
+
+    name: str
+    greeting: str | None = None
+    times: int = 1

@@ -1,0 +1,295 @@
+"""The Django integration, following the django-pgpubsub documents (seeds 000/004).
+
+The project in ``django_project/`` installs ``pgpubsub``, ``pgtrigger`` and the
+documented example app ``pgpubsub.tests`` (Author/Post, PostReads,
+AuthorTriggerChannel and their listeners, imported by the AppConfig). Django is
+set up once for this module, on a database of its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import Server
+from helpers import Running, admin_query, wait_until
+from psycopg import sql
+
+import pgpubsub
+from pgpubsub import durable
+
+PROJECT = Path(__file__).parent / "django_project"
+LISTENING = "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgpubsub'"
+
+
+@pytest.fixture(scope="module")
+def django_dsn(pg_server: Server) -> Iterator[str]:
+    name = f"pgpubsub_django_{os.getpid()}"
+    pg_server.admin_execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = pg_server.dsn(name)
+    os.environ["PGPUBSUB_DJANGO_DSN"] = dsn
+    os.environ["DJANGO_SETTINGS_MODULE"] = "settings"
+    sys.path.insert(0, str(PROJECT))
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", verbosity=0)
+    yield dsn
+    from django.db import connections
+
+    connections.close_all()
+    pg_server.admin_execute(
+        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    )
+
+
+@pytest.fixture
+def dj(django_dsn: str) -> str:
+    """A clean slate in the Django database."""
+    from pgpubsub.tests import listeners
+
+    admin_query(
+        django_dsn,
+        "TRUNCATE tests_post, tests_author, tests_book, tests_media, pgpubsub.message CASCADE",
+    )
+    listeners.post_reads_per_date_cache.clear()
+    for events in (listeners.greetings, listeners.post_events, listeners.book_events):
+        events.clear()
+    return django_dsn
+
+
+def worker(*channels: str) -> Running:
+    from pgpubsub.djangodb import DjangoSession, django_conninfo
+    from pgpubsub.listen import registry
+
+    return Running(
+        django_conninfo(), channels=registry.select(list(channels)), session_factory=DjangoSession
+    )
+
+
+def test_migrations_match_the_plain_schema_and_the_model(dj: str, dsn: str) -> None:
+    from django.core.management import call_command
+
+    from pgpubsub.models import Notification
+
+    durable.migrate(dsn)
+    columns = (
+        "SELECT column_name, data_type, is_nullable, column_default FROM information_schema.columns"
+        " WHERE table_schema = 'pgpubsub' AND table_name = 'message' ORDER BY ordinal_position"
+    )
+    assert admin_query(dj, columns) == admin_query(dsn, columns)
+    model_columns = [f.column for f in Notification._meta.fields]
+    assert model_columns == [r[0] for r in admin_query(dj, columns)]
+    call_command("makemigrations", check=True, dry_run=True, verbosity=0)  # exits if out of date
+    durable.migrate(dj)  # `pgpubsub migrate` on a Django database changes nothing
+
+
+def test_post_reads_cache_is_updated_by_fetch(dj: str) -> None:
+    from django.db import transaction
+
+    from pgpubsub.tests.listeners import post_reads_per_date_cache
+    from pgpubsub.tests.models import Post
+
+    post = Post.objects.create(content="hello", date=datetime.datetime.now())
+    run = worker("pgpubsub.tests.channels.PostReads")
+    try:
+        Post.fetch(post.pk)
+        with transaction.atomic():
+            Post.fetch(post.pk)
+        with pytest.raises(RuntimeError), transaction.atomic():
+            Post.fetch(post.pk)
+            raise RuntimeError("rolled back: no notification")
+        today = datetime.date.today()
+        wait_until(lambda: post_reads_per_date_cache[today].get(post.pk) == 2, timeout=10)
+        time.sleep(0.3)
+    finally:
+        run.stop()
+    assert post_reads_per_date_cache == {today: {post.pk: 2}}
+
+
+def test_notify_joins_the_atomic_block_and_listeners_take_optional_fields(dj: str) -> None:
+    from django.db import transaction
+
+    from pgpubsub.tests.listeners import greetings
+
+    run = worker("pgpubsub.tests.channels.Greetings")
+    try:
+        with transaction.atomic():
+            pgpubsub.notify("pgpubsub.tests.channels.Greetings", name="Ada")
+            time.sleep(0.3)
+            assert greetings == []  # nothing before commit
+        pgpubsub.notify("pgpubsub.tests.channels.Greetings", name="Bo", greeting="Hi", times=2)
+        wait_until(lambda: len(greetings) == 4, timeout=10)
+    finally:
+        run.stop()
+    assert sorted(greetings) == [
+        ("greet", "Ada"),
+        ("greet", "Bo"),
+        ("greet_politely", "Hello Ada"),
+        ("greet_politely", "Hi BoHi Bo"),
+    ]
+
+
+def test_trigger_listeners_get_unsaved_instances_of_their_operation_only(dj: str) -> None:
+    from pgpubsub.tests.listeners import post_events
+    from pgpubsub.tests.models import Author, Post
+
+    author = Author.objects.create(name="Ann")
+    run = worker("pgpubsub.tests.channels.PostTriggerChannel")
+    try:
+        when = datetime.datetime(2024, 5, 1, 12)
+        post = Post.objects.create(content="one", date=when, author=author)
+        pk = post.pk
+        Post.objects.filter(pk=post.pk).update(content="two")
+        post.delete()
+        wait_until(lambda: len(post_events) == 3, timeout=10)
+        time.sleep(0.3)
+    finally:
+        run.stop()
+    by_op = {op: (old, new) for op, old, new in post_events}  # one listener (thread) per op
+    assert sorted(by_op) == ["delete", "insert", "update"]
+    (ins_old, ins_new), (upd_old, upd_new), (del_old, del_new) = (
+        by_op["insert"],
+        by_op["update"],
+        by_op["delete"],
+    )
+    assert ins_old is None and del_new is None
+    assert isinstance(ins_new, Post) and ins_new._state.adding  # unsaved
+    assert (ins_new.content, ins_new.author_id) == ("one", author.pk)
+    assert ins_new.date == datetime.datetime(2024, 5, 1, 12)
+    assert (upd_old.content, upd_new.content) == ("one", "two")
+    assert del_old.pk == pk and not Post.objects.filter(pk=pk).exists()
+
+
+def test_trigger_instances_include_parent_model_fields(dj: str) -> None:
+    from pgpubsub.tests.listeners import book_events
+    from pgpubsub.tests.models import Book
+
+    run = worker("pgpubsub.tests.channels.BookTriggerChannel")
+    try:
+        Book.objects.create(name="Dune", published=datetime.date(1965, 8, 1), pages=412)
+        wait_until(lambda: book_events, timeout=10)
+    finally:
+        run.stop()
+    (book,) = book_events
+    assert (book.name, book.published, book.pages) == ("Dune", datetime.date(1965, 8, 1), 412)
+
+
+def test_locked_trigger_channel_creates_one_post_per_author_in_the_claim_transaction(
+    dj: str,
+) -> None:
+    from pgpubsub.models import Notification
+    from pgpubsub.tests.models import Author, Post
+
+    pgpubsub.set_notification_context({"request": "r-7"})  # Django's connection: autocommit
+    Author.objects.create(name="Stored while nobody listens")
+    (stored,) = Notification.objects.all()
+    assert stored.status == "pending" and stored.channel.endswith("AuthorTriggerChannel")
+    runs = [worker("pgpubsub.tests.channels.AuthorTriggerChannel") for _ in range(2)]
+    try:
+        Author.objects.bulk_create([Author(name=f"a{i}") for i in range(300)])
+        wait_until(lambda: Post.objects.count() == 301, timeout=30)
+        time.sleep(0.5)
+    finally:
+        for run in runs:
+            run.stop()
+    assert Post.objects.count() == 301
+    assert set(Author.objects.values_list("entries__content", flat=True)) == {
+        "Welcome! This is your first post"
+    }
+    assert not Notification.objects.exists()
+
+
+def test_admin_lists_notifications_and_replays_dead_ones(dj: str) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    from pgpubsub.models import Notification
+
+    admin_query(
+        dj,
+        "INSERT INTO pgpubsub.message (channel, payload, status, attempts, last_error) "
+        "VALUES ('c', '{}', 'dead', 5, 'Traceback...\nValueError: boom')",
+    )
+    user, _ = User.objects.get_or_create(username="admin", is_staff=True, is_superuser=True)
+    client = Client()
+    client.force_login(user)
+    page = client.get("/admin/pgpubsub/notification/?status__exact=dead")
+    assert page.status_code == 200 and b"ValueError: boom" in page.content
+    (dead,) = Notification.objects.all()
+    response = client.post(
+        "/admin/pgpubsub/notification/",
+        {"action": "replay", "_selected_action": [dead.pk]},
+        follow=True,
+    )
+    assert b"1 notification(s) will run again" in response.content
+    dead.refresh_from_db()
+    assert (dead.status, dead.attempts) == ("pending", 0)
+
+
+def test_notify_follows_a_psycopg2_connection(dj: str) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    from pgpubsub.tests.channels import AuthorTriggerChannel, PostReads
+
+    with psycopg.connect(dj, autocommit=True) as listener:
+        listener.execute('LISTEN "pgpubsub.tests.channels.PostReads"')
+        conn = psycopg2.connect(dj)
+        try:
+            pgpubsub.notify(PostReads, conn=conn, model_id=1, date=datetime.date(2024, 1, 2))
+            ids = pgpubsub.notify_many(AuthorTriggerChannel, [{}, {}], conn=conn)
+            conn.commit()
+        finally:
+            conn.close()
+        (note,) = list(listener.notifies(timeout=5, stop_after=1))
+    assert note.payload == '{"model_id":1,"date":"2024-01-02"}'
+    assert ids == 2
+    assert admin_query(dj, "SELECT count(*) FROM pgpubsub.message") == [(2,)]
+
+
+@pytest.mark.acceptance
+def test_manage_py_listen_two_processes_bulk_create_one_post_per_author(dj: str) -> None:
+    from pgpubsub.tests.models import Author, Post
+
+    env = dict(os.environ, PGPUBSUB_DJANGO_DSN=dj, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "listen",
+            "--channels",
+            "pgpubsub.tests.channels.AuthorTriggerChannel",
+            "--processes",
+            "2",
+            "--recover",
+        ],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(
+            lambda: len(admin_query(dj, LISTENING)) >= 2,
+            timeout=30,
+        )
+        Author.objects.bulk_create([Author(name=f"author {i}") for i in range(500)])
+        wait_until(lambda: Post.objects.count() == 500, timeout=60, interval=0.1)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    assert Post.objects.count() == 500
+    assert sorted(Post.objects.values_list("author_id", flat=True)) == sorted(
+        Author.objects.values_list("pk", flat=True)
+    )
+    assert out.decode().count("Creating first post for") == 500
