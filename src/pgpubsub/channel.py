@@ -38,7 +38,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgspec
@@ -123,16 +124,38 @@ class ChannelSpec:
     lock: bool
     encoder: msgspec.json.Encoder
     decoder: msgspec.json.Decoder[Any]
+    template: dict[str, Any] = field(compare=False)  # field -> default, in field order
+    required: frozenset[str] = field(compare=False)
 
-    def encode(self, message: Any) -> str:
-        return self.encoder.encode(message).decode()
+    def encode_lines(self, messages: Iterable[Any]) -> tuple[str, int]:
+        """JSON payloads of channel instances or dicts of fields, one per line, and their count.
 
-    def build(self, fields: dict[str, Any]) -> Any:
-        """An instance from keyword fields; SchemaMismatch if they do not fit."""
-        try:
-            return self.cls(**fields)
-        except TypeError as exc:
-            raise SchemaMismatch(f"{self.path}: {exc}") from exc
+        Encoded in one call; encoded JSON never holds a raw newline, so the
+        lines are the messages.
+        A dict gets the defaults of the fields it leaves out; a key that is not
+        a field, or a missing required field, is a SchemaMismatch. Values are
+        not checked against their types here: listeners decode with the schema.
+        """
+        cls, template, fields, required = (
+            self.cls,
+            self.template,
+            self.template.keys(),
+            self.required,
+        )
+        items: list[Any] = []
+        for m in messages:
+            if type(m) is dict:
+                keys = m.keys()
+                if not (keys <= fields and required <= keys):
+                    raise SchemaMismatch(self._misfit(m))
+                filled = template.copy()
+                filled.update(m)
+                items.append(filled)
+            elif isinstance(m, cls):
+                items.append(m)
+            else:
+                raise ConfigurationError(f"{m!r} is not a {self.path} or a dict of its fields")
+        return self.encoder.encode_lines(items)[:-1].decode(), len(items)
 
     def decode(self, payload: str | bytes) -> Any:
         try:
@@ -141,6 +164,27 @@ class ChannelSpec:
             raise SchemaMismatch(f"payload does not match {self.path}: {exc}") from exc
         except msgspec.DecodeError as exc:
             raise SchemaMismatch(f"payload on {self.path} is not valid JSON: {exc}") from exc
+
+    def _misfit(self, fields: dict[str, Any]) -> str:
+        unknown = sorted(fields.keys() - self.template.keys())
+        missing = sorted(self.required - fields.keys())
+        parts = [f"no field(s) {unknown}"] * bool(unknown) + [f"missing {missing}"] * bool(missing)
+        return f"{self.path}: {', '.join(parts)}"
+
+
+def _template(cls: type[Any]) -> tuple[dict[str, Any], frozenset[str]]:
+    """Field order with defaults (None for required fields), and the required fields."""
+    template: dict[str, Any] = {}
+    required = set()
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            template[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            template[f.name] = f.default_factory()
+        else:
+            template[f.name] = None
+            required.add(f.name)
+    return template, frozenset(required)
 
 
 _specs: dict[type[Any], ChannelSpec] = {}
@@ -171,8 +215,11 @@ def spec_of(cls: type[Any]) -> ChannelSpec:
         raise ConfigurationError(
             f"channel {path} has a field type msgspec cannot use: {exc}"
         ) from exc
+    template, required = _template(cls)
     spec = ChannelSpec(
         cls=cls,
+        template=template,
+        required=required,
         name=name,
         path=path,
         fields=tuple(f.name for f in dataclasses.fields(cls)),

@@ -63,9 +63,10 @@ __all__ = [
 
 log = logging.getLogger("pgpubsub.durable")
 
+# Payloads travel as one text of JSON lines (see notify.NOTIFY_MANY_SQL).
 STORE_SQL = (
     "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload) "
-    "SELECT %s, x FROM unnest(%s::text[]) AS x RETURNING id) "
+    "SELECT %s, x FROM unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x RETURNING id) "
     "SELECT array_agg(id ORDER BY id), pg_catalog.pg_notify(%s, '') FROM ins"
 )
 # Claiming counts the attempt and commits at once, so a message whose worker
@@ -132,22 +133,22 @@ def migrate(dsn: str = "") -> None:
         conn.execute(schema_sql().encode())
 
 
-def store(conn: Any, spec: ChannelSpec, payloads: list[str]) -> list[int]:
+def store(conn: Any, spec: ChannelSpec, lines: str) -> list[int]:
     """Insert messages in ``conn``'s transaction and wake the workers; return their ids.
 
-    ``conn`` is any DB-API connection with ``cursor()`` (psycopg 3, psycopg2,
-    Django's), so the message joins whatever transaction the caller is in.
+    ``lines``: the encoded messages, one JSON document per line
+    (:meth:`ChannelSpec.encode_lines`). ``conn`` is any DB-API connection with
+    ``cursor()`` (psycopg 3, psycopg2, Django's), so the messages join whatever
+    transaction the caller is in.
     """
     with conn.cursor() as cur:
-        cur.execute(STORE_SQL, [spec.name, payloads, spec.name])
+        cur.execute(STORE_SQL, [spec.name, lines, spec.name])
         row = cur.fetchone()
     return list(row[0] or [])
 
 
-async def astore(
-    conn: psycopg.AsyncConnection[Any], spec: ChannelSpec, payloads: list[str]
-) -> list[int]:
-    cur = await conn.execute(STORE_SQL, [spec.name, payloads, spec.name])
+async def astore(conn: psycopg.AsyncConnection[Any], spec: ChannelSpec, lines: str) -> list[int]:
+    cur = await conn.execute(STORE_SQL, [spec.name, lines, spec.name])
     row = await cur.fetchone()
     return list(row[0] or []) if row else []
 

@@ -25,11 +25,17 @@ import psycopg
 from . import driver
 from .channel import ChannelSpec, resolve_channel
 from .errors import ConfigurationError
-from .names import NOTIFY_SQL, check_payload
+from .names import MAX_PAYLOAD_BYTES, NOTIFY_SQL, check_payload
 
 __all__ = ["anotify", "notify", "notify_many"]
 
-NOTIFY_MANY_SQL = "SELECT pg_catalog.pg_notify(%s, x) FROM unnest(%s::text[]) AS x"
+# The payloads travel as one text of JSON lines, split by the server: as fast as
+# a binary array parameter, and unlike a text-format array (where each JSON
+# payload is quoted and escaped, ~10 µs each) the same for every driver.
+NOTIFY_MANY_SQL = (
+    "SELECT count(pg_catalog.pg_notify(%s, x)) "
+    "FROM unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x"
+)
 
 _local = threading.local()
 
@@ -50,14 +56,14 @@ def default_connection() -> Any:
     return conn
 
 
-def _payloads(spec: ChannelSpec, messages: Iterable[Any]) -> list[str]:
-    out = []
-    for m in messages:
-        message = spec.build(m) if isinstance(m, dict) else m
-        if not isinstance(message, spec.cls):
-            raise ConfigurationError(f"{message!r} is not a {spec.path} or a dict of its fields")
-        out.append(spec.encode(message))
-    return out
+def _payloads(spec: ChannelSpec, messages: Iterable[Any], plain: bool) -> tuple[str, int]:
+    """The messages as JSON lines (checked against NOTIFY's limit on plain channels)."""
+    lines, count = spec.encode_lines(messages)
+    if plain and len(lines) * 4 > MAX_PAYLOAD_BYTES:
+        for p in lines.split("\n"):  # only long ones can be over: count their UTF-8 bytes
+            if len(p) * 4 > MAX_PAYLOAD_BYTES:
+                check_payload(p, spec.name)
+    return lines, count
 
 
 def _execute(conn: Any, query: str, params: list[Any]) -> None:
@@ -68,29 +74,29 @@ def _execute(conn: Any, query: str, params: list[Any]) -> None:
 def notify(channel: type[Any] | str, /, *, conn: Any = None, **fields: Any) -> Any:
     """Publish one message; returns the stored message id on durable channels, else None."""
     spec = resolve_channel(channel)
-    (payload,) = _payloads(spec, [fields])
+    payload, _ = _payloads(spec, [fields], plain=not spec.lock)
     conn = default_connection() if conn is None else conn
     if spec.lock:
         from .durable import store
 
-        return store(conn, spec, [payload])[0]
-    _execute(conn, NOTIFY_SQL, [spec.name, check_payload(payload, spec.name)])
+        return store(conn, spec, payload)[0]
+    _execute(conn, NOTIFY_SQL, [spec.name, payload])
     return None
 
 
 def notify_many(channel: type[Any] | str, messages: Iterable[Any], *, conn: Any = None) -> int:
     """Publish many messages (dicts of fields or channel instances) in one statement."""
     spec = resolve_channel(channel)
-    payloads = _payloads(spec, messages)
+    lines, count = _payloads(spec, messages, plain=not spec.lock)
+    if not count:
+        return 0
     conn = default_connection() if conn is None else conn
     if spec.lock:
         from .durable import store
 
-        return len(store(conn, spec, payloads))
-    for p in payloads:
-        check_payload(p, spec.name)
-    _execute(conn, NOTIFY_MANY_SQL, [spec.name, payloads])
-    return len(payloads)
+        return len(store(conn, spec, lines))
+    _execute(conn, NOTIFY_MANY_SQL, [spec.name, lines])
+    return count
 
 
 async def anotify(
@@ -98,10 +104,10 @@ async def anotify(
 ) -> Any:
     """:func:`notify` on an async psycopg connection."""
     spec = resolve_channel(channel)
-    (payload,) = _payloads(spec, [fields])
+    payload, _ = _payloads(spec, [fields], plain=not spec.lock)
     if spec.lock:
         from .durable import astore
 
-        return (await astore(conn, spec, [payload]))[0]
-    await conn.execute(NOTIFY_SQL, [spec.name, check_payload(payload, spec.name)])
+        return (await astore(conn, spec, payload))[0]
+    await conn.execute(NOTIFY_SQL, [spec.name, payload])
     return None
