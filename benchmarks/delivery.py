@@ -11,6 +11,9 @@ Uses ``$PGPUBSUB_DSN`` or starts an embedded server. For each contestant:
 * drain: N notifications queued in the server first (one transaction), timed
   from the first message received to the last.
 
+Every payload is the JSON of the ``Tick`` channel; the typed contestants (P2)
+decode it into the dataclass and call an ``@listener`` with its fields.
+
 Then latency at 500 msg/s (p50/p99, raw psycopg 3 and pgpubsub) and memory
 over a long stream through pgpubsub (RSS growth). Every handler does the same
 trivial work (count, check for the end).
@@ -27,15 +30,26 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from pgpubsub import Engine, Listener, Notify
+from pgpubsub import Channel, Engine, Listener, Notify
 from pgpubsub.embedded import EmbeddedServer
+from pgpubsub.listen import Registry
+from pgpubsub.worker import Worker
 
 CHANNEL = "bench"
-PUBLISH_SQL = "SELECT pg_notify(%s, x) FROM unnest(%s::text[]) AS x"
+PUBLISH_SQL = "SELECT pg_notify(%s, x) FROM unnest(%b::text[]) AS x"
+
+
+@dataclass
+class Tick(Channel, name=CHANNEL):
+    """The payload every contestant receives; typed contestants decode it into this."""
+
+    seq: int
+    note: str
 
 
 # -- publisher (runs in its own process) ----------------------------------------
@@ -55,7 +69,8 @@ def publisher(dsn: str, n: int, rate: float) -> None:
                 conn.commit()
             return
         for lo in range(0, n, 1000):
-            conn.execute(PUBLISH_SQL, (CHANNEL, [str(i) for i in range(lo, min(n, lo + 1000))]))
+            payloads = [f'{{"seq":{i},"note":"x"}}' for i in range(lo, min(n, lo + 1000))]
+            conn.execute(PUBLISH_SQL, (CHANNEL, payloads))
             conn.commit()
 
 
@@ -81,7 +96,11 @@ class Publisher:
 
 def queue_in_server(dsn: str, n: int) -> None:
     with psycopg.connect(dsn) as conn:
-        conn.execute("SELECT pg_notify(%s, i::text) FROM generate_series(1, %s) AS i", (CHANNEL, n))
+        conn.execute(
+            "SELECT pg_notify(%s, json_build_object('seq', i, 'note', 'x')::text) "
+            "FROM generate_series(1, %s) AS i",
+            (CHANNEL, n),
+        )
 
 
 class Result:
@@ -279,6 +298,56 @@ def pgpubsub_engine(label: str, batch: bool, thread: bool, api: str = "engine"):
     return contestant
 
 
+def pgpubsub_typed(label: str, is_async: bool):  # type: ignore[no-untyped-def]
+    """A Worker running an @listener of the Tick channel: payloads decoded into Tick."""
+
+    def contestant(dsn: str, n: int, drain: bool) -> Result:
+        async def main() -> Result:
+            done = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            count = 0
+            t0: float | None = None
+            registry = Registry()
+
+            def tick() -> None:
+                nonlocal count, t0
+                if t0 is None:
+                    t0 = time.perf_counter()
+                count += 1
+                if count == n:
+                    loop.call_soon_threadsafe(done.set)
+
+            if is_async:
+
+                async def on_tick(seq: int, note: str) -> None:
+                    tick()
+
+                registry.add(Tick, on_tick)
+            else:
+                registry.add(Tick, lambda seq, note: tick())
+            worker = Worker(dsn, registry=registry)
+            await worker.start()
+            worker.engine.pause()
+            pub = None if drain else Publisher(dsn, n)
+            if drain:
+                queue_in_server(dsn, n)
+            cpu0 = time.process_time()
+            worker.engine.resume()
+            if pub:
+                t0 = pub.go()
+            await asyncio.wait_for(done.wait(), 120)
+            assert t0 is not None
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            await worker.stop()
+            if pub:
+                pub.wait()
+            return Result(label, n, seconds, cpu)
+
+        return asyncio.run(main())
+
+    return contestant
+
+
 CONTESTANTS = [
     raw_psycopg2,
     raw_asyncpg,
@@ -287,6 +356,8 @@ CONTESTANTS = [
     pgpubsub_engine("pgpubsub Engine, sync per-message handler (thread)", False, True),
     pgpubsub_engine("pgpubsub Listener callback (seed 001 API)", False, False, "listener"),
     pgpubsub_engine("pgpubsub Engine, batch handler", True, False),
+    pgpubsub_typed("pgpubsub typed @listener (Tick dataclass), async", True),
+    pgpubsub_typed("pgpubsub typed @listener (Tick dataclass), sync", False),
 ]
 
 
@@ -295,11 +366,11 @@ def throughput(dsn: str, n: int) -> None:
         title = "drain (queued first)" if drain else "end-to-end (publisher process)"
         print(f"\n== {title}, {n:,} notifications")
         results = [c(dsn, n, drain) for c in CONTESTANTS]
-        anchor = results[0].rate
+        anchor, asyncpg = results[0].rate, results[1].rate
         for r in results:
             print(
                 f"{r.name:<55} {r.rate:>11,.0f}/s  {r.cpu / r.n * 1e6:6.2f} µs CPU/msg"
-                f"  x{r.rate / anchor:4.2f} vs psycopg2"
+                f"  x{r.rate / anchor:4.2f} vs psycopg2  x{r.rate / asyncpg:4.2f} vs asyncpg"
             )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -200,3 +201,18 @@ def test_worker_sigkilled_in_handler_its_message_completed_once_by_another(
     finally:
         run.proc.send_signal(signal.SIGTERM)
         assert run.proc.wait(30) == 0
+
+
+def test_database_error_in_a_listener_fails_only_its_message(db: str) -> None:
+    """A failing write may surface late (the fast path pipelines writes): still only its own."""
+    admin_query(db, "CREATE UNIQUE INDEX ON effects (n)")
+    admin_query(db, "INSERT INTO effects VALUES ('job', 50, 0)")  # message 50 will collide
+    registry = Registry()
+    in_tx_recorder(registry)
+    publish(db, list(range(100)))
+    dead = "SELECT count(*) FROM pgpubsub.message WHERE status = 'dead'"
+    run_worker(db, registry, lambda: admin_query(db, dead) == [(1,)])
+    assert effects(db) == {n: 1 for n in range(100)}  # 50 only from the row put there first
+    with psycopg.connect(db) as conn:
+        (row,) = messages.list_messages(conn, "dead")
+    assert json.loads(row.payload)["n"] == 50 and "UniqueViolation" in (row.last_error or "")

@@ -34,9 +34,10 @@ import asyncio
 import contextvars
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from importlib import resources
 from typing import Any
 
@@ -180,6 +181,13 @@ class PsycopgSession(Session):
         cur = self.conn.execute(query, params)
         return cur.fetchall() if cur.description else []
 
+    def pipeline(self) -> AbstractContextManager[Any]:
+        assert self.conn is not None
+        return self.conn.pipeline() if psycopg.Pipeline.is_supported() else nullcontext()
+
+    def late_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, psycopg.Error)
+
     def broken(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.OperationalError | ConnectionLost)
 
@@ -198,13 +206,19 @@ class _ChannelProcessor:
         spec: ChannelSpec,
         listeners: list[ListenerSpec],
         *,
-        batch_size: int = 100,
+        batch_size: int = 500,
+        batch_seconds: float = 0.25,
         poll_interval: float = 1.0,
     ):
         self.session = session
         self.spec = spec
         self.listeners = listeners
+        # Batches adapt: as large as batch_size when listeners are fast, down to
+        # one message when they are slow, so that no worker holds many messages
+        # that another could be processing.
         self.batch_size = batch_size
+        self.batch_seconds = batch_seconds
+        self.claim_size = min(batch_size, 50)
         self.poll_interval = poll_interval
         cls = spec.cls
         self.max_attempts = int(cls.max_attempts)
@@ -232,9 +246,10 @@ class _ChannelProcessor:
         self.session.open()
         total = 0
         while not self.stopping.is_set():
+            asked = self.claim_size
             n = self._batch()
             total += n
-            if n < self.batch_size:
+            if n < asked:
                 break
         if self.retention:
             with self.session.atomic():
@@ -273,7 +288,7 @@ class _ChannelProcessor:
     def _claim(self) -> list[tuple[Any, ...]]:
         params = {
             "channel": self.spec.name,
-            "limit": self.batch_size,
+            "limit": self.claim_size,
             "max": self.max_attempts,
             "base": self.backoff.base,
             "cap": self.backoff.cap,
@@ -296,7 +311,11 @@ class _ChannelProcessor:
             else:
                 rows.append((mid, payload, attempts))
         if rows:
+            started = time.monotonic()
             self._process(rows)
+            per_message = (time.monotonic() - started) / len(rows)
+            fits = int(self.batch_seconds / max(per_message, 1e-6))
+            self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
         return len(claimed)
 
     def _process(self, claimed: list[tuple[Any, ...]]) -> None:
@@ -309,23 +328,28 @@ class _ChannelProcessor:
                 rows = [r for r in claimed if locked.get(r[0]) == r[2]]
                 failed_at = 0
                 try:
-                    # Fast path: the whole batch in one transaction, one savepoint.
-                    with session.atomic():
+                    # Fast path: the whole batch in one savepoint, its statements
+                    # pipelined (listeners' writes do not wait for a round trip).
+                    with session.pipeline(), session.atomic():
                         for failed_at, (_, payload, _) in enumerate(rows):  # noqa: B007
                             self._handle(payload)
                         self._complete([r[0] for r in rows])
+                    self.processed += len(rows)
                 except Exception as exc:
-                    # Redo the others one savepoint each; the failed one is not run twice.
-                    self._careful(rows, failed_at, exc)
+                    # Redo one savepoint each. A listener that raised is not run
+                    # twice; a database error may have surfaced late (pipeline),
+                    # so then every message is run again, one at a time.
+                    self._careful(rows, None if session.late_error(exc) else failed_at, exc)
         finally:
             _connection.reset(token)
 
     def _complete(self, ids: list[int]) -> None:
         if ids:
             self.session.execute(KEEP_SQL if self.retention else DELETE_SQL, (ids,))
-            self.processed += len(ids)
 
-    def _careful(self, rows: list[tuple[Any, ...]], failed_at: int, first_error: Exception) -> None:
+    def _careful(
+        self, rows: list[tuple[Any, ...]], failed_at: int | None, first_error: Exception
+    ) -> None:
         done = []
         for index, (mid, payload, attempts) in enumerate(rows):
             try:
@@ -337,6 +361,7 @@ class _ChannelProcessor:
             except Exception as exc:
                 self._failed(mid, attempts, exc)
         self._complete(done)
+        self.processed += len(done)
 
     def _failed(self, mid: int, attempt: int, exc: Exception) -> None:
         self.failed += 1

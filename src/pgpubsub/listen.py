@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .channel import ChannelSpec, resolve_channel
@@ -37,20 +38,35 @@ class ListenerSpec:
     is_async: bool
     #: Trigger listeners: the row events they take, e.g. {"AFTER INSERT"}; None: every message.
     events: frozenset[str] | None = None
+    #: Calls ``fn`` with the message's fields it takes (built once: the hot path).
+    call: Callable[[Any], Any] = field(default=lambda message: None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
 
-    def arguments(self, message: Any) -> dict[str, Any]:
-        names = self.channel.fields if self.params is None else self.params
-        return {name: getattr(message, name) for name in names}
-
     def accepts(self, message: Any) -> bool:
         return self.events is None or f"{message.when} {message.operation}" in self.events
 
-    def call(self, message: Any) -> Any:
-        return self.fn(**self.arguments(message))
+
+def _caller(fn: Callable[..., Any], names: tuple[str, ...]) -> Callable[[Any], Any]:
+    """``message -> fn(field=value, ...)`` for ``names``, positionally when the signature allows."""
+    if not names:
+        return lambda message: fn()
+    params = list(inspect.signature(fn).parameters.values())
+    positional = len(params) >= len(names) and all(
+        p.name == name and p.kind is p.POSITIONAL_OR_KEYWORD
+        for p, name in zip(params, names, strict=False)
+    )
+    get = operator.attrgetter(*names)
+    if len(names) == 1:
+        if positional:
+            return lambda message: fn(get(message))
+        (only,) = names
+        return lambda message: fn(**{only: get(message)})
+    if positional:
+        return lambda message: fn(*get(message))
+    return lambda message: fn(**dict(zip(names, get(message), strict=True)))
 
 
 def _params(spec: ChannelSpec, fn: Callable[..., Any]) -> tuple[str, ...] | None:
@@ -91,12 +107,14 @@ class Registry:
         events: frozenset[str] | None = None,
     ) -> ListenerSpec:
         spec = resolve_channel(channel)
+        params = _params(spec, fn)
         entry = ListenerSpec(
             channel=spec,
             fn=fn,
-            params=_params(spec, fn),
+            params=params,
             is_async=inspect.iscoroutinefunction(fn),
             events=events,
+            call=_caller(fn, spec.fields if params is None else params),
         )
         listeners = self._listeners.setdefault(spec.cls, [])
         if not any(existing.fn is fn for existing in listeners):

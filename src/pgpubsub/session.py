@@ -1,9 +1,10 @@
 """The seam between durable processing and a database connection.
 
-Claiming and completing messages needs four things: (re)connect, a
-transaction that nests as savepoints, execute-and-fetch, and telling a lost
-connection from a bug. :class:`~pgpubsub.durable.PsycopgSession` gives them on
-a psycopg 3 connection of its own; :class:`~pgpubsub.djangodb.DjangoSession` on
+Claiming and completing messages needs: (re)connect, a transaction that
+nests as savepoints, execute-and-fetch, telling a lost connection from a bug,
+and optionally a pipeline (statements sent without waiting for each result).
+:class:`~pgpubsub.durable.PsycopgSession` gives them on a psycopg 3 connection
+of its own; :class:`~pgpubsub.djangodb.DjangoSession` on
 Django's connection, so that ORM writes in a listener join the claim
 transaction.
 """
@@ -11,7 +12,7 @@ transaction.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 __all__ = ["Session"]
@@ -34,6 +35,14 @@ class Session(ABC):
     @abstractmethod
     def execute(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
         """Run one statement; its rows, or [] when it returns none."""
+
+    def pipeline(self) -> AbstractContextManager[Any]:
+        """A block whose statements need not wait for their results (when the driver can)."""
+        return nullcontext()
+
+    def late_error(self, exc: BaseException) -> bool:
+        """Whether ``exc`` may come from an earlier statement than the one that raised it."""
+        return False
 
     @abstractmethod
     def broken(self, exc: BaseException) -> bool:

@@ -1,0 +1,20 @@
+"""The durable channel and listener the durable benchmark's worker processes import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pgpubsub
+from pgpubsub.channel import Channel
+from pgpubsub.durable import connection
+
+
+@dataclass
+class BenchJob(Channel, name="bench_job", lock_notifications=True):
+    n: int
+
+
+@pgpubsub.listener(BenchJob)
+def do_job(n: int) -> None:
+    # The effect: one row, written in the claim transaction.
+    connection().execute("INSERT INTO bench_effects (n) VALUES (%s)", (n,))

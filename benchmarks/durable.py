@@ -1,0 +1,159 @@
+"""Durable-channel benchmark (P6, P7).
+
+    python -m pip install -e '.[bench]'
+    python benchmarks/durable.py [--n 50000] [--backlog 1000000]
+
+Uses ``$PGPUBSUB_DSN`` or starts an embedded server.
+
+* P6: two ``pgpubsub listen`` worker processes on one durable channel; the
+  handler writes one row in the claim transaction. N messages are published
+  in one transaction while both listen; rate = N / (commit to last effect).
+  Then the effects are counted: lost and duplicated must both be 0.
+* P7: the per-message cost of claiming and processing (same handler, one
+  in-process processor) with an empty table beside 1M messages already
+  pending on the channel: the ratio should stay under 1.2.
+
+Figures measured elsewhere for the same kind of work (SPEC.md anchors):
+django-pgpubsub about 200 messages/s on locked channels, pgqueuer 5.8k
+jobs/s, procrastinate 0.4-0.6k jobs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_jobs import BenchJob  # noqa: E402
+
+import pgpubsub  # noqa: E402
+from pgpubsub import durable  # noqa: E402
+from pgpubsub.channel import spec_of  # noqa: E402
+from pgpubsub.durable import PsycopgSession, _ChannelProcessor  # noqa: E402
+from pgpubsub.embedded import EmbeddedServer  # noqa: E402
+from pgpubsub.listen import registry  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def reset(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_effects")
+        conn.execute("CREATE TABLE bench_effects (n int)")
+        conn.execute("TRUNCATE pgpubsub.message")
+
+
+def scalar(dsn: str, query: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()  # type: ignore[arg-type]
+        assert row is not None
+        return int(row[0])
+
+
+def p6(dsn: str, n: int) -> None:
+    print(f"\n== P6: {n:,} durable messages, 2 worker processes, one row written per message")
+    reset(dsn)
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgpubsub", "listen", "bench_jobs", "--processes", "2",
+         "--dsn", dsn, "--log-level", "WARNING"],
+        env=env,
+    )  # fmt: skip
+    try:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgpubsub'"
+        deadline = time.monotonic() + 30
+        while scalar(dsn, query) < 4:  # a listening and a claiming connection each
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify_many(BenchJob, [{"n": i} for i in range(n)], conn=conn)
+            conn.commit()
+            t0 = time.perf_counter()
+        while scalar(dsn, "SELECT count(*) FROM bench_effects") < n:
+            time.sleep(0.02)
+        seconds = time.perf_counter() - t0
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    total = scalar(dsn, "SELECT count(*) FROM bench_effects")
+    distinct = scalar(dsn, "SELECT count(DISTINCT n) FROM bench_effects")
+    print(f"processed {n:,} in {seconds:.2f} s: {n / seconds:,.0f} messages/s")
+    print(f"lost {n - distinct}, duplicated {total - distinct}")
+
+
+def timed_processing(dsn: str, n: int) -> float:
+    """Seconds per message to claim and process ``n`` messages in one processor."""
+    spec = spec_of(BenchJob)
+    proc = _ChannelProcessor(PsycopgSession(dsn), spec, registry.listeners(spec))
+    proc.session.open()
+    t0 = time.perf_counter()
+    while proc.processed < n:
+        if not proc._batch():
+            raise RuntimeError(f"only {proc.processed} of {n} messages were there")
+    seconds = time.perf_counter() - t0
+    proc.session.close()
+    return seconds / proc.processed
+
+
+def p7(dsn: str, n: int, backlog: int, rounds: int = 3) -> None:
+    print(f"\n== P7: per-message cost over {n:,} messages, empty table vs {backlog:,} pending")
+    empty = []
+    for _ in range(rounds):
+        reset(dsn)
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify_many(BenchJob, [{"n": i} for i in range(n)], conn=conn)
+        empty.append(timed_processing(dsn, n))
+    reset(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO pgpubsub.message (channel, payload) "
+            "SELECT %s, json_build_object('n', i)::text FROM generate_series(1, %s) i",
+            (spec_of(BenchJob).name, backlog),
+        )
+        conn.execute("VACUUM ANALYZE pgpubsub.message")
+    full = [timed_processing(dsn, n) for _ in range(rounds)]  # the backlog stays near 1M
+    e, f = statistics.median(empty), statistics.median(full)
+    print(f"empty table:  median {e * 1e6:6.1f} µs/message  (runs: {fmt(empty)})")
+    print(f"{backlog:,} pending: median {f * 1e6:6.1f} µs/message  (runs: {fmt(full)})")
+    print(f"ratio: x{f / e:.2f}")
+
+
+def fmt(runs: list[float]) -> str:
+    return ", ".join(f"{r * 1e6:.1f}" for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=50_000)
+    parser.add_argument("--backlog", type=int, default=1_000_000)
+    parser.add_argument("--skip-p6", action="store_true")
+    parser.add_argument("--skip-p7", action="store_true")
+    args = parser.parse_args()
+    dsn = os.environ.get("PGPUBSUB_DSN")
+    server = None if dsn else EmbeddedServer().start()
+    dsn = dsn or server.conninfo  # type: ignore[union-attr]
+    try:
+        durable.migrate(dsn)
+        with psycopg.connect(dsn) as conn:
+            print(f"server: PostgreSQL {conn.info.server_version}, {os.cpu_count()} cores")
+        if not args.skip_p6:
+            p6(dsn, args.n)
+        if not args.skip_p7:
+            p7(dsn, args.n // 2, args.backlog)
+    finally:
+        if server:
+            server.close()
+
+
+if __name__ == "__main__":
+    main()
