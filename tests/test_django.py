@@ -237,7 +237,8 @@ def test_admin_lists_notifications_and_replays_dead_ones(dj: str) -> None:
 
 
 def test_notify_follows_a_psycopg2_connection(dj: str) -> None:
-    psycopg2 = pytest.importorskip("psycopg2")
+    import psycopg2
+
     from pgpubsub.tests.channels import AuthorTriggerChannel, PostReads
 
     with psycopg.connect(dj, autocommit=True) as listener:

@@ -6,8 +6,11 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -18,7 +21,7 @@ from test_cli import Listen
 
 import pgpubsub
 from pgpubsub import durable, messages
-from pgpubsub.channel import spec_of
+from pgpubsub.channel import Channel, spec_of
 from pgpubsub.listen import Registry
 from pgpubsub.worker import Worker
 
@@ -216,3 +219,85 @@ def test_database_error_in_a_listener_fails_only_its_message(db: str) -> None:
     with psycopg.connect(db) as conn:
         (row,) = messages.list_messages(conn, "dead")
     assert json.loads(row.payload)["n"] == 50 and "UniqueViolation" in (row.last_error or "")
+
+
+def test_a_worker_dying_in_every_attempt_uses_them_up_and_the_message_ends_dead(db: str) -> None:
+    """Attempts are counted when a message is claimed, not when its listener returns."""
+    publish(db, [1])
+    spec = spec_of(Jobs)
+    for attempt in range(1, Jobs.max_attempts + 1):
+        # Claim the way a worker does, then "die": the claim is all that is left.
+        proc = durable._ChannelProcessor(durable.PsycopgSession(db), spec, [])
+        proc.session.open()
+        wait_until(lambda: admin_query(db, "SELECT run_at <= now() FROM pgpubsub.message")[0][0])
+        ((_, _, attempts, status),) = proc._claim()
+        proc.session.close()
+        assert (attempts, status) == (attempt, "pending")
+    wait_until(lambda: admin_query(db, "SELECT run_at <= now() FROM pgpubsub.message")[0][0])
+    registry = Registry()
+    in_tx_recorder(registry)
+    run_worker(db, registry, lambda: admin_query(db, "SELECT status FROM pgpubsub.message")
+               == [("dead",)])  # fmt: skip
+    assert effects(db) == {}
+    with psycopg.connect(db) as conn:
+        (row,) = messages.list_messages(conn, "dead")
+    assert "stopped before it completed, 3 times" in (row.last_error or "")
+
+
+@dataclass
+class Kept(Channel, lock_notifications=True, retention=0.5):
+    n: int
+
+
+def test_retention_keeps_completed_messages_then_expires_them(db: str) -> None:
+    registry = Registry()
+    registry.add(Kept, lambda n: None)
+    with psycopg.connect(db) as conn:
+        pgpubsub.notify_many(Kept, [{"n": 1}, {"n": 2}], conn=conn)
+    done = (
+        "SELECT count(*) FROM pgpubsub.message "
+        "WHERE status = 'done' AND completed_at IS NOT NULL"
+    )
+    run_worker(db, registry, lambda: admin_query(db, done) == [(2,)])
+    time.sleep(0.6)
+    run_worker(db, registry, lambda: admin_query(db, "SELECT count(*) FROM pgpubsub.message")
+               == [(0,)], timeout=5)  # fmt: skip
+
+
+def test_messages_command_lists_shows_replays_and_purges(db: str) -> None:
+    admin_query(
+        db,
+        "INSERT INTO pgpubsub.message (channel, payload, status, attempts, last_error) VALUES "
+        "('jobs', '{\"n\": 1}', 'dead', 3, 'Traceback ...\nRuntimeError: one'), "
+        "('jobs', '{\"n\": 2}', 'dead', 3, 'Traceback ...\nRuntimeError: two'), "
+        "('other', '{}', 'dead', 1, 'x')",
+    )
+    ids = [i for (i,) in admin_query(db, "SELECT id FROM pgpubsub.message ORDER BY id")]
+
+    def cli(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "pgpubsub", "messages", *args, "--dsn", db],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    listing = cli("list", "--channel", "jobs").splitlines()
+    assert [line.split("\t")[0] for line in listing] == [str(ids[0]), str(ids[1])]
+    assert listing[0].endswith("RuntimeError: one")
+    assert json.loads(cli("show", str(ids[1])))[0]["payload"] == '{"n": 2}'
+    assert cli("replay", str(ids[0])) == "replayed 1 message(s)\n"
+    assert cli("purge", "--channel", "other") == "purged 1 message(s)\n"
+    assert admin_query(db, "SELECT id, status, attempts FROM pgpubsub.message ORDER BY id") == [
+        (ids[0], "pending", 0),
+        (ids[1], "dead", 3),
+    ]
+    bad = subprocess.run(
+        [sys.executable, "-m", "pgpubsub", "messages", "list", "--status", "gone", "--dsn", db],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "unknown message status 'gone'" in bad.stderr
