@@ -50,6 +50,10 @@ from .triggers import (
     trigger_listener,
 )
 
+# The name `pgpubsub.notify` is the function; the django-pgpubsub documents
+# also spell it by its module path, `pgpubsub.notify.notify`.
+setattr(notify, "notify", notify)  # noqa: B010
+
 __all__ = [
     "AsyncPubSub",
     "Backoff",
