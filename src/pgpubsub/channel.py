@@ -144,7 +144,7 @@ class ChannelSpec:
         )
         items: list[Any] = []
         for m in messages:
-            if type(m) is dict:
+            if isinstance(m, dict):
                 keys = m.keys()
                 if not (keys <= fields and required <= keys):
                     raise SchemaMismatch(self._misfit(m))

@@ -242,19 +242,17 @@ class _ChannelProcessor:
         self._thread.join(timeout)
 
     def drain_once(self) -> int:
-        """Process due messages batch by batch until none is left; return how many."""
+        """Process due messages batch by batch until none is left; return how many completed."""
         self.session.open()
-        total = 0
+        before = self.processed
         while not self.stopping.is_set():
             asked = self.claim_size
-            n = self._batch()
-            total += n
-            if n < asked:
+            if self._batch() < asked:
                 break
         if self.retention:
             with self.session.atomic():
                 self.session.execute(EXPIRE_SQL, (self.spec.name, self.retention))
-        return total
+        return self.processed - before
 
     def _run(self) -> None:
         while not self.stopping.is_set():
@@ -434,7 +432,7 @@ def default_session(dsn: str = "") -> Session:
 def process_stored_notifications(
     channels: list[Any] | None = None, dsn: str = "", registry: Registry | None = None
 ) -> int:
-    """Process every due stored message of durable channels now; return how many.
+    """Process every due stored message of durable channels now; return how many completed.
 
     ``channels``: channel classes or dotted paths (default: every registered
     durable channel). Each batch is its own short transaction, so this never
