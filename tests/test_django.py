@@ -187,22 +187,27 @@ def test_trigger_instances_include_parent_model_fields(dj: str) -> None:
 def test_locked_trigger_channel_creates_one_post_per_author_in_the_claim_transaction(
     dj: str,
 ) -> None:
+    from django.db import transaction
+
     from pgpubsub.models import Notification
     from pgpubsub.tests.models import Author, Post
 
-    pgpubsub.set_notification_context({"request": "r-7"})  # Django's connection: autocommit
-    Author.objects.create(name="Stored while nobody listens")
-    (stored,) = Notification.objects.all()
+    with transaction.atomic():
+        pgpubsub.set_notification_context({"request": "r-7"})  # for this transaction only
+        Author.objects.create(name="Stored while nobody listens")
+    Author.objects.create(name="No context")
+    stored, plain = Notification.objects.all()
     assert stored.status == "pending" and stored.channel.endswith("AuthorTriggerChannel")
+    assert (stored.context, plain.context) == ({"request": "r-7"}, None)
     runs = [worker("pgpubsub.tests.channels.AuthorTriggerChannel") for _ in range(2)]
     try:
         Author.objects.bulk_create([Author(name=f"a{i}") for i in range(300)])
-        wait_until(lambda: Post.objects.count() == 301, timeout=30)
+        wait_until(lambda: Post.objects.count() == 302, timeout=30)
         time.sleep(0.5)
     finally:
         for run in runs:
             run.stop()
-    assert Post.objects.count() == 301
+    assert Post.objects.count() == 302
     assert set(Author.objects.values_list("entries__content", flat=True)) == {
         "Welcome! This is your first post"
     }

@@ -255,8 +255,7 @@ def test_retention_keeps_completed_messages_then_expires_them(db: str) -> None:
     with psycopg.connect(db) as conn:
         pgpubsub.notify_many(Kept, [{"n": 1}, {"n": 2}], conn=conn)
     done = (
-        "SELECT count(*) FROM pgpubsub.message "
-        "WHERE status = 'done' AND completed_at IS NOT NULL"
+        "SELECT count(*) FROM pgpubsub.message WHERE status = 'done' AND completed_at IS NOT NULL"
     )
     run_worker(db, registry, lambda: admin_query(db, done) == [(2,)])
     time.sleep(0.6)

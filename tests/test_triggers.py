@@ -187,3 +187,33 @@ def test_notification_context_reaches_event_and_stored_message(db: str) -> None:
         (stored,) = messages.list_messages(conn, "pending")
     assert stored.context == {"request": "r-1"}
     assert json.loads(stored.payload)["old"] is None
+
+
+def test_old_spilled_events_are_purged_by_workers(db: str) -> None:
+    registry = Registry()
+    pgpubsub.post_insert_listener(OrderEvents, registry=registry)(lambda new: None)
+    name = pgpubsub.channel.spec_of(OrderEvents).name
+    admin_query(
+        db,
+        "INSERT INTO pgpubsub.message (channel, payload, status, created_at) VALUES "
+        "(%s, '{}', 'spill', now() - interval '1 hour'), (%s, '{}', 'spill', now())",
+        (name, name),
+    )
+    run = Running(db, registry)
+    try:
+        wait_until(lambda: admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(1,)])
+    finally:
+        run.stop()
+
+
+@pytest.mark.unit
+def test_trigger_listener_rejects_bad_events_and_plain_channels() -> None:
+    from app.channels import Jobs
+
+    registry = Registry()
+    with pytest.raises(pgpubsub.ConfigurationError, match="BEFORE/AFTER"):
+        trigger_listener(OrderEvents, when="DURING", registry=registry)
+    with pytest.raises(pgpubsub.ConfigurationError, match="BEFORE/AFTER"):
+        trigger_listener(OrderEvents, operations=["TRUNCATE"], registry=registry)
+    with pytest.raises(pgpubsub.ConfigurationError, match="is not a TriggerChannel"):
+        pgpubsub.post_insert_listener(Jobs, registry=registry)(lambda new: None)
