@@ -38,9 +38,10 @@ from bench_jobs import BenchJob  # noqa: E402
 import pgpubsub  # noqa: E402
 from pgpubsub import durable  # noqa: E402
 from pgpubsub.channel import spec_of  # noqa: E402
-from pgpubsub.durable import PsycopgSession, _ChannelProcessor  # noqa: E402
 from pgpubsub.embedded import EmbeddedServer  # noqa: E402
 from pgpubsub.listen import registry  # noqa: E402
+from pgpubsub.processor import ChannelProcessor  # noqa: E402
+from pgpubsub.session import PsycopgSession  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -94,7 +95,7 @@ def p6(dsn: str, n: int) -> None:
 def timed_processing(dsn: str, n: int) -> float:
     """Seconds per message to claim and process ``n`` messages in one processor."""
     spec = spec_of(BenchJob)
-    proc = _ChannelProcessor(PsycopgSession(dsn), spec, registry.listeners(spec))
+    proc = ChannelProcessor(PsycopgSession(dsn), spec, registry.listeners(spec))
     proc.session.open()
     t0 = time.perf_counter()
     while proc.processed < n:

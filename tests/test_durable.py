@@ -23,6 +23,8 @@ import pgpubsub
 from pgpubsub import durable, messages
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.listen import Registry
+from pgpubsub.processor import ChannelProcessor
+from pgpubsub.session import PsycopgSession
 from pgpubsub.worker import Worker
 
 
@@ -227,7 +229,7 @@ def test_a_worker_dying_in_every_attempt_uses_them_up_and_the_message_ends_dead(
     spec = spec_of(Jobs)
     for attempt in range(1, Jobs.max_attempts + 1):
         # Claim the way a worker does, then "die": the claim is all that is left.
-        proc = durable._ChannelProcessor(durable.PsycopgSession(db), spec, [])
+        proc = ChannelProcessor(PsycopgSession(db), spec, [])
         proc.session.open()
         wait_until(lambda: admin_query(db, "SELECT run_at <= now() FROM pgpubsub.message")[0][0])
         ((_, _, attempts, status),) = proc._claim()

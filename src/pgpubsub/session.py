@@ -3,7 +3,7 @@
 Claiming and completing messages needs: (re)connect, a transaction that
 nests as savepoints, execute-and-fetch, telling a lost connection from a bug,
 and optionally a pipeline (statements sent without waiting for each result).
-:class:`~pgpubsub.durable.PsycopgSession` gives them on a psycopg 3 connection
+:class:`PsycopgSession` gives them on a psycopg 3 connection
 of its own; :class:`~pgpubsub.djangodb.DjangoSession` on
 Django's connection, so that ORM writes in a listener join the claim
 transaction.
@@ -15,7 +15,12 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-__all__ = ["Session"]
+import psycopg
+
+from . import driver
+from .errors import ConnectionLost
+
+__all__ = ["PsycopgSession", "Session"]
 
 
 class Session(ABC):
@@ -50,3 +55,43 @@ class Session(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+
+class PsycopgSession(Session):
+    """The claim session on a psycopg 3 connection of its own."""
+
+    def __init__(self, conninfo: str):
+        self.conninfo = conninfo
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def open(self) -> None:
+        if self.conn is None or self.conn.closed:
+            self.conn = driver.connect(self.conninfo, autocommit=False)
+
+    @property
+    def connection(self) -> Any:
+        return self.conn
+
+    def atomic(self) -> AbstractContextManager[Any]:
+        assert self.conn is not None
+        return self.conn.transaction()
+
+    def execute(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        assert self.conn is not None
+        cur = self.conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+    def pipeline(self) -> AbstractContextManager[Any]:
+        assert self.conn is not None
+        return self.conn.pipeline() if psycopg.Pipeline.is_supported() else nullcontext()
+
+    def late_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, psycopg.Error)
+
+    def broken(self, exc: BaseException) -> bool:
+        return isinstance(exc, psycopg.OperationalError | ConnectionLost)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
