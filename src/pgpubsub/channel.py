@@ -146,6 +146,9 @@ class ChannelSpec:
         for m in messages:
             if isinstance(m, dict):
                 keys = m.keys()
+                if keys == fields:  # every field given: nothing to fill in
+                    items.append(m)
+                    continue
                 if not (keys <= fields and required <= keys):
                     raise SchemaMismatch(self._misfit(m))
                 filled = template.copy()
