@@ -124,9 +124,14 @@ def test_install_is_idempotent_quotes_identifiers_and_removes(db: str) -> None:
     install(db, registry)
     defs = [d for (d,) in admin_query(db, "SELECT pg_get_triggerdef(oid) FROM pg_trigger")]
     assert len(defs) == 3  # AFTER INSERT, AFTER UPDATE, BEFORE DELETE
-    assert all(f"ON {TABLE} FOR EACH ROW" in d for d in defs), defs
+    assert all(f"ON {TABLE} " in d for d in defs), defs
+    by_event = {" ".join(d.split()[3:5]): d for d in defs}
+    assert "REFERENCING NEW TABLE AS pgpubsub_new FOR EACH STATEMENT" in by_event["AFTER INSERT"]
+    assert (
+        "FOR EACH ROW" in by_event["AFTER UPDATE"] and "FOR EACH ROW" in by_event["BEFORE DELETE"]
+    )
     assert all(f"'{pgpubsub.channel.spec_of(OrderEvents).name}', 'plain'" in d for d in defs)
-    (body,) = admin_query(db, "SELECT prosrc FROM pg_proc WHERE proname = 'notify_row'")[0]
+    (body,) = admin_query(db, "SELECT prosrc FROM pg_proc WHERE proname = 'send_events'")[0]
     assert "pg_catalog.pg_notify" in str(body)
 
     narrower = Registry()

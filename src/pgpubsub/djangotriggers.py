@@ -4,9 +4,13 @@ A trigger listener registers one pgtrigger trigger per row event on the
 channel's model; ``makemigrations`` writes them into the app's migrations and
 ``migrate`` installs them, as django-pgtrigger does for any trigger. Changing
 ``lock_notifications`` changes the trigger body, so it needs a migration too.
+AFTER INSERT and AFTER DELETE triggers are statement-level with a transition
+table, as without Django (:mod:`pgpubsub.triggers`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from psycopg import sql
 
@@ -15,7 +19,7 @@ from .triggers import channel_hash, model_of
 
 __all__ = ["register_triggers"]
 
-_BODY = """
+_ROW_BODY = """
 PERFORM pgpubsub.notify_row(
     {channel}, {durable}, TG_OP, TG_WHEN, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
     CASE WHEN TG_OP <> 'INSERT' THEN pg_catalog.to_jsonb(OLD) END,
@@ -27,6 +31,51 @@ END IF;
 RETURN NEW;
 """
 
+# AFTER INSERT / AFTER DELETE: once per statement, rows from the transition table.
+_STATEMENT_BODY = """
+PERFORM pgpubsub.send_events({channel}, {durable}, ARRAY(
+    SELECT pgpubsub.event(
+        TG_OP, TG_WHEN, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, {old}, {new}
+    ) FROM {rows} r
+));
+RETURN NULL;
+"""
+
+
+def _trigger(spec: ChannelSpec, event: str) -> Any:
+    import pgtrigger
+
+    when, op = event.split()
+    common = {
+        "name": f"pgpubsub_{channel_hash(spec)}_{when}_{op}".lower(),
+        "when": pgtrigger.Before if when == "BEFORE" else pgtrigger.After,
+        "operation": getattr(pgtrigger, op.capitalize()),
+    }
+    literals = {
+        "channel": sql.Literal(spec.name).as_string(),
+        "durable": "true" if spec.lock else "false",
+    }
+    if event == "AFTER INSERT":
+        return pgtrigger.Trigger(
+            **common,
+            level=pgtrigger.Statement,
+            referencing=pgtrigger.Referencing(new="pgpubsub_new"),  # type: ignore[no-untyped-call]
+            func=_STATEMENT_BODY.format(
+                **literals, old="NULL", new="pg_catalog.to_jsonb(r)", rows="pgpubsub_new"
+            ),
+        )
+    if event == "AFTER DELETE":
+        return pgtrigger.Trigger(
+            **common,
+            level=pgtrigger.Statement,
+            referencing=pgtrigger.Referencing(old="pgpubsub_old"),  # type: ignore[no-untyped-call]
+            func=_STATEMENT_BODY.format(
+                **literals, old="pg_catalog.to_jsonb(r)", new="NULL", rows="pgpubsub_old"
+            ),
+        )
+    return pgtrigger.Trigger(**common, func=_ROW_BODY.format(**literals))
+
+
 _registered: set[tuple[str, str, str]] = set()
 
 
@@ -35,20 +84,8 @@ def register_triggers(spec: ChannelSpec, events: frozenset[str]) -> None:
     import pgtrigger
 
     model = model_of(spec)
-    body = _BODY.format(
-        channel=sql.Literal(spec.name).as_string(), durable="true" if spec.lock else "false"
-    )
     for event in sorted(events):
         key = (spec.name, model._meta.label, event)
-        if key in _registered:
-            continue
-        when, op = event.split()
-        pgtrigger.register(
-            pgtrigger.Trigger(
-                name=f"pgpubsub_{channel_hash(spec)}_{when}_{op}".lower(),
-                when=pgtrigger.Before if when == "BEFORE" else pgtrigger.After,
-                operation=getattr(pgtrigger, op.capitalize()),
-                func=body,
-            )
-        )(model)
-        _registered.add(key)
+        if key not in _registered:
+            pgtrigger.register(_trigger(spec, event))(model)
+            _registered.add(key)

@@ -16,10 +16,12 @@ asked for. Install the triggers with :func:`install_triggers` (or ``pgpubsub
 migrate <modules>``); under Django the triggers of ``model = ...`` channels are
 django-pgtrigger triggers installed by ``manage.py migrate``.
 
-The trigger calls ``pgpubsub.notify_row`` (``sql/schema.sql``): the event JSON
+The triggers call ``pgpubsub.send_events`` (``sql/schema.sql``): the event JSON
 (operation, when, table, old and new rows, context) goes in the NOTIFY; when it
 is over PostgreSQL's 8000-byte limit it is stored and only its id is sent, so
-a wide row never makes the user's write fail. Durable trigger channels
+a wide row never makes the user's write fail. AFTER INSERT and AFTER DELETE
+triggers are statement-level (the rows come from a transition table, in one
+set-based call); the others fire per row. Durable trigger channels
 (``lock_notifications``) always store the event (exactly-once processing, as
 for any durable channel). Triggers never cancel or change the operation: a
 BEFORE trigger returns the row as it came. Every identifier is quoted, and
@@ -61,6 +63,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 WHENS = ("BEFORE", "AFTER")
 OPERATIONS = ("INSERT", "UPDATE", "DELETE")
+# AFTER INSERT and AFTER DELETE triggers fire once per statement and read its
+# rows from a transition table: one set-based call instead of one per row.
+STATEMENT_LEVEL = {
+    "AFTER INSERT": "REFERENCING NEW TABLE AS pgpubsub_new FOR EACH STATEMENT",
+    "AFTER DELETE": "REFERENCING OLD TABLE AS pgpubsub_old FOR EACH STATEMENT",
+}
 SPILL_PREFIX = '{"spill": '
 CONTEXT_SETTING = "pgpubsub.notification_context"
 
@@ -186,13 +194,19 @@ def _sync_triggers(conn: Any, spec: ChannelSpec, events: frozenset[str]) -> None
             when, op = event.split()
             cur.execute(
                 sql.SQL(
-                    "CREATE TRIGGER {name} {when} {op} ON {table} FOR EACH ROW "
-                    "EXECUTE FUNCTION pgpubsub.notify_trigger({channel}, {mode})"
+                    "CREATE TRIGGER {name} {when} {op} ON {table} {level} "
+                    "EXECUTE FUNCTION {function}({channel}, {mode})"
                 ).format(
                     name=sql.Identifier(name),
                     when=sql.SQL(when),  # from the fixed WHENS / OPERATIONS lists
                     op=sql.SQL(op),
                     table=target,
+                    level=sql.SQL(STATEMENT_LEVEL.get(event, "FOR EACH ROW")),
+                    function=sql.SQL(
+                        "pgpubsub.notify_statement"
+                        if event in STATEMENT_LEVEL
+                        else "pgpubsub.notify_trigger"
+                    ),
                     channel=sql.Literal(spec.name),
                     mode=sql.Literal("durable" if spec.lock else "plain"),
                 )

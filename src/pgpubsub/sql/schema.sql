@@ -30,38 +30,61 @@ CREATE INDEX IF NOT EXISTS message_claim_idx
 CREATE INDEX IF NOT EXISTS message_kept_idx
     ON pgpubsub.message (channel, status, created_at) WHERE status IN ('done', 'spill');
 
--- One row event of a trigger channel. Durable channels store it and send a
--- wake-up; plain channels send it in the NOTIFY, or, when it is over
--- PostgreSQL's 8000-byte limit, store it as 'spill' and send its id, so a
--- wide row never makes the user's write fail.
-CREATE OR REPLACE FUNCTION pgpubsub.notify_row(
-    channel text, durable boolean, operation text, tg_when text, tbl text,
-    old_row jsonb, new_row jsonb
-) RETURNS void LANGUAGE plpgsql AS $body$
-DECLARE
-    payload text := pg_catalog.jsonb_build_object(
+-- The JSON of one row event of a trigger channel.
+CREATE OR REPLACE FUNCTION pgpubsub.event(
+    operation text, tg_when text, tbl text, old_row jsonb, new_row jsonb
+) RETURNS text LANGUAGE sql STABLE AS $body$
+    SELECT pg_catalog.jsonb_build_object(
         'operation', operation, 'when', tg_when, 'table', tbl,
         'old', old_row, 'new', new_row,
         'context', NULLIF(pg_catalog.current_setting('pgpubsub.notification_context', true), '')::jsonb
-    )::text;
+    )::text
+$body$;
+
+-- Send row events of a trigger channel. Durable channels store them and send
+-- one wake-up; plain channels send each in its NOTIFY, or, when it is over
+-- PostgreSQL's 8000-byte limit, store it as 'spill' and send its id, so a
+-- wide row never makes the user's write fail.
+CREATE OR REPLACE FUNCTION pgpubsub.send_events(
+    channel text, durable boolean, payloads text[]
+) RETURNS void LANGUAGE plpgsql AS $body$
+DECLARE
     spilled bigint;
 BEGIN
-    IF durable THEN
-        INSERT INTO pgpubsub.message (channel, payload) VALUES (channel, payload);
-        PERFORM pg_catalog.pg_notify(channel, '');
-    ELSIF pg_catalog.octet_length(payload) > 7999 THEN
-        INSERT INTO pgpubsub.message (channel, payload, status)
-            VALUES (channel, payload, 'spill') RETURNING id INTO spilled;
-        PERFORM pg_catalog.pg_notify(channel, '{"spill": ' || spilled || '}');
-    ELSE
-        PERFORM pg_catalog.pg_notify(channel, payload);
+    IF payloads IS NULL OR pg_catalog.cardinality(payloads) = 0 THEN
+        RETURN;
     END IF;
+    IF durable THEN
+        INSERT INTO pgpubsub.message (channel, payload) SELECT channel, p FROM unnest(payloads) p;
+        PERFORM pg_catalog.pg_notify(channel, '');
+        RETURN;
+    END IF;
+    PERFORM pg_catalog.pg_notify(channel, p) FROM unnest(payloads) p
+        WHERE pg_catalog.octet_length(p) <= 7999;
+    FOR spilled IN
+        INSERT INTO pgpubsub.message (channel, payload, status)
+        SELECT channel, p, 'spill' FROM unnest(payloads) p WHERE pg_catalog.octet_length(p) > 7999
+        RETURNING id
+    LOOP
+        PERFORM pg_catalog.pg_notify(channel, '{"spill": ' || spilled || '}');
+    END LOOP;
 END
 $body$;
 
--- The trigger function of trigger channels installed without Django:
--- EXECUTE FUNCTION pgpubsub.notify_trigger('<channel>', '<durable|plain>').
--- It never cancels the operation: BEFORE triggers return the row unchanged.
+-- One row event (row-level triggers; Django's pgtrigger bodies call it too).
+CREATE OR REPLACE FUNCTION pgpubsub.notify_row(
+    channel text, durable boolean, operation text, tg_when text, tbl text,
+    old_row jsonb, new_row jsonb
+) RETURNS void LANGUAGE sql AS $body$
+    SELECT pgpubsub.send_events(
+        channel, durable, ARRAY[pgpubsub.event(operation, tg_when, tbl, old_row, new_row)]
+    )
+$body$;
+
+-- The trigger functions of trigger channels installed without Django, with
+-- the arguments ('<channel>', '<durable|plain>'). Row level (BEFORE, and
+-- AFTER UPDATE): never cancels the operation, BEFORE triggers return the row
+-- unchanged.
 CREATE OR REPLACE FUNCTION pgpubsub.notify_trigger() RETURNS trigger
 LANGUAGE plpgsql AS $body$
 BEGIN
@@ -75,5 +98,26 @@ BEGIN
         RETURN OLD;
     END IF;
     RETURN NEW;
+END
+$body$;
+
+-- Statement level, for AFTER INSERT and AFTER DELETE: the statement's rows
+-- come as a transition table (REFERENCING NEW TABLE AS pgpubsub_new, or OLD
+-- TABLE AS pgpubsub_old), sent in one set-based call instead of a call per row.
+CREATE OR REPLACE FUNCTION pgpubsub.notify_statement() RETURNS trigger
+LANGUAGE plpgsql AS $body$
+DECLARE
+    tbl text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM pgpubsub.send_events(TG_ARGV[0], TG_ARGV[1] = 'durable', ARRAY(
+            SELECT pgpubsub.event(TG_OP, TG_WHEN, tbl, NULL, pg_catalog.to_jsonb(r))
+            FROM pgpubsub_new r));
+    ELSE
+        PERFORM pgpubsub.send_events(TG_ARGV[0], TG_ARGV[1] = 'durable', ARRAY(
+            SELECT pgpubsub.event(TG_OP, TG_WHEN, tbl, pg_catalog.to_jsonb(r), NULL)
+            FROM pgpubsub_old r));
+    END IF;
+    RETURN NULL;
 END
 $body$;
