@@ -218,3 +218,28 @@ def test_async_killed_backend_raises_connection_lost(dsn: str) -> None:
                     pass
 
     asyncio.run(main())
+
+
+@pytest.mark.unit
+def test_sync_and_async_twins_keep_in_step() -> None:
+    """PubSub and AsyncPubSub, notify and anotify: same names, same parameters."""
+    import inspect
+
+    from pgpubsub import AsyncPubSub, PubSub, anotify, notify
+
+    def api(cls: type) -> dict[str, list[str]]:
+        return {
+            name: list(inspect.signature(fn).parameters)
+            for name, fn in inspect.getmembers(cls, inspect.isfunction)
+            if not name.startswith("_")
+        }
+
+    assert api(PubSub) == api(AsyncPubSub)
+    own = [name for name in vars(AsyncPubSub) if name in api(AsyncPubSub)]
+    assert own  # the I/O methods each class defines: async in one, plain in the other
+
+    def is_async(fn: object) -> bool:
+        return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+
+    assert all(is_async(vars(AsyncPubSub)[n]) and not is_async(vars(PubSub)[n]) for n in own)
+    assert list(inspect.signature(notify).parameters) == list(inspect.signature(anotify).parameters)
