@@ -247,7 +247,9 @@ def set_notification_context(context: dict[str, Any], conn: Any = None, local: b
 
     Trigger events then carry it as ``context``, and stored messages keep it in
     their ``context`` column. ``local=True`` (default) scopes it to the current
-    transaction, like ``SET LOCAL``; ``local=False`` keeps it for the session.
+    transaction, like ``SET LOCAL`` - so call it inside the transaction (in
+    Django, inside ``transaction.atomic()``: in autocommit it ends with its own
+    statement); ``local=False`` keeps it for the session.
     ``conn`` defaults as for :func:`pgpubsub.notify`.
     """
     from .notify import default_connection
