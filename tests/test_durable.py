@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 from app.channels import Jobs, SeedStyleDurable
-from helpers import admin_query, wait_until
+from helpers import Running, admin_query, wait_until
 from test_cli import Listen
 
 import pgpubsub
@@ -302,3 +302,20 @@ def test_messages_command_lists_shows_replays_and_purges(db: str) -> None:
         timeout=60,
     )
     assert bad.returncode != 0 and "unknown message status 'gone'" in bad.stderr
+
+
+def test_worker_status_reports_durable_processing(db: str) -> None:
+    registry = Registry()
+    in_tx_recorder(registry, fail_on={7})
+    run = Running(db, registry)
+    try:
+        publish(db, list(range(20)))
+        wait_until(lambda: run.worker.status().durable[0].processed == 19, timeout=10)
+        status = run.worker.status()
+        assert status.healthy and status.engine.state == "listening"
+        (proc,) = status.durable
+        assert (proc.channel, proc.alive) == (spec_of(Jobs).name, True)
+        assert proc.failed >= 1  # message 7, retried until dead
+    finally:
+        run.stop()
+    assert not run.worker.status().healthy

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from .backoff import Backoff
@@ -22,7 +23,7 @@ from .channel import ChannelSpec
 from .listen import ListenerSpec
 from .session import Session
 
-__all__ = ["ChannelProcessor", "current_connection"]
+__all__ = ["ChannelProcessor", "ProcessorStatus", "current_connection"]
 
 log = logging.getLogger("pgpubsub.durable")
 
@@ -68,6 +69,17 @@ current_connection: contextvars.ContextVar[Any] = contextvars.ContextVar(
 )
 
 
+@dataclass(frozen=True)
+class ProcessorStatus:
+    """A snapshot of one durable channel's processor in this worker."""
+
+    channel: str
+    processed: int  # messages completed
+    failed: int  # attempts that raised (retried or dead)
+    claim_size: int  # the current batch size
+    alive: bool  # its thread is running
+
+
 class ChannelProcessor:
     """Claims and processes one durable channel, in a thread with its own session."""
 
@@ -111,6 +123,11 @@ class ChannelProcessor:
         self.stopping.set()
         self.wake.set()
         self._thread.join(timeout)
+
+    def status(self) -> ProcessorStatus:
+        return ProcessorStatus(
+            self.spec.name, self.processed, self.failed, self.claim_size, self._thread.is_alive()
+        )
 
     def drain_once(self) -> int:
         """Process due messages batch by batch until none is left; return how many completed."""

@@ -16,19 +16,32 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import driver
 from .channel import ChannelSpec, TriggerChannel
 from .driver import Notify
-from .engine import Engine
+from .engine import Engine, Status
 from .listen import ListenerSpec, Registry, registry
+from .processor import ProcessorStatus
 from .session import Session
 from .triggers import PURGE_SPILL_SQL, SPILL_PREFIX, SPILL_TTL, read_spill
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "WorkerStatus"]
 
 log = logging.getLogger("pgpubsub.worker")
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    engine: Status
+    durable: tuple[ProcessorStatus, ...]
+
+    @property
+    def healthy(self) -> bool:
+        """Listening, and every durable channel's processor running."""
+        return self.engine.healthy and all(p.alive for p in self.durable)
 
 
 def _plain_handler(listener: ListenerSpec, conninfo: str) -> Callable[[Notify], Any]:
@@ -122,6 +135,11 @@ class Worker:
             except Exception as exc:  # the next round tries again
                 log.warning("could not purge spilled trigger events: %s", exc)
             await asyncio.sleep(every)
+
+    def status(self) -> WorkerStatus:
+        """The engine's status and each durable processor's, for health checks."""
+        durable = self._durable.processors if self._durable is not None else []
+        return WorkerStatus(self.engine.status(), tuple(p.status() for p in durable))
 
     async def stop(self, timeout: float = 10.0) -> None:
         if self._janitor is not None:
