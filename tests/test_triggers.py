@@ -222,3 +222,16 @@ def test_trigger_listener_rejects_bad_events_and_plain_channels() -> None:
         trigger_listener(OrderEvents, operations=["TRUNCATE"], registry=registry)
     with pytest.raises(pgpubsub.ConfigurationError, match="is not a TriggerChannel"):
         pgpubsub.post_insert_listener(Jobs, registry=registry)(lambda new: None)
+
+
+@pytest.mark.unit
+def test_trigger_listener_takes_a_pgtrigger_trigger_as_django_pgpubsub_did() -> None:
+    import pgtrigger
+
+    registry = Registry()
+    trigger = pgtrigger.Trigger(
+        name="x", when=pgtrigger.After, operation=pgtrigger.Insert | pgtrigger.Update, func="-"
+    )
+    trigger_listener(OrderEvents, trigger, registry=registry)(lambda new: None)
+    spec = pgpubsub.channel.spec_of(OrderEvents)
+    assert registry.events(spec) == {"AFTER INSERT", "AFTER UPDATE"}
