@@ -225,7 +225,7 @@ def spec_of(cls: type[Any]) -> ChannelSpec:
         required=required,
         name=name,
         path=path,
-        fields=tuple(f.name for f in dataclasses.fields(cls)),
+        fields=tuple(template),
         lock=bool(cls.lock_notifications),
         encoder=msgspec.json.Encoder(),
         decoder=decoder,

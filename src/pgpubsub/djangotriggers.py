@@ -15,7 +15,7 @@ from typing import Any
 from psycopg import sql
 
 from .channel import ChannelSpec
-from .triggers import channel_hash, model_of
+from .triggers import TRANSITION, model_of, trigger_name
 
 __all__ = ["register_triggers"]
 
@@ -46,34 +46,25 @@ def _trigger(spec: ChannelSpec, event: str) -> Any:
     import pgtrigger
 
     when, op = event.split()
-    common = {
-        "name": f"pgpubsub_{channel_hash(spec)}_{when}_{op}".lower(),
-        "when": pgtrigger.Before if when == "BEFORE" else pgtrigger.After,
-        "operation": getattr(pgtrigger, op.capitalize()),
-    }
     literals = {
         "channel": sql.Literal(spec.name).as_string(),
         "durable": "true" if spec.lock else "false",
     }
-    if event == "AFTER INSERT":
-        return pgtrigger.Trigger(
-            **common,
+    options: dict[str, Any] = {
+        "name": trigger_name(spec, event),
+        "when": pgtrigger.Before if when == "BEFORE" else pgtrigger.After,
+        "operation": getattr(pgtrigger, op.capitalize()),
+        "func": _ROW_BODY.format(**literals),
+    }
+    if event in TRANSITION:
+        side, rows = TRANSITION[event]
+        row = {"old": "NULL", "new": "NULL", side.lower(): "pg_catalog.to_jsonb(r)"}
+        options.update(
             level=pgtrigger.Statement,
-            referencing=pgtrigger.Referencing(new="pgpubsub_new"),  # type: ignore[no-untyped-call]
-            func=_STATEMENT_BODY.format(
-                **literals, old="NULL", new="pg_catalog.to_jsonb(r)", rows="pgpubsub_new"
-            ),
+            referencing=pgtrigger.Referencing(**{side.lower(): rows}),  # type: ignore[no-untyped-call]
+            func=_STATEMENT_BODY.format(**literals, **row, rows=rows),
         )
-    if event == "AFTER DELETE":
-        return pgtrigger.Trigger(
-            **common,
-            level=pgtrigger.Statement,
-            referencing=pgtrigger.Referencing(old="pgpubsub_old"),  # type: ignore[no-untyped-call]
-            func=_STATEMENT_BODY.format(
-                **literals, old="pg_catalog.to_jsonb(r)", new="NULL", rows="pgpubsub_old"
-            ),
-        )
-    return pgtrigger.Trigger(**common, func=_ROW_BODY.format(**literals))
+    return pgtrigger.Trigger(**options)
 
 
 _registered: set[tuple[str, str, str]] = set()

@@ -41,9 +41,10 @@ from typing import Any
 import psycopg
 
 from . import driver, integration
-from .channel import ChannelSpec
+from .channel import ChannelSpec, resolve_channel
 from .engine import Engine, Gap
 from .listen import Registry
+from .listen import registry as default_registry
 from .processor import ChannelProcessor, current_connection
 from .session import PsycopgSession, Session
 
@@ -171,9 +172,6 @@ def process_stored_notifications(
     durable channel). Each batch is its own short transaction, so this never
     holds one transaction over the backlog.
     """
-    from .channel import resolve_channel
-    from .listen import registry as default_registry
-
     reg = registry or default_registry
     specs = (
         [resolve_channel(c) for c in channels]

@@ -15,7 +15,6 @@ by default) that the worker reads; nothing runs until a worker starts.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import operator
 from collections.abc import Callable
@@ -36,10 +35,10 @@ class ListenerSpec:
     fn: Callable[..., Any]
     params: tuple[str, ...] | None  # None: every field (the function takes **kwargs)
     is_async: bool
+    #: Calls ``fn`` with the message's fields it takes (built once: the hot path).
+    call: Callable[[Any], Any] = field(compare=False, repr=False)
     #: Trigger listeners: the row events they take, e.g. {"AFTER INSERT"}; None: every message.
     events: frozenset[str] | None = None
-    #: Calls ``fn`` with the message's fields it takes (built once: the hot path).
-    call: Callable[[Any], Any] = field(default=lambda message: None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -73,24 +72,22 @@ def _params(spec: ChannelSpec, fn: Callable[..., Any]) -> tuple[str, ...] | None
     sig = inspect.signature(fn)
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
-    fields = {f.name: f for f in dataclasses.fields(spec.cls)}  # type: ignore[arg-type]
     params = []
     for p in sig.parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
             raise ConfigurationError(f"listener {fn.__qualname__}: fields are passed by keyword")
-        if p.name not in fields:
+        if p.name not in spec.fields:
             if p.default is p.empty:
                 raise ConfigurationError(
                     f"listener {fn.__qualname__} takes {p.name!r}, which {spec.path} does not have"
                 )
             continue
         params.append(p.name)
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and name not in params:
-            raise ConfigurationError(
-                f"listener {fn.__qualname__} must take the required field {name!r} of {spec.path}"
-            )
+    missing = [name for name in spec.fields if name in spec.required and name not in params]
+    if missing:
+        raise ConfigurationError(
+            f"listener {fn.__qualname__} must take the required field {missing[0]!r} of {spec.path}"
+        )
     return tuple(params)
 
 

@@ -78,23 +78,24 @@ def replay(
     conn: Any,
     ids: list[int] | None = None,
     channel: str | None = None,
-    status: str = "dead",
+    status: str | tuple[str, ...] = "dead",
 ) -> int:
     """Make messages pending and due now, attempts reset, and wake the workers.
 
     Replays dead messages by default; ``status="pending"`` makes retries due at
-    once. With neither ``ids`` nor ``channel`` every message of that status is
-    replayed. Returns how many.
+    once, ``("dead", "pending")`` does both. With neither ``ids`` nor ``channel``
+    every message of that status is replayed. Returns how many.
     """
-    if _status(status) not in ("dead", "pending"):
+    statuses = [status] if isinstance(status, str) else list(status)
+    if not statuses or any(_status(s) not in ("dead", "pending") for s in statuses):
         raise ConfigurationError("only dead or pending messages can be replayed")
     rows = _rows(
         conn,
         "WITH r AS (UPDATE pgpubsub.message SET status = 'pending', attempts = 0, "
-        "run_at = now() WHERE status = %s AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
+        "run_at = now() WHERE status = ANY(%s) AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
         "AND (%s::text IS NULL OR channel = %s) RETURNING channel) "
         "SELECT channel, count(*), pg_catalog.pg_notify(channel, '') FROM r GROUP BY channel",
-        (status, ids, ids, channel, channel),
+        (statuses, ids, ids, channel, channel),
     )
     return sum(int(r[1]) for r in rows)
 

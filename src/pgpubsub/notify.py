@@ -22,8 +22,9 @@ from typing import Any
 
 import psycopg
 
-from . import driver
+from . import driver, integration
 from .channel import ChannelSpec, resolve_channel
+from .durable import astore, store
 from .errors import ConfigurationError
 from .names import MAX_PAYLOAD_BYTES, NOTIFY_SQL, check_payload
 
@@ -42,8 +43,6 @@ _local = threading.local()
 
 def default_connection() -> Any:
     """Django's connection when pgpubsub is an installed app, else one per thread."""
-    from . import integration
-
     django_conn = integration.django_connection()
     if django_conn is not None:
         return django_conn
@@ -77,8 +76,6 @@ def notify(channel: type[Any] | str, /, *, conn: Any = None, **fields: Any) -> A
     payload, _ = _payloads(spec, [fields], plain=not spec.lock)
     conn = default_connection() if conn is None else conn
     if spec.lock:
-        from .durable import store
-
         return store(conn, spec, payload)[0]
     _execute(conn, NOTIFY_SQL, [spec.name, payload])
     return None
@@ -92,8 +89,6 @@ def notify_many(channel: type[Any] | str, messages: Iterable[Any], *, conn: Any 
         return 0
     conn = default_connection() if conn is None else conn
     if spec.lock:
-        from .durable import store
-
         return len(store(conn, spec, lines))
     _execute(conn, NOTIFY_MANY_SQL, [spec.name, lines])
     return count
@@ -106,8 +101,6 @@ async def anotify(
     spec = resolve_channel(channel)
     payload, _ = _payloads(spec, [fields], plain=not spec.lock)
     if spec.lock:
-        from .durable import astore
-
         return (await astore(conn, spec, payload))[0]
     await conn.execute(NOTIFY_SQL, [spec.name, payload])
     return None

@@ -29,7 +29,8 @@ log = logging.getLogger("pgpubsub.durable")
 
 # Claiming counts the attempt and commits at once, so a message whose worker
 # dies in the handler (SIGKILL, OOM, power loss) still uses up its attempts.
-# The row is leased until the retry delay of that attempt: if the worker dies
+# The row is leased until the retry delay of that attempt (the Backoff ceiling,
+# computed per row in SQL): if the worker dies
 # it is claimed again then; while the worker is alive it holds the row lock.
 CLAIM_SQL = """
 WITH due AS (
@@ -39,7 +40,8 @@ WITH due AS (
 )
 UPDATE pgpubsub.message m SET
     attempts = m.attempts + 1,
-    run_at = now() + make_interval(secs => least(%(cap)s, %(base)s * power(2, m.attempts))),
+    run_at = now() + make_interval(
+        secs => least(%(cap)s, %(base)s * power(%(factor)s, m.attempts))),
     status = CASE WHEN m.attempts >= %(max)s THEN 'dead' ELSE 'pending' END,
     last_error = CASE WHEN m.attempts >= %(max)s
         THEN 'the process handling it stopped before it completed, ' || m.attempts || ' times'
@@ -177,6 +179,7 @@ class ChannelProcessor:
             "limit": self.claim_size,
             "max": self.max_attempts,
             "base": self.backoff.base,
+            "factor": self.backoff.factor,
             "cap": self.backoff.cap,
         }
         with self.session.atomic():

@@ -64,11 +64,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 WHENS = ("BEFORE", "AFTER")
 OPERATIONS = ("INSERT", "UPDATE", "DELETE")
 # AFTER INSERT and AFTER DELETE triggers fire once per statement and read its
-# rows from a transition table: one set-based call instead of one per row.
-STATEMENT_LEVEL = {
-    "AFTER INSERT": "REFERENCING NEW TABLE AS pgpubsub_new FOR EACH STATEMENT",
-    "AFTER DELETE": "REFERENCING OLD TABLE AS pgpubsub_old FOR EACH STATEMENT",
-}
+# rows from a transition table (side, name): one set-based call, not one per row.
+TRANSITION = {"AFTER INSERT": ("NEW", "pgpubsub_new"), "AFTER DELETE": ("OLD", "pgpubsub_old")}
 SPILL_PREFIX = '{"spill": '
 CONTEXT_SETTING = "pgpubsub.notification_context"
 
@@ -170,6 +167,15 @@ def table_of(spec: ChannelSpec) -> tuple[str, str]:
     raise ConfigurationError(f"{spec.path}: table must be 'schema.name' or (schema, name)")
 
 
+def _level(event: str) -> sql.Composable:
+    if event not in TRANSITION:
+        return sql.SQL("FOR EACH ROW")
+    side, rows = TRANSITION[event]
+    return sql.SQL("REFERENCING {} TABLE AS {} FOR EACH STATEMENT").format(
+        sql.SQL(side), sql.Identifier(rows)
+    )
+
+
 _EXISTING_SQL = (
     "SELECT t.tgname FROM pg_catalog.pg_trigger t "
     "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
@@ -201,10 +207,10 @@ def _sync_triggers(conn: Any, spec: ChannelSpec, events: frozenset[str]) -> None
                     when=sql.SQL(when),  # from the fixed WHENS / OPERATIONS lists
                     op=sql.SQL(op),
                     table=target,
-                    level=sql.SQL(STATEMENT_LEVEL.get(event, "FOR EACH ROW")),
+                    level=_level(event),
                     function=sql.SQL(
                         "pgpubsub.notify_statement"
-                        if event in STATEMENT_LEVEL
+                        if event in TRANSITION
                         else "pgpubsub.notify_trigger"
                     ),
                     channel=sql.Literal(spec.name),

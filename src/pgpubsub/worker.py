@@ -22,6 +22,7 @@ from typing import Any
 from . import driver
 from .channel import ChannelSpec, TriggerChannel
 from .driver import Notify
+from .durable import DurableRunner
 from .engine import Engine, Status
 from .listen import ListenerSpec, Registry, registry
 from .processor import ProcessorStatus
@@ -101,7 +102,7 @@ class Worker:
         self.recover = recover
         self.session_factory = session_factory
         self.engine = Engine(dsn, **engine_options)
-        self._durable: Any = None
+        self._durable: DurableRunner | None = None
         self._janitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -114,8 +115,6 @@ class Worker:
                 )
         await self.engine.start()
         if durable:
-            from .durable import DurableRunner
-
             self._durable = DurableRunner(
                 self.engine, durable, self.registry, session_factory=self.session_factory
             )
