@@ -14,6 +14,7 @@ callers register one that feeds the same buffer.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ __all__ = [
     "connect_async",
     "drain",
     "read_ready",
+    "thread_connection",
 ]
 
 DEFAULT_APPLICATION_NAME = "pgpubsub"
@@ -103,6 +105,18 @@ def connect(conninfo: str, *, autocommit: bool = True) -> Connection:
         return Connection.connect(conninfo, autocommit=autocommit)
     except psycopg.OperationalError as exc:
         raise ConnectionLost(f"cannot connect: {exc}") from exc
+
+
+_per_thread = threading.local()
+
+
+def thread_connection(conninfo: str) -> Connection:
+    """This thread's autocommit connection to ``conninfo``, connected again once closed."""
+    conns: dict[str, Connection] = _per_thread.__dict__.setdefault("conns", {})
+    conn = conns.get(conninfo)
+    if conn is None or conn.closed:
+        conn = conns[conninfo] = connect(conninfo)
+    return conn
 
 
 async def connect_async(conninfo: str, *, autocommit: bool = True) -> AsyncConnection:

@@ -131,9 +131,8 @@ class DurableRunner:
             ChannelProcessor(make(), spec, registry.listeners(spec), **opts) for spec in channels
         ]
 
-    async def start(self, recover: bool = False) -> None:
-        # Stored messages are always processed at start; --recover is kept for
-        # compatibility and means the same.
+    async def start(self) -> None:
+        # Stored messages are always processed at start (what --recover asks for).
         for proc in self.processors:
             await self.engine.subscribe(proc.spec.name, self._waker(proc), thread=False)
             proc.start()

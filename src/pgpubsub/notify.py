@@ -16,7 +16,6 @@ in the publisher's transaction and send only its id (no size limit): see
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,21 +37,16 @@ NOTIFY_MANY_SQL = (
     "FROM unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x"
 )
 
-_local = threading.local()
-
 
 def default_connection() -> Any:
     """Django's connection when pgpubsub is an installed app, else one per thread."""
     django_conn = integration.django_connection()
     if django_conn is not None:
         return django_conn
-    conn = getattr(_local, "conn", None)
-    if conn is None or conn.closed:
-        dsn = os.environ.get("PGPUBSUB_DSN")
-        if not dsn:
-            raise ConfigurationError("pass conn=..., or set PGPUBSUB_DSN, to publish")
-        conn = _local.conn = driver.connect(driver.build_conninfo(dsn))
-    return conn
+    dsn = os.environ.get("PGPUBSUB_DSN")
+    if not dsn:
+        raise ConfigurationError("pass conn=..., or set PGPUBSUB_DSN, to publish")
+    return driver.thread_connection(driver.build_conninfo(dsn))
 
 
 def _payloads(spec: ChannelSpec, messages: Iterable[Any], plain: bool) -> tuple[str, int]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -67,6 +66,11 @@ OPERATIONS = ("INSERT", "UPDATE", "DELETE")
 # rows from a transition table (side, name): one set-based call, not one per row.
 TRANSITION = {"AFTER INSERT": ("NEW", "pgpubsub_new"), "AFTER DELETE": ("OLD", "pgpubsub_old")}
 SPILL_PREFIX = '{"spill": '
+SPILL_TTL = 600.0  # seconds a spilled event is kept for plain listeners to read
+PURGE_SPILL_SQL = (
+    "DELETE FROM pgpubsub.message WHERE status = 'spill' AND channel = ANY(%s) "
+    "AND created_at < now() - make_interval(secs => %s)"
+)
 CONTEXT_SETTING = "pgpubsub.notification_context"
 
 
@@ -268,25 +272,13 @@ def set_notification_context(context: dict[str, Any], conn: Any = None, local: b
         )
 
 
-_spill_local = threading.local()
-
-
 def read_spill(conninfo: str, payload: str) -> str:
     """The stored event a ``{"spill": id}`` notification points to (plain trigger channels)."""
     if not payload.startswith(SPILL_PREFIX):
         return payload
-    conn = getattr(_spill_local, "conn", None)
-    if conn is None or conn.closed:
-        conn = _spill_local.conn = driver.connect(conninfo)
     mid = int(json.loads(payload)["spill"])
+    conn = driver.thread_connection(conninfo)
     row = conn.execute("SELECT payload FROM pgpubsub.message WHERE id = %s", (mid,)).fetchone()
     if row is None:
         raise LookupError(f"spilled event {mid} is gone (kept {SPILL_TTL:.0f} s)")
     return str(row[0])
-
-
-SPILL_TTL = 600.0
-PURGE_SPILL_SQL = (
-    "DELETE FROM pgpubsub.message WHERE status = 'spill' AND channel = ANY(%s) "
-    "AND created_at < now() - make_interval(secs => %s)"
-)

@@ -85,7 +85,11 @@ def _plain_handler(listener: ListenerSpec, conninfo: str) -> Callable[[Notify], 
 
 
 class Worker:
-    """Listens to ``channels`` (default: every registered channel) and runs their listeners."""
+    """Listens to ``channels`` (default: every registered channel) and runs their listeners.
+
+    Stored messages of durable channels are always processed at start;
+    ``recover`` (the seed's ``--recover``) is accepted and changes nothing.
+    """
 
     def __init__(
         self,
@@ -99,7 +103,6 @@ class Worker:
     ):
         self.registry = registry
         self.channels = channels if channels is not None else registry.channels()
-        self.recover = recover
         self.session_factory = session_factory
         self.engine = Engine(dsn, **engine_options)
         self._durable: DurableRunner | None = None
@@ -118,7 +121,7 @@ class Worker:
             self._durable = DurableRunner(
                 self.engine, durable, self.registry, session_factory=self.session_factory
             )
-            await self._durable.start(recover=self.recover)
+            await self._durable.start()
         spilling = [c.name for c in plain if issubclass(c.cls, TriggerChannel)]
         if spilling:
             self._janitor = asyncio.create_task(self._purge_spills(spilling))
