@@ -14,7 +14,6 @@ bulk insert's own time with and without the trigger (the write's overhead).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import threading
 import time
@@ -28,6 +27,7 @@ from pgpubsub import durable
 from pgpubsub.channel import TriggerChannel
 from pgpubsub.embedded import EmbeddedServer
 from pgpubsub.listen import Registry
+from pgpubsub.loopthread import LoopThread
 from pgpubsub.triggers import install_triggers, remove_triggers
 from pgpubsub.worker import Worker
 
@@ -61,11 +61,9 @@ def run(dsn: str, channel: type[Any], rows: int) -> tuple[float, float]:
         remove_triggers(conn, [PlainRows, LockedRows])
         install_triggers(conn, registry=registry)
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+    loop = LoopThread("bench-worker")
     worker = Worker(dsn, registry=registry)
-    asyncio.run_coroutine_threadsafe(worker.start(), loop).result(10)
+    loop.run(worker.start(), timeout=10)
     try:
         with psycopg.connect(dsn) as conn:
             t0 = time.perf_counter()
@@ -75,8 +73,8 @@ def run(dsn: str, channel: type[Any], rows: int) -> tuple[float, float]:
         assert done.wait(120), f"only {seen} of {rows} row events arrived"
         total = time.perf_counter() - t0
     finally:
-        asyncio.run_coroutine_threadsafe(worker.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
+        loop.run(worker.stop(), timeout=30)
+        loop.close()
     return write, total
 
 

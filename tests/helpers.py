@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +10,7 @@ import psycopg
 
 from pgpubsub.listen import Registry
 from pgpubsub.listen import registry as default_registry
+from pgpubsub.loopthread import LoopThread
 from pgpubsub.worker import Worker
 
 
@@ -38,12 +37,9 @@ class Running:
 
     def __init__(self, dsn: str, registry: Registry | None = None, **options: Any):
         self.worker = Worker(dsn, registry=registry or default_registry, **options)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.worker.start(), self.loop).result(10)
+        self.loop = LoopThread("test-worker")
+        self.loop.run(self.worker.start(), timeout=10)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.worker.stop(), self.loop).result(15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.loop.run(self.worker.stop(), timeout=15)
+        self.loop.close()
