@@ -49,18 +49,11 @@ def in_tx_recorder(registry: Registry, fail_on: set[int] = frozenset()) -> None:
 
 
 def run_worker(dsn: str, registry: Registry, until: Any, timeout: float = 30) -> None:
-    async def main() -> None:
-        worker = Worker(dsn, registry=registry)
-        await worker.start()
-        try:
-            deadline = time.monotonic() + timeout
-            while not until():
-                assert time.monotonic() < deadline, "condition not met"
-                await asyncio.sleep(0.05)
-        finally:
-            await worker.stop()
-
-    asyncio.run(main())
+    run = Running(dsn, registry)
+    try:
+        wait_until(until, timeout=timeout, interval=0.05)
+    finally:
+        run.stop()
 
 
 def publish(dsn: str, ns: list[int], blob: str = "") -> None:
