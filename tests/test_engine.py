@@ -235,13 +235,34 @@ def test_server_restart_is_survived_with_backoff() -> None:
         run(main(server))
 
 
-def test_first_connection_failure_raises() -> None:
-    from pgpubsub import ConnectionLost
+def test_start_waits_for_the_server_only_as_long_as_start_timeout() -> None:
+    from pgpubsub import ConnectionFailed
 
     async def main() -> None:
-        engine = Engine("host=127.0.0.1 port=1 connect_timeout=2")
-        with pytest.raises(ConnectionLost):
+        engine = Engine(
+            "host=127.0.0.1 port=1 connect_timeout=2",
+            start_timeout=1.5,
+            backoff=Backoff(base=0.1, cap=0.3),
+        )
+        started = time.monotonic()
+        with pytest.raises(ConnectionFailed, match="gave up after"):
             await engine.start()
+        assert 1.0 < time.monotonic() - started < 5
         assert not engine.running
+
+    run(main())
+
+
+def test_refused_credentials_fail_at_once_instead_of_waiting(dsn: str) -> None:
+    from psycopg.conninfo import make_conninfo
+
+    from pgpubsub import ConnectionFailed
+
+    async def main() -> None:
+        engine = Engine(make_conninfo(dsn, dbname="no_such_database_here"))
+        started = time.monotonic()
+        with pytest.raises(ConnectionFailed, match="does not exist"):
+            await engine.start()
+        assert time.monotonic() - started < 3
 
     run(main())

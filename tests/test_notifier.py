@@ -139,7 +139,9 @@ def test_unsubscribe_from_one_channel_keeps_the_others(conf: dict[str, Any], dsn
     send(dsn, "b", "2")
     assert inbox.get()[1:3] == ("b", 2)
     assert inbox.empty_after()
-    assert n.subscribers() == {"me": {"b": {"fn": inbox, "muted": False}}}
+    assert n.subscribers() == {
+        "me": {"fn": inbox, "channels": {"b": {"active": True, "mute": False, "sub_mute": False}}}
+    }
     n.stop()
 
 

@@ -157,9 +157,12 @@ def test_killed_backend_raises_connection_lost(dsn: str) -> None:
             sub.notify("k", "x")
 
 
-def test_connection_failure_is_connection_lost() -> None:
-    with pytest.raises(errors.ConnectionLost):
+def test_a_connection_that_never_opened_is_connection_failed_not_lost() -> None:
+    with pytest.raises(errors.ConnectionFailed) as caught:
         pgpubsub.connect("host=127.0.0.1 port=1 connect_timeout=2")
+    assert isinstance(caught.value, errors.DatabaseConnectionError)
+    assert not isinstance(caught.value, errors.ConnectionLost)
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
 
 
 def test_application_name_is_set(dsn: str) -> None:

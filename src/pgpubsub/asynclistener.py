@@ -14,10 +14,18 @@ Code written for psqlpy's ``Listener`` runs with its import line changed to
 Callbacks receive ``(connection, payload, channel, process_id)``; the
 connection is a second, autocommit connection of the listener on which
 callbacks may run queries (the listening connection itself is never busy with
-user queries). Unlike psqlpy: names are case-exact and safely quoted; each
-callback runs in its own worker, so one that raises is logged and one that is
-slow delays only itself; a dropped connection is reconnected (gap callbacks
-are told); ``is_started`` is true only while the listener really runs.
+user queries). It is replaced after a reconnect or when it breaks, so it
+works again once the server is back.
+
+Between ``startup()`` (or ``abort_listen()``) and ``listen()`` nothing is
+lost: notifications wait, up to ``max_pending`` per callback in memory and
+the rest in the server, and are delivered on ``listen()``.
+
+Unlike psqlpy: names are case-exact and safely quoted; each callback runs in
+its own worker, so one that raises is logged and one that is slow delays only
+itself; a dropped connection is reconnected (gap callbacks are told);
+``is_started`` and ``is_listening`` tell the truth; and a callback may call
+any method of its listener (clear its own channel, abort, shut down).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 from . import driver
-from .dispatch import Subscription
+from .dispatch import Subscription, handler_name
 from .driver import AsyncConnection, Notify
 from .engine import Engine, GapHandler, Status
 from .errors import ListenerStartError
@@ -63,6 +71,7 @@ class Listener:
         self._callbacks: dict[str, list[tuple[Callback, Subscription]]] = {}
         self._connection: AsyncConnection | None = None
         self._listening = False
+        self._engine.add_gap_handler(self._renew_connection)
 
     # -- attributes ------------------------------------------------------------
 
@@ -75,13 +84,13 @@ class Listener:
 
     @property
     def is_started(self) -> bool:
-        """True from startup() to shutdown(), while the engine runs (also while reconnecting)."""
+        """True from startup() to shutdown() (also while reconnecting: see status())."""
         return self._connection is not None and self._engine.running
 
     @property
     def is_listening(self) -> bool:
-        """True while callbacks are being run (listen() called, not aborted)."""
-        return self.is_started and self._listening
+        """True while callbacks run: listen() called, not aborted, and connected."""
+        return self.is_started and self._listening and self._engine.status().healthy
 
     def status(self) -> Status:
         return self._engine.status()
@@ -96,13 +105,13 @@ class Listener:
         """Add a callback to ``channel`` (before or after listen(); LISTEN is immediate)."""
 
         async def deliver(msg: Notify) -> None:
-            if self._listening:
-                result = callback(self.connection, msg.payload, msg.channel, msg.pid)
-                if asyncio.iscoroutine(result):
-                    await result
+            connection = await self._working_connection()
+            result = callback(connection, msg.payload, msg.channel, msg.pid)
+            if asyncio.iscoroutine(result):
+                await result
 
-        deliver.__qualname__ = getattr(callback, "__qualname__", repr(callback))
-        sub = await self._engine.subscribe(channel, deliver)
+        deliver.__qualname__ = handler_name(callback)
+        sub = await self._engine.subscribe(channel, deliver, paused=not self._listening)
         self._callbacks.setdefault(channel, []).append((callback, sub))
 
     async def clear_channel_callbacks(self, channel: str) -> None:
@@ -123,7 +132,6 @@ class Listener:
             raise ListenerStartError("Listener already started; call shutdown() first")
         self._connection = await driver.connect_async(self._conninfo)
         try:
-            self._engine.pause()
             await self._engine.start()
         except BaseException:
             await self._connection.close()
@@ -143,12 +151,36 @@ class Listener:
         if not self.is_started:
             raise ListenerStartError("Listener.startup() has not been called")
         self._listening = True
-        self._engine.resume()
+        if subs := self._subscriptions():
+            self._engine.resume(*subs)
 
     def abort_listen(self) -> None:
-        """Stop running callbacks; notifications wait in the server until listen() again."""
+        """Stop running callbacks; notifications are kept until listen() again."""
         self._listening = False
-        self._engine.pause()
+        if subs := self._subscriptions():
+            self._engine.pause(*subs)
+
+    def _subscriptions(self) -> list[Subscription]:
+        return [sub for pairs in self._callbacks.values() for _, sub in pairs]
+
+    # -- the callbacks' connection -----------------------------------------------
+
+    async def _working_connection(self) -> AsyncConnection:
+        conn = self.connection
+        if conn.closed or conn.broken:
+            conn = await self._replace_connection()
+        return conn
+
+    async def _replace_connection(self) -> AsyncConnection:
+        old, self._connection = self._connection, await driver.connect_async(self._conninfo)
+        if old is not None:
+            await old.close()
+        return self._connection
+
+    async def _renew_connection(self, gap: object) -> None:
+        """After a reconnect the server may have restarted: the callbacks get a fresh connection."""
+        if self._connection is not None:
+            await self._replace_connection()
 
     # -- iteration -------------------------------------------------------------
 
@@ -160,16 +192,14 @@ class Listener:
         if not self.is_started:
             raise ListenerStartError("Listener.startup() has not been called")
         queue: asyncio.Queue[Notify] = asyncio.Queue(maxsize=self._engine.max_pending)
-        tap = await self._engine.subscribe(None, queue.put)
-        self._engine.resume()
+        tap = await self._engine.subscribe(None, queue.put, paused=False)
         try:
             while True:
                 msg = await queue.get()
-                yield ListenerNotificationMsg(msg.pid, msg.channel, msg.payload, self.connection)
+                connection = await self._working_connection()
+                yield ListenerNotificationMsg(msg.pid, msg.channel, msg.payload, connection)
         finally:
             await self._engine.unsubscribe(tap, timeout=0)
-            if not self._listening:
-                self._engine.pause()
 
 
 class ConnectionPool:

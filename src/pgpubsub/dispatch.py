@@ -10,10 +10,19 @@ once, so the per-message cost is a deque append and the handler call itself.
 * batch handlers receive a list of every message queued since their last call.
 
 A handler that raises is logged (logger ``pgpubsub.dispatch``, with channel,
-handler and pid) and the worker goes on with the next message. When a queue
-holds ``max_pending`` messages the reader stops reading the socket (the server
-keeps further notifications in its queue) until the worker has drained it below
-half: memory stays bounded however slow a handler is.
+handler and pid) and the worker goes on with the next message.
+
+Bounds: :attr:`Subscription.held` counts every message the subscription holds,
+queued or in its handler's hands (a batch being handled). The engine stops
+reading the socket while any subscription holds ``max_pending`` messages and
+resumes once each holds at most half: the server keeps the rest queued.
+
+Pause: a paused subscription keeps its queue (still bounded) and calls no
+handler until it is resumed; a handler call already running finishes.
+
+Re-entrancy: a handler may close its own subscription (directly or through
+any public API that does): the close does not wait for the handler that asked
+for it, and the worker stops once the call returns.
 """
 
 from __future__ import annotations
@@ -29,12 +38,20 @@ from typing import Any
 from .driver import Notify
 from .errors import ConfigurationError
 
-__all__ = ["Handler", "Subscription"]
+__all__ = ["Handler", "Subscription", "in_dispatch_thread"]
 
 log = logging.getLogger("pgpubsub.dispatch")
 
 Handler = Callable[[Notify], Awaitable[Any] | Any]
 BatchHandler = Callable[[list[Notify]], Awaitable[Any] | Any]
+
+_dispatch = threading.local()
+
+
+def in_dispatch_thread() -> Subscription | None:
+    """The subscription whose handler the current thread is running, if any."""
+    sub: Subscription | None = getattr(_dispatch, "sub", None)
+    return sub
 
 
 def handler_name(fn: Callable[..., Any]) -> str:
@@ -53,7 +70,8 @@ class Subscription:
         thread: bool | None = None,
         max_pending: int = 10_000,
         on_drained: Callable[[], None] = lambda: None,
-        paused: Callable[[], bool] = lambda: False,
+        backpressured: Callable[[], bool] = lambda: False,
+        paused: bool = False,
     ):
         self.channel = channel
         self.handler = handler
@@ -68,10 +86,12 @@ class Subscription:
         self.threaded = (not is_async) if thread is None else thread
         self.max_pending = max_pending
         self.queue: deque[Notify] = deque()
+        self.in_hand = 0  # messages of a batch being handled
         self.delivered = 0
         self.errors = 0
+        self.open = not paused  # handlers may be called
         self._on_drained = on_drained
-        self._paused = paused
+        self._backpressured = backpressured
         self._closing = False
         self._event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -81,6 +101,15 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} {handler_name(self.handler)}>"
+
+    @property
+    def held(self) -> int:
+        """Messages this subscription holds: queued, plus a batch in its handler's hands."""
+        return len(self.queue) + self.in_hand
+
+    @property
+    def full(self) -> bool:
+        return len(self.queue) + self.in_hand >= self.max_pending
 
     # -- lifecycle (called on the engine's loop) -------------------------------
 
@@ -99,20 +128,29 @@ class Subscription:
             self._task = loop.create_task(self._run_task(), name=f"pgpubsub:{self.channel}")
 
     async def close(self, timeout: float) -> None:
-        """Finish the queued messages within ``timeout`` seconds, then stop."""
+        """Finish the queued messages within ``timeout`` seconds, then stop.
+
+        Called from this subscription's own handler, it returns at once, and
+        the worker stops when that call returns, dropping what is still queued
+        (the handler asked to be removed).
+        """
         self._closing = True
-        if self._task is not None and self._event is not None:
+        task, thread = self._task, self._thread
+        if task is not None and self._event is not None:
             self._event.set()
+            if task is asyncio.current_task():
+                self.open = False
+                return
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+                await asyncio.wait_for(asyncio.shield(task), timeout)
             except asyncio.TimeoutError:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
-        if self._thread is not None and self._cond is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if thread is not None and self._cond is not None:
             with self._cond:
                 self._cond.notify()
-            await asyncio.to_thread(self._thread.join, timeout)
-            if self._thread.is_alive():
+            await asyncio.to_thread(thread.join, timeout)
+            if thread.is_alive():
                 log.warning("handler %s did not finish within %.1fs", self, timeout)
 
     @property
@@ -120,6 +158,14 @@ class Subscription:
         if self._thread is not None:
             return self._thread.is_alive()
         return self._task is not None and not self._task.done()
+
+    def pause(self) -> None:
+        """Call no handler until :meth:`resume` (queued messages are kept)."""
+        self.open = False
+
+    def resume(self) -> None:
+        self.open = True
+        self.wake()
 
     # -- the reader's side -----------------------------------------------------
 
@@ -129,10 +175,6 @@ class Subscription:
         elif self._cond is not None:
             with self._cond:
                 self._cond.notify()
-
-    @property
-    def full(self) -> bool:
-        return len(self.queue) >= self.max_pending
 
     # -- workers ---------------------------------------------------------------
 
@@ -153,6 +195,11 @@ class Subscription:
             },
         )
 
+    def _done_batch(self) -> None:
+        """After a drained queue: let a backpressured reader go on."""
+        if self._backpressured():
+            self._on_drained()
+
     async def _run_task(self) -> None:
         assert self._event is not None
         queue, handler, event = self.queue, self.handler, self._event
@@ -160,22 +207,24 @@ class Subscription:
         while True:
             await event.wait()
             event.clear()
-            while queue:
+            while queue and self.open:
                 if self.batch:
                     items = list(queue)
                     queue.clear()
+                    self.in_hand = len(items)
                     try:
                         result = handler(items)
                         if inspect.isawaitable(result):
                             await result
                     except Exception as exc:
                         self._failed(exc, items)
+                    self.in_hand = 0
                     self.delivered += len(items)
                     continue
                 # One loop per kind: no per-message type checks on the hot path.
                 count = 0
                 if is_async:
-                    while queue:
+                    while queue and self.open:
                         msg = queue.popleft()
                         count += 1
                         try:
@@ -183,7 +232,7 @@ class Subscription:
                         except Exception as exc:
                             self._failed(exc, [msg])
                 else:
-                    while queue:
+                    while queue and self.open:
                         msg = queue.popleft()
                         count += 1
                         try:
@@ -191,33 +240,39 @@ class Subscription:
                         except Exception as exc:
                             self._failed(exc, [msg])
                 self.delivered += count
-            if self._paused():
-                self._on_drained()
-            if self._closing:
+            self._done_batch()
+            if self._closing and (not queue or not self.open):
                 return
 
     def _run_thread(self) -> None:
         assert self._cond is not None and self._loop is not None
         queue, handler, cond, loop = self.queue, self.handler, self._cond, self._loop
+        _dispatch.sub = self
         while True:
             with cond:
-                while not queue and not self._closing:
+                while not (queue and self.open) and not self._closing:
                     cond.wait()
-            if not queue and self._closing:
+            if self._closing and (not queue or not self.open):
                 return
-            # The reader appends concurrently: take what is there now, one atomic pop each.
-            items = [queue.popleft() for _ in range(len(queue))]
             if self.batch:
+                # The reader appends concurrently: take what is there now, one atomic pop each.
+                items = [queue.popleft() for _ in range(len(queue))]
+                self.in_hand = len(items)
                 try:
                     handler(items)
                 except Exception as exc:
                     self._failed(exc, items)
+                self.in_hand = 0
+                self.delivered += len(items)
             else:
-                for msg in items:
+                count = 0
+                while queue and self.open:
+                    msg = queue.popleft()
+                    count += 1
                     try:
                         handler(msg)
                     except Exception as exc:
                         self._failed(exc, [msg])
-            self.delivered += len(items)
-            if self._paused() and not loop.is_closed():
+                self.delivered += count
+            if self._backpressured() and not loop.is_closed():
                 loop.call_soon_threadsafe(self._on_drained)

@@ -22,7 +22,15 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import ConnectionLost
+from .errors import (
+    ConfigurationError,
+    ConnectionFailed,
+    ConnectionLost,
+    DatabaseError,
+    PermissionDenied,
+    PgPubSubError,
+    SchemaMissing,
+)
 
 __all__ = [
     "DEFAULT_APPLICATION_NAME",
@@ -35,6 +43,8 @@ __all__ = [
     "drain",
     "read_ready",
     "thread_connection",
+    "translate",
+    "worth_waiting",
 ]
 
 DEFAULT_APPLICATION_NAME = "pgpubsub"
@@ -90,21 +100,71 @@ def build_conninfo(conninfo: str = "", /, **kwargs: Any) -> str:
     """
     if "database" in kwargs:
         kwargs["dbname"] = kwargs.pop("database")
+    if kwargs.get("connection_factory") is None:  # psycopg2's default, meaning "the usual"
+        kwargs.pop("connection_factory", None)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if not conninfo and not kwargs:
         conninfo = os.environ.get("PGPUBSUB_DSN", "")
-    params = conninfo_to_dict(make_conninfo(conninfo, **kwargs))
+    try:
+        params = conninfo_to_dict(make_conninfo(conninfo, **kwargs))
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(f"invalid connection settings: {exc}") from exc
     params.setdefault("application_name", DEFAULT_APPLICATION_NAME)
     for key, value in _KEEPALIVES.items():
         params.setdefault(key, value)
     return make_conninfo(**params)  # type: ignore[arg-type]
 
 
+# What a failed connection says when waiting cannot help: the server answered
+# and refused these credentials or this database.
+_PERMANENT = (
+    "password authentication failed",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "permission denied",
+    "invalid connection option",
+    "no password supplied",
+)
+
+
+def worth_waiting(exc: ConnectionFailed) -> bool:
+    """Whether a failed connection may work later (server down or starting), not refused."""
+    text = str(exc.__cause__ or exc).lower()
+    return not any(reason in text for reason in _PERMANENT)
+
+
+def _failed(exc: psycopg.Error) -> PgPubSubError:
+    if isinstance(exc, psycopg.ProgrammingError):
+        return ConfigurationError(f"invalid connection settings: {exc}")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConnectionFailed(f"cannot connect to PostgreSQL: {text}")
+
+
 def connect(conninfo: str, *, autocommit: bool = True) -> Connection:
-    """A sync connection; driver errors become ConnectionLost."""
+    """A sync connection; driver errors become ConnectionFailed (or ConfigurationError)."""
     try:
         return Connection.connect(conninfo, autocommit=autocommit)
-    except psycopg.OperationalError as exc:
-        raise ConnectionLost(f"cannot connect: {exc}") from exc
+    except psycopg.Error as exc:
+        raise _failed(exc) from exc
+
+
+def translate(exc: psycopg.Error, doing: str) -> PgPubSubError:
+    """The pgpubsub error for a driver error met while ``doing`` something.
+
+    The message says what to do: ``pgpubsub migrate`` when the schema is
+    missing, the privilege the server refused when one is.
+    """
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return PermissionDenied(f"{doing}: {text} (see the privileges table in the README)")
+    if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName,
+                        psycopg.errors.UndefinedFunction)) and "pgpubsub" in str(exc):
+        return SchemaMissing(f"{doing}: {text}: the pgpubsub schema is missing or outdated; "
+                             "run `pgpubsub migrate`")
+    if isinstance(exc, psycopg.OperationalError):
+        return ConnectionLost(f"{doing}: connection lost: {text}")
+    return DatabaseError(f"{doing}: {text}")
 
 
 _per_thread = threading.local()
@@ -120,11 +180,11 @@ def thread_connection(conninfo: str) -> Connection:
 
 
 async def connect_async(conninfo: str, *, autocommit: bool = True) -> AsyncConnection:
-    """An async connection; driver errors become ConnectionLost."""
+    """An async connection; driver errors become ConnectionFailed (or ConfigurationError)."""
     try:
         return await AsyncConnection.connect(conninfo, autocommit=autocommit)
-    except psycopg.OperationalError as exc:
-        raise ConnectionLost(f"cannot connect: {exc}") from exc
+    except psycopg.Error as exc:
+        raise _failed(exc) from exc
 
 
 def read_ready(pgconn: pq.abc.PGconn) -> None:

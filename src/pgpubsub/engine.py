@@ -15,7 +15,26 @@ An :class:`Engine` owns a dedicated autocommit connection (tagged with
   itself healthy, and then every gap handler receives a :class:`Gap`, because
   notifications sent while disconnected are gone (durable channels catch up
   by themselves; plain-channel users resynchronise in their gap handler);
+* waits for the server at start as it does after a loss (by default for as
+  long as it takes; ``start_timeout`` bounds it), but fails at once when the
+  server refuses the credentials or the database does not exist;
 * stops within a bounded time, finishing queued messages when it can.
+
+Memory is bounded in every state. No subscription holds more than
+``max_pending`` messages plus what one socket read brings: past that the
+engine stops reading and the server keeps the rest. Commands on the listening
+connection (LISTEN, UNLISTEN, the heartbeat) are sent without blocking and
+their results are read by the same bounded reader, so a command never pulls a
+backlog into memory: it waits for room like everything else. While reading is
+stopped the heartbeat asks the kernel instead (TCP keepalives and the socket's
+state), so a half-open connection is still noticed.
+
+:meth:`Engine.pause` stops handler calls; while every subscription is paused
+the engine stops reading too, and the server keeps the notifications (a
+command run meanwhile reads at most ``max_pending`` per subscription into
+memory). Everything is delivered after :meth:`Engine.resume`, whatever the
+pause's length. A LISTEN asked for while a paused subscription is full waits
+for the resume.
 
 Delivery follows PostgreSQL: a notification is received only after its
 transaction commits, each listener receives each notification once, and one
@@ -27,6 +46,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,7 +60,7 @@ from . import driver
 from .backoff import Backoff
 from .dispatch import Subscription, handler_name
 from .driver import Notify
-from .errors import ConnectionLost, ListenerStateError
+from .errors import ConnectionFailed, ConnectionLost, DatabaseError, ListenerStateError
 from .names import listen_sql, unlisten_sql, validate_channel
 
 __all__ = ["Engine", "Gap", "GapHandler", "Status"]
@@ -47,6 +68,26 @@ __all__ = ["Engine", "Gap", "GapHandler", "Status"]
 log = logging.getLogger("pgpubsub.engine")
 
 DEFAULT_BACKOFF = Backoff()
+
+# tcpi_state values of a connection the peer has closed or reset.
+_TCP_CLOSED_STATES = frozenset({7, 8})  # TCP_CLOSE, TCP_CLOSE_WAIT
+
+
+def socket_trouble(fd: int) -> str | None:
+    """What the kernel knows of a socket we are not reading: an error, or the peer gone."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        return str(exc)
+    with sock:
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            return os.strerror(error)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_INFO"):
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            if state in _TCP_CLOSED_STATES:
+                return "the server closed the connection"
+    return None
 
 
 @dataclass(frozen=True)
@@ -71,10 +112,10 @@ class Status:
     backend_pid: int | None
     reconnects: int
     last_error: str | None
-    pending: int  # messages queued for handlers
+    pending: int  # messages held for handlers (queued or in a handler's hands)
     delivered: int  # messages handed to handlers
     handler_errors: int
-    paused: bool  # reading stopped (backpressure or by request)
+    paused: bool  # handlers paused by request, or reading stopped by backpressure
 
     @property
     def healthy(self) -> bool:
@@ -100,6 +141,7 @@ class Engine:
         heartbeat: float = 10.0,
         command_timeout: float = 10.0,
         max_pending: int = 10_000,
+        start_timeout: float | None = None,
         **conn_kwargs: Any,
     ):
         self.conninfo = driver.build_conninfo(conninfo, **conn_kwargs)
@@ -107,6 +149,7 @@ class Engine:
         self.heartbeat = heartbeat
         self.command_timeout = command_timeout
         self.max_pending = max_pending
+        self.start_timeout = start_timeout
         self._subs: list[Subscription] = []
         self._listened: set[str] = set()  # channels LISTENed without a handler
         self._routes: dict[bytes, _Route] = {}
@@ -115,10 +158,10 @@ class Engine:
         self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "stopped"
-        self._want_read = True
+        self._paused = False
         self._backpressured = False
-        self._in_command = 0
         self._command_lock = asyncio.Lock()
+        self._command_result: asyncio.Future[None] | None = None
         self._lost: asyncio.Future[str] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_read = 0.0
@@ -137,6 +180,10 @@ class Engine:
     def running(self) -> bool:
         return self._state != "stopped"
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def status(self) -> Status:
         return Status(
             state=self._state,
@@ -146,23 +193,27 @@ class Engine:
             else None,
             reconnects=self._reconnects,
             last_error=self._last_error,
-            pending=sum(len(s.queue) for s in self._subs),
+            pending=sum(s.held for s in self._subs),
             delivered=sum(s.delivered for s in self._subs),
             handler_errors=sum(s.errors for s in self._subs),
-            paused=self._fd is not None and not self._reading_wanted(),
+            paused=self._paused or self._backpressured,
         )
 
     async def start(self) -> None:
-        """Connect and LISTEN; raise ConnectionLost if the first connection fails.
+        """Connect and LISTEN, waiting for the server if it is not there yet.
 
-        After a successful start, losses are handled by reconnecting.
+        Waits with the engine's backoff for as long as it takes, or
+        ``start_timeout`` seconds, then raises ConnectionFailed; raises at once
+        when the server refuses the credentials or the database. After a
+        successful start, losses are handled by reconnecting.
         """
         if self.running:
             raise ListenerStateError("engine already started")
         self._loop = asyncio.get_running_loop()
         self._state = "connecting"
+        deadline = None if self.start_timeout is None else time.monotonic() + self.start_timeout
         try:
-            await self._connect()
+            await self._connect_until(deadline, starting=True)
         except BaseException:
             self._state = "stopped"
             raise
@@ -179,9 +230,11 @@ class Engine:
             return
         self._state = "stopped"
         self._set_reader(False)
+        current = asyncio.current_task()
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
         self._tasks = []
         await asyncio.gather(*(s.close(timeout) for s in self._subs))
         await self._close_conn()
@@ -193,12 +246,14 @@ class Engine:
         *,
         batch: bool = False,
         thread: bool | None = None,
+        paused: bool | None = None,
     ) -> Subscription:
         """Call ``handler`` for each notification on ``channel`` (``None``: on every channel).
 
         ``handler`` receives a :class:`~pgpubsub.driver.Notify` (with
         ``batch=True``, a list of them per wake-up). Async handlers run in a
         task, sync handlers in a thread of their own unless ``thread=False``.
+        ``paused`` (default: the engine's state) starts the subscription paused.
         """
         if channel is not None:
             validate_channel(channel)
@@ -209,7 +264,8 @@ class Engine:
             thread=thread,
             max_pending=self.max_pending,
             on_drained=self._on_drained,
-            paused=lambda: self._backpressured,
+            backpressured=lambda: self._backpressured,
+            paused=self._paused if paused is None else paused,
         )
         new_channel = channel is not None and channel not in self.channels
         self._subs.append(sub)
@@ -217,16 +273,22 @@ class Engine:
             assert self._loop is not None
             sub.start(self._loop)
         self._rebuild_routes()
+        self._update_reader()
         if new_channel and channel is not None:
             await self._listen_now([channel])
         return sub
 
     async def unsubscribe(self, sub: Subscription, timeout: float = 5.0) -> None:
-        """Remove a subscription (its queued messages are finished first)."""
+        """Remove a subscription (its queued messages are finished first).
+
+        May be called from the subscription's own handler.
+        """
         if sub not in self._subs:
             return
         self._subs.remove(sub)
         self._rebuild_routes()
+        self._on_drained()  # its queue no longer holds the reader back
+        self._update_reader()
         if self.running:
             await sub.close(timeout)
         if sub.channel is not None and sub.channel not in self.channels:
@@ -249,13 +311,23 @@ class Engine:
         """Call ``handler(gap)`` after each reconnect (sync or async; errors are logged)."""
         self._gap_handlers.append(handler)
 
-    def pause(self) -> None:
-        """Stop reading notifications (the server keeps them queued) until resume()."""
-        self._want_read = False
+    def pause(self, *subs: Subscription) -> None:
+        """Call no handler until resume(); nothing is lost, memory stays bounded.
+
+        With subscriptions, only those; without, all of them and the ones added later.
+        """
+        if not subs:
+            self._paused = True
+        for sub in subs or self._subs:
+            sub.pause()
         self._update_reader()
 
-    def resume(self) -> None:
-        self._want_read = True
+    def resume(self, *subs: Subscription) -> None:
+        """Call handlers again (with subscriptions, only theirs)."""
+        if not subs:
+            self._paused = False
+        for sub in subs or self._subs:
+            sub.resume()
         self._update_reader()
 
     # -- connection ------------------------------------------------------------
@@ -277,9 +349,37 @@ class Engine:
         self._update_reader()
         log.info("listening on %d channel(s), backend pid %s", len(channels), conn.info.backend_pid)
 
+    async def _connect_until(self, deadline: float | None, *, starting: bool) -> int:
+        """Connect, retrying with backoff until ``deadline``; return the attempts it took."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._connect()
+                return attempt
+            except (ConnectionFailed, ConnectionLost) as exc:
+                self._last_error = str(exc)
+                if starting and isinstance(exc, ConnectionFailed):
+                    if not driver.worth_waiting(exc):
+                        raise
+                delay = self.backoff.delay(attempt - 1)
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise ConnectionFailed(
+                        f"{exc} (gave up after {attempt} attempt(s))"
+                    ) from exc.__cause__
+                log.warning(
+                    "%s attempt %d failed: %s; next in %.1fs",
+                    "connection" if starting else "reconnect",
+                    attempt,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
     async def _close_conn(self) -> None:
         self._set_reader(False)
         conn, self._conn = self._conn, None
+        self._fail_command(ConnectionLost("connection closed"))
         if conn is not None:
             try:
                 await asyncio.wait_for(conn.close(), self.command_timeout)
@@ -290,6 +390,7 @@ class Engine:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(why)
         self._set_reader(False)
+        self._fail_command(ConnectionLost(f"connection lost: {why}"))
 
     async def _supervise(self) -> None:
         while True:
@@ -300,24 +401,22 @@ class Engine:
             self._state = "reconnecting"
             log.warning("connection lost (%s); reconnecting", why)
             await self._close_conn()
-            attempt = 0
-            while True:
-                await asyncio.sleep(self.backoff.delay(attempt))
-                attempt += 1
-                try:
-                    await self._connect()
-                    break
-                except ConnectionLost as exc:
-                    self._last_error = str(exc)
-                    log.warning("reconnect attempt %d failed: %s", attempt, exc)
+            await asyncio.sleep(self.backoff.delay(0))
+            attempts = await self._connect_until(None, starting=False)
             self._reconnects += 1
-            self._fire_gap(Gap(lost_at, time.time(), attempt, why))
+            self._fire_gap(Gap(lost_at, time.time(), attempts, why))
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat / 2)
-            idle = time.monotonic() - self._last_read
-            if self._state == "listening" and idle >= self.heartbeat:
+            if self._state != "listening" or self._conn is None:
+                continue
+            if not self._reading_wanted():
+                # A probe would have to read past the bound: ask the kernel instead.
+                trouble = socket_trouble(self._conn.pgconn.socket)
+                if trouble:
+                    self._connection_lost(trouble)
+            elif time.monotonic() - self._last_read >= self.heartbeat:
                 try:
                     await self._command(psycopg.sql.SQL("SELECT 1"))
                 except ConnectionLost:
@@ -339,41 +438,84 @@ class Engine:
         except Exception:
             log.exception("gap handler %s failed", handler_name(handler))
 
-    async def _command(self, query: psycopg.sql.SQL | psycopg.sql.Composed) -> None:
-        """Run one statement on the listening connection, stepping the reader aside."""
+    # -- commands on the listening connection ------------------------------------
+
+    async def _command(self, query: psycopg.sql.Composable) -> None:
+        """Run one statement on the listening connection; its result comes through the reader.
+
+        The command waits while reading is held back (a full queue): only a
+        connection that stays silent while it could be read counts as lost.
+        """
         async with self._command_lock:
             conn = self._conn
             if conn is None or self._state != "listening":
                 return  # LISTEN happens on (re)connect
-            self._in_command += 1
-            self._update_reader()
+            assert self._loop is not None
+            done = self._command_result = self._loop.create_future()
             try:
-                await asyncio.wait_for(conn.execute(query), self.command_timeout)
-                self._last_read = time.monotonic()
-            except (psycopg.OperationalError, asyncio.TimeoutError) as exc:
+                conn.pgconn.send_query(query.as_bytes(conn))
+                while conn.pgconn.flush():
+                    await asyncio.sleep(0.001)
+                self._update_reader()
+                while not done.done():
+                    await asyncio.wait([done], timeout=self.command_timeout)
+                    silent = time.monotonic() - self._last_read >= self.command_timeout
+                    if not done.done() and self._reading_wanted() and silent:
+                        self._connection_lost("no answer within the command timeout")
+                done.result()
+            except psycopg.OperationalError as exc:
                 self._connection_lost(f"{type(exc).__name__}: {exc}")
                 raise ConnectionLost(f"connection lost: {exc}") from exc
             finally:
-                self._in_command -= 1
-                self._update_reader()
+                self._command_result = None
+
+    def _fail_command(self, exc: Exception) -> None:
+        done = self._command_result
+        if done is not None and not done.done():
+            done.set_exception(exc)
+
+    def _collect_result(self, pgconn: Any) -> None:
+        """The pending command's result, once libpq has all of it."""
+        done = self._command_result
+        if done is None or done.done() or pgconn.is_busy():
+            return
+        error = None
+        while (result := pgconn.get_result()) is not None:
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                error = (result.error_message or b"").decode(errors="replace").strip()
+        if error:
+            done.set_exception(DatabaseError(f"the server refused a command: {error}"))
+        else:
+            done.set_result(None)
 
     async def _listen_now(self, channels: list[str]) -> None:
         if channels:
-            await self._command(listen_sql(channels))
+            try:
+                await self._command(listen_sql(channels))
+            except ConnectionLost:
+                pass  # the reconnect LISTENs to every channel
 
     async def _unlisten_now(self, channels: list[str]) -> None:
         if channels:
-            await self._command(unlisten_sql(channels))
+            try:
+                await self._command(unlisten_sql(channels))
+            except ConnectionLost:
+                pass  # the reconnect LISTENs only to the channels still wanted
 
     # -- reading ---------------------------------------------------------------
 
     def _reading_wanted(self) -> bool:
+        # While every handler is paused the server keeps the notifications,
+        # unless a command's result must be read.
         return (
-            self._want_read
-            and not self._backpressured
-            and not self._in_command
+            not self._backpressured
             and self._conn is not None
             and self._state == "listening"
+            and (
+                self._command_result is not None
+                or not self._subs
+                or any(s.open for s in self._subs)
+            )
         )
 
     def _update_reader(self) -> None:
@@ -400,11 +542,19 @@ class Engine:
             routes[channel.encode()] = _Route(channel, subs)
         self._routes = routes
 
+    def _room(self) -> int:
+        """How many notifications every subscription can still take."""
+        return min((s.max_pending - s.held for s in self._subs), default=self.max_pending)
+
     def _on_readable(self) -> None:
         conn = self._conn
         if conn is None:
             return
         pgconn = conn.pgconn
+        room = self._room()
+        if room <= 0:
+            self._after_routing([])
+            return
         try:
             pgconn.consume_input()
         except psycopg.OperationalError as exc:
@@ -414,14 +564,18 @@ class Engine:
             self._connection_lost("the server closed the connection")
             return
         self._last_read = time.monotonic()
+        # Take at most ``room``: the rest stays in libpq (one socket read at most)
+        # and the reader stops until the handlers have made room.
         notifies = pgconn.notifies
-        n = notifies()
-        if n is None:
-            return
         routes = self._routes
         woken: list[Subscription] = []
         new = tuple.__new__  # Notify(...) without the NamedTuple's Python-level __new__
-        while n is not None:
+        while room > 0:
+            n = notifies()
+            if n is None:
+                self._collect_result(pgconn)
+                break
+            room -= 1
             route = routes.get(n.relname)
             if route is not None:
                 msg = new(Notify, (route.channel, n.extra.decode(), n.be_pid))
@@ -430,11 +584,10 @@ class Engine:
                     if not queue:
                         woken.append(sub)
                     queue.append(msg)
-            n = notifies()
         self._after_routing(woken)
 
     def _on_driver_notify(self, n: psycopg.Notify) -> None:
-        # Notifications psycopg received while running one of our commands.
+        # Notifications psycopg received while running the LISTEN of a (re)connect.
         route = self._routes.get(n.channel.encode())
         if route is None:
             return
@@ -449,12 +602,13 @@ class Engine:
             sub.wake()
         for sub in self._subs:
             if sub.full:
+                if not self._backpressured:
+                    log.debug("backpressure: %r holds %d", sub, sub.held)
                 self._backpressured = True
                 self._set_reader(False)
-                log.debug("backpressure: %r has %d queued", sub, len(sub.queue))
                 break
 
     def _on_drained(self) -> None:
-        if self._backpressured and not any(len(s.queue) > s.max_pending // 2 for s in self._subs):
+        if self._backpressured and not any(s.held > s.max_pending // 2 for s in self._subs):
             self._backpressured = False
             self._update_reader()

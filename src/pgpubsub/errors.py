@@ -11,9 +11,15 @@ boundaries in the multi-process worker unchanged::
     │   ├── PayloadTooLarge                          over PostgreSQL's 7999-byte NOTIFY limit
     │   └── SchemaMismatch                           payload does not match the channel's fields
     ├── ChannelNotFound         (also LookupError)  dotted path names no channel
-    ├── ConnectionLost                               the server connection dropped
+    ├── DatabaseConnectionError                      no usable connection to the server
+    │   ├── ConnectionFailed                         a connection could not be opened
+    │   └── ConnectionLost                           an open connection dropped
+    ├── DatabaseError                                the server refused a statement
+    │   ├── SchemaMissing                            pgpubsub's schema is not installed
+    │   └── PermissionDenied                         the role lacks a privilege
     ├── ListenerStateError                          call not valid in the current state
     └── ConfigurationError                          bad settings or arguments
+        └── NoListener                               a channel has no listener in this process
 """
 
 from __future__ import annotations
@@ -21,14 +27,20 @@ from __future__ import annotations
 __all__ = [
     "ChannelNotFound",
     "ConfigurationError",
+    "ConnectionFailed",
     "ConnectionLost",
+    "DatabaseConnectionError",
+    "DatabaseError",
     "InvalidChannelName",
     "ListenerStartError",
     "ListenerStateError",
+    "NoListener",
     "PayloadError",
     "PayloadTooLarge",
+    "PermissionDenied",
     "PgPubSubError",
     "SchemaMismatch",
+    "SchemaMissing",
 ]
 
 
@@ -56,8 +68,28 @@ class ChannelNotFound(PgPubSubError, LookupError):
     """A dotted path or wire name names no known channel."""
 
 
-class ConnectionLost(PgPubSubError):
-    """The connection to the server was lost; the driver error is ``__cause__``."""
+class DatabaseConnectionError(PgPubSubError):
+    """No usable connection to the server; the driver error is ``__cause__``."""
+
+
+class ConnectionFailed(DatabaseConnectionError):
+    """A connection could not be opened (server down, wrong address or credentials)."""
+
+
+class ConnectionLost(DatabaseConnectionError):
+    """An open connection to the server was lost; the driver error is ``__cause__``."""
+
+
+class DatabaseError(PgPubSubError):
+    """The server refused a statement; the driver error is ``__cause__``."""
+
+
+class SchemaMissing(DatabaseError):
+    """pgpubsub's schema is not installed in this database: run ``pgpubsub migrate``."""
+
+
+class PermissionDenied(DatabaseError):
+    """The role lacks a privilege that the call needs (named in the message)."""
 
 
 class ListenerStateError(PgPubSubError):
@@ -70,3 +102,7 @@ ListenerStartError = ListenerStateError
 
 class ConfigurationError(PgPubSubError):
     """Settings or arguments that cannot work."""
+
+
+class NoListener(ConfigurationError):
+    """A durable channel's messages were to be processed with no listener to run them."""

@@ -25,7 +25,10 @@ class LoopThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
         """Run ``coro`` on the loop and wait for its result (at most ``timeout`` seconds)."""
@@ -34,13 +37,12 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the loop and join the thread."""
+        """Stop the loop and join the thread (from the loop itself: stop it, and return)."""
         if self.loop.is_closed():
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self.loop.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:

@@ -18,23 +18,35 @@ notifier when a channel becomes active, as pgnotifier's autorun does); with
 ``autorun=False`` they wait for ``restart()`` (or ``stop()`` and ``start()``),
 as pgnotifier documents.
 
+``channels()`` and ``subscribers()`` return pgnotifier's shapes::
+
+    {channel: {"mute": bool, "active": bool, "subscribers": {id: {"mute": bool, "fn": fn}}}}
+    {id: {"fn": fn, "channels": {channel: {"active": bool, "mute": bool, "sub_mute": bool}}}}
+
+(``mute`` of the channel, ``sub_mute`` of the subscriber on it). An empty
+list of channels, like none, means every channel; a muted subscriber that
+subscribes again stays muted.
+
 Unlike pgnotifier: a callback that raises is logged and the others still run;
 a payload that parses as nothing is passed as text; ``unsubscribe`` from one
 channel leaves the subscriber's other channels working; a dropped connection
 is reconnected; ``is_running()`` is true only while the notifier really
-listens; ``stop()`` leaves no thread behind; and the threads are daemons, so
-the interpreter exits without an explicit ``stop()``.
+listens; ``stop()`` leaves no thread behind; the threads are daemons, so
+the interpreter exits without an explicit ``stop()``; and a callback may call
+any method of its notifier (mute, unsubscribe, stop): such a call returns at
+once and takes effect right after.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dispatch import Subscription, handler_name
+from .dispatch import Subscription, handler_name, in_dispatch_thread
 from .driver import Notify
 from .engine import Engine, GapHandler
 from .loopthread import LoopThread
@@ -44,6 +56,11 @@ from .values import parse_value
 __all__ = ["Notifier"]
 
 log = logging.getLogger("pgpubsub.notifier")
+
+
+def _log_failure(done: Any) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("notifier change failed: %r", done.exception(), exc_info=done.exception())
 
 SubscriberFn = Callable[[Hashable, str, Any, int], Any]
 Channels = str | Iterable[str] | None
@@ -66,11 +83,12 @@ class _Channel:
 
 
 def _as_list(channels: Channels) -> list[str] | None:
+    """The channels named; None for all (nothing given, or an empty list, as pgnotifier)."""
     if channels is None:
         return None
     if isinstance(channels, str):
         return [channels]
-    return list(channels)
+    return list(channels) or None
 
 
 class Notifier:
@@ -84,6 +102,7 @@ class Notifier:
         self._loop: LoopThread | None = None
         self._engine: Engine | None = None
         self._subs: dict[str, Subscription] = {}
+        self._changing = asyncio.Lock()  # used on the notifier's loop only
         # What dispatch reads, without a lock: rebuilt whole on every change.
         self._targets: dict[str, tuple[tuple[Hashable, SubscriberFn], ...]] = {}
         self._gap_handlers: list[GapHandler] = []
@@ -105,14 +124,14 @@ class Notifier:
         self._apply(listen=autorun)
 
     def channels(self) -> dict[str, dict[str, Any]]:
-        """``{channel: {"muted": bool, "active": bool, "subscribers": {id: {"fn", "muted"}}}}``."""
+        """``{channel: {"mute": bool, "active": bool, "subscribers": {id: {"mute", "fn"}}}}``."""
         with self._lock:
             return {
                 name: {
-                    "muted": ch.muted,
+                    "mute": ch.muted,
                     "active": ch.active,
                     "subscribers": {
-                        sid: {"fn": s.fn, "muted": s.muted} for sid, s in ch.subscribers.items()
+                        sid: {"mute": s.muted, "fn": s.fn} for sid, s in ch.subscribers.items()
                     },
                 }
                 for name, ch in self._channels.items()
@@ -125,7 +144,8 @@ class Notifier:
         hash(id)
         with self._lock:
             ch = self._channels.setdefault(validate_channel(channel), _Channel())
-            ch.subscribers[id] = _Subscriber(fn)
+            previous = ch.subscribers.get(id)
+            ch.subscribers[id] = _Subscriber(fn, muted=previous is not None and previous.muted)
         self._apply(listen=autorun)
 
     def unsubscribe(self, id: Hashable, channel: str, autorun: bool = True) -> None:
@@ -136,13 +156,19 @@ class Notifier:
                 ch.subscribers.pop(id, None)
         self._apply(listen=autorun)
 
-    def subscribers(self) -> dict[Hashable, dict[str, dict[str, Any]]]:
-        """``{id: {channel: {"fn", "muted"}}}``."""
+    def subscribers(self) -> dict[Hashable, dict[str, Any]]:
+        """``{id: {"fn": fn, "channels": {channel: {"active", "mute", "sub_mute"}}}}``."""
         with self._lock:
-            out: dict[Hashable, dict[str, dict[str, Any]]] = {}
+            out: dict[Hashable, dict[str, Any]] = {}
             for name, ch in self._channels.items():
                 for sid, s in ch.subscribers.items():
-                    out.setdefault(sid, {})[name] = {"fn": s.fn, "muted": s.muted}
+                    entry = out.setdefault(sid, {"fn": s.fn, "channels": {}})
+                    entry["fn"] = s.fn  # the latest subscription's
+                    entry["channels"][name] = {
+                        "active": ch.active,
+                        "mute": ch.muted,
+                        "sub_mute": s.muted,
+                    }
             return out
 
     # -- muting ----------------------------------------------------------------
@@ -216,7 +242,7 @@ class Notifier:
             for handler in self._gap_handlers:
                 engine.add_gap_handler(handler)
             try:
-                loop.run(engine.start())
+                loop.run(engine.start(), timeout=None)  # waits for the server (start_timeout)
             except BaseException:
                 loop.close()
                 raise
@@ -224,16 +250,24 @@ class Notifier:
         self._apply()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop listening and end the notifier's threads (no-op if not running)."""
+        """Stop listening and end the notifier's threads (no-op if not running).
+
+        From inside a callback it returns at once; the threads end right after.
+        """
         with self._lock:
             loop, engine = self._loop, self._engine
             self._loop = self._engine = None
             self._subs = {}
-        if loop is not None and engine is not None:
-            try:
-                loop.run(engine.stop(timeout), timeout=timeout + 5)
-            finally:
-                loop.close()
+        if loop is None or engine is None:
+            return
+        if in_dispatch_thread() is not None:
+            done = asyncio.run_coroutine_threadsafe(engine.stop(timeout), loop.loop)
+            done.add_done_callback(lambda _: loop.close())
+            return
+        try:
+            loop.run(engine.stop(timeout), timeout=timeout + 5)
+        finally:
+            loop.close()
 
     def restart(self) -> None:
         """Stop and start again, applying every pending change."""
@@ -278,11 +312,24 @@ class Notifier:
                     self.start()  # autorun: the listener thread starts when needed
                 return
             active = {name for name, ch in self._channels.items() if ch.active}
+        change = self._listen_to(engine, active)
+        if in_dispatch_thread() is not None:
+            # A callback changing its own notifier: its subscription's thread
+            # must return before that subscription can close, so do not wait.
+            asyncio.run_coroutine_threadsafe(change, loop.loop).add_done_callback(_log_failure)
+        else:
+            loop.run(change)
+
+    async def _listen_to(self, engine: Engine, active: set[str]) -> None:
+        """Subscribe to the ``active`` channels, and only to them (on the notifier's loop)."""
+        async with self._changing:  # one change at a time, each to the state it was given
+            if engine is not self._engine:
+                return  # stopped since
             for name in sorted(set(self._subs) - active):
-                loop.run(engine.unsubscribe(self._subs.pop(name)))
+                await engine.unsubscribe(self._subs.pop(name))
             for name in sorted(active - set(self._subs)):
-                self._subs[name] = loop.run(
-                    engine.subscribe(name, self._dispatcher(name), batch=True, thread=True)
+                self._subs[name] = await engine.subscribe(
+                    name, self._dispatcher(name), batch=True, thread=True
                 )
 
     def _dispatcher(self, channel: str) -> Callable[[list[Notify]], None]:

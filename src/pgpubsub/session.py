@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from . import driver
-from .errors import ConnectionLost
+from .errors import DatabaseConnectionError
 
 __all__ = ["PsycopgSession", "Session"]
 
@@ -89,7 +89,7 @@ class PsycopgSession(Session):
         return isinstance(exc, psycopg.Error)
 
     def broken(self, exc: BaseException) -> bool:
-        return isinstance(exc, psycopg.OperationalError | ConnectionLost)
+        return isinstance(exc, psycopg.OperationalError | DatabaseConnectionError)
 
     def close(self) -> None:
         if self.conn is not None:
