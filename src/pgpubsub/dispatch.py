@@ -127,18 +127,20 @@ class Subscription:
             self._event = asyncio.Event()
             self._task = loop.create_task(self._run_task(), name=f"pgpubsub:{self.channel}")
 
-    async def close(self, timeout: float) -> None:
+    async def close(self, timeout: float, caller: asyncio.Task[Any] | None = None) -> None:
         """Finish the queued messages within ``timeout`` seconds, then stop.
 
         Called from this subscription's own handler, it returns at once, and
         the worker stops when that call returns, dropping what is still queued
-        (the handler asked to be removed).
+        (the handler asked to be removed). ``caller``: the task asking, when
+        this runs in a task of its own (default: the current task).
         """
+        caller = caller or asyncio.current_task()
         self._closing = True
         task, thread = self._task, self._thread
         if task is not None and self._event is not None:
             self._event.set()
-            if task is asyncio.current_task():
+            if task is caller:
                 self.open = False
                 return
             try:

@@ -236,7 +236,7 @@ class Engine:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
         self._tasks = []
-        await asyncio.gather(*(s.close(timeout) for s in self._subs))
+        await asyncio.gather(*(s.close(timeout, caller=current) for s in self._subs))
         await self._close_conn()
 
     async def subscribe(

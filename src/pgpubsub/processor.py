@@ -59,6 +59,11 @@ EXPIRE_SQL = (
     "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
     "AND completed_at < now() - make_interval(secs => %s)"
 )
+# Seconds until the channel's earliest pending message is due (None: none pending).
+NEXT_DUE_SQL = (
+    "SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now()) "
+    "FROM pgpubsub.message WHERE channel = %s AND status = 'pending'"
+)
 RETRY_SQL = (
     "UPDATE pgpubsub.message SET last_error = %s, "
     "run_at = now() + make_interval(secs => %s), "
@@ -144,17 +149,26 @@ class ChannelProcessor:
                 self.session.execute(EXPIRE_SQL, (self.spec.name, self.retention))
         return self.processed - before
 
+    def _next_due(self) -> float:
+        """Seconds to sleep: until the earliest retry or delayed message is due, or a poll."""
+        with self.session.atomic():
+            rows = self.session.execute(NEXT_DUE_SQL, (self.spec.name,))
+        due = rows[0][0] if rows else None
+        return self.poll_interval if due is None else min(self.poll_interval, max(0.0, due))
+
     def _run(self) -> None:
         while not self.stopping.is_set():
+            wait = self.poll_interval
             try:
                 self.drain_once()
+                wait = self._next_due()
             except Exception as exc:
                 if not self.session.broken(exc):
                     log.exception("durable channel %s: unexpected error", self.spec.name)
                 else:
                     log.warning("durable channel %s: connection problem: %s", self.spec.name, exc)
                 self.session.close()
-            self.wake.wait(self.poll_interval)
+            self.wake.wait(wait)
             self.wake.clear()
         self.session.close()
         if self._loop is not None:
