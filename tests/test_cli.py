@@ -116,13 +116,26 @@ def test_killed_child_is_restarted_within_2s(effects: str) -> None:
     assert run.proc.wait(20) == 0
 
 
-def test_module_failing_at_import_gives_bounded_restarts_then_clear_exit(dsn: str) -> None:
-    run = Listen(dsn, "app.broken")
-    code = run.proc.wait(60)
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["app.broken"], "cannot import 'app.broken': ImportError: this module is broken on purpose"),
+        (["no_such_module_here"], "cannot import 'no_such_module_here'"),
+        (["app.listeners", "--channels", "app.channels.Nope"], "app.channels.Nope"),
+        (["app.listeners", "--channels", "app.durable_listeners"], "app.durable_listeners"),
+    ],
+)
+def test_configuration_errors_end_listen_at_once_in_one_line(
+    dsn: str, args: list[str], says: str
+) -> None:
+    started = time.monotonic()
+    run = Listen(dsn, *args, "--processes", "2")
+    code = run.proc.wait(30)
     out = run.output()
-    assert code != 0
-    assert out.count("ImportError: this module is broken on purpose") == 5
-    assert "giving up" in out
+    assert code == 2, out
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in out and "started worker" not in out
+    assert out.strip().count("\n") == 0 and says in out, out
 
 
 def test_sigterm_with_handler_in_flight_finishes_it(effects: str) -> None:

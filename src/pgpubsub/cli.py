@@ -5,6 +5,13 @@ imports the listener modules, then runs workers under the supervisor
 (:mod:`pgpubsub.supervisor`). ``pgpubsub migrate [modules]`` installs the schema
 and the triggers of trigger channels; ``pgpubsub messages list|show|replay|purge``
 operates on stored messages. ``--dsn`` defaults to ``$PGPUBSUB_DSN``.
+
+Expected failures end with one line on stderr and an exit code per kind:
+2 usage or configuration (a module that does not import, an unknown channel,
+a channel with no listener), 3 database unreachable, 4 schema missing, 5
+permission denied, 1 anything else. ``listen`` checks its configuration in
+the supervisor before any worker starts, and waits for a database that is
+down (workers wait too, however long the outage).
 """
 
 from __future__ import annotations
@@ -74,14 +81,32 @@ def serve(make_worker: Callable[[], Any]) -> int:
     return 0
 
 
+def import_modules(modules: list[str]) -> None:
+    """Import the user's modules; one that fails is a ConfigurationError naming it."""
+    from .errors import ConfigurationError
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"cannot import {module!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def load_channels(args: argparse.Namespace) -> list[Any]:
+    """Import the listener modules and select the channels to run (configuration errors raise)."""
+    from .listen import registry
+
+    import_modules(args.modules)
+    return registry.select(args.channels)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """One worker process: import the listener modules, then :func:`serve`."""
-    from .listen import registry
     from .worker import Worker
 
-    for module in args.modules:
-        importlib.import_module(module)
-    channels = registry.select(args.channels)
+    channels = load_channels(args)
     return serve(lambda: Worker(args.dsn, channels=channels, recover=args.recover))
 
 
@@ -90,6 +115,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         return run_worker(args)
     from .supervisor import Supervisor
 
+    load_channels(args)  # configuration errors end the command here, before any child
     argv = [sys.executable, "-m", "pgpubsub", *args.argv, "--worker"]
     return Supervisor(argv, args.processes, grace=args.grace).run()
 
@@ -106,8 +132,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from .triggers import install_triggers
 
     migrate(args.dsn)
-    for module in args.modules:
-        importlib.import_module(module)
+    import_modules(args.modules)
     with driver.connect(driver.build_conninfo(args.dsn), autocommit=False) as conn:
         installed = install_triggers(conn)
     print(f"pgpubsub schema is up to date; {installed} trigger(s) installed")
@@ -205,8 +230,31 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.command == "listen" and args.processes < 1:
         parser().error("--processes must be at least 1")
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        print(f"pgpubsub {args.command}: error: {exc}", file=sys.stderr)
+        return code
     return result
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The documented exit code of an expected failure; None for a bug (traceback)."""
+    from . import errors
+
+    codes: list[tuple[type[BaseException], int]] = [
+        (errors.ConfigurationError, 2),
+        (errors.ChannelNotFound, 2),
+        (errors.InvalidChannelName, 2),
+        (errors.DatabaseConnectionError, 3),
+        (errors.SchemaMissing, 4),
+        (errors.PermissionDenied, 5),
+        (errors.PgPubSubError, 1),
+    ]
+    return next((code for cls, code in codes if isinstance(exc, cls)), None)
 
 
 if __name__ == "__main__":

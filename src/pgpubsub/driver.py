@@ -158,10 +158,17 @@ def translate(exc: psycopg.Error, doing: str) -> PgPubSubError:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return PermissionDenied(f"{doing}: {text} (see the privileges table in the README)")
-    if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName,
-                        psycopg.errors.UndefinedFunction)) and "pgpubsub" in str(exc):
-        return SchemaMissing(f"{doing}: {text}: the pgpubsub schema is missing or outdated; "
-                             "run `pgpubsub migrate`")
+    if isinstance(
+        exc,
+        (
+            psycopg.errors.UndefinedTable,
+            psycopg.errors.InvalidSchemaName,
+            psycopg.errors.UndefinedFunction,
+        ),
+    ) and "pgpubsub" in str(exc):
+        return SchemaMissing(
+            f"{doing}: {text}: the pgpubsub schema is missing or outdated; run `pgpubsub migrate`"
+        )
     if isinstance(exc, psycopg.OperationalError):
         return ConnectionLost(f"{doing}: connection lost: {text}")
     return DatabaseError(f"{doing}: {text}")

@@ -62,6 +62,7 @@ def _log_failure(done: Any) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("notifier change failed: %r", done.exception(), exc_info=done.exception())
 
+
 SubscriberFn = Callable[[Hashable, str, Any, int], Any]
 Channels = str | Iterable[str] | None
 

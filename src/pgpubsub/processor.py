@@ -70,6 +70,9 @@ RETRY_SQL = (
     "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END WHERE id = %s"
 )
 
+#: Waits between attempts while the database is unavailable.
+RECONNECT = Backoff(base=0.5, factor=2, cap=10)
+
 #: The claim transaction's connection, while listeners run (``durable.connection()``).
 current_connection: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "pgpubsub_durable_connection"
@@ -157,16 +160,24 @@ class ChannelProcessor:
         return self.poll_interval if due is None else min(self.poll_interval, max(0.0, due))
 
     def _run(self) -> None:
+        failures = 0  # in a row: the wait grows, so an outage is not a log storm
         while not self.stopping.is_set():
-            wait = self.poll_interval
             try:
                 self.drain_once()
                 wait = self._next_due()
+                failures = 0
             except Exception as exc:
+                wait = RECONNECT.delay(failures)
+                failures += 1
                 if not self.session.broken(exc):
                     log.exception("durable channel %s: unexpected error", self.spec.name)
                 else:
-                    log.warning("durable channel %s: connection problem: %s", self.spec.name, exc)
+                    log.warning(
+                        "durable channel %s: database unavailable (%s); trying again in %.1fs",
+                        self.spec.name,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
+                        wait,
+                    )
                 self.session.close()
             self.wake.wait(wait)
             self.wake.clear()
