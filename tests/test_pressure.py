@@ -325,3 +325,44 @@ def test_durable_retry_runs_when_due_not_at_the_next_poll(dsn: str) -> None:
         run.stop()
     # Retried "in 0.2 s": well before the next 1 s poll.
     assert attempts[1] - attempts[0] < 0.7, attempts[1] - attempts[0]
+
+
+@pytest.mark.chaos
+def test_listener_connection_works_again_after_a_server_restart() -> None:
+    from pgpubsub import Backoff
+    from pgpubsub.embedded import EmbeddedServer
+
+    async def main(server: EmbeddedServer) -> None:
+        listener = Listener(server.conninfo, backoff=Backoff(base=0.1, cap=0.5))
+        answers: list[int] = []
+        got = asyncio.Event()
+
+        async def query(connection: Any, payload: str, channel: str, pid: int) -> None:
+            cur = await connection.execute("SELECT %s::int", (int(payload),))
+            answers.append((await cur.fetchone())[0])
+            got.set()
+
+        await listener.add_callback("q", query)
+        await listener.startup()
+        listener.listen()
+        try:
+            await asyncio.to_thread(backlog, server.conninfo, "q", 1)
+            await asyncio.wait_for(got.wait(), 5)
+            await asyncio.to_thread(server.restart)
+            deadline = time.monotonic() + 15
+            while not listener.is_listening:
+                assert time.monotonic() < deadline, listener.status()
+                await asyncio.sleep(0.05)
+            assert listener.is_started and listener.status().healthy
+            got.clear()
+            with psycopg.connect(server.conninfo, autocommit=True) as conn:
+                conn.execute("SELECT pg_notify('q', '41')")
+            await asyncio.wait_for(got.wait(), 5)
+            assert answers == [0, 41]
+            cur = await listener.connection.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+        finally:
+            await listener.shutdown()
+
+    with EmbeddedServer() as server:
+        asyncio.run(main(server))

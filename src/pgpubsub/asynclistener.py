@@ -71,7 +71,7 @@ class Listener:
         self._callbacks: dict[str, list[tuple[Callback, Subscription]]] = {}
         self._connection: AsyncConnection | None = None
         self._listening = False
-        self._engine.add_gap_handler(self._renew_connection)
+        self._connection_reconnects = 0  # the engine's reconnects when it was made
 
     # -- attributes ------------------------------------------------------------
 
@@ -131,6 +131,7 @@ class Listener:
         if self._connection is not None:
             raise ListenerStartError("Listener already started; call shutdown() first")
         self._connection = await driver.connect_async(self._conninfo)
+        self._connection_reconnects = self._engine.reconnects
         try:
             await self._engine.start()
         except BaseException:
@@ -166,21 +167,19 @@ class Listener:
     # -- the callbacks' connection -----------------------------------------------
 
     async def _working_connection(self) -> AsyncConnection:
+        """The callbacks' connection; a new one if it broke or the engine reconnected since.
+
+        After a reconnect the server may have restarted, and a connection
+        that was idle does not know it yet.
+        """
         conn = self.connection
-        if conn.closed or conn.broken:
-            conn = await self._replace_connection()
+        if conn.closed or conn.broken or self._connection_reconnects != self._engine.reconnects:
+            reconnects = self._engine.reconnects
+            self._connection = await driver.connect_async(self._conninfo)
+            self._connection_reconnects = reconnects
+            await conn.close()
+            conn = self._connection
         return conn
-
-    async def _replace_connection(self) -> AsyncConnection:
-        old, self._connection = self._connection, await driver.connect_async(self._conninfo)
-        if old is not None:
-            await old.close()
-        return self._connection
-
-    async def _renew_connection(self, gap: object) -> None:
-        """After a reconnect the server may have restarted: the callbacks get a fresh connection."""
-        if self._connection is not None:
-            await self._replace_connection()
 
     # -- iteration -------------------------------------------------------------
 

@@ -184,6 +184,11 @@ class Engine:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was lost and made again."""
+        return self._reconnects
+
     def status(self) -> Status:
         return Status(
             state=self._state,
