@@ -53,6 +53,11 @@ class Slow:
         self.while_paused += self.paused
         time.sleep(0.01)
 
+    async def wait(self, *args: Any) -> None:
+        self.calls += 1
+        self.while_paused += self.paused
+        await asyncio.sleep(0.01)
+
 
 def measure(name: str, status: Any, pause: Any, resume: Any, slow: Slow, hold: float) -> None:
     base = rss_mb()
@@ -84,10 +89,7 @@ def run_engine(dsn: str, mode: str, args: argparse.Namespace) -> None:
     loop = LoopThread()
     engine = Engine(dsn, max_pending=args.bound, heartbeat=1.0)
 
-    async def on_async(msg: Any) -> None:
-        slow()
-
-    handler = {"async": on_async, "thread": slow, "batch": lambda ms: [slow(m) for m in ms]}
+    handler = {"async": slow.wait, "thread": slow, "batch": lambda ms: [slow(m) for m in ms]}
     loop.run(engine.subscribe("bp", handler[mode], batch=mode == "batch"))
     loop.run(engine.start())
     backlog(dsn, "bp", args.backlog)
@@ -129,7 +131,7 @@ def run_listener(dsn: str, args: argparse.Namespace) -> None:
 
     async def main() -> None:
         listener = Listener(dsn, max_pending=args.bound, heartbeat=1.0)
-        await listener.add_callback("bp", slow)
+        await listener.add_callback("bp", slow.wait)
         await listener.startup()
         listener.listen()
         await asyncio.to_thread(backlog, dsn, "bp", args.backlog)
@@ -189,7 +191,10 @@ def main() -> None:
         server = EmbeddedServer().start()
         dsn = server.conninfo
     try:
-        print(f"backlog {args.backlog:,}, 10 ms handler, hold {args.hold:.0f} s, bound {args.bound:,}")
+        print(
+            f"backlog {args.backlog:,}, 10 ms handler, hold {args.hold:.0f} s, "
+            f"bound {args.bound:,}"
+        )
         for mode in ("async", "thread", "batch"):
             run_engine(dsn, mode, args)
         run_notifier(dsn, args)

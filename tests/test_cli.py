@@ -119,7 +119,10 @@ def test_killed_child_is_restarted_within_2s(effects: str) -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["app.broken"], "cannot import 'app.broken': ImportError: this module is broken on purpose"),
+        (
+            ["app.broken"],
+            "cannot import 'app.broken': ImportError: this module is broken on purpose",
+        ),
         (["no_such_module_here"], "cannot import 'no_such_module_here'"),
         (["app.listeners", "--channels", "app.channels.Nope"], "app.channels.Nope"),
         (["app.listeners", "--channels", "app.durable_listeners"], "app.durable_listeners"),

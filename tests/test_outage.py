@@ -46,8 +46,10 @@ def test_listen_started_during_an_outage_waits_and_then_processes_everything() -
             assert alive(first[1])
             server.start()
             wait_until(
-                lambda: admin_query(dsn, "SELECT count(DISTINCT n), count(*) FROM effects")
-                == [(1000, 1000)],
+                lambda: (
+                    admin_query(dsn, "SELECT count(DISTINCT n), count(*) FROM effects")
+                    == [(1000, 1000)]
+                ),
                 timeout=60,
                 interval=0.2,
             )

@@ -144,12 +144,14 @@ async def _durable(dsn: str, total: int) -> int:
     with psycopg.connect(dsn) as conn:
         notify_many(Order, [{"order_id": i} for i in range(total)], conn=conn)
     name = spec_of(Order).name
-    dead_query = "SELECT count(*) FROM pgpubsub.message WHERE channel = %s AND status = 'dead'"
+    dead_query = (
+        "SELECT pg_catalog.count(*) FROM pgpubsub.message WHERE channel = %s AND status = 'dead'"
+    )
     started = time.perf_counter()
     shipped = dead = 0
     while time.perf_counter() - started < 60 and (shipped < total - 1 or not dead):
         await asyncio.sleep(0.1)
-        shipped = _count(dsn, "SELECT count(*) FROM pgpubsub_demo_shipments")
+        shipped = _count(dsn, "SELECT pg_catalog.count(*) FROM pgpubsub_demo_shipments")
         dead = _count(dsn, dead_query, name)
         sys.stdout.write(
             f"\r[{_bar(shipped, total - 1)}] {shipped:>7,}/{total - 1:,} shipped"
@@ -159,8 +161,10 @@ async def _durable(dsn: str, total: int) -> int:
     for w in workers:
         await w.stop()
     print()
-    once = _count(dsn, "SELECT count(DISTINCT order_id) FROM pgpubsub_demo_shipments")
-    by_workers = _count(dsn, "SELECT count(DISTINCT worker) FROM pgpubsub_demo_shipments")
+    once = _count(dsn, "SELECT pg_catalog.count(DISTINCT order_id) FROM pgpubsub_demo_shipments")
+    by_workers = _count(
+        dsn, "SELECT pg_catalog.count(DISTINCT worker) FROM pgpubsub_demo_shipments"
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:
         dead_rows = messages.list_messages(conn, "dead", channel=name)
         last = (dead_rows[0].last_error or "").strip().splitlines()[-1] if dead_rows else ""

@@ -21,7 +21,7 @@ __all__ = ["register_triggers"]
 
 _ROW_BODY = """
 PERFORM pgpubsub.notify_row(
-    {channel}, {durable}, TG_OP, TG_WHEN, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+    {channel}, {durable}, TG_OP, TG_WHEN, pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME),
     CASE WHEN TG_OP <> 'INSERT' THEN pg_catalog.to_jsonb(OLD) END,
     CASE WHEN TG_OP <> 'DELETE' THEN pg_catalog.to_jsonb(NEW) END
 );
@@ -35,7 +35,7 @@ RETURN NEW;
 _STATEMENT_BODY = """
 PERFORM pgpubsub.send_events({channel}, {durable}, ARRAY(
     SELECT pgpubsub.event(
-        TG_OP, TG_WHEN, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, {old}, {new}
+        TG_OP, TG_WHEN, pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME), {old}, {new}
     ) FROM {rows} r
 ));
 RETURN NULL;

@@ -61,8 +61,9 @@ __all__ = [
 # Payloads travel as one text of JSON lines (see notify.NOTIFY_MANY_SQL).
 STORE_SQL = (
     "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload) "
-    "SELECT %s, x FROM unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x RETURNING id) "
-    "SELECT array_agg(id ORDER BY id), pg_catalog.pg_notify(%s, '') FROM ins"
+    "SELECT %s, x FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x "
+    "RETURNING id) "
+    "SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.pg_notify(%s, '') FROM ins"
 )
 
 
@@ -87,7 +88,9 @@ def schema_sql() -> str:
 def migrate(dsn: str = "") -> None:
     """Install or upgrade the pgpubsub schema (idempotent)."""
     with driver.connect(driver.build_conninfo(dsn), autocommit=False) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgpubsub.migrate'))")
+        conn.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgpubsub.migrate'))"
+        )
         conn.execute(schema_sql().encode())
 
 

@@ -92,9 +92,11 @@ def replay(
     rows = _rows(
         conn,
         "WITH r AS (UPDATE pgpubsub.message SET status = 'pending', attempts = 0, "
-        "run_at = now() WHERE status = ANY(%s) AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
+        "run_at = pg_catalog.now() WHERE status = ANY(%s) "
+        "AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
         "AND (%s::text IS NULL OR channel = %s) RETURNING channel) "
-        "SELECT channel, count(*), pg_catalog.pg_notify(channel, '') FROM r GROUP BY channel",
+        "SELECT channel, pg_catalog.count(*), pg_catalog.pg_notify(channel, '') "
+        "FROM r GROUP BY channel",
         (statuses, ids, ids, channel, channel),
     )
     return sum(int(r[1]) for r in rows)
@@ -112,7 +114,8 @@ def purge(
         cur.execute(
             "DELETE FROM pgpubsub.message WHERE status = %s "
             "AND (%s::text IS NULL OR channel = %s) "
-            "AND (%s::float8 IS NULL OR created_at < now() - make_interval(secs => %s)) "
+            "AND (%s::float8 IS NULL OR "
+            "created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)) "
             "AND (%s::bigint[] IS NULL OR id = ANY(%s))",
             (_status(status), channel, channel, older_than, older_than, ids, ids),
         )

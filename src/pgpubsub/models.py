@@ -7,6 +7,7 @@ applies); the migration runs that file, so the model is unmanaged.
 from __future__ import annotations
 
 from django.db import models
+from django.utils import timezone
 
 STATUS_CHOICES = [
     ("pending", "pending"),
@@ -22,10 +23,12 @@ class Notification(models.Model):
     payload = models.TextField()
     status = models.TextField(choices=STATUS_CHOICES, default="pending")
     attempts = models.IntegerField(default=0)
-    run_at = models.DateTimeField()
+    # The table's defaults, at the model level too: Notification.objects.create()
+    # sends every column, so a missing default would be an explicit NULL.
+    run_at = models.DateTimeField(default=timezone.now)
     last_error = models.TextField(null=True)
     context = models.JSONField(null=True)
-    created_at = models.DateTimeField()
+    created_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True)
 
     class Meta:

@@ -33,8 +33,8 @@ __all__ = ["anotify", "notify", "notify_many"]
 # a binary array parameter, and unlike a text-format array (where each JSON
 # payload is quoted and escaped, ~10 µs each) the same for every driver.
 NOTIFY_MANY_SQL = (
-    "SELECT count(pg_catalog.pg_notify(%s, x)) "
-    "FROM unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x"
+    "SELECT pg_catalog.count(pg_catalog.pg_notify(%s, x)) "
+    "FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x"
 )
 
 

@@ -35,16 +35,17 @@ log = logging.getLogger("pgpubsub.durable")
 CLAIM_SQL = """
 WITH due AS (
     SELECT id FROM pgpubsub.message
-    WHERE channel = %(channel)s AND status = 'pending' AND run_at <= now()
+    WHERE channel = %(channel)s AND status = 'pending' AND run_at <= pg_catalog.now()
     ORDER BY run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 )
 UPDATE pgpubsub.message m SET
     attempts = m.attempts + 1,
-    run_at = now() + make_interval(
-        secs => least(%(cap)s, %(base)s * power(%(factor)s, m.attempts))),
+    run_at = pg_catalog.now() + pg_catalog.make_interval(
+        secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, m.attempts))),
     status = CASE WHEN m.attempts >= %(max)s THEN 'dead' ELSE 'pending' END,
     last_error = CASE WHEN m.attempts >= %(max)s
-        THEN 'the process handling it stopped before it completed, ' || m.attempts || ' times'
+        THEN pg_catalog.format(
+            'the process handling it stopped before it completed, %%s times', m.attempts)
         ELSE m.last_error END
 FROM due WHERE m.id = due.id
 RETURNING m.id, m.payload, m.attempts, m.status
@@ -52,12 +53,12 @@ RETURNING m.id, m.payload, m.attempts, m.status
 LOCK_SQL = "SELECT id, attempts FROM pgpubsub.message WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED"
 DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
 KEEP_SQL = (
-    "UPDATE pgpubsub.message SET status = 'done', completed_at = now(), last_error = NULL "
-    "WHERE id = ANY(%s)"
+    "UPDATE pgpubsub.message SET status = 'done', completed_at = pg_catalog.now(), "
+    "last_error = NULL WHERE id = ANY(%s)"
 )
 EXPIRE_SQL = (
     "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
-    "AND completed_at < now() - make_interval(secs => %s)"
+    "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
 )
 # Seconds until the channel's earliest pending message is due (None: none pending).
 NEXT_DUE_SQL = (
@@ -66,7 +67,7 @@ NEXT_DUE_SQL = (
 )
 RETRY_SQL = (
     "UPDATE pgpubsub.message SET last_error = %s, "
-    "run_at = now() + make_interval(secs => %s), "
+    "run_at = pg_catalog.now() + pg_catalog.make_interval(secs => %s), "
     "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END WHERE id = %s"
 )
 

@@ -32,7 +32,9 @@ rolled-back write.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -69,9 +71,14 @@ SPILL_PREFIX = '{"spill": '
 SPILL_TTL = 600.0  # seconds a spilled event is kept for plain listeners to read
 PURGE_SPILL_SQL = (
     "DELETE FROM pgpubsub.message WHERE status = 'spill' AND channel = ANY(%s) "
-    "AND created_at < now() - make_interval(secs => %s)"
+    "AND created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
 )
 CONTEXT_SETTING = "pgpubsub.notification_context"
+_SPILL_SQL = (
+    "SELECT payload FROM pgpubsub.message WHERE id = %s AND channel = %s AND status = 'spill'"
+)
+
+log = logging.getLogger("pgpubsub.triggers")
 
 
 def _events(when: str, operations: Iterable[str]) -> frozenset[str]:
@@ -272,13 +279,32 @@ def set_notification_context(context: dict[str, Any], conn: Any = None, local: b
         )
 
 
-def read_spill(conninfo: str, payload: str) -> str:
-    """The stored event a ``{"spill": id}`` notification points to (plain trigger channels)."""
+def read_spill(conninfo: str, payload: str, channel: str) -> str | None:
+    """The stored event a ``{"spill": id, "sha256": digest}`` notification points to.
+
+    Only a spill row of ``channel`` whose text has that digest is returned:
+    anyone may send such a reference with ``pg_notify``, and a forged or stale
+    one is logged and gives None (the listener is not called).
+    """
     if not payload.startswith(SPILL_PREFIX):
         return payload
-    mid = int(json.loads(payload)["spill"])
+    try:
+        ref = json.loads(payload)
+        mid, digest = int(ref["spill"]), str(ref["sha256"])
+    except (ValueError, KeyError, TypeError):
+        log.warning("channel %r: malformed spill reference %.200r skipped", channel, payload)
+        return None
     conn = driver.thread_connection(conninfo)
-    row = conn.execute("SELECT payload FROM pgpubsub.message WHERE id = %s", (mid,)).fetchone()
-    if row is None:
-        raise LookupError(f"spilled event {mid} is gone (kept {SPILL_TTL:.0f} s)")
-    return str(row[0])
+    row = conn.execute(_SPILL_SQL, (mid, channel)).fetchone()
+    text = None if row is None else str(row[0])
+    if text is None or not hmac.compare_digest(hashlib.sha256(text.encode()).hexdigest(), digest):
+        log.warning(
+            "channel %r: spill reference %s matches no spilled event of this channel "
+            "(forged, or purged after %.0f s); skipped",
+            channel,
+            mid,
+            SPILL_TTL,
+            extra={"channel": channel, "message_id": mid},
+        )
+        return None
+    return text

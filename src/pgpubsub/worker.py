@@ -51,9 +51,13 @@ def _plain_handler(listener: ListenerSpec, conninfo: str) -> Callable[[Notify], 
         if listener.is_async:
 
             async def handle_event_async(msg: Notify) -> None:
-                payload = msg.payload
-                if payload.startswith(SPILL_PREFIX):
-                    payload = await asyncio.to_thread(read_spill, conninfo, payload)
+                payload: str | None = msg.payload
+                if msg.payload.startswith(SPILL_PREFIX):
+                    payload = await asyncio.to_thread(
+                        read_spill, conninfo, msg.payload, msg.channel
+                    )
+                if payload is None:
+                    return
                 message = decode(payload)
                 if accepts(message):
                     await call(message)
@@ -62,7 +66,10 @@ def _plain_handler(listener: ListenerSpec, conninfo: str) -> Callable[[Notify], 
             return handle_event_async
 
         def handle_event(msg: Notify) -> None:
-            message = decode(read_spill(conninfo, msg.payload))
+            payload = read_spill(conninfo, msg.payload, msg.channel)
+            if payload is None:
+                return
+            message = decode(payload)
             if accepts(message):
                 call(message)
 

@@ -1,6 +1,13 @@
 -- pgpubsub schema: stored messages and the trigger helper. The one source:
 -- `pgpubsub migrate` and the Django migration both apply this file as is, and
 -- every statement is idempotent.
+--
+-- Safe in a shared database: every function pins its search_path (names
+-- resolve in pg_catalog and pgpubsub only, never in a schema another role can
+-- create objects in), built-ins are schema-qualified, the trigger functions
+-- run as the schema's owner (SECURITY DEFINER: a role that only writes to a
+-- watched table needs no privilege on pgpubsub.message), and the helpers that
+-- could be called directly are not executable by PUBLIC.
 CREATE SCHEMA IF NOT EXISTS pgpubsub;
 
 -- status: pending (waiting or being retried), dead (attempts exhausted, kept
@@ -14,10 +21,10 @@ CREATE TABLE IF NOT EXISTS pgpubsub.message (
     status        text        NOT NULL DEFAULT 'pending'
                               CHECK (status IN ('pending', 'dead', 'done', 'spill')),
     attempts      integer     NOT NULL DEFAULT 0,
-    run_at        timestamptz NOT NULL DEFAULT now(),
+    run_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
     last_error    text,
-    context       jsonb       DEFAULT NULLIF(current_setting('pgpubsub.notification_context', true), '')::jsonb,
-    created_at    timestamptz NOT NULL DEFAULT now(),
+    context       jsonb       DEFAULT NULLIF(pg_catalog.current_setting('pgpubsub.notification_context', true), '')::jsonb,
+    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
     completed_at  timestamptz
 );
 
@@ -33,7 +40,7 @@ CREATE INDEX IF NOT EXISTS message_kept_idx
 -- The JSON of one row event of a trigger channel.
 CREATE OR REPLACE FUNCTION pgpubsub.event(
     operation text, tg_when text, tbl text, old_row jsonb, new_row jsonb
-) RETURNS text LANGUAGE sql STABLE AS $body$
+) RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
     SELECT pg_catalog.jsonb_build_object(
         'operation', operation, 'when', tg_when, 'table', tbl,
         'old', old_row, 'new', new_row,
@@ -43,30 +50,36 @@ $body$;
 
 -- Send row events of a trigger channel. Durable channels store them and send
 -- one wake-up; plain channels send each in its NOTIFY, or, when it is over
--- PostgreSQL's 8000-byte limit, store it as 'spill' and send its id, so a
--- wide row never makes the user's write fail.
+-- PostgreSQL's 8000-byte limit, store it as 'spill' and send its id with the
+-- SHA-256 of its text, so a wide row never makes the user's write fail, and a
+-- reference that any session could forge with pg_notify reveals nothing
+-- (listeners read only a spill row of their own channel whose digest matches).
 CREATE OR REPLACE FUNCTION pgpubsub.send_events(
     channel text, durable boolean, payloads text[]
-) RETURNS void LANGUAGE plpgsql AS $body$
+) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 DECLARE
-    spilled bigint;
+    spilled record;
 BEGIN
     IF payloads IS NULL OR pg_catalog.cardinality(payloads) = 0 THEN
         RETURN;
     END IF;
     IF durable THEN
-        INSERT INTO pgpubsub.message (channel, payload) SELECT channel, p FROM unnest(payloads) p;
+        INSERT INTO pgpubsub.message (channel, payload)
+        SELECT channel, p FROM pg_catalog.unnest(payloads) p;
         PERFORM pg_catalog.pg_notify(channel, '');
         RETURN;
     END IF;
-    PERFORM pg_catalog.pg_notify(channel, p) FROM unnest(payloads) p
+    PERFORM pg_catalog.pg_notify(channel, p) FROM pg_catalog.unnest(payloads) p
         WHERE pg_catalog.octet_length(p) <= 7999;
     FOR spilled IN
         INSERT INTO pgpubsub.message (channel, payload, status)
-        SELECT channel, p, 'spill' FROM unnest(payloads) p WHERE pg_catalog.octet_length(p) > 7999
-        RETURNING id
+        SELECT channel, p, 'spill' FROM pg_catalog.unnest(payloads) p
+        WHERE pg_catalog.octet_length(p) > 7999
+        RETURNING id, pg_catalog.encode(
+            pg_catalog.sha256(pg_catalog.convert_to(payload, 'UTF8')), 'hex') AS digest
     LOOP
-        PERFORM pg_catalog.pg_notify(channel, '{"spill": ' || spilled || '}');
+        PERFORM pg_catalog.pg_notify(channel, pg_catalog.format(
+            '{"spill": %s, "sha256": "%s"}', spilled.id, spilled.digest));
     END LOOP;
 END
 $body$;
@@ -75,7 +88,7 @@ $body$;
 CREATE OR REPLACE FUNCTION pgpubsub.notify_row(
     channel text, durable boolean, operation text, tg_when text, tbl text,
     old_row jsonb, new_row jsonb
-) RETURNS void LANGUAGE sql AS $body$
+) RETURNS void LANGUAGE sql SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
     SELECT pgpubsub.send_events(
         channel, durable, ARRAY[pgpubsub.event(operation, tg_when, tbl, old_row, new_row)]
     )
@@ -86,11 +99,11 @@ $body$;
 -- AFTER UPDATE): never cancels the operation, BEFORE triggers return the row
 -- unchanged.
 CREATE OR REPLACE FUNCTION pgpubsub.notify_trigger() RETURNS trigger
-LANGUAGE plpgsql AS $body$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 BEGIN
     PERFORM pgpubsub.notify_row(
         TG_ARGV[0], TG_ARGV[1] = 'durable', TG_OP, TG_WHEN,
-        TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+        pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME),
         CASE WHEN TG_OP <> 'INSERT' THEN pg_catalog.to_jsonb(OLD) END,
         CASE WHEN TG_OP <> 'DELETE' THEN pg_catalog.to_jsonb(NEW) END
     );
@@ -105,9 +118,9 @@ $body$;
 -- come as a transition table (REFERENCING NEW TABLE AS pgpubsub_new, or OLD
 -- TABLE AS pgpubsub_old), sent in one set-based call instead of a call per row.
 CREATE OR REPLACE FUNCTION pgpubsub.notify_statement() RETURNS trigger
-LANGUAGE plpgsql AS $body$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 DECLARE
-    tbl text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    tbl text := pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME);
 BEGIN
     IF TG_OP = 'INSERT' THEN
         PERFORM pgpubsub.send_events(TG_ARGV[0], TG_ARGV[1] = 'durable', ARRAY(
@@ -121,3 +134,11 @@ BEGIN
     RETURN NULL;
 END
 $body$;
+
+-- Trigger functions can only run as triggers (the channel fixed by the
+-- CREATE TRIGGER of the table's owner); the helpers could be called directly
+-- to inject events, so only the schema's owner and roles granted EXECUTE
+-- (`pgpubsub grant ROLE --writer`, for Django's pgtrigger triggers) may.
+REVOKE ALL ON FUNCTION pgpubsub.event(text, text, text, jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.send_events(text, boolean, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.notify_row(text, boolean, text, text, text, jsonb, jsonb) FROM PUBLIC;
