@@ -192,8 +192,7 @@ def main() -> None:
         dsn = server.conninfo
     try:
         print(
-            f"backlog {args.backlog:,}, 10 ms handler, hold {args.hold:.0f} s, "
-            f"bound {args.bound:,}"
+            f"backlog {args.backlog:,}, 10 ms handler, hold {args.hold:.0f} s, bound {args.bound:,}"
         )
         for mode in ("async", "thread", "batch"):
             run_engine(dsn, mode, args)

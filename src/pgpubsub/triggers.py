@@ -38,6 +38,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+import psycopg
 from psycopg import sql
 
 from . import driver
@@ -245,7 +246,10 @@ def install_triggers(
     for spec in specs:
         if issubclass(spec.cls, TriggerChannel) and model_of(spec) is None:
             events = registry.events(spec)
-            _sync_triggers(conn, spec, events)
+            try:
+                _sync_triggers(conn, spec, events)
+            except psycopg.Error as exc:
+                raise driver.translate(exc, f"installing the triggers of {spec.path}") from exc
             total += len(events)
     return total
 
