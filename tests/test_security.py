@@ -184,7 +184,7 @@ def test_a_forged_spill_reference_delivers_nothing(shop: str) -> None:
             for forged in (
                 f'{{"spill": {spill_id}}}',
                 f'{{"spill": {spill_id}, "sha256": "{"0" * 64}"}}',
-                f'{{"spill": 1, "sha256": "x"}}',
+                '{"spill": 1, "sha256": "x"}',
             ):
                 hostile.execute("SELECT pg_notify(%s, %s)", (name, forged))
         admin_query(shop, "INSERT INTO shop.orders VALUES (7, 'real')")
