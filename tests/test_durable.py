@@ -312,3 +312,12 @@ def test_worker_status_reports_durable_processing(db: str) -> None:
     finally:
         run.stop()
     assert not run.worker.status().healthy
+
+
+def test_recovery_without_listeners_in_the_process_leaves_every_message_pending(db: str) -> None:
+    publish(db, [1, 2, 3])
+    with pytest.raises(pgpubsub.NoListener, match="import the module"):
+        pgpubsub.process_stored_notifications([Jobs], dsn=db, registry=Registry())
+    assert admin_query(
+        db, "SELECT count(*) FROM pgpubsub.message WHERE status = 'pending' AND attempts = 0"
+    ) == [(3,)]

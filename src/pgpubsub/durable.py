@@ -43,6 +43,7 @@ import psycopg
 from . import driver, integration
 from .channel import ChannelSpec, resolve_channel
 from .engine import Engine, Gap
+from .errors import NoListener
 from .listen import Registry
 from .listen import registry as default_registry
 from .processor import ChannelProcessor, current_connection
@@ -172,7 +173,8 @@ def process_stored_notifications(
 
     ``channels``: channel classes or dotted paths (default: every registered
     durable channel). Each batch is its own short transaction, so this never
-    holds one transaction over the backlog.
+    holds one transaction over the backlog. Raises NoListener, processing
+    nothing, when a channel has no listener registered in this process.
     """
     reg = registry or default_registry
     specs = (
@@ -180,6 +182,13 @@ def process_stored_notifications(
         if channels
         else [s for s in reg.channels() if s.lock]
     )
+    # Completing a message that no listener ran would lose it: refuse, touching nothing.
+    unheard = [s.path for s in specs if not reg.listeners(s)]
+    if unheard:
+        raise NoListener(
+            f"no listener is registered in this process for {', '.join(unheard)}: import the "
+            "module that defines its listeners first (no message was processed)"
+        )
     session = default_session(dsn)
     try:
         return sum(
