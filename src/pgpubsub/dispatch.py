@@ -197,11 +197,6 @@ class Subscription:
             },
         )
 
-    def _done_batch(self) -> None:
-        """After a drained queue: let a backpressured reader go on."""
-        if self._backpressured():
-            self._on_drained()
-
     async def _run_task(self) -> None:
         assert self._event is not None
         queue, handler, event = self.queue, self.handler, self._event
@@ -242,7 +237,8 @@ class Subscription:
                         except Exception as exc:
                             self._failed(exc, [msg])
                 self.delivered += count
-            self._done_batch()
+            if self._backpressured():
+                self._on_drained()
             if self._closing and (not queue or not self.open):
                 return
 

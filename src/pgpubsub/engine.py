@@ -181,10 +181,6 @@ class Engine:
         return self._state != "stopped"
 
     @property
-    def paused(self) -> bool:
-        return self._paused
-
-    @property
     def reconnects(self) -> int:
         """How many times the connection was lost and made again."""
         return self._reconnects
