@@ -18,8 +18,9 @@ def do_job(n: int) -> None:
     )
     hang = os.environ.get("HANG_FILE")
     if n == 3 and hang and os.path.exists(hang):
-        with open(hang + ".pid", "w") as f:
+        with open(hang + ".pid.tmp", "w") as f:
             f.write(str(os.getpid()))
+        os.replace(hang + ".pid.tmp", hang + ".pid")  # the test never sees it half-written
         time.sleep(3600)  # the test SIGKILLs us here
     delay = float(os.environ.get("RANDOM_DELAY", "0"))
     if delay:
