@@ -231,7 +231,7 @@ def test_listener_callback_clears_its_own_channel_without_hanging(dsn: str) -> N
         await listener.startup()
         listener.listen()
         await asyncio.to_thread(backlog, dsn, "self", 3)
-        for _ in range(100):
+        for _ in range(500):
             if calls:
                 break
             await asyncio.sleep(0.02)

@@ -10,7 +10,7 @@ import pytest
 from helpers import admin_query
 
 import pgpubsub
-from pgpubsub import errors
+from pgpubsub import Notify, errors
 
 
 def next_event(pubsub: pgpubsub.PubSub, timeout: float = 5) -> pgpubsub.Notify:
@@ -51,7 +51,7 @@ def test_odd_names_are_quoted_not_executed(dsn: str, name: str) -> None:
     with pgpubsub.connect(dsn) as sub:
         sub.listen(name)
         sub.notify(name, "ok")
-        assert next_event(sub) == (name, "ok", sub.conn.info.backend_pid)
+        assert next_event(sub) == Notify(sub.conn.info.backend_pid, name, "ok")
     assert admin_query(dsn, "SELECT to_regclass('users') IS NOT NULL") == [(True,)]
 
 
@@ -116,8 +116,8 @@ def test_own_notify_is_returned_without_waiting(dsn: str) -> None:
         sub.notify("self", "one")
         sub.notify("self", "two")
         assert [sub.get_event(), sub.get_event(), sub.get_event()] == [
-            ("self", "one", sub.conn.info.backend_pid),
-            ("self", "two", sub.conn.info.backend_pid),
+            Notify(sub.conn.info.backend_pid, "self", "one"),
+            Notify(sub.conn.info.backend_pid, "self", "two"),
             None,
         ]
 

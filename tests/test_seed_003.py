@@ -7,9 +7,14 @@ they would for a reader with a local server.
 
 from __future__ import annotations
 
+import os
+import pickle
 import threading
+from typing import Any
 
+import pytest
 from helpers import admin_query
+from psycopg.conninfo import conninfo_to_dict
 
 import pgpubsub
 
@@ -106,4 +111,60 @@ def test_readme_unsafe_name_is_harmless(libpq_env: str) -> None:
     pubsub.notify(channel, "x")
     assert pubsub.get_event().payload == "x"
     assert pubsub.conn.execute("SELECT to_regclass('users') IS NOT NULL").fetchone() == (True,)
+    pubsub.close()
+
+
+def test_connect_takes_what_psycopg2_connect_takes(dsn: str, monkeypatch: Any) -> None:
+    """``connect(dsn=...)`` and keywords, ints and psycopg2's None factories included."""
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    by_dsn = pgpubsub.connect(dsn=os.environ["DATABASE_URL"])
+    params = conninfo_to_dict(dsn)
+    by_keywords = pgpubsub.connect(
+        host=params["host"],
+        port=int(params["port"]),
+        user=params["user"],
+        password=params.get("password", "unused"),
+        dbname=params["dbname"],
+        connection_factory=None,
+        cursor_factory=None,
+    )
+    by_keywords.listen("psycopg2_style")
+    by_dsn.notify("psycopg2_style", "over dsn=")
+    event = next(by_keywords.events(select_timeout=5))
+    assert (event.pid, event.channel, event.payload) == (
+        by_dsn.conn.get_backend_pid(),
+        "psycopg2_style",
+        "over dsn=",
+    )
+    by_dsn.close()
+    by_keywords.close()
+
+
+def test_connect_refuses_what_it_cannot_honour(dsn: str) -> None:
+    with pytest.raises(pgpubsub.ConfigurationError, match="connection_factory"):
+        pgpubsub.connect(dsn=dsn, connection_factory=object)
+    with pytest.raises(pgpubsub.ConfigurationError, match="once"):
+        pgpubsub.connect(dsn, dsn=dsn)
+
+
+def test_events_are_psycopg2_notifies(libpq_env: str) -> None:
+    """As psycopg2's Notify: attributes pid/channel/payload, and the tuple (pid, channel)."""
+    pubsub = pgpubsub.connect(user="postgres", database="test")
+    pubsub.listen("test")
+    pubsub.notify("test", "message 1")
+    pid = pubsub.conn.get_backend_pid()
+    e = pubsub.get_event()
+    assert (e.pid, e.channel, e.payload) == (pid, "test", "message 1")
+    assert e[0] == pid and e[1] == "test" and e[-1] == "test" and len(e) == 2
+    assert e == (pid, "test") and tuple(e) == (pid, "test")
+    sender, channel = e
+    assert (sender, channel) == (pid, "test")
+    with pytest.raises(IndexError):
+        e[2]
+    assert e == pgpubsub.Notify(pid, "test", "message 1")
+    assert e != pgpubsub.Notify(pid, "test", "message 2")
+    copied = pickle.loads(pickle.dumps(e))
+    assert copied == e and copied.payload == "message 1"
+    assert pgpubsub.Notify(pid, "test") == (pid, "test")
+    assert hash(pgpubsub.Notify(pid, "test")) == hash((pid, "test"))
     pubsub.close()

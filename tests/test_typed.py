@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import uuid
 from collections import defaultdict
 from decimal import Decimal
@@ -11,9 +12,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from app.channels import Colour, Everything, Optionals, Point, PostReads
+from app.channels import Colour, Everything, LockedPostReads, Optionals, Point, PostReads, Reads
+from helpers import Running, admin_query, wait_until
 
 import pgpubsub
+from pgpubsub import durable
 from pgpubsub.channel import resolve_channel, spec_of
 from pgpubsub.errors import ChannelNotFound, ConfigurationError, PayloadTooLarge, SchemaMismatch
 from pgpubsub.listen import Registry
@@ -204,3 +207,87 @@ def test_bad_listener_signatures_are_rejected() -> None:
             x: int
 
         spec_of(NotADataclass)
+
+
+def test_seed_example_channels_with_a_none_default_deliver_none(dsn: str) -> None:
+    """django-pgpubsub's ``date: datetime.date = None``: notify without it, listeners get None."""
+    registry = Registry()
+    received: list[tuple[int, str, datetime.date | None]] = []
+
+    def update_post_reads_per_date_cache(model_id: int, date: datetime.date) -> None:
+        received.append((model_id, "", date))
+
+    def with_type(model_id: int, model_type: str, date: datetime.date) -> None:
+        received.append((model_id, model_type, date))
+
+    registry.add(PostReads, update_post_reads_per_date_cache)
+    registry.add(Reads, with_type)
+    day = datetime.date(2024, 2, 29)
+
+    def publish() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            pgpubsub.notify("app.channels.PostReads", conn=conn, model_id=5)
+            pgpubsub.notify(PostReads, conn=conn, model_id=6, date=day)
+            pgpubsub.notify(Reads, conn=conn, model_id=7, model_type="Author")
+            pgpubsub.notify(PostReads, conn=conn, model_id=8, date=None)
+
+    run_worker_until(dsn, registry, publish, 4, received)
+    assert sorted(received, key=lambda r: r[0]) == [
+        (5, "", None),
+        (6, "", day),
+        (7, "Author", None),
+        (8, "", None),
+    ]
+    assert spec_of(PostReads).decode('{"model_id": 5}') == PostReads(model_id=5)
+
+
+def test_undecodable_plain_message_is_logged_with_its_payload(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = Registry()
+    got: list[int] = []
+    registry.add(PostReads, lambda model_id: got.append(model_id))
+    name = spec_of(PostReads).name
+    wide = '{"model_id": "not an int", "pad": "' + "x" * 5000 + '"}'
+
+    def publish() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_notify(%s, %s)", (name, wide))
+            pgpubsub.notify(PostReads, conn=conn, model_id=1)
+
+    run_worker_until(dsn, registry, publish, 1, got)
+    assert got == [1]
+    (record,) = [r for r in caplog.records if "SchemaMismatch" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    text = record.getMessage()
+    assert '{"model_id": "not an int"' in text and f"({len(wide)} characters)" in text
+    assert len(text) < 1000  # truncated
+
+
+def test_durable_seed_channel_with_none_default_and_undecodable_kept_dead(dsn: str) -> None:
+    durable.migrate(dsn)
+    admin_query(dsn, "CREATE TABLE reads (model_id int, day date)")
+    registry = Registry()
+
+    def record(model_id: int, date: datetime.date) -> None:  # effects in the claim transaction
+        durable.connection().execute("INSERT INTO reads VALUES (%s, %s)", (model_id, date))
+
+    registry.add(LockedPostReads, record)
+    name = spec_of(LockedPostReads).name
+    with psycopg.connect(dsn) as conn:
+        pgpubsub.notify(LockedPostReads, conn=conn, model_id=1)
+        conn.execute(
+            "INSERT INTO pgpubsub.message (channel, payload) VALUES (%s, %s)",
+            (name, '{"model_id": "x"}'),
+        )
+    dead = "SELECT payload, attempts, last_error FROM pgpubsub.message WHERE status = 'dead'"
+    run = Running(dsn, registry)
+    try:  # dead at the first attempt: a payload that does not decode never will
+        wait_until(lambda: admin_query(dsn, dead), timeout=5)
+    finally:
+        run.stop()
+    assert admin_query(dsn, "SELECT * FROM reads") == [(1, None)]
+    ((payload, attempts, error),) = admin_query(dsn, dead)
+    assert (payload, attempts) == ('{"model_id": "x"}', 1)
+    assert "SchemaMismatch" in error and "model_id" in error
+    assert admin_query(dsn, "SELECT count(*) FROM pgpubsub.message") == [(1,)]

@@ -11,8 +11,11 @@ Payloads are JSON objects of the fields, encoded and decoded by msgspec
 straight into the declared types: primitives, ``Optional``, ``date`` and
 ``datetime`` (naive or aware, kept as they were), ``UUID``, ``Decimal``,
 enums, ``bytes``, lists, dicts, sets and tuples of these, nested dataclasses,
-defaults, and modules using ``from __future__ import annotations``. A payload
-that does not match raises :class:`~pgpubsub.errors.SchemaMismatch`.
+defaults, and modules using ``from __future__ import annotations``. A field
+whose default is None accepts None whatever its annotation
+(``date: datetime.date = None``, as django-pgpubsub writes it). A payload
+that does not match raises :class:`~pgpubsub.errors.SchemaMismatch`, whose
+message shows the payload (its first 200 characters).
 
 The wire name (the PostgreSQL channel) defaults to the class's dotted path,
 ``module.QualName``; when that is over 63 bytes it is shortened to its tail
@@ -38,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -123,7 +127,7 @@ class ChannelSpec:
     fields: tuple[str, ...]
     lock: bool
     encoder: msgspec.json.Encoder
-    decoder: msgspec.json.Decoder[Any]
+    decoder: Any  # msgspec.json.Decoder, or _Widened
     template: dict[str, Any] = field(compare=False)  # field -> default, in field order
     required: frozenset[str] = field(compare=False)
 
@@ -164,15 +168,75 @@ class ChannelSpec:
         try:
             return self.decoder.decode(payload)
         except msgspec.ValidationError as exc:
-            raise SchemaMismatch(f"payload does not match {self.path}: {exc}") from exc
+            raise SchemaMismatch(
+                f"payload does not match {self.path}: {exc} (payload {_shown(payload)})"
+            ) from exc
         except msgspec.DecodeError as exc:
-            raise SchemaMismatch(f"payload on {self.path} is not valid JSON: {exc}") from exc
+            raise SchemaMismatch(
+                f"payload on {self.path} is not valid JSON: {exc} (payload {_shown(payload)})"
+            ) from exc
 
     def _misfit(self, fields: dict[str, Any]) -> str:
         unknown = sorted(fields.keys() - self.template.keys())
         missing = sorted(self.required - fields.keys())
         parts = [f"no field(s) {unknown}"] * bool(unknown) + [f"missing {missing}"] * bool(missing)
         return f"{self.path}: {', '.join(parts)}"
+
+
+_SHOWN_CHARS = 200
+
+
+def _shown(payload: str | bytes) -> str:
+    """The payload for an error message: its first characters, and its size when cut."""
+    text = payload if isinstance(payload, str) else payload.decode(errors="replace")
+    if len(text) <= _SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:_SHOWN_CHARS]!r}... ({len(text)} characters)"
+
+
+class _Widened:
+    """Decodes a channel whose fields default to None without admitting it in their type.
+
+    ``date: datetime.date = None`` (django-pgpubsub's own spelling) means "may
+    be None": the payload is decoded into a struct whose such fields are
+    ``T | None``, then the channel is made from it (its ``__post_init__`` runs once).
+    """
+
+    def __init__(self, cls: type[Any], widened: set[str], hints: dict[str, Any]) -> None:
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        spec: list[tuple[str, Any, Any]] = []
+        for f in fields:
+            kind = hints[f.name] | None if f.name in widened else hints[f.name]
+            if f.default is not dataclasses.MISSING:
+                spec.append((f.name, kind, f.default))
+            elif f.default_factory is not dataclasses.MISSING:
+                spec.append((f.name, kind, msgspec.field(default_factory=f.default_factory)))
+            else:
+                spec.append((f.name, kind, msgspec.NODEFAULT))
+        struct = msgspec.defstruct(cls.__name__, spec, kw_only=True)
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(type=struct)
+        self._cls = cls
+        self._names = tuple(f.name for f in fields)
+
+    def decode(self, payload: str | bytes) -> Any:
+        struct = self._decoder.decode(payload)
+        return self._cls(**{name: getattr(struct, name) for name in self._names})
+
+
+def _decoder(cls: type[Any]) -> Any:
+    """A JSON decoder of ``cls``: msgspec's, unless a field defaults to None outside its type."""
+    none_defaults = [f for f in dataclasses.fields(cls) if f.default is None and f.init]
+    hints = typing.get_type_hints(cls) if none_defaults else {}
+    widened = set()
+    for f in none_defaults:
+        if f.name in hints:
+            try:
+                msgspec.convert(None, type=hints[f.name])
+            except msgspec.ValidationError:
+                widened.add(f.name)
+    if widened:
+        return _Widened(cls, widened, hints)
+    return msgspec.json.Decoder(type=cls)
 
 
 def _template(cls: type[Any]) -> tuple[dict[str, Any], frozenset[str]]:
@@ -213,7 +277,7 @@ def spec_of(cls: type[Any]) -> ChannelSpec:
     path = f"{cls.__module__}.{cls.__qualname__}"
     name = validate_channel(cls._pgpubsub_options.get("name") or _default_name(path))
     try:
-        decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(type=cls)
+        decoder = _decoder(cls)
     except (TypeError, NameError) as exc:
         raise ConfigurationError(
             f"channel {path} has a field type msgspec cannot use: {exc}"

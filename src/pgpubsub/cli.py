@@ -164,6 +164,24 @@ def cmd_messages(args: argparse.Namespace) -> int:
     return 0
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_options(sp: argparse.ArgumentParser) -> None:
+    """``--log-level`` (``--loglevel``, django-pgpubsub's spelling) and ``--log-format``."""
+    sp.add_argument(
+        "--log-level",
+        "--loglevel",
+        dest="log_level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default: info)",
+    )
+    sp.add_argument("--log-format", choices=["text", "json"], default="text")
+
+
 def listen_options(sp: argparse.ArgumentParser) -> None:
     """The options of ``listen`` (shared with Django's ``manage.py listen``)."""
     sp.add_argument("--channels", nargs="*", help="dotted paths of channels (default: all)")
@@ -189,8 +207,7 @@ def parser() -> argparse.ArgumentParser:
             default=os.environ.get("PGPUBSUB_DSN", ""),
             help="libpq conninfo or URI (default: $PGPUBSUB_DSN)",
         )
-        sp.add_argument("--log-level", default="INFO")
-        sp.add_argument("--log-format", choices=["text", "json"], default="text")
+        log_options(sp)
 
     listen = sub.add_parser("listen", help="run listeners of typed channels")
     common(listen)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections import namedtuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 from psycopg import pq
@@ -58,22 +59,56 @@ _KEEPALIVES = {
 }
 
 
-class Notify(NamedTuple):
-    """One notification: ``channel``, ``payload`` and the sender's backend ``pid``.
+class Notify(namedtuple("Notify", "pid channel payload", defaults=("",))):  # noqa: PYI024
+    """One notification: the sender's backend ``pid``, the ``channel`` and the ``payload``.
 
-    Shown as psycopg2 showed it, ``Notify(pid, 'channel', 'payload')``.
+    It behaves as psycopg2's ``Notify``: ``Notify(pid, channel, payload)``, shown
+    as ``Notify(pid, 'channel', 'payload')``, and as a sequence it is the pair
+    ``(pid, channel)`` (``n[0]`` is the pid, ``pid, channel = n``,
+    ``n == (pid, channel)``); the payload is the attribute. Two notifications are
+    equal when all three match.
     """
 
-    channel: str
-    payload: str
-    pid: int
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: Any) -> Any:
+        return tuple.__getitem__(self, slice(2))[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(tuple.__getitem__(self, slice(2)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Notify):
+            return tuple.__eq__(self, other)
+        if isinstance(other, tuple):
+            return tuple.__getitem__(self, slice(2)) == other
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:  # psycopg2's: equal to (pid, channel)'s when there is no payload
+        return tuple.__hash__(self) if self.payload else hash(tuple.__getitem__(self, slice(2)))
 
     def __repr__(self) -> str:
         return f"Notify({self.pid}, {self.channel!r}, {self.payload!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Notify, (self.pid, self.channel, self.payload))
+
+    def _asdict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "channel": self.channel, "payload": self.payload}
+
+    def _replace(self, **changes: Any) -> Notify:
+        return Notify(**{**self._asdict(), **changes})
+
     @classmethod
     def of(cls, n: psycopg.Notify) -> Notify:
-        return cls(n.channel, n.payload, n.pid)
+        return cls(n.pid, n.channel, n.payload)
 
 
 class Connection(psycopg.Connection[Any]):
@@ -93,15 +128,26 @@ class AsyncConnection(psycopg.AsyncConnection[Any]):
 def build_conninfo(conninfo: str = "", /, **kwargs: Any) -> str:
     """A libpq conninfo string from a conninfo/URI and psycopg2-style keywords.
 
-    ``database`` is accepted as an alias of ``dbname`` (psycopg2 accepts both).
+    psycopg2's spellings are accepted: ``dsn=`` for the conninfo, ``database``
+    as an alias of ``dbname``, and ``connection_factory``/``cursor_factory``
+    when None (their default); keywords that are None are left out.
     When neither a conninfo nor keywords name a server, ``$PGPUBSUB_DSN`` is
     used if set, then the libpq environment variables (``PGHOST`` ...).
     ``application_name`` defaults to ``pgpubsub``.
     """
+    dsn = kwargs.pop("dsn", None)
+    if dsn is not None:
+        if conninfo:
+            raise ConfigurationError("give the connection string once: positionally or as dsn=")
+        conninfo = dsn
     if "database" in kwargs:
         kwargs["dbname"] = kwargs.pop("database")
-    if kwargs.get("connection_factory") is None:  # psycopg2's default, meaning "the usual"
-        kwargs.pop("connection_factory", None)
+    for factory in ("connection_factory", "cursor_factory"):
+        if kwargs.pop(factory, None) is not None:
+            raise ConfigurationError(
+                f"{factory} is a psycopg2 option pgpubsub does not take (it opens its own"
+                " psycopg 3 connections); leave it out or pass None"
+            )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if not conninfo and not kwargs:
         conninfo = os.environ.get("PGPUBSUB_DSN", "")
@@ -210,7 +256,7 @@ def drain(pgconn: pq.abc.PGconn, emit: Callable[[Notify], object]) -> int:
     count = 0
     n = notifies()
     while n is not None:
-        emit(Notify(n.relname.decode(), n.extra.decode(), n.be_pid))
+        emit(Notify(n.be_pid, n.relname.decode(), n.extra.decode()))
         count += 1
         n = notifies()
     return count

@@ -570,7 +570,7 @@ class Engine:
         notifies = pgconn.notifies
         routes = self._routes
         woken: list[Subscription] = []
-        new = tuple.__new__  # Notify(...) without the NamedTuple's Python-level __new__
+        new = tuple.__new__  # Notify(...) without the namedtuple's Python-level __new__
         while room > 0:
             n = notifies()
             if n is None:
@@ -579,7 +579,7 @@ class Engine:
             room -= 1
             route = routes.get(n.relname)
             if route is not None:
-                msg = new(Notify, (route.channel, n.extra.decode(), n.be_pid))
+                msg = new(Notify, (n.be_pid, route.channel, n.extra.decode()))
                 for sub in route.subs:
                     queue = sub.queue
                     if not queue:
@@ -592,7 +592,7 @@ class Engine:
         route = self._routes.get(n.channel.encode())
         if route is None:
             return
-        msg = Notify(route.channel, n.payload, n.pid)
+        msg = Notify(n.pid, route.channel, n.payload)
         woken = [s for s in route.subs if not s.queue]
         for sub in route.subs:
             sub.queue.append(msg)

@@ -20,6 +20,7 @@ from typing import Any
 
 from .backoff import Backoff
 from .channel import ChannelSpec
+from .errors import SchemaMismatch
 from .listen import ListenerSpec
 from .session import Session
 
@@ -282,15 +283,17 @@ class ChannelProcessor:
         self.failed += 1
         error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         delay = self.backoff.delay(attempt - 1)
-        self.session.execute(RETRY_SQL, (error, delay, self.max_attempts, mid))
-        final = attempt >= self.max_attempts
+        # A payload that does not decode never will: dead at once, kept with its error.
+        limit = attempt if isinstance(exc, SchemaMismatch) else self.max_attempts
+        self.session.execute(RETRY_SQL, (error, delay, limit, mid))
+        final = attempt >= limit
         log.log(
             logging.ERROR if final else logging.WARNING,
             "message %s on %s failed (attempt %d of %d): %r%s",
             mid,
             self.spec.path,
             attempt,
-            self.max_attempts,
+            limit,
             exc,
             "; now dead" if final else f"; retry in {delay:.1f}s",
             extra={"channel": self.spec.name, "message_id": mid, "attempt": attempt},

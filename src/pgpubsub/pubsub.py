@@ -49,8 +49,9 @@ Params = tuple[Any, ...] | None
 def connect(conninfo: str = "", /, **kwargs: Any) -> PubSub:
     """Open a connection and return a :class:`PubSub` on it.
 
-    Accepts what ``psycopg.connect`` accepts: a conninfo string or URI and/or
-    keywords (``user``, ``dbname`` or ``database``, ``host``, ``port``, ...).
+    Accepts what ``psycopg2.connect`` accepts: a conninfo string or URI, given
+    positionally or as ``dsn=``, and/or keywords (``user``, ``dbname`` or
+    ``database``, ``host``, ``port``, ``password``, ...).
     """
     return PubSub(driver.connect(driver.build_conninfo(conninfo, **kwargs)))
 

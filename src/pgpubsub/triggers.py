@@ -42,11 +42,12 @@ import psycopg
 from psycopg import sql
 
 from . import driver
+from ._trigger_events import OPERATIONS, TRANSITION, WHENS, channel_hash, model_of, trigger_name
 from .channel import ChannelSpec, TriggerChannel, resolve_channel
 from .errors import ConfigurationError
 from .listen import Registry, registry
 
-__all__ = [
+__all__ = [  # and Notify, the django-pgtrigger trigger class (needs Django)
     "install_triggers",
     "post_delete_listener",
     "post_insert_listener",
@@ -63,11 +64,6 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-WHENS = ("BEFORE", "AFTER")
-OPERATIONS = ("INSERT", "UPDATE", "DELETE")
-# AFTER INSERT and AFTER DELETE triggers fire once per statement and read its
-# rows from a transition table (side, name): one set-based call, not one per row.
-TRANSITION = {"AFTER INSERT": ("NEW", "pgpubsub_new"), "AFTER DELETE": ("OLD", "pgpubsub_old")}
 SPILL_PREFIX = '{"spill": '
 SPILL_TTL = 600.0  # seconds a spilled event is kept for plain listeners to read
 PURGE_SPILL_SQL = (
@@ -80,6 +76,16 @@ _SPILL_SQL = (
 )
 
 log = logging.getLogger("pgpubsub.triggers")
+
+
+def __getattr__(name: str) -> Any:
+    # ``Notify`` is a django-pgtrigger trigger: imported on first use, so this
+    # module works without Django.
+    if name == "Notify":
+        from .djangotriggers import Notify
+
+        return Notify
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _events(when: str, operations: Iterable[str]) -> frozenset[str]:
@@ -103,11 +109,6 @@ def _trigger_spec(channel: type[Any] | str) -> ChannelSpec:
     return spec
 
 
-def model_of(spec: ChannelSpec) -> Any:
-    """The Django model a trigger channel is bound to, or None."""
-    return getattr(spec.cls, "model", None)
-
-
 def trigger_listener(
     channel: type[Any] | str,
     trigger: Any = None,
@@ -118,8 +119,9 @@ def trigger_listener(
 ) -> Callable[[F], F]:
     """A listener of the row events ``when`` x ``operations`` of a trigger channel.
 
-    ``trigger`` may be a django-pgtrigger ``Trigger`` (django-pgpubsub's form):
-    its ``when`` and ``operation`` are used.
+    ``trigger`` may be a django-pgtrigger trigger (django-pgpubsub's form): its
+    ``when`` and ``operation`` are used; a :class:`Notify` trigger is installed
+    as it is, condition included, in place of the channel's default trigger.
     """
     if trigger is not None:
         when = str(trigger.when)
@@ -132,7 +134,7 @@ def trigger_listener(
         if model_of(spec) is not None:
             from .djangotriggers import register_triggers
 
-            register_triggers(spec, events)
+            register_triggers(spec, events, trigger)
         return fn
 
     return decorate
@@ -158,15 +160,6 @@ post_delete_listener = _shortcut("AFTER", "DELETE")
 
 
 # -- installing (without Django) -----------------------------------------------------
-
-
-def channel_hash(spec: ChannelSpec) -> str:
-    return hashlib.blake2b(spec.name.encode(), digest_size=4).hexdigest()
-
-
-def trigger_name(spec: ChannelSpec, event: str) -> str:
-    when, op = event.split()
-    return f"pgpubsub_{when}_{op}_{channel_hash(spec)}".lower()
 
 
 def table_of(spec: ChannelSpec) -> tuple[str, str]:

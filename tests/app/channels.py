@@ -11,10 +11,23 @@ from decimal import Decimal
 from pgpubsub.channel import Channel, TriggerChannel
 
 
+# django-pgpubsub's example channels, as its example app writes them (a None
+# default without Optional; a subclass giving a field a default).
 @dataclass
-class PostReads(Channel):
+class Reads(Channel):
     model_id: int
-    date: datetime.date
+    model_type: str
+    date: datetime.date = None  # type: ignore[assignment]
+
+
+@dataclass
+class PostReads(Reads):
+    model_type: str = "Post"
+
+
+@dataclass
+class LockedPostReads(PostReads):
+    lock_notifications = True
 
 
 class Colour(enum.Enum):

@@ -6,9 +6,15 @@ from pgpubsub.tests.models import Author, Book, Post
 
 
 @dataclass
-class PostReads(Channel):
+class Reads(Channel):
     model_id: int
-    date: datetime.date
+    model_type: str
+    date: datetime.date = None
+
+
+@dataclass
+class PostReads(Reads):
+    model_type: str = "Post"
 
 
 @dataclass

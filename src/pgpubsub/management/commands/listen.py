@@ -1,7 +1,8 @@
 """``manage.py listen``: run the listeners of this project's channels.
 
 The options of ``pgpubsub listen`` (``--channels``, ``--processes``,
-``--recover``, ``--grace``, ``--log-level``, ``--log-format``); listener
+``--recover``, ``--grace``, ``--log-level`` (or django-pgpubsub's
+``--loglevel``), ``--log-format``); listener
 modules are imported by the apps' ``ready()``. With ``--processes N`` the
 supervisor starts N children that run this same command, never deeper.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from pgpubsub.cli import listen_options, serve, setup_logging
+from pgpubsub.cli import listen_options, log_options, serve, setup_logging
 
 
 class Command(BaseCommand):
@@ -21,8 +22,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         listen_options(parser)
-        parser.add_argument("--log-level", default="INFO")
-        parser.add_argument("--log-format", choices=["text", "json"], default="text")
+        log_options(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         setup_logging(options["log_level"], options["log_format"])
