@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -62,7 +63,12 @@ def dj(django_dsn: str) -> str:
         "TRUNCATE tests_post, tests_author, tests_book, tests_media, pgpubsub.message CASCADE",
     )
     listeners.post_reads_per_date_cache.clear()
-    for events in (listeners.greetings, listeners.post_events, listeners.book_events):
+    for events in (
+        listeners.greetings,
+        listeners.post_events,
+        listeners.book_events,
+        listeners.author_renames,
+    ):
         events.clear()
     return django_dsn
 
@@ -114,6 +120,93 @@ def test_post_reads_cache_is_updated_by_fetch(dj: str) -> None:
     finally:
         run.stop()
     assert post_reads_per_date_cache == {today: {post.pk: 2}}
+
+
+def test_post_reads_without_the_optional_date_reach_the_listener_as_none(dj: str) -> None:
+    """The example app's ``date: datetime.date = None``: notify without it loses nothing."""
+    from pgpubsub.tests.listeners import post_reads_per_date_cache
+
+    run = worker("pgpubsub.tests.channels.PostReads")
+    try:
+        pgpubsub.notify("pgpubsub.tests.channels.PostReads", model_id=5)
+        pgpubsub.notify("pgpubsub.tests.channels.PostReads", model_id=5, date=None)
+        wait_until(lambda: post_reads_per_date_cache[None].get(5) == 2, timeout=10)
+    finally:
+        run.stop()
+    assert post_reads_per_date_cache == {None: {5: 2}}
+
+
+def test_durable_channel_with_a_none_default_under_django(dj: str) -> None:
+    from django.db import connection
+
+    from pgpubsub.djangodb import DjangoSession, django_conninfo
+    from pgpubsub.listen import Registry
+    from pgpubsub.models import Notification
+    from pgpubsub.tests.channels import Reads
+
+    @dataclass
+    class DurableReads(Reads, name="durable_reads"):
+        lock_notifications = True
+
+    registry = Registry()
+
+    def record(model_id: int, model_type: str, date: datetime.date) -> None:
+        assert date is None
+        with connection.cursor() as cur:  # in the claim transaction
+            cur.execute("INSERT INTO tests_media (name) VALUES (%s)", [f"{model_type} {model_id}"])
+
+    registry.add(DurableReads, record)
+    pgpubsub.notify(DurableReads, model_id=1, model_type="Post")
+    # django-pgpubsub code stores notifications through the model, too:
+    Notification.objects.create(
+        channel="durable_reads",
+        payload='{"model_id": 2, "model_type": "Media"}',
+    )
+    run = Running(django_conninfo(), registry=registry, session_factory=DjangoSession)
+    try:
+        wait_until(lambda: not Notification.objects.exists(), timeout=15)
+    finally:
+        run.stop()
+    from pgpubsub.tests.models import Media
+
+    assert sorted(Media.objects.values_list("name", flat=True)) == ["Media 2", "Post 1"]
+
+
+def test_notification_model_create_takes_the_table_defaults(dj: str) -> None:
+    from pgpubsub.models import Notification
+
+    n = Notification.objects.create(channel="some.Channel", payload="{}")
+    n.refresh_from_db()
+    assert (n.status, n.attempts, n.last_error, n.completed_at) == ("pending", 0, None, None)
+    assert n.run_at is not None and n.created_at is not None
+
+
+def test_custom_notify_trigger_keeps_its_condition(dj: str) -> None:
+    """``pgpubsub.triggers.Notify``, django-pgpubsub's trigger class, with a pgtrigger condition."""
+    from pgpubsub.tests.listeners import author_renames
+    from pgpubsub.tests.models import Author
+
+    author = Author.objects.create(name="Ann")
+    run = worker("pgpubsub.tests.channels.AuthorRenamedChannel")
+    try:
+        Author.objects.filter(pk=author.pk).update(name="Ann")  # not a rename: no event
+        Author.objects.filter(pk=author.pk).update(name="Anne")
+        Author.objects.create(name="Bo")  # not an update: no event
+        wait_until(lambda: author_renames, timeout=10)
+        time.sleep(0.3)
+    finally:
+        run.stop()
+    assert author_renames == [("Ann", "Anne")]
+
+
+def test_notify_trigger_without_a_channel_says_so() -> None:
+    import pgtrigger
+
+    from pgpubsub.triggers import Notify
+
+    trigger = Notify(name="lonely", operation=pgtrigger.Insert, when=pgtrigger.After)
+    with pytest.raises(pgpubsub.ConfigurationError, match="has no channel"):
+        trigger.get_func(None)
 
 
 def test_notify_joins_the_atomic_block_and_listeners_take_optional_fields(dj: str) -> None:
@@ -256,7 +349,7 @@ def test_notify_follows_a_psycopg2_connection(dj: str) -> None:
         finally:
             conn.close()
         (note,) = list(listener.notifies(timeout=5, stop_after=1))
-    assert note.payload == '{"model_id":1,"date":"2024-01-02"}'
+    assert note.payload == '{"model_id":1,"model_type":"Post","date":"2024-01-02"}'
     assert ids == 2
     assert admin_query(dj, "SELECT count(*) FROM pgpubsub.message") == [(2,)]
 
@@ -276,6 +369,8 @@ def test_manage_py_listen_two_processes_bulk_create_one_post_per_author(dj: str)
             "--processes",
             "2",
             "--recover",
+            "--loglevel",
+            "warning",
         ],
         cwd=PROJECT,
         env=env,

@@ -225,3 +225,73 @@ def test_interpreter_exits_without_stop(dsn: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "started"
+
+
+def test_introspection_has_pgnotifier_shapes(
+    conf: dict[str, Any], dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pgnotifier program that prints and indexes channels() and subscribers()."""
+    n = Notifier(conf)
+    n.add_channels(["ch1", "ch3"])
+    inbox = Inbox()
+
+    def fn(*args: Any) -> None:
+        inbox(*args)
+
+    n.subscribe(42, "ch1", fn)
+    n.subscribe("an_id", "ch2", fn)
+    n.mute_subscriber("an_id", "ch2")
+    n.mute_channels("ch3")
+    c = n.channels()
+    print("channels: ", c)
+    s = n.subscribers()
+    print("subscribers:", s)
+    assert c == {
+        "ch1": {"mute": False, "active": True, "subscribers": {42: {"mute": False, "fn": fn}}},
+        "ch2": {"mute": False, "active": False, "subscribers": {"an_id": {"mute": True, "fn": fn}}},
+        "ch3": {"mute": True, "active": False, "subscribers": {}},
+    }
+    assert s == {
+        42: {"fn": fn, "channels": {"ch1": {"active": True, "mute": False, "sub_mute": False}}},
+        "an_id": {
+            "fn": fn,
+            "channels": {"ch2": {"active": False, "mute": False, "sub_mute": True}},
+        },
+    }
+    for channel, data in c.items():  # as pgnotifier users walk it
+        for sub_id, sub in data["subscribers"].items():
+            assert s[sub_id]["channels"][channel]["sub_mute"] is sub["mute"]
+    out = capsys.readouterr().out
+    assert "'ch1': {'mute': False, 'active': True, 'subscribers': {42: {'mute': False" in out
+
+    n.subscribe("an_id", "ch2", fn)  # subscribing again keeps the mute
+    assert n.subscribers()["an_id"]["channels"]["ch2"]["sub_mute"] is True
+    n.mute_channels([])  # an empty list is ALL, as the documented empty default
+    assert sorted(n.muted_channels()) == ["ch1", "ch2", "ch3"]
+    n.unmute_channels([])
+    assert n.muted_channels() == []
+    n.unmute_subscriber("an_id", [])
+    send(dsn, "ch2", "b'raw'")
+    assert inbox.get()[:3] == ("an_id", "ch2", b"raw")
+    n.stop()
+
+
+def test_string_prefixed_literals_become_values(conf: dict[str, Any], dsn: str) -> None:
+    n = Notifier(conf)
+    inbox = Inbox()
+    n.subscribe("s", "lit", inbox)
+    cases = {
+        "b'bytes \\x00'": b"bytes \x00",
+        'u"unicode"': "unicode",
+        "r'\\d+'": "\\d+",
+        "Rb'\\n'": b"\\n",
+        "[b'a', u'b', r'c']": [b"a", "b", "c"],
+        "f\"{__import__('os').getpid()}\"": "f\"{__import__('os').getpid()}\"",
+        "bogus": "bogus",
+        "r" + "(" * 300: "r" + "(" * 300,
+    }
+    for text in cases:
+        send(dsn, "lit", text)
+    got = [inbox.get()[2] for _ in cases]
+    n.stop()
+    assert got == list(cases.values())

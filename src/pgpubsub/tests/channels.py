@@ -40,3 +40,10 @@ class Greetings(Channel):
     name: str
     greeting: str | None = None
     times: int = 1
+
+
+@dataclass
+class AuthorRenamedChannel(TriggerChannel):
+    """Renamed authors: its listener brings its own Notify trigger, with a condition."""
+
+    model = Author

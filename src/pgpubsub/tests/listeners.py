@@ -2,8 +2,11 @@ import datetime
 from collections import defaultdict
 from typing import Optional
 
+import pgtrigger
+
 import pgpubsub
 from pgpubsub.tests.channels import (
+    AuthorRenamedChannel,
     AuthorTriggerChannel,
     BookTriggerChannel,
     Greetings,
@@ -11,6 +14,7 @@ from pgpubsub.tests.channels import (
     PostTriggerChannel,
 )
 from pgpubsub.tests.models import Author, Post
+from pgpubsub.triggers import Notify
 
 # Simple cache for illustrative purposes only
 post_reads_per_date_cache = defaultdict(dict)
@@ -18,6 +22,7 @@ author_reads_cache = dict()
 greetings = []
 post_events = []
 book_events = []
+author_renames = []
 
 
 @pgpubsub.listener(PostReads)
@@ -67,3 +72,16 @@ def post_deleted(old: Post, new: Post):
 @pgpubsub.post_save_listener(BookTriggerChannel)
 def book_saved(old, new):
     book_events.append(new)
+
+
+@pgpubsub.trigger_listener(
+    AuthorRenamedChannel,
+    Notify(
+        name="author_renamed",
+        operation=pgtrigger.Update,
+        when=pgtrigger.After,
+        condition=pgtrigger.Q(old__name__df=pgtrigger.F("new__name")),
+    ),
+)
+def author_renamed(old: Author, new: Author):
+    author_renames.append((old.name, new.name))
