@@ -23,6 +23,7 @@ import pytest
 from conftest import Server
 from helpers import Running, admin_query, wait_until
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 import pgpubsub
 from pgpubsub import durable
@@ -394,3 +395,72 @@ def test_manage_py_listen_two_processes_bulk_create_one_post_per_author(dj: str)
         Author.objects.values_list("pk", flat=True)
     )
     assert out.decode().count("Creating first post for") == 500
+
+
+# pgtrigger's functions do not pin search_path: the trigger bodies qualify operators too.
+OPERATOR_TRAPS = """
+CREATE FUNCTION public.trap_ne(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.sprung VALUES ('<>', current_user);
+    RETURN a OPERATOR(pg_catalog.<>) b;
+END $$;
+CREATE FUNCTION public.trap_eq(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.sprung VALUES ('=', current_user);
+    RETURN a OPERATOR(pg_catalog.=) b;
+END $$;
+CREATE OPERATOR public.<> (LEFTARG = text, RIGHTARG = text, FUNCTION = public.trap_ne);
+CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.trap_eq);
+"""
+
+
+def test_django_triggers_run_no_hijacking_function_and_a_granted_writer_writes(dj: str) -> None:
+    """Under Django too: functions named like built-ins never run; the writer role works."""
+    from test_security import TRAP_SQL
+
+    from pgpubsub import cli
+    from pgpubsub.tests.models import Post
+
+    admin_query(
+        dj,
+        "DROP ROLE IF EXISTS dj_writer; DROP ROLE IF EXISTS dj_hostile;"
+        "CREATE ROLE dj_writer LOGIN PASSWORD 'pw'; CREATE ROLE dj_hostile LOGIN PASSWORD 'pw';"
+        "GRANT INSERT, UPDATE, DELETE, SELECT ON tests_post, tests_author TO dj_writer;"
+        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO dj_writer;"
+        "GRANT CREATE, USAGE ON SCHEMA public TO dj_hostile;",
+    )
+    try:
+        with psycopg.connect(make_conninfo(dj, user="dj_hostile", password="pw")) as hostile:
+            hostile.execute(TRAP_SQL)
+            hostile.execute(OPERATOR_TRAPS)
+        assert cli.main(["grant", "dj_writer", "--django-writer", "--dsn", dj]) == 0
+        run = worker(
+            "pgpubsub.tests.channels.PostTriggerChannel",
+            "pgpubsub.tests.channels.AuthorTriggerChannel",
+        )
+        try:
+            writer_dsn = make_conninfo(dj, user="dj_writer", password="pw")
+            with psycopg.connect(writer_dsn, autocommit=True) as writer:
+                writer.execute(
+                    "INSERT INTO tests_post (content, date) VALUES ('small', now()), (%s, now())",
+                    ("w" * 50_000,),
+                )
+                writer.execute("UPDATE tests_post SET content = %s", ("u" * 50_000,))
+                writer.execute(
+                    "INSERT INTO tests_author (name) VALUES ('durable'), (%s)", ("a" * 50_000,)
+                )
+            with psycopg.connect(dj, autocommit=True) as su:  # a superuser, hostile path first
+                su.execute("SET search_path = public, pg_catalog")
+                su.execute("INSERT INTO tests_author (name) VALUES ('by the superuser')")
+                su.execute("DELETE FROM tests_post WHERE content LIKE 'u%'")
+            wait_until(lambda: Post.objects.count() == 3, timeout=20)  # one per new author
+        finally:
+            run.stop()
+        assert admin_query(dj, "SELECT fn, by_user FROM public.sprung") == []
+    finally:
+        admin_query(
+            dj,
+            "DROP TABLE IF EXISTS public.sprung;"
+            "DROP OWNED BY dj_writer, dj_hostile CASCADE;"
+            "DROP ROLE dj_writer; DROP ROLE dj_hostile;",
+        )

@@ -16,7 +16,7 @@ from helpers import Running, admin_query, wait_until
 from psycopg.conninfo import make_conninfo
 
 import pgpubsub
-from pgpubsub import Channel, TriggerChannel, durable, errors
+from pgpubsub import Channel, TriggerChannel, cli, durable, errors
 from pgpubsub.listen import Registry
 from pgpubsub.triggers import install_triggers
 
@@ -205,3 +205,88 @@ def test_errors_at_public_entry_points_come_from_one_hierarchy(dsn: str) -> None
     with psycopg.connect(dsn) as conn, pytest.raises(errors.PgPubSubError) as missing:
         install_triggers(conn, registry=registry)
     assert "shop" in str(missing.value)
+
+
+def test_granted_publisher_and_worker_roles_work_and_see_no_more(shop: str) -> None:
+    admin_query(
+        shop,
+        "DROP ROLE IF EXISTS pgpubsub_pub; DROP ROLE IF EXISTS pgpubsub_work;"
+        "CREATE ROLE pgpubsub_pub LOGIN PASSWORD 'pw';"
+        "CREATE ROLE pgpubsub_work LOGIN PASSWORD 'pw'",
+    )
+    try:
+        assert cli.main(["grant", "pgpubsub_pub", "--publisher", "--dsn", shop]) == 0
+        assert cli.main(["grant", "pgpubsub_work", "--worker", "--dsn", shop]) == 0
+        admin_query(shop, "INSERT INTO pgpubsub.message (channel, payload) VALUES ('other', 'x')")
+        with psycopg.connect(role_dsn(shop, "pgpubsub_pub"), autocommit=True) as pub:
+            assert isinstance(pgpubsub.notify(Stored, conn=pub, n=1), int)
+            assert pgpubsub.notify_many(Stored, [{"n": 2}, {"n": 3}], conn=pub) == 2
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                pub.execute("SELECT payload FROM pgpubsub.message")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                pub.execute("DELETE FROM pgpubsub.message")
+        registry = Registry()
+        got: list[int] = []
+        registry.add(Stored, lambda n: got.append(n))
+        run = Running(role_dsn(shop, "pgpubsub_work"), registry)
+        try:
+            wait_until(lambda: sorted(got) == [1, 2, 3], timeout=15)
+        finally:
+            run.stop()
+        with psycopg.connect(role_dsn(shop, "pgpubsub_work"), autocommit=True) as work:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                pgpubsub.notify(Stored, conn=work, n=4)  # a worker does not publish
+        assert cli.main(["grant", "pgpubsub_pub", "--publisher", "--revoke", "--dsn", shop]) == 0
+        with psycopg.connect(role_dsn(shop, "pgpubsub_pub"), autocommit=True) as pub:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                pgpubsub.notify(Stored, conn=pub, n=5)
+    finally:
+        admin_query(
+            shop,
+            "DROP OWNED BY pgpubsub_pub, pgpubsub_work CASCADE;"
+            "DROP ROLE pgpubsub_pub; DROP ROLE pgpubsub_work;",
+        )
+
+
+def test_grant_quotes_the_role_and_says_what_is_wrong(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["grant", 'x"; DROP TABLE t; --', "--worker", "--sql"]) == 0
+    assert 'TO "x""; DROP TABLE t; --"' in capsys.readouterr().out
+    assert cli.main(["grant", "nobody_here", "--worker", "--dsn", dsn]) in (1, 4)
+    assert "nobody_here" in capsys.readouterr().err
+    assert cli.main(["grant", "someone", "--dsn", dsn]) == 2
+    assert "--publisher" in capsys.readouterr().err
+
+
+def test_migrate_without_the_privilege_is_one_line_and_exit_5(
+    shop: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin_query(
+        shop,
+        "DROP SCHEMA pgpubsub CASCADE; REVOKE CREATE ON DATABASE "
+        f"{psycopg.conninfo.conninfo_to_dict(shop)['dbname']} FROM PUBLIC",
+    )
+    assert cli.main(["migrate", "--dsn", role_dsn(shop, "pgpubsub_writer")]) == 5
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pgpubsub migrate: error:") and "\n" not in err
+    assert "permission denied" in err
+
+
+def test_closed_and_unencodable_inputs_raise_library_errors(dsn: str) -> None:
+    pubsub = pgpubsub.connect(dsn)
+    pubsub.listen("a")
+    for payload in ("\ud800", "x" * 100 + "\udfff", "é\udc80" * 3000):
+        with pytest.raises(errors.PayloadError, match="not valid Unicode"):
+            pubsub.notify("a", payload)
+    pubsub.close()
+    with pytest.raises(errors.ConnectionLost, match="closed"):
+        pubsub.get_event()
+    with pytest.raises(errors.ConnectionLost):
+        pubsub.notify("a", "x")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        durable.migrate(dsn)
+        for value in (object(), "\ud800"):
+            with pytest.raises(errors.SchemaMismatch, match="cannot be sent"):
+                pgpubsub.notify(Stored, conn=conn, n=value)
+        assert conn.execute("SELECT count(*) FROM pgpubsub.message").fetchone() == (0,)

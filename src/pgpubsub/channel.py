@@ -162,7 +162,10 @@ class ChannelSpec:
                 items.append(m)
             else:
                 raise ConfigurationError(f"{m!r} is not a {self.path} or a dict of its fields")
-        return self.encoder.encode_lines(items)[:-1].decode(), len(items)
+        try:
+            return self.encoder.encode_lines(items)[:-1].decode(), len(items)
+        except (TypeError, ValueError) as exc:  # an unencodable value, a lone surrogate
+            raise SchemaMismatch(f"{self.path}: a field value cannot be sent: {exc}") from exc
 
     def decode(self, payload: str | bytes) -> Any:
         try:

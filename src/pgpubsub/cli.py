@@ -182,6 +182,19 @@ def log_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--log-format", choices=["text", "json"], default="text")
 
 
+def cmd_grant(args: argparse.Namespace) -> int:
+    from .privileges import grant, statements
+
+    kinds = [k for k in ("publisher", "worker", "django_writer") if getattr(args, k)]
+    if args.sql:
+        for statement in statements(args.role, kinds, args.revoke):
+            print(f"{statement.as_string(None)};")
+        return 0
+    for text in grant(args.dsn, args.role, kinds, args.revoke):
+        print(f"{text};")
+    return 0
+
+
 def listen_options(sp: argparse.ArgumentParser) -> None:
     """The options of ``listen`` (shared with Django's ``manage.py listen``)."""
     sp.add_argument("--channels", nargs="*", help="dotted paths of channels (default: all)")
@@ -227,6 +240,22 @@ def parser() -> argparse.ArgumentParser:
     common(migrate)
     migrate.add_argument("modules", nargs="*", help="modules to import (they register listeners)")
     migrate.set_defaults(func=cmd_migrate)
+
+    grant = sub.add_parser(
+        "grant", help="grant a role what it needs: --publisher, --worker, --django-writer"
+    )
+    common(grant)
+    grant.add_argument("role", help="the role (quoted as written)")
+    grant.add_argument("--publisher", action="store_true", help="publishes on durable channels")
+    grant.add_argument("--worker", action="store_true", help="runs listeners of durable channels")
+    grant.add_argument(
+        "--django-writer",
+        action="store_true",
+        help="writes to tables watched by Django trigger channels",
+    )
+    grant.add_argument("--revoke", action="store_true", help="take the privileges back")
+    grant.add_argument("--sql", action="store_true", help="print the statements, run nothing")
+    grant.set_defaults(func=cmd_grant)
 
     msgs = sub.add_parser("messages", help="list, show, replay or purge stored messages")
     common(msgs)

@@ -21,13 +21,15 @@ from .errors import ConfigurationError
 
 __all__ = ["Notify", "register_triggers"]
 
+# pgtrigger's functions do not pin search_path: every name here, operators
+# included, is qualified, so a writer's search_path cannot redirect them.
 _ROW_BODY = """
 PERFORM pgpubsub.notify_row(
     {channel}, {durable}, TG_OP, TG_WHEN, pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME),
-    CASE WHEN TG_OP <> 'INSERT' THEN pg_catalog.to_jsonb(OLD) END,
-    CASE WHEN TG_OP <> 'DELETE' THEN pg_catalog.to_jsonb(NEW) END
+    CASE WHEN TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN pg_catalog.to_jsonb(OLD) END,
+    CASE WHEN TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN pg_catalog.to_jsonb(NEW) END
 );
-IF TG_OP = 'DELETE' THEN
+IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
     RETURN OLD;
 END IF;
 RETURN NEW;

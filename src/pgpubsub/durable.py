@@ -89,10 +89,13 @@ def schema_sql() -> str:
 def migrate(dsn: str = "") -> None:
     """Install or upgrade the pgpubsub schema (idempotent)."""
     with driver.connect(driver.build_conninfo(dsn), autocommit=False) as conn:
-        conn.execute(
-            "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgpubsub.migrate'))"
-        )
-        conn.execute(schema_sql().encode())
+        try:
+            conn.execute(
+                "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgpubsub.migrate'))"
+            )
+            conn.execute(schema_sql().encode())
+        except psycopg.Error as exc:
+            raise driver.translate(exc, "installing the pgpubsub schema") from exc
 
 
 def store(conn: Any, spec: ChannelSpec, lines: str) -> list[int]:

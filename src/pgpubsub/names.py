@@ -64,16 +64,16 @@ def check_payload(payload: object, channel: str = "") -> str:
     where = f" on channel {channel!r}" if channel else ""
     if not isinstance(payload, str):
         raise PayloadError(f"payload{where} must be a str, not {type(payload).__name__}")
-    if len(payload) * 4 <= MAX_PAYLOAD_BYTES:  # cannot be over the limit: skip encoding
-        if "\x00" in payload:
-            raise PayloadError(f"payload{where} contains a NUL character")
-        return payload
     if "\x00" in payload:
         raise PayloadError(f"payload{where} contains a NUL character")
+    if len(payload) * 4 <= MAX_PAYLOAD_BYTES and payload.isascii():  # fits: skip encoding
+        return payload
     try:
         size = len(payload.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise PayloadError(f"payload{where} is not valid Unicode") from exc
+        raise PayloadError(
+            f"payload{where} is not valid Unicode: {exc.reason} at position {exc.start}"
+        ) from exc
     if size > MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(
             f"payload{where} is {size} bytes in UTF-8; NOTIFY carries at most "

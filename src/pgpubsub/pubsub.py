@@ -117,6 +117,8 @@ class PubSub(_Base):
 
     def _poll(self) -> None:
         pgconn = self.conn.pgconn
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise ConnectionLost("connection lost: the connection is closed")
         if select.select([pgconn.socket], [], [], 0)[0]:
             self._read(pgconn)
 
