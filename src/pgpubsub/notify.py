@@ -7,6 +7,10 @@ Django connection), else Django's default connection when pgpubsub is an
 installed Django app, else a per-thread autocommit connection to
 ``$PGPUBSUB_DSN``. Values always travel as bound parameters.
 
+Driver errors (psycopg 3) become pgpubsub errors: a missing schema is
+SchemaMissing, a refused privilege PermissionDenied, a closed or dropped
+connection ConnectionLost.
+
 Plain channels carry the JSON payload in the NOTIFY (at most 7999 bytes, else
 PayloadTooLarge). Durable channels (``lock_notifications``) store the message
 in the publisher's transaction and send only its id (no size limit): see
@@ -64,14 +68,21 @@ def _execute(conn: Any, query: str, params: list[Any]) -> None:
         cur.execute(query, params)
 
 
+def _publishing(spec: ChannelSpec, exc: psycopg.Error) -> Exception:
+    return driver.translate(exc, f"publishing on {spec.path}")
+
+
 def notify(channel: type[Any] | str, /, *, conn: Any = None, **fields: Any) -> Any:
     """Publish one message; returns the stored message id on durable channels, else None."""
     spec = resolve_channel(channel)
     payload, _ = _payloads(spec, [fields], plain=not spec.lock)
     conn = default_connection() if conn is None else conn
-    if spec.lock:
-        return store(conn, spec, payload)[0]
-    _execute(conn, NOTIFY_SQL, [spec.name, payload])
+    try:
+        if spec.lock:
+            return store(conn, spec, payload)[0]
+        _execute(conn, NOTIFY_SQL, [spec.name, payload])
+    except psycopg.Error as exc:
+        raise _publishing(spec, exc) from exc
     return None
 
 
@@ -82,9 +93,12 @@ def notify_many(channel: type[Any] | str, messages: Iterable[Any], *, conn: Any 
     if not count:
         return 0
     conn = default_connection() if conn is None else conn
-    if spec.lock:
-        return len(store(conn, spec, lines))
-    _execute(conn, NOTIFY_MANY_SQL, [spec.name, lines])
+    try:
+        if spec.lock:
+            return len(store(conn, spec, lines))
+        _execute(conn, NOTIFY_MANY_SQL, [spec.name, lines])
+    except psycopg.Error as exc:
+        raise _publishing(spec, exc) from exc
     return count
 
 
@@ -94,7 +108,10 @@ async def anotify(
     """:func:`notify` on an async psycopg connection."""
     spec = resolve_channel(channel)
     payload, _ = _payloads(spec, [fields], plain=not spec.lock)
-    if spec.lock:
-        return (await astore(conn, spec, payload))[0]
-    await conn.execute(NOTIFY_SQL, [spec.name, payload])
+    try:
+        if spec.lock:
+            return (await astore(conn, spec, payload))[0]
+        await conn.execute(NOTIFY_SQL, [spec.name, payload])
+    except psycopg.Error as exc:
+        raise _publishing(spec, exc) from exc
     return None
