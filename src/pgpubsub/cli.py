@@ -183,9 +183,9 @@ def log_options(sp: argparse.ArgumentParser) -> None:
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
-    from .privileges import grant, statements
+    from .privileges import KINDS, grant, statements
 
-    kinds = [k for k in ("publisher", "worker", "django_writer") if getattr(args, k)]
+    kinds = [k for k in KINDS if getattr(args, k)]
     if args.sql:
         for statement in statements(args.role, kinds, args.revoke):
             print(f"{statement.as_string(None)};")

@@ -20,7 +20,8 @@ in the publisher's transaction and send only its id (no size limit): see
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -68,8 +69,13 @@ def _execute(conn: Any, query: str, params: list[Any]) -> None:
         cur.execute(query, params)
 
 
-def _publishing(spec: ChannelSpec, exc: psycopg.Error) -> Exception:
-    return driver.translate(exc, f"publishing on {spec.path}")
+@contextmanager
+def _publishing(spec: ChannelSpec) -> Iterator[None]:
+    """Driver errors while publishing on ``spec`` become pgpubsub errors."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise driver.translate(exc, f"publishing on {spec.path}") from exc
 
 
 def notify(channel: type[Any] | str, /, *, conn: Any = None, **fields: Any) -> Any:
@@ -77,12 +83,10 @@ def notify(channel: type[Any] | str, /, *, conn: Any = None, **fields: Any) -> A
     spec = resolve_channel(channel)
     payload, _ = _payloads(spec, [fields], plain=not spec.lock)
     conn = default_connection() if conn is None else conn
-    try:
+    with _publishing(spec):
         if spec.lock:
             return store(conn, spec, payload)[0]
         _execute(conn, NOTIFY_SQL, [spec.name, payload])
-    except psycopg.Error as exc:
-        raise _publishing(spec, exc) from exc
     return None
 
 
@@ -93,12 +97,10 @@ def notify_many(channel: type[Any] | str, messages: Iterable[Any], *, conn: Any 
     if not count:
         return 0
     conn = default_connection() if conn is None else conn
-    try:
+    with _publishing(spec):
         if spec.lock:
             return len(store(conn, spec, lines))
         _execute(conn, NOTIFY_MANY_SQL, [spec.name, lines])
-    except psycopg.Error as exc:
-        raise _publishing(spec, exc) from exc
     return count
 
 
@@ -108,10 +110,8 @@ async def anotify(
     """:func:`notify` on an async psycopg connection."""
     spec = resolve_channel(channel)
     payload, _ = _payloads(spec, [fields], plain=not spec.lock)
-    try:
+    with _publishing(spec):
         if spec.lock:
             return (await astore(conn, spec, payload))[0]
         await conn.execute(NOTIFY_SQL, [spec.name, payload])
-    except psycopg.Error as exc:
-        raise _publishing(spec, exc) from exc
     return None
