@@ -44,7 +44,7 @@ def pg_server() -> Iterator[Server]:
     if dsn:
         yield Server(dsn, None)
         return
-    server = EmbeddedServer().start()
+    server = EmbeddedServer(prepare=True).start()
     try:
         yield Server(server.conninfo, server)
     finally:

@@ -231,7 +231,7 @@ def test_server_restart_is_survived_with_backoff() -> None:
         finally:
             await engine.stop()
 
-    with EmbeddedServer() as server:
+    with EmbeddedServer(prepare=True) as server:
         run(main(server))
 
 

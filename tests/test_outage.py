@@ -21,7 +21,7 @@ OUTAGE = 30.0  # seconds the database stays down after the workers start
 
 
 def test_listen_started_during_an_outage_waits_and_then_processes_everything() -> None:
-    with EmbeddedServer() as server:
+    with EmbeddedServer(prepare=True) as server:
         dsn = server.conninfo
         durable.migrate(dsn)
         admin_query(dsn, "CREATE TABLE effects (kind text, n int, pid int)")

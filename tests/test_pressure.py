@@ -364,5 +364,5 @@ def test_listener_connection_works_again_after_a_server_restart() -> None:
         finally:
             await listener.shutdown()
 
-    with EmbeddedServer() as server:
+    with EmbeddedServer(prepare=True) as server:
         asyncio.run(main(server))

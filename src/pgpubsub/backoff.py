@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["Backoff"]
+__all__ = ["Backoff", "worth_logging"]
 
 
 @dataclass(frozen=True)
@@ -26,3 +26,9 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         return random.uniform(self.base, max(self.base, self.ceiling(attempt)))  # noqa: S311
+
+
+def worth_logging(failures: int) -> bool:
+    """Whether the ``failures``-th failure in a row gets a warning: the 1st, 2nd, 4th, 8th ...
+    then every 64th, so an outage of hours is a few lines, not one a second."""
+    return failures & (failures - 1) == 0 or failures % 64 == 0

@@ -274,7 +274,8 @@ def spec_of(cls: type[Any]) -> ChannelSpec:
     if spec is not None:
         return spec
     if not (isinstance(cls, type) and issubclass(cls, Channel)):
-        raise ConfigurationError(f"{cls!r} is not a Channel subclass")
+        where = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
+        raise ConfigurationError(f"{where} is not a Channel subclass")
     if not dataclasses.is_dataclass(cls):
         raise ConfigurationError(f"{cls.__qualname__} must be declared with @dataclass")
     path = f"{cls.__module__}.{cls.__qualname__}"

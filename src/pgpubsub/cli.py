@@ -1,17 +1,30 @@
-"""The ``pgpubsub`` command: ``listen``, ``demo``, ``migrate`` and ``messages``.
+"""The ``pgpubsub`` command: ``listen``, ``status``, ``messages``, ``migrate``, ``grant``, ``demo``.
 
 ``pgpubsub listen myapp.listeners --channels myapp.channels.Orders --processes 2``
 imports the listener modules, then runs workers under the supervisor
-(:mod:`pgpubsub.supervisor`). ``pgpubsub migrate [modules]`` installs the schema
-and the triggers of trigger channels; ``pgpubsub messages list|show|replay|purge``
-operates on stored messages. ``--dsn`` defaults to ``$PGPUBSUB_DSN``.
+(:mod:`pgpubsub.supervisor`); ``--worker`` runs one worker in this process
+instead (for systemd or Kubernetes, which restart it themselves).
+``pgpubsub status`` shows the database, the schema, the queues and the live
+workers (``--check`` for probes); ``pgpubsub migrate [modules]`` installs the
+schema and the triggers of trigger channels; ``pgpubsub messages`` operates on
+stored messages. ``--dsn`` defaults to ``$PGPUBSUB_DSN``.
 
-Expected failures end with one line on stderr and an exit code per kind:
-2 usage or configuration (a module that does not import, an unknown channel,
-a channel with no listener), 3 database unreachable, 4 schema missing, 5
-permission denied, 1 anything else. ``listen`` checks its configuration in
-the supervisor before any worker starts, and waits for a database that is
-down (workers wait too, however long the outage).
+Expected failures end with one or two lines on stderr (``--debug`` adds the
+traceback) and an exit code per kind:
+
+====  ==========================================================================
+ 1    a check failed (``status --check``), a message not found, another error
+ 2    usage: the command line is wrong
+ 3    the database is unreachable
+ 4    the pgpubsub schema is missing or outdated: run ``pgpubsub migrate``
+ 5    permission denied: the role lacks a privilege (``pgpubsub grant``)
+ 6    configuration: a bad DSN, a module that does not import, an unknown
+      channel, a channel with no listener, a missing extra
+130   interrupted (Ctrl-C)
+====  ==========================================================================
+
+``listen`` checks its configuration and the schema before any worker starts,
+and waits for a database that is down (workers wait too, however long).
 """
 
 from __future__ import annotations
@@ -19,43 +32,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
+import importlib.util
 import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
+
+from . import _cli_messages, _cli_status, _logs
 
 __all__ = ["main"]
 
-
-class _JsonFormatter(logging.Formatter):
-    FIELDS = ("channel", "handler", "message_id", "attempt", "pid")
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            "process": record.process,
-        }
-        data.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-        )
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+log = logging.getLogger("pgpubsub.cli")
 
 
 def _die_with_parent() -> None:
@@ -66,8 +56,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def serve(make_worker: Callable[[], Any]) -> int:
-    """Run one worker in this process until SIGTERM/SIGINT, then stop it gracefully; 0."""
+def serve(make_worker: Callable[[], Any], grace: float = 30.0) -> int:
+    """Run one worker in this process until SIGTERM/SIGINT, then stop it within ``grace``; 0."""
     _die_with_parent()
 
     async def main() -> None:
@@ -75,7 +65,7 @@ def serve(make_worker: Callable[[], Any]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await make_worker().run(stop)
+        await make_worker().run(stop, grace)
 
     asyncio.run(main())
     return 0
@@ -94,30 +84,97 @@ def import_modules(modules: list[str]) -> None:
             ) from exc
 
 
+def _is_module(path: str) -> bool:
+    try:
+        return importlib.util.find_spec(path) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def split_channels(args: argparse.Namespace) -> None:
+    """Modules given after ``--channels`` (it takes several values) are modules, not channels."""
+    channels = args.channels or []
+    args.modules = [*args.modules, *[c for c in channels if _is_module(c)]]
+    args.channels = [c for c in channels if c not in args.modules] or None
+
+
 def load_channels(args: argparse.Namespace) -> list[Any]:
     """Import the listener modules and select the channels to run (configuration errors raise)."""
     from .listen import registry
 
+    split_channels(args)
     import_modules(args.modules)
     return registry.select(args.channels)
 
 
+def preflight(conninfo: str, channels: list[Any]) -> None:
+    """Stop at once when the schema that stored messages need is missing or outdated.
+
+    A database that cannot be reached is not an error here: workers wait for it.
+    """
+    from .channel import TriggerChannel
+    from .errors import SchemaMissing
+    from .health import status
+
+    # Durable channels store messages; plain trigger channels spill wide rows.
+    if not any(c.lock or issubclass(c.cls, TriggerChannel) for c in channels):
+        return
+    health = status(conninfo, timeout=5.0)
+    if not health.reachable:
+        log.warning("database unreachable (%s); the workers will wait for it", health.error)
+    elif not health.schema_current:
+        raise SchemaMissing(health.problems()[0])
+
+
+def start_metrics(port: int | None, host: str, conninfo: str, channels: list[Any]) -> None:
+    """Enable this process's metrics, and serve them unless this is a supervisor's child."""
+    from . import _metrics, driver
+    from .supervisor import supervised
+
+    if port is None:
+        return
+    _metrics.enable()  # fails here, once, when prometheus-client is missing
+    if not supervised():
+        durable = [c.name for c in channels if c.lock]
+        _metrics.serve(port, driver.build_conninfo(conninfo), durable, host)
+
+
+def supervise(argv: list[str], options: dict[str, Any], conninfo: str, channels: list[Any]) -> int:
+    """Run ``argv`` (a worker command) in ``options["processes"]`` children, serving their
+    metrics on one port when asked."""
+    from . import _metrics
+    from .supervisor import Supervisor
+
+    folder = None
+    if options["metrics_port"] is not None:
+        folder = _metrics.MultiprocessDir()
+        start_metrics(options["metrics_port"], options["metrics_host"], conninfo, channels)
+    try:
+        return Supervisor(argv, options["processes"], grace=options["grace"]).run()
+    finally:
+        if folder is not None:
+            folder.close()
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """One worker process: import the listener modules, then :func:`serve`."""
+    from .supervisor import supervised
     from .worker import Worker
 
     channels = load_channels(args)
-    return serve(lambda: Worker(args.dsn, channels=channels, recover=args.recover))
+    start_metrics(args.metrics_port, args.metrics_host, args.dsn, channels)
+    if not supervised():  # else the supervisor checked
+        preflight(args.dsn, channels)
+    return serve(lambda: Worker(args.dsn, channels=channels, recover=args.recover), args.grace)
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
     if args.worker:
         return run_worker(args)
-    from .supervisor import Supervisor
-
-    load_channels(args)  # configuration errors end the command here, before any child
+    channels = load_channels(args)  # configuration errors end the command here, before any child
+    preflight(args.dsn, channels)
     argv = [sys.executable, "-m", "pgpubsub", *args.argv, "--worker"]
-    return Supervisor(argv, args.processes, grace=args.grace).run()
+    return supervise(argv, vars(args), args.dsn, channels)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -139,53 +196,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_messages(args: argparse.Namespace) -> int:
-    from . import driver, messages
-
-    with driver.connect(driver.build_conninfo(args.dsn)) as conn:
-        if args.action == "list":
-            for m in messages.list_messages(conn, args.status, args.channel, args.limit):
-                error = (m.last_error or "").strip().splitlines()[-1:] or [""]
-                print(
-                    f"{m.id}\t{m.status}\t{m.channel}\tattempts={m.attempts}\t"
-                    f"created={m.created_at:%Y-%m-%d %H:%M:%S}\t{error[0]}"
-                )
-        elif args.action == "show":
-            found = [messages.get(conn, i) for i in args.ids]
-            print(json.dumps([m.__dict__ if m else None for m in found], default=str, indent=2))
-            if not all(found):
-                return 1
-        elif args.action == "replay":
-            n = messages.replay(conn, args.ids or None, args.channel, args.status)
-            print(f"replayed {n} message(s)")
-        else:
-            n = messages.purge(conn, args.status, args.channel, args.older_than, args.ids or None)
-            print(f"purged {n} message(s)")
-    return 0
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def log_options(sp: argparse.ArgumentParser) -> None:
-    """``--log-level`` (``--loglevel``, django-pgpubsub's spelling) and ``--log-format``."""
-    sp.add_argument(
-        "--log-level",
-        "--loglevel",
-        dest="log_level",
-        type=str.upper,
-        choices=LOG_LEVELS,
-        default="INFO",
-        metavar="LEVEL",
-        help="debug, info, warning, error or critical (default: info)",
-    )
-    sp.add_argument("--log-format", choices=["text", "json"], default="text")
-
-
 def cmd_grant(args: argparse.Namespace) -> int:
     from .privileges import KINDS, grant, statements
 
     kinds = [k for k in KINDS if getattr(args, k)]
+    if not kinds:
+        raise UsageError("say what the role is for: --publisher, --worker and/or --django-writer")
     if args.sql:
         for statement in statements(args.role, kinds, args.revoke):
             print(f"{statement.as_string(None)};")
@@ -195,56 +211,165 @@ def cmd_grant(args: argparse.Namespace) -> int:
     return 0
 
 
+def log_options(sp: argparse.ArgumentParser) -> None:
+    """``--log-level`` (``--loglevel``, django-pgpubsub's spelling) and ``--log-format``."""
+    sp.add_argument(
+        "--log-level",
+        "--loglevel",
+        dest="log_level",
+        type=str.upper,
+        choices=_logs.LEVELS,
+        default="INFO",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default: info)",
+    )
+    sp.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text, or JSON lines with ISO 8601 UTC times (default: text)",
+    )
+
+
 def listen_options(sp: argparse.ArgumentParser) -> None:
     """The options of ``listen`` (shared with Django's ``manage.py listen``)."""
-    sp.add_argument("--channels", nargs="*", help="dotted paths of channels (default: all)")
-    sp.add_argument("--processes", type=int, default=1)
+    sp.add_argument(
+        "--channels",
+        nargs="+",
+        metavar="CHANNEL",
+        help="dotted paths of the channels to run (default: every channel with a listener);"
+        " a parent class selects its subclasses",
+    )
+    sp.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes under one supervisor (default: 1)",
+    )
     sp.add_argument(
         "--recover",
         action="store_true",
-        help="process stored notifications of durable channels at start",
+        help="accepted for django-pgpubsub; stored messages are always processed at start",
     )
     sp.add_argument(
-        "--grace", type=float, default=30.0, help="seconds workers get to finish on SIGTERM"
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, time workers get to finish the messages in hand (default: 30)",
     )
-    sp.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    sp.add_argument(
+        "--worker",
+        action="store_true",
+        help="run one worker in this process, no supervisor (for systemd, Kubernetes)",
+    )
+    sp.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics of all workers on this port (pgpubsub[metrics])",
+    )
+    sp.add_argument(
+        "--metrics-host",
+        default="",
+        metavar="ADDRESS",
+        help="address for --metrics-port (default: every interface)",
+    )
+
+
+class UsageError(Exception):
+    """The command line is wrong (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in two lines: what is wrong, and where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nRun `{self.prog} --help` for usage.\n")
+
+
+LISTEN_EXAMPLES = """examples:
+  pgpubsub listen myapp.listeners
+  pgpubsub listen myapp.listeners --channels myapp.channels.Orders --processes 4
+  pgpubsub listen myapp.listeners --worker --metrics-port 9108     (systemd, Kubernetes)
+"""
+MIGRATE_EXAMPLES = """examples:
+  pgpubsub migrate                          the schema (idempotent; run at each upgrade)
+  pgpubsub migrate myapp.listeners          and the triggers of its trigger channels
+"""
+GRANT_EXAMPLES = """examples:
+  pgpubsub grant web_app --publisher
+  pgpubsub grant jobs --worker --sql        print the statements only
+"""
+DEMO_EXAMPLES = """examples:
+  pgpubsub demo                             an embedded PostgreSQL, removed at the end
+  pgpubsub demo --dsn postgresql://localhost/test --messages 5000
+"""
+
+
+def _version() -> str:
+    from ._heartbeat import version
+
+    return version()
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgpubsub", description="PostgreSQL pub/sub")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(
+        prog="pgpubsub",
+        description="PostgreSQL LISTEN/NOTIFY pub/sub and durable message processing.",
+        epilog="Run `pgpubsub COMMAND --help` for a command's options and examples.",
+    )
+    p.add_argument("--version", action="version", version=f"pgpubsub {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--dsn",
             default=os.environ.get("PGPUBSUB_DSN", ""),
-            help="libpq conninfo or URI (default: $PGPUBSUB_DSN)",
+            help="libpq conninfo or URI (default: $PGPUBSUB_DSN, then libpq's PG* variables)",
         )
         log_options(sp)
+        sp.add_argument(
+            "-v", "--debug", action="store_true", help="show the traceback of a failure"
+        )
 
-    listen = sub.add_parser("listen", help="run listeners of typed channels")
-    common(listen)
-    listen.add_argument("modules", nargs="*", help="modules to import (they register listeners)")
+    def command(name: str, helptext: str, examples: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext[0].upper() + helptext[1:] + ".",
+            epilog=examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        common(sp)
+        return sp
+
+    listen = command("listen", "run the listeners of typed channels", LISTEN_EXAMPLES)
+    listen.add_argument(
+        "modules", nargs="*", metavar="MODULE", help="modules to import (they register listeners)"
+    )
     listen_options(listen)
     listen.set_defaults(func=cmd_listen)
 
-    demo = sub.add_parser("demo", help="a live demo (embedded PostgreSQL unless --dsn)")
-    common(demo)
-    demo.add_argument("--messages", type=int, default=50_000)
-    demo.set_defaults(log_level="WARNING")
-    demo.set_defaults(func=cmd_demo)
+    _cli_status.add_parser(sub, common)
+    _cli_messages.add_parser(sub, common)
 
-    migrate = sub.add_parser(
-        "migrate", help="install or upgrade the schema, and the triggers of trigger channels"
+    migrate = command(
+        "migrate",
+        "install or upgrade the schema, and the triggers of trigger channels",
+        MIGRATE_EXAMPLES,
     )
-    common(migrate)
-    migrate.add_argument("modules", nargs="*", help="modules to import (they register listeners)")
+    migrate.add_argument(
+        "modules", nargs="*", metavar="MODULE", help="modules to import (they register listeners)"
+    )
     migrate.set_defaults(func=cmd_migrate)
 
-    grant = sub.add_parser(
-        "grant", help="grant a role what it needs: --publisher, --worker, --django-writer"
+    grant = command(
+        "grant",
+        "grant a role what it needs: --publisher, --worker, --django-writer",
+        GRANT_EXAMPLES,
     )
-    common(grant)
     grant.add_argument("role", help="the role (quoted as written)")
     grant.add_argument("--publisher", action="store_true", help="publishes on durable channels")
     grant.add_argument("--worker", action="store_true", help="runs listeners of durable channels")
@@ -257,34 +382,22 @@ def parser() -> argparse.ArgumentParser:
     grant.add_argument("--sql", action="store_true", help="print the statements, run nothing")
     grant.set_defaults(func=cmd_grant)
 
-    msgs = sub.add_parser("messages", help="list, show, replay or purge stored messages")
-    common(msgs)
-    msgs.add_argument("action", choices=["list", "show", "replay", "purge"])
-    msgs.add_argument("ids", nargs="*", type=int, help="message ids (show, replay, purge)")
-    msgs.add_argument("--status", default="dead", help="dead, pending, done or spill")
-    msgs.add_argument("--channel", help="PostgreSQL channel name")
-    msgs.add_argument("--limit", type=int, default=100)
-    msgs.add_argument("--older-than", type=float, help="seconds (purge)")
-    msgs.set_defaults(func=cmd_messages)
+    demo = command(
+        "demo", "a live demo (an embedded PostgreSQL unless --dsn is given)", DEMO_EXAMPLES
+    )
+    demo.add_argument(
+        "--messages", type=_count, default=50_000, metavar="N", help="messages to send (50,000)"
+    )
+    demo.set_defaults(log_level="WARNING")
+    demo.set_defaults(func=cmd_demo)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
-    args.argv = argv
-    setup_logging(args.log_level, args.log_format)
-    if args.command == "listen" and args.processes < 1:
-        parser().error("--processes must be at least 1")
-    try:
-        result: int = args.func(args)
-    except Exception as exc:
-        code = exit_code(exc)
-        if code is None:
-            raise
-        print(f"pgpubsub {args.command}: error: {exc}", file=sys.stderr)
-        return code
-    return result
+def _count(text: str) -> int:
+    n = int(text.replace(",", "").replace("_", ""))
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return n
 
 
 def exit_code(exc: BaseException) -> int | None:
@@ -292,15 +405,54 @@ def exit_code(exc: BaseException) -> int | None:
     from . import errors
 
     codes: list[tuple[type[BaseException], int]] = [
-        (errors.ConfigurationError, 2),
-        (errors.ChannelNotFound, 2),
-        (errors.InvalidChannelName, 2),
+        (UsageError, 2),
         (errors.DatabaseConnectionError, 3),
         (errors.SchemaMissing, 4),
         (errors.PermissionDenied, 5),
+        (errors.ConfigurationError, 6),
+        (errors.ChannelNotFound, 6),
+        (errors.InvalidChannelName, 6),
         (errors.PgPubSubError, 1),
     ]
     return next((code for cls, code in codes if isinstance(exc, cls)), None)
+
+
+def _hint(exc: BaseException, args: argparse.Namespace) -> str:
+    """What to do next, for failures whose message cannot know it."""
+    from . import errors
+
+    if isinstance(exc, errors.DatabaseConnectionError):
+        if not args.dsn and not any(k in os.environ for k in ("PGHOST", "PGDATABASE")):
+            return "no database given: pass --dsn or set PGPUBSUB_DSN"
+        return "check --dsn / PGPUBSUB_DSN, and that the server is running"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    args = p.parse_args(argv)
+    args.argv = argv
+    _logs.setup(args.log_level, args.log_format)
+    if args.command == "listen" and args.processes < 1:
+        p.error("--processes must be at least 1")
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        print(f"pgpubsub {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"pgpubsub {args.command}: error: {exc}", file=sys.stderr)
+        hint = _hint(exc, args)
+        if hint:
+            print(f"pgpubsub {args.command}: {hint}", file=sys.stderr)
+        return code
+    return result
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ __all__ = [
     "read_ready",
     "thread_connection",
     "translate",
+    "one_line",
+    "sqlstate",
     "worth_waiting",
 ]
 
@@ -180,11 +182,31 @@ def worth_waiting(exc: ConnectionFailed) -> bool:
     return not any(reason in text for reason in _PERMANENT)
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of an error's text (driver errors add context lines and carets)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+#: SQLSTATEs of a missing or outdated pgpubsub schema: undefined table, column,
+#: schema, function.
+SCHEMA_STATES = frozenset({"42P01", "42703", "3F000", "42883"})
+PRIVILEGE_STATE = "42501"
+
+
+def sqlstate(exc: BaseException | None) -> str | None:
+    """The SQLSTATE of a driver error (psycopg 3 or psycopg2), or of the error that caused it."""
+    while exc is not None:
+        state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+        if state:
+            return str(state)
+        exc = exc.__cause__
+    return None
+
+
 def _failed(exc: psycopg.Error) -> PgPubSubError:
     if isinstance(exc, psycopg.ProgrammingError):
         return ConfigurationError(f"invalid connection settings: {exc}")
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ConnectionFailed(f"cannot connect to PostgreSQL: {text}")
+    return ConnectionFailed(f"cannot connect to PostgreSQL: {one_line(exc)}")
 
 
 def connect(conninfo: str, *, autocommit: bool = True) -> Connection:
@@ -201,17 +223,10 @@ def translate(exc: psycopg.Error, doing: str) -> PgPubSubError:
     The message says what to do: ``pgpubsub migrate`` when the schema is
     missing, the privilege the server refused when one is.
     """
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = one_line(exc)
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return PermissionDenied(f"{doing}: {text} (see the privileges table in the README)")
-    if isinstance(
-        exc,
-        (
-            psycopg.errors.UndefinedTable,
-            psycopg.errors.InvalidSchemaName,
-            psycopg.errors.UndefinedFunction,
-        ),
-    ) and "pgpubsub" in str(exc):
+    if exc.sqlstate in SCHEMA_STATES and "pgpubsub" in f"{exc} {exc.diag.context or ''}":
         return SchemaMissing(
             f"{doing}: {text}: the pgpubsub schema is missing or outdated; run `pgpubsub migrate`"
         )

@@ -60,9 +60,10 @@ __all__ = [
 ]
 
 # Payloads travel as one text of JSON lines (see notify.NOTIFY_MANY_SQL).
+# ``trace``: the publisher's trace context (JSON, or NULL without OpenTelemetry).
 STORE_SQL = (
-    "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload) "
-    "SELECT %s, x FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x "
+    "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload, trace) "
+    "SELECT %s, x, %s::jsonb FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x "
     "RETURNING id) "
     "SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.pg_notify(%s, '') FROM ins"
 )
@@ -98,22 +99,25 @@ def migrate(dsn: str = "") -> None:
             raise driver.translate(exc, "installing the pgpubsub schema") from exc
 
 
-def store(conn: Any, spec: ChannelSpec, lines: str) -> list[int]:
+def store(conn: Any, spec: ChannelSpec, lines: str, trace: str | None = None) -> list[int]:
     """Insert messages in ``conn``'s transaction and wake the workers; return their ids.
 
     ``lines``: the encoded messages, one JSON document per line
-    (:meth:`ChannelSpec.encode_lines`). ``conn`` is any DB-API connection with
+    (:meth:`ChannelSpec.encode_lines`); ``trace``: the publish span's context
+    (:mod:`pgpubsub._tracing`). ``conn`` is any DB-API connection with
     ``cursor()`` (psycopg 3, psycopg2, Django's), so the messages join whatever
     transaction the caller is in.
     """
     with conn.cursor() as cur:
-        cur.execute(STORE_SQL, [spec.name, lines, spec.name])
+        cur.execute(STORE_SQL, [spec.name, trace, lines, spec.name])
         row = cur.fetchone()
     return list(row[0] or [])
 
 
-async def astore(conn: psycopg.AsyncConnection[Any], spec: ChannelSpec, lines: str) -> list[int]:
-    cur = await conn.execute(STORE_SQL, [spec.name, lines, spec.name])
+async def astore(
+    conn: psycopg.AsyncConnection[Any], spec: ChannelSpec, lines: str, trace: str | None = None
+) -> list[int]:
+    cur = await conn.execute(STORE_SQL, [spec.name, trace, lines, spec.name])
     row = await cur.fetchone()
     return list(row[0] or []) if row else []
 

@@ -7,12 +7,16 @@ folder that :meth:`EmbeddedServer.close` removes. The server listens on
 127.0.0.1 on a free port.
 
 PostgreSQL refuses to run as root. When run as root, the server runs as the
-``postgres`` system user if there is one, else as a ``pgpubsub`` user created
-with ``useradd``, and the folders above the binaries are made traversable by it.
+``postgres`` system user. By default nothing on the machine is changed: with no
+such user, or binaries that user cannot reach, :class:`EmbeddedServer` raises
+ConfigurationError saying what is needed. ``prepare=True`` (the test suite's
+choice on throwaway machines) creates a ``pgpubsub`` system user when there is
+no ``postgres`` one and makes the folders above the binaries traversable.
 """
 
 from __future__ import annotations
 
+import grp
 import importlib.util
 import os
 import pwd
@@ -54,7 +58,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_as_user() -> str | None:
+def _user(prepare: bool) -> str | None:
+    """The user the server runs as: None (this one) unless this is root."""
     if os.geteuid() != 0:
         return None
     for name in ("postgres", "pgpubsub"):
@@ -63,8 +68,30 @@ def _run_as_user() -> str | None:
             return name
         except KeyError:
             continue
+    if not prepare:
+        raise ConfigurationError(
+            "PostgreSQL does not run as root and this machine has no `postgres` user: "
+            "run this as another user, or give a server with --dsn / PGPUBSUB_DSN"
+        )
     subprocess.run(["useradd", "--system", "--no-create-home", "pgpubsub"], check=True)
     return "pgpubsub"
+
+
+def _blocked(path: Path, user: str) -> Path | None:
+    """The first folder above ``path`` that ``user`` cannot enter, if any."""
+    entry = pwd.getpwnam(user)
+    groups = {g.gr_gid for g in grp.getgrall() if user in g.gr_mem} | {entry.pw_gid}
+    for folder in [path, *path.parents]:
+        st = folder.stat()
+        if st.st_uid == entry.pw_uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return folder
+    return None
 
 
 def _make_traversable(path: Path) -> None:
@@ -82,15 +109,30 @@ class EmbeddedServer:
     as the ``postgres`` superuser over TCP.
     """
 
-    def __init__(self, bindir: str | os.PathLike[str] | None = None, port: int | None = None):
+    def __init__(
+        self,
+        bindir: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+        *,
+        prepare: bool = False,
+    ):
         self.bindir = find_bindir(bindir)
         self.port = port or _free_port()
-        self.user = _run_as_user()
+        self.user = _user(prepare)
+        if self.user:
+            blocked = _blocked(self.bindir, self.user)
+            if blocked is not None and not prepare:
+                raise ConfigurationError(
+                    f"PostgreSQL does not run as root, and the `{self.user}` user cannot reach "
+                    f"its binaries ({blocked} is closed to it): run this as another user, or "
+                    "give a server with --dsn / PGPUBSUB_DSN"
+                )
+            if blocked is not None:
+                _make_traversable(self.bindir)
         self._tmp = Path(tempfile.mkdtemp(prefix="pgpubsub-pg-"))
         self.datadir = self._tmp / "data"
         self.logfile = self._tmp / "server.log"
         if self.user:
-            _make_traversable(self.bindir)
             entry = pwd.getpwnam(self.user)
             self._tmp.chmod(0o755)
             os.chown(self._tmp, entry.pw_uid, entry.pw_gid)

@@ -57,7 +57,7 @@ import psycopg
 from psycopg import pq
 
 from . import driver
-from .backoff import Backoff
+from .backoff import Backoff, worth_logging
 from .dispatch import Subscription, handler_name
 from .driver import Notify
 from .errors import ConnectionFailed, ConnectionLost, DatabaseError, ListenerStateError
@@ -368,7 +368,8 @@ class Engine:
                     raise ConnectionFailed(
                         f"{exc} (gave up after {attempt} attempt(s))"
                     ) from exc.__cause__
-                log.warning(
+                log.log(
+                    logging.WARNING if worth_logging(attempt) else logging.DEBUG,
                     "%s attempt %d failed: %s; next in %.1fs",
                     "connection" if starting else "reconnect",
                     attempt,

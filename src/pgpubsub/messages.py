@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["StoredMessage", "get", "list_messages", "purge", "replay", "STATUSES"]
+__all__ = ["StoredMessage", "count", "get", "list_messages", "purge", "replay", "STATUSES"]
 
 STATUSES = ("pending", "dead", "done", "spill")
 _COLUMNS = (
@@ -63,6 +63,26 @@ def list_messages(
         (_status(status), status, channel, channel, limit),
     )
     return [StoredMessage(*r) for r in rows]
+
+
+def count(
+    conn: Any,
+    statuses: tuple[str, ...] | list[str],
+    channel: str | None = None,
+    older_than: float | None = None,
+    ids: list[int] | None = None,
+) -> int:
+    """How many stored messages :func:`replay` or :func:`purge` with these filters would change."""
+    rows = _rows(
+        conn,
+        "SELECT pg_catalog.count(*) FROM pgpubsub.message WHERE status = ANY(%s) "
+        "AND (%s::text IS NULL OR channel = %s) "
+        "AND (%s::float8 IS NULL OR "
+        "created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)) "
+        "AND (%s::bigint[] IS NULL OR id = ANY(%s))",
+        ([_status(s) for s in statuses], channel, channel, older_than, older_than, ids, ids),
+    )
+    return int(rows[0][0])
 
 
 def get(conn: Any, message_id: int) -> StoredMessage | None:

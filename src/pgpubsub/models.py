@@ -28,6 +28,7 @@ class Notification(models.Model):
     run_at = models.DateTimeField(default=timezone.now)
     last_error = models.TextField(null=True)
     context = models.JSONField(null=True)
+    trace = models.JSONField(null=True)  # the publisher's OpenTelemetry context
     created_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from . import driver, integration
+from . import _tracing, driver, integration
 from .channel import ChannelSpec, resolve_channel
 from .durable import astore, store
 from .errors import ConfigurationError
@@ -70,12 +70,13 @@ def _execute(conn: Any, query: str, params: list[Any]) -> None:
 
 
 @contextmanager
-def _publishing(spec: ChannelSpec) -> Iterator[None]:
-    """Driver errors while publishing on ``spec`` become pgpubsub errors."""
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise driver.translate(exc, f"publishing on {spec.path}") from exc
+def _publishing(spec: ChannelSpec, count: int = 1) -> Iterator[str | None]:
+    """A publish span (yielding its trace context); driver errors become pgpubsub errors."""
+    with _tracing.publishing(spec.name, count) as trace:
+        try:
+            yield trace
+        except psycopg.Error as exc:
+            raise driver.translate(exc, f"publishing on {spec.path}") from exc
 
 
 def notify(channel: type[Any] | str, /, *, conn: Any = None, **fields: Any) -> Any:
@@ -83,9 +84,9 @@ def notify(channel: type[Any] | str, /, *, conn: Any = None, **fields: Any) -> A
     spec = resolve_channel(channel)
     payload, _ = _payloads(spec, [fields], plain=not spec.lock)
     conn = default_connection() if conn is None else conn
-    with _publishing(spec):
+    with _publishing(spec) as trace:
         if spec.lock:
-            return store(conn, spec, payload)[0]
+            return store(conn, spec, payload, trace)[0]
         _execute(conn, NOTIFY_SQL, [spec.name, payload])
     return None
 
@@ -97,9 +98,9 @@ def notify_many(channel: type[Any] | str, messages: Iterable[Any], *, conn: Any 
     if not count:
         return 0
     conn = default_connection() if conn is None else conn
-    with _publishing(spec):
+    with _publishing(spec, count) as trace:
         if spec.lock:
-            return len(store(conn, spec, lines))
+            return len(store(conn, spec, lines, trace))
         _execute(conn, NOTIFY_MANY_SQL, [spec.name, lines])
     return count
 
@@ -110,8 +111,8 @@ async def anotify(
     """:func:`notify` on an async psycopg connection."""
     spec = resolve_channel(channel)
     payload, _ = _payloads(spec, [fields], plain=not spec.lock)
-    with _publishing(spec):
+    with _publishing(spec) as trace:
         if spec.lock:
-            return (await astore(conn, spec, payload))[0]
+            return (await astore(conn, spec, payload, trace))[0]
         await conn.execute(NOTIFY_SQL, [spec.name, payload])
     return None

@@ -18,8 +18,10 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from .backoff import Backoff
+from . import _metrics, _tracing
+from .backoff import Backoff, worth_logging
 from .channel import ChannelSpec
+from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
 from .errors import SchemaMismatch
 from .listen import ListenerSpec
 from .session import Session
@@ -49,7 +51,7 @@ UPDATE pgpubsub.message m SET
             'the process handling it stopped before it completed, %%s times', m.attempts)
         ELSE m.last_error END
 FROM due WHERE m.id = due.id
-RETURNING m.id, m.payload, m.attempts, m.status
+RETURNING m.id, m.payload, m.attempts, m.status, m.trace
 """
 LOCK_SQL = "SELECT id, attempts FROM pgpubsub.message WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED"
 DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
@@ -121,8 +123,17 @@ class ChannelProcessor:
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.processed = 0
-        self.failed = 0
+        self.processed = 0  # messages completed
+        self.failed = 0  # attempts that raised
+        self.claimed = 0  # attempts started (claims)
+        self.dead = 0  # messages that ran out of attempts here
+        metrics = _metrics.metrics()
+        self._observe = (
+            metrics.handler_duration.labels(spec.name).observe if metrics is not None else None
+        )
+        self._claim_batch = (
+            metrics.claim_batch.labels(spec.name).observe if metrics is not None else None
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"pgpubsub-durable:{spec.name}", daemon=True
@@ -171,21 +182,31 @@ class ChannelProcessor:
             except Exception as exc:
                 wait = RECONNECT.delay(failures)
                 failures += 1
-                if not self.session.broken(exc):
-                    log.exception("durable channel %s: unexpected error", self.spec.name)
-                else:
-                    log.warning(
-                        "durable channel %s: database unavailable (%s); trying again in %.1fs",
-                        self.spec.name,
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
-                        wait,
-                    )
+                self._trouble(exc, wait, failures)
                 self.session.close()
             self.wake.wait(wait)
             self.wake.clear()
         self.session.close()
         if self._loop is not None:
             self._loop.close()
+
+    def _trouble(self, exc: Exception, wait: float, failures: int) -> None:
+        """Log a failed round: a known cause in one line, anything else with its traceback.
+
+        The waits grow (up to 10 s), so an outage or a missing schema is not a log storm.
+        """
+        name = self.spec.name
+        if self.session.broken(exc):
+            why = f"database unavailable ({one_line(exc)})"
+        elif sqlstate(exc) in SCHEMA_STATES:
+            why = f"the schema is missing or outdated ({one_line(exc)}); run `pgpubsub migrate`"
+        elif sqlstate(exc) == PRIVILEGE_STATE:
+            why = f"permission denied ({one_line(exc)}); see `pgpubsub grant ROLE --worker`"
+        else:
+            log.exception("durable channel %s: unexpected error; trying again in %.1fs", name, wait)
+            return
+        level = logging.WARNING if worth_logging(failures) else logging.DEBUG
+        log.log(level, "durable channel %s: %s; trying again in %.1fs", name, why, wait)
 
     def _call(self, listener: ListenerSpec, message: Any) -> None:
         result = listener.call(message)
@@ -194,7 +215,20 @@ class ChannelProcessor:
                 self._loop = asyncio.new_event_loop()
             self._loop.run_until_complete(result)
 
-    def _handle(self, payload: str) -> None:
+    def _handle(self, row: tuple[Any, ...]) -> None:
+        """Run the listeners of one claimed row ``(id, payload, attempt, trace)``."""
+        if self._observe is None and not _tracing.enabled():
+            self._run_listeners(row[1])
+            return
+        started = time.perf_counter()
+        try:
+            with _tracing.processing(self.spec.name, row[0], row[2], row[3]):
+                self._run_listeners(row[1])
+        finally:
+            if self._observe is not None:
+                self._observe(time.perf_counter() - started)
+
+    def _run_listeners(self, payload: str) -> None:
         message = self.spec.decode(payload)
         for listener in self.listeners:
             if listener.accepts(message):
@@ -214,9 +248,13 @@ class ChannelProcessor:
 
     def _batch(self) -> int:
         claimed = self._claim()
+        self.claimed += len(claimed)
+        if claimed and self._claim_batch is not None:
+            self._claim_batch(len(claimed))
         rows = []
-        for mid, payload, attempts, status in sorted(claimed):
+        for mid, payload, attempts, status, trace in sorted(claimed, key=lambda r: r[0]):
             if status == "dead":
+                self.dead += 1
                 log.error(
                     "message %s on %s is dead: its worker stopped during each of %d attempts",
                     mid,
@@ -225,7 +263,7 @@ class ChannelProcessor:
                     extra={"channel": self.spec.name, "message_id": mid, "attempt": attempts},
                 )
             else:
-                rows.append((mid, payload, attempts))
+                rows.append((mid, payload, attempts, trace))
         if rows:
             started = time.monotonic()
             self._process(rows)
@@ -247,8 +285,8 @@ class ChannelProcessor:
                     # Fast path: the whole batch in one savepoint, its statements
                     # pipelined (listeners' writes do not wait for a round trip).
                     with session.pipeline(), session.atomic():
-                        for failed_at, (_, payload, _) in enumerate(rows):  # noqa: B007
-                            self._handle(payload)
+                        for failed_at, row in enumerate(rows):  # noqa: B007
+                            self._handle(row)
                         self._complete([r[0] for r in rows])
                     self.processed += len(rows)
                 except Exception as exc:
@@ -267,12 +305,13 @@ class ChannelProcessor:
         self, rows: list[tuple[Any, ...]], failed_at: int | None, first_error: Exception
     ) -> None:
         done = []
-        for index, (mid, payload, attempts) in enumerate(rows):
+        for index, row in enumerate(rows):
+            mid, _, attempts, _ = row
             try:
                 if index == failed_at:
                     raise first_error
                 with self.session.atomic():
-                    self._handle(payload)
+                    self._handle(row)
                 done.append(mid)
             except Exception as exc:
                 self._failed(mid, attempts, exc)
@@ -287,6 +326,7 @@ class ChannelProcessor:
         limit = attempt if isinstance(exc, SchemaMismatch) else self.max_attempts
         self.session.execute(RETRY_SQL, (error, delay, limit, mid))
         final = attempt >= limit
+        self.dead += final
         log.log(
             logging.ERROR if final else logging.WARNING,
             "message %s on %s failed (attempt %d of %d): %r%s",

@@ -18,6 +18,7 @@ and import the user's modules themselves) and watches them.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -26,9 +27,18 @@ from types import FrameType
 
 from .backoff import Backoff
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "supervised"]
 
 log = logging.getLogger("pgpubsub.supervisor")
+
+#: Set in the environment of the children: the supervisor checked the
+#: configuration and serves the metrics.
+CHILD_ENV = "PGPUBSUB_SUPERVISED"
+
+
+def supervised() -> bool:
+    """Whether this process is a worker started by a supervisor."""
+    return os.environ.get(CHILD_ENV) == "1"
 
 
 @dataclass
@@ -61,7 +71,7 @@ class Supervisor:
         self._stopping = False
 
     def _spawn(self, slot: _Slot) -> None:
-        slot.proc = subprocess.Popen(self.argv)
+        slot.proc = subprocess.Popen(self.argv, env={**os.environ, CHILD_ENV: "1"})
         slot.started = time.monotonic()
         log.info("started worker %d (pid %d)", slot.index, slot.proc.pid)
 
@@ -71,10 +81,12 @@ class Supervisor:
     def run(self) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            log.info("supervisor starting %d worker process(es)", len(self.slots))
             for slot in self.slots:
                 self._spawn(slot)
             status = self._watch()
             self._shutdown()
+            log.info("supervisor stopped")
             return status
         finally:
             for s, handler in previous.items():
@@ -119,6 +131,9 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         live = [s.proc for s in self.slots if s.proc is not None]
+        log.info(
+            "stopping %d worker process(es); they have %.0fs to finish", len(live), self.grace
+        )
         for proc in live:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.grace

@@ -14,13 +14,17 @@ worker (:mod:`pgpubsub.durable`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import driver
+from . import _metrics, driver
+from ._heartbeat import Heartbeat, version
 from .channel import ChannelSpec, TriggerChannel
+from .dispatch import Subscription
 from .driver import Notify
 from .durable import DurableRunner
 from .engine import Engine, Status
@@ -91,11 +95,39 @@ def _plain_handler(listener: ListenerSpec, conninfo: str) -> Callable[[Notify], 
     return handle
 
 
+def _timed(handler: Callable[[Notify], Any], observe: Callable[[float], None]) -> Any:
+    """``handler``, its duration observed (only when metrics are enabled)."""
+    if asyncio.iscoroutinefunction(handler):
+
+        async def timed_async(msg: Notify) -> None:
+            started = time.perf_counter()
+            try:
+                await handler(msg)
+            finally:
+                observe(time.perf_counter() - started)
+
+        timed_async.__qualname__ = handler.__qualname__
+        return timed_async
+
+    def timed(msg: Notify) -> None:
+        started = time.perf_counter()
+        try:
+            handler(msg)
+        finally:
+            observe(time.perf_counter() - started)
+
+    timed.__qualname__ = handler.__qualname__
+    return timed
+
+
 class Worker:
     """Listens to ``channels`` (default: every registered channel) and runs their listeners.
 
     Stored messages of durable channels are always processed at start;
     ``recover`` (the seed's ``--recover``) is accepted and changes nothing.
+    While it runs, the worker keeps its row in the worker registry
+    (``pgpubsub status``; ``register=False`` to stay out of it) and, when
+    :mod:`pgpubsub._metrics` are enabled, its Prometheus counters.
     """
 
     def __init__(
@@ -106,23 +138,38 @@ class Worker:
         registry: Registry = registry,
         recover: bool = False,
         session_factory: Callable[[], Session] | None = None,
+        register: bool = True,
         **engine_options: Any,
     ):
         self.registry = registry
         self.channels = channels if channels is not None else registry.channels()
         self.session_factory = session_factory
         self.engine = Engine(dsn, **engine_options)
+        self.heartbeat = (
+            Heartbeat(self.engine.conninfo, [c.name for c in self.channels], self.totals)
+            if register
+            else None
+        )
+        self._plain: list[Subscription] = []
         self._durable: DurableRunner | None = None
-        self._janitor: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         plain = [c for c in self.channels if not c.lock]
         durable = [c for c in self.channels if c.lock]
+        log.info(
+            "worker starting: pgpubsub %s, %d channel(s) (%d durable)",
+            version(),
+            len(self.channels),
+            len(durable),
+        )
+        metrics = _metrics.metrics()
         for spec in plain:
             for listener in self.registry.listeners(spec):
-                await self.engine.subscribe(
-                    spec.name, _plain_handler(listener, self.engine.conninfo)
-                )
+                handler = _plain_handler(listener, self.engine.conninfo)
+                if metrics is not None:
+                    handler = _timed(handler, metrics.handler_duration.labels(spec.name).observe)
+                self._plain.append(await self.engine.subscribe(spec.name, handler))
         await self.engine.start()
         if durable:
             self._durable = DurableRunner(
@@ -131,8 +178,48 @@ class Worker:
             await self._durable.start()
         spilling = [c.name for c in plain if issubclass(c.cls, TriggerChannel)]
         if spilling:
-            self._janitor = asyncio.create_task(self._purge_spills(spilling))
-        log.info("worker listening on %s", ", ".join(c.path for c in self.channels) or "nothing")
+            self._tasks.append(asyncio.create_task(self._purge_spills(spilling)))
+        if self.heartbeat is not None:
+            self._tasks.append(asyncio.create_task(self.heartbeat.run()))
+        if metrics is not None:
+            self._tasks.append(asyncio.create_task(self._sync_metrics(metrics)))
+        log.info(
+            "worker listening on %d channel(s): %s",
+            len(self.channels),
+            ", ".join(c.path for c in self.channels) or "nothing",
+        )
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """This worker's totals since it started: ``{(counter, channel): n}``."""
+        out: dict[tuple[str, str], int] = {("reconnects", ""): self.engine.reconnects}
+        for sub in self._plain:
+            channel = sub.channel or ""
+            for name, n in (
+                ("delivered", sub.delivered),
+                ("processed", sub.delivered - sub.errors),
+                ("failed", sub.errors),
+            ):
+                out[(name, channel)] = out.get((name, channel), 0) + n
+        for proc in self._durable.processors if self._durable is not None else []:
+            channel = proc.spec.name
+            out[("delivered", channel)] = proc.claimed
+            out[("processed", channel)] = proc.processed
+            out[("failed", channel)] = proc.failed
+            out[("dead", channel)] = proc.dead
+        return out
+
+    def totals(self) -> tuple[int, int]:
+        """Messages processed and failed by this worker, every channel together."""
+        counts = self.counts()
+        return (
+            sum(n for (name, _), n in counts.items() if name == "processed"),
+            sum(n for (name, _), n in counts.items() if name == "failed"),
+        )
+
+    async def _sync_metrics(self, metrics: _metrics.Metrics, every: float = 1.0) -> None:
+        while True:
+            metrics.sync(self.counts())
+            await asyncio.sleep(every)
 
     async def _purge_spills(self, channels: list[str], every: float = 60.0) -> None:
         """Delete the wide events of plain trigger channels once their listeners had them."""
@@ -151,16 +238,28 @@ class Worker:
         return WorkerStatus(self.engine.status(), tuple(p.status() for p in durable))
 
     async def stop(self, timeout: float = 10.0) -> None:
-        if self._janitor is not None:
-            self._janitor.cancel()
+        log.info("worker draining: finishing the messages in hand (up to %.0fs)", timeout)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
         if self._durable is not None:
             await self._durable.stop(timeout)
         await self.engine.stop(timeout)
+        metrics = _metrics.metrics()
+        if metrics is not None:
+            metrics.sync(self.counts())
+        if self.heartbeat is not None:
+            await self.heartbeat.remove()
+        processed, failed = self.totals()
+        log.info("worker stopped: %d message(s) processed, %d failed", processed, failed)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Start, run until ``stop`` is set, then stop gracefully."""
+    async def run(self, stop: asyncio.Event, grace: float = 10.0) -> None:
+        """Start, run until ``stop`` is set, then stop gracefully within ``grace`` seconds."""
         await self.start()
         try:
             await stop.wait()
         finally:
-            await self.stop()
+            await self.stop(grace)

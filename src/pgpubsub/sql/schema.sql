@@ -37,6 +37,34 @@ CREATE INDEX IF NOT EXISTS message_claim_idx
 CREATE INDEX IF NOT EXISTS message_kept_idx
     ON pgpubsub.message (channel, status, created_at) WHERE status IN ('done', 'spill');
 
+-- OpenTelemetry: the trace context of the publish (W3C traceparent headers),
+-- so the span of the worker that handles the message joins the publisher's trace.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS trace jsonb;
+
+-- Live workers (`pgpubsub status`): each worker process registers here at
+-- start, heartbeats every few seconds with its counts, and removes its row
+-- when it stops; a row whose heartbeat stopped is a worker that is gone.
+CREATE TABLE IF NOT EXISTS pgpubsub.worker (
+    id          text        PRIMARY KEY,
+    host        text        NOT NULL,
+    pid         integer     NOT NULL,
+    version     text        NOT NULL,
+    channels    text[]      NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    last_seen   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    processed   bigint      NOT NULL DEFAULT 0,
+    failed      bigint      NOT NULL DEFAULT 0
+);
+
+-- The schema's version (one row): `pgpubsub status` compares it with the
+-- version the installed library expects. Never lowered by an older library.
+CREATE TABLE IF NOT EXISTS pgpubsub.version (
+    one      boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version  integer NOT NULL
+);
+INSERT INTO pgpubsub.version (one, version) VALUES (true, 2)
+    ON CONFLICT (one) DO UPDATE SET version = GREATEST(pgpubsub.version.version, EXCLUDED.version);
+
 -- The JSON of one row event of a trigger channel.
 CREATE OR REPLACE FUNCTION pgpubsub.event(
     operation text, tg_when text, tbl text, old_row jsonb, new_row jsonb

@@ -14,7 +14,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from pgpubsub.cli import listen_options, log_options, serve, setup_logging
+from pgpubsub import _logs
+from pgpubsub.cli import listen_options, log_options, preflight, serve
 
 
 class Command(BaseCommand):
@@ -25,28 +26,38 @@ class Command(BaseCommand):
         log_options(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        setup_logging(options["log_level"], options["log_format"])
+        _logs.setup(options["log_level"], options["log_format"])
         if options["processes"] < 1:
             self.stderr.write("--processes must be at least 1")
             sys.exit(2)
         if options["worker"]:
             sys.exit(self.work(options))
-        from pgpubsub.supervisor import Supervisor
+        from pgpubsub.cli import supervise
+        from pgpubsub.djangodb import django_conninfo
+        from pgpubsub.listen import registry
 
+        channels = registry.select(options["channels"])
+        preflight(django_conninfo(), channels)
         argv = [sys.executable, sys.argv[0], *sys.argv[1:], "--worker"]
-        sys.exit(Supervisor(argv, options["processes"], grace=options["grace"]).run())
+        sys.exit(supervise(argv, options, django_conninfo(), channels))
 
     def work(self, options: dict[str, Any]) -> int:
+        from pgpubsub.cli import start_metrics
         from pgpubsub.djangodb import DjangoSession, django_conninfo
         from pgpubsub.listen import registry
+        from pgpubsub.supervisor import supervised
         from pgpubsub.worker import Worker
 
         channels = registry.select(options["channels"])
+        start_metrics(options["metrics_port"], options["metrics_host"], django_conninfo(), channels)
+        if not supervised():
+            preflight(django_conninfo(), channels)
         return serve(
             lambda: Worker(
                 django_conninfo(),
                 channels=channels,
                 recover=options["recover"],
                 session_factory=DjangoSession,
-            )
+            ),
+            options["grace"],
         )

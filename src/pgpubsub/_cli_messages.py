@@ -1,0 +1,152 @@
+"""``pgpubsub messages list|show|replay|purge``: stored messages from the command line.
+
+Replay without a filter and every purge change many rows: on a terminal they
+ask first, elsewhere they need ``--yes``; ``--dry-run`` says how many
+messages they would change and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from typing import Any
+
+import psycopg
+
+from . import driver, messages
+from .errors import ConfigurationError, PgPubSubError
+
+__all__ = ["add_parser"]
+
+EXAMPLES = """examples:
+  pgpubsub messages list                         dead messages, oldest first
+  pgpubsub messages list --status pending --channel orders
+  pgpubsub messages show 42 43                   payload, error and traceback
+  pgpubsub messages replay 42                    run message 42 again
+  pgpubsub messages replay --channel orders      every dead message of a channel
+  pgpubsub messages purge --older-than 604800 --dry-run
+"""
+
+
+class NotFound(PgPubSubError):
+    """A message id names no stored message (exit 1)."""
+
+
+def _confirm(args: argparse.Namespace, what: str) -> bool:
+    """Whether to go on with a destructive action on ``what`` (refusal explained)."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ConfigurationError(f"refusing to {what} without --yes (stdin is not a terminal)")
+    answer = input(f"{what}? [y/N] ").strip().lower()
+    return answer in ("y", "yes")
+
+
+def _list(conn: Any, args: argparse.Namespace) -> int:
+    status = None if args.status == "any" else args.status
+    found = messages.list_messages(conn, status, args.channel, args.limit)
+    if not found:
+        where = f" on channel {args.channel!r}" if args.channel else ""
+        print(f"no {'' if status is None else status + ' '}messages{where}")
+        return 0
+    print("id\tstatus\tchannel\tattempts\tcreated (UTC)\tlast error")
+    for m in found:
+        error = (m.last_error or "").strip().splitlines()[-1:] or [""]
+        created = m.created_at.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{m.id}\t{m.status}\t{m.channel}\t{m.attempts}\t{created}\t{error[0]}")
+    if len(found) == args.limit:
+        print(f"(the first {args.limit}; --limit shows more)", file=sys.stderr)
+    return 0
+
+
+def _show(conn: Any, args: argparse.Namespace) -> int:
+    if not args.ids:
+        raise ConfigurationError("show needs message ids: pgpubsub messages show ID [ID ...]")
+    found = {i: messages.get(conn, i) for i in args.ids}
+    shown = [m.__dict__ for m in found.values() if m is not None]
+    if shown:
+        print(json.dumps(shown, default=str, indent=2))
+    missing = [str(i) for i, m in found.items() if m is None]
+    if missing:
+        raise NotFound(f"no stored message with id {', '.join(missing)}")
+    return 0
+
+
+def _replay(conn: Any, args: argparse.Namespace) -> int:
+    statuses = ("dead", "pending") if args.status == "any" else (args.status,)
+    if args.dry_run:
+        n = messages.count(conn, statuses, args.channel, ids=args.ids or None)
+        print(f"would replay {n} message(s)")
+        return 0
+    if not args.ids and not args.channel:
+        n = messages.count(conn, statuses, None)
+        if not n:
+            print("replayed 0 message(s)")
+            return 0
+        if not _confirm(args, f"replay all {n} {'/'.join(statuses)} message(s) of every channel"):
+            print("nothing replayed")
+            return 1
+    n = messages.replay(conn, args.ids or None, args.channel, statuses)
+    print(f"replayed {n} message(s)")
+    return 0
+
+
+def _purge(conn: Any, args: argparse.Namespace) -> int:
+    statuses = messages.STATUSES if args.status == "any" else (args.status,)
+    n = messages.count(conn, statuses, args.channel, args.older_than, args.ids or None)
+    if args.dry_run:
+        print(f"would purge {n} message(s)")
+        return 0
+    if not n:
+        print("purged 0 message(s)")
+        return 0
+    warning = " (not yet processed)" if "pending" in statuses else ""
+    if not _confirm(args, f"delete {n} {'/'.join(statuses)} message(s){warning}"):
+        print("nothing purged")
+        return 1
+    total = sum(
+        messages.purge(conn, status, args.channel, args.older_than, args.ids or None)
+        for status in statuses
+    )
+    print(f"purged {total} message(s)")
+    return 0
+
+
+ACTIONS = {"list": _list, "show": _show, "replay": _replay, "purge": _purge}
+
+
+def run(args: argparse.Namespace) -> int:
+    with driver.connect(driver.build_conninfo(args.dsn)) as conn:
+        try:
+            return ACTIONS[args.action](conn, args)
+        except psycopg.Error as exc:
+            raise driver.translate(exc, f"messages {args.action}") from exc
+
+
+def add_parser(sub: Any, common: Any) -> None:
+    msgs = sub.add_parser(
+        "messages",
+        help="list, show, replay or purge stored messages of durable channels",
+        description="Stored messages of durable channels (and spilled trigger rows).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(msgs)
+    msgs.add_argument("action", choices=list(ACTIONS), help="what to do")
+    msgs.add_argument("ids", nargs="*", type=int, metavar="ID", help="message ids")
+    msgs.add_argument(
+        "--status",
+        choices=[*messages.STATUSES, "any"],
+        default="dead",
+        help="which messages (default: dead)",
+    )
+    msgs.add_argument("--channel", help="PostgreSQL channel name (as `messages list` shows)")
+    msgs.add_argument("--limit", type=int, default=100, help="list at most this many (100)")
+    msgs.add_argument(
+        "--older-than", type=float, metavar="SECONDS", help="purge: only messages older than this"
+    )
+    msgs.add_argument("--dry-run", action="store_true", help="say how many, change nothing")
+    msgs.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    msgs.set_defaults(func=run)

@@ -1,0 +1,151 @@
+"""``pgpubsub status``: the database, the schema, each channel's queue and the live workers.
+
+``--check`` makes it a probe: exit 0 when healthy, 3 when the database is
+unreachable, 4 when the schema is missing or outdated, 1 when a due message
+has waited longer than ``--max-age`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from typing import Any
+
+from .errors import ConnectionFailed, PgPubSubError, SchemaMissing
+from .health import Health, status
+
+__all__ = ["CheckFailed", "add_parser"]
+
+EXAMPLES = """examples:
+  pgpubsub status                                 what runs, and what waits
+  pgpubsub status --json                          the same, for scripts
+  pgpubsub status --check --max-age 300           a probe: non-zero when unhealthy
+"""
+
+
+class CheckFailed(PgPubSubError):
+    """The database and schema are fine, but work waits too long (exit 1)."""
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _since(moment: datetime.datetime) -> str:
+    return _age((datetime.datetime.now(datetime.timezone.utc) - moment).total_seconds()) + " ago"
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print(health: Health) -> None:
+    print(f"database  ok (PostgreSQL {health.server_version})")
+    state = "ok" if health.schema_current else "OUTDATED: run `pgpubsub migrate`"
+    print(f"schema    version {health.schema_version} ({state})")
+    print()
+    if health.channels:
+        rows = [["channel", "pending", "due", "dead", "done", "oldest due"]]
+        rows += [
+            [
+                c.channel,
+                f"{c.pending:,}",
+                f"{c.due:,}",
+                f"{c.dead:,}",
+                f"{c.done:,}",
+                _age(c.oldest_due_age),
+            ]
+            for c in health.channels
+        ]
+        _table(rows)
+    else:
+        print("no stored messages")
+    print()
+    live = [w for w in health.workers if w.alive]
+    gone = len(health.workers) - len(live)
+    print(f"workers   {len(live)} live" + (f", {gone} gone" if gone else ""))
+    if health.workers:
+        rows = [
+            [
+                "host",
+                "pid",
+                "version",
+                "state",
+                "started",
+                "last seen",
+                "processed",
+                "failed",
+                "channels",
+            ]
+        ]
+        rows += [
+            [
+                w.host,
+                str(w.pid),
+                w.version,
+                "live" if w.alive else "GONE",
+                _since(w.started_at),
+                _since(w.last_seen),
+                f"{w.processed:,}",
+                f"{w.failed:,}",
+                ",".join(w.channels),
+            ]
+            for w in health.workers
+        ]
+        _table(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    health = status(args.dsn, timeout=args.timeout)
+    problems = health.problems(args.max_age)
+    if args.json:
+        print(json.dumps({**health.as_dict(), "problems": problems}, default=str, indent=2))
+    if args.check or not health.reachable or not health.schema_current:
+        if not health.reachable:
+            raise ConnectionFailed(problems[0])
+        if not health.schema_current:
+            raise SchemaMissing(problems[0])
+        if args.check and problems:
+            raise CheckFailed("; ".join(problems))
+    if not args.json:
+        if args.check:
+            print("ok")
+        else:
+            _print(health)
+    return 0
+
+
+def add_parser(sub: Any, common: Any) -> None:
+    sp = sub.add_parser(
+        "status",
+        help="database, schema, queues and live workers; --check for probes",
+        description="Database, schema, per-channel queues and the live workers.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(sp)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.add_argument(
+        "--check",
+        action="store_true",
+        help="print only `ok` or the problem; exit non-zero when unhealthy",
+    )
+    sp.add_argument(
+        "--max-age",
+        type=float,
+        metavar="SECONDS",
+        help="unhealthy when a due message has waited longer than this",
+    )
+    sp.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="connect and query timeout"
+    )
+    sp.set_defaults(func=run)

@@ -1,0 +1,111 @@
+"""A worker's row in ``pgpubsub.worker``: written at start, refreshed, removed at stop.
+
+Every ``every`` seconds the worker upserts its row (host, pid, version,
+channels, processed and failed counts, ``last_seen``). ``pgpubsub status``
+shows a row not refreshed for :data:`GONE_AFTER` seconds as a worker that is
+gone; rows unseen for a day are deleted by the next worker that starts.
+
+The registry is for operators: a worker runs the same without it. When the
+table is missing (schema not migrated) or the role may not write it, one
+warning says so and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from importlib import metadata
+
+import psycopg
+
+from . import driver
+from .errors import PgPubSubError
+
+__all__ = ["GONE_AFTER", "Heartbeat", "version"]
+
+log = logging.getLogger("pgpubsub.worker")
+
+#: Seconds without a heartbeat after which a worker is shown as gone.
+GONE_AFTER = 30.0
+
+UPSERT_SQL = (
+    "INSERT INTO pgpubsub.worker (id, host, pid, version, channels, processed, failed) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+    "last_seen = pg_catalog.now(), processed = EXCLUDED.processed, failed = EXCLUDED.failed"
+)
+FORGET_SQL = (
+    "DELETE FROM pgpubsub.worker WHERE id = %s "
+    "OR last_seen < pg_catalog.now() - pg_catalog.make_interval(days => 1)"
+)
+REMOVE_SQL = "DELETE FROM pgpubsub.worker WHERE id = %s"
+
+
+def version() -> str:
+    try:
+        return metadata.version("pgpubsub")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Heartbeat:
+    """Keeps this worker's row fresh while :meth:`run` runs."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        channels: list[str],
+        counts: Callable[[], tuple[int, int]],
+        every: float = 5.0,
+    ):
+        self.conninfo = conninfo
+        self.channels = channels
+        self.counts = counts
+        self.every = every
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._warned = False
+
+    def _row(self) -> tuple[object, ...]:
+        processed, failed = self.counts()
+        host, pid, _ = self.id.rsplit(":", 2)
+        return (self.id, host, int(pid), version(), self.channels, processed, failed)
+
+    async def run(self) -> None:
+        first = True
+        while True:
+            try:
+                conn = await driver.connect_async(self.conninfo)
+                async with conn:
+                    if first:
+                        await conn.execute(FORGET_SQL, (self.id,))
+                        first = False
+                    while True:
+                        await conn.execute(UPSERT_SQL, self._row())
+                        self._warned = False
+                        await asyncio.sleep(self.every)
+            except (psycopg.Error, PgPubSubError) as exc:
+                self._trouble(exc)
+            await asyncio.sleep(self.every)
+
+    def _trouble(self, exc: Exception) -> None:
+        cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(cause, (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)):
+            text = "pgpubsub.worker is missing: run `pgpubsub migrate` to show this worker"
+        elif isinstance(cause, psycopg.errors.InsufficientPrivilege):
+            text = f"{text} (`pgpubsub grant ROLE --worker` lets this role register)"
+        level = logging.DEBUG if self._warned else logging.WARNING
+        log.log(level, "worker registry: %s; `pgpubsub status` will not list this worker", text)
+        self._warned = True
+
+    async def remove(self, timeout: float = 2.0) -> None:
+        """Delete this worker's row (a clean stop); a failure only leaves it to age out."""
+        try:
+            conn = await asyncio.wait_for(driver.connect_async(self.conninfo), timeout)
+            async with conn:
+                await asyncio.wait_for(conn.execute(REMOVE_SQL, (self.id,)), timeout)
+        except Exception as exc:
+            log.debug("worker registry: could not remove %s: %s", self.id, exc)

@@ -1,0 +1,194 @@
+"""Prometheus metrics of a worker (``pgpubsub listen --metrics-port N``, ``pgpubsub[metrics]``).
+
+Counters (label ``channel``, the PostgreSQL channel name):
+
+========================================  ==============================================
+``pgpubsub_messages_delivered_total``     messages handed to listeners (plain), or
+                                          claimed (durable)
+``pgpubsub_messages_processed_total``     messages whose listeners completed
+``pgpubsub_messages_failed_total``        listener calls that raised (durable: attempts)
+``pgpubsub_messages_dead_total``          durable messages that ran out of attempts
+``pgpubsub_reconnects_total``             listening connections lost and made again
+========================================  ==============================================
+
+Histograms: ``pgpubsub_handler_duration_seconds`` (a message's listeners),
+``pgpubsub_claim_batch_size`` (messages per claim of a durable channel).
+Gauges read from the database at scrape time: ``pgpubsub_queue_depth`` (pending
+messages, ``due`` label true/false), ``pgpubsub_lag_seconds`` (age of the
+oldest due message), ``pgpubsub_database_up``.
+
+Counts are kept by the worker as plain integers (nothing added to the hot
+path) and copied into the Prometheus counters every second. Under the
+supervisor every child writes them to ``PROMETHEUS_MULTIPROC_DIR`` and the
+supervisor serves the sum of all children on one port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import ConfigurationError
+from .health import TIMEOUT_SQL
+
+__all__ = ["Metrics", "enable", "metrics", "serve"]
+
+log = logging.getLogger("pgpubsub.metrics")
+
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500)
+
+QUEUE_SQL = (
+    "SELECT channel, pg_catalog.count(*) FILTER (WHERE run_at <= pg_catalog.now()), "
+    "pg_catalog.count(*) FILTER (WHERE run_at > pg_catalog.now()), "
+    "pg_catalog.date_part('epoch', pg_catalog.now() - pg_catalog.min(run_at) "
+    "FILTER (WHERE run_at <= pg_catalog.now())) "
+    "FROM pgpubsub.message WHERE status = 'pending' AND channel = ANY(%s) GROUP BY channel"
+)
+
+
+def _client() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:
+        raise ConfigurationError(
+            "metrics need prometheus-client: pip install 'pgpubsub[metrics]'"
+        ) from None
+    return prometheus_client
+
+
+class Metrics:
+    """The worker's Prometheus counters and histograms (created once per process)."""
+
+    def __init__(self) -> None:
+        prom = _client()
+        by_channel = ["channel"]
+        self.delivered = prom.Counter(
+            "pgpubsub_messages_delivered", "Messages handed to listeners or claimed", by_channel
+        )
+        self.processed = prom.Counter(
+            "pgpubsub_messages_processed", "Messages whose listeners completed", by_channel
+        )
+        self.failed = prom.Counter(
+            "pgpubsub_messages_failed", "Listener calls that raised", by_channel
+        )
+        self.dead = prom.Counter(
+            "pgpubsub_messages_dead", "Durable messages that ran out of attempts", by_channel
+        )
+        self.reconnects = prom.Counter(
+            "pgpubsub_reconnects", "Listening connections lost and made again"
+        )
+        self.handler_duration = prom.Histogram(
+            "pgpubsub_handler_duration_seconds",
+            "Time the listeners of one message took",
+            by_channel,
+            buckets=DURATION_BUCKETS,
+        )
+        self.claim_batch = prom.Histogram(
+            "pgpubsub_claim_batch_size",
+            "Messages per claim of a durable channel",
+            by_channel,
+            buckets=BATCH_BUCKETS,
+        )
+        self._seen: dict[tuple[str, str], int] = {}
+
+    def sync(self, counts: dict[tuple[str, str], int]) -> None:
+        """Bring the counters up to the worker's totals ``{(counter, channel): total}``."""
+        for key, total in counts.items():
+            delta = total - self._seen.get(key, 0)
+            if delta > 0:
+                name, channel = key
+                counter = getattr(self, name)
+                (counter.labels(channel) if channel else counter).inc(delta)
+                self._seen[key] = total
+
+
+_metrics: Metrics | None = None
+
+
+def enable() -> Metrics:
+    """Create this process's metrics (idempotent)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = Metrics()
+    return _metrics
+
+
+def metrics() -> Metrics | None:
+    """This process's metrics, or None when they are not enabled."""
+    return _metrics
+
+
+class QueueCollector:
+    """Queue depth and lag of durable channels, read from the database at each scrape."""
+
+    def __init__(self, conninfo: str, channels: list[str], timeout: float = 2.0):
+        self.conninfo = conninfo
+        self.channels = channels
+        self.timeout = timeout
+
+    def collect(self) -> Iterator[Any]:
+        import psycopg
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("pgpubsub_database_up", "The database answered this scrape")
+        depth = GaugeMetricFamily(
+            "pgpubsub_queue_depth", "Pending messages", labels=["channel", "due"]
+        )
+        lag = GaugeMetricFamily(
+            "pgpubsub_lag_seconds", "Age of the oldest due message", labels=["channel"]
+        )
+        try:
+            with psycopg.connect(
+                self.conninfo, autocommit=True, connect_timeout=max(1, int(self.timeout))
+            ) as conn:
+                conn.execute(TIMEOUT_SQL, (str(int(self.timeout * 1000)),))
+                rows = {r[0]: r[1:] for r in conn.execute(QUEUE_SQL, (self.channels,))}
+        except psycopg.Error as exc:
+            log.debug("metrics: cannot read queue depth: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        for channel in self.channels:
+            due, later, oldest = rows.get(channel, (0, 0, None))
+            depth.add_metric([channel, "true"], due)
+            depth.add_metric([channel, "false"], later)
+            lag.add_metric([channel], max(0.0, oldest or 0.0))
+        yield from (up, depth, lag)
+
+
+def serve(port: int, conninfo: str, channels: list[str], host: str = "") -> Any:
+    """Serve this process's metrics (or all children's, in multi-process mode) on ``port``."""
+    prom = _client()
+    registry = prom.CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry = prom.REGISTRY
+    if channels:
+        registry.register(QueueCollector(conninfo, channels))
+    try:
+        server, _thread = prom.start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot serve metrics on port {port}: {exc}") from exc
+    log.info("serving Prometheus metrics on port %d", port)
+    return server
+
+
+class MultiprocessDir:
+    """The folder the supervisor's children write their metrics to (removed at the end)."""
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="pgpubsub-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.path
+
+    def close(self) -> None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""What ``pgpubsub status`` shows: :func:`status` and the :class:`Health` it returns.
+
+::
+
+    health = pgpubsub.status(dsn)
+    health.problems(max_age=300)   # [] when the database is reachable, the schema
+                                   # current and no due message waited over 300 s
+
+``status`` never raises for the conditions it reports: an unreachable
+database or a missing schema is in the result (``reachable``, ``schema_version``).
+Counts are exact (one aggregate over ``pgpubsub.message``).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+
+from . import driver
+from ._heartbeat import GONE_AFTER
+
+__all__ = ["SCHEMA_VERSION", "TIMEOUT_SQL", "ChannelCounts", "Health", "WorkerInfo", "status"]
+
+#: The schema version this library installs and expects (``pgpubsub.version``).
+SCHEMA_VERSION = 2
+
+COUNTS_SQL = """
+SELECT channel,
+    pg_catalog.count(*) FILTER (WHERE status = 'pending'),
+    pg_catalog.count(*) FILTER (WHERE status = 'pending' AND run_at <= pg_catalog.now()),
+    pg_catalog.count(*) FILTER (WHERE status = 'dead'),
+    pg_catalog.count(*) FILTER (WHERE status = 'done'),
+    pg_catalog.date_part('epoch', pg_catalog.now() - pg_catalog.min(run_at)
+        FILTER (WHERE status = 'pending' AND run_at <= pg_catalog.now()))
+FROM pgpubsub.message WHERE status <> 'spill' GROUP BY channel ORDER BY channel
+"""
+WORKERS_SQL = """
+SELECT id, host, pid, version, channels, started_at, last_seen, processed, failed,
+    last_seen >= pg_catalog.now() - pg_catalog.make_interval(secs => %s)
+FROM pgpubsub.worker ORDER BY host, pid
+"""
+VERSION_SQL = "SELECT version FROM pgpubsub.version"
+TIMEOUT_SQL = "SELECT pg_catalog.set_config('statement_timeout', %s, false)"
+# to_regclass: NULL instead of an error when the table is not there.
+TABLES_SQL = (
+    "SELECT pg_catalog.to_regclass('pgpubsub.message') IS NOT NULL, "
+    "pg_catalog.to_regclass('pgpubsub.version') IS NOT NULL, "
+    "pg_catalog.to_regclass('pgpubsub.worker') IS NOT NULL"
+)
+
+
+@dataclass(frozen=True)
+class ChannelCounts:
+    channel: str
+    pending: int  # waiting, due or not (retries and delayed messages included)
+    due: int  # pending and due now
+    dead: int
+    done: int  # kept for the channel's retention
+    oldest_due_age: float | None  # seconds the oldest due message has waited; None: none due
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    version: str
+    channels: tuple[str, ...]
+    started_at: datetime.datetime
+    last_seen: datetime.datetime
+    processed: int
+    failed: int
+    alive: bool  # heartbeat within GONE_AFTER seconds
+
+
+@dataclass(frozen=True)
+class Health:
+    reachable: bool
+    error: str | None  # why the database or the schema cannot be read
+    server_version: str | None
+    schema_version: int | None  # None: the schema is not installed
+    expected_version: int
+    channels: tuple[ChannelCounts, ...] = ()
+    workers: tuple[WorkerInfo, ...] = ()
+
+    @property
+    def schema_current(self) -> bool:
+        return self.schema_version is not None and self.schema_version >= self.expected_version
+
+    def problems(self, max_age: float | None = None) -> list[str]:
+        """What makes this unhealthy (empty when healthy); ``max_age``: seconds a due message
+        may wait."""
+        if not self.reachable:
+            return [f"database unreachable: {self.error}"]
+        if self.schema_version is None:
+            return ["the pgpubsub schema is not installed: run `pgpubsub migrate`"]
+        if not self.schema_current:
+            return [
+                f"the pgpubsub schema is at version {self.schema_version}, this library needs "
+                f"{self.expected_version}: run `pgpubsub migrate`"
+            ]
+        if max_age is None:
+            return []
+        return [
+            f"{c.channel}: the oldest due message has waited {c.oldest_due_age:.0f}s "
+            f"(more than {max_age:g}s)"
+            for c in self.channels
+            if c.oldest_due_age is not None and c.oldest_due_age > max_age
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["schema_current"] = self.schema_current
+        return data
+
+
+def status(dsn: str = "", *, timeout: float = 5.0) -> Health:
+    """Database, schema, per-channel counts and live workers (``pgpubsub status``)."""
+    conninfo = driver.build_conninfo(dsn)
+    try:
+        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=max(1, int(timeout)))
+    except psycopg.Error as exc:
+        return Health(False, driver.one_line(exc), None, None, SCHEMA_VERSION)
+    with conn:
+        try:
+            conn.execute(TIMEOUT_SQL, (str(int(timeout * 1000)),))
+            return _read(conn)
+        except psycopg.Error as exc:
+            raise driver.translate(exc, "reading the status") from exc
+
+
+def _read(conn: psycopg.Connection[Any]) -> Health:
+    server = conn.info.parameter_status("server_version")
+    row = conn.execute(TABLES_SQL).fetchone()
+    has_messages, has_version, has_workers = row if row else (False, False, False)
+    if not has_messages:
+        return Health(True, None, server, None, SCHEMA_VERSION)
+    version_row = conn.execute(VERSION_SQL).fetchone() if has_version else None
+    version = int(version_row[0]) if version_row else 1
+    channels = [ChannelCounts(*r) for r in conn.execute(COUNTS_SQL)]
+    workers = (
+        [
+            WorkerInfo(r[0], r[1], r[2], r[3], tuple(r[4]), r[5], r[6], r[7], r[8], r[9])
+            for r in conn.execute(WORKERS_SQL, (GONE_AFTER,))
+        ]
+        if has_workers
+        else []
+    )
+    known = {c.channel for c in channels}
+    for name in sorted({ch for w in workers if w.alive for ch in w.channels} - known):
+        channels.append(ChannelCounts(name, 0, 0, 0, 0, None))
+    return Health(True, None, server, version, SCHEMA_VERSION, tuple(channels), tuple(workers))
