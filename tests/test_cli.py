@@ -151,19 +151,3 @@ def test_sigterm_with_handler_in_flight_finishes_it(effects: str) -> None:
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(20) == 0
     assert admin_query(effects, "SELECT count(*) FROM effects") == [(1,)]
-
-
-@pytest.mark.acceptance
-def test_demo_runs_both_acts_on_a_configured_database_and_cleans_up(dsn: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "pgpubsub", "demo", "--messages", "2000", "--dsn", dsn],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "done: 2,000 of 2,000 delivered" in out.stdout
-    assert "rows written: 1,999 for 1,999 orders (each exactly once, by " in out.stdout
-    assert "dead: 1 after 3 attempts (ValueError: order 13 has no address)" in out.stdout
-    assert admin_query(dsn, "SELECT to_regclass('pgpubsub_demo_shipments')") == [(None,)]
-    assert admin_query(dsn, "SELECT count(*) FROM pgpubsub.message") == [(0,)]

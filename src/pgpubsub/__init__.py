@@ -11,6 +11,7 @@ Levels, from the wire up:
 * :mod:`pgpubsub.durable` - ``lock_notifications``: stored, exactly-once, retried messages;
   :mod:`pgpubsub.messages` - list, replay and purge them.
 * :mod:`pgpubsub.triggers` - ``TriggerChannel`` listeners: row events of a table.
+* :mod:`pgpubsub.health` - ``status()``: database, schema, queues and live workers.
 * Django: add ``pgpubsub`` (and ``pgtrigger``) to ``INSTALLED_APPS``; see :mod:`pgpubsub.apps`.
 """
 
@@ -37,6 +38,7 @@ from .errors import (
     SchemaMismatch,
     SchemaMissing,
 )
+from .health import Health, status
 from .listen import listener, registry
 from .notifier import Notifier
 from .notify import anotify, notify, notify_many
@@ -68,6 +70,7 @@ __all__ = [
     "ConnectionPool",
     "Engine",
     "Gap",
+    "Health",
     "Listener",
     "ListenerNotificationMsg",
     "Notifier",
@@ -96,9 +99,11 @@ __all__ = [
     "connect_async",
     "listener",
     "notify",
+
     "notify_many",
     "process_stored_notifications",
     "registry",
+    "status",
     "install_triggers",
     "post_delete_listener",
     "post_insert_listener",

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from . import driver, messages
-from .errors import ConfigurationError, PgPubSubError
+from ._cli_errors import NotFound, UsageError
 
 __all__ = ["add_parser"]
 
@@ -30,16 +30,12 @@ EXAMPLES = """examples:
 """
 
 
-class NotFound(PgPubSubError):
-    """A message id names no stored message (exit 1)."""
-
-
 def _confirm(args: argparse.Namespace, what: str) -> bool:
     """Whether to go on with a destructive action on ``what`` (refusal explained)."""
     if args.yes:
         return True
     if not sys.stdin.isatty():
-        raise ConfigurationError(f"refusing to {what} without --yes (stdin is not a terminal)")
+        raise UsageError(f"refusing to {what} without --yes (stdin is not a terminal)")
     answer = input(f"{what}? [y/N] ").strip().lower()
     return answer in ("y", "yes")
 
@@ -63,7 +59,7 @@ def _list(conn: Any, args: argparse.Namespace) -> int:
 
 def _show(conn: Any, args: argparse.Namespace) -> int:
     if not args.ids:
-        raise ConfigurationError("show needs message ids: pgpubsub messages show ID [ID ...]")
+        raise UsageError("show needs message ids: pgpubsub messages show ID [ID ...]")
     found = {i: messages.get(conn, i) for i in args.ids}
     shown = [m.__dict__ for m in found.values() if m is not None]
     if shown:

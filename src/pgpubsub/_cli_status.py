@@ -12,20 +12,17 @@ import datetime
 import json
 from typing import Any
 
-from .errors import ConnectionFailed, PgPubSubError, SchemaMissing
+from ._cli_errors import CheckFailed
+from .errors import ConnectionFailed, SchemaMissing
 from .health import Health, status
 
-__all__ = ["CheckFailed", "add_parser"]
+__all__ = ["add_parser"]
 
 EXAMPLES = """examples:
   pgpubsub status                                 what runs, and what waits
   pgpubsub status --json                          the same, for scripts
   pgpubsub status --check --max-age 300           a probe: non-zero when unhealthy
 """
-
-
-class CheckFailed(PgPubSubError):
-    """The database and schema are fine, but work waits too long (exit 1)."""
 
 
 def _age(seconds: float | None) -> str:

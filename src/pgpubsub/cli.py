@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _cli_messages, _cli_status, _logs
+from ._cli_errors import UsageError
 
 __all__ = ["main"]
 
@@ -276,10 +277,6 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="address for --metrics-port (default: every interface)",
     )
-
-
-class UsageError(Exception):
-    """The command line is wrong (exit 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
