@@ -202,7 +202,9 @@ def cmd_grant(args: argparse.Namespace) -> int:
 
     kinds = [k for k in KINDS if getattr(args, k)]
     if not kinds:
-        raise UsageError("say what the role is for: --publisher, --worker and/or --django-writer")
+        raise UsageError(
+            "say what the role is for: --publisher, --worker, --monitor and/or --django-writer"
+        )
     if args.sql:
         for statement in statements(args.role, kinds, args.revoke):
             print(f"{statement.as_string(None)};")
@@ -298,6 +300,7 @@ MIGRATE_EXAMPLES = """examples:
 GRANT_EXAMPLES = """examples:
   pgpubsub grant web_app --publisher
   pgpubsub grant jobs --worker --sql        print the statements only
+  pgpubsub grant probe --monitor            may run `pgpubsub status --check`
 """
 DEMO_EXAMPLES = """examples:
   pgpubsub demo                             an embedded PostgreSQL, removed at the end
@@ -364,12 +367,15 @@ def parser() -> argparse.ArgumentParser:
 
     grant = command(
         "grant",
-        "grant a role what it needs: --publisher, --worker, --django-writer",
+        "grant a role what it needs: --publisher, --worker, --monitor, --django-writer",
         GRANT_EXAMPLES,
     )
     grant.add_argument("role", help="the role (quoted as written)")
     grant.add_argument("--publisher", action="store_true", help="publishes on durable channels")
     grant.add_argument("--worker", action="store_true", help="runs listeners of durable channels")
+    grant.add_argument(
+        "--monitor", action="store_true", help="reads `pgpubsub status` (probes, dashboards)"
+    )
     grant.add_argument(
         "--django-writer",
         action="store_true",

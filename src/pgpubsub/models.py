@@ -28,9 +28,9 @@ class Notification(models.Model):
     run_at = models.DateTimeField(default=timezone.now)
     last_error = models.TextField(null=True)
     context = models.JSONField(null=True)
-    trace = models.JSONField(null=True)  # the publisher's OpenTelemetry context
     created_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True)
+    trace = models.JSONField(null=True)  # the publisher's OpenTelemetry context
 
     class Meta:
         managed = False

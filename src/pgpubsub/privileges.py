@@ -6,7 +6,10 @@ kind                      what it may do
 ``publisher``             publish on durable channels: INSERT into ``pgpubsub.message``, and
                           read back the ids it gets (not other messages' payloads)
 ``worker``                claim, complete, retry and purge stored messages (and read the
-                          spilled rows of plain trigger channels)
+                          spilled rows of plain trigger channels); keep its row in the
+                          worker registry
+``monitor``               read what ``pgpubsub status`` shows (queues, workers, the schema
+                          version): for probes and dashboards
 ``django_writer``         write to tables watched by Django trigger channels: django-pgtrigger
                           trigger functions run as the writer and call the pgpubsub helpers
 ========================  ==================================================================
@@ -38,6 +41,12 @@ KINDS: dict[str, tuple[str, ...]] = {
     "worker": (
         _SCHEMA,
         "GRANT SELECT, UPDATE, DELETE ON pgpubsub.message TO {role}",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.worker TO {role}",
+        "GRANT SELECT ON pgpubsub.version TO {role}",
+    ),
+    "monitor": (
+        _SCHEMA,
+        "GRANT SELECT ON pgpubsub.message, pgpubsub.worker, pgpubsub.version TO {role}",
     ),
     "django_writer": (
         _SCHEMA,
@@ -56,8 +65,8 @@ def statements(role: str, kinds: list[str], revoke: bool = False) -> list[sql.Co
     """The GRANT (or REVOKE) statements for ``role`` and ``kinds``, in order, without repeats."""
     if not kinds:
         raise ConfigurationError(
-            f"say what {role!r} is for: publisher, worker and/or django_writer"
-            " (--publisher, --worker, --django-writer)"
+            f"say what {role!r} is for: publisher, worker, monitor and/or django_writer"
+            " (--publisher, --worker, --monitor, --django-writer)"
         )
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
