@@ -11,7 +11,9 @@ Counters (label ``channel``, the PostgreSQL channel name):
 ``pgpubsub_reconnects_total``             listening connections lost and made again
 ========================================  ==============================================
 
-Histograms: ``pgpubsub_handler_duration_seconds`` (a message's listeners),
+Histograms: ``pgpubsub_handler_duration_seconds`` (each run of a message's
+listeners; when a listener in a durable batch raises, the batch is rolled back
+and its other messages run again, one savepoint each, and are timed again),
 ``pgpubsub_claim_batch_size`` (messages per claim of a durable channel).
 Gauges read from the database at scrape time: ``pgpubsub_queue_depth`` (pending
 messages, ``due`` label true/false), ``pgpubsub_lag_seconds`` (age of the
