@@ -99,7 +99,6 @@ __all__ = [
     "connect_async",
     "listener",
     "notify",
-
     "notify_many",
     "process_stored_notifications",
     "registry",

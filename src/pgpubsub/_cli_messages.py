@@ -1,8 +1,8 @@
-"""``pgpubsub messages list|show|replay|purge``: stored messages from the command line.
+"""``pgpubsub messages list|show|replay|cancel|purge``: stored messages from the command line.
 
-Replay without a filter and every purge change many rows: on a terminal they
-ask first, elsewhere they need ``--yes``; ``--dry-run`` says how many
-messages they would change and changes nothing.
+Replay without a filter, cancel of a whole channel and every purge change
+many rows: on a terminal they ask first, elsewhere they need ``--yes``;
+``--dry-run`` says how many messages they would change and changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   pgpubsub messages show 42 43                   payload, error and traceback
   pgpubsub messages replay 42                    run message 42 again
   pgpubsub messages replay --channel orders      every dead message of a channel
+  pgpubsub messages cancel 44                    a pending message never runs
   pgpubsub messages purge --older-than 604800 --dry-run
 """
 
@@ -110,7 +111,22 @@ def _purge(conn: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-ACTIONS = {"list": _list, "show": _show, "replay": _replay, "purge": _purge}
+def _cancel(conn: Any, args: argparse.Namespace) -> int:
+    if not args.ids and not args.channel:
+        raise UsageError("cancel needs message ids or --channel")
+    if args.dry_run:
+        n = messages.count(conn, ("pending",), args.channel, ids=args.ids or None)
+        print(f"would cancel {n} message(s)")
+        return 0
+    if not args.ids and not _confirm(args, f"cancel every pending message of {args.channel}"):
+        print("nothing cancelled")
+        return 1
+    n = messages.cancel(conn, args.ids or None, args.channel)
+    print(f"cancelled {n} message(s)")
+    return 0
+
+
+ACTIONS = {"list": _list, "show": _show, "replay": _replay, "purge": _purge, "cancel": _cancel}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: Any, common: Any) -> None:
     msgs = sub.add_parser(
         "messages",
-        help="list, show, replay or purge stored messages of durable channels",
+        help="list, show, replay, cancel or purge stored messages of durable channels",
         description="Stored messages of durable channels (and spilled trigger rows).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

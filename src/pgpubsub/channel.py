@@ -28,8 +28,9 @@ fields::
         order_id: int
 
 Channel options (class keywords, or class attributes of the same name):
-``lock_notifications``, ``max_attempts``, ``retry_delay``, ``retry_max_delay``
-and ``retention`` (durable channels, :mod:`pgpubsub.durable`).
+``lock_notifications``, ``max_attempts``, ``retry_delay``, ``retry_max_delay``,
+``retention``, ``concurrency``, ``max_in_flight``, ``schedule`` and
+``timezone`` (durable channels, :mod:`pgpubsub.durable`).
 :class:`TriggerChannel` channels carry the row events of a table.
 
 ``lock_notifications = True`` as a class attribute (the django-pgpubsub
@@ -48,12 +49,23 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from ._cron import check as check_schedule
 from .errors import ChannelNotFound, ConfigurationError, SchemaMismatch
 from .names import MAX_NAME_BYTES, validate_channel
 
 __all__ = ["Channel", "ChannelSpec", "TriggerChannel", "resolve_channel", "spec_of"]
 
-_SETTINGS = ("lock_notifications", "max_attempts", "retry_delay", "retry_max_delay", "retention")
+_SETTINGS = (
+    "lock_notifications",
+    "max_attempts",
+    "retry_delay",
+    "retry_max_delay",
+    "retention",
+    "concurrency",
+    "max_in_flight",
+    "schedule",
+    "timezone",
+)
 _OPTIONS = ("name", "table", *_SETTINGS)
 
 
@@ -66,6 +78,15 @@ class Channel:
     retry_max_delay: ClassVar[float] = 300.0
     #: Seconds a completed durable message is kept (status ``done``); 0 deletes it at once.
     retention: ClassVar[float] = 0.0
+    #: Durable messages one worker process handles at once (each in its own transaction).
+    concurrency: ClassVar[int] = 1
+    #: At most this many messages of the channel handled at once across every worker
+    #: (None: no limit); enforced in the database.
+    max_in_flight: ClassVar[int | None] = None
+    #: A cron expression (5 fields, or 6 with seconds last): one message per tick.
+    schedule: ClassVar[str | None] = None
+    #: The time zone of ``schedule`` (an IANA name).
+    timezone: ClassVar[str] = "UTC"
     _pgpubsub_options: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **options: Any) -> None:
@@ -268,6 +289,28 @@ def _default_name(path: str) -> str:
     return f"{tail}~{digest}"
 
 
+def _check_queue_options(cls: type[Channel], path: str, required: frozenset[str]) -> None:
+    """The durable-only options: sound values, on a durable channel."""
+    concurrency, limit = cls.concurrency, cls.max_in_flight
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError(f"{path}: concurrency must be an int >= 1, not {concurrency!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ConfigurationError(f"{path}: max_in_flight must be an int >= 1 or None")
+    if cls.schedule is not None:
+        check_schedule(cls.schedule, cls.timezone, path)
+        if required:
+            raise ConfigurationError(
+                f"{path}: a scheduled channel's fields need defaults ({sorted(required)} have none)"
+            )
+    asked = [
+        k
+        for k in ("concurrency", "max_in_flight", "schedule")
+        if k in vars(cls) or k in cls._pgpubsub_options
+    ]
+    if asked and not cls.lock_notifications:
+        raise ConfigurationError(f"{path}: {', '.join(asked)} need lock_notifications=True")
+
+
 def spec_of(cls: type[Any]) -> ChannelSpec:
     """The :class:`ChannelSpec` of a channel class (validated on first use)."""
     spec = _specs.get(cls)
@@ -287,6 +330,7 @@ def spec_of(cls: type[Any]) -> ChannelSpec:
             f"channel {path} has a field type msgspec cannot use: {exc}"
         ) from exc
     template, required = _template(cls)
+    _check_queue_options(cls, path, required)
     spec = ChannelSpec(
         cls=cls,
         template=template,

@@ -34,7 +34,10 @@ can die after the side effect and before the commit.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -43,7 +46,7 @@ import psycopg
 from . import driver, integration
 from .channel import ChannelSpec, resolve_channel
 from .engine import Engine, Gap
-from .errors import NoListener
+from .errors import ConfigurationError, NoListener
 from .listen import Registry
 from .listen import registry as default_registry
 from .processor import ChannelProcessor, current_connection
@@ -51,6 +54,7 @@ from .session import PsycopgSession, Session
 
 __all__ = [
     "DurableRunner",
+    "Options",
     "astore",
     "connection",
     "default_session",
@@ -99,27 +103,140 @@ def migrate(dsn: str = "") -> None:
             raise driver.translate(exc, "installing the pgpubsub schema") from exc
 
 
-def store(conn: Any, spec: ChannelSpec, lines: str, trace: str | None = None) -> list[int]:
+# With publishing options: a due time, a priority, keys. A dedupe_key that is
+# pending already stores nothing (the unique partial index decides, race-free).
+STORE_OPTIONS_SQL = (
+    "WITH ins AS (INSERT INTO pgpubsub.message "
+    "(channel, payload, trace, run_at, priority, dedupe_key, ordering_key) "
+    "SELECT %(channel)s, x, %(trace)s::jsonb, "
+    "coalesce(%(run_at)s::timestamptz, pg_catalog.now()) "
+    "+ pg_catalog.make_interval(secs => %(delay)s::float8), "
+    "%(priority)s, %(dedupe_key)s, %(ordering_key)s "
+    "FROM pg_catalog.unnest(pg_catalog.string_to_array(%(lines)s, E'\\n')) AS x "
+    "ON CONFLICT (channel, dedupe_key) WHERE status = 'pending' AND dedupe_key IS NOT NULL "
+    "DO NOTHING RETURNING id) "
+    "SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.pg_notify(%(channel)s, '') FROM ins"
+)
+PENDING_KEY_SQL = (
+    "SELECT id FROM pgpubsub.message WHERE channel = %s AND dedupe_key = %s AND status = 'pending'"
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Publishing options of a durable message (``notify(Channel(...), delay=30, ...)``)."""
+
+    run_at: datetime.datetime | None = None
+    delay: float = 0.0
+    priority: int = 0
+    dedupe_key: str | None = None
+    ordering_key: str | None = None
+
+    @classmethod
+    def of(cls, spec: ChannelSpec, options: dict[str, Any]) -> Options | None:
+        """Checked options (None when none are given); an unknown or bad one raises."""
+        if not options:
+            return None
+        unknown = set(options) - {"delay", "run_at", "priority", "dedupe_key", "ordering_key"}
+        if unknown:
+            raise ConfigurationError(
+                f"unknown publishing option(s) {sorted(unknown)}: delay, run_at, priority,"
+                " dedupe_key, ordering_key"
+            )
+        if not spec.lock:
+            raise ConfigurationError(
+                f"{spec.path} is a plain channel: publishing options ({', '.join(options)}) "
+                "need a durable channel (lock_notifications=True)"
+            )
+        delay = options.get("delay") or 0.0
+        if isinstance(delay, datetime.timedelta):
+            delay = delay.total_seconds()
+        if not isinstance(delay, (int, float)) or not math.isfinite(delay) or delay < 0:
+            raise ConfigurationError(f"delay must be seconds >= 0 or a timedelta, not {delay!r}")
+        run_at = options.get("run_at")
+        if run_at is not None:
+            if not isinstance(run_at, datetime.datetime) or run_at.utcoffset() is None:
+                raise ConfigurationError(f"run_at must be an aware datetime, not {run_at!r}")
+            if delay:
+                raise ConfigurationError("give delay or run_at, not both")
+        priority = options.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ConfigurationError(f"priority must be an int, not {priority!r}")
+        if not -(2**31) <= priority < 2**31:
+            raise ConfigurationError(f"priority {priority} is out of range (32-bit)")
+        keys = {k: options.get(k) for k in ("dedupe_key", "ordering_key")}
+        for name, key in keys.items():
+            if key is not None and (not isinstance(key, str) or not key or "\x00" in key):
+                raise ConfigurationError(f"{name} must be a non-empty str without NUL")
+        return cls(run_at, float(delay), priority, keys["dedupe_key"], keys["ordering_key"])
+
+    def params(self, spec: ChannelSpec, lines: str, trace: str | None) -> dict[str, Any]:
+        return {
+            "channel": spec.name,
+            "trace": trace,
+            "run_at": self.run_at,
+            "delay": self.delay,
+            "priority": self.priority,
+            "dedupe_key": self.dedupe_key,
+            "ordering_key": self.ordering_key,
+            "lines": lines,
+        }
+
+
+def store(
+    conn: Any,
+    spec: ChannelSpec,
+    lines: str,
+    trace: str | None = None,
+    options: Options | None = None,
+) -> list[int]:
     """Insert messages in ``conn``'s transaction and wake the workers; return their ids.
 
     ``lines``: the encoded messages, one JSON document per line
     (:meth:`ChannelSpec.encode_lines`); ``trace``: the publish span's context
     (:mod:`pgpubsub._tracing`). ``conn`` is any DB-API connection with
     ``cursor()`` (psycopg 3, psycopg2, Django's), so the messages join whatever
-    transaction the caller is in.
+    transaction the caller is in. With a ``dedupe_key`` already pending, nothing
+    is stored and the pending message's id is returned.
     """
     with conn.cursor() as cur:
-        cur.execute(STORE_SQL, [spec.name, trace, lines, spec.name])
-        row = cur.fetchone()
-    return list(row[0] or [])
+        if options is None:
+            cur.execute(STORE_SQL, [spec.name, trace, lines, spec.name])
+            return list(cur.fetchone()[0] or [])
+        for _ in range(3):  # the pending duplicate may complete between the two statements
+            cur.execute(STORE_OPTIONS_SQL, options.params(spec, lines, trace))
+            ids = list(cur.fetchone()[0] or [])
+            if ids or options.dedupe_key is None:
+                return ids
+            cur.execute(PENDING_KEY_SQL, [spec.name, options.dedupe_key])
+            ids = [r[0] for r in cur.fetchall()]
+            if ids:
+                return ids
+    return []
 
 
 async def astore(
-    conn: psycopg.AsyncConnection[Any], spec: ChannelSpec, lines: str, trace: str | None = None
+    conn: psycopg.AsyncConnection[Any],
+    spec: ChannelSpec,
+    lines: str,
+    trace: str | None = None,
+    options: Options | None = None,
 ) -> list[int]:
-    cur = await conn.execute(STORE_SQL, [spec.name, trace, lines, spec.name])
-    row = await cur.fetchone()
-    return list(row[0] or []) if row else []
+    if options is None:
+        cur = await conn.execute(STORE_SQL, [spec.name, trace, lines, spec.name])
+        row = await cur.fetchone()
+        return list(row[0] or []) if row else []
+    for _ in range(3):  # the pending duplicate may complete between the two statements
+        cur = await conn.execute(STORE_OPTIONS_SQL, options.params(spec, lines, trace))
+        row = await cur.fetchone()
+        ids = list(row[0] or []) if row else []
+        if ids or options.dedupe_key is None:
+            return ids
+        cur = await conn.execute(PENDING_KEY_SQL, [spec.name, options.dedupe_key])
+        ids = [r[0] for r in await cur.fetchall()]
+        if ids:
+            return ids
+    return []
 
 
 # -- processing ---------------------------------------------------------------------
@@ -138,8 +255,12 @@ class DurableRunner:
     ):
         self.engine = engine
         make = session_factory or (lambda: PsycopgSession(engine.conninfo))
+        # ``concurrency`` processors per channel: each its own thread, session and
+        # transactions, coordinating with every other worker through the claim.
         self.processors = [
-            ChannelProcessor(make(), spec, registry.listeners(spec), **opts) for spec in channels
+            ChannelProcessor(make(), spec, registry.listeners(spec), **opts)
+            for spec in channels
+            for _ in range(spec.cls.concurrency)
         ]
 
     async def start(self) -> None:

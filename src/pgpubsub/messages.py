@@ -17,7 +17,16 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["StoredMessage", "count", "get", "list_messages", "purge", "replay", "STATUSES"]
+__all__ = [
+    "STATUSES",
+    "StoredMessage",
+    "cancel",
+    "count",
+    "get",
+    "list_messages",
+    "purge",
+    "replay",
+]
 
 STATUSES = ("pending", "dead", "done", "spill")
 _COLUMNS = (
@@ -140,3 +149,23 @@ def purge(
             (_status(status), channel, channel, older_than, older_than, ids, ids),
         )
         return int(cur.rowcount)
+
+
+def cancel(conn: Any, ids: list[int] | None = None, channel: str | None = None) -> int:
+    """Delete pending messages so they never run; return how many.
+
+    Give ``ids``, a ``channel``, or both (neither: ConfigurationError). A
+    message a worker is handling right now is not cancelled (it is skipped, not
+    waited for): it completes, or fails and stays pending; cancel it again then.
+    """
+    if ids is None and channel is None:
+        raise ConfigurationError("cancel needs message ids, a channel, or both")
+    rows = _rows(
+        conn,
+        "WITH c AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' "
+        "AND (%s::bigint[] IS NULL OR id = ANY(%s)) AND (%s::text IS NULL OR channel = %s) "
+        "FOR UPDATE SKIP LOCKED) "
+        "DELETE FROM pgpubsub.message m USING c WHERE m.id = c.id RETURNING m.id",
+        (ids, ids, channel, channel),
+    )
+    return len(rows)

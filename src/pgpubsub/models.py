@@ -31,6 +31,9 @@ class Notification(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True)
     trace = models.JSONField(null=True)  # the publisher's OpenTelemetry context
+    priority = models.IntegerField(default=0)
+    dedupe_key = models.TextField(null=True)
+    ordering_key = models.TextField(null=True)
 
     class Meta:
         managed = False

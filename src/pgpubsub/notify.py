@@ -27,8 +27,8 @@ from typing import Any
 import psycopg
 
 from . import _tracing, driver, integration
-from .channel import ChannelSpec, resolve_channel
-from .durable import astore, store
+from .channel import Channel, ChannelSpec, resolve_channel, spec_of
+from .durable import Options, astore, store
 from .errors import ConfigurationError
 from .names import MAX_PAYLOAD_BYTES, NOTIFY_SQL, check_payload
 
@@ -79,40 +79,62 @@ def _publishing(spec: ChannelSpec, count: int = 1) -> Iterator[str | None]:
             raise driver.translate(exc, f"publishing on {spec.path}") from exc
 
 
-def notify(channel: type[Any] | str, /, *, conn: Any = None, **fields: Any) -> Any:
-    """Publish one message; returns the stored message id on durable channels, else None."""
-    spec = resolve_channel(channel)
-    payload, _ = _payloads(spec, [fields], plain=not spec.lock)
+def _message(channel: Any, keywords: dict[str, Any]) -> tuple[ChannelSpec, Any, Options | None]:
+    """(spec, the message's fields, publishing options) of a notify call.
+
+    ``notify(Channel_or_path, **fields)``: the keywords are the fields.
+    ``notify(channel_instance, **options)``: the keywords are publishing
+    options, so they never collide with a field's name.
+    """
+    if isinstance(channel, Channel):
+        spec = spec_of(type(channel))
+        return spec, channel, Options.of(spec, keywords)
+    return resolve_channel(channel), keywords, None
+
+
+def notify(channel: Any, /, *, conn: Any = None, **keywords: Any) -> Any:
+    """Publish one message; returns the stored message id on durable channels, else None.
+
+    ``notify(Channel, **fields)`` or ``notify(Channel(...), delay=, run_at=, priority=,
+    dedupe_key=, ordering_key=)`` (durable channels, :mod:`pgpubsub.durable`).
+    """
+    spec, message, options = _message(channel, keywords)
+    payload, _ = _payloads(spec, [message], plain=not spec.lock)
     conn = default_connection() if conn is None else conn
     with _publishing(spec) as trace:
         if spec.lock:
-            return store(conn, spec, payload, trace)[0]
+            return store(conn, spec, payload, trace, options)[0]
         _execute(conn, NOTIFY_SQL, [spec.name, payload])
     return None
 
 
-def notify_many(channel: type[Any] | str, messages: Iterable[Any], *, conn: Any = None) -> int:
-    """Publish many messages (dicts of fields or channel instances) in one statement."""
+def notify_many(
+    channel: type[Any] | str, messages: Iterable[Any], *, conn: Any = None, **options: Any
+) -> int:
+    """Publish many messages (dicts of fields or channel instances) in one statement.
+
+    ``options`` (durable channels) apply to every message. Returns how many
+    were sent or stored (with a ``dedupe_key``: 1, the new or the pending one).
+    """
     spec = resolve_channel(channel)
+    checked = Options.of(spec, options)
     lines, count = _payloads(spec, messages, plain=not spec.lock)
     if not count:
         return 0
     conn = default_connection() if conn is None else conn
     with _publishing(spec, count) as trace:
         if spec.lock:
-            return len(store(conn, spec, lines, trace))
+            return len(store(conn, spec, lines, trace, checked))
         _execute(conn, NOTIFY_MANY_SQL, [spec.name, lines])
     return count
 
 
-async def anotify(
-    channel: type[Any] | str, /, *, conn: psycopg.AsyncConnection[Any], **fields: Any
-) -> Any:
+async def anotify(channel: Any, /, *, conn: psycopg.AsyncConnection[Any], **keywords: Any) -> Any:
     """:func:`notify` on an async psycopg connection."""
-    spec = resolve_channel(channel)
-    payload, _ = _payloads(spec, [fields], plain=not spec.lock)
+    spec, message, options = _message(channel, keywords)
+    payload, _ = _payloads(spec, [message], plain=not spec.lock)
     with _publishing(spec) as trace:
         if spec.lock:
-            return (await astore(conn, spec, payload, trace))[0]
+            return (await astore(conn, spec, payload, trace, options))[0]
         await conn.execute(NOTIFY_SQL, [spec.name, payload])
     return None

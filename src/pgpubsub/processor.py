@@ -35,11 +35,18 @@ log = logging.getLogger("pgpubsub.durable")
 # The row is leased until the retry delay of that attempt (the Backoff ceiling,
 # computed per row in SQL): if the worker dies
 # it is claimed again then; while the worker is alive it holds the row lock.
+# Among due messages the higher priority goes first. A message with an
+# ordering key waits while an older message of its key is pending (in a
+# worker's hands, waiting for a retry, or not due yet): one at a time, in order.
 CLAIM_SQL = """
 WITH due AS (
-    SELECT id FROM pgpubsub.message
+    SELECT id FROM pgpubsub.message m
     WHERE channel = %(channel)s AND status = 'pending' AND run_at <= pg_catalog.now()
-    ORDER BY run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+      AND (ordering_key IS NULL OR NOT EXISTS (
+          SELECT FROM pgpubsub.message e
+          WHERE e.channel = m.channel AND e.ordering_key = m.ordering_key
+            AND e.status = 'pending' AND e.id < m.id))
+    ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 )
 UPDATE pgpubsub.message m SET
     attempts = m.attempts + 1,
@@ -51,8 +58,12 @@ UPDATE pgpubsub.message m SET
             'the process handling it stopped before it completed, %%s times', m.attempts)
         ELSE m.last_error END
 FROM due WHERE m.id = due.id
-RETURNING m.id, m.payload, m.attempts, m.status, m.trace
+RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority
 """
+# max_in_flight: a worker handles messages only while it holds one of the
+# channel's slots, session advisory locks (released if its connection dies).
+SLOT_SQL = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext(%s), %s)"
+UNSLOT_SQL = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext(%s), %s)"
 LOCK_SQL = "SELECT id, attempts FROM pgpubsub.message WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED"
 DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
 KEEP_SQL = (
@@ -73,6 +84,9 @@ RETRY_SQL = (
     "run_at = pg_catalog.now() + pg_catalog.make_interval(secs => %s), "
     "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END WHERE id = %s"
 )
+
+#: Seconds between tries for a max_in_flight slot while all are taken.
+SLOT_WAIT = 0.02
 
 #: Waits between attempts while the database is unavailable.
 RECONNECT = Backoff(base=0.5, factor=2, cap=10)
@@ -113,11 +127,17 @@ class ChannelProcessor:
         # Batches adapt: as large as batch_size when listeners are fast, down to
         # one message when they are slow, so that no worker holds many messages
         # that another could be processing.
+        cls = spec.cls
+        self.max_in_flight: int | None = cls.max_in_flight
+        if self.max_in_flight is not None:
+            batch_size = 1  # a slot handles one message at a time: claim no more
         self.batch_size = batch_size
         self.batch_seconds = batch_seconds
-        self.claim_size = min(batch_size, 50)
+        # With several processors per channel, start small so that the first
+        # claim does not take the work the others could do at once.
+        self.claim_size = min(batch_size, 50 if cls.concurrency == 1 else 1)
         self.poll_interval = poll_interval
-        cls = spec.cls
+        self._no_slot = False
         self.max_attempts = int(cls.max_attempts)
         self.retention = float(cls.retention)
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
@@ -157,16 +177,44 @@ class ChannelProcessor:
         self.session.open()
         before = self.processed
         while not self.stopping.is_set():
-            asked = self.claim_size
-            if self._batch() < asked:
+            # A max_in_flight slot is held for one batch (one message) at a
+            # time, so that the slots pass between every worker.
+            slot = self._take_slot()
+            if slot is None:
+                break
+            try:
+                asked = self.claim_size
+                got = self._batch()
+            finally:
+                self._give_slot(slot)
+            if got < asked:
                 break
         if self.retention:
             with self.session.atomic():
                 self.session.execute(EXPIRE_SQL, (self.spec.name, self.retention))
         return self.processed - before
 
+    def _take_slot(self) -> int | None:
+        """One of the channel's max_in_flight slots (-1: no limit); None when all are taken."""
+        self._no_slot = False
+        if self.max_in_flight is None:
+            return -1
+        for slot in range(self.max_in_flight):
+            with self.session.atomic():
+                if self.session.execute(SLOT_SQL, (self.spec.name, slot))[0][0]:
+                    return slot
+        self._no_slot = True
+        return None
+
+    def _give_slot(self, slot: int) -> None:
+        if slot >= 0:
+            with self.session.atomic():
+                self.session.execute(UNSLOT_SQL, (self.spec.name, slot))
+
     def _next_due(self) -> float:
         """Seconds to sleep: until the earliest retry or delayed message is due, or a poll."""
+        if self._no_slot:
+            return SLOT_WAIT
         with self.session.atomic():
             rows = self.session.execute(NEXT_DUE_SQL, (self.spec.name,))
         due = rows[0][0] if rows else None
@@ -252,7 +300,10 @@ class ChannelProcessor:
         if claimed and self._claim_batch is not None:
             self._claim_batch(len(claimed))
         rows = []
-        for mid, payload, attempts, status, trace in sorted(claimed, key=lambda r: r[0]):
+        # In claim order (RETURNING has none): higher priority first, then oldest.
+        for mid, payload, attempts, status, trace, _ in sorted(
+            claimed, key=lambda r: (-r[5], r[0])
+        ):
             if status == "dead":
                 self.dead += 1
                 log.error(

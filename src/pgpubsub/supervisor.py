@@ -131,9 +131,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         live = [s.proc for s in self.slots if s.proc is not None]
-        log.info(
-            "stopping %d worker process(es); they have %.0fs to finish", len(live), self.grace
-        )
+        log.info("stopping %d worker process(es); they have %.0fs to finish", len(live), self.grace)
         for proc in live:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.grace

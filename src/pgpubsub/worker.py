@@ -23,6 +23,7 @@ from typing import Any
 
 from . import _metrics, driver
 from ._heartbeat import Heartbeat, version
+from ._schedule import Scheduler
 from .channel import ChannelSpec, TriggerChannel
 from .dispatch import Subscription
 from .driver import Notify
@@ -179,6 +180,10 @@ class Worker:
         spilling = [c.name for c in plain if issubclass(c.cls, TriggerChannel)]
         if spilling:
             self._tasks.append(asyncio.create_task(self._purge_spills(spilling)))
+        for spec in durable:
+            if spec.cls.schedule is not None:
+                scheduler = Scheduler(self.engine.conninfo, spec)
+                self._tasks.append(asyncio.create_task(scheduler.run()))
         if self.heartbeat is not None:
             self._tasks.append(asyncio.create_task(self.heartbeat.run()))
         if metrics is not None:

@@ -1,6 +1,8 @@
-"""Apply ``sql/schema.sql`` again: the worker registry (``pgpubsub.worker``),
-the schema version (``pgpubsub.version``) and the ``trace`` column of stored
-messages. Existing rows are kept (every statement of the file is idempotent).
+"""Apply ``sql/schema.sql`` again (schema version 2): the worker registry
+(``pgpubsub.worker``), the schema version (``pgpubsub.version``), periodic
+channels (``pgpubsub.schedule``), and the ``trace``, ``priority``,
+``dedupe_key`` and ``ordering_key`` columns of stored messages with their
+indexes. Existing rows are kept (every statement of the file is idempotent).
 """
 
 from __future__ import annotations
@@ -24,5 +26,14 @@ class Migration(migrations.Migration):
         migrations.RunPython(install, migrations.RunPython.noop),
         migrations.AddField(
             model_name="notification", name="trace", field=models.JSONField(null=True)
+        ),
+        migrations.AddField(
+            model_name="notification", name="priority", field=models.IntegerField(default=0)
+        ),
+        migrations.AddField(
+            model_name="notification", name="dedupe_key", field=models.TextField(null=True)
+        ),
+        migrations.AddField(
+            model_name="notification", name="ordering_key", field=models.TextField(null=True)
         ),
     ]

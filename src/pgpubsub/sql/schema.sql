@@ -41,6 +41,29 @@ CREATE INDEX IF NOT EXISTS message_kept_idx
 -- so the span of the worker that handles the message joins the publisher's trace.
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS trace jsonb;
 
+-- Job-queue options of durable channels (pgpubsub.notify(..., priority=,
+-- dedupe_key=, ordering_key=, delay= or run_at=)). Higher priorities are
+-- claimed first among due messages; at most one pending message per
+-- (channel, dedupe_key); messages of one (channel, ordering_key) run one at a
+-- time, in id order.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0;
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS dedupe_key text;
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS ordering_key text;
+CREATE INDEX IF NOT EXISTS message_due_idx
+    ON pgpubsub.message (channel, priority DESC, run_at, id) WHERE status = 'pending';
+CREATE UNIQUE INDEX IF NOT EXISTS message_dedupe_idx
+    ON pgpubsub.message (channel, dedupe_key) WHERE status = 'pending' AND dedupe_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS message_ordering_idx
+    ON pgpubsub.message (channel, ordering_key, id)
+    WHERE status = 'pending' AND ordering_key IS NOT NULL;
+
+-- Periodic channels (schedule="*/5 * * * *"): the last tick that was stored,
+-- advanced by exactly one worker per tick.
+CREATE TABLE IF NOT EXISTS pgpubsub.schedule (
+    channel    text        PRIMARY KEY,
+    last_tick  timestamptz NOT NULL
+);
+
 -- Live workers (`pgpubsub status`): each worker process registers here at
 -- start, heartbeats every few seconds with its counts, and removes its row
 -- when it stops; a row whose heartbeat stopped is a worker that is gone.
