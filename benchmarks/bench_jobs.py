@@ -18,3 +18,14 @@ class BenchJob(Channel, name="bench_job", lock_notifications=True):
 def do_job(n: int) -> None:
     # The effect: one row, written in the claim transaction.
     connection().execute("INSERT INTO bench_effects (n) VALUES (%s)", (n,))
+
+
+@dataclass
+class BenchOrdered(Channel, name="bench_ordered", lock_notifications=True):
+    key: int
+    n: int
+
+
+@pgpubsub.listener(BenchOrdered)
+def do_ordered(key: int, n: int) -> None:
+    connection().execute("INSERT INTO bench_effects (n) VALUES (%s)", (key * 1_000_000 + n,))

@@ -12,6 +12,11 @@ Uses ``$PGPUBSUB_DSN`` or starts an embedded server.
 * P7: the per-message cost of claiming and processing (same handler, one
   in-process processor) with an empty table beside 1M messages already
   pending on the channel: the ratio should stay under 1.2.
+* Ordering keys: P6 again with every message carrying one of 20 ordering keys
+  (each key one at a time, in order, keys in parallel); each key's order is
+  checked afterwards.
+* Concurrency: one in-process worker, a listener sleeping 5 ms (an API call),
+  ``concurrency=1`` vs ``concurrency=16``.
 
 Figures measured elsewhere for the same kind of work (SPEC.md anchors):
 django-pgpubsub about 200 messages/s on locked channels, pgqueuer 5.8k
@@ -27,19 +32,20 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_jobs import BenchJob  # noqa: E402
+from bench_jobs import BenchJob, BenchOrdered  # noqa: E402
 
 import pgpubsub  # noqa: E402
 from pgpubsub import durable  # noqa: E402
-from pgpubsub.channel import spec_of  # noqa: E402
+from pgpubsub.channel import Channel, spec_of  # noqa: E402
 from pgpubsub.embedded import EmbeddedServer  # noqa: E402
-from pgpubsub.listen import registry  # noqa: E402
+from pgpubsub.listen import Registry, registry  # noqa: E402
 from pgpubsub.processor import ChannelProcessor  # noqa: E402
 from pgpubsub.session import PsycopgSession  # noqa: E402
 
@@ -60,13 +66,15 @@ def scalar(dsn: str, query: str) -> int:
         return int(row[0])
 
 
-def p6(dsn: str, n: int) -> None:
-    print(f"\n== P6: {n:,} durable messages, 2 worker processes, one row written per message")
+def p6(dsn: str, n: int, keys: int = 0) -> None:
+    what = f", {keys} ordering keys" if keys else ""
+    print(f"\n== P6: {n:,} durable messages, 2 worker processes, one row per message{what}")
     reset(dsn)
     env = dict(os.environ, PYTHONPATH=str(HERE))
+    channel = "bench_jobs.BenchOrdered" if keys else "bench_jobs.BenchJob"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgpubsub", "listen", "bench_jobs", "--processes", "2",
-         "--dsn", dsn, "--log-level", "WARNING"],
+         "--channels", channel, "--dsn", dsn, "--log-level", "WARNING"],
         env=env,
     )  # fmt: skip
     try:
@@ -76,7 +84,12 @@ def p6(dsn: str, n: int) -> None:
             assert time.monotonic() < deadline, "workers did not start"
             time.sleep(0.1)
         with psycopg.connect(dsn) as conn:
-            pgpubsub.notify_many(BenchJob, [{"n": i} for i in range(n)], conn=conn)
+            if keys:
+                for k in range(keys):
+                    batch = [{"key": k, "n": i} for i in range(n // keys)]
+                    pgpubsub.notify_many(BenchOrdered, batch, conn=conn, ordering_key=str(k))
+            else:
+                pgpubsub.notify_many(BenchJob, [{"n": i} for i in range(n)], conn=conn)
             conn.commit()
             t0 = time.perf_counter()
         while scalar(dsn, "SELECT count(*) FROM bench_effects") < n:
@@ -90,6 +103,46 @@ def p6(dsn: str, n: int) -> None:
     distinct = scalar(dsn, "SELECT count(DISTINCT n) FROM bench_effects")
     print(f"processed {n:,} in {seconds:.2f} s: {n / seconds:,.0f} messages/s")
     print(f"lost {n - distinct}, duplicated {total - distinct}")
+    if keys:
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute("SELECT n FROM bench_effects ORDER BY ctid").fetchall()
+        per_key: dict[int, list[int]] = {}
+        for (v,) in rows:
+            per_key.setdefault(v // 1_000_000, []).append(v % 1_000_000)
+        in_order = sum(seq == sorted(seq) for seq in per_key.values())
+        print(f"keys whose messages were handled in publish order: {in_order} of {keys}")
+
+
+def concurrency(dsn: str, n: int) -> None:
+    """The same backlog drained by one worker at concurrency 1 and 16."""
+    from pgpubsub.loopthread import LoopThread
+    from pgpubsub.worker import Worker
+
+    print("\n== Concurrency: a listener sleeping 5 ms, one worker process")
+    rates = {}
+    for level in (1, 16):
+
+        @dataclass
+        class Slow(Channel, name=f"bench_slow_{level}", lock_notifications=True, concurrency=level):
+            n: int
+
+        done: list[int] = []
+        reg = Registry()
+        reg.add(Slow, lambda n, done=done: (time.sleep(0.005), done.append(n)))
+        count = n if level > 1 else n // 8
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            pgpubsub.notify_many(Slow, [{"n": i} for i in range(count)], conn=conn)
+        worker = Worker(dsn, registry=reg, register=False)
+        loop = LoopThread("bench")
+        t0 = time.perf_counter()
+        loop.run(worker.start(), timeout=30)
+        while len(done) < count:
+            time.sleep(0.005)
+        rates[level] = count / (time.perf_counter() - t0)
+        loop.run(worker.stop(), timeout=30)
+        loop.close()
+        print(f"concurrency={level:<2}: {count:,} messages, {rates[level]:,.0f} messages/s")
+    print(f"ratio: x{rates[16] / rates[1]:.1f} (ideal x16)")
 
 
 def timed_processing(dsn: str, n: int) -> float:
@@ -139,6 +192,8 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=1_000_000)
     parser.add_argument("--skip-p6", action="store_true")
     parser.add_argument("--skip-p7", action="store_true")
+    parser.add_argument("--skip-ordering", action="store_true")
+    parser.add_argument("--skip-concurrency", action="store_true")
     args = parser.parse_args()
     dsn = os.environ.get("PGPUBSUB_DSN")
     server = None if dsn else EmbeddedServer().start()
@@ -149,6 +204,10 @@ def main() -> None:
             print(f"server: PostgreSQL {conn.info.server_version}, {os.cpu_count()} cores")
         if not args.skip_p6:
             p6(dsn, args.n)
+        if not args.skip_ordering:
+            p6(dsn, args.n, keys=20)
+        if not args.skip_concurrency:
+            concurrency(dsn, 4000)
         if not args.skip_p7:
             p7(dsn, args.n // 2, args.backlog)
     finally:
