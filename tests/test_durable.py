@@ -225,7 +225,7 @@ def test_a_worker_dying_in_every_attempt_uses_them_up_and_the_message_ends_dead(
         proc = ChannelProcessor(PsycopgSession(db), spec, [])
         proc.session.open()
         wait_until(lambda: admin_query(db, "SELECT run_at <= now() FROM pgpubsub.message")[0][0])
-        ((_, _, attempts, status, _, _),) = proc._claim()
+        ((_, _, attempts, status, *_),) = proc._claim()
         proc.session.close()
         assert (attempts, status) == (attempt, "pending")
     wait_until(lambda: admin_query(db, "SELECT run_at <= now() FROM pgpubsub.message")[0][0])

@@ -39,13 +39,14 @@ log = logging.getLogger("pgpubsub.durable")
 # ordering key waits while an older message of its key is pending (in a
 # worker's hands, waiting for a retry, or not due yet): one at a time, in order.
 CLAIM_SQL = """
-WITH due AS (
+WITH heads AS (
+    SELECT DISTINCT ON (ordering_key) id FROM pgpubsub.message
+    WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NOT NULL
+    ORDER BY ordering_key, id
+), due AS (
     SELECT id FROM pgpubsub.message m
     WHERE channel = %(channel)s AND status = 'pending' AND run_at <= pg_catalog.now()
-      AND (ordering_key IS NULL OR NOT EXISTS (
-          SELECT FROM pgpubsub.message e
-          WHERE e.channel = m.channel AND e.ordering_key = m.ordering_key
-            AND e.status = 'pending' AND e.id < m.id))
+      AND (ordering_key IS NULL OR id IN (SELECT id FROM heads))
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 )
 UPDATE pgpubsub.message m SET
@@ -58,13 +59,20 @@ UPDATE pgpubsub.message m SET
             'the process handling it stopped before it completed, %%s times', m.attempts)
         ELSE m.last_error END
 FROM due WHERE m.id = due.id
-RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority
+RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
+    m.ordering_key IS NOT NULL
 """
 # max_in_flight: a worker handles messages only while it holds one of the
 # channel's slots, session advisory locks (released if its connection dies).
 SLOT_SQL = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext(%s), %s)"
 UNSLOT_SQL = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext(%s), %s)"
-LOCK_SQL = "SELECT id, attempts FROM pgpubsub.message WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED"
+# The processing transaction locks its claimed rows, waiting (not skipping): a
+# concurrent claim's scan may hold one of them for an instant (it re-checks the
+# row and moves on), and skipping it would leave the message leased, unrun,
+# until its lease ran out. Locked in id order, so two processors never deadlock.
+# A row whose attempt count changed was claimed again by another worker (this
+# one outlived its lease): it is theirs.
+LOCK_SQL = "SELECT id, attempts FROM pgpubsub.message WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
 DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
 KEEP_SQL = (
     "UPDATE pgpubsub.message SET status = 'done', completed_at = pg_catalog.now(), "
@@ -74,11 +82,18 @@ EXPIRE_SQL = (
     "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
     "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
 )
-# Seconds until the channel's earliest pending message is due (None: none pending).
+# Seconds until the channel's earliest claimable message is due (None: none
+# pending); a message behind an older one of its ordering key does not count.
 NEXT_DUE_SQL = (
     "SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now()) "
-    "FROM pgpubsub.message WHERE channel = %s AND status = 'pending'"
+    "FROM pgpubsub.message WHERE channel = %(channel)s AND status = 'pending' "
+    "AND (ordering_key IS NULL OR id IN (SELECT DISTINCT ON (ordering_key) id "
+    "FROM pgpubsub.message WHERE channel = %(channel)s AND status = 'pending' "
+    "AND ordering_key IS NOT NULL ORDER BY ordering_key, id))"
 )
+# Completing a message with an ordering key makes the next one of its key
+# claimable: wake the other workers (sent at commit).
+WAKE_SQL = "SELECT pg_catalog.pg_notify(%s, '')"
 RETRY_SQL = (
     "UPDATE pgpubsub.message SET last_error = %s, "
     "run_at = pg_catalog.now() + pg_catalog.make_interval(secs => %s), "
@@ -216,7 +231,7 @@ class ChannelProcessor:
         if self._no_slot:
             return SLOT_WAIT
         with self.session.atomic():
-            rows = self.session.execute(NEXT_DUE_SQL, (self.spec.name,))
+            rows = self.session.execute(NEXT_DUE_SQL, {"channel": self.spec.name})
         due = rows[0][0] if rows else None
         return self.poll_interval if due is None else min(self.poll_interval, max(0.0, due))
 
@@ -301,7 +316,7 @@ class ChannelProcessor:
             self._claim_batch(len(claimed))
         rows = []
         # In claim order (RETURNING has none): higher priority first, then oldest.
-        for mid, payload, attempts, status, trace, _ in sorted(
+        for mid, payload, attempts, status, trace, _, _ in sorted(
             claimed, key=lambda r: (-r[5], r[0])
         ):
             if status == "dead":
@@ -321,6 +336,9 @@ class ChannelProcessor:
             per_message = (time.monotonic() - started) / len(rows)
             fits = int(self.batch_seconds / max(per_message, 1e-6))
             self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
+        if any(r[6] for r in claimed):  # the next messages of these keys may run now
+            with self.session.atomic():
+                self.session.execute(WAKE_SQL, (self.spec.name,))
         return len(claimed)
 
     def _process(self, claimed: list[tuple[Any, ...]]) -> None:
