@@ -55,7 +55,7 @@ HERE = Path(__file__).parent
 def reset(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_effects")
-        conn.execute("CREATE TABLE bench_effects (n int)")
+        conn.execute("CREATE TABLE bench_effects (n int, at bigserial)")  # at: handling order
         conn.execute("TRUNCATE pgpubsub.message")
 
 
@@ -105,7 +105,7 @@ def p6(dsn: str, n: int, keys: int = 0) -> None:
     print(f"lost {n - distinct}, duplicated {total - distinct}")
     if keys:
         with psycopg.connect(dsn) as conn:
-            rows = conn.execute("SELECT n FROM bench_effects ORDER BY ctid").fetchall()
+            rows = conn.execute("SELECT n FROM bench_effects ORDER BY at").fetchall()
         per_key: dict[int, list[int]] = {}
         for (v,) in rows:
             per_key.setdefault(v // 1_000_000, []).append(v % 1_000_000)
