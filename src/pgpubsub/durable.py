@@ -26,6 +26,10 @@ A channel with ``lock_notifications = True`` is durable:
   dies in the handler every time is counted too, and ends dead.
 * Missed wake-ups (no worker running, a reconnect gap) are covered by polling:
   each worker looks for due messages every ``poll_interval`` seconds anyway.
+* Job-queue options: ``notify(Channel(...), delay=, run_at=, priority=,
+  dedupe_key=, ordering_key=)`` (:class:`Options`), and the channel options
+  ``concurrency``, ``max_in_flight`` and ``schedule`` (:mod:`pgpubsub._schedule`);
+  see the README's durable-channels section for each one's rules.
 
 External side effects (an e-mail, an HTTP call) are at-least-once: a worker
 can die after the side effect and before the commit.
