@@ -221,6 +221,11 @@ def test_granted_publisher_and_worker_roles_work_and_see_no_more(shop: str) -> N
         with psycopg.connect(role_dsn(shop, "pgpubsub_pub"), autocommit=True) as pub:
             assert isinstance(pgpubsub.notify(Stored, conn=pub, n=1), int)
             assert pgpubsub.notify_many(Stored, [{"n": 2}, {"n": 3}], conn=pub) == 2
+            # Every publishing option works for a least-privileged publisher, a
+            # dedupe hit included (it reads back the pending message's id).
+            first = pgpubsub.notify(Stored(n=6), conn=pub, dedupe_key="k", priority=5)
+            assert pgpubsub.notify(Stored(n=7), conn=pub, dedupe_key="k") == first
+            pgpubsub.notify(Stored(n=8), conn=pub, ordering_key="o", delay=0.1)
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 pub.execute("SELECT payload FROM pgpubsub.message")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -230,7 +235,9 @@ def test_granted_publisher_and_worker_roles_work_and_see_no_more(shop: str) -> N
         registry.add(Stored, lambda n: got.append(n))
         run = Running(role_dsn(shop, "pgpubsub_work"), registry)
         try:
-            wait_until(lambda: sorted(got) == [1, 2, 3], timeout=15)
+            wait_until(lambda: sorted(got) == [1, 2, 3, 6, 8], timeout=15)
+            # The worker role keeps its row in the registry.
+            wait_until(lambda: len(pgpubsub.status(shop).workers) == 1, timeout=15)
         finally:
             run.stop()
         with psycopg.connect(role_dsn(shop, "pgpubsub_work"), autocommit=True) as work:

@@ -4,7 +4,8 @@
 kind                      what it may do
 ========================  ==================================================================
 ``publisher``             publish on durable channels: INSERT into ``pgpubsub.message``, and
-                          read back the ids it gets (not other messages' payloads)
+                          read back the ids it gets and the id of a pending message with
+                          the same dedupe key (not other messages' payloads)
 ``worker``                claim, complete, retry and purge stored messages (and read the
                           spilled rows of plain trigger channels); keep its row in the
                           worker registry
@@ -36,7 +37,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "publisher": (
         _SCHEMA,
         "GRANT INSERT ON pgpubsub.message TO {role}",
-        "GRANT SELECT (id) ON pgpubsub.message TO {role}",
+        # The ids notify() returns, and a pending dedupe_key's message id.
+        "GRANT SELECT (id, channel, status, dedupe_key) ON pgpubsub.message TO {role}",
     ),
     "worker": (
         _SCHEMA,
