@@ -88,6 +88,9 @@ def test_options_go_with_an_instance_and_are_checked(db: str) -> None:
             ({"delay": 1, "run_at": datetime.datetime.now(UTC)}, "not both"),
             ({"priority": "high"}, "priority must be an int"),
             ({"dedupe_key": ""}, "dedupe_key must be a non-empty str"),
+            ({"ordering_key": "é" * 600}, "ordering_key is over 1024 bytes"),
+            ({"dedupe_key": "a\udc80"}, "dedupe_key is not valid Unicode text"),
+            ({"priority": 2**31}, "out of range"),
             ({"retries": 3}, "unknown publishing option(s) ['retries']"),
         ]:
             with pytest.raises(ConfigurationError, match=re_escape(says)):

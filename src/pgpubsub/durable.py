@@ -121,6 +121,8 @@ STORE_OPTIONS_SQL = (
     "DO NOTHING RETURNING id) "
     "SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.pg_notify(%(channel)s, '') FROM ins"
 )
+#: The longest dedupe_key or ordering_key (UTF-8 bytes).
+MAX_KEY_BYTES = 1024
 PENDING_KEY_SQL = (
     "SELECT id FROM pgpubsub.message WHERE channel = %s AND dedupe_key = %s AND status = 'pending'"
 )
@@ -172,6 +174,14 @@ class Options:
         for name, key in keys.items():
             if key is not None and (not isinstance(key, str) or not key or "\x00" in key):
                 raise ConfigurationError(f"{name} must be a non-empty str without NUL")
+            if key is not None:
+                try:
+                    size = len(key.encode("utf-8"))
+                except UnicodeEncodeError:
+                    raise ConfigurationError(f"{name} is not valid Unicode text") from None
+                # Keys are indexed: a B-tree entry cannot hold much over 2 KB.
+                if size > MAX_KEY_BYTES:
+                    raise ConfigurationError(f"{name} is over {MAX_KEY_BYTES} bytes in UTF-8")
         return cls(run_at, float(delay), priority, keys["dedupe_key"], keys["ordering_key"])
 
     def params(self, spec: ChannelSpec, lines: str, trace: str | None) -> dict[str, Any]:
