@@ -83,7 +83,9 @@ def test_options_go_with_an_instance_and_are_checked(db: str) -> None:
             (0, '{"user_id":1,"priority":7}')
         ]
         for bad, says in [
-            ({"delay": -1}, "delay must be seconds >= 0"),
+            ({"delay": -1}, "delay must be seconds from 0"),
+            ({"delay": 1e300}, "delay must be seconds from 0"),
+            ({"delay": float("nan")}, "delay must be seconds from 0"),
             ({"run_at": datetime.datetime(2030, 1, 1)}, "aware datetime"),
             ({"delay": 1, "run_at": datetime.datetime.now(UTC)}, "not both"),
             ({"priority": "high"}, "priority must be an int"),

@@ -121,6 +121,8 @@ STORE_OPTIONS_SQL = (
     "DO NOTHING RETURNING id) "
     "SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.pg_notify(%(channel)s, '') FROM ins"
 )
+#: The longest delay (seconds): a century.
+MAX_DELAY = 100 * 365.25 * 86400
 #: The longest dedupe_key or ordering_key (UTF-8 bytes).
 MAX_KEY_BYTES = 1024
 PENDING_KEY_SQL = (
@@ -157,8 +159,16 @@ class Options:
         delay = options.get("delay") or 0.0
         if isinstance(delay, datetime.timedelta):
             delay = delay.total_seconds()
-        if not isinstance(delay, (int, float)) or not math.isfinite(delay) or delay < 0:
-            raise ConfigurationError(f"delay must be seconds >= 0 or a timedelta, not {delay!r}")
+        if (
+            not isinstance(delay, (int, float))
+            or isinstance(delay, bool)
+            or not math.isfinite(delay)
+            or not 0 <= delay <= MAX_DELAY
+        ):
+            raise ConfigurationError(
+                f"delay must be seconds from 0 to {MAX_DELAY:g} (a century) or a timedelta,"
+                f" not {delay!r}"
+            )
         run_at = options.get("run_at")
         if run_at is not None:
             if not isinstance(run_at, datetime.datetime) or run_at.utcoffset() is None:
