@@ -449,3 +449,43 @@ def test_a_durable_message_is_processed_in_its_publishers_trace(dsn: str) -> Non
     assert process.parent.span_id == publish.context.span_id
     assert [link.context.span_id for link in process.links] == [publish.context.span_id]
     assert process.attributes["messaging.destination.name"] == JOBS
+
+
+# -- upgrading ---------------------------------------------------------------------
+
+
+def _schema_v1(dsn: str) -> None:
+    """The schema as version 1 left it: no version, registry or schedule, no new columns."""
+    migrate(dsn)
+    admin_query(
+        dsn,
+        "DROP TABLE pgpubsub.version, pgpubsub.worker, pgpubsub.schedule;"
+        "ALTER TABLE pgpubsub.message DROP COLUMN trace, DROP COLUMN priority,"
+        " DROP COLUMN dedupe_key, DROP COLUMN ordering_key",
+    )
+
+
+def test_upgrading_a_version_1_schema_keeps_rows_and_publishers(dsn: str) -> None:
+    from app.channels import Jobs
+
+    _schema_v1(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        kept = pgpubsub.notify(Jobs, conn=conn, n=1)  # plain publishing works before migrate
+        with pytest.raises(pgpubsub.SchemaMissing, match="run `pgpubsub migrate`"):
+            pgpubsub.notify(Jobs(n=2), conn=conn, delay=5)
+    one_failure(run("status", "--dsn", dsn), 4, "version 1", "run `pgpubsub migrate`")
+    out = subprocess.run(
+        [sys.executable, "-m", "pgpubsub", "listen", "app.durable_listeners", "--worker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(PGPUBSUB_DSN=dsn),
+    )
+    one_failure(out, 4, "version 1", "run `pgpubsub migrate`")
+    assert run("migrate", "--dsn", dsn).returncode == 0
+    assert pgpubsub.status(dsn).schema_current
+    assert admin_query(dsn, "SELECT id, priority, dedupe_key FROM pgpubsub.message") == [
+        (kept, 0, None)
+    ]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert pgpubsub.notify(Jobs(n=2), conn=conn, delay=5, dedupe_key="two") > kept

@@ -226,7 +226,11 @@ def translate(exc: psycopg.Error, doing: str) -> PgPubSubError:
     text = one_line(exc)
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return PermissionDenied(f"{doing}: {text} (see the privileges table in the README)")
-    if exc.sqlstate in SCHEMA_STATES and "pgpubsub" in f"{exc} {exc.diag.context or ''}":
+    # Only pgpubsub's own statements come here: a missing column is a schema
+    # older than the library; the other states must name pgpubsub.
+    if exc.sqlstate == "42703" or (
+        exc.sqlstate in SCHEMA_STATES and "pgpubsub" in f"{exc} {exc.diag.context or ''}"
+    ):
         return SchemaMissing(
             f"{doing}: {text}: the pgpubsub schema is missing or outdated; run `pgpubsub migrate`"
         )

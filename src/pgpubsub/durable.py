@@ -69,9 +69,11 @@ __all__ = [
 
 # Payloads travel as one text of JSON lines (see notify.NOTIFY_MANY_SQL).
 # ``trace``: the publisher's trace context (JSON, or NULL without OpenTelemetry).
+# The plain path names only the columns of schema version 1, so publishers keep
+# working between a library upgrade and `pgpubsub migrate`.
 STORE_SQL = (
-    "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload, trace) "
-    "SELECT %s, x, %s::jsonb FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x "
+    "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload) "
+    "SELECT %s, x FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x "
     "RETURNING id) "
     "SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.pg_notify(%s, '') FROM ins"
 )
@@ -224,9 +226,10 @@ def store(
     is stored and the pending message's id is returned.
     """
     with conn.cursor() as cur:
-        if options is None:
-            cur.execute(STORE_SQL, [spec.name, trace, lines, spec.name])
+        if options is None and trace is None:
+            cur.execute(STORE_SQL, [spec.name, lines, spec.name])
             return list(cur.fetchone()[0] or [])
+        options = options or Options()
         for _ in range(3):  # the pending duplicate may complete between the two statements
             cur.execute(STORE_OPTIONS_SQL, options.params(spec, lines, trace))
             ids = list(cur.fetchone()[0] or [])
@@ -246,10 +249,11 @@ async def astore(
     trace: str | None = None,
     options: Options | None = None,
 ) -> list[int]:
-    if options is None:
-        cur = await conn.execute(STORE_SQL, [spec.name, trace, lines, spec.name])
+    if options is None and trace is None:
+        cur = await conn.execute(STORE_SQL, [spec.name, lines, spec.name])
         row = await cur.fetchone()
         return list(row[0] or []) if row else []
+    options = options or Options()
     for _ in range(3):  # the pending duplicate may complete between the two statements
         cur = await conn.execute(STORE_OPTIONS_SQL, options.params(spec, lines, trace))
         row = await cur.fetchone()
