@@ -360,6 +360,8 @@ def test_concurrency_runs_messages_of_one_channel_at_once_each_committed(db: str
     worker = Running(db, registry)
     try:
         wait_until(lambda: admin_query(db, "SELECT count(*) FROM slow_done")[0][0] == 80)
+        # The worker's counts (registry, metrics) add up its eight processors.
+        wait_until(lambda: worker.worker.totals() == (80, 0))
     finally:
         worker.stop()
     assert peak[0] == 8  # eight at once, never more

@@ -206,11 +206,14 @@ class Worker:
             ):
                 out[(name, channel)] = out.get((name, channel), 0) + n
         for proc in self._durable.processors if self._durable is not None else []:
-            channel = proc.spec.name
-            out[("delivered", channel)] = proc.claimed
-            out[("processed", channel)] = proc.processed
-            out[("failed", channel)] = proc.failed
-            out[("dead", channel)] = proc.dead
+            channel = proc.spec.name  # several processors per channel with concurrency > 1
+            for name, n in (
+                ("delivered", proc.claimed),
+                ("processed", proc.processed),
+                ("failed", proc.failed),
+                ("dead", proc.dead),
+            ):
+                out[(name, channel)] = out.get((name, channel), 0) + n
         return out
 
     def totals(self) -> tuple[int, int]:
