@@ -18,14 +18,14 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from importlib import metadata
 
 import psycopg
 
 from . import driver
+from ._version import version
 from .errors import PgPubSubError
 
-__all__ = ["GONE_AFTER", "Heartbeat", "version"]
+__all__ = ["GONE_AFTER", "Heartbeat"]
 
 log = logging.getLogger("pgpubsub.worker")
 
@@ -42,13 +42,6 @@ FORGET_SQL = (
     "OR last_seen < pg_catalog.now() - pg_catalog.make_interval(days => 1)"
 )
 REMOVE_SQL = "DELETE FROM pgpubsub.worker WHERE id = %s"
-
-
-def version() -> str:
-    try:
-        return metadata.version("pgpubsub")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class Heartbeat:
@@ -91,11 +84,11 @@ class Heartbeat:
             await asyncio.sleep(self.every)
 
     def _trouble(self, exc: Exception) -> None:
-        cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if isinstance(cause, (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)):
+        text = driver.one_line(exc)
+        state = driver.sqlstate(exc)
+        if state in driver.SCHEMA_STATES:
             text = "pgpubsub.worker is missing: run `pgpubsub migrate` to show this worker"
-        elif isinstance(cause, psycopg.errors.InsufficientPrivilege):
+        elif state == driver.PRIVILEGE_STATE:
             text = f"{text} (`pgpubsub grant ROLE --worker` lets this role register)"
         level = logging.DEBUG if self._warned else logging.WARNING
         log.log(level, "worker registry: %s; `pgpubsub status` will not list this worker", text)

@@ -34,8 +34,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import ConfigurationError
-from .health import TIMEOUT_SQL
+from .errors import ConfigurationError, PgPubSubError
+from .health import status
 
 __all__ = ["Metrics", "enable", "metrics", "serve"]
 
@@ -43,14 +43,6 @@ log = logging.getLogger("pgpubsub.metrics")
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500)
-
-QUEUE_SQL = (
-    "SELECT channel, pg_catalog.count(*) FILTER (WHERE run_at <= pg_catalog.now()), "
-    "pg_catalog.count(*) FILTER (WHERE run_at > pg_catalog.now()), "
-    "pg_catalog.date_part('epoch', pg_catalog.now() - pg_catalog.min(run_at) "
-    "FILTER (WHERE run_at <= pg_catalog.now())) "
-    "FROM pgpubsub.message WHERE status = 'pending' AND channel = ANY(%s) GROUP BY channel"
-)
 
 
 def _client() -> Any:
@@ -134,7 +126,6 @@ class QueueCollector:
         self.timeout = timeout
 
     def collect(self) -> Iterator[Any]:
-        import psycopg
         from prometheus_client.core import GaugeMetricFamily
 
         up = GaugeMetricFamily("pgpubsub_database_up", "The database answered this scrape")
@@ -145,22 +136,20 @@ class QueueCollector:
             "pgpubsub_lag_seconds", "Age of the oldest due message", labels=["channel"]
         )
         try:
-            with psycopg.connect(
-                self.conninfo, autocommit=True, connect_timeout=max(1, int(self.timeout))
-            ) as conn:
-                conn.execute(TIMEOUT_SQL, (str(int(self.timeout * 1000)),))
-                rows = {r[0]: r[1:] for r in conn.execute(QUEUE_SQL, (self.channels,))}
-        except psycopg.Error as exc:
+            health = status(self.conninfo, timeout=self.timeout)
+        except PgPubSubError as exc:  # e.g. a role that may not read the tables
             log.debug("metrics: cannot read queue depth: %s", exc)
-            up.add_metric([], 0)
+            health = None
+        up.add_metric([], 1 if health is not None and health.reachable else 0)
+        if health is None or not health.reachable:
             yield up
             return
-        up.add_metric([], 1)
+        counts = {c.channel: c for c in health.channels}
         for channel in self.channels:
-            due, later, oldest = rows.get(channel, (0, 0, None))
-            depth.add_metric([channel, "true"], due)
-            depth.add_metric([channel, "false"], later)
-            lag.add_metric([channel], max(0.0, oldest or 0.0))
+            c = counts.get(channel)
+            depth.add_metric([channel, "true"], c.due if c else 0)
+            depth.add_metric([channel, "false"], c.pending - c.due if c else 0)
+            lag.add_metric([channel], (c.oldest_due_age or 0.0) if c else 0.0)
         yield from (up, depth, lag)
 
 

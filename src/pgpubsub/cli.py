@@ -43,6 +43,7 @@ from typing import Any, NoReturn
 
 from . import _cli_messages, _cli_status, _logs
 from ._cli_errors import UsageError
+from ._version import version
 
 __all__ = ["main"]
 
@@ -308,19 +309,13 @@ DEMO_EXAMPLES = """examples:
 """
 
 
-def _version() -> str:
-    from ._heartbeat import version
-
-    return version()
-
-
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="pgpubsub",
         description="PostgreSQL LISTEN/NOTIFY pub/sub and durable message processing.",
         epilog="Run `pgpubsub COMMAND --help` for a command's options and examples.",
     )
-    p.add_argument("--version", action="version", version=f"pgpubsub {_version()}")
+    p.add_argument("--version", action="version", version=f"pgpubsub {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import psycopg
 from . import driver
 from ._heartbeat import GONE_AFTER
 
-__all__ = ["SCHEMA_VERSION", "TIMEOUT_SQL", "ChannelCounts", "Health", "WorkerInfo", "status"]
+__all__ = ["SCHEMA_VERSION", "ChannelCounts", "Health", "WorkerInfo", "status"]
 
 #: The schema version this library installs and expects (``pgpubsub.version``).
 SCHEMA_VERSION = 2

@@ -30,6 +30,13 @@ __all__ = ["ChannelProcessor", "ProcessorStatus", "current_connection"]
 
 log = logging.getLogger("pgpubsub.durable")
 
+# The head of each ordering key: its oldest pending message, the only one of
+# the key that may run.
+HEADS = (
+    "SELECT DISTINCT ON (ordering_key) id FROM pgpubsub.message "
+    "WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NOT NULL "
+    "ORDER BY ordering_key, id"
+)
 # Claiming counts the attempt and commits at once, so a message whose worker
 # dies in the handler (SIGKILL, OOM, power loss) still uses up its attempts.
 # The row is leased until the retry delay of that attempt (the Backoff ceiling,
@@ -38,15 +45,11 @@ log = logging.getLogger("pgpubsub.durable")
 # Among due messages the higher priority goes first. A message with an
 # ordering key waits while an older message of its key is pending (in a
 # worker's hands, waiting for a retry, or not due yet): one at a time, in order.
-CLAIM_SQL = """
-WITH heads AS (
-    SELECT DISTINCT ON (ordering_key) id FROM pgpubsub.message
-    WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NOT NULL
-    ORDER BY ordering_key, id
-), due AS (
+CLAIM_SQL = f"""
+WITH due AS (
     SELECT id FROM pgpubsub.message m
     WHERE channel = %(channel)s AND status = 'pending' AND run_at <= pg_catalog.now()
-      AND (ordering_key IS NULL OR id IN (SELECT id FROM heads))
+      AND (ordering_key IS NULL OR id IN ({HEADS}))
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 )
 UPDATE pgpubsub.message m SET
@@ -61,7 +64,7 @@ UPDATE pgpubsub.message m SET
 FROM due WHERE m.id = due.id
 RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
     m.ordering_key IS NOT NULL
-"""
+"""  # noqa: S608 - HEADS is a constant
 # max_in_flight: a worker handles messages only while it holds one of the
 # channel's slots, session advisory locks (released if its connection dies).
 SLOT_SQL = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext(%s), %s)"
@@ -85,11 +88,9 @@ EXPIRE_SQL = (
 # Seconds until the channel's earliest claimable message is due (None: none
 # pending); a message behind an older one of its ordering key does not count.
 NEXT_DUE_SQL = (
-    "SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now()) "
+    "SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now()) "  # noqa: S608 - HEADS is a constant
     "FROM pgpubsub.message WHERE channel = %(channel)s AND status = 'pending' "
-    "AND (ordering_key IS NULL OR id IN (SELECT DISTINCT ON (ordering_key) id "
-    "FROM pgpubsub.message WHERE channel = %(channel)s AND status = 'pending' "
-    "AND ordering_key IS NOT NULL ORDER BY ordering_key, id))"
+    f"AND (ordering_key IS NULL OR id IN ({HEADS}))"
 )
 # Completing a message with an ordering key makes the next one of its key
 # claimable: wake the other workers (sent at commit).
@@ -169,6 +170,7 @@ class ChannelProcessor:
         self._claim_batch = (
             metrics.claim_batch.labels(spec.name).observe if metrics is not None else None
         )
+        self._instrumented = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"pgpubsub-durable:{spec.name}", daemon=True
@@ -280,7 +282,7 @@ class ChannelProcessor:
 
     def _handle(self, row: tuple[Any, ...]) -> None:
         """Run the listeners of one claimed row ``(id, payload, attempt, trace)``."""
-        if self._observe is None and not _tracing.enabled():
+        if not self._instrumented:
             self._run_listeners(row[1])
             return
         started = time.perf_counter()
@@ -331,6 +333,8 @@ class ChannelProcessor:
             else:
                 rows.append((mid, payload, attempts, trace))
         if rows:
+            # Timed or traced messages cost a clock and a span each: decided once a batch.
+            self._instrumented = self._observe is not None or _tracing.enabled()
             started = time.monotonic()
             self._process(rows)
             per_message = (time.monotonic() - started) / len(rows)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _metrics, driver
-from ._heartbeat import Heartbeat, version
+from ._heartbeat import Heartbeat
 from ._schedule import Scheduler
+from ._version import version
 from .channel import ChannelSpec, TriggerChannel
 from .dispatch import Subscription
 from .driver import Notify
