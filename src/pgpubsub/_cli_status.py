@@ -106,13 +106,12 @@ def run(args: argparse.Namespace) -> int:
     problems = health.problems(args.max_age)
     if args.json:
         print(json.dumps({**health.as_dict(), "problems": problems}, default=str, indent=2))
-    if args.check or not health.reachable or not health.schema_current:
-        if not health.reachable:
-            raise ConnectionFailed(problems[0])
-        if not health.schema_current:
-            raise SchemaMissing(problems[0])
-        if args.check and problems:
-            raise CheckFailed("; ".join(problems))
+    if not health.reachable:
+        raise ConnectionFailed(problems[0])
+    if not health.schema_current:
+        raise SchemaMissing(problems[0])
+    if args.check and problems:
+        raise CheckFailed("; ".join(problems))
     if not args.json:
         if args.check:
             print("ok")

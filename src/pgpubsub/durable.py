@@ -132,6 +132,21 @@ PENDING_KEY_SQL = (
 )
 
 
+def _key(name: str, key: Any) -> str | None:
+    """A checked dedupe_key or ordering_key: indexed, so short, non-empty text."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or "\x00" in key:
+        raise ConfigurationError(f"{name} must be a non-empty str without NUL")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"{name} is not valid Unicode text") from None
+    if size > MAX_KEY_BYTES:  # a B-tree entry cannot hold much over 2 KB
+        raise ConfigurationError(f"{name} is over {MAX_KEY_BYTES} bytes in UTF-8")
+    return key
+
+
 @dataclass(frozen=True)
 class Options:
     """Publishing options of a durable message (``notify(Channel(...), delay=30, ...)``)."""
@@ -182,18 +197,7 @@ class Options:
             raise ConfigurationError(f"priority must be an int, not {priority!r}")
         if not -(2**31) <= priority < 2**31:
             raise ConfigurationError(f"priority {priority} is out of range (32-bit)")
-        keys = {k: options.get(k) for k in ("dedupe_key", "ordering_key")}
-        for name, key in keys.items():
-            if key is not None and (not isinstance(key, str) or not key or "\x00" in key):
-                raise ConfigurationError(f"{name} must be a non-empty str without NUL")
-            if key is not None:
-                try:
-                    size = len(key.encode("utf-8"))
-                except UnicodeEncodeError:
-                    raise ConfigurationError(f"{name} is not valid Unicode text") from None
-                # Keys are indexed: a B-tree entry cannot hold much over 2 KB.
-                if size > MAX_KEY_BYTES:
-                    raise ConfigurationError(f"{name} is over {MAX_KEY_BYTES} bytes in UTF-8")
+        keys = {name: _key(name, options.get(name)) for name in ("dedupe_key", "ordering_key")}
         return cls(run_at, float(delay), priority, keys["dedupe_key"], keys["ordering_key"])
 
     def params(self, spec: ChannelSpec, lines: str, trace: str | None) -> dict[str, Any]:
