@@ -6,8 +6,8 @@ shows a row not refreshed for :data:`GONE_AFTER` seconds as a worker that is
 gone; rows unseen for a day are deleted by the next worker that starts.
 
 The registry is for operators: a worker runs the same without it. When the
-table is missing (schema not migrated) or the role may not write it, one
-warning says so and the worker goes on.
+table is missing (schema not migrated) or the role may not write it, a
+warning says so (backing off like every outage warning) and the worker goes on.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
 from . import driver
 from ._version import version
-from .errors import PgPubSubError
+from .backoff import worth_logging
 
 __all__ = ["GONE_AFTER", "Heartbeat"]
 
@@ -59,7 +60,7 @@ class Heartbeat:
         self.counts = counts
         self.every = every
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._warned = False
+        self._first = True  # the first connection also deletes rows unseen for a day
 
     def _row(self) -> tuple[object, ...]:
         processed, failed = self.counts()
@@ -67,32 +68,25 @@ class Heartbeat:
         return (self.id, host, int(pid), version(), self.channels, processed, failed)
 
     async def run(self) -> None:
-        first = True
+        await driver.keep_connected(self.conninfo, self._beat, self._trouble, self.every)
+
+    async def _beat(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self._first:
+            await conn.execute(FORGET_SQL, (self.id,))
+            self._first = False
         while True:
-            try:
-                conn = await driver.connect_async(self.conninfo)
-                async with conn:
-                    if first:
-                        await conn.execute(FORGET_SQL, (self.id,))
-                        first = False
-                    while True:
-                        await conn.execute(UPSERT_SQL, self._row())
-                        self._warned = False
-                        await asyncio.sleep(self.every)
-            except (psycopg.Error, PgPubSubError) as exc:
-                self._trouble(exc)
+            await conn.execute(UPSERT_SQL, self._row())
             await asyncio.sleep(self.every)
 
-    def _trouble(self, exc: Exception) -> None:
+    def _trouble(self, exc: Exception, failures: int) -> None:
         text = driver.one_line(exc)
         state = driver.sqlstate(exc)
         if state in driver.SCHEMA_STATES:
             text = "pgpubsub.worker is missing: run `pgpubsub migrate` to show this worker"
         elif state == driver.PRIVILEGE_STATE:
             text = f"{text} (`pgpubsub grant ROLE --worker` lets this role register)"
-        level = logging.DEBUG if self._warned else logging.WARNING
+        level = logging.WARNING if worth_logging(failures) else logging.DEBUG
         log.log(level, "worker registry: %s; `pgpubsub status` will not list this worker", text)
-        self._warned = True
 
     async def remove(self, timeout: float = 2.0) -> None:
         """Delete this worker's row (a clean stop); a failure only leaves it to age out."""

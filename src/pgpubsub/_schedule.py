@@ -27,9 +27,9 @@ import psycopg
 
 from . import driver
 from ._cron import croniter, zone
+from .backoff import worth_logging
 from .channel import ChannelSpec
 from .durable import astore
-from .errors import PgPubSubError
 
 __all__ = ["MAX_CATCH_UP", "Scheduler"]
 
@@ -78,23 +78,21 @@ class Scheduler:
         return True
 
     async def run(self) -> None:
+        await driver.keep_connected(self.conninfo, self._keep_time, self._trouble, 5.0)
+
+    async def _keep_time(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await self._catch_up(conn)
         while True:
-            try:
-                conn = await driver.connect_async(self.conninfo)
-                async with conn:
-                    await self._catch_up(conn)
-                    while True:
-                        now = datetime.datetime.now(self.zone)
-                        tick = self.croniter(self.spec.cls.schedule, now).get_next(
-                            datetime.datetime
-                        )
-                        await asyncio.sleep(max(0.0, (tick - now).total_seconds()))
-                        await self._store(conn, tick)
-            except (psycopg.Error, PgPubSubError) as exc:
-                log.warning(
-                    "schedule of %s: %s; trying again in 5s", self.spec.path, driver.one_line(exc)
-                )
-            await asyncio.sleep(5.0)
+            now = datetime.datetime.now(self.zone)
+            tick = self.croniter(self.spec.cls.schedule, now).get_next(datetime.datetime)
+            await asyncio.sleep(max(0.0, (tick - now).total_seconds()))
+            await self._store(conn, tick)
+
+    def _trouble(self, exc: Exception, failures: int) -> None:
+        level = logging.WARNING if worth_logging(failures) else logging.DEBUG
+        log.log(
+            level, "schedule of %s: %s; trying again in 5s", self.spec.path, driver.one_line(exc)
+        )
 
     async def _catch_up(self, conn: psycopg.AsyncConnection[Any]) -> None:
         cur = await conn.execute(LAST_SQL, (self.spec.name,))

@@ -13,10 +13,12 @@ callers register one that feeds the same buffer.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import time
 from collections import namedtuple
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -45,6 +47,7 @@ __all__ = [
     "read_ready",
     "thread_connection",
     "translate",
+    "keep_connected",
     "one_line",
     "sqlstate",
     "worth_waiting",
@@ -249,6 +252,33 @@ def thread_connection(conninfo: str) -> Connection:
     if conn is None or conn.closed:
         conn = conns[conninfo] = connect(conninfo)
     return conn
+
+
+async def keep_connected(
+    conninfo: str,
+    body: Callable[[AsyncConnection], Awaitable[None]],
+    trouble: Callable[[Exception, int], None],
+    wait: float,
+) -> None:
+    """Run ``body`` on a connection, for ever (the loop of a background task).
+
+    When connecting or ``body`` fails with a database error, ``trouble(error,
+    failures)`` is called, and ``body`` runs again on a new connection after
+    ``wait`` seconds. ``failures`` counts the failures in a row; a ``body`` that
+    ran ``wait`` seconds or longer before it failed had been working, and starts
+    the count again.
+    """
+    failures = 0
+    while True:
+        started = time.monotonic()
+        try:
+            conn = await connect_async(conninfo)
+            async with conn:
+                await body(conn)
+        except (psycopg.Error, PgPubSubError) as exc:
+            failures = 1 if time.monotonic() - started >= wait else failures + 1
+            trouble(exc, failures)
+        await asyncio.sleep(wait)
 
 
 async def connect_async(conninfo: str, *, autocommit: bool = True) -> AsyncConnection:
