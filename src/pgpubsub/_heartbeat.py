@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from . import driver
 from ._version import version
@@ -34,6 +35,13 @@ log = logging.getLogger("pgpubsub.worker")
 GONE_AFTER = 30.0
 
 UPSERT_SQL = (
+    "INSERT INTO pgpubsub.worker (id, host, pid, version, channels, processed, failed, stats) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+    "last_seen = pg_catalog.now(), processed = EXCLUDED.processed, failed = EXCLUDED.failed, "
+    "stats = EXCLUDED.stats"
+)
+# A schema at version 2 (before `pgpubsub migrate`) has no stats column.
+UPSERT_V2_SQL = (
     "INSERT INTO pgpubsub.worker (id, host, pid, version, channels, processed, failed) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
     "last_seen = pg_catalog.now(), processed = EXCLUDED.processed, failed = EXCLUDED.failed"
@@ -51,21 +59,23 @@ class Heartbeat:
     def __init__(
         self,
         conninfo: str,
-        channels: list[str],
-        counts: Callable[[], tuple[int, int]],
+        stats: Callable[[], dict[str, dict[str, Any]]],
         every: float = 5.0,
     ):
         self.conninfo = conninfo
-        self.channels = channels
-        self.counts = counts
+        self.stats = stats  # {channel: {"kind", "durable", "processed", "failed"}}
         self.every = every
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._first = True  # the first connection also deletes rows unseen for a day
+        self._v2 = False  # the schema has no stats column yet
 
     def _row(self) -> tuple[object, ...]:
-        processed, failed = self.counts()
+        stats = self.stats()
+        processed = sum(int(c["processed"]) for c in stats.values())
+        failed = sum(int(c["failed"]) for c in stats.values())
         host, pid, _ = self.id.rsplit(":", 2)
-        return (self.id, host, int(pid), version(), self.channels, processed, failed)
+        row = (self.id, host, int(pid), version(), list(stats), processed, failed)
+        return row if self._v2 else (*row, Jsonb(stats))
 
     async def run(self) -> None:
         await driver.keep_connected(self.conninfo, self._beat, self._trouble, self.every)
@@ -75,7 +85,14 @@ class Heartbeat:
             await conn.execute(FORGET_SQL, (self.id,))
             self._first = False
         while True:
-            await conn.execute(UPSERT_SQL, self._row())
+            try:
+                await conn.execute(UPSERT_V2_SQL if self._v2 else UPSERT_SQL, self._row())
+            except psycopg.errors.UndefinedColumn:
+                if self._v2:
+                    raise
+                log.info("worker registry: schema version 2, per-channel counts not shown")
+                self._v2 = True
+                continue
             await asyncio.sleep(self.every)
 
     def _trouble(self, exc: Exception, failures: int) -> None:

@@ -148,8 +148,7 @@ class Worker:
         self.session_factory = session_factory
         self.engine = Engine(dsn, **engine_options)
         self.heartbeat = (
-            Heartbeat(self.engine.conninfo, [c.name for c in self.channels], self.totals)
-            if register
+            Heartbeat(self.engine.conninfo, self.channel_stats) if register
             else None
         )
         self._plain: list[Subscription] = []
@@ -224,6 +223,21 @@ class Worker:
             sum(n for (name, _), n in counts.items() if name == "processed"),
             sum(n for (name, _), n in counts.items() if name == "failed"),
         )
+
+    def channel_stats(self) -> dict[str, dict[str, Any]]:
+        """Per channel: its kind and this worker's processed and failed counts (the registry)."""
+        counts = self.counts()
+        return {
+            spec.name: {
+                "kind": "trigger"
+                if issubclass(spec.cls, TriggerChannel)
+                else ("durable" if spec.lock else "plain"),
+                "durable": bool(spec.lock),
+                "processed": counts.get(("processed", spec.name), 0),
+                "failed": counts.get(("failed", spec.name), 0),
+            }
+            for spec in self.channels
+        }
 
     async def _sync_metrics(self, metrics: _metrics.Metrics, every: float = 1.0) -> None:
         while True:

@@ -79,13 +79,27 @@ CREATE TABLE IF NOT EXISTS pgpubsub.worker (
     failed      bigint      NOT NULL DEFAULT 0
 );
 
+-- Version 3 (the dashboard). Each worker's counts per channel, with the
+-- channel's kind: {"<channel>": {"kind": "plain|durable|trigger", "durable":
+-- bool, "processed": n, "failed": n}}.
+ALTER TABLE pgpubsub.worker ADD COLUMN IF NOT EXISTS stats jsonb NOT NULL DEFAULT '{}';
+-- Dead messages of a channel, newest first, and the channels that have any,
+-- read through an index whatever the size of the table.
+CREATE INDEX IF NOT EXISTS message_dead_idx
+    ON pgpubsub.message (channel, id) WHERE status = 'dead';
+-- Channel and status are correlated: joint statistics make the planner's
+-- estimate of "messages of this channel with this status" (what the dashboard
+-- shows when an exact count would be slow) close to the truth.
+CREATE STATISTICS IF NOT EXISTS pgpubsub.message_channel_status (mcv)
+    ON channel, status FROM pgpubsub.message;
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (
     one      boolean PRIMARY KEY DEFAULT true CHECK (one),
     version  integer NOT NULL
 );
-INSERT INTO pgpubsub.version (one, version) VALUES (true, 2)
+INSERT INTO pgpubsub.version (one, version) VALUES (true, 3)
     ON CONFLICT (one) DO UPDATE SET version = GREATEST(pgpubsub.version.version, EXCLUDED.version);
 
 -- The JSON of one row event of a trigger channel.
