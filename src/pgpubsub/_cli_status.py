@@ -8,13 +8,12 @@ has waited longer than ``--max-age`` seconds.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from typing import Any
 
 from ._cli_errors import CheckFailed
 from .errors import ConnectionFailed, SchemaMissing
-from .health import Health, status
+from .health import Health, age, since, status
 
 __all__ = ["add_parser"]
 
@@ -23,20 +22,6 @@ EXAMPLES = """examples:
   pgpubsub status --json                          the same, for scripts
   pgpubsub status --check --max-age 300           a probe: non-zero when unhealthy
 """
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _since(moment: datetime.datetime) -> str:
-    return _age((datetime.datetime.now(datetime.timezone.utc) - moment).total_seconds()) + " ago"
 
 
 def _table(rows: list[list[str]]) -> None:
@@ -59,7 +44,7 @@ def _print(health: Health) -> None:
                 f"{c.due:,}",
                 f"{c.dead:,}",
                 f"{c.done:,}",
-                _age(c.oldest_due_age),
+                age(c.oldest_due_age),
             ]
             for c in health.channels
         ]
@@ -90,8 +75,8 @@ def _print(health: Health) -> None:
                 str(w.pid),
                 w.version,
                 "live" if w.alive else "GONE",
-                _since(w.started_at),
-                _since(w.last_seen),
+                since(w.started_at),
+                since(w.last_seen),
                 f"{w.processed:,}",
                 f"{w.failed:,}",
                 ",".join(w.channels),

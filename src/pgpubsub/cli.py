@@ -41,7 +41,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import _cli_messages, _cli_status, _logs
+from . import _cli_dashboard, _cli_messages, _cli_status, _logs
 from ._cli_errors import UsageError
 from ._version import version
 
@@ -349,6 +349,7 @@ def parser() -> argparse.ArgumentParser:
 
     _cli_status.add_parser(sub, common)
     _cli_messages.add_parser(sub, common)
+    _cli_dashboard.add_parser(sub, common)
 
     migrate = command(
         "migrate",

@@ -22,7 +22,7 @@ import psycopg
 from . import driver
 from ._heartbeat import GONE_AFTER
 
-__all__ = ["SCHEMA_VERSION", "ChannelCounts", "Health", "WorkerInfo", "status"]
+__all__ = ["SCHEMA_VERSION", "ChannelCounts", "Health", "WorkerInfo", "age", "since", "status"]
 
 #: The schema version this library installs and expects (``pgpubsub.version``).
 SCHEMA_VERSION = 3
@@ -153,3 +153,19 @@ def _read(conn: psycopg.Connection[Any]) -> Health:
     for name in sorted({ch for w in workers if w.alive for ch in w.channels} - known):
         channels.append(ChannelCounts(name, 0, 0, 0, 0, None))
     return Health(True, None, server, version, SCHEMA_VERSION, tuple(channels), tuple(workers))
+
+
+def age(seconds: float | None) -> str:
+    """A duration as people read it: ``0.4s``, ``12m``, ``3.5h`` (``-`` for None)."""
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def since(moment: datetime.datetime) -> str:
+    """How long ago ``moment`` was: ``3.2m ago``."""
+    return age((datetime.datetime.now(datetime.timezone.utc) - moment).total_seconds()) + " ago"

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 STATUSES = ("pending", "dead", "done", "spill")
-_COLUMNS = (
+COLUMNS = (
     "id, channel, payload, status, attempts, run_at, last_error, context, created_at, completed_at"
 )
 
@@ -66,7 +66,7 @@ def list_messages(
     """Stored messages of a status (None: any) and channel (None: any), oldest first."""
     rows = _rows(
         conn,
-        f"SELECT {_COLUMNS} FROM pgpubsub.message "  # noqa: S608 - constant column list
+        f"SELECT {COLUMNS} FROM pgpubsub.message "  # noqa: S608 - constant column list
         "WHERE (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR channel = %s) "
         "ORDER BY id LIMIT %s",
         (_status(status), status, channel, channel, limit),
@@ -97,7 +97,7 @@ def count(
 def get(conn: Any, message_id: int) -> StoredMessage | None:
     rows = _rows(
         conn,
-        f"SELECT {_COLUMNS} FROM pgpubsub.message WHERE id = %s",  # noqa: S608
+        f"SELECT {COLUMNS} FROM pgpubsub.message WHERE id = %s",  # noqa: S608
         (message_id,),
     )
     return StoredMessage(*rows[0]) if rows else None

@@ -147,10 +147,7 @@ class Worker:
         self.channels = channels if channels is not None else registry.channels()
         self.session_factory = session_factory
         self.engine = Engine(dsn, **engine_options)
-        self.heartbeat = (
-            Heartbeat(self.engine.conninfo, self.channel_stats) if register
-            else None
-        )
+        self.heartbeat = Heartbeat(self.engine.conninfo, self.channel_stats) if register else None
         self._plain: list[Subscription] = []
         self._durable: DurableRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []

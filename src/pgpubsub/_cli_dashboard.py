@@ -1,0 +1,91 @@
+"""``pgpubsub dashboard``: serve the live web dashboard (extra ``pgpubsub[dashboard]``).
+
+It binds 127.0.0.1 by default and then answers only to local host names.
+Any other bind needs a token (``--token`` or ``$PGPUBSUB_DASHBOARD_TOKEN``):
+every request must carry it. Replay, cancel and purge need ``--allow-actions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from typing import Any
+
+from ._cli_errors import UsageError
+from .errors import ConfigurationError
+
+__all__ = ["add_parser"]
+
+EXAMPLES = """examples:
+  pgpubsub dashboard                              http://127.0.0.1:8089/, read-only
+  pgpubsub dashboard --allow-actions              with replay, cancel and purge
+  PGPUBSUB_DASHBOARD_TOKEN=s3cret pgpubsub dashboard --host 0.0.0.0
+                                                  reachable from other machines
+                                                  (open http://HOST:8089/?token=s3cret)
+"""
+
+
+def _local(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("PGPUBSUB_DASHBOARD_TOKEN") or None
+    local = _local(args.host)
+    if not local and not token:
+        raise UsageError(
+            f"--host {args.host} makes the dashboard reachable from other machines: "
+            "give it a token (--token or PGPUBSUB_DASHBOARD_TOKEN)"
+        )
+    try:
+        import uvicorn
+
+        from .dashboard import create_app
+        from .dashboard._security import LOCAL_HOSTS
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the dashboard needs its extra ({exc.name} is missing): "
+            "pip install 'pgpubsub[dashboard]'"
+        ) from None
+    app: Any = create_app(
+        args.dsn,
+        allow_actions=args.allow_actions,
+        token=token,
+        allowed_hosts=LOCAL_HOSTS if local and not token else None,
+    )
+    mode = "actions enabled" if args.allow_actions else "read-only"
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"pgpubsub dashboard on http://{shown}:{args.port}/ ({mode})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def add_parser(sub: Any, common: Any) -> None:
+    sp = sub.add_parser(
+        "dashboard",
+        help="serve the live web dashboard (pgpubsub[dashboard])",
+        description="Serve the live web dashboard: channels, queues, workers, "
+        "messages and a live tail.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(sp)
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8089, help="port (default: 8089)")
+    sp.add_argument(
+        "--token",
+        help="every request must carry this token (default: $PGPUBSUB_DASHBOARD_TOKEN); "
+        "required for a non-local --host",
+    )
+    sp.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="enable replay, cancel and purge (read-only without it)",
+    )
+    sp.set_defaults(func=run)

@@ -1,0 +1,428 @@
+"""The dashboard's pages, its live tail and its actions (a Starlette application)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import pathlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode
+
+import jinja2
+import markupsafe
+import psycopg
+import psycopg_pool
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import driver
+from .. import messages as stored
+from ..errors import InvalidChannelName
+from ..health import SCHEMA_VERSION, age, since
+from ..names import validate_channel
+from ._data import EXACT_UP_TO, ChannelRow, Count, Reader
+from ._live import SAMPLE_EVERY, Rates, Watcher, now
+from ._security import Guard, check_csrf, csrf_token, new_secret
+
+__all__ = ["Dashboard", "create_app"]
+
+log = logging.getLogger("pgpubsub.dashboard")
+
+HERE = pathlib.Path(__file__).parent
+STATUSES = ("pending", "dead", "done", "spill")
+PARTIAL = "x-pgpubsub-partial"  # the live refresh asks for the changing part only
+LIVE = ("overview", "workers", "channel")
+MAX_FORM = 64 * 1024  # pages with a part that refreshes itself
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+
+
+def sparkline(values: list[float | None], peak: float, width: int = 120, height: int = 28) -> str:
+    """SVG polyline points of ``values`` (None: not known, the line skips it)."""
+    if not values:
+        return ""
+    step = width / max(1, len(values) - 1)
+    return " ".join(
+        f"{i * step:.1f},{height - 1 - (v / peak if peak else 0) * (height - 2):.1f}"
+        for i, v in enumerate(values)
+        if v is not None
+    )
+
+
+class Dashboard:
+    """State shared by the requests: the reader, the LISTEN watcher, the rate history."""
+
+    def __init__(self, conninfo: str, *, allow_actions: bool, secret: str):
+        self.conninfo = conninfo
+        self.allow_actions = allow_actions
+        self.secret = secret
+        self.reader = Reader(conninfo)
+        self.watcher = Watcher(conninfo)
+        self.rates = Rates()
+        self._sampler: asyncio.Task[None] | None = None
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"),
+            autoescape=True,  # every value is text in the page, never markup
+            undefined=jinja2.StrictUndefined,
+        )
+        env.globals.update(age=age, since=since, sparkline=sparkline, Count=Count)
+        self.env = env
+
+    async def ensure_started(self) -> None:
+        """Open the pool, the LISTEN connection and the sampler (once, at the first request)."""
+        if self._sampler is None:
+            await self.reader.open()
+            self.watcher.start()
+            self._sampler = asyncio.get_running_loop().create_task(self._sample())
+
+    async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await self.watcher.stop()
+            await self.reader.close()
+
+    async def _sample(self) -> None:
+        while True:
+            try:
+                overview = await self.reader.overview()
+                plain = [c.name for c in overview.channels if c.known_kind and not c.durable]
+                await self.watcher.count(plain)
+                self.rates.add(now(), overview.channels, self.watcher.notified)
+            except Exception as exc:  # the database is away: the pages say so
+                log.debug("dashboard: sampling failed: %s", exc)
+            await asyncio.sleep(SAMPLE_EVERY)
+
+    # -- rendering -------------------------------------------------------------
+
+    def render(
+        self, request: Request, template: str, http_status: int = 200, **context: Any
+    ) -> Response:
+        partial = request.headers.get(PARTIAL) == "1" and template in LIVE
+        name = f"_{template}_live.html" if partial else f"{template}.html"
+        html = self.env.get_template(name).render(
+            request=request,
+            url=lambda route, **params: _url(request, route, **params),
+            csrf=csrf_token(self.secret),
+            allow_actions=self.allow_actions,
+            notice=request.query_params.get("notice", ""),
+            exact_up_to=EXACT_UP_TO,
+            page=template,
+            **context,
+        )
+        return HTMLResponse(html, http_status, headers={"cache-control": "no-store"})
+
+    def chart(self, row: ChannelRow) -> dict[str, Any]:
+        published, processed = self.rates.series(row.name)
+        peak = max([v for v in (*published, *processed) if v is not None] or [0.0])
+        return {
+            "published": published,
+            "processed": processed,
+            "peak": peak,
+            "now_processed": processed[-1] if processed else None,
+            "now_published": published[-1] if published else None,
+        }
+
+    # -- pages -----------------------------------------------------------------
+
+    async def overview(self, request: Request) -> Response:
+        data = await self.reader.overview()
+        charts = {c.name: self.chart(c) for c in data.channels}
+        alive = [w for w in data.workers if w.alive]
+        return self.render(
+            request,
+            "overview",
+            overview=data,
+            charts=charts,
+            alive=alive,
+            schema_version=SCHEMA_VERSION,
+        )
+
+    async def workers(self, request: Request) -> Response:
+        return self.render(request, "workers", workers=await self.reader.workers())
+
+    async def channel(self, request: Request) -> Response:
+        name = _channel_param(request, "name")
+        status = request.query_params.get("status") or ""
+        row = ChannelRow(name)
+        await self.reader.counts([row])
+        if not status:
+            status = "dead" if row.dead.value else "pending"
+        if status not in STATUSES:
+            raise HTTPError(400, f"unknown status {status!r}: one of {', '.join(STATUSES)}")
+        workers = [w for w in await self.reader.workers() if name in w.channels]
+        kind = next(
+            (w.stats[name].get("kind") for w in workers if w.alive and name in w.stats), None
+        )
+        return self.render(
+            request,
+            "channel",
+            channel=name,
+            status=status,
+            counts=row,
+            kind=kind,
+            workers=workers,
+            messages=await self.reader.messages(name, status),
+            statuses=STATUSES,
+        )
+
+    async def message(self, request: Request) -> Response:
+        message_id = request.path_params["id"]
+        msg = await self.reader.message(message_id)
+        if msg is None:
+            raise HTTPError(404, f"no stored message with id {message_id}")
+        return self.render(
+            request,
+            "message",
+            message=msg,
+            payload=_pretty(msg.payload),
+            context_text=json.dumps(msg.context, indent=2) if msg.context is not None else "",
+        )
+
+    async def tail(self, request: Request) -> Response:
+        name = await self._known_channel(request)
+        return self.render(request, "tail", channel=name)
+
+    async def tail_events(self, request: Request) -> Response:
+        name = await self._known_channel(request)
+        tail = await self.watcher.open_tail(name)
+
+        async def stream() -> Any:
+            try:
+                yield "event: ready\ndata: {}\n\n"
+                while True:
+                    lines, dropped = await tail.take(timeout=15.0)
+                    if not lines and not dropped:
+                        yield ": keep-alive\n\n"
+                        continue
+                    data = {"lines": [[ln.at, ln.payload] for ln in lines], "dropped": dropped}
+                    yield f"data: {json.dumps(data)}\n\n"
+                    await asyncio.sleep(0.05)  # at most 20 events a second: lines are batched
+            finally:
+                await self.watcher.close_tail(tail)
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
+
+    async def _known_channel(self, request: Request) -> str:
+        """A channel the workers or the stored messages name: nothing else is LISTENed to."""
+        name = _channel_param(request, "channel")
+        workers = await self.reader.workers()
+        if any(name in w.channels for w in workers) or name in await self.reader.channel_names():
+            return name
+        raise HTTPError(
+            404,
+            f"unknown channel {name!r}: a channel is known once a worker listens to it "
+            "or it has stored messages",
+        )
+
+    # -- actions ---------------------------------------------------------------
+
+    async def action(self, request: Request) -> Response:
+        if not self.allow_actions:
+            raise HTTPError(403, "actions are disabled: start the dashboard with --allow-actions")
+        form = await _form(request)
+        refused = check_csrf(self.secret, _one(form, "csrf"), request.headers)
+        if refused:
+            raise HTTPError(403, refused)
+        action = request.path_params["action"]
+        channel = _optional_channel(_one(form, "channel"))
+        ids = _ids(form.get("id", []))
+        status = _one(form, "status") or "dead"
+        if ids is None and channel is None:
+            raise HTTPError(400, "an action needs message ids or a channel")
+        if action == "replay":
+            n = await self._run(lambda c: stored.replay(c, ids, channel, ("dead", "pending")))
+            notice = f"{n} message(s) will run again"
+        elif action == "cancel":
+            n = await self._run(lambda c: stored.cancel(c, ids, channel))
+            notice = f"{n} pending message(s) cancelled"
+        elif action == "purge":
+            if status not in ("dead", "done", "spill"):
+                raise HTTPError(400, "only dead, done or spill messages can be purged")
+            if _one(form, "confirm") != "yes":
+                n = await self._run(lambda c: stored.count(c, [status], channel, ids=ids))
+                return self.render(
+                    request, "confirm", n=n, status=status, channel=channel, ids=ids or []
+                )
+            n = await self._run(lambda c: stored.purge(c, status, channel, ids=ids))
+            notice = f"{n} {status} message(s) deleted"
+        else:
+            raise HTTPError(404, f"no action {action!r}: replay, cancel or purge")
+        if channel is not None:
+            target = _url(request, "channel", name=channel, status=status)
+        else:
+            target = _url(request, "overview")
+        sep = "&" if "?" in target else "?"
+        return RedirectResponse(f"{target}{sep}{urlencode({'notice': notice})}", 303)
+
+    async def _run(self, fn: Callable[[Any], int]) -> int:
+        """One statement of :mod:`pgpubsub.messages`, committed (as ``pgpubsub messages``)."""
+
+        def run() -> int:
+            with psycopg.connect(self.conninfo, connect_timeout=5) as conn:
+                result = fn(conn)
+                conn.commit()
+                return result
+
+        return await asyncio.to_thread(run)
+
+
+PATHS = {
+    "overview": "/",
+    "workers": "/workers",
+    "channel": "/channel",
+    "message": "/message/{id}",
+    "tail": "/tail",
+    "tail_events": "/tail/events",
+    "action": "/actions/{action}",
+    "static": "/static/{path}",
+}
+
+
+def _url(request: Request, route: str, **params: Any) -> str:
+    """The path of a route under the mount point (``root_path``), with query parameters."""
+    path = PATHS[route]
+    for key in ("id", "action", "path"):
+        if "{" + key + "}" in path:
+            path = path.replace("{" + key + "}", quote(str(params.pop(key)), safe=""))
+    url = request.scope.get("root_path", "").rstrip("/") + path
+    query = {k: v for k, v in params.items() if v is not None}
+    return f"{url}?{urlencode(query)}" if query else url
+
+
+async def _form(request: Request) -> dict[str, list[str]]:
+    """The fields of an action's form (url-encoded, a few short fields)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise HTTPError(413, f"a form of more than {MAX_FORM} bytes")
+    try:
+        return parse_qs(body.decode(), keep_blank_values=True, max_num_fields=1000)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HTTPError(400, f"unreadable form: {exc}") from None
+
+
+def _one(form: dict[str, list[str]], key: str) -> str | None:
+    values = form.get(key)
+    return values[0] if values else None
+
+
+def _channel_param(request: Request, key: str) -> str:
+    try:
+        return validate_channel(request.query_params.get(key, ""))
+    except InvalidChannelName as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def _optional_channel(value: object) -> str | None:
+    if value in (None, ""):
+        return None
+    try:
+        return validate_channel(value)
+    except InvalidChannelName as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def _ids(values: list[str]) -> list[int] | None:
+    ids = []
+    for value in values:
+        for part in str(value).replace(",", " ").split():
+            if not part.isdigit() or len(part) > 19:
+                raise HTTPError(400, f"message id {part!r} is not a number")
+            ids.append(int(part))
+    return ids or None
+
+
+def _pretty(payload: str) -> str:
+    try:
+        return json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
+    except ValueError:
+        return payload
+
+
+def _handler(
+    dashboard: Dashboard, method: Callable[[Request], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
+    """Start the dashboard on first use; show failures as pages, never as tracebacks."""
+
+    async def handle(request: Request) -> Response:
+        await dashboard.ensure_started()
+        try:
+            return await method(request)
+        except HTTPError as exc:
+            return _error(dashboard, request, exc.status, str(exc))
+        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
+            text = f"the database is unreachable ({driver.one_line(exc)}); retrying"
+            return _error(dashboard, request, 503, text)
+        except psycopg.errors.UndefinedTable:
+            text = "the pgpubsub schema is missing: run `pgpubsub migrate`"
+            return _error(dashboard, request, 503, text)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            text = f"{driver.one_line(exc)}: `pgpubsub grant ROLE --monitor` lets a role read"
+            return _error(dashboard, request, 403, text)
+
+    return handle
+
+
+def _error(dashboard: Dashboard, request: Request, status: int, text: str) -> Response:
+    if request.headers.get(PARTIAL) == "1":
+        return HTMLResponse(f'<p class="problem">{markupsafe.escape(text)}</p>', status)
+    return dashboard.render(request, "error", status, problem=text, retry=status == 503)
+
+
+def create_app(
+    dsn: str = "",
+    *,
+    allow_actions: bool = False,
+    token: str | None = None,
+    allowed_hosts: frozenset[str] | None = None,
+) -> Any:
+    """The dashboard as an ASGI application, to serve or to mount in another one.
+
+    ``allow_actions`` enables replay, cancel and purge; ``token`` makes every
+    request prove it knows it (give one whenever the dashboard is reachable
+    from other machines); ``allowed_hosts`` refuses requests for other host
+    names (``pgpubsub dashboard`` sets it for a local bind).
+    """
+    dashboard = Dashboard(
+        driver.build_conninfo(dsn), allow_actions=allow_actions, secret=new_secret()
+    )
+    page = {
+        name: _handler(dashboard, getattr(dashboard, name))
+        for name in ("overview", "workers", "channel", "message", "tail", "tail_events", "action")
+    }
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> Any:
+        yield
+        await dashboard.close()
+
+    app = Starlette(
+        lifespan=lifespan,
+        routes=[
+            Route("/", page["overview"]),
+            Route("/workers", page["workers"]),
+            Route("/channel", page["channel"]),
+            Route("/message/{id:int}", page["message"]),
+            Route("/tail", page["tail"]),
+            Route("/tail/events", page["tail_events"]),
+            Route("/actions/{action}", page["action"], methods=["POST"]),
+            Mount("/static", StaticFiles(directory=HERE / "static")),
+        ],
+    )
+    app.state.dashboard = dashboard
+    return Guard(app, token=token, secret=dashboard.secret, allowed_hosts=allowed_hosts)

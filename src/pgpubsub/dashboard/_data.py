@@ -1,0 +1,286 @@
+"""What the dashboard reads, each read one indexed statement with a LIMIT.
+
+The table may hold millions of messages, so nothing here scans it:
+
+* the channels that have stored messages come from loose index scans (one
+  index probe per channel) of the partial indexes of pending, dead and kept
+  messages;
+* counts are exact up to :data:`EXACT_UP_TO` (an index-only count that stops
+  there); past it the count is the planner's estimate, marked as such
+  (:class:`Count`), which the joint channel/status statistics of the schema
+  keep close;
+* message lists read one status of one channel through its index.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool
+
+from ..messages import COLUMNS, StoredMessage
+
+__all__ = [
+    "EXACT_UP_TO",
+    "ChannelRow",
+    "Count",
+    "Overview",
+    "Reader",
+    "WorkerRow",
+]
+
+#: Counts are exact up to this many messages, estimates above.
+EXACT_UP_TO = 1000
+MAX_CHANNELS = 500
+MAX_WORKERS = 500
+PAGE = 50
+
+# A loose index scan per partial index (pending, dead, kept): each step of a
+# recursion is one index probe for the next channel name.
+CHANNELS_SQL = """
+WITH RECURSIVE pending AS (
+    SELECT (SELECT channel FROM pgpubsub.message WHERE status = 'pending'
+            ORDER BY channel LIMIT 1) AS c
+    UNION ALL
+    SELECT (SELECT m.channel FROM pgpubsub.message m WHERE m.status = 'pending'
+            AND m.channel > p.c ORDER BY m.channel LIMIT 1)
+    FROM pending p WHERE p.c IS NOT NULL
+), dead AS (
+    SELECT (SELECT channel FROM pgpubsub.message WHERE status = 'dead'
+            ORDER BY channel LIMIT 1) AS c
+    UNION ALL
+    SELECT (SELECT m.channel FROM pgpubsub.message m WHERE m.status = 'dead'
+            AND m.channel > p.c ORDER BY m.channel LIMIT 1)
+    FROM dead p WHERE p.c IS NOT NULL
+), kept AS (
+    SELECT (SELECT channel FROM pgpubsub.message WHERE status IN ('done', 'spill')
+            ORDER BY channel LIMIT 1) AS c
+    UNION ALL
+    SELECT (SELECT m.channel FROM pgpubsub.message m WHERE m.status IN ('done', 'spill')
+            AND m.channel > p.c ORDER BY m.channel LIMIT 1)
+    FROM kept p WHERE p.c IS NOT NULL
+)
+SELECT c FROM pending WHERE c IS NOT NULL
+UNION SELECT c FROM dead WHERE c IS NOT NULL
+UNION SELECT c FROM kept WHERE c IS NOT NULL
+ORDER BY 1 LIMIT %(limit)s
+"""
+
+
+def _capped(where: str) -> str:
+    return (
+        "(SELECT pg_catalog.count(*) FROM (SELECT 1 FROM pgpubsub.message m "  # noqa: S608
+        f"WHERE m.channel = c.channel AND {where} LIMIT %(cap)s) s)"
+    )
+
+
+_STATUS_WHERE = {
+    "pending": "m.status = 'pending'",
+    "due": "m.status = 'pending' AND m.run_at <= pg_catalog.now()",
+    "dead": "m.status = 'dead'",
+    "done": "m.status = 'done'",
+}
+COUNTS_SQL = f"""
+SELECT c.channel, {", ".join(_capped(w) for w in _STATUS_WHERE.values())},
+    pg_catalog.date_part('epoch', pg_catalog.now() - (
+        SELECT pg_catalog.min(m.run_at) FROM pgpubsub.message m
+        WHERE m.channel = c.channel AND m.status = 'pending'))
+FROM pg_catalog.unnest(%(channels)s::text[]) AS c(channel)
+"""  # noqa: S608 - constant fragments; channels are a bound array
+ESTIMATE_SQL = sql.SQL(
+    "EXPLAIN (FORMAT JSON) SELECT 1 FROM pgpubsub.message m WHERE m.channel = {channel} AND {where}"
+)
+WORKERS_SQL = """
+SELECT id, host, pid, version, channels, started_at, last_seen, processed, failed,
+    last_seen >= pg_catalog.now() - pg_catalog.make_interval(secs => %(gone)s), stats
+FROM pgpubsub.worker ORDER BY host, pid LIMIT %(limit)s
+"""
+WORKERS_V2_SQL = WORKERS_SQL.replace(", stats\n", ", '{}'::jsonb\n")
+# Each status through its own index, in the order that index gives cheaply;
+# payloads and errors cut short (message() reads one whole message by id).
+_LIST = {
+    "pending": ("status = 'pending'", "run_at, id"),
+    "dead": ("status = 'dead'", "id DESC"),
+    "done": ("status = 'done'", "created_at DESC"),
+    "spill": ("status = 'spill'", "created_at DESC"),
+}
+_BRIEF = COLUMNS.replace("payload", "pg_catalog.left(payload, 300)").replace(
+    "last_error", "pg_catalog.right(last_error, 500)"
+)
+LIST_SQL = {
+    status: f"SELECT {_BRIEF} FROM pgpubsub.message "  # noqa: S608 - constant fragments
+    f"WHERE channel = %(channel)s AND {where} ORDER BY {order} LIMIT %(limit)s"
+    for status, (where, order) in _LIST.items()
+}
+MESSAGE_SQL = f"SELECT {COLUMNS} FROM pgpubsub.message WHERE id = %s"  # noqa: S608
+
+
+@dataclass(frozen=True)
+class Count:
+    value: int
+    estimated: bool = False
+
+    def __str__(self) -> str:
+        if not self.estimated:
+            return f"{self.value:,}"
+        for unit, size in (("M", 1_000_000), ("k", 1_000)):
+            if self.value >= size:
+                return f"~{self.value / size:.1f}{unit}"
+        return f"~{self.value}"
+
+
+@dataclass
+class ChannelRow:
+    name: str
+    kind: str = "durable"  # plain, durable or trigger (from the workers that listen)
+    durable: bool = True
+    pending: Count = Count(0)
+    due: Count = Count(0)
+    dead: Count = Count(0)
+    done: Count = Count(0)
+    oldest_due_age: float | None = None
+    workers: int = 0  # live workers listening
+    processed: int = 0  # by every registered worker since it started
+    failed: int = 0
+    known_kind: bool = False  # a live worker said what this channel is
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    id: str
+    host: str
+    pid: int
+    version: str
+    channels: tuple[str, ...]
+    started_at: datetime.datetime
+    last_seen: datetime.datetime
+    processed: int
+    failed: int
+    alive: bool
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Overview:
+    channels: list[ChannelRow]
+    workers: list[WorkerRow]
+    server_version: str
+
+
+class Reader:
+    """The dashboard's reads, on a small pool of autocommit connections."""
+
+    def __init__(self, conninfo: str, *, statement_timeout: float = 5.0):
+        self.pool = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=4,
+            open=False,
+            kwargs={
+                "autocommit": True,
+                "application_name": "pgpubsub dashboard",
+                "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+            },
+            timeout=statement_timeout,
+            reconnect_timeout=0,  # keep trying while the server is away
+        )
+
+    async def open(self) -> None:
+        await self.pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def _all(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
+        async with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(query, params)
+            return await cur.fetchall()
+
+    async def workers(self) -> list[WorkerRow]:
+        from .._heartbeat import GONE_AFTER
+
+        params = {"gone": GONE_AFTER, "limit": MAX_WORKERS}
+        try:
+            rows = await self._all(WORKERS_SQL, params)
+        except psycopg.errors.UndefinedColumn:  # a version-2 schema: no per-channel counts
+            rows = await self._all(WORKERS_V2_SQL, params)
+        except psycopg.errors.UndefinedTable:
+            return []
+        return [
+            WorkerRow(
+                id=r[0],
+                host=r[1],
+                pid=r[2],
+                version=r[3],
+                channels=tuple(r[4]),
+                started_at=r[5],
+                last_seen=r[6],
+                processed=r[7],
+                failed=r[8],
+                alive=r[9],
+                stats=r[10] or {},
+            )
+            for r in rows
+        ]
+
+    async def channel_names(self) -> list[str]:
+        return [r[0] for r in await self._all(CHANNELS_SQL, {"limit": MAX_CHANNELS})]
+
+    async def counts(self, rows: list[ChannelRow]) -> None:
+        """Fill the counts of ``rows``: exact up to EXACT_UP_TO, estimated above."""
+        if not rows:
+            return
+        by_name = {r.name: r for r in rows}
+        params = {"channels": list(by_name), "cap": EXACT_UP_TO}
+        for name, pending, due, dead, done, oldest in await self._all(COUNTS_SQL, params):
+            row = by_name[name]
+            found = {}
+            for status, n in zip(_STATUS_WHERE, (pending, due, dead, done), strict=True):
+                found[status] = await self._estimate(name, status) if n >= EXACT_UP_TO else Count(n)
+            row.pending, row.due, row.dead, row.done = found.values()
+            row.oldest_due_age = oldest if oldest is not None and oldest > 0 else None
+
+    async def _estimate(self, channel: str, status: str) -> Count:
+        # EXPLAIN takes no bound parameters: the channel is a quoted literal.
+        query = ESTIMATE_SQL.format(
+            channel=sql.Literal(channel), where=sql.SQL(_STATUS_WHERE[status])
+        )
+        plan = (await self._all(query))[0][0]
+        plan = json.loads(plan) if isinstance(plan, str) else plan
+        return Count(max(int(plan[0]["Plan"]["Plan Rows"]), EXACT_UP_TO), estimated=True)
+
+    async def overview(self) -> Overview:
+        workers = await self.workers()
+        rows: dict[str, ChannelRow] = {}
+        for w in workers:
+            for name in w.channels:
+                row = rows.setdefault(name, ChannelRow(name))
+                info = w.stats.get(name, {})
+                row.processed += int(info.get("processed", 0))
+                row.failed += int(info.get("failed", 0))
+                if w.alive:
+                    row.workers += 1
+                    if info.get("kind"):
+                        row.kind, row.durable = info["kind"], bool(info.get("durable"))
+                        row.known_kind = True
+        for name in await self.channel_names():
+            rows.setdefault(name, ChannelRow(name))
+        channels = sorted(rows.values(), key=lambda r: r.name)
+        await self.counts(channels)
+        async with self.pool.connection() as conn:
+            server = conn.info.parameter_status("server_version") or "?"
+        return Overview(channels, workers, server)
+
+    async def messages(self, channel: str, status: str, limit: int = PAGE) -> list[StoredMessage]:
+        rows = await self._all(LIST_SQL[status], {"channel": channel, "limit": limit})
+        return [StoredMessage(*r) for r in rows]
+
+    async def message(self, message_id: int) -> StoredMessage | None:
+        rows = await self._all(MESSAGE_SQL, (message_id,))
+        return StoredMessage(*rows[0]) if rows else None
