@@ -26,7 +26,7 @@ from .. import messages as stored
 from ..errors import InvalidChannelName
 from ..health import SCHEMA_VERSION, age, since
 from ..names import validate_channel
-from ._data import EXACT_UP_TO, ChannelRow, Count, Reader
+from ._data import EXACT_UP_TO, ChannelRow, Reader
 from ._live import SAMPLE_EVERY, Rates, Watcher, now
 from ._security import Guard, check_csrf, csrf_token, new_secret
 
@@ -75,7 +75,7 @@ class Dashboard:
             autoescape=True,  # every value is text in the page, never markup
             undefined=jinja2.StrictUndefined,
         )
-        env.globals.update(age=age, since=since, sparkline=sparkline, Count=Count)
+        env.globals.update(age=age, since=since, sparkline=sparkline, exact_up_to=EXACT_UP_TO)
         self.env = env
 
     async def ensure_started(self) -> None:
@@ -115,7 +115,6 @@ class Dashboard:
             csrf=csrf_token(self.secret),
             allow_actions=self.allow_actions,
             notice=request.query_params.get("notice", ""),
-            exact_up_to=EXACT_UP_TO,
             page=template,
             **context,
         )
