@@ -329,3 +329,20 @@ def test_mounted_in_another_asgi_application(shop: str, page: Any) -> None:
             "/ops/queues/static/dashboard.css"
         )
         assert request(f"http://127.0.0.1:{port}/")[1] == "the host application"
+
+
+def test_counts_past_a_thousand_are_estimates_and_say_so(shop: str, page: Any) -> None:
+    admin_query(
+        shop,
+        "INSERT INTO pgpubsub.message (channel, payload, status) "
+        "SELECT 'orders', '{}', 'dead' FROM generate_series(1, 5000)",
+    )
+    admin_query(shop, "INSERT INTO pgpubsub.message (channel, payload) VALUES ('orders', '{}')")
+    admin_query(shop, "ANALYZE pgpubsub.message")
+    with dashboard(shop) as url:
+        page.goto(url)
+        dead = page.locator('tr[data-channel="orders"] td[data-col="dead"] .estimate')
+        assert dead.inner_text().startswith("~")
+        assert 2.5 <= float(dead.inner_text()[1:-1]) <= 10  # ~5.0k, give or take the sample
+        assert "estimated by the planner" in str(dead.get_attribute("title"))
+        assert cell(page, "orders", "pending") == "1"  # small counts stay exact

@@ -335,6 +335,19 @@ def test_admin_lists_notifications_and_replays_dead_ones(dj: str) -> None:
     assert (dead.status, dead.attempts) == ("pending", 0)
 
 
+def test_admin_links_to_the_dashboard(dj: str) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client, override_settings
+
+    user, _ = User.objects.get_or_create(username="admin", is_staff=True, is_superuser=True)
+    client = Client()
+    client.force_login(user)
+    assert b"Live dashboard" not in client.get("/admin/pgpubsub/notification/").content
+    with override_settings(PGPUBSUB_DASHBOARD_URL="/ops/queues/"):
+        page = client.get("/admin/pgpubsub/notification/").content.decode()
+    assert '<a href="/ops/queues/" class="viewsitelink">Live dashboard</a>' in page
+
+
 def test_notify_follows_a_psycopg2_connection(dj: str) -> None:
     import psycopg2
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import admin_query, wait_until
+from helpers import Running, admin_query, wait_until
 
 import pgpubsub
+from pgpubsub.channel import spec_of
 from pgpubsub.durable import migrate
 
 pytestmark = pytest.mark.acceptance
@@ -489,3 +490,46 @@ def test_upgrading_a_version_1_schema_keeps_rows_and_publishers(dsn: str) -> Non
     ]
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert pgpubsub.notify(Jobs(n=2), conn=conn, delay=5, dedupe_key="two") > kept
+
+
+def test_upgrading_a_version_2_schema_and_per_channel_counts_in_the_registry(dsn: str) -> None:
+    from app.channels import Jobs, Reads
+
+    from pgpubsub.listen import Registry
+
+    migrate(dsn)
+    admin_query(
+        dsn,
+        "ALTER TABLE pgpubsub.worker DROP COLUMN stats; DROP INDEX pgpubsub.message_dead_idx;"
+        "DROP STATISTICS pgpubsub.message_channel_status;"
+        "UPDATE pgpubsub.version SET version = 2",
+    )
+    one_failure(run("status", "--dsn", dsn), 4, "version 2", "run `pgpubsub migrate`")
+    seen: list[int] = []
+    registry = Registry()
+    registry.add(Reads, lambda model_id, model_type, date: seen.append(model_id))
+    # A worker of plain channels runs on the old schema, and registers without its counts.
+    worker = Running(dsn, registry, channels=[spec_of(Reads)])
+    try:
+        wait_until(lambda: len(pgpubsub.status(dsn).workers) == 1)
+    finally:
+        worker.stop()
+    assert run("migrate", "--dsn", dsn).returncode == 0
+    assert pgpubsub.status(dsn).schema_current
+    registry.add(Jobs, lambda n: None)
+    worker = Running(dsn, registry, channels=[spec_of(Reads), spec_of(Jobs)])
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            pgpubsub.notify(Reads, conn=conn, model_id=1, model_type="Post")
+            pgpubsub.notify_many(Jobs, [{"n": i} for i in range(3)], conn=conn)
+
+        def stats() -> object:
+            return admin_query(dsn, "SELECT stats FROM pgpubsub.worker")[0][0]
+
+        expected = {
+            spec_of(Reads).name: {"kind": "plain", "durable": False, "processed": 1, "failed": 0},
+            JOBS: {"kind": "durable", "durable": True, "processed": 3, "failed": 0},
+        }
+        wait_until(lambda: stats() == expected, timeout=20, interval=0.2)
+    finally:
+        worker.stop()

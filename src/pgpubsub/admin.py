@@ -1,9 +1,15 @@
-"""Admin for stored notifications: filter by status and channel, read errors, replay."""
+"""Admin for stored notifications: filter by status and channel, read errors, replay.
+
+With ``PGPUBSUB_DASHBOARD_URL`` set (where the project serves ``pgpubsub
+dashboard`` or mounts :func:`pgpubsub.dashboard.create_app`), the list links
+to the live dashboard.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db import connection, transaction
 
@@ -18,6 +24,13 @@ class NotificationAdmin(admin.ModelAdmin):
     search_fields = ("channel", "payload", "last_error")
     readonly_fields = [f.name for f in Notification._meta.fields]
     actions = ["replay"]
+    change_list_template = "admin/pgpubsub/notification/change_list.html"
+
+    def changelist_view(self, request: Any, extra_context: Any = None) -> Any:
+        url = getattr(settings, "PGPUBSUB_DASHBOARD_URL", None)
+        return super().changelist_view(
+            request, {**(extra_context or {}), "pgpubsub_dashboard_url": url}
+        )
 
     @admin.display(description="last error")
     def error(self, obj: Notification) -> str:
