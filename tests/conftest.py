@@ -51,6 +51,9 @@ def pg_server() -> Iterator[Server]:
         server.close()
 
 
+# Projects of users, run by tests/test_testing.py as their owners run them.
+collect_ignore = ["user_project", "user_project_django"]
+
 _counter = itertools.count()
 
 

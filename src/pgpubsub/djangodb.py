@@ -34,7 +34,8 @@ class DjangoSession(Session):
 
     def open(self) -> None:
         conn = self.connection
-        conn.close_if_unusable_or_obsolete()
+        if not conn.in_atomic_block:  # in a transaction (a TestCase's) it is in use: keep it
+            conn.close_if_unusable_or_obsolete()
         conn.ensure_connection()
 
     def atomic(self) -> AbstractContextManager[Any]:

@@ -20,7 +20,7 @@ in the publisher's transaction and send only its id (no size limit): see
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -64,6 +64,16 @@ def _payloads(spec: ChannelSpec, messages: Iterable[Any], plain: bool) -> tuple[
     return lines, count
 
 
+#: Called with (channel, payloads) after each plain publish through this module:
+#: pgpubsub.testing sees what a Django TestCase publishes, which is never committed.
+plain_observers: list[Callable[[str, list[str]], None]] = []
+
+
+def _observe(spec: ChannelSpec, payloads: list[str]) -> None:
+    for observer in plain_observers:
+        observer(spec.name, payloads)
+
+
 def _execute(conn: Any, query: str, params: list[Any]) -> None:
     with conn.cursor() as cur:
         cur.execute(query, params)
@@ -105,6 +115,8 @@ def notify(channel: Any, /, *, conn: Any = None, **keywords: Any) -> Any:
         if spec.lock:
             return store(conn, spec, payload, trace, options)[0]
         _execute(conn, NOTIFY_SQL, [spec.name, payload])
+    if plain_observers:
+        _observe(spec, [payload])
     return None
 
 
@@ -126,6 +138,8 @@ def notify_many(
         if spec.lock:
             return len(store(conn, spec, lines, trace, checked))
         _execute(conn, NOTIFY_MANY_SQL, [spec.name, lines])
+    if plain_observers:
+        _observe(spec, lines.split("\n"))
     return count
 
 
@@ -137,4 +151,6 @@ async def anotify(channel: Any, /, *, conn: psycopg.AsyncConnection[Any], **keyw
         if spec.lock:
             return (await astore(conn, spec, payload, trace, options))[0]
         await conn.execute(NOTIFY_SQL, [spec.name, payload])
+    if plain_observers:
+        _observe(spec, [payload])
     return None

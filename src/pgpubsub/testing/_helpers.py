@@ -1,0 +1,138 @@
+"""``published`` and ``drain``: on a test database (a DSN), or on Django's connection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..channel import ChannelSpec, resolve_channel
+from ..listen import Registry
+from ..listen import registry as default_registry
+from ..processor import ChannelProcessor
+from ..session import PsycopgSession, Session
+from ._capture import Capture, DjangoCapture
+
+__all__ = ["drain", "published"]
+
+#: Rounds of retries before drain gives up on a message that neither completes
+#: nor dies (only a channel whose max_attempts is huge gets there).
+MAX_ROUNDS = 100
+STORED_SQL = (
+    "SELECT id, payload FROM pgpubsub.message WHERE channel = %s AND status <> 'spill' "
+    "ORDER BY id"
+)
+CAPTURED_SQL = "SELECT payload FROM pgpubsub_testing.published WHERE channel = %s ORDER BY id"
+SNAPSHOT_SQL = (
+    "SELECT id, channel, payload FROM pgpubsub.message "
+    "WHERE channel = ANY(%s) AND status = 'pending'"
+)
+# A failed message waits for its retry delay: in a test it is retried at once.
+RETRY_NOW_SQL = (
+    "UPDATE pgpubsub.message SET run_at = pg_catalog.now() WHERE channel = ANY(%s) "
+    "AND status = 'pending' AND attempts > 0 AND last_error IS NOT NULL "
+    "AND run_at > pg_catalog.now()"
+)
+
+
+def _session(dsn: str | None, using: str) -> Session:
+    if dsn is not None:
+        return PsycopgSession(dsn)
+    from ..djangodb import DjangoSession
+
+    return DjangoSession(using)
+
+
+def published(channel: Any, dsn: str | None = None, *, using: str = "default") -> list[Any]:
+    """The messages published on ``channel`` since the test started, decoded, oldest first.
+
+    ``dsn``: the :func:`pgpubsub_dsn` of the test. Without it, Django's
+    connection ``using`` (in a :class:`pgpubsub.testing.django.PubSubTestCase`).
+    """
+    spec = resolve_channel(channel)
+    return [spec.decode(p) for p in _payloads(spec, dsn, using)]
+
+
+def _payloads(spec: ChannelSpec, dsn: str | None, using: str) -> list[str]:
+    if dsn is None:
+        return _django_payloads(spec, using)
+    if not spec.lock:
+        capture = Capture.active.get(dsn)
+        if capture is None:
+            raise LookupError(
+                f"nothing listened on {dsn!r}: plain messages are seen on the "
+                "pgpubsub_dsn fixture's database"
+            )
+        return capture.plain(spec.name)
+    session = PsycopgSession(dsn)
+    try:
+        session.open()
+        with session.atomic():
+            try:
+                return [r[0] for r in session.execute(CAPTURED_SQL, (spec.name,))]
+            except Exception as exc:  # not a pgpubsub_dsn database: what is stored now
+                if "pgpubsub_testing" not in str(exc):
+                    raise
+        with session.atomic():
+            return [r[1] for r in session.execute(STORED_SQL, (spec.name,))]
+    finally:
+        session.close()
+
+
+def _django_payloads(spec: ChannelSpec, using: str) -> list[str]:
+    capture = DjangoCapture.current
+    if capture is None:
+        raise LookupError(
+            "published() without a DSN reads Django's test transaction: use it in a "
+            "pgpubsub.testing.django.PubSubTestCase (or pass the test's DSN)"
+        )
+    if not spec.lock:
+        return [p for name, p in capture.plain if name == spec.name]
+    session = _session(None, using)
+    with session.atomic():
+        stored = {int(r[0]): r[1] for r in session.execute(STORED_SQL, (spec.name,))}
+    for mid, (name, payload) in capture.drained.items():
+        if name == spec.name:
+            stored.setdefault(mid, payload)
+    return [stored[mid] for mid in sorted(stored)]
+
+
+def drain(
+    dsn: str | None = None,
+    *,
+    registry: Registry = default_registry,
+    retry: bool = True,
+    using: str = "default",
+) -> int:
+    """Run the registered listeners on every due stored message; return how many completed.
+
+    As a worker does: in claim transactions, listeners' writes through
+    :func:`pgpubsub.durable.connection` committed with their message, a
+    failure recorded with its traceback and retried. With ``retry`` (the
+    default) a failed message is retried at once, not after its delay, until
+    it completes or is dead; without it, it stays pending for later.
+    Messages published with a delay are not due, and stay.
+    """
+    specs = [s for s in registry.channels() if s.lock]
+    names = [s.name for s in specs]
+    session = _session(dsn, using)
+    capture = DjangoCapture.current if dsn is None else None
+    completed = 0
+    try:
+        session.open()
+        for _ in range(MAX_ROUNDS):
+            if capture is not None:  # processed rows are deleted: remember them
+                with session.atomic():
+                    for mid, name, payload in session.execute(SNAPSHOT_SQL, (names,)):
+                        capture.drained[int(mid)] = (name, payload)
+            claimed = 0
+            for spec in specs:
+                processor = ChannelProcessor(session, spec, registry.listeners(spec))
+                completed += processor.drain_once()
+                claimed += processor.claimed
+            if not retry or not claimed:
+                break
+            with session.atomic():
+                session.execute(RETRY_NOW_SQL, (names,))
+    finally:
+        if dsn is not None:
+            session.close()
+    return completed

@@ -1,0 +1,42 @@
+"""How a Django user tests listeners: inside TestCase, nothing is ever committed."""
+
+from decimal import Decimal
+
+from django.db import connection
+
+import pgpubsub
+from pgpubsub.models import Notification
+from pgpubsub.testing import drain, published
+from pgpubsub.testing.django import PubSubTestCase
+
+from .channels import OrderPaid, PriceChanged, Refund
+from .models import Ledger
+
+
+class ListenerTests(PubSubTestCase):
+    def test_a_paid_order_is_recorded_in_the_tests_transaction(self) -> None:
+        pgpubsub.notify(OrderPaid, order_id=1, amount=Decimal("9.99"))
+        self.assertTrue(connection.in_atomic_block)  # nothing was committed
+        self.assertEqual(published(OrderPaid), [OrderPaid(order_id=1, amount=Decimal("9.99"))])
+        self.assertEqual(drain(), 1)
+        self.assertEqual(list(Ledger.objects.values_list("order_id", "amount")),
+                         [(1, Decimal("9.99"))])
+        self.assertEqual(drain(), 0)
+        self.assertFalse(Notification.objects.exists())
+        self.assertEqual(len(published(OrderPaid)), 1)  # still seen once processed
+
+    def test_a_failing_listener_ends_dead_and_its_writes_are_undone(self) -> None:
+        pgpubsub.notify(Refund, order_id=2)
+        self.assertEqual(drain(), 0)
+        dead = Notification.objects.get()
+        self.assertEqual((dead.status, dead.attempts), ("dead", 2))
+        self.assertIn("RuntimeError: the bank refused the refund of order 2", dead.last_error)
+        self.assertFalse(Ledger.objects.exists())
+
+    def test_plain_messages_inside_the_transaction(self) -> None:
+        pgpubsub.notify(PriceChanged, sku="tea", price=Decimal("3.50"))
+        self.assertEqual(published(PriceChanged), [PriceChanged(sku="tea", price=Decimal("3.50"))])
+
+    def test_each_test_starts_empty(self) -> None:
+        self.assertEqual(published(OrderPaid), [])
+        self.assertEqual(published(PriceChanged), [])
