@@ -1,0 +1,98 @@
+"""The Python examples of the README and of the documentation are tests (Sybil).
+
+Each Markdown file is run top to bottom, its examples sharing one namespace
+with ``dsn``: a fresh database with the pgpubsub schema (the
+``pgpubsub.testing`` plugin's ``pgpubsub_server``), one per page. The
+listeners registered by one page are gone before the next. A block that
+includes a file (``--8<-- "path"``) shows code the test suite runs elsewhere:
+the file must exist and compile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from sybil import Sybil
+from sybil.evaluators.python import PythonEvaluator
+from sybil.parsers.markdown import CodeBlockParser, SkipParser
+
+pytest_plugins = ["pgpubsub.testing"]
+
+ROOT = Path(__file__).parent
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def doc_dsn(pgpubsub_server: str) -> Iterator[str]:
+    """One database per page: its examples build on each other."""
+    from pgpubsub.testing.fixtures import _admin, _drop
+
+    template = str(conninfo_to_dict(pgpubsub_server)["dbname"])
+    name = f"pgpubsub_docs_{os.getpid()}_{next(_names)}"
+    _admin(pgpubsub_server, "CREATE DATABASE {} TEMPLATE {}", name, template)
+    try:
+        yield make_conninfo(pgpubsub_server, dbname=name)
+    finally:
+        _drop(pgpubsub_server, name)
+
+
+class IncludedCode(CodeBlockParser):
+    """``--8<-- "file"`` blocks (pymdownx.snippets): the file exists and compiles."""
+
+    language = "python"
+
+    def __call__(self, document: Any) -> Any:
+        for region in super().__call__(document):
+            if str(region.parsed).strip().startswith("--8<--"):
+                yield region
+
+    def evaluate(self, example: Any) -> None:
+        path = ROOT / str(example.parsed).strip().split('"')[1]
+        compile(path.read_text(), str(path), "exec")
+
+
+class Examples(CodeBlockParser):
+    """Python blocks, except the includes, run with ``dsn`` in their namespace."""
+
+    def __init__(self) -> None:
+        super().__init__(language="python")
+        self.python = PythonEvaluator()
+
+    def __call__(self, document: Any) -> Any:
+        for region in super().__call__(document):
+            if not str(region.parsed).strip().startswith("--8<--"):
+                yield region
+
+    def evaluate(self, example: Any) -> Any:
+        example.namespace.setdefault("dsn", example.namespace["doc_dsn"])
+        return self.python(example)
+
+
+def _setup(namespace: dict[str, Any]) -> None:
+    from pgpubsub.listen import registry
+
+    namespace["_saved_listeners"] = dict(registry._listeners)
+    registry._listeners.clear()
+
+
+def _teardown(namespace: dict[str, Any]) -> None:
+    from pgpubsub.listen import registry
+
+    registry._listeners.clear()
+    registry._listeners.update(namespace["_saved_listeners"])
+
+
+pytest_collect_file = Sybil(
+    parsers=[Examples(), IncludedCode(), SkipParser()],
+    patterns=["*.md"],
+    path=str(ROOT),
+    fixtures=["doc_dsn"],
+    setup=_setup,
+    teardown=_teardown,
+).pytest()
