@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 from typing import Any
 
 
@@ -68,3 +69,13 @@ def on_page_markdown(markdown: str, **kwargs: Any) -> str:
         if marker in markdown:
             markdown = markdown.replace(marker, make())
     return markdown
+
+
+_ROLE = re.compile(r":(?:class|func|mod|meth|data|attr|exc|obj):(?=<code)")
+
+
+def on_page_content(html: str, **kwargs: Any) -> str:
+    """Docstrings are written for Sphinx as well: drop the roles (``:class:``) and the
+    leading ``~`` of shortened names, keeping the code."""
+    html = _ROLE.sub("", html)
+    return re.sub(r"(<code[^>]*>)~", r"\1", html)

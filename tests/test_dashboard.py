@@ -185,6 +185,9 @@ def test_overview_shows_the_channels_of_a_running_worker_and_live_counts(
         # The same page, not reloaded: the registry's counts reach it within seconds.
         wait_until(lambda: cell(page, "orders", "processed") == "12", timeout=30, interval=0.5)
         assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+        # The rate chart fills as the dashboard samples (every few seconds).
+        line = page.locator('tr[data-channel="orders"] polyline.processed')
+        wait_until(lambda: bool(line.get_attribute("points")), timeout=20, interval=0.5)
         page.click("text=Workers")
         assert "app.shop.Orders" not in page.content()  # channel names, not class paths
         assert page.locator("tr.alive td[data-col=processed]").inner_text() == "12"

@@ -62,7 +62,15 @@ def run(args: argparse.Namespace) -> int:
     mode = "actions enabled" if args.allow_actions else "read-only"
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"pgpubsub dashboard on http://{shown}:{args.port}/ ({mode})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # Live tails are endless responses: on SIGTERM they get two seconds, not forever.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
     return 0
 
 

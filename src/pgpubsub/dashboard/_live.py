@@ -83,8 +83,9 @@ class Rates:
             if not row.durable:
                 published: int | None = notified.get(row.name, 0)
             elif not (row.pending.estimated or row.dead.estimated):
-                # Published = processed + still waiting (the backlog grows by the rest).
-                published = row.processed + row.failed + row.pending.value + row.dead.value
+                # Each message is processed, still pending or dead: what was published
+                # is what was processed plus the growth of the backlog.
+                published = row.processed + row.pending.value + row.dead.value
             else:
                 published = None
             totals[row.name] = (row.processed, published)
