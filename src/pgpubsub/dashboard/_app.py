@@ -9,7 +9,7 @@ import logging
 import pathlib
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import urlencode
 
 import jinja2
 import markupsafe
@@ -23,11 +23,18 @@ from starlette.staticfiles import StaticFiles
 
 from .. import driver
 from .. import messages as stored
-from ..errors import InvalidChannelName
 from ..health import SCHEMA_VERSION, age, since
-from ..names import validate_channel
 from ._data import EXACT_UP_TO, ChannelRow, Reader
 from ._live import SAMPLE_EVERY, Rates, Watcher, now
+from ._requests import (
+    HTTPError,
+    channel_param,
+    one,
+    optional_channel,
+    parse_ids,
+    read_form,
+    url,
+)
 from ._security import Guard, check_csrf, csrf_token, new_secret
 
 __all__ = ["Dashboard", "create_app"]
@@ -37,14 +44,7 @@ log = logging.getLogger("pgpubsub.dashboard")
 HERE = pathlib.Path(__file__).parent
 STATUSES = ("pending", "dead", "done", "spill")
 PARTIAL = "x-pgpubsub-partial"  # the live refresh asks for the changing part only
-LIVE = ("overview", "workers", "channel")
-MAX_FORM = 64 * 1024  # pages with a part that refreshes itself
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, text: str):
-        super().__init__(text)
-        self.status = status
+LIVE = ("overview", "workers", "channel")  # pages with a part that refreshes itself
 
 
 def sparkline(values: list[float | None], peak: float, width: int = 120, height: int = 28) -> str:
@@ -111,7 +111,7 @@ class Dashboard:
         name = f"_{template}_live.html" if partial else f"{template}.html"
         html = self.env.get_template(name).render(
             request=request,
-            url=lambda route, **params: _url(request, route, **params),
+            url=lambda route, **params: url(request, route, **params),
             csrf=csrf_token(self.secret),
             allow_actions=self.allow_actions,
             notice=request.query_params.get("notice", ""),
@@ -150,7 +150,7 @@ class Dashboard:
         return self.render(request, "workers", workers=await self.reader.workers())
 
     async def channel(self, request: Request) -> Response:
-        name = _channel_param(request, "name")
+        name = channel_param(request, "name")
         status = request.query_params.get("status") or ""
         row = ChannelRow(name)
         await self.reader.counts([row])
@@ -217,7 +217,7 @@ class Dashboard:
 
     async def _known_channel(self, request: Request) -> str:
         """A channel the workers or the stored messages name: nothing else is LISTENed to."""
-        name = _channel_param(request, "channel")
+        name = channel_param(request, "channel")
         workers = await self.reader.workers()
         if any(name in w.channels for w in workers) or name in await self.reader.channel_names():
             return name
@@ -232,14 +232,14 @@ class Dashboard:
     async def action(self, request: Request) -> Response:
         if not self.allow_actions:
             raise HTTPError(403, "actions are disabled: start the dashboard with --allow-actions")
-        form = await _form(request)
-        refused = check_csrf(self.secret, _one(form, "csrf"), request.headers)
+        form = await read_form(request)
+        refused = check_csrf(self.secret, one(form, "csrf"), request.headers)
         if refused:
             raise HTTPError(403, refused)
         action = request.path_params["action"]
-        channel = _optional_channel(_one(form, "channel"))
-        ids = _ids(form.get("id", []))
-        status = _one(form, "status") or "dead"
+        channel = optional_channel(one(form, "channel"))
+        ids = parse_ids(form.get("id", []))
+        status = one(form, "status") or "dead"
         if ids is None and channel is None:
             raise HTTPError(400, "an action needs message ids or a channel")
         if action == "replay":
@@ -251,7 +251,7 @@ class Dashboard:
         elif action == "purge":
             if status not in ("dead", "done", "spill"):
                 raise HTTPError(400, "only dead, done or spill messages can be purged")
-            if _one(form, "confirm") != "yes":
+            if one(form, "confirm") != "yes":
                 n = await self._run(lambda c: stored.count(c, [status], channel, ids=ids))
                 return self.render(
                     request, "confirm", n=n, status=status, channel=channel, ids=ids or []
@@ -261,9 +261,9 @@ class Dashboard:
         else:
             raise HTTPError(404, f"no action {action!r}: replay, cancel or purge")
         if channel is not None:
-            target = _url(request, "channel", name=channel, status=status)
+            target = url(request, "channel", name=channel, status=status)
         else:
-            target = _url(request, "overview")
+            target = url(request, "overview")
         sep = "&" if "?" in target else "?"
         return RedirectResponse(f"{target}{sep}{urlencode({'notice': notice})}", 303)
 
@@ -277,73 +277,6 @@ class Dashboard:
                 return result
 
         return await asyncio.to_thread(run)
-
-
-PATHS = {
-    "overview": "/",
-    "workers": "/workers",
-    "channel": "/channel",
-    "message": "/message/{id}",
-    "tail": "/tail",
-    "tail_events": "/tail/events",
-    "action": "/actions/{action}",
-    "static": "/static/{path}",
-}
-
-
-def _url(request: Request, route: str, **params: Any) -> str:
-    """The path of a route under the mount point (``root_path``), with query parameters."""
-    path = PATHS[route]
-    for key in ("id", "action", "path"):
-        if "{" + key + "}" in path:
-            path = path.replace("{" + key + "}", quote(str(params.pop(key)), safe=""))
-    url = request.scope.get("root_path", "").rstrip("/") + path
-    query = {k: v for k, v in params.items() if v is not None}
-    return f"{url}?{urlencode(query)}" if query else url
-
-
-async def _form(request: Request) -> dict[str, list[str]]:
-    """The fields of an action's form (url-encoded, a few short fields)."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM:
-            raise HTTPError(413, f"a form of more than {MAX_FORM} bytes")
-    try:
-        return parse_qs(body.decode(), keep_blank_values=True, max_num_fields=1000)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HTTPError(400, f"unreadable form: {exc}") from None
-
-
-def _one(form: dict[str, list[str]], key: str) -> str | None:
-    values = form.get(key)
-    return values[0] if values else None
-
-
-def _channel_param(request: Request, key: str) -> str:
-    try:
-        return validate_channel(request.query_params.get(key, ""))
-    except InvalidChannelName as exc:
-        raise HTTPError(400, str(exc)) from None
-
-
-def _optional_channel(value: object) -> str | None:
-    if value in (None, ""):
-        return None
-    try:
-        return validate_channel(value)
-    except InvalidChannelName as exc:
-        raise HTTPError(400, str(exc)) from None
-
-
-def _ids(values: list[str]) -> list[int] | None:
-    ids = []
-    for value in values:
-        for part in str(value).replace(",", " ").split():
-            if not part.isdigit() or len(part) > 19:
-                raise HTTPError(400, f"message id {part!r} is not a number")
-            ids.append(int(part))
-    return ids or None
 
 
 def _pretty(payload: str) -> str:

@@ -17,8 +17,7 @@ __all__ = ["drain", "published"]
 #: nor dies (only a channel whose max_attempts is huge gets there).
 MAX_ROUNDS = 100
 STORED_SQL = (
-    "SELECT id, payload FROM pgpubsub.message WHERE channel = %s AND status <> 'spill' "
-    "ORDER BY id"
+    "SELECT id, payload FROM pgpubsub.message WHERE channel = %s AND status <> 'spill' ORDER BY id"
 )
 CAPTURED_SQL = "SELECT payload FROM pgpubsub_testing.published WHERE channel = %s ORDER BY id"
 SNAPSHOT_SQL = (
