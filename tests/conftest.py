@@ -11,31 +11,14 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import psycopg
 import pytest
+from helpers import Server
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from pgpubsub.embedded import EmbeddedServer
-
-
-@dataclass
-class Server:
-    admin: str  # superuser conninfo to the maintenance database
-    embedded: EmbeddedServer | None
-
-    def dsn(self, dbname: str) -> str:
-        return make_conninfo(self.admin, dbname=dbname)
-
-    def admin_execute(self, query: sql.Composable) -> None:
-        with psycopg.connect(self.admin, autocommit=True) as conn:
-            conn.execute(query)
-
-    def version(self) -> int:
-        with psycopg.connect(self.admin) as conn:
-            return conn.info.server_version
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
+from pgpubsub.embedded import EmbeddedServer
 from pgpubsub.listen import Registry
 from pgpubsub.listen import registry as default_registry
 from pgpubsub.loopthread import LoopThread
 from pgpubsub.worker import Worker
+
+
+@dataclass
+class Server:
+    admin: str  # superuser conninfo to the maintenance database
+    embedded: EmbeddedServer | None
+
+    def dsn(self, dbname: str) -> str:
+        return make_conninfo(self.admin, dbname=dbname)
+
+    def admin_execute(self, query: sql.Composable) -> None:
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            conn.execute(query)
+
+    def version(self) -> int:
+        with psycopg.connect(self.admin) as conn:
+            return conn.info.server_version
 
 
 def admin_query(dsn: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Server
-from helpers import Running, admin_query, wait_until
+from helpers import Running, Server, admin_query, wait_until
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
