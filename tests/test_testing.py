@@ -35,14 +35,14 @@ def run(cwd: Path, args: list[str], **env: str) -> subprocess.CompletedProcess[s
 def test_a_pytest_project_on_its_own_embedded_server() -> None:
     out = run(TESTS / "user_project", ["-m", "pytest", "-q"])
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "8 passed" in out.stdout
+    assert "9 passed" in out.stdout
 
 
 def test_the_projects_tests_catch_a_bug_in_its_listener(pg_server: object) -> None:
     admin = pg_server.admin  # type: ignore[attr-defined]
     out = run(TESTS / "user_project", ["-m", "pytest", "-q"], SHOP_BUG="1", PGPUBSUB_TEST_DSN=admin)
     assert out.returncode == 1
-    assert "1 failed, 7 passed" in out.stdout
+    assert "1 failed, 8 passed" in out.stdout
     assert "test_a_paid_order_is_recorded_exactly_once" in out.stdout
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import pgpubsub
-from pgpubsub.channel import Channel
+from pgpubsub.channel import Channel, TriggerChannel
 from pgpubsub.durable import connection
 
 
@@ -41,3 +41,13 @@ def record_payment(order_id: int, amount: Decimal) -> None:
 def refund(order_id: int) -> None:
     connection().execute("INSERT INTO ledger (order_id, amount) VALUES (%s, -1)", (order_id,))
     raise RuntimeError(f"the bank refused the refund of order {order_id}")
+
+
+@dataclass
+class ProductEvents(TriggerChannel, table="public.products"):
+    pass
+
+
+@pgpubsub.post_insert_listener(ProductEvents)
+def product_added(new: dict[str, object]) -> None:
+    pass

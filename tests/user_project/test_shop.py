@@ -6,10 +6,11 @@ from decimal import Decimal
 
 import psycopg
 import pytest
-from shop import OrderPaid, PriceChanged, Refund
+from shop import OrderPaid, PriceChanged, ProductEvents, Refund
 
 import pgpubsub
 from pgpubsub.testing import drain, published
+from pgpubsub.triggers import install_triggers
 
 
 @pytest.fixture
@@ -86,3 +87,15 @@ def test_every_test_starts_empty(db: str, run: int) -> None:
     with psycopg.connect(db, autocommit=True) as conn:
         pgpubsub.notify(OrderPaid, conn=conn, order_id=run, amount=Decimal(run))
     assert len(published(OrderPaid, db)) == 1
+
+
+def test_row_events_of_a_plain_trigger_channel_even_a_wide_row(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("CREATE TABLE products (sku text PRIMARY KEY, description text)")
+        install_triggers(conn, [ProductEvents])
+    with psycopg.connect(db) as conn:
+        conn.execute("INSERT INTO products VALUES ('tea', 'green'), ('jam', %s)", ("x" * 10_000,))
+    events = published(ProductEvents, db)
+    assert [e.new["sku"] for e in events] == ["tea", "jam"]
+    assert len(events[1].new["description"]) == 10_000  # sent as a reference, read back
+    assert {e.operation for e in events} == {"INSERT"}

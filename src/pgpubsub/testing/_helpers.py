@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..channel import ChannelSpec, resolve_channel
+from ..channel import ChannelSpec, TriggerChannel, resolve_channel
 from ..listen import Registry
 from ..listen import registry as default_registry
 from ..processor import ChannelProcessor
 from ..session import PsycopgSession, Session
+from ..triggers import read_spill
 from ._capture import Capture, DjangoCapture
 
 __all__ = ["drain", "published"]
@@ -60,7 +61,11 @@ def _payloads(spec: ChannelSpec, dsn: str | None, using: str) -> list[str]:
                 f"nothing listened on {dsn!r}: plain messages are seen on the "
                 "pgpubsub_dsn fixture's database"
             )
-        return capture.plain(spec.name)
+        payloads = capture.plain(spec.name)
+        if issubclass(spec.cls, TriggerChannel):  # a wide row travels as a reference
+            resolved = (read_spill(dsn, p, spec.name) for p in payloads)
+            return [p for p in resolved if p is not None]
+        return payloads
     session = PsycopgSession(dsn)
     try:
         session.open()
