@@ -24,7 +24,8 @@ then::
 
 Under Django, call both without a DSN (``published(Orders)``, ``drain()``):
 they use Django's connection, so inside a ``TestCase`` they see what the test
-published in its transaction, which is never committed.
+published in its transaction, which is never committed
+(:mod:`pgpubsub.testing.django`).
 """
 
 from ._helpers import drain, published

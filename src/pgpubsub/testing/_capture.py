@@ -4,7 +4,9 @@ ones seen in-process (a TestCase never commits, so nothing is ever delivered).""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,7 +16,7 @@ from psycopg import sql
 from ..channel import Channel, spec_of
 from ..notify import plain_observers
 
-__all__ = ["CAPTURE_SQL", "Capture", "DjangoCapture", "plain_channels"]
+__all__ = ["CAPTURE_SQL", "Capture", "DjangoCapture", "django_capture", "plain_channels"]
 
 # Installed in the template database of the pytest plugin: every stored
 # message, as inserted (it is deleted once processed).
@@ -33,6 +35,10 @@ CREATE TRIGGER pgpubsub_testing_capture AFTER INSERT ON pgpubsub.message
 REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT
 EXECUTE FUNCTION pgpubsub_testing.capture();
 """
+
+
+#: Plain messages a Django test process remembers (the most recent).
+KEEP = 10_000
 
 
 def plain_channels() -> set[str]:
@@ -90,24 +96,69 @@ class Capture:
             self.conn.close()
 
 
+def _django_configured() -> bool:
+    if "django" not in sys.modules:
+        return False
+    from django.conf import settings
+
+    return bool(settings.configured)
+
+
+def _transaction(alias: str) -> tuple[str, ...]:
+    """Where Django's connection is: its open savepoints (a TestCase runs each test in one)."""
+    if not _django_configured():
+        return ()
+    from django.db import connections
+
+    conn = connections[alias]
+    return tuple(conn.savepoint_ids) if conn.in_atomic_block else ()
+
+
 class DjangoCapture:
-    """In-process record of a Django test: plain publishes, and stored messages drained."""
+    """What Django tests published: plain messages (seen in this process) and the stored
+    messages drain() processed (deleted since), each with the transaction it was in.
 
-    current: ClassVar[DjangoCapture | None] = None
+    A test sees what was recorded inside its own transaction: in a ``TestCase``, every
+    test runs in a savepoint of its own, so a record made in that savepoint (or deeper)
+    is the test's. :class:`~pgpubsub.testing.django.PubSubMixin` also forgets
+    everything at the start of each test, for test cases without a transaction.
+    """
 
-    def __init__(self) -> None:
-        self.plain: list[tuple[str, str]] = []
-        self.drained: dict[int, tuple[str, str]] = {}  # id -> (channel, payload)
+    def __init__(self, alias: str = "default") -> None:
+        self.alias = alias
+        self.plain: collections.deque[tuple[tuple[str, ...], str, str]] = collections.deque(
+            maxlen=KEEP
+        )
+        self.drained: dict[int, tuple[tuple[str, ...], str, str]] = {}
 
     def _observe(self, channel: str, payloads: list[str]) -> None:
-        self.plain.extend((channel, p) for p in payloads)
+        if not _django_configured():  # only Django tests read these records
+            return
+        where = _transaction(self.alias)
+        self.plain.extend((where, channel, p) for p in payloads)
 
-    def start(self) -> None:
-        DjangoCapture.current = self
-        plain_observers.append(self._observe)
+    def remember(self, mid: int, channel: str, payload: str) -> None:
+        self.drained[mid] = (_transaction(self.alias), channel, payload)
 
-    def stop(self) -> None:
-        with contextlib.suppress(ValueError):
-            plain_observers.remove(self._observe)
-        if DjangoCapture.current is self:
-            DjangoCapture.current = None
+    def reset(self) -> None:
+        self.plain.clear()
+        self.drained.clear()
+
+    def _visible(self, where: tuple[str, ...]) -> bool:
+        now = _transaction(self.alias)
+        return where[: len(now)] == now
+
+    def plain_payloads(self, channel: str) -> list[str]:
+        return [p for where, name, p in self.plain if name == channel and self._visible(where)]
+
+    def drained_payloads(self, channel: str) -> dict[int, str]:
+        return {
+            mid: p
+            for mid, (where, name, p) in self.drained.items()
+            if name == channel and self._visible(where)
+        }
+
+
+#: Records from the moment pgpubsub.testing is imported (test modules import it).
+django_capture = DjangoCapture()
+plain_observers.append(django_capture._observe)

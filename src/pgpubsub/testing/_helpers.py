@@ -10,7 +10,7 @@ from ..listen import registry as default_registry
 from ..processor import ChannelProcessor
 from ..session import PsycopgSession, Session
 from ..triggers import read_spill
-from ._capture import Capture, DjangoCapture
+from ._capture import Capture, django_capture
 
 __all__ = ["drain", "published"]
 
@@ -45,7 +45,8 @@ def published(channel: Any, dsn: str | None = None, *, using: str = "default") -
     """The messages published on ``channel`` since the test started, decoded, oldest first.
 
     ``dsn``: the :func:`pgpubsub_dsn` of the test. Without it, Django's
-    connection ``using`` (in a :class:`pgpubsub.testing.django.PubSubTestCase`).
+    connection ``using``: inside a ``TestCase``, what the test published in its
+    transaction (see :mod:`pgpubsub.testing.django`).
     """
     spec = resolve_channel(channel)
     return [spec.decode(p) for p in _payloads(spec, dsn, using)]
@@ -82,20 +83,13 @@ def _payloads(spec: ChannelSpec, dsn: str | None, using: str) -> list[str]:
 
 
 def _django_payloads(spec: ChannelSpec, using: str) -> list[str]:
-    capture = DjangoCapture.current
-    if capture is None:
-        raise LookupError(
-            "published() without a DSN reads Django's test transaction: use it in a "
-            "pgpubsub.testing.django.PubSubTestCase (or pass the test's DSN)"
-        )
     if not spec.lock:
-        return [p for name, p in capture.plain if name == spec.name]
+        return django_capture.plain_payloads(spec.name)
     session = _session(None, using)
     with session.atomic():
         stored = {int(r[0]): r[1] for r in session.execute(STORED_SQL, (spec.name,))}
-    for mid, (name, payload) in capture.drained.items():
-        if name == spec.name:
-            stored.setdefault(mid, payload)
+    for mid, payload in django_capture.drained_payloads(spec.name).items():
+        stored.setdefault(mid, payload)
     return [stored[mid] for mid in sorted(stored)]
 
 
@@ -118,15 +112,14 @@ def drain(
     specs = [s for s in registry.channels() if s.lock]
     names = [s.name for s in specs]
     session = _session(dsn, using)
-    capture = DjangoCapture.current if dsn is None else None
     completed = 0
     try:
         session.open()
         for _ in range(MAX_ROUNDS):
-            if capture is not None:  # processed rows are deleted: remember them
+            if dsn is None:  # processed rows are deleted: remember them
                 with session.atomic():
                     for mid, name, payload in session.execute(SNAPSHOT_SQL, (names,)):
-                        capture.drained[int(mid)] = (name, payload)
+                        django_capture.remember(int(mid), name, payload)
             claimed = 0
             for spec in specs:
                 processor = ChannelProcessor(session, spec, registry.listeners(spec))

@@ -11,9 +11,12 @@
             self.assertEqual(len(published(OrderEvents)), 1)
             self.assertEqual(drain(), 1)             # in the test's transaction
 
-Messages published inside the test's transaction are visible without a
-commit: stored ones are read on Django's connection, plain ones published
-with ``pgpubsub.notify`` are recorded in this process (PostgreSQL delivers a
+``published()`` and ``drain()`` without a DSN work in any ``TestCase`` (each
+test's savepoint scopes what it sees); the mixin also forgets everything at the
+start of each test, which a ``TransactionTestCase`` needs. Messages published
+inside the test's transaction are visible without a commit: stored ones are
+read on Django's connection, plain ones published with ``pgpubsub.notify`` are
+recorded in this process (the last 10,000) (PostgreSQL delivers a
 NOTIFY only at commit, which a ``TestCase`` never does; so plain *trigger*
 channels cannot be seen here: use a ``TransactionTestCase`` with the pytest
 plugin's LISTEN, or make the channel durable).
@@ -23,20 +26,22 @@ from __future__ import annotations
 
 from django.test import TestCase
 
-from ._capture import DjangoCapture
+from ._capture import django_capture
 
 __all__ = ["PubSubMixin", "PubSubTestCase"]
 
 
 class PubSubMixin:
-    """Records what each test publishes, for :func:`~pgpubsub.testing.published`."""
+    """Forget what earlier tests published, at the start of each test.
+
+    A ``TestCase`` needs no mixin (each test has its own savepoint, which scopes
+    what it sees); a ``TransactionTestCase`` commits, so it needs this.
+    """
 
     def setUp(self) -> None:
         super().setUp()  # type: ignore[misc]
-        self._pgpubsub_capture = DjangoCapture()
-        self._pgpubsub_capture.start()
-        self.addCleanup(self._pgpubsub_capture.stop)  # type: ignore[attr-defined]
+        django_capture.reset()
 
 
 class PubSubTestCase(PubSubMixin, TestCase):  # type: ignore[misc]
-    """A Django ``TestCase`` in which ``published()`` and ``drain()`` need no DSN."""
+    """A Django ``TestCase`` that starts each test with nothing published."""

@@ -3,6 +3,7 @@
 from decimal import Decimal
 
 from django.db import connection
+from django.test import TestCase
 
 import pgpubsub
 from pgpubsub.models import Notification
@@ -40,3 +41,18 @@ class ListenerTests(PubSubTestCase):
     def test_each_test_starts_empty(self) -> None:
         self.assertEqual(published(OrderPaid), [])
         self.assertEqual(published(PriceChanged), [])
+
+
+class PlainTestCaseTests(TestCase):
+    """Django's own TestCase, no mixin: each test's savepoint scopes what it sees."""
+
+    def test_first(self) -> None:
+        pgpubsub.notify(PriceChanged, sku="tea", price=Decimal(1))
+        pgpubsub.notify(OrderPaid, order_id=5, amount=Decimal(5))
+        self.assertEqual(published(PriceChanged), [PriceChanged(sku="tea", price=Decimal(1))])
+        self.assertEqual(drain(), 1)
+        self.assertEqual(published(OrderPaid), [OrderPaid(order_id=5, amount=Decimal(5))])
+
+    def test_second_sees_nothing_of_the_first(self) -> None:
+        self.assertEqual(published(PriceChanged), [])
+        self.assertEqual(published(OrderPaid), [])
