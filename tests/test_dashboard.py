@@ -297,7 +297,7 @@ def test_a_non_local_bind_needs_a_token(shop: str, page: Any) -> None:
         timeout=30,
     )
     assert refused.returncode == 2
-    assert "give it a token" in refused.stderr
+    assert "give it a token" in refused.stderr and "--basic-auth" in refused.stderr
     with dashboard(shop, "--allow-actions", "--token", "s3cret", host="0.0.0.0") as url:
         assert request(f"{url}/")[0] == 401
         assert request(f"{url}/", Authorization="Bearer wrong")[0] == 401
@@ -349,3 +349,15 @@ def test_counts_past_a_thousand_are_estimates_and_say_so(shop: str, page: Any) -
         assert 2.5 <= float(dead.inner_text()[1:-1]) <= 10  # ~5.0k, give or take the sample
         assert "estimated by the planner" in str(dead.get_attribute("title"))
         assert cell(page, "orders", "pending") == "1"  # small counts stay exact
+
+
+def test_a_non_local_bind_with_a_user_and_password(shop: str) -> None:
+    with dashboard(shop, "--basic-auth", "ops:pa:ss", host="0.0.0.0") as url:
+        def basic(credentials: bytes) -> str:
+            return "Basic " + base64.b64encode(credentials).decode()
+
+        assert request(f"{url}/")[0] == 401
+        assert request(f"{url}/", Authorization=basic(b"ops:wrong"))[0] == 401
+        assert request(f"{url}/", Authorization=basic(b"eve:pa:ss"))[0] == 401
+        assert request(f"{url}/?token=pa:ss")[0] == 401  # no token was given
+        assert request(f"{url}/", Authorization=basic(b"ops:pa:ss"))[0] == 200

@@ -1,8 +1,9 @@
 """``pgpubsub dashboard``: serve the live web dashboard (extra ``pgpubsub[dashboard]``).
 
 It binds 127.0.0.1 by default and then answers only to local host names.
-Any other bind needs a token (``--token`` or ``$PGPUBSUB_DASHBOARD_TOKEN``):
-every request must carry it. Replay, cancel and purge need ``--allow-actions``.
+Any other bind needs a token (``--token`` or ``$PGPUBSUB_DASHBOARD_TOKEN``) or
+a user and password (``--basic-auth``): every request must carry them.
+Replay, cancel and purge need ``--allow-actions``.
 """
 
 from __future__ import annotations
@@ -35,13 +36,24 @@ def _local(host: str) -> bool:
         return False
 
 
+def _basic_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise UsageError("--basic-auth takes USER:PASSWORD, both non-empty")
+    return user, password
+
+
 def run(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("PGPUBSUB_DASHBOARD_TOKEN") or None
+    basic = _basic_auth(args.basic_auth or os.environ.get("PGPUBSUB_DASHBOARD_BASIC_AUTH"))
     local = _local(args.host)
-    if not local and not token:
+    if not local and not token and not basic:
         raise UsageError(
             f"--host {args.host} makes the dashboard reachable from other machines: "
-            "give it a token (--token or PGPUBSUB_DASHBOARD_TOKEN)"
+            "give it a token (--token or PGPUBSUB_DASHBOARD_TOKEN) or a user and password "
+            "(--basic-auth or PGPUBSUB_DASHBOARD_BASIC_AUTH)"
         )
     try:
         import uvicorn
@@ -57,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         args.dsn,
         allow_actions=args.allow_actions,
         token=token,
-        allowed_hosts=LOCAL_HOSTS if local and not token else None,
+        basic_auth=basic,
+        allowed_hosts=LOCAL_HOSTS if local and not (token or basic) else None,
     )
     mode = "actions enabled" if args.allow_actions else "read-only"
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -90,6 +103,12 @@ def add_parser(sub: Any, common: Any) -> None:
         "--token",
         help="every request must carry this token (default: $PGPUBSUB_DASHBOARD_TOKEN); "
         "required for a non-local --host",
+    )
+    sp.add_argument(
+        "--basic-auth",
+        metavar="USER:PASSWORD",
+        help="every request must sign in with these (default: "
+        "$PGPUBSUB_DASHBOARD_BASIC_AUTH); an alternative to --token",
     )
     sp.add_argument(
         "--allow-actions",

@@ -321,13 +321,15 @@ def create_app(
     *,
     allow_actions: bool = False,
     token: str | None = None,
+    basic_auth: tuple[str, str] | None = None,
     allowed_hosts: frozenset[str] | None = None,
 ) -> Any:
     """The dashboard as an ASGI application, to serve or to mount in another one.
 
     ``allow_actions`` enables replay, cancel and purge; ``token`` makes every
     request prove it knows it (give one whenever the dashboard is reachable
-    from other machines); ``allowed_hosts`` refuses requests for other host
+    from other machines); ``basic_auth=(user, password)`` asks for those
+    instead, or as well; ``allowed_hosts`` refuses requests for other host
     names (``pgpubsub dashboard`` sets it for a local bind).
     """
     dashboard = Dashboard(
@@ -357,4 +359,10 @@ def create_app(
         ],
     )
     app.state.dashboard = dashboard
-    return Guard(app, token=token, secret=dashboard.secret, allowed_hosts=allowed_hosts)
+    return Guard(
+        app,
+        token=token,
+        secret=dashboard.secret,
+        allowed_hosts=allowed_hosts,
+        basic_auth=basic_auth,
+    )

@@ -3,7 +3,8 @@
 * :class:`Guard` (ASGI middleware) answers every request:
   - with a token, only requests that carry it (``Authorization: Bearer``,
     basic auth with the token as password, or the cookie that ``?token=``
-    sets once) get past it; others get 401 and the browser asks;
+    sets once) get past it; with a user and password, only basic auth with
+    both; others get 401 and the browser asks;
   - with ``allowed_hosts`` (a local bind without a token), a request whose
     ``Host`` is another name is refused: a web page cannot reach a local
     dashboard through DNS rebinding;
@@ -75,9 +76,11 @@ class Guard:
         token: str | None,
         secret: str,
         allowed_hosts: frozenset[str] | None = None,
+        basic_auth: tuple[str, str] | None = None,
     ):
         self.app = app
         self.token = token
+        self.basic_auth = basic_auth
         self.cookie = _secret_digest(secret, f"session:{token}") if token else ""
         self.allowed_hosts = allowed_hosts
 
@@ -103,29 +106,41 @@ class Guard:
             if "token" in query and hmac.compare_digest(query["token"], self.token):
                 await self._login(scope, query, secured)
                 return
-            if not self._authorised(headers):
-                await _plain(
-                    secured,
-                    401,
-                    "this dashboard needs its token: open it with ?token=..., or sign in "
-                    "with any user name and the token as password",
-                    [(b"www-authenticate", b'Basic realm="pgpubsub dashboard"')],
-                )
-                return
+        if (self.token or self.basic_auth) and not self._authorised(headers):
+            how = (
+                "open it with ?token=..., or sign in with any user name and the token as "
+                "password"
+                if self.token
+                else "sign in with its user name and password"
+            )
+            await _plain(
+                secured,
+                401,
+                f"this dashboard needs credentials: {how}",
+                [(b"www-authenticate", b'Basic realm="pgpubsub dashboard"')],
+            )
+            return
         await self.app(scope, receive, secured)
 
     def _authorised(self, headers: dict[str, str]) -> bool:
-        assert self.token
         auth = headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer":
+        if scheme.lower() == "bearer" and self.token:
             return hmac.compare_digest(value.strip(), self.token)
         if scheme.lower() == "basic":
             try:
-                password = base64.b64decode(value.strip()).decode().partition(":")[2]
+                user, _, password = base64.b64decode(value.strip()).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 return False
-            return hmac.compare_digest(password, self.token)
+            if self.basic_auth is not None:
+                want_user, want_password = self.basic_auth
+                # Both compared, whichever differs: no timing hint of which one.
+                same_user = hmac.compare_digest(user, want_user)
+                if hmac.compare_digest(password, want_password) and same_user:
+                    return True
+            return self.token is not None and hmac.compare_digest(password, self.token)
+        if not self.token:
+            return False
         cookies: SimpleCookie = SimpleCookie()
         try:
             cookies.load(headers.get("cookie", ""))
