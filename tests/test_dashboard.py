@@ -277,6 +277,18 @@ def test_actions_need_allow_actions_and_a_csrf_token(shop: str, page: Any) -> No
         status, _ = request(f"{url}/actions/replay", f"id={dead}&csrf={token}".encode())
         assert status == 200  # followed the redirect to the channel page
         assert admin_query(shop, "SELECT status FROM pgpubsub.message") == [("pending",)]
+        # "Replay every dead message" of a channel leaves its delayed messages alone.
+        admin_query(shop, "UPDATE pgpubsub.message SET status = 'dead'")
+        admin_query(
+            shop,
+            "INSERT INTO pgpubsub.message (channel, payload, run_at) "
+            "VALUES ('orders', '{\"order_id\": 10}', now() + interval '1 hour')",
+        )
+        status, _ = request(f"{url}/actions/replay", f"channel=orders&csrf={token}".encode())
+        assert status == 200
+        assert admin_query(
+            shop, "SELECT status, run_at > now() FROM pgpubsub.message ORDER BY id"
+        ) == [("pending", False), ("pending", True)]
         # A page of another host name (DNS rebinding) is refused on a local bind.
         status, _ = request(f"{url}/", Host="evil.example")
         assert status == 421

@@ -243,7 +243,9 @@ class Dashboard:
         if ids is None and channel is None:
             raise HTTPError(400, "an action needs message ids or a channel")
         if action == "replay":
-            n = await self._run(lambda c: stored.replay(c, ids, channel, ("dead", "pending")))
+            # A message by id: dead, or pending ("run now"); a whole channel: its dead ones.
+            which = ("dead", "pending") if ids else ("dead",)
+            n = await self._run(lambda c: stored.replay(c, ids, channel, which))
             notice = f"{n} message(s) will run again"
         elif action == "cancel":
             n = await self._run(lambda c: stored.cancel(c, ids, channel))
