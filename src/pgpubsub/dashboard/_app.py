@@ -44,6 +44,7 @@ log = logging.getLogger("pgpubsub.dashboard")
 HERE = pathlib.Path(__file__).parent
 STATUSES = ("pending", "dead", "done", "spill")
 PARTIAL = "x-pgpubsub-partial"  # the live refresh asks for the changing part only
+APPLICATION = "pgpubsub dashboard"  # application_name of every connection it opens
 LIVE = ("overview", "workers", "channel")  # pages with a part that refreshes itself
 
 
@@ -66,8 +67,8 @@ class Dashboard:
         self.conninfo = conninfo
         self.allow_actions = allow_actions
         self.secret = secret
-        self.reader = Reader(conninfo)
-        self.watcher = Watcher(conninfo)
+        self.reader = Reader(conninfo, application=APPLICATION)
+        self.watcher = Watcher(conninfo, application=APPLICATION)
         self.rates = Rates()
         self._sampler: asyncio.Task[None] | None = None
         env = jinja2.Environment(
@@ -273,7 +274,9 @@ class Dashboard:
         """One statement of :mod:`pgpubsub.messages`, committed (as ``pgpubsub messages``)."""
 
         def run() -> int:
-            with psycopg.connect(self.conninfo, connect_timeout=5) as conn:
+            with psycopg.connect(
+                self.conninfo, connect_timeout=5, application_name=APPLICATION
+            ) as conn:
                 result = fn(conn)
                 conn.commit()
                 return result

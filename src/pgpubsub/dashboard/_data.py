@@ -176,7 +176,7 @@ class Overview:
 class Reader:
     """The dashboard's reads, on a small pool of autocommit connections."""
 
-    def __init__(self, conninfo: str, *, statement_timeout: float = 5.0):
+    def __init__(self, conninfo: str, *, application: str, statement_timeout: float = 5.0):
         self.pool = AsyncConnectionPool(
             conninfo,
             min_size=1,
@@ -184,7 +184,7 @@ class Reader:
             open=False,
             kwargs={
                 "autocommit": True,
-                "application_name": "pgpubsub dashboard",
+                "application_name": application,
                 # Every read is written for an index: never let a LIMIT tempt the
                 # planner into scanning millions of rows hoping for an early match.
                 "options": f"-c statement_timeout={int(statement_timeout * 1000)} "

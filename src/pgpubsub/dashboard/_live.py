@@ -110,8 +110,8 @@ class Rates:
 class Watcher:
     """The dashboard's LISTEN connection: counts plain channels, feeds the tails."""
 
-    def __init__(self, conninfo: str):
-        self.engine = Engine(conninfo, application_name="pgpubsub dashboard")
+    def __init__(self, conninfo: str, *, application: str = "pgpubsub dashboard"):
+        self.engine = Engine(conninfo, application_name=application)
         self.notified: dict[str, int] = collections.defaultdict(int)
         self.tails: dict[str, set[Tail]] = collections.defaultdict(set)
         self.counted: set[str] = set()

@@ -37,6 +37,8 @@ EXECUTE FUNCTION pgpubsub_testing.capture();
 """
 
 
+APPLICATION = "pgpubsub testing"  # application_name of its connections
+
 #: Plain messages a Django test process remembers (the most recent).
 KEEP = 10_000
 
@@ -69,7 +71,7 @@ class Capture:
 
     @classmethod
     def open(cls, dsn: str) -> Capture:
-        conn = psycopg.connect(dsn, autocommit=True)
+        conn = psycopg.connect(dsn, autocommit=True, application_name=APPLICATION)
         channels = plain_channels()
         for name in sorted(channels):
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))

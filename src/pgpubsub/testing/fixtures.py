@@ -12,7 +12,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from ..durable import migrate
-from ._capture import CAPTURE_SQL, Capture
+from ._capture import APPLICATION, CAPTURE_SQL, Capture
 
 __all__ = ["pgpubsub_dsn", "pgpubsub_server"]
 
@@ -22,7 +22,7 @@ _names = itertools.count()
 
 def _admin(conninfo: str, query: str, *names: str) -> None:
     statement = sql.SQL(query).format(*(sql.Identifier(n) for n in names))
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with psycopg.connect(conninfo, autocommit=True, application_name=APPLICATION) as conn:
         conn.execute(statement)
 
 
@@ -50,7 +50,7 @@ def pgpubsub_server() -> Iterator[str]:
     try:
         template_dsn = make_conninfo(admin, dbname=template)
         migrate(template_dsn)
-        with psycopg.connect(template_dsn, autocommit=True) as conn:
+        with psycopg.connect(template_dsn, autocommit=True, application_name=APPLICATION) as conn:
             conn.execute(CAPTURE_SQL)
         yield make_conninfo(admin, dbname=template)
     finally:
