@@ -50,3 +50,19 @@ def test_a_django_project_with_testcase(dsn: str) -> None:
     out = run(TESTS / "user_project_django", ["manage.py", "test", "--noinput"], SHOP_DSN=dsn)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Ran 6 tests" in out.stderr and "OK" in out.stderr
+
+
+@pytest.mark.unit
+def test_the_helpers_need_no_pytest() -> None:
+    """A Django project tested with manage.py may have no pytest installed."""
+    code = (
+        "import sys, pgpubsub.testing, pgpubsub.testing.django; "
+        "assert 'pytest' not in sys.modules"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr

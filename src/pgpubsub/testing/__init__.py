@@ -29,6 +29,9 @@ published in its transaction, which is never committed
 """
 
 from ._helpers import drain, published
-from .fixtures import pgpubsub_dsn, pgpubsub_server
 
-__all__ = ["drain", "pgpubsub_dsn", "pgpubsub_server", "published"]
+__all__ = ["drain", "published"]
+
+# As a pytest plugin, this module brings the fixtures; imported elsewhere (a
+# Django test runner), it needs no pytest.
+pytest_plugins = ["pgpubsub.testing.fixtures"]
