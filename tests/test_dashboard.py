@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -289,6 +290,10 @@ def test_actions_need_allow_actions_and_a_csrf_token(shop: str, page: Any) -> No
         assert admin_query(
             shop, "SELECT status, run_at > now() FROM pgpubsub.message ORDER BY id"
         ) == [("pending", False), ("pending", True)]
+        for bad in ("99999999999999999999", "\u00b2", "1;DROP TABLE x", "-1"):
+            body = urllib.parse.urlencode({"id": bad, "csrf": token}).encode()
+            status, text = request(f"{url}/actions/replay", body)
+            assert status == 400 and "is not a message id" in text, (bad, status, text)
         # A page of another host name (DNS rebinding) is refused on a local bind.
         status, _ = request(f"{url}/", Host="evil.example")
         assert status == 421

@@ -81,10 +81,10 @@ class Dashboard:
 
     async def ensure_started(self) -> None:
         """Open the pool, the LISTEN connection and the sampler (once, at the first request)."""
-        if self._sampler is None:
-            await self.reader.open()
-            self.watcher.start()
+        if self._sampler is None:  # set before any await: concurrent first requests start once
             self._sampler = asyncio.get_running_loop().create_task(self._sample())
+            self.watcher.start()
+            await self.reader.open()
 
     async def close(self) -> None:
         if self._sampler is not None:
@@ -93,6 +93,7 @@ class Dashboard:
             await self.reader.close()
 
     async def _sample(self) -> None:
+        await self.reader.open()
         while True:
             try:
                 overview = await self.reader.overview()
@@ -311,6 +312,9 @@ def _handler(
         except psycopg.errors.InsufficientPrivilege as exc:
             text = f"{driver.one_line(exc)}: `pgpubsub grant ROLE --monitor` lets a role read"
             return _error(dashboard, request, 403, text)
+        except psycopg.Error as exc:  # anything else the database says: one line, logged
+            log.exception("dashboard: %s %s failed", request.method, request.url.path)
+            return _error(dashboard, request, 500, f"the database refused: {driver.one_line(exc)}")
 
     return handle
 

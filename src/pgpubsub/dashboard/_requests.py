@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 MAX_FORM = 64 * 1024
+MAX_ID = 2**63 - 1  # pgpubsub.message.id is a bigint
 
 
 class HTTPError(Exception):
@@ -95,7 +96,8 @@ def parse_ids(values: list[str]) -> list[int] | None:
     ids = []
     for value in values:
         for part in str(value).replace(",", " ").split():
-            if not part.isdigit() or len(part) > 19:
-                raise HTTPError(400, f"message id {part!r} is not a number")
+            # ASCII digits only ("²".isdigit() is true), and within bigint.
+            if not (part.isascii() and part.isdigit()) or int(part) > MAX_ID:
+                raise HTTPError(400, f"message id {part!r} is not a message id")
             ids.append(int(part))
     return ids or None
