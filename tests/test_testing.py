@@ -49,7 +49,7 @@ def test_the_projects_tests_catch_a_bug_in_its_listener(pg_server: object) -> No
 def test_a_django_project_with_testcase(dsn: str) -> None:
     out = run(TESTS / "user_project_django", ["manage.py", "test", "--noinput"], SHOP_DSN=dsn)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "Ran 6 tests" in out.stderr and "OK" in out.stderr
+    assert "Ran 7 tests" in out.stderr and "OK" in out.stderr
 
 
 @pytest.mark.unit

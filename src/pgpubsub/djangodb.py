@@ -55,7 +55,9 @@ class DjangoSession(Session):
         return isinstance(exc, OperationalError | InterfaceError)
 
     def close(self) -> None:
-        self.connection.close()
+        conn = self.connection
+        if not conn.in_atomic_block:  # in a transaction (a TestCase's) it is the caller's
+            conn.close()
 
 
 def django_conninfo(alias: str = "default") -> str:

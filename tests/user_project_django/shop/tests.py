@@ -56,3 +56,9 @@ class PlainTestCaseTests(TestCase):
     def test_second_sees_nothing_of_the_first(self) -> None:
         self.assertEqual(published(PriceChanged), [])
         self.assertEqual(published(OrderPaid), [])
+
+    def test_process_stored_notifications_inside_the_test(self) -> None:
+        # django-pgpubsub's own call, in a test: it must not close the test's connection.
+        pgpubsub.notify(OrderPaid, order_id=6, amount=Decimal(6))
+        self.assertEqual(pgpubsub.process_stored_notifications(), 1)
+        self.assertEqual(list(Ledger.objects.values_list("order_id", flat=True)), [6])
