@@ -14,7 +14,7 @@ Counts are exact (one aggregate over ``pgpubsub.message``).
 from __future__ import annotations
 
 import datetime
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
@@ -37,11 +37,16 @@ SELECT channel,
         FILTER (WHERE status = 'pending' AND run_at <= pg_catalog.now()))
 FROM pgpubsub.message WHERE status <> 'spill' GROUP BY channel ORDER BY channel
 """
+# The per-channel counts (schema version 3) are read through to_jsonb: NULL on
+# a version-2 table, which has no such column.
 WORKERS_SQL = """
 SELECT id, host, pid, version, channels, started_at, last_seen, processed, failed,
-    last_seen >= pg_catalog.now() - pg_catalog.make_interval(secs => %s)
-FROM pgpubsub.worker ORDER BY host, pid
+    last_seen >= pg_catalog.now() - pg_catalog.make_interval(secs => %(gone)s),
+    COALESCE(pg_catalog.to_jsonb(w) -> 'stats', '{}')
+FROM pgpubsub.worker w ORDER BY host, pid LIMIT %(limit)s
 """
+#: At most this many workers are read.
+MAX_WORKERS = 1000
 VERSION_SQL = "SELECT version FROM pgpubsub.version"
 TIMEOUT_SQL = "SELECT pg_catalog.set_config('statement_timeout', %s, false)"
 # to_regclass: NULL instead of an error when the table is not there.
@@ -74,6 +79,19 @@ class WorkerInfo:
     processed: int
     failed: int
     alive: bool  # heartbeat within GONE_AFTER seconds
+    # Per channel: {"kind", "durable", "processed", "failed"} (schema version 3).
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> WorkerInfo:
+        """One row of :data:`WORKERS_SQL`."""
+        wid, host, pid, version, channels, started, seen, processed, failed, alive, stats = row
+        return cls(
+            wid, host, pid, version, tuple(channels), started, seen, processed, failed, alive, stats
+        )
+
+
+WORKERS_PARAMS = {"gone": GONE_AFTER, "limit": MAX_WORKERS}
 
 
 @dataclass(frozen=True)
@@ -142,10 +160,7 @@ def _read(conn: psycopg.Connection[Any]) -> Health:
     version = int(version_row[0]) if version_row else 1
     channels = [ChannelCounts(*r) for r in conn.execute(COUNTS_SQL)]
     workers = (
-        [
-            WorkerInfo(r[0], r[1], r[2], r[3], tuple(r[4]), r[5], r[6], r[7], r[8], r[9])
-            for r in conn.execute(WORKERS_SQL, (GONE_AFTER,))
-        ]
+        [WorkerInfo.from_row(r) for r in conn.execute(WORKERS_SQL, WORKERS_PARAMS)]
         if has_workers
         else []
     )

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import pathlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -23,9 +24,9 @@ from starlette.staticfiles import StaticFiles
 
 from .. import driver
 from .. import messages as stored
-from ..health import SCHEMA_VERSION, age, since
+from ..health import age, since
 from ._data import EXACT_UP_TO, ChannelRow, Reader
-from ._live import SAMPLE_EVERY, Rates, Watcher, now
+from ._live import SAMPLE_EVERY, Rates, Watcher
 from ._requests import (
     HTTPError,
     channel_param,
@@ -42,7 +43,6 @@ __all__ = ["Dashboard", "create_app"]
 log = logging.getLogger("pgpubsub.dashboard")
 
 HERE = pathlib.Path(__file__).parent
-STATUSES = ("pending", "dead", "done", "spill")
 PARTIAL = "x-pgpubsub-partial"  # the live refresh asks for the changing part only
 APPLICATION = "pgpubsub dashboard"  # application_name of every connection it opens
 LIVE = ("overview", "workers", "channel")  # pages with a part that refreshes itself
@@ -99,7 +99,7 @@ class Dashboard:
                 overview = await self.reader.overview()
                 plain = [c.name for c in overview.channels if c.known_kind and not c.durable]
                 await self.watcher.count(plain)
-                self.rates.add(now(), overview.channels, self.watcher.notified)
+                self.rates.add(time.monotonic(), overview.channels, self.watcher.notified)
             except Exception as exc:  # the database is away: the pages say so
                 log.debug("dashboard: sampling failed: %s", exc)
             await asyncio.sleep(SAMPLE_EVERY)
@@ -145,7 +145,6 @@ class Dashboard:
             overview=data,
             charts=charts,
             alive=alive,
-            schema_version=SCHEMA_VERSION,
         )
 
     async def workers(self, request: Request) -> Response:
@@ -154,26 +153,20 @@ class Dashboard:
     async def channel(self, request: Request) -> Response:
         name = channel_param(request, "name")
         status = request.query_params.get("status") or ""
-        row = ChannelRow(name)
-        await self.reader.counts([row])
+        row = await self.reader.channel(name)
         if not status:
             status = "dead" if row.dead.value else "pending"
-        if status not in STATUSES:
-            raise HTTPError(400, f"unknown status {status!r}: one of {', '.join(STATUSES)}")
-        workers = [w for w in await self.reader.workers() if name in w.channels]
-        kind = next(
-            (w.stats[name].get("kind") for w in workers if w.alive and name in w.stats), None
-        )
+        if status not in stored.STATUSES:
+            raise HTTPError(400, f"unknown status {status!r}: one of {', '.join(stored.STATUSES)}")
         return self.render(
             request,
             "channel",
             channel=name,
             status=status,
             counts=row,
-            kind=kind,
-            workers=workers,
+            kind=row.kind if row.known_kind else None,
             messages=await self.reader.messages(name, status),
-            statuses=STATUSES,
+            statuses=stored.STATUSES,
         )
 
     async def message(self, request: Request) -> Response:
@@ -367,7 +360,6 @@ def create_app(
             Mount("/static", StaticFiles(directory=HERE / "static")),
         ],
     )
-    app.state.dashboard = dashboard
     return Guard(
         app,
         token=token,

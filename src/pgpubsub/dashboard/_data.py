@@ -14,9 +14,8 @@ The table may hold millions of messages, so nothing here scans it:
 
 from __future__ import annotations
 
-import datetime
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -24,6 +23,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
+from ..health import WORKERS_PARAMS, WORKERS_SQL, WorkerInfo
 from ..messages import COLUMNS, StoredMessage
 
 __all__ = [
@@ -32,13 +32,11 @@ __all__ = [
     "Count",
     "Overview",
     "Reader",
-    "WorkerRow",
 ]
 
 #: Counts are exact up to this many messages, estimates above.
 EXACT_UP_TO = 1000
 MAX_CHANNELS = 500
-MAX_WORKERS = 500
 PAGE = 50
 
 # A loose index scan per partial index (pending, dead, kept): each step of a
@@ -96,12 +94,6 @@ FROM pg_catalog.unnest(%(channels)s::text[]) AS c(channel)
 ESTIMATE_SQL = sql.SQL(
     "EXPLAIN (FORMAT JSON) SELECT 1 FROM pgpubsub.message m WHERE m.channel = {channel} AND {where}"
 )
-WORKERS_SQL = """
-SELECT id, host, pid, version, channels, started_at, last_seen, processed, failed,
-    last_seen >= pg_catalog.now() - pg_catalog.make_interval(secs => %(gone)s), stats
-FROM pgpubsub.worker ORDER BY host, pid LIMIT %(limit)s
-"""
-WORKERS_V2_SQL = WORKERS_SQL.replace(", stats\n", ", '{}'::jsonb\n")
 # Each status through its own index, in the order that index gives cheaply;
 # payloads and errors cut short (message() reads one whole message by id).
 _LIST = {
@@ -147,29 +139,13 @@ class ChannelRow:
     oldest_due_age: float | None = None
     workers: int = 0  # live workers listening
     processed: int = 0  # by every registered worker since it started
-    failed: int = 0
     known_kind: bool = False  # a live worker said what this channel is
-
-
-@dataclass(frozen=True)
-class WorkerRow:
-    id: str
-    host: str
-    pid: int
-    version: str
-    channels: tuple[str, ...]
-    started_at: datetime.datetime
-    last_seen: datetime.datetime
-    processed: int
-    failed: int
-    alive: bool
-    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
 class Overview:
     channels: list[ChannelRow]
-    workers: list[WorkerRow]
+    workers: list[WorkerInfo]
     server_version: str
 
 
@@ -205,32 +181,12 @@ class Reader:
             await cur.execute(query, params)
             return await cur.fetchall()
 
-    async def workers(self) -> list[WorkerRow]:
-        from .._heartbeat import GONE_AFTER
-
-        params = {"gone": GONE_AFTER, "limit": MAX_WORKERS}
+    async def workers(self) -> list[WorkerInfo]:
         try:
-            rows = await self._all(WORKERS_SQL, params)
-        except psycopg.errors.UndefinedColumn:  # a version-2 schema: no per-channel counts
-            rows = await self._all(WORKERS_V2_SQL, params)
-        except psycopg.errors.UndefinedTable:
+            rows = await self._all(WORKERS_SQL, WORKERS_PARAMS)
+        except psycopg.errors.UndefinedTable:  # a version-1 schema: no registry
             return []
-        return [
-            WorkerRow(
-                id=r[0],
-                host=r[1],
-                pid=r[2],
-                version=r[3],
-                channels=tuple(r[4]),
-                started_at=r[5],
-                last_seen=r[6],
-                processed=r[7],
-                failed=r[8],
-                alive=r[9],
-                stats=r[10] or {},
-            )
-            for r in rows
-        ]
+        return [WorkerInfo.from_row(r) for r in rows]
 
     async def channel_names(self) -> list[str]:
         return [r[0] for r in await self._all(CHANNELS_SQL, {"limit": MAX_CHANNELS})]
@@ -275,18 +231,7 @@ class Reader:
 
     async def overview(self) -> Overview:
         workers = await self.workers()
-        rows: dict[str, ChannelRow] = {}
-        for w in workers:
-            for name in w.channels:
-                row = rows.setdefault(name, ChannelRow(name))
-                info = w.stats.get(name, {})
-                row.processed += int(info.get("processed", 0))
-                row.failed += int(info.get("failed", 0))
-                if w.alive:
-                    row.workers += 1
-                    if info.get("kind"):
-                        row.kind, row.durable = info["kind"], bool(info.get("durable"))
-                        row.known_kind = True
+        rows = _from_workers(workers)
         for name in await self.channel_names():
             rows.setdefault(name, ChannelRow(name))
         channels = sorted(rows.values(), key=lambda r: r.name)
@@ -295,6 +240,12 @@ class Reader:
             server = conn.info.parameter_status("server_version") or "?"
         return Overview(channels, workers, server)
 
+    async def channel(self, name: str) -> ChannelRow:
+        """One channel as the overview shows it."""
+        row = _from_workers(await self.workers()).get(name) or ChannelRow(name)
+        await self.counts([row])
+        return row
+
     async def messages(self, channel: str, status: str, limit: int = PAGE) -> list[StoredMessage]:
         rows = await self._all(LIST_SQL[status], {"channel": channel, "limit": limit})
         return [StoredMessage(*r) for r in rows]
@@ -302,3 +253,19 @@ class Reader:
     async def message(self, message_id: int) -> StoredMessage | None:
         rows = await self._all(MESSAGE_SQL, (message_id,))
         return StoredMessage(*rows[0]) if rows else None
+
+
+def _from_workers(workers: list[WorkerInfo]) -> dict[str, ChannelRow]:
+    """Every channel the workers name: its kind (as live workers say), their counts."""
+    rows: dict[str, ChannelRow] = {}
+    for w in workers:
+        for name in w.channels:
+            row = rows.setdefault(name, ChannelRow(name))
+            info = w.stats.get(name, {})
+            row.processed += int(info.get("processed", 0))
+            if w.alive:
+                row.workers += 1
+                if info.get("kind"):
+                    row.kind, row.durable = info["kind"], bool(info.get("durable"))
+                    row.known_kind = True
+    return rows

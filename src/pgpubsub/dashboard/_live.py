@@ -18,7 +18,6 @@ import asyncio
 import collections
 import datetime
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +166,3 @@ class Watcher:
                     await self.engine.unlisten(tail.channel)
                 except Exception as exc:
                     log.debug("dashboard: UNLISTEN %s: %s", tail.channel, exc)
-
-
-def now() -> float:
-    return time.monotonic()

@@ -108,8 +108,7 @@ class Guard:
                 return
         if (self.token or self.basic_auth) and not self._authorised(headers):
             how = (
-                "open it with ?token=..., or sign in with any user name and the token as "
-                "password"
+                "open it with ?token=..., or sign in with any user name and the token as password"
                 if self.token
                 else "sign in with its user name and password"
             )
