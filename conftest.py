@@ -10,14 +10,11 @@ the file must exist and compile.
 
 from __future__ import annotations
 
-import itertools
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sybil import Sybil
 from sybil.evaluators.python import PythonEvaluator
 from sybil.parsers.markdown import CodeBlockParser, SkipParser
@@ -25,21 +22,15 @@ from sybil.parsers.markdown import CodeBlockParser, SkipParser
 pytest_plugins = ["pgpubsub.testing"]
 
 ROOT = Path(__file__).parent
-_names = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def doc_dsn(pgpubsub_server: str) -> Iterator[str]:
     """One database per page: its examples build on each other."""
-    from pgpubsub.testing.fixtures import _admin, _drop
+    from pgpubsub.testing.fixtures import copy_of_template
 
-    template = str(conninfo_to_dict(pgpubsub_server)["dbname"])
-    name = f"pgpubsub_docs_{os.getpid()}_{next(_names)}"
-    _admin(pgpubsub_server, "CREATE DATABASE {} TEMPLATE {}", name, template)
-    try:
-        yield make_conninfo(pgpubsub_server, dbname=name)
-    finally:
-        _drop(pgpubsub_server, name)
+    with copy_of_template(pgpubsub_server) as dsn:
+        yield dsn
 
 
 class IncludedCode(CodeBlockParser):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from psycopg.conninfo import make_conninfo
 from ..durable import migrate
 from ._capture import APPLICATION, CAPTURE_SQL, Capture
 
-__all__ = ["pgpubsub_dsn", "pgpubsub_server"]
+__all__ = ["copy_of_template", "pgpubsub_dsn", "pgpubsub_server"]
 
 TEMPLATE = "pgpubsub_testing_template"
 _names = itertools.count()
@@ -59,16 +60,24 @@ def pgpubsub_server() -> Iterator[str]:
             server.close()
 
 
+@contextlib.contextmanager
+def copy_of_template(template_dsn: str) -> Iterator[str]:
+    """The conninfo of a new database copied from the template, dropped at the end."""
+    template = str(psycopg.conninfo.conninfo_to_dict(template_dsn)["dbname"])
+    name = f"pgpubsub_testing_{os.getpid()}_{next(_names)}"
+    _admin(template_dsn, "CREATE DATABASE {} TEMPLATE {}", name, template)
+    try:
+        yield make_conninfo(template_dsn, dbname=name)
+    finally:
+        _drop(template_dsn, name)
+
+
 @pytest.fixture
 def pgpubsub_dsn(pgpubsub_server: str) -> Iterator[str]:
     """The conninfo of a new database with the pgpubsub schema, dropped after the test."""
-    template = psycopg.conninfo.conninfo_to_dict(pgpubsub_server)["dbname"]
-    name = f"pgpubsub_testing_{os.getpid()}_{next(_names)}"
-    _admin(pgpubsub_server, "CREATE DATABASE {} TEMPLATE {}", name, str(template))
-    dsn = make_conninfo(pgpubsub_server, dbname=name)
-    capture = Capture.open(dsn)
-    try:
-        yield dsn
-    finally:
-        capture.close()
-        _drop(pgpubsub_server, name)
+    with copy_of_template(pgpubsub_server) as dsn:
+        capture = Capture.open(dsn)
+        try:
+            yield dsn
+        finally:
+            capture.close()
