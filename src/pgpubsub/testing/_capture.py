@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
 
+from .. import integration
 from ..channel import Channel, spec_of
 from ..notify import plain_observers
 
@@ -98,21 +98,12 @@ class Capture:
             self.conn.close()
 
 
-def _django_configured() -> bool:
-    if "django" not in sys.modules:
-        return False
-    from django.conf import settings
-
-    return bool(settings.configured)
-
-
-def _transaction(alias: str) -> tuple[str, ...]:
-    """Where Django's connection is: its open savepoints (a TestCase runs each test in one)."""
-    if not _django_configured():
-        return ()
-    from django.db import connections
-
-    conn = connections[alias]
+def _transaction() -> tuple[str, ...] | None:
+    """Where Django's connection is (None: no Django): its open savepoints, as a
+    TestCase runs each test in one."""
+    conn = integration.django_connection()
+    if conn is None:
+        return None
     return tuple(conn.savepoint_ids) if conn.in_atomic_block else ()
 
 
@@ -126,28 +117,27 @@ class DjangoCapture:
     everything at the start of each test, for test cases without a transaction.
     """
 
-    def __init__(self, alias: str = "default") -> None:
-        self.alias = alias
+    def __init__(self) -> None:
         self.plain: collections.deque[tuple[tuple[str, ...], str, str]] = collections.deque(
             maxlen=KEEP
         )
         self.drained: dict[int, tuple[tuple[str, ...], str, str]] = {}
 
     def _observe(self, channel: str, payloads: list[str]) -> None:
-        if not _django_configured():  # only Django tests read these records
+        where = _transaction()
+        if where is None:  # only Django tests read these records
             return
-        where = _transaction(self.alias)
         self.plain.extend((where, channel, p) for p in payloads)
 
     def remember(self, mid: int, channel: str, payload: str) -> None:
-        self.drained[mid] = (_transaction(self.alias), channel, payload)
+        self.drained[mid] = (_transaction() or (), channel, payload)
 
     def reset(self) -> None:
         self.plain.clear()
         self.drained.clear()
 
     def _visible(self, where: tuple[str, ...]) -> bool:
-        now = _transaction(self.alias)
+        now = _transaction() or ()
         return where[: len(now)] == now
 
     def plain_payloads(self, channel: str) -> list[str]:
