@@ -147,8 +147,8 @@ class Watcher:
     async def _listen(self, channels: list[str]) -> None:
         try:
             await self.engine.listen(*channels)
-        except Exception as exc:  # not connected yet: listened to once it is
-            log.debug("dashboard: LISTEN %s deferred: %s", channels, exc)
+        except Exception as exc:  # a name no channel may have (the registry is a table)
+            log.warning("dashboard: cannot LISTEN to %s: %s", channels, exc)
 
     async def open_tail(self, channel: str) -> Tail:
         tail = Tail(channel)
