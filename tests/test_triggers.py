@@ -122,9 +122,13 @@ def test_install_is_idempotent_quotes_identifiers_and_removes(db: str) -> None:
     pgpubsub.pre_delete_listener(OrderEvents, registry=registry)(lambda old: None)
     install(db, registry)
     install(db, registry)
-    defs = [d for (d,) in admin_query(db, "SELECT pg_get_triggerdef(oid) FROM pg_trigger")]
-    assert len(defs) == 3  # AFTER INSERT, AFTER UPDATE, BEFORE DELETE
-    assert all(f"ON {TABLE} " in d for d in defs), defs
+    every = [d for (d,) in admin_query(db, "SELECT pg_get_triggerdef(oid) FROM pg_trigger")]
+    # A pair per event: the rows captured as the writer, then sent (sql/schema.sql).
+    defs = [d for d in every if "pgpubsub.send_captured" not in d]
+    sends = [d for d in every if "pgpubsub.send_captured" in d]
+    assert len(defs) == len(sends) == 3  # AFTER INSERT, AFTER UPDATE, BEFORE DELETE
+    assert all(f"ON {TABLE} " in d for d in every), every
+    assert sorted(d.split()[2] for d in sends) == sorted(f"{d.split()[2]}_send" for d in defs)
     by_event = {" ".join(d.split()[3:5]): d for d in defs}
     assert "REFERENCING NEW TABLE AS pgpubsub_new FOR EACH STATEMENT" in by_event["AFTER INSERT"]
     assert (
@@ -137,11 +141,12 @@ def test_install_is_idempotent_quotes_identifiers_and_removes(db: str) -> None:
     narrower = Registry()
     pgpubsub.post_insert_listener(OrderEvents, registry=narrower)(lambda new: None)
     install(db, narrower)  # the triggers no listener needs any more are dropped
-    assert admin_query(db, "SELECT count(*) FROM pg_trigger") == [(1,)]
+    assert admin_query(db, "SELECT count(*) FROM pg_trigger") == [(2,)]
     with psycopg.connect(db) as conn:
         remove_triggers(conn, [OrderEvents])
         remove_triggers(conn, [OrderEvents])
     assert admin_query(db, "SELECT count(*) FROM pg_trigger") == [(0,)]
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.trigger_channel") == [(0,)]
 
 
 def test_durable_trigger_channel_bulk_insert_processed_once_by_two_workers(db: str) -> None:

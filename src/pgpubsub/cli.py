@@ -126,6 +126,29 @@ def preflight(conninfo: str, channels: list[Any]) -> None:
         log.warning("database unreachable (%s); the workers will wait for it", health.error)
     elif not health.schema_current:
         raise SchemaMissing(health.problems()[0])
+    else:
+        check_privileges(conninfo, channels)
+
+
+def check_privileges(conninfo: str, channels: list[Any]) -> None:
+    """Stop at once when the role lacks a privilege its channels need (exit 5, with the GRANT)."""
+    from . import driver
+    from .channel import TriggerChannel
+    from .errors import PermissionDenied
+    from .privileges import missing_for_worker
+
+    with driver.connect(driver.build_conninfo(conninfo), autocommit=True) as conn:
+        lacking = missing_for_worker(
+            conn,
+            durable=any(c.lock for c in channels),
+            scheduled=any(c.lock and c.cls.schedule for c in channels),
+            spills=any(issubclass(c.cls, TriggerChannel) and not c.lock for c in channels),
+        )
+        if lacking:
+            raise PermissionDenied(
+                f"role {conn.info.user!r} lacks privileges its channels need: run "
+                f"`pgpubsub grant {conn.info.user} --worker` (as the schema's owner), or {lacking}"
+            )
 
 
 def start_metrics(port: int | None, host: str, conninfo: str, channels: list[Any]) -> None:
@@ -204,11 +227,14 @@ def cmd_grant(args: argparse.Namespace) -> int:
     kinds = [k for k in KINDS if getattr(args, k)]
     if not kinds:
         raise UsageError(
-            "say what the role is for: --publisher, --worker, --monitor and/or --django-writer"
+            "say what the role is for: --publisher, --worker, --monitor, --operator"
+            " and/or --django-writer"
         )
     if args.sql:
         for statement in statements(args.role, kinds, args.revoke):
             print(f"{statement.as_string(None)};")
+        if args.revoke:
+            print("-- then REVOKE USAGE ON SCHEMA pgpubsub when the role holds nothing else in it")
         return 0
     for text in grant(args.dsn, args.role, kinds, args.revoke):
         print(f"{text};")
@@ -302,6 +328,7 @@ GRANT_EXAMPLES = """examples:
   pgpubsub grant web_app --publisher
   pgpubsub grant jobs --worker --sql        print the statements only
   pgpubsub grant probe --monitor            may run `pgpubsub status --check`
+  pgpubsub grant oncall --operator          may replay, cancel and purge messages
 """
 DEMO_EXAMPLES = """examples:
   pgpubsub demo                             an embedded PostgreSQL, removed at the end
@@ -363,14 +390,22 @@ def parser() -> argparse.ArgumentParser:
 
     grant = command(
         "grant",
-        "grant a role what it needs: --publisher, --worker, --monitor, --django-writer",
+        "grant a role what it needs: --publisher, --worker, --monitor, --operator,"
+        " --django-writer",
         GRANT_EXAMPLES,
     )
     grant.add_argument("role", help="the role (quoted as written)")
     grant.add_argument("--publisher", action="store_true", help="publishes on durable channels")
     grant.add_argument("--worker", action="store_true", help="runs listeners of durable channels")
     grant.add_argument(
-        "--monitor", action="store_true", help="reads `pgpubsub status` (probes, dashboards)"
+        "--monitor",
+        action="store_true",
+        help="reads counts, ages and workers (`pgpubsub status`, probes), not payloads",
+    )
+    grant.add_argument(
+        "--operator",
+        action="store_true",
+        help="reads whole messages; replays, cancels and purges them (the dashboard's actions)",
     )
     grant.add_argument(
         "--django-writer",

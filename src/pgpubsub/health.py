@@ -25,7 +25,7 @@ from ._heartbeat import GONE_AFTER
 __all__ = ["SCHEMA_VERSION", "ChannelCounts", "Health", "WorkerInfo", "age", "since", "status"]
 
 #: The schema version this library installs and expects (``pgpubsub.version``).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 COUNTS_SQL = """
 SELECT channel,

@@ -182,44 +182,75 @@ def _level(event: str) -> sql.Composable:
 
 
 _EXISTING_SQL = (
-    "SELECT t.tgname FROM pg_catalog.pg_trigger t "
-    "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
+    "SELECT c.oid, t.tgname FROM pg_catalog.pg_class c "
     "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE n.nspname = %s AND c.relname = %s AND NOT t.tgisinternal AND t.tgname LIKE %s"
+    "LEFT JOIN pg_catalog.pg_trigger t ON t.tgrelid = c.oid AND NOT t.tgisinternal "
+    "AND t.tgname LIKE %s "
+    "WHERE n.nspname = %s AND c.relname = %s"
+)
+_REGISTER_SQL = (
+    "INSERT INTO pgpubsub.trigger_channel (relid, channel, durable) VALUES (%s, %s, %s) "
+    "ON CONFLICT (relid, channel) DO UPDATE SET durable = EXCLUDED.durable"
+)
+_UNREGISTER_SQL = "DELETE FROM pgpubsub.trigger_channel WHERE relid = %s AND channel = %s"
+_CREATE_SQL = (
+    "CREATE TRIGGER {name} {when} {op} ON {table} {level} EXECUTE FUNCTION {function}({args})"
 )
 
 
 def _sync_triggers(conn: Any, spec: ChannelSpec, events: frozenset[str]) -> None:
+    """Make the table's triggers for ``spec`` exactly those of ``events``.
+
+    Each event gets a pair (``sql/schema.sql``): ``<name>`` captures the rows
+    as the writer, ``<name>_send`` publishes them as the schema's owner, for
+    the (table, channel) pair registered here only.
+    """
     schema, table = table_of(spec)
     target = sql.Identifier(schema, table)
-    pattern = f"pgpubsub\\_%\\_{channel_hash(spec)}"
+    pattern = f"pgpubsub\\_%\\_{channel_hash(spec)}%"
     with conn.cursor() as cur:
-        cur.execute(_EXISTING_SQL, (schema, table, pattern))
-        existing = {r[0] for r in cur.fetchall()}
+        cur.execute(_EXISTING_SQL, (pattern, schema, table))
+        rows = cur.fetchall()
+        if not rows:
+            raise ConfigurationError(f"{spec.path}: no table {schema}.{table}")
+        relid = rows[0][0]
+        existing = {r[1] for r in rows if r[1] is not None}
         wanted = {trigger_name(spec, e): e for e in events}
-        for name in existing | set(wanted):
+        for name in existing | set(wanted) | {f"{n}_send" for n in wanted}:
             cur.execute(
                 sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), target)
             )
+        if wanted:
+            cur.execute(_REGISTER_SQL, (relid, spec.name, spec.lock))
+        else:
+            cur.execute(_UNREGISTER_SQL, (relid, spec.name))
+        channel = sql.Literal(spec.name)
+        mode = sql.Literal("durable" if spec.lock else "plain")
         for name, event in sorted(wanted.items()):
             when, op = event.split()
+            parts = {
+                "when": sql.SQL(when),  # from the fixed WHENS / OPERATIONS lists
+                "op": sql.SQL(op),
+                "table": target,
+            }
+            capture = "notify_statement" if event in TRANSITION else "notify_trigger"
             cur.execute(
-                sql.SQL(
-                    "CREATE TRIGGER {name} {when} {op} ON {table} {level} "
-                    "EXECUTE FUNCTION {function}({channel}, {mode})"
-                ).format(
+                sql.SQL(_CREATE_SQL).format(
                     name=sql.Identifier(name),
-                    when=sql.SQL(when),  # from the fixed WHENS / OPERATIONS lists
-                    op=sql.SQL(op),
-                    table=target,
                     level=_level(event),
-                    function=sql.SQL(
-                        "pgpubsub.notify_statement"
-                        if event in TRANSITION
-                        else "pgpubsub.notify_trigger"
-                    ),
-                    channel=sql.Literal(spec.name),
-                    mode=sql.Literal("durable" if spec.lock else "plain"),
+                    function=sql.Identifier("pgpubsub", capture),
+                    args=sql.SQL(", ").join([channel, mode]),
+                    **parts,
+                )
+            )
+            level = "FOR EACH STATEMENT" if event in TRANSITION else "FOR EACH ROW"
+            cur.execute(
+                sql.SQL(_CREATE_SQL).format(
+                    name=sql.Identifier(f"{name}_send"),
+                    level=sql.SQL(level),
+                    function=sql.Identifier("pgpubsub", "send_captured"),
+                    args=channel,
+                    **parts,
                 )
             )
 

@@ -99,7 +99,7 @@ CREATE TABLE IF NOT EXISTS pgpubsub.version (
     one      boolean PRIMARY KEY DEFAULT true CHECK (one),
     version  integer NOT NULL
 );
-INSERT INTO pgpubsub.version (one, version) VALUES (true, 3)
+INSERT INTO pgpubsub.version (one, version) VALUES (true, 4)
     ON CONFLICT (one) DO UPDATE SET version = GREATEST(pgpubsub.version.version, EXCLUDED.version);
 
 -- The JSON of one row event of a trigger channel.
@@ -159,19 +159,37 @@ CREATE OR REPLACE FUNCTION pgpubsub.notify_row(
     )
 $body$;
 
--- The trigger functions of trigger channels installed without Django, with
--- the arguments ('<channel>', '<durable|plain>'). Row level (BEFORE, and
--- AFTER UPDATE): never cancels the operation, BEFORE triggers return the row
--- unchanged.
+-- Version 4 (security): the triggers of trigger channels installed without
+-- Django come in pairs. The first, pgpubsub.notify_trigger('<channel>',
+-- '<durable|plain>') or pgpubsub.notify_statement(...), runs as the role that
+-- wrote the row (SECURITY INVOKER): it turns the rows into JSON, so a cast or
+-- type the writer owns runs with the writer's rights only, and keeps them in
+-- a transaction-local setting. The second, pgpubsub.send_captured('<channel>'),
+-- fires right after it (trigger names sort it second) and is the only code
+-- that runs as the schema's owner: it evaluates nothing the writer controls
+-- (text and jsonb built-ins), publishes only for a (table, channel) pair that
+-- an installer registered in pgpubsub.trigger_channel (the table is the
+-- trigger's own, TG_RELID, which no caller can choose), and builds the event's
+-- operation, timing and table itself. Neither function is executable by
+-- PUBLIC, so no role can attach them to its own tables (PostgreSQL checks
+-- EXECUTE when a trigger is created, not when it fires: writers of a watched
+-- table need no grant).
+CREATE TABLE IF NOT EXISTS pgpubsub.trigger_channel (
+    relid    oid     NOT NULL,
+    channel  text    NOT NULL,
+    durable  boolean NOT NULL,
+    PRIMARY KEY (relid, channel)
+);
+
 CREATE OR REPLACE FUNCTION pgpubsub.notify_trigger() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 BEGIN
-    PERFORM pgpubsub.notify_row(
-        TG_ARGV[0], TG_ARGV[1] = 'durable', TG_OP, TG_WHEN,
-        pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME),
-        CASE WHEN TG_OP <> 'INSERT' THEN pg_catalog.to_jsonb(OLD) END,
-        CASE WHEN TG_OP <> 'DELETE' THEN pg_catalog.to_jsonb(NEW) END
-    );
+    PERFORM pg_catalog.set_config('pgpubsub.captured', pg_catalog.jsonb_build_object(
+        'relid', TG_RELID, 'channel', TG_ARGV[0],
+        'rows', pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
+            'old', CASE WHEN TG_OP <> 'INSERT' THEN pg_catalog.to_jsonb(OLD) END,
+            'new', CASE WHEN TG_OP <> 'DELETE' THEN pg_catalog.to_jsonb(NEW) END))
+    )::text, true);
     IF TG_OP = 'DELETE' THEN
         RETURN OLD;
     END IF;
@@ -181,24 +199,98 @@ $body$;
 
 -- Statement level, for AFTER INSERT and AFTER DELETE: the statement's rows
 -- come as a transition table (REFERENCING NEW TABLE AS pgpubsub_new, or OLD
--- TABLE AS pgpubsub_old), sent in one set-based call instead of a call per row.
+-- TABLE AS pgpubsub_old), captured in one set-based call instead of a call per row.
 CREATE OR REPLACE FUNCTION pgpubsub.notify_statement() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 DECLARE
-    tbl text := pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME);
+    captured jsonb;
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        PERFORM pgpubsub.send_events(TG_ARGV[0], TG_ARGV[1] = 'durable', ARRAY(
-            SELECT pgpubsub.event(TG_OP, TG_WHEN, tbl, NULL, pg_catalog.to_jsonb(r))
-            FROM pgpubsub_new r));
+        SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+            'old', NULL, 'new', pg_catalog.to_jsonb(r))) INTO captured FROM pgpubsub_new r;
     ELSE
-        PERFORM pgpubsub.send_events(TG_ARGV[0], TG_ARGV[1] = 'durable', ARRAY(
-            SELECT pgpubsub.event(TG_OP, TG_WHEN, tbl, pg_catalog.to_jsonb(r), NULL)
-            FROM pgpubsub_old r));
+        SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+            'old', pg_catalog.to_jsonb(r), 'new', NULL)) INTO captured FROM pgpubsub_old r;
     END IF;
+    PERFORM pg_catalog.set_config('pgpubsub.captured', pg_catalog.jsonb_build_object(
+        'relid', TG_RELID, 'channel', TG_ARGV[0],
+        'rows', COALESCE(captured, '[]'::jsonb))::text, true);
     RETURN NULL;
 END
 $body$;
+
+CREATE OR REPLACE FUNCTION pgpubsub.send_captured() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    registered record;
+    captured jsonb := NULLIF(pg_catalog.current_setting('pgpubsub.captured', true), '')::jsonb;
+    tbl text := pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME);
+BEGIN
+    SELECT t.durable INTO registered FROM pgpubsub.trigger_channel t
+        WHERE t.relid = TG_RELID AND t.channel = TG_ARGV[0];
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgpubsub: no trigger channel % is installed on %', TG_ARGV[0], tbl
+            USING HINT = 'install it with pgpubsub.install_triggers or `pgpubsub migrate`';
+    END IF;
+    IF captured IS NULL OR captured->>'relid' IS DISTINCT FROM TG_RELID::text
+            OR captured->>'channel' IS DISTINCT FROM TG_ARGV[0] THEN
+        RAISE EXCEPTION 'pgpubsub: the rows of % for channel % were not captured', tbl, TG_ARGV[0]
+            USING HINT = 'its pgpubsub.notify_trigger trigger is missing or disabled';
+    END IF;
+    PERFORM pg_catalog.set_config('pgpubsub.captured', '', true);
+    PERFORM pgpubsub.send_events(TG_ARGV[0], registered.durable, ARRAY(
+        SELECT pg_catalog.jsonb_build_object(
+            'operation', TG_OP, 'when', TG_WHEN, 'table', tbl,
+            'old', r->'old', 'new', r->'new',
+            'context', NULLIF(pg_catalog.current_setting('pgpubsub.notification_context', true), '')::jsonb
+        )::text
+        FROM pg_catalog.jsonb_array_elements(captured->'rows') r));
+    IF TG_LEVEL = 'STATEMENT' THEN
+        RETURN NULL;
+    ELSIF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END
+$body$;
+
+-- Triggers installed by a version before 4 had one SECURITY DEFINER function:
+-- give each its sending trigger and register its (table, channel) pair.
+CREATE OR REPLACE FUNCTION pgpubsub.upgrade_triggers_to_v4() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pgpubsub, pg_temp AS $migrate$
+DECLARE
+    t record;
+    cut integer;
+BEGIN
+    FOR t IN
+        SELECT tg.tgrelid, tg.tgname, tg.tgtype, tg.tgargs
+        FROM pg_catalog.pg_trigger tg
+        WHERE tg.tgfoid IN ('pgpubsub.notify_trigger()'::pg_catalog.regprocedure,
+                            'pgpubsub.notify_statement()'::pg_catalog.regprocedure)
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger s
+                          WHERE s.tgrelid = tg.tgrelid AND s.tgname = tg.tgname || '_send')
+    LOOP
+        -- tgargs: '<channel>\0<durable|plain>\0'
+        cut := position('\x00'::bytea IN t.tgargs);
+        INSERT INTO pgpubsub.trigger_channel (relid, channel, durable)
+        VALUES (t.tgrelid,
+                pg_catalog.convert_from(substring(t.tgargs FROM 1 FOR cut - 1), 'UTF8'),
+                substring(t.tgargs FROM cut + 1) = 'durable\000'::bytea)
+        ON CONFLICT (relid, channel) DO NOTHING;
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER %I %s %s ON %s FOR EACH %s EXECUTE FUNCTION pgpubsub.send_captured(%L)',
+            t.tgname || '_send',
+            CASE WHEN t.tgtype & 2 <> 0 THEN 'BEFORE' ELSE 'AFTER' END,
+            CASE WHEN t.tgtype & 4 <> 0 THEN 'INSERT'
+                 WHEN t.tgtype & 8 <> 0 THEN 'DELETE' ELSE 'UPDATE' END,
+            t.tgrelid::pg_catalog.regclass,
+            CASE WHEN t.tgtype & 1 <> 0 THEN 'ROW' ELSE 'STATEMENT' END,
+            pg_catalog.convert_from(substring(t.tgargs FROM 1 FOR cut - 1), 'UTF8'));
+    END LOOP;
+END
+$migrate$;
+SELECT pgpubsub.upgrade_triggers_to_v4();
+DROP FUNCTION pgpubsub.upgrade_triggers_to_v4();
 
 -- Trigger functions can only run as triggers (the channel fixed by the
 -- CREATE TRIGGER of the table's owner); the helpers could be called directly
@@ -207,3 +299,7 @@ $body$;
 REVOKE ALL ON FUNCTION pgpubsub.event(text, text, text, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgpubsub.send_events(text, boolean, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgpubsub.notify_row(text, boolean, text, text, text, jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.notify_trigger() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.notify_statement() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.send_captured() FROM PUBLIC;
+REVOKE ALL ON pgpubsub.trigger_channel FROM PUBLIC;

@@ -1,0 +1,304 @@
+"""No role does more than it was granted: each attack run as the attacking role.
+
+Roles are cluster-wide, so every role here carries the test database's name
+and is dropped at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from helpers import Running, admin_query, wait_until
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+import pgpubsub
+from pgpubsub import Channel, TriggerChannel, cli, durable, errors
+from pgpubsub.channel import spec_of
+from pgpubsub.listen import Registry
+from pgpubsub.triggers import install_triggers
+
+
+@dataclass
+class Orders(TriggerChannel, table="shop.orders", lock_notifications=True):
+    pass
+
+
+@dataclass
+class Note(Channel, lock_notifications=True):
+    text: str
+
+
+class Roles:
+    """Login roles named after the test database, dropped at the end."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.suffix = conninfo_to_dict(dsn)["dbname"]
+        self.made: list[str] = []
+
+    def make(self, kind: str, *grant: str) -> str:
+        role = f"{kind}_{self.suffix}"[:63]
+        admin_query(self.dsn, f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'")
+        self.made.append(role)
+        if grant:
+            assert cli.main(["grant", role, *grant, "--dsn", self.dsn]) == 0
+        return role
+
+    def dsn_of(self, role: str) -> str:
+        return make_conninfo(self.dsn, user=role, password="pw")
+
+    def drop(self) -> None:
+        for role in self.made:
+            admin_query(self.dsn, f'DROP OWNED BY "{role}" CASCADE; DROP ROLE "{role}"')
+
+
+@pytest.fixture
+def roles(dsn: str) -> Iterator[Roles]:
+    durable.migrate(dsn)
+    admin_query(dsn, "CREATE SCHEMA shop; CREATE TABLE shop.orders (id int PRIMARY KEY)")
+    made = Roles(dsn)
+    yield made
+    made.drop()
+
+
+def is_superuser(dsn: str, role: str) -> bool:
+    return bool(admin_query(dsn, "SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,))[0][0])
+
+
+# A cast to json that a role owns: whoever serialises a row with such a column
+# to JSON runs it. It tries to make its owner superuser and records as whom it ran.
+EVIL_CAST = """
+CREATE TYPE {schema}.mood AS ENUM ('x');
+CREATE FUNCTION {schema}.j(m {schema}.mood) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+    BEGIN
+        EXECUTE pg_catalog.format('ALTER ROLE %I SUPERUSER', session_user);
+    EXCEPTION WHEN insufficient_privilege THEN NULL;
+    END;
+    INSERT INTO {log} VALUES (current_user);
+    RETURN '"x"';
+END $$;
+CREATE CAST ({schema}.mood AS json) WITH FUNCTION {schema}.j({schema}.mood);
+"""
+
+
+def test_usage_on_the_schema_does_not_let_a_monitor_become_superuser(roles: Roles) -> None:
+    """The temp-table route: a trigger function attached to the attacker's own table."""
+    monitor = roles.make("mon", "--monitor")
+    with psycopg.connect(roles.dsn_of(monitor), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE ran_as (who text)")
+        conn.execute(EVIL_CAST.format(schema="pg_temp", log="pg_temp.ran_as"))
+        conn.execute("CREATE TEMP TABLE t (m pg_temp.mood)")
+        for function in ("pgpubsub.notify_trigger('any', 'plain')", "pgpubsub.send_captured()"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(
+                    f"CREATE TRIGGER t AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION {function}"
+                )
+        # With no trigger, writing its row runs its cast as itself, if at all.
+        conn.execute("INSERT INTO t VALUES ('x')")
+    assert not is_superuser(roles.dsn, monitor)
+
+
+def test_the_owner_of_a_watched_table_cannot_run_code_as_the_schema_owner(roles: Roles) -> None:
+    """The table-owner route: no grant at all, a column added to its own watched table."""
+    owner = roles.make("owner")
+    admin_query(
+        roles.dsn,
+        f'CREATE SCHEMA own AUTHORIZATION "{owner}";'
+        f'CREATE TABLE own.items (id int PRIMARY KEY); ALTER TABLE own.items OWNER TO "{owner}"',
+    )
+
+    @dataclass
+    class Items(TriggerChannel, table="own.items", lock_notifications=True):
+        pass
+
+    registry = Registry()
+    seen: list[Any] = []
+    registry.add(Items, lambda new: seen.append(new), events=frozenset({"AFTER INSERT"}))
+    with psycopg.connect(roles.dsn) as conn:  # installed by a superuser
+        install_triggers(conn, registry=registry)
+    with psycopg.connect(roles.dsn_of(owner), autocommit=True) as conn:
+        conn.execute("CREATE TABLE own.ran_as (who text)")
+        conn.execute(EVIL_CAST.format(schema="own", log="own.ran_as"))
+        conn.execute("ALTER TABLE own.items ADD COLUMN m own.mood")
+        conn.execute("INSERT INTO own.items VALUES (1, 'x')")
+        ran_as = {r[0] for r in conn.execute("SELECT who FROM own.ran_as")}
+    assert not is_superuser(roles.dsn, owner)
+    assert ran_as == {owner}  # the row was serialised by the role that wrote it
+    # ... and its event was still stored, once.
+    rows = admin_query(
+        roles.dsn, "SELECT payload FROM pgpubsub.message WHERE channel = %s", (spec_of(Items).name,)
+    )
+    assert len(rows) == 1 and '"m": "x"' in str(rows[0][0])
+
+
+def test_no_role_can_attach_the_trigger_functions_to_publish_on_another_channel(
+    roles: Roles,
+) -> None:
+    """Forged durable events: a monitor's own table posing as the orders channel."""
+    monitor = roles.make("mon", "--monitor")
+    with psycopg.connect(roles.dsn_of(monitor), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE fake (id int)")
+        for function in (
+            "pgpubsub.notify_trigger('orders', 'durable')",
+            "pgpubsub.notify_statement('orders', 'durable')",
+            "pgpubsub.send_captured('orders')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(
+                    "CREATE TRIGGER f AFTER UPDATE ON fake FOR EACH ROW "
+                    f"EXECUTE FUNCTION {function}"
+                )
+    # Even attached by a role that may (the schema's owner), the sending
+    # function publishes only for the (table, channel) pairs an installer set up.
+    admin_query(
+        roles.dsn,
+        "CREATE TABLE public.fake (id int);"
+        "CREATE TRIGGER f AFTER INSERT ON public.fake FOR EACH ROW "
+        "EXECUTE FUNCTION pgpubsub.notify_trigger('orders', 'durable');"
+        "CREATE TRIGGER f_send AFTER INSERT ON public.fake FOR EACH ROW "
+        "EXECUTE FUNCTION pgpubsub.send_captured('orders')",
+    )
+    with pytest.raises(
+        psycopg.errors.RaiseException, match="no trigger channel orders is installed on public.fake"
+    ):
+        admin_query(roles.dsn, "INSERT INTO public.fake VALUES (1)")
+    assert admin_query(roles.dsn, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
+
+
+def test_a_monitor_reads_counts_ages_and_workers_but_no_payloads(roles: Roles) -> None:
+    monitor = roles.make("mon", "--monitor")
+    with psycopg.connect(roles.dsn) as conn:
+        pgpubsub.notify(Note(text="secret"), conn=conn)
+    report = pgpubsub.status(roles.dsn_of(monitor))
+    assert [(c.channel, c.pending) for c in report.channels] == [(spec_of(Note).name, 1)]
+    with psycopg.connect(roles.dsn_of(monitor), autocommit=True) as conn:
+        for column in ("payload", "last_error", "context", "trace", "dedupe_key", "ordering_key"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"SELECT {column} FROM pgpubsub.message")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE pgpubsub.message SET status = 'dead'")
+
+
+def privileges(dsn: str, role: str) -> set[tuple[Any, ...]]:
+    """Every privilege ``role`` holds on the pgpubsub schema and the objects in it."""
+    query = """
+    SELECT 'schema', n.nspname, a.privilege_type FROM pg_namespace n,
+        aclexplode(n.nspacl) a WHERE n.nspname = 'pgpubsub' AND a.grantee = %(r)s::regrole
+    UNION ALL
+    SELECT 'rel', c.relname, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a
+        WHERE c.relnamespace = 'pgpubsub'::regnamespace AND a.grantee = %(r)s::regrole
+    UNION ALL
+    SELECT 'col', c.relname || '.' || t.attname, a.privilege_type
+        FROM pg_attribute t JOIN pg_class c ON c.oid = t.attrelid, aclexplode(t.attacl) a
+        WHERE c.relnamespace = 'pgpubsub'::regnamespace AND a.grantee = %(r)s::regrole
+    UNION ALL
+    SELECT 'fn', p.oid::regprocedure::text, a.privilege_type FROM pg_proc p,
+        aclexplode(p.proacl) a
+        WHERE p.pronamespace = 'pgpubsub'::regnamespace AND a.grantee = %(r)s::regrole
+    """
+    return set(admin_query(dsn, query, {"r": role}))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ["--monitor"],
+        ["--publisher"],
+        ["--worker"],
+        ["--django-writer"],
+        ["--operator"],
+        ["--publisher", "--worker", "--monitor"],
+    ],
+)
+def test_revoke_takes_back_everything_grant_gave(roles: Roles, kinds: list[str]) -> None:
+    role = roles.make("rev")
+    before = privileges(roles.dsn, role)
+    assert cli.main(["grant", role, *kinds, "--dsn", roles.dsn]) == 0
+    assert privileges(roles.dsn, role) > before
+    assert cli.main(["grant", role, *kinds, "--revoke", "--dsn", roles.dsn]) == 0
+    assert privileges(roles.dsn, role) == before
+
+
+def test_revoking_one_kind_keeps_what_the_others_need(roles: Roles) -> None:
+    role = roles.make("two", "--publisher", "--monitor")
+    assert cli.main(["grant", role, "--monitor", "--revoke", "--dsn", roles.dsn]) == 0
+    with psycopg.connect(roles.dsn_of(role), autocommit=True) as conn:
+        assert isinstance(pgpubsub.notify(Note(text="still"), conn=conn), int)
+    with pytest.raises(errors.PermissionDenied):
+        pgpubsub.status(roles.dsn_of(role))
+
+
+def test_a_worker_role_runs_scheduled_channels(roles: Roles) -> None:
+    worker = roles.make("work", "--worker")
+
+    @dataclass
+    class Tick(Channel, lock_notifications=True, schedule="* * * * * *"):
+        pass
+
+    registry = Registry()
+    ticks: list[Any] = []
+    registry.add(Tick, lambda: ticks.append(1))
+    run = Running(roles.dsn_of(worker), registry)
+    try:
+        wait_until(lambda: len(ticks) >= 2, timeout=15)
+    finally:
+        run.stop()
+
+
+def test_a_worker_lacking_a_privilege_its_channels_need_says_so_and_exits_5(
+    roles: Roles,
+) -> None:
+    from test_operations import one_failure, run
+
+    worker = roles.make("work", "--worker")  # the grant of version 3, without schedules:
+    admin_query(roles.dsn, f'REVOKE ALL ON pgpubsub.schedule FROM "{worker}"')
+    channel = "app.jobs.EverySecond"
+    out = run("listen", "app.jobs", "--channels", channel, "--dsn", roles.dsn_of(worker))
+    one_failure(out, 5, f"pgpubsub grant {worker} --worker", "ON pgpubsub.schedule")
+    assert admin_query(roles.dsn, "SELECT count(*) FROM pgpubsub.worker") == [(0,)]
+
+
+def test_triggers_installed_before_version_4_are_upgraded_by_migrate(roles: Roles) -> None:
+    """The pre-4 trigger function ran as the schema's owner: migrate gives each
+    trigger its sending half and registers its pair; writers still need no grant."""
+    writer = roles.make("writer")
+    admin_query(
+        roles.dsn,
+        f'GRANT USAGE ON SCHEMA shop TO "{writer}";'
+        f'GRANT SELECT, INSERT, UPDATE ON shop.orders TO "{writer}";'
+        "ALTER TABLE shop.orders ADD COLUMN note text;"
+        "CREATE TRIGGER pgpubsub_after_insert_0a0b0c0d AFTER INSERT ON shop.orders "
+        "REFERENCING NEW TABLE AS pgpubsub_new FOR EACH STATEMENT "
+        "EXECUTE FUNCTION pgpubsub.notify_statement('orders é, \"x\"', 'durable');"
+        "CREATE TRIGGER pgpubsub_after_update_0a0b0c0d AFTER UPDATE ON shop.orders "
+        "FOR EACH ROW EXECUTE FUNCTION pgpubsub.notify_trigger('orders é, \"x\"', 'durable');"
+        "DELETE FROM pgpubsub.trigger_channel; UPDATE pgpubsub.version SET version = 3",
+    )
+    assert not pgpubsub.status(roles.dsn).schema_current
+    durable.migrate(roles.dsn)
+    durable.migrate(roles.dsn)  # idempotent
+    assert pgpubsub.status(roles.dsn).schema_current
+    assert admin_query(roles.dsn, "SELECT channel, durable FROM pgpubsub.trigger_channel") == [
+        ('orders é, "x"', True)
+    ]
+    sends = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%%_send'"
+    assert admin_query(roles.dsn, sends) == [(2,)]
+    with psycopg.connect(roles.dsn_of(writer), autocommit=True) as conn:
+        conn.execute("INSERT INTO shop.orders VALUES (1, 'a'), (2, 'b')")
+        conn.execute("UPDATE shop.orders SET note = 'c' WHERE id = 1")
+    events = [
+        (e["operation"], e["table"], (e["new"] or {}).get("note"))
+        for (e,) in admin_query(
+            roles.dsn, "SELECT payload::jsonb FROM pgpubsub.message ORDER BY id"
+        )
+    ]
+    assert events == [
+        ("INSERT", "shop.orders", "a"),
+        ("INSERT", "shop.orders", "b"),
+        ("UPDATE", "shop.orders", "c"),
+    ]
