@@ -59,7 +59,7 @@ def _utf8(text: str | bytes) -> bytes:
     return text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
 
 
-def same(given: str | bytes, expected: str | bytes) -> bool:
+def _same(given: str | bytes, expected: str | bytes) -> bool:
     """Whether ``given`` is the secret ``expected``: constant-time, never an exception.
 
     ``hmac.compare_digest`` refuses a ``str`` with non-ASCII characters, so
@@ -83,7 +83,7 @@ def check_csrf(secret: str, form_value: object, headers: Any) -> str | None:
     Any value that is not the token (absent, empty, not text, any characters,
     any length) is simply wrong.
     """
-    if not isinstance(form_value, (str, bytes)) or not same(form_value, csrf_token(secret)):
+    if not isinstance(form_value, (str, bytes)) or not _same(form_value, csrf_token(secret)):
         return "the form's CSRF token is missing or wrong: reload the page and try again"
     origin = headers.get("origin")
     if origin and origin != "null":
@@ -135,7 +135,7 @@ class Guard:
                 return
         if self.token:
             query = _query(scope.get("query_string", b""))
-            if b"token" in query and same(query[b"token"], self.token):
+            if b"token" in query and _same(query[b"token"], self.token):
                 await self._login(scope, query, secured)
                 return
         if (self.token or self.basic_auth) and not self._authorised(headers):
@@ -158,7 +158,7 @@ class Guard:
         auth = headers.get("authorization", "").encode("latin-1")
         scheme, _, value = auth.partition(b" ")
         if scheme.lower() == b"bearer" and self.token:
-            return same(value.strip(), self.token)
+            return _same(value.strip(), self.token)
         if scheme.lower() == b"basic":
             try:
                 decoded = base64.b64decode(value.strip(), validate=True)
@@ -170,10 +170,10 @@ class Guard:
             if self.basic_auth is not None:
                 want_user, want_password = self.basic_auth
                 # Both compared, whichever differs: no timing hint of which one.
-                same_user = same(user, want_user)
-                if same(password, want_password) and same_user:
+                same_user = _same(user, want_user)
+                if _same(password, want_password) and same_user:
                     return True
-            return self.token is not None and same(password, self.token)
+            return self.token is not None and _same(password, self.token)
         if not self.token:
             return False
         cookies: SimpleCookie = SimpleCookie()
@@ -182,7 +182,7 @@ class Guard:
         except Exception:
             return False
         sent = cookies.get(TOKEN_COOKIE)
-        return sent is not None and same(sent.value, self.cookie)
+        return sent is not None and _same(sent.value, self.cookie)
 
     async def _login(self, scope: Scope, query: dict[bytes, bytes], send: Send) -> None:
         """``?token=`` once: a cookie for the following requests, and the URL without it."""
@@ -216,8 +216,9 @@ def _page(root: str, path: str) -> str:
     """The dashboard page ``path`` names, as a path under ``root`` no browser reads otherwise.
 
     ``path`` is the request's (mount point included, percent-decoded): any
-    text. Its empty, ``.`` and ``..`` segments are dropped and the rest is
-    percent-encoded (backslashes and controls too), so the result starts with
+    text. Backslashes count as slashes (browsers read them so), empty, ``.``
+    and ``..`` segments are dropped and the rest is percent-encoded (controls
+    and non-ASCII too), so the result starts with
     ``root`` and one slash: never ``//other.host``, ``/\\other.host`` or a
     scheme, and no way up out of the mount point.
     """
