@@ -23,6 +23,7 @@ from helpers import Running, admin_query, wait_until
 import pgpubsub
 from pgpubsub.channel import spec_of
 from pgpubsub.durable import migrate
+from pgpubsub.errors import ConfigurationError
 
 pytestmark = pytest.mark.acceptance
 
@@ -346,6 +347,62 @@ def test_metrics_of_two_worker_processes_on_one_port(dsn: str) -> None:
     assert 'pgpubsub_lag_seconds{channel="app.channels.Jobs"}' in _samples(
         text, "pgpubsub_lag_seconds"
     )
+
+
+def _other_local_address() -> str | None:
+    """An address of this machine that is not loopback (None when it has only loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # UDP: picks the outgoing interface, sends nothing
+        except OSError:
+            return None
+        address = str(s.getsockname()[0])
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_metrics_port_alone_serves_on_loopback_only(dsn: str) -> None:
+    """``--metrics-port`` without ``--metrics-host``: the metrics are on 127.0.0.1, and only
+    there (they name channels and queue depths: another interface is an explicit choice)."""
+    pytest.importorskip("prometheus_client")
+    migrate(dsn)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgpubsub", "listen", "app.durable_listeners", "--worker",
+         "--metrics-port", str(port)],
+        env=env(PGPUBSUB_DSN=dsn),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def scrape() -> str | None:
+        assert proc.poll() is None, f"exited {proc.returncode}: {proc.communicate()[0]}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+        except OSError:
+            return None
+
+    other = _other_local_address()
+    try:
+        wait_until(lambda: scrape() is not None, timeout=30, interval=0.1)
+        assert "pgpubsub_queue_depth" in str(scrape())
+        if other is not None:  # a machine with only loopback has nothing more to check
+            with socket.socket() as s:
+                s.settimeout(5)
+                assert s.connect_ex((other, port)) != 0, f"metrics reachable on {other}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+
+
+def test_an_empty_metrics_host_is_a_configuration_error() -> None:
+    pytest.importorskip("prometheus_client")
+    from pgpubsub import _metrics
+
+    with pytest.raises(ConfigurationError, match="--metrics-host is empty.*0.0.0.0"):
+        _metrics.serve(free_port(), "dbname=unused", [], host="")
 
 
 # -- logs ----------------------------------------------------------------------------

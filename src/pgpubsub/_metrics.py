@@ -19,6 +19,12 @@ Gauges read from the database at scrape time: ``pgpubsub_queue_depth`` (pending
 messages, ``due`` label true/false), ``pgpubsub_lag_seconds`` (age of the
 oldest due message), ``pgpubsub_database_up``.
 
+Served on 127.0.0.1 unless another address is given: the metrics carry no
+payloads, but they name every channel the worker runs, with its traffic,
+failures, queue depth and lag, and the endpoint has no authentication. Serve
+every interface (``--metrics-host 0.0.0.0``) only where the network is
+trusted (a Kubernetes pod network with a NetworkPolicy, a private VLAN).
+
 Counts are kept by the worker as plain integers (nothing added to the hot
 path) and copied into the Prometheus counters every second. Under the
 supervisor every child writes them to ``PROMETHEUS_MULTIPROC_DIR`` and the
@@ -43,6 +49,7 @@ log = logging.getLogger("pgpubsub.metrics")
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500)
+DEFAULT_HOST = "127.0.0.1"  # this machine only: the metrics name channels and queue depths
 
 
 def _client() -> Any:
@@ -153,8 +160,18 @@ class QueueCollector:
         yield from (up, depth, lag)
 
 
-def serve(port: int, conninfo: str, channels: list[str], host: str = "") -> Any:
-    """Serve this process's metrics (or all children's, in multi-process mode) on ``port``."""
+def serve(port: int, conninfo: str, channels: list[str], host: str = DEFAULT_HOST) -> Any:
+    """Serve this process's metrics (or all children's, in multi-process mode) on ``port``.
+
+    ``host`` is the address to bind: 127.0.0.1 (this machine) unless given;
+    ``0.0.0.0`` or ``::`` for every interface. An empty address is refused
+    (prometheus-client cannot resolve it, and "every interface" must be said).
+    """
+    if not host:
+        raise ConfigurationError(
+            "--metrics-host is empty: give an address (127.0.0.1 for this machine only, "
+            "0.0.0.0 for every interface)"
+        )
     prom = _client()
     registry = prom.CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -168,8 +185,9 @@ def serve(port: int, conninfo: str, channels: list[str], host: str = "") -> Any:
     try:
         server, _thread = prom.start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise ConfigurationError(f"cannot serve metrics on port {port}: {exc}") from exc
-    log.info("serving Prometheus metrics on port %d", port)
+        raise ConfigurationError(f"cannot serve metrics on {host} port {port}: {exc}") from exc
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving Prometheus metrics on http://%s:%d/metrics", shown, port)
     return server
 
 

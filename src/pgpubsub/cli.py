@@ -302,9 +302,11 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument(
         "--metrics-host",
-        default="",
+        default="127.0.0.1",  # the metrics name channels and queues: not on the network
         metavar="ADDRESS",
-        help="address for --metrics-port (default: every interface)",
+        help="address for --metrics-port (default: 127.0.0.1, this machine only); "
+        "0.0.0.0 serves every interface, without authentication: the metrics name "
+        "every channel and its queue depth, lag and failures",
     )
 
 

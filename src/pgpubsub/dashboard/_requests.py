@@ -59,15 +59,21 @@ def url(request: Request, route: str, **params: Any) -> str:
 
 
 async def read_form(request: Request) -> dict[str, list[str]]:
-    """The fields of an action's form (url-encoded, a few short fields)."""
+    """The fields of an action's form (url-encoded, a few short fields).
+
+    Bytes that are not UTF-8 are kept (as lone surrogates), not refused: the
+    CSRF check comes first and finds such a token wrong (403), and a channel
+    name or id with them is then a 400 of its own.
+    """
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM:
             raise HTTPError(413, f"a form of more than {MAX_FORM} bytes")
     try:
-        return parse_qs(body.decode(), keep_blank_values=True, max_num_fields=1000)
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = body.decode("utf-8", "surrogateescape")
+        return parse_qs(text, keep_blank_values=True, max_num_fields=1000)
+    except ValueError as exc:  # too many fields
         raise HTTPError(400, f"unreadable form: {exc}") from None
 
 
