@@ -354,5 +354,7 @@ def process_stored_notifications(
         return sum(
             ChannelProcessor(session, spec, reg.listeners(spec)).drain_once() for spec in specs
         )
+    except psycopg.Error as exc:
+        raise driver.translate(exc, "processing stored messages") from exc
     finally:
         session.close()

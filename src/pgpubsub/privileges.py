@@ -197,10 +197,13 @@ def grant(conninfo: str, role: str, kinds: list[str], revoke: bool = False) -> l
 _DURABLE = (("message", "SELECT"), ("message", "UPDATE"), ("message", "DELETE"))
 _SCHEDULED = (("schedule", "SELECT"), ("schedule", "INSERT"), ("schedule", "UPDATE"))
 _REGISTRY = (("worker", "SELECT"), ("worker", "INSERT"), ("worker", "UPDATE"), ("worker", "DELETE"))
+# By oid: a role without USAGE on the schema could not even name its tables.
 _MISSING_SQL = (
     "SELECT t, p FROM ROWS FROM (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::text[])) "
-    "AS x(t, p) "
-    "WHERE NOT pg_catalog.has_table_privilege('pgpubsub.' || t, p)"
+    "AS x(t, p) JOIN pg_catalog.pg_class c ON c.relname = x.t "
+    "AND c.relnamespace = 'pgpubsub'::pg_catalog.regnamespace "
+    "WHERE NOT (pg_catalog.has_schema_privilege('pgpubsub', 'USAGE') "
+    "AND pg_catalog.has_table_privilege(c.oid, x.p))"
 )
 
 

@@ -16,8 +16,11 @@ asked for. Install the triggers with :func:`install_triggers` (or ``pgpubsub
 migrate <modules>``); under Django the triggers of ``model = ...`` channels are
 django-pgtrigger triggers installed by ``manage.py migrate``.
 
-The triggers call ``pgpubsub.send_events`` (``sql/schema.sql``): the event JSON
-(operation, when, table, old and new rows, context) goes in the NOTIFY; when it
+Each event has a pair of triggers (``sql/schema.sql``): the first turns the
+rows into JSON as the role that wrote them, the second publishes them as the
+schema's owner through ``pgpubsub.send_events``, for the (table, channel)
+pairs registered here only. The event JSON (operation, when, table, old and
+new rows, context) goes in the NOTIFY; when it
 is over PostgreSQL's 8000-byte limit it is stored and only its id is sent, so
 a wide row never makes the user's write fail. AFTER INSERT and AFTER DELETE
 triggers are statement-level (the rows come from a transition table, in one

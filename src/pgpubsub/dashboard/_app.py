@@ -303,7 +303,10 @@ def _handler(
             text = "the pgpubsub schema is missing: run `pgpubsub migrate`"
             return _error(dashboard, request, 503, text)
         except psycopg.errors.InsufficientPrivilege as exc:
-            text = f"{driver.one_line(exc)}: `pgpubsub grant ROLE --monitor` lets a role read"
+            text = (
+                f"{driver.one_line(exc)}: `pgpubsub grant ROLE --monitor` lets a role see counts"
+                " and workers, `--operator` read messages and act on them"
+            )
             return _error(dashboard, request, 403, text)
         except psycopg.Error as exc:  # anything else the database says: one line, logged
             log.exception("dashboard: %s %s failed", request.method, request.url.path)

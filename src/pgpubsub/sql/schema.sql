@@ -4,10 +4,11 @@
 --
 -- Safe in a shared database: every function pins its search_path (names
 -- resolve in pg_catalog and pgpubsub only, never in a schema another role can
--- create objects in), built-ins are schema-qualified, the trigger functions
--- run as the schema's owner (SECURITY DEFINER: a role that only writes to a
--- watched table needs no privilege on pgpubsub.message), and the helpers that
--- could be called directly are not executable by PUBLIC.
+-- create objects in), built-ins are schema-qualified, the one trigger function
+-- that runs as the schema's owner (pgpubsub.send_captured, SECURITY DEFINER: a
+-- role that only writes to a watched table needs no privilege on
+-- pgpubsub.message) evaluates nothing the writer controls, and no function
+-- that could inject events is executable by PUBLIC.
 CREATE SCHEMA IF NOT EXISTS pgpubsub;
 
 -- status: pending (waiting or being retried), dead (attempts exhausted, kept
@@ -292,10 +293,10 @@ $migrate$;
 SELECT pgpubsub.upgrade_triggers_to_v4();
 DROP FUNCTION pgpubsub.upgrade_triggers_to_v4();
 
--- Trigger functions can only run as triggers (the channel fixed by the
--- CREATE TRIGGER of the table's owner); the helpers could be called directly
--- to inject events, so only the schema's owner and roles granted EXECUTE
--- (`pgpubsub grant ROLE --writer`, for Django's pgtrigger triggers) may.
+-- The helpers could be called directly to inject events, so only the schema's
+-- owner and roles granted EXECUTE (`pgpubsub grant ROLE --django-writer`, for
+-- Django's pgtrigger triggers) may; the trigger functions cannot be attached
+-- to a table by a role without EXECUTE (see version 4 above).
 REVOKE ALL ON FUNCTION pgpubsub.event(text, text, text, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgpubsub.send_events(text, boolean, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgpubsub.notify_row(text, boolean, text, text, text, jsonb, jsonb) FROM PUBLIC;
