@@ -118,7 +118,7 @@ def test_poison_message_is_retried_to_the_limit_then_dead_then_replayed(db: str)
         assert row.attempts == 3 and "RuntimeError: poison 500" in (row.last_error or "")
         assert "Traceback" in (row.last_error or "")
         poisoned["on"] = False
-        assert messages.replay(conn, ids=[row.id]) == 1
+        assert messages.replay(conn, ids=[row.id]).replayed == (row.id,)
     run_worker(db, registry, lambda: effects(db).get(500) == 1)
     assert admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
 

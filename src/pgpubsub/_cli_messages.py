@@ -1,7 +1,8 @@
 """``pgpubsub messages list|show|replay|cancel|purge``: stored messages from the command line.
 
-Replay without a filter, cancel of a whole channel and every purge change
-many rows: on a terminal they ask first, elsewhere they need ``--yes``;
+Replay replays what it can and prints each message it could not, with why
+(exit 1 then). Replay without a filter, cancel of a whole channel and every
+purge change many rows: on a terminal they ask first, elsewhere they need ``--yes``;
 ``--dry-run`` says how many messages they would change and changes nothing.
 """
 
@@ -85,9 +86,10 @@ def _replay(conn: Any, args: argparse.Namespace) -> int:
         if not _confirm(args, f"replay all {n} {'/'.join(statuses)} message(s) of every channel"):
             print("nothing replayed")
             return 1
-    n = messages.replay(conn, args.ids or None, args.channel, statuses)
-    print(f"replayed {n} message(s)")
-    return 0
+    result = messages.replay(conn, args.ids or None, args.channel, statuses)
+    print("\n".join(result.lines()))
+    # Not everything asked for was done (each skipped message is printed with why).
+    return 1 if result.skipped else 0
 
 
 def _purge(conn: Any, args: argparse.Namespace) -> int:

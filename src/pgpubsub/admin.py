@@ -41,8 +41,12 @@ class NotificationAdmin(admin.ModelAdmin):
     def replay(self, request: Any, queryset: Any) -> None:
         ids = list(queryset.values_list("id", flat=True))
         with transaction.atomic():
-            n = stored.replay(connection, ids=ids, status=("dead", "pending"))
+            result = stored.replay(connection, ids=ids, status=("dead", "pending"))
+        n = len(result.replayed)
         self.message_user(request, f"{n} notification(s) will run again", messages.SUCCESS)
+        for skipped in result.skipped:
+            text = f"{skipped.id} not replayed: {skipped.reason}"
+            self.message_user(request, text, messages.WARNING)
 
     def has_add_permission(self, request: Any) -> bool:
         return False

@@ -33,6 +33,16 @@ Channel options (class keywords, or class attributes of the same name):
 ``timezone`` (durable channels, :mod:`pgpubsub.durable`).
 :class:`TriggerChannel` channels carry the row events of a table.
 
+The options are checked when the class is declared (and again on first use,
+for attributes changed since): ``lock_notifications`` True or False;
+``max_attempts`` an int from 1 to 2**31 - 1; ``retry_delay``,
+``retry_max_delay`` and ``retention`` seconds (an int or a float, finite, from
+0 to a century), ``retry_max_delay`` no less than ``retry_delay``;
+``concurrency`` an int >= 1; ``max_in_flight`` None or an int from 1 to
+2**31 - 1. A bool is not an int here. A bad value raises
+:class:`~pgpubsub.errors.ConfigurationError` naming the channel, the option
+and the value.
+
 ``lock_notifications = True`` as a class attribute (the django-pgpubsub
 spelling) works too: see :mod:`pgpubsub.durable`.
 """
@@ -42,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import math
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -98,6 +109,51 @@ class Channel:
         for key in _SETTINGS:
             if key in options:
                 setattr(cls, key, options[key])
+        _check_settings(cls, f"{cls.__module__}.{cls.__qualname__}")
+
+
+#: The largest count option (attempts, slots): PostgreSQL's integer.
+_MAX_COUNT = 2**31 - 1
+#: The longest duration option (seconds): a century, as ``delay``.
+_MAX_SECONDS = 100 * 365.25 * 86400
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_settings(cls: type[Channel], path: str) -> None:
+    """Each option's type and range, so that a bad value fails where it is written.
+
+    (``schedule`` and ``timezone`` are checked with the channel's spec.)
+    """
+
+    def bad(name: str, what: str) -> ConfigurationError:
+        return ConfigurationError(f"{path}: {name} must be {what}, not {getattr(cls, name)!r}")
+
+    if not isinstance(cls.lock_notifications, bool):
+        raise bad("lock_notifications", "True or False")
+    if not _is_int(cls.max_attempts) or not 1 <= cls.max_attempts <= _MAX_COUNT:
+        raise bad("max_attempts", f"an int from 1 to {_MAX_COUNT}")
+    for name in ("retry_delay", "retry_max_delay", "retention"):
+        value = getattr(cls, name)
+        if not (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and 0 <= value <= _MAX_SECONDS
+        ):
+            raise bad(name, f"seconds (an int or a float) from 0 to {_MAX_SECONDS:g} (a century)")
+    if cls.retry_max_delay < cls.retry_delay:  # the cap would silently win
+        raise ConfigurationError(
+            f"{path}: retry_max_delay ({cls.retry_max_delay!r}) is under retry_delay "
+            f"({cls.retry_delay!r}): retries wait from retry_delay up to retry_max_delay"
+        )
+    if not _is_int(cls.concurrency) or cls.concurrency < 1:
+        raise bad("concurrency", "an int >= 1")
+    limit = cls.max_in_flight
+    if limit is not None and (not _is_int(limit) or not 1 <= limit <= _MAX_COUNT):
+        raise bad("max_in_flight", f"None or an int from 1 to {_MAX_COUNT}")
 
 
 @dataclass
@@ -291,11 +347,7 @@ def _default_name(path: str) -> str:
 
 def _check_queue_options(cls: type[Channel], path: str, required: frozenset[str]) -> None:
     """The durable-only options: sound values, on a durable channel."""
-    concurrency, limit = cls.concurrency, cls.max_in_flight
-    if not isinstance(concurrency, int) or concurrency < 1:
-        raise ConfigurationError(f"{path}: concurrency must be an int >= 1, not {concurrency!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ConfigurationError(f"{path}: max_in_flight must be an int >= 1 or None")
+    _check_settings(cls, path)  # again: a class attribute may have changed since
     if cls.schedule is not None:
         check_schedule(cls.schedule, cls.timezone, path)
         if required:

@@ -48,6 +48,7 @@ from typing import Any
 import psycopg
 
 from . import driver, integration
+from ._due import due_channels
 from .channel import ChannelSpec, resolve_channel
 from .engine import Engine, Gap
 from .errors import ConfigurationError, NoListener
@@ -332,8 +333,14 @@ def process_stored_notifications(
     """Process every due stored message of durable channels now; return how many completed.
 
     ``channels``: channel classes or dotted paths (default: every registered
-    durable channel). Each batch is its own short transaction, so this never
-    holds one transaction over the backlog. Raises NoListener, processing
+    durable channel). "Every due message" includes the later messages of an
+    ordering key, which become due one by one as the one before completes: this
+    goes round the channels until a query finds none of their messages due.
+    Not due, so left for later: messages published with a delay, and failed
+    ones waiting for their retry. Messages that other workers hold at that
+    moment (claimed, or waiting for one of the ``max_in_flight`` slots they
+    hold) are left to them. Each batch is its own short transaction, so this
+    never holds one transaction over the backlog. Raises NoListener, processing
     nothing, when a channel has no listener registered in this process.
     """
     reg = registry or default_registry
@@ -350,10 +357,17 @@ def process_stored_notifications(
             "module that defines its listeners first (no message was processed)"
         )
     session = default_session(dsn)
+    processors = {s.name: ChannelProcessor(session, s, reg.listeners(s)) for s in specs}
+    completed = 0
     try:
-        return sum(
-            ChannelProcessor(session, spec, reg.listeners(spec)).drain_once() for spec in specs
-        )
+        due = set(processors)
+        while due:
+            claimed = sum(p.claimed for p in processors.values())
+            completed += sum(processors[name].drain_once() for name in sorted(due))
+            if sum(p.claimed for p in processors.values()) == claimed:
+                break  # due, yet nothing was ours to claim: other workers hold it
+            due = due_channels(session, list(processors))
+        return completed
     except psycopg.Error as exc:
         raise driver.translate(exc, "processing stored messages") from exc
     finally:

@@ -19,6 +19,8 @@ from .errors import ConfigurationError
 
 __all__ = [
     "STATUSES",
+    "ReplayResult",
+    "Skipped",
     "StoredMessage",
     "cancel",
     "count",
@@ -103,32 +105,120 @@ def get(conn: Any, message_id: int) -> StoredMessage | None:
     return StoredMessage(*rows[0]) if rows else None
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A message :func:`replay` left as it was, and why."""
+
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What :func:`replay` did: the ids it replayed, and each message it could not, with why.
+
+    ``int(result)`` is how many were replayed (what ``replay`` returned before).
+    """
+
+    replayed: tuple[int, ...]
+    skipped: tuple[Skipped, ...] = ()
+
+    def __int__(self) -> int:
+        return len(self.replayed)
+
+    def lines(self) -> list[str]:
+        """The result as text, one line each: the count, then each skipped message."""
+        return [f"replayed {len(self.replayed)} message(s)"] + [
+            f"skipped {s.id}: {s.reason}" for s in self.skipped
+        ]
+
+
+# Replays what can be, in one statement. A dead message whose dedupe_key a
+# pending message holds (a newer publish, or a replayed twin) would break the
+# unique index: it stays dead, and the holder is named. Among dead messages of
+# one key replayed together, the oldest goes back.
+REPLAY_SQL = """
+WITH asked AS (
+    SELECT id, channel, status, dedupe_key FROM pgpubsub.message
+    WHERE status = ANY(%(statuses)s)
+      AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+      AND (%(channel)s::text IS NULL OR channel = %(channel)s)
+    ORDER BY id FOR UPDATE
+), verdict AS (
+    SELECT a.id, a.channel, a.dedupe_key,
+        (SELECT p.id FROM pgpubsub.message p
+         WHERE a.status = 'dead' AND p.channel = a.channel AND p.dedupe_key = a.dedupe_key
+           AND p.status = 'pending') AS holder,
+        (SELECT pg_catalog.min(t.id) FROM asked t
+         WHERE a.status = 'dead' AND t.status = 'dead' AND t.channel = a.channel
+           AND t.dedupe_key = a.dedupe_key AND t.id < a.id) AS twin
+    FROM asked a
+), replayed AS (
+    UPDATE pgpubsub.message m SET status = 'pending', attempts = 0, run_at = pg_catalog.now()
+    FROM verdict v WHERE m.id = v.id AND v.holder IS NULL AND v.twin IS NULL
+    RETURNING m.id
+)
+SELECT v.id, v.channel, v.dedupe_key, v.holder, v.twin, r.id IS NOT NULL
+FROM verdict v LEFT JOIN replayed r ON r.id = v.id ORDER BY v.id
+"""
+WAKE_SQL = "SELECT pg_catalog.pg_notify(c, '') FROM pg_catalog.unnest(%s::text[]) AS c"
+WHERE_SQL = "SELECT id, status, channel FROM pgpubsub.message WHERE id = ANY(%s)"
+
+
 def replay(
     conn: Any,
     ids: list[int] | None = None,
     channel: str | None = None,
     status: str | tuple[str, ...] = "dead",
-) -> int:
+) -> ReplayResult:
     """Make messages pending and due now, attempts reset, and wake the workers.
 
     Replays dead messages by default; ``status="pending"`` makes retries due at
     once, ``("dead", "pending")`` does both. With neither ``ids`` nor ``channel``
-    every message of that status is replayed. Returns how many.
+    every message of that status is replayed.
+
+    Replays what it can and returns a :class:`ReplayResult`: the ids replayed,
+    and each message left as it was with the reason. A dead message whose
+    ``dedupe_key`` a pending message holds stays dead (two pending messages
+    cannot share a key): "a pending message holds dedupe key 'k' (id 42)";
+    of several dead messages of one key, the oldest is replayed and the
+    others stay dead. An id asked for that is not a message of that status
+    (and channel) is reported too. ``int(result)`` is how many were replayed.
     """
     statuses = [status] if isinstance(status, str) else list(status)
     if not statuses or any(_status(s) not in ("dead", "pending") for s in statuses):
         raise ConfigurationError("only dead or pending messages can be replayed")
-    rows = _rows(
-        conn,
-        "WITH r AS (UPDATE pgpubsub.message SET status = 'pending', attempts = 0, "
-        "run_at = pg_catalog.now() WHERE status = ANY(%s) "
-        "AND (%s::bigint[] IS NULL OR id = ANY(%s)) "
-        "AND (%s::text IS NULL OR channel = %s) RETURNING channel) "
-        "SELECT channel, pg_catalog.count(*), pg_catalog.pg_notify(channel, '') "
-        "FROM r GROUP BY channel",
-        (statuses, ids, ids, channel, channel),
-    )
-    return sum(int(r[1]) for r in rows)
+    rows = _rows(conn, REPLAY_SQL, {"statuses": statuses, "ids": ids, "channel": channel})
+    replayed, skipped, woken = [], [], set()
+    for mid, name, key, holder, twin, done in rows:
+        if done:
+            replayed.append(int(mid))
+            woken.add(name)
+        elif holder is not None:
+            why = f"a pending message holds dedupe key {key!r} (id {holder})"
+            skipped.append(Skipped(int(mid), why))
+        else:
+            why = f"message {twin} of the same dedupe key {key!r} is replayed instead"
+            skipped.append(Skipped(int(mid), why))
+    if woken:
+        _rows(conn, WAKE_SQL, (sorted(woken),))
+    seen = {int(r[0]) for r in rows}
+    missing = [i for i in dict.fromkeys(ids or ()) if i not in seen]
+    if missing:
+        found = {int(r[0]): r[1:] for r in _rows(conn, WHERE_SQL, (missing,))}
+        for mid in missing:
+            skipped.append(Skipped(mid, _not_replayable(found.get(mid), statuses, channel)))
+    return ReplayResult(tuple(replayed), tuple(sorted(skipped, key=lambda s: s.id)))
+
+
+def _not_replayable(found: tuple[Any, ...] | None, statuses: list[str], channel: str | None) -> str:
+    """Why an id asked for was not among the messages to replay."""
+    if found is None:
+        return "no such message"
+    status, name = found
+    if channel is not None and name != channel:
+        return f"it is on channel {name!r}, not {channel!r}"
+    return f"it is {status}, not {' or '.join(statuses)}"
 
 
 def purge(

@@ -9,7 +9,7 @@ import logging
 import pathlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import jinja2
@@ -41,6 +41,7 @@ from ._security import Guard, check_csrf, csrf_token, new_secret
 __all__ = ["Dashboard", "create_app"]
 
 log = logging.getLogger("pgpubsub.dashboard")
+T = TypeVar("T")
 
 HERE = pathlib.Path(__file__).parent
 PARTIAL = "x-pgpubsub-partial"  # the live refresh asks for the changing part only
@@ -240,8 +241,9 @@ class Dashboard:
         if action == "replay":
             # A message by id: dead, or pending ("run now"); a whole channel: its dead ones.
             which = ("dead", "pending") if ids else ("dead",)
-            n = await self._run(lambda c: stored.replay(c, ids, channel, which))
-            notice = f"{n} message(s) will run again"
+            notice = _replay_notice(
+                await self._run(lambda c: stored.replay(c, ids, channel, which))
+            )
         elif action == "cancel":
             n = await self._run(lambda c: stored.cancel(c, ids, channel))
             notice = f"{n} pending message(s) cancelled"
@@ -264,10 +266,10 @@ class Dashboard:
         sep = "&" if "?" in target else "?"
         return RedirectResponse(f"{target}{sep}{urlencode({'notice': notice})}", 303)
 
-    async def _run(self, fn: Callable[[Any], int]) -> int:
+    async def _run(self, fn: Callable[[Any], T]) -> T:
         """One statement of :mod:`pgpubsub.messages`, committed (as ``pgpubsub messages``)."""
 
-        def run() -> int:
+        def run() -> T:
             with psycopg.connect(
                 self.conninfo, connect_timeout=5, application_name=APPLICATION
             ) as conn:
@@ -276,6 +278,21 @@ class Dashboard:
                 return result
 
         return await asyncio.to_thread(run)
+
+
+#: Skipped messages named in a replay's notice (the rest are counted).
+NOTICE_SKIPPED = 5
+
+
+def _replay_notice(result: stored.ReplayResult) -> str:
+    """What a replay did, for the page: each message it could not replay, with why."""
+    notice = f"{len(result.replayed)} message(s) will run again"
+    if result.skipped:
+        shown = [f"{s.id}: {s.reason}" for s in result.skipped[:NOTICE_SKIPPED]]
+        more = len(result.skipped) - len(shown)
+        notice += f"; {len(result.skipped)} not replayed ({'; '.join(shown)}"
+        notice += f"; and {more} more)" if more else ")"
+    return notice
 
 
 def _pretty(payload: str) -> str:

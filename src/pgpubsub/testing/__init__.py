@@ -28,9 +28,9 @@ published in its transaction, which is never committed
 (:mod:`pgpubsub.testing.django`).
 """
 
-from ._helpers import drain, published
+from ._helpers import DrainIncomplete, drain, published
 
-__all__ = ["drain", "published"]
+__all__ = ["DrainIncomplete", "drain", "published"]
 
 # As a pytest plugin, this module brings the fixtures; imported elsewhere (a
 # Django test runner), it needs no pytest.

@@ -1,0 +1,283 @@
+"""The durable API's promises at their edges: "everything due" means everything (ordering
+keys included), replay does what it can and says what it could not, and channel options are
+checked when the channel is declared."""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from helpers import admin_query
+
+import pgpubsub
+from pgpubsub import messages, testing
+from pgpubsub.channel import Channel, spec_of
+from pgpubsub.durable import migrate
+from pgpubsub.errors import ConfigurationError
+from pgpubsub.listen import Registry
+from pgpubsub.testing import DrainIncomplete
+
+
+@dataclass
+class Keyed(Channel, name="keyed", lock_notifications=True, retry_delay=0.01):
+    key: str
+    n: int
+
+
+@dataclass
+class Stubborn(Channel, name="stubborn", lock_notifications=True, max_attempts=10_000):
+    n: int
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[str]:
+    migrate(dsn)
+    yield dsn
+
+
+def publish_keyed(dsn: str, keys: list[str], per_key: int) -> None:
+    with psycopg.connect(dsn) as conn:
+        for n in range(per_key):
+            for key in keys:
+                pgpubsub.notify(Keyed(key=key, n=n), conn=conn, ordering_key=key)
+
+
+def recorder(seen: list[tuple[str, int]]) -> Registry:
+    registry = Registry()
+    registry.add(Keyed, lambda key, n: seen.append((key, n)))
+    return registry
+
+
+def left(dsn: str) -> list[tuple[object, ...]]:
+    return admin_query(dsn, "SELECT channel, status FROM pgpubsub.message ORDER BY id")
+
+
+# -- everything due, ordering keys included ----------------------------------------------
+
+
+def test_process_stored_notifications_runs_every_due_message_of_ordering_keys(db: str) -> None:
+    seen: list[tuple[str, int]] = []
+    publish_keyed(db, ["a"], 5)  # one key: a claim finds one head at a time
+    publish_keyed(db, ["b", "c", "d"], 4)
+    with psycopg.connect(db) as conn:  # not due: stays
+        pgpubsub.notify(Keyed(key="later", n=0), conn=conn, delay=3600, ordering_key="later")
+
+    done = pgpubsub.process_stored_notifications([Keyed], dsn=db, registry=recorder(seen))
+
+    assert done == 5 + 3 * 4 == len(seen)
+    for key in "abcd":
+        assert [n for k, n in seen if k == key] == list(range(5 if key == "a" else 4))
+    assert left(db) == [("keyed", "pending")]
+
+
+def test_drain_runs_every_message_of_a_long_ordering_key(db: str) -> None:
+    seen: list[tuple[str, int]] = []
+    publish_keyed(db, ["only"], 150)
+    assert testing.drain(db, registry=recorder(seen)) == 150
+    assert seen == [("only", n) for n in range(150)]
+    assert left(db) == []
+
+
+def test_drain_that_cannot_finish_says_how_many_are_left_and_why(db: str) -> None:
+    registry = Registry()
+
+    def refuse(n: int) -> None:
+        raise RuntimeError("the bank is down")
+
+    registry.add(Stubborn, refuse)
+    with psycopg.connect(db) as conn:
+        pgpubsub.notify_many(Stubborn, [{"n": 1}, {"n": 2}], conn=conn)
+
+    with pytest.raises(DrainIncomplete) as raised:
+        testing.drain(db, registry=registry)
+
+    text = str(raised.value)
+    assert "2 message(s)" in text, text
+    assert "stubborn" in text and "RuntimeError: the bank is down" in text, text
+    assert re.search(r"failed \d+ times \(max_attempts 10000\)", text), text
+    assert [s for _, s in left(db)] == ["pending", "pending"]
+    # Without retries, a failure simply waits for its delay: nothing is left due.
+    assert testing.drain(db, registry=registry, retry=False) == 0
+
+
+def test_due_messages_another_worker_holds_end_both_loops_and_drain_says_so(db: str) -> None:
+    @dataclass
+    class Scarce(Channel, name="scarce", lock_notifications=True, max_in_flight=1):
+        n: int
+
+    registry = Registry()
+    registry.add(Scarce, lambda n: None)
+    with psycopg.connect(db) as conn:
+        pgpubsub.notify_many(Scarce, [{"n": 1}, {"n": 2}, {"n": 3}], conn=conn)
+    with psycopg.connect(db, autocommit=True) as other:  # another worker holds the one slot
+        other.execute("SELECT pg_advisory_lock(hashtext('scarce'), 0)")
+        assert pgpubsub.process_stored_notifications([Scarce], dsn=db, registry=registry) == 0
+        with pytest.raises(DrainIncomplete, match=re.escape("3 message(s) still due")) as raised:
+            testing.drain(db, registry=registry)
+        assert "another worker holds them" in str(raised.value)
+    assert testing.drain(db, registry=registry) == 3
+
+
+# -- replay does what it can -------------------------------------------------------------
+
+
+def test_replay_skips_dead_messages_whose_dedupe_key_is_held_and_says_why(db: str) -> None:
+    @dataclass
+    class Mail(Channel, name="mail", lock_notifications=True, max_attempts=1):
+        to: str
+
+    def publish(to: str, key: str | None) -> int:
+        with psycopg.connect(db) as conn:
+            options: dict[str, Any] = {"dedupe_key": key} if key else {}
+            return int(pgpubsub.notify(Mail(to=to), conn=conn, **options))
+
+    def kill(*ids: int) -> None:
+        admin_query(
+            db, "UPDATE pgpubsub.message SET status = 'dead' WHERE id = ANY(%s)", (list(ids),)
+        )
+
+    held = publish("ann", "k")  # dead; then a newer message takes its key
+    kill(held)
+    holder = publish("ann-again", "k")
+    free = publish("bob", None)
+    first = publish("cy", "twin")
+    kill(free, first)
+    second = publish("cy-again", "twin")  # two dead messages with one key: one goes back
+    kill(second)
+
+    with psycopg.connect(db) as conn:
+        result = messages.replay(conn, channel="mail")
+    assert sorted(result.replayed) == [free, first]
+    assert int(result) == 2
+    assert {s.id: s.reason for s in result.skipped} == {
+        held: f"a pending message holds dedupe key 'k' (id {holder})",
+        second: f"message {first} of the same dedupe key 'twin' is replayed instead",
+    }
+    rows = dict(admin_query(db, "SELECT id, status FROM pgpubsub.message"))
+    assert rows == {
+        held: "dead", holder: "pending", free: "pending", first: "pending", second: "dead"
+    }
+
+    # Asked by id: one that cannot be replayed is reported too.
+    with psycopg.connect(db) as conn:
+        result = messages.replay(conn, ids=[held, 999_999])
+    assert result.replayed == ()
+    assert {s.id: s.reason for s in result.skipped} == {
+        held: f"a pending message holds dedupe key 'k' (id {holder})",
+        999_999: "no such message",
+    }
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pgpubsub", "messages", "replay", "--channel", "mail", "--dsn", db],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr  # not everything asked for was done
+    assert out.stdout.splitlines() == [
+        "replayed 0 message(s)",
+        f"skipped {held}: a pending message holds dedupe key 'k' (id {holder})",
+        f"skipped {second}: a pending message holds dedupe key 'twin' (id {first})",
+    ]
+
+
+@pytest.mark.acceptance
+def test_the_dashboard_shows_what_a_replay_could_not_replay_and_why(db: str) -> None:
+    from test_dashboard import dashboard, request
+
+    def store(status: str, key: str) -> int:
+        return int(
+            admin_query(
+                db,
+                "INSERT INTO pgpubsub.message (channel, payload, status, dedupe_key) "
+                "VALUES ('mail', '{}', %s, %s) RETURNING id",
+                (status, key),
+            )[0][0]
+        )
+
+    held, holder, free = store("dead", "k"), store("pending", "k"), store("dead", "free")
+    with dashboard(db, "--allow-actions") as url:
+        status, page = request(f"{url}/channel?name=mail&status=dead")
+        assert status == 200, page
+        match = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert match, page
+        body = f"channel=mail&csrf={match.group(1)}".encode()
+        status, page = request(f"{url}/actions/replay", body)
+    assert status == 200, page
+    (notice,) = re.findall(r'<p class="notice"[^>]*>(.*?)</p>', page, re.S)
+    assert html.unescape(notice) == (
+        f"1 message(s) will run again; 1 not replayed "
+        f"({held}: a pending message holds dedupe key 'k' (id {holder}))"
+    )
+    assert dict(admin_query(db, "SELECT id, status FROM pgpubsub.message")) == {
+        held: "dead", holder: "pending", free: "pending"
+    }
+
+
+# -- channel options checked at declaration ----------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("max_attempts", 0, "max_attempts must be an int from 1"),
+        ("max_attempts", -1, "max_attempts must be an int from 1"),
+        ("max_attempts", "many", "max_attempts must be an int from 1"),
+        ("max_attempts", True, "max_attempts must be an int from 1"),
+        ("max_attempts", 2.5, "max_attempts must be an int from 1"),
+        ("max_attempts", 2**31, "max_attempts must be an int from 1"),
+        ("retry_delay", -5, "retry_delay must be seconds"),
+        ("retry_delay", math.nan, "retry_delay must be seconds"),
+        ("retry_delay", math.inf, "retry_delay must be seconds"),
+        ("retry_delay", "1", "retry_delay must be seconds"),
+        ("retry_delay", False, "retry_delay must be seconds"),
+        ("retry_max_delay", -1, "retry_max_delay must be seconds"),
+        ("retry_max_delay", 0.5, "retry_max_delay (0.5) is under retry_delay (1.0)"),
+        ("retention", -1, "retention must be seconds"),
+        ("retention", 1e300, "retention must be seconds"),
+        ("concurrency", 0, "concurrency must be an int >= 1"),
+        ("concurrency", True, "concurrency must be an int >= 1"),
+        ("concurrency", 1.0, "concurrency must be an int >= 1"),
+        ("max_in_flight", 0, "max_in_flight must be None or an int from 1"),
+        ("max_in_flight", False, "max_in_flight must be None or an int from 1"),
+        ("lock_notifications", "yes", "lock_notifications must be True or False"),
+        ("lock_notifications", 1, "lock_notifications must be True or False"),
+    ],
+)
+def test_a_bad_channel_option_fails_at_declaration_naming_it(
+    option: str, value: object, says: str
+) -> None:
+    durable = {} if option == "lock_notifications" else {"lock_notifications": True}
+    with pytest.raises(ConfigurationError, match=re.escape(says)) as keyword:
+        type("Bad", (Channel,), {}, **durable, **{option: value})
+    assert repr(value) in str(keyword.value) or option == "retry_max_delay"
+    # The same as a class attribute (django-pgpubsub's spelling).
+    with pytest.raises(ConfigurationError, match=re.escape(says)):
+        type("Bad", (Channel,), {**durable, option: value})
+
+
+@pytest.mark.unit
+def test_sound_channel_options_are_accepted() -> None:
+    @dataclass
+    class Fine(
+        Channel,
+        lock_notifications=True,
+        max_attempts=1,
+        retry_delay=0,
+        retry_max_delay=0,
+        retention=0.5,
+        concurrency=2,
+        max_in_flight=1,
+    ):
+        n: int
+
+    assert spec_of(Fine).lock
