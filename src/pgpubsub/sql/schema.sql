@@ -185,12 +185,12 @@ CREATE TABLE IF NOT EXISTS pgpubsub.trigger_channel (
 CREATE OR REPLACE FUNCTION pgpubsub.notify_trigger() RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 BEGIN
-    PERFORM pg_catalog.set_config('pgpubsub.captured', pg_catalog.jsonb_build_object(
-        'relid', TG_RELID, 'channel', TG_ARGV[0],
-        'rows', pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
-            'old', CASE WHEN TG_OP <> 'INSERT' THEN pg_catalog.to_jsonb(OLD) END,
-            'new', CASE WHEN TG_OP <> 'DELETE' THEN pg_catalog.to_jsonb(NEW) END))
-    )::text, true);
+    -- '{relid, channel, row, old row, new row}' (json text; NULL for a missing side)
+    PERFORM pg_catalog.set_config('pgpubsub.captured', ARRAY[
+        TG_RELID::text, TG_ARGV[0], 'row',
+        CASE WHEN TG_OP <> 'INSERT' THEN pg_catalog.to_json(OLD)::text END,
+        CASE WHEN TG_OP <> 'DELETE' THEN pg_catalog.to_json(NEW)::text END
+    ]::text, true);
     IF TG_OP = 'DELETE' THEN
         RETURN OLD;
     END IF;
@@ -203,29 +203,29 @@ $body$;
 -- TABLE AS pgpubsub_old), captured in one set-based call instead of a call per row.
 CREATE OR REPLACE FUNCTION pgpubsub.notify_statement() RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
-DECLARE
-    captured jsonb;
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
-            'old', NULL, 'new', pg_catalog.to_jsonb(r))) INTO captured FROM pgpubsub_new r;
+        -- '{relid, channel, new, new row 1, new row 2, ...}'
+        PERFORM pg_catalog.set_config('pgpubsub.captured', (ARRAY[TG_RELID::text, TG_ARGV[0], 'new']
+            || ARRAY(SELECT pg_catalog.to_json(r)::text FROM pgpubsub_new r))::text, true);
     ELSE
-        SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
-            'old', pg_catalog.to_jsonb(r), 'new', NULL)) INTO captured FROM pgpubsub_old r;
+        PERFORM pg_catalog.set_config('pgpubsub.captured', (ARRAY[TG_RELID::text, TG_ARGV[0], 'old']
+            || ARRAY(SELECT pg_catalog.to_json(r)::text FROM pgpubsub_old r))::text, true);
     END IF;
-    PERFORM pg_catalog.set_config('pgpubsub.captured', pg_catalog.jsonb_build_object(
-        'relid', TG_RELID, 'channel', TG_ARGV[0],
-        'rows', COALESCE(captured, '[]'::jsonb))::text, true);
     RETURN NULL;
 END
 $body$;
 
+-- Reads what the capturing trigger kept. The rows are only checked to be JSON
+-- (json's input function: a scan, no evaluation) and put in an event built here.
 CREATE OR REPLACE FUNCTION pgpubsub.send_captured() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 DECLARE
     registered record;
-    captured jsonb := NULLIF(pg_catalog.current_setting('pgpubsub.captured', true), '')::jsonb;
+    captured text[] := NULLIF(pg_catalog.current_setting('pgpubsub.captured', true), '')::text[];
     tbl text := pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME);
+    context json := NULLIF(pg_catalog.current_setting('pgpubsub.notification_context', true), '')::json;
+    side text := captured[3];
 BEGIN
     SELECT t.durable INTO registered FROM pgpubsub.trigger_channel t
         WHERE t.relid = TG_RELID AND t.channel = TG_ARGV[0];
@@ -233,19 +233,28 @@ BEGIN
         RAISE EXCEPTION 'pgpubsub: no trigger channel % is installed on %', TG_ARGV[0], tbl
             USING HINT = 'install it with pgpubsub.install_triggers or `pgpubsub migrate`';
     END IF;
-    IF captured IS NULL OR captured->>'relid' IS DISTINCT FROM TG_RELID::text
-            OR captured->>'channel' IS DISTINCT FROM TG_ARGV[0] THEN
+    IF captured[1] IS DISTINCT FROM TG_RELID::text OR captured[2] IS DISTINCT FROM TG_ARGV[0] THEN
         RAISE EXCEPTION 'pgpubsub: the rows of % for channel % were not captured', tbl, TG_ARGV[0]
             USING HINT = 'its pgpubsub.notify_trigger trigger is missing or disabled';
     END IF;
     PERFORM pg_catalog.set_config('pgpubsub.captured', '', true);
-    PERFORM pgpubsub.send_events(TG_ARGV[0], registered.durable, ARRAY(
-        SELECT pg_catalog.jsonb_build_object(
-            'operation', TG_OP, 'when', TG_WHEN, 'table', tbl,
-            'old', r->'old', 'new', r->'new',
-            'context', NULLIF(pg_catalog.current_setting('pgpubsub.notification_context', true), '')::jsonb
-        )::text
-        FROM pg_catalog.jsonb_array_elements(captured->'rows') r));
+    IF side = 'row' THEN
+        PERFORM pgpubsub.send_events(TG_ARGV[0], registered.durable, ARRAY[
+            pg_catalog.json_build_object(
+                'operation', TG_OP, 'when', TG_WHEN, 'table', tbl,
+                'old', captured[4]::json, 'new', captured[5]::json, 'context', context
+            )::text]);
+    ELSE
+        PERFORM pgpubsub.send_events(TG_ARGV[0], registered.durable, ARRAY(
+            SELECT pg_catalog.json_build_object(
+                'operation', TG_OP, 'when', TG_WHEN, 'table', tbl,
+                'old', CASE WHEN side = 'old' THEN r.x::json END,
+                'new', CASE WHEN side = 'new' THEN r.x::json END,
+                'context', context
+            )::text
+            FROM pg_catalog.unnest(captured) WITH ORDINALITY AS r(x, k) WHERE r.k > 3
+            ORDER BY r.k));
+    END IF;
     IF TG_LEVEL = 'STATEMENT' THEN
         RETURN NULL;
     ELSIF TG_OP = 'DELETE' THEN
