@@ -1,0 +1,178 @@
+"""Ordering keys and max_in_flight under the interleavings production makes.
+
+Listeners record when they start and end; a gate holds one in flight while
+the test does what users and failures do (replay, a concurrent publisher, a
+killed session). The invariants: per ordering key at most one message in a
+listener at any moment, in the order their publishers committed; never more
+than ``max_in_flight`` listeners of a channel at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from helpers import Running, admin_query, wait_until
+
+import pgpubsub
+from pgpubsub import messages
+from pgpubsub.channel import Channel, spec_of
+from pgpubsub.durable import migrate
+from pgpubsub.listen import Registry
+
+
+@dataclass
+class Keyed(Channel, lock_notifications=True, concurrency=3, max_attempts=1, retry_delay=0.05):
+    seq: int
+    action: str = "ok"
+
+
+@dataclass
+class OneAtATime(Channel, lock_notifications=True, concurrency=2, max_in_flight=1):
+    seq: int
+
+
+class Recorder:
+    """Start and end of every listener call; a gate per seq holds one in flight."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spans: list[tuple[int, float, float | None]] = []
+        self.gates: dict[int, threading.Event] = {}
+
+    def gate(self, seq: int) -> threading.Event:
+        return self.gates.setdefault(seq, threading.Event())
+
+    def __call__(self, seq: int, action: str = "ok") -> None:
+        with self.lock:
+            index = len(self.spans)
+            self.spans.append((seq, time.monotonic(), None))
+        try:
+            if seq in self.gates:
+                assert self.gates[seq].wait(30)
+            if action == "fail":
+                raise RuntimeError("fails")
+        finally:
+            with self.lock:
+                self.spans[index] = (seq, self.spans[index][1], time.monotonic())
+
+    def started(self, seq: int) -> bool:
+        with self.lock:
+            return any(s == seq for s, _, _ in self.spans)
+
+    def overlaps(self) -> list[tuple[int, int]]:
+        with self.lock:
+            spans = [(s, a, b if b is not None else float("inf")) for s, a, b in self.spans]
+        return [
+            (s1, s2)
+            for i, (s1, a1, b1) in enumerate(spans)
+            for s2, a2, b2 in spans[i + 1 :]
+            if a1 < b2 and a2 < b1
+        ]
+
+    def order(self) -> list[int]:
+        with self.lock:
+            return [s for s, _, _ in sorted(self.spans, key=lambda span: span[1])]
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[str]:
+    migrate(dsn)
+    yield dsn
+
+
+def status(dsn: str, message_id: int) -> object:
+    rows = admin_query(dsn, "SELECT status FROM pgpubsub.message WHERE id = %s", (message_id,))
+    return rows[0][0] if rows else None
+
+
+def publish(dsn: str, seq: int, action: str = "ok", **options: object) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        message = Keyed(seq=seq, action=action)
+        return pgpubsub.notify(message, conn=conn, ordering_key="k", **options)
+
+
+def test_a_replayed_message_of_a_key_waits_for_the_one_in_a_listener(db: str) -> None:
+    recorder = Recorder()
+    registry = Registry()
+    registry.add(Keyed, recorder)
+    workers = [Running(db, registry), Running(db, registry)]
+    try:
+        dead = publish(db, 1, "fail")
+        wait_until(lambda: status(db, dead) == "dead", timeout=10)
+        recorder.gate(2)
+        publish(db, 2)
+        wait_until(lambda: recorder.started(2), timeout=10)
+        with psycopg.connect(db) as conn:
+            assert list(messages.replay(conn, ids=[dead]).replayed) == [dead]
+        time.sleep(1.5)  # time for any worker to take the replayed message, if it could
+        assert [s for s in recorder.order() if s == 1] == [1]  # only its first, failed run
+        recorder.gate(2).set()
+        wait_until(lambda: recorder.order().count(1) == 2, timeout=10)
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert recorder.overlaps() == []
+
+
+def test_one_keys_messages_run_in_the_order_their_publishers_committed(db: str) -> None:
+    recorder = Recorder()
+    registry = Registry()
+    registry.add(Keyed, recorder)
+    worker = Running(db, registry)
+    committed: list[int] = []
+    try:
+        recorder.gate(2)
+        first = psycopg.connect(db)
+        pgpubsub.notify(Keyed(seq=1), conn=first, ordering_key="k")  # lower id, not committed
+
+        def second() -> None:
+            publish(db, 2)
+            committed.append(2)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(1.0)  # the second publisher commits now, or waits for the first
+        first.commit()
+        committed.append(1)
+        first.close()
+        time.sleep(1.0)
+        recorder.gate(2).set()
+        thread.join(10)
+        wait_until(lambda: sorted(recorder.order()) == [1, 2], timeout=10)
+    finally:
+        worker.stop()
+    assert recorder.overlaps() == []
+    assert recorder.order() == committed
+
+
+def test_max_in_flight_holds_when_the_holders_session_dies(db: str) -> None:
+    recorder = Recorder()
+    registry = Registry()
+    registry.add(OneAtATime, lambda seq: recorder(seq))
+    workers = [Running(db, registry), Running(db, registry)]
+    try:
+        recorder.gate(1)
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(OneAtATime(seq=1), conn=conn)
+            wait_until(lambda: recorder.started(1), timeout=10)
+            pgpubsub.notify(OneAtATime(seq=2), conn=conn)
+            # Every worker session dies: a failover, a proxy, an idle timeout.
+            admin_query(
+                db,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+        time.sleep(3)  # the workers reconnect; the listener of 1 is still running
+        assert not recorder.started(2), "a second listener ran under max_in_flight=1"
+        recorder.gate(1).set()
+        wait_until(lambda: recorder.started(2), timeout=60)
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert recorder.overlaps() == []
+    assert spec_of(OneAtATime).cls.max_in_flight == 1
