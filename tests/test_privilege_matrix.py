@@ -119,7 +119,6 @@ def _run_durable(dsn: str) -> None:
 
 
 def _run_scheduled(dsn: str) -> None:
-    cli.check_privileges(dsn, [spec_of(Tick)])  # what `pgpubsub listen` checks at start
     ticks: list[object] = []
     registry = Registry()
     registry.add(Tick, lambda scheduled_at: ticks.append(scheduled_at))

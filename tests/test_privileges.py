@@ -6,6 +6,7 @@ and is dropped at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -264,42 +265,231 @@ def test_a_worker_lacking_a_privilege_its_channels_need_says_so_and_exits_5(
     assert admin_query(roles.dsn, "SELECT count(*) FROM pgpubsub.worker") == [(0,)]
 
 
-def test_triggers_installed_before_version_4_are_upgraded_by_migrate(roles: Roles) -> None:
-    """The pre-4 trigger function ran as the schema's owner: migrate gives each
-    trigger its sending half and registers its pair; writers still need no grant."""
+V3_TRIGGERS = """
+CREATE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS pgpubsub_new
+    FOR EACH STATEMENT EXECUTE FUNCTION pgpubsub.notify_statement({channel}, 'durable');
+CREATE TRIGGER {update} AFTER UPDATE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION pgpubsub.notify_trigger({channel}, 'durable');
+"""
+
+
+def v3_triggers(dsn: str, table: str, spec: Any, role: str | None = None) -> None:
+    """Triggers as version 3 installed them (its function was then executable by PUBLIC)."""
+    from pgpubsub._trigger_events import trigger_name
+
+    text = V3_TRIGGERS.format(
+        table=table,
+        insert=trigger_name(spec, "AFTER INSERT"),
+        update=trigger_name(spec, "AFTER UPDATE"),
+        channel="'" + spec.name.replace("'", "''") + "'",
+    )
+    if role is None:
+        admin_query(dsn, text)
+    else:
+        with psycopg.connect(make_conninfo(dsn, user=role, password="pw"), autocommit=True) as c:
+            c.execute(text)
+
+
+def events_of(dsn: str) -> list[tuple[str, str, Any]]:
+    return [
+        (e["operation"], e["table"], (e["new"] or {}).get("note"))
+        for (e,) in admin_query(dsn, "SELECT payload::jsonb FROM pgpubsub.message ORDER BY id")
+    ]
+
+
+def test_migrate_to_version_4_registers_no_trigger_and_reinstalling_confirms_them(
+    roles: Roles,
+) -> None:
+    """Version 3's trigger function was executable by PUBLIC: a trigger found at the
+    upgrade may be anybody's. Its writes fail, loudly, until the listener modules
+    install their triggers again; an attacker's stays refused."""
     writer = roles.make("writer")
+    mallory = roles.make("mallory")
     admin_query(
         roles.dsn,
         f'GRANT USAGE ON SCHEMA shop TO "{writer}";'
         f'GRANT SELECT, INSERT, UPDATE ON shop.orders TO "{writer}";'
         "ALTER TABLE shop.orders ADD COLUMN note text;"
-        "CREATE TRIGGER pgpubsub_after_insert_0a0b0c0d AFTER INSERT ON shop.orders "
-        "REFERENCING NEW TABLE AS pgpubsub_new FOR EACH STATEMENT "
-        "EXECUTE FUNCTION pgpubsub.notify_statement('orders é, \"x\"', 'durable');"
-        "CREATE TRIGGER pgpubsub_after_update_0a0b0c0d AFTER UPDATE ON shop.orders "
-        "FOR EACH ROW EXECUTE FUNCTION pgpubsub.notify_trigger('orders é, \"x\"', 'durable');"
-        "DELETE FROM pgpubsub.trigger_channel; UPDATE pgpubsub.version SET version = 3",
+        f'GRANT USAGE ON SCHEMA pgpubsub TO "{mallory}";'
+        f'CREATE SCHEMA m AUTHORIZATION "{mallory}";'
+        "DELETE FROM pgpubsub.trigger_channel; UPDATE pgpubsub.version SET version = 3;"
+        # version 3's function, as it was: SECURITY DEFINER, executable by PUBLIC
+        "ALTER FUNCTION pgpubsub.notify_trigger() SECURITY DEFINER;"
+        "ALTER FUNCTION pgpubsub.notify_statement() SECURITY DEFINER;"
+        "GRANT EXECUTE ON FUNCTION pgpubsub.notify_trigger(), pgpubsub.notify_statement() "
+        "TO PUBLIC",
     )
+    v3_triggers(roles.dsn, "shop.orders", spec_of(Orders))
+    with psycopg.connect(roles.dsn_of(mallory), autocommit=True) as conn:
+        conn.execute("CREATE TABLE m.t (id int, note text)")
+    v3_triggers(roles.dsn, "m.t", spec_of(Orders), role=mallory)
     assert not pgpubsub.status(roles.dsn).schema_current
     durable.migrate(roles.dsn)
     durable.migrate(roles.dsn)  # idempotent
     assert pgpubsub.status(roles.dsn).schema_current
-    assert admin_query(roles.dsn, "SELECT channel, durable FROM pgpubsub.trigger_channel") == [
-        ('orders é, "x"', True)
-    ]
-    sends = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '%%_send'"
-    assert admin_query(roles.dsn, sends) == [(2,)]
+    assert admin_query(roles.dsn, "SELECT count(*) FROM pgpubsub.trigger_channel") == [(0,)]
+    secdef = (
+        "SELECT bool_or(prosecdef) FROM pg_proc "
+        "WHERE proname IN ('notify_trigger', 'notify_statement')"
+    )
+    assert admin_query(roles.dsn, secdef) == [(False,)]
+    for role, table in ((writer, "shop.orders"), (mallory, "m.t")):
+        with psycopg.connect(roles.dsn_of(role), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.RaiseException, match="no trigger channel"):
+                conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+    registry = Registry()
+    registry.add(Orders, lambda new: None, events=frozenset({"AFTER INSERT", "AFTER UPDATE"}))
+    with psycopg.connect(roles.dsn) as conn:  # `pgpubsub migrate myapp.listeners`
+        install_triggers(conn, registry=registry)
     with psycopg.connect(roles.dsn_of(writer), autocommit=True) as conn:
         conn.execute("INSERT INTO shop.orders VALUES (1, 'a'), (2, 'b')")
         conn.execute("UPDATE shop.orders SET note = 'c' WHERE id = 1")
-    events = [
-        (e["operation"], e["table"], (e["new"] or {}).get("note"))
-        for (e,) in admin_query(
-            roles.dsn, "SELECT payload::jsonb FROM pgpubsub.message ORDER BY id"
-        )
-    ]
-    assert events == [
+    with psycopg.connect(roles.dsn_of(mallory), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.RaiseException, match="no trigger channel"):
+            conn.execute("INSERT INTO m.t VALUES (1, 'forged')")
+    assert events_of(roles.dsn) == [
         ("INSERT", "shop.orders", "a"),
         ("INSERT", "shop.orders", "b"),
         ("UPDATE", "shop.orders", "c"),
     ]
+
+
+def test_no_trigger_a_role_made_before_version_4_blocks_the_upgrade(roles: Roles) -> None:
+    mallory = roles.make("mallory")
+    admin_query(
+        roles.dsn,
+        f'GRANT USAGE ON SCHEMA pgpubsub TO "{mallory}"; CREATE SCHEMA m AUTHORIZATION "{mallory}";'
+        "UPDATE pgpubsub.version SET version = 3;"
+        "GRANT EXECUTE ON FUNCTION pgpubsub.notify_trigger(), pgpubsub.notify_statement() "
+        "TO PUBLIC",
+    )
+    long_name = "a" * 63
+    with psycopg.connect(roles.dsn_of(mallory), autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE m.t (x int); CREATE VIEW m.v AS SELECT * FROM m.t;"
+            "CREATE TRIGGER noargs AFTER UPDATE ON m.t FOR EACH ROW "
+            "EXECUTE FUNCTION pgpubsub.notify_trigger();"
+            "CREATE TRIGGER instead INSTEAD OF INSERT ON m.v FOR EACH ROW "
+            "EXECUTE FUNCTION pgpubsub.notify_trigger('c', 'durable');"
+            f"CREATE TRIGGER {long_name} AFTER DELETE ON m.t FOR EACH ROW "
+            "EXECUTE FUNCTION pgpubsub.notify_trigger('c', 'durable');"
+            "CREATE TRIGGER trunc AFTER TRUNCATE ON m.t FOR EACH STATEMENT "
+            "EXECUTE FUNCTION pgpubsub.notify_statement('c', 'durable');"
+            "CREATE TRIGGER three AFTER UPDATE ON m.t FOR EACH ROW "
+            "EXECUTE FUNCTION pgpubsub.notify_trigger('c', 'durable', 'x');"
+        )
+    durable.migrate(roles.dsn)
+    assert pgpubsub.status(roles.dsn).schema_current
+    sends = r"SELECT tgname, tgtype FROM pg_trigger WHERE tgname LIKE '%%\_send'"
+    assert admin_query(roles.dsn, sends) == []
+
+
+def test_a_partitioned_watched_table_publishes_its_rows(roles: Roles) -> None:
+    admin_query(
+        roles.dsn,
+        "CREATE TABLE shop.parts (id int, v int) PARTITION BY RANGE (id);"
+        "CREATE TABLE shop.parts_1 PARTITION OF shop.parts FOR VALUES FROM (0) TO (100);"
+        "CREATE TABLE shop.parts_2 PARTITION OF shop.parts FOR VALUES FROM (100) TO (200)",
+    )
+
+    @dataclass
+    class Parts(TriggerChannel, table="shop.parts", lock_notifications=True):
+        pass
+
+    registry = Registry()
+    registry.add(Parts, lambda new: None, events=frozenset({"AFTER INSERT", "AFTER UPDATE"}))
+    with psycopg.connect(roles.dsn) as conn:
+        install_triggers(conn, registry=registry)
+        install_triggers(conn, registry=registry)
+    admin_query(roles.dsn, "INSERT INTO shop.parts VALUES (1, 1), (150, 1)")
+    admin_query(roles.dsn, "UPDATE shop.parts SET v = 2")
+    ops = admin_query(
+        roles.dsn, "SELECT payload::jsonb ->> 'operation' FROM pgpubsub.message ORDER BY id"
+    )
+    assert [op for (op,) in ops] == ["INSERT", "INSERT", "UPDATE", "UPDATE"]
+
+
+def test_revoke_keeps_the_kinds_still_granted_and_what_was_held_before(roles: Roles) -> None:
+    role = roles.make("op", "--operator")
+    operator = privileges(roles.dsn, role)
+    assert cli.main(["grant", role, "--worker", "--dsn", roles.dsn]) == 0
+    assert cli.main(["grant", role, "--worker", "--revoke", "--dsn", roles.dsn]) == 0
+    assert privileges(roles.dsn, role) == operator  # still an operator
+
+    manual = roles.make("manual")
+    admin_query(
+        roles.dsn,
+        f'GRANT USAGE ON SCHEMA pgpubsub TO "{manual}";'
+        f'GRANT INSERT ON pgpubsub.message TO "{manual}";'
+        f'GRANT SELECT ON pgpubsub.version TO "{manual}"',
+    )
+    before = privileges(roles.dsn, manual)
+    assert cli.main(["grant", manual, "--monitor", "--dsn", roles.dsn]) == 0
+    assert cli.main(["grant", manual, "--monitor", "--revoke", "--dsn", roles.dsn]) == 0
+    assert privileges(roles.dsn, manual) == before
+
+
+def test_a_django_writer_sends_wide_rows_but_reads_no_payload(roles: Roles) -> None:
+    writer = roles.make("dw", "--django-writer")
+    admin_query(
+        roles.dsn,
+        "INSERT INTO pgpubsub.message (channel, payload) VALUES ('payroll', 'secret')",
+    )
+    with psycopg.connect(roles.dsn_of(writer), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT payload FROM pgpubsub.message")
+        conn.execute("LISTEN wide")
+        conn.execute("SELECT pgpubsub.send_events('wide', false, ARRAY[repeat('x', 9000)])")
+        (note,) = list(conn.notifies(timeout=5, stop_after=1))
+    ref = json.loads(note.payload)
+    (payload,) = admin_query(
+        roles.dsn, "SELECT payload FROM pgpubsub.message WHERE id = %s", (ref["spill"],)
+    )[0]
+    assert payload == "x" * 9000
+    assert ref["sha256"] == hashlib.sha256(b"x" * 9000).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["--publisher", "--worker", "--django-writer"])
+def test_no_role_that_inserts_messages_can_choose_their_ids_or_state(
+    roles: Roles, kind: str
+) -> None:
+    role = roles.make("ins", kind)
+    with psycopg.connect(roles.dsn_of(role), autocommit=True) as conn:
+        for statement in (
+            "INSERT INTO pgpubsub.message (id, channel, payload) OVERRIDING SYSTEM VALUE "
+            "VALUES (1000000, 'junk', '')",
+            "INSERT INTO pgpubsub.message (channel, payload, attempts) VALUES ('junk', '', 9)",
+            "INSERT INTO pgpubsub.message (channel, payload, completed_at) "
+            "VALUES ('junk', '', now())",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+
+
+def test_a_worker_started_from_python_without_its_privileges_refuses_to_start(
+    roles: Roles,
+) -> None:
+    from pgpubsub.worker import Worker
+
+    worker = roles.make("work", "--worker")
+    admin_query(roles.dsn, f'REVOKE ALL ON pgpubsub.schedule FROM "{worker}"')
+
+    @dataclass
+    class Tick(Channel, lock_notifications=True, schedule="* * * * *"):
+        pass
+
+    registry = Registry()
+    registry.add(Tick, lambda: None)
+    with pytest.raises(errors.PermissionDenied, match="ON pgpubsub.schedule"):
+        Running(roles.dsn_of(worker), registry, channels=[spec_of(Tick)])
+    assert Worker  # the class Running starts
+    assert admin_query(roles.dsn, "SELECT count(*) FROM pgpubsub.worker") == [(0,)]
+
+
+def test_a_role_without_usage_is_told_the_grant_to_run(roles: Roles) -> None:
+    from test_operations import one_failure, run
+
+    nobody = roles.make("nobody")
+    channel = "app.jobs.EverySecond"
+    out = run("listen", "app.jobs", "--channels", channel, "--dsn", roles.dsn_of(nobody))
+    one_failure(out, 5, f"pgpubsub grant {nobody} --worker", "GRANT USAGE ON SCHEMA pgpubsub")

@@ -117,38 +117,17 @@ def preflight(conninfo: str, channels: list[Any]) -> None:
     from .channel import TriggerChannel
     from .errors import SchemaMissing
     from .health import status
+    from .privileges import check_worker
 
     # Durable channels store messages; plain trigger channels spill wide rows.
     if not any(c.lock or issubclass(c.cls, TriggerChannel) for c in channels):
         return
+    check_worker(conninfo, channels)
     health = status(conninfo, timeout=5.0)
     if not health.reachable:
         log.warning("database unreachable (%s); the workers will wait for it", health.error)
     elif not health.schema_current:
         raise SchemaMissing(health.problems()[0])
-    else:
-        check_privileges(conninfo, channels)
-
-
-def check_privileges(conninfo: str, channels: list[Any]) -> None:
-    """Stop at once when the role lacks a privilege its channels need (exit 5, with the GRANT)."""
-    from . import driver
-    from .channel import TriggerChannel
-    from .errors import PermissionDenied
-    from .privileges import missing_for_worker
-
-    with driver.connect(driver.build_conninfo(conninfo), autocommit=True) as conn:
-        lacking = missing_for_worker(
-            conn,
-            durable=any(c.lock for c in channels),
-            scheduled=any(c.lock and c.cls.schedule for c in channels),
-            spills=any(issubclass(c.cls, TriggerChannel) and not c.lock for c in channels),
-        )
-        if lacking:
-            raise PermissionDenied(
-                f"role {conn.info.user!r} lacks privileges its channels need: run "
-                f"`pgpubsub grant {conn.info.user} --worker` (as the schema's owner), or {lacking}"
-            )
 
 
 def start_metrics(port: int | None, host: str, conninfo: str, channels: list[Any]) -> None:
@@ -234,7 +213,10 @@ def cmd_grant(args: argparse.Namespace) -> int:
         for statement in statements(args.role, kinds, args.revoke):
             print(f"{statement.as_string(None)};")
         if args.revoke:
-            print("-- then REVOKE USAGE ON SCHEMA pgpubsub when the role holds nothing else in it")
+            print(
+                "-- without --sql, a role keeps what it held before its first grant"
+                " and what the kinds it keeps need"
+            )
         return 0
     for text in grant(args.dsn, args.role, kinds, args.revoke):
         print(f"{text};")

@@ -35,9 +35,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from . import driver
-from .errors import ConfigurationError
+from .errors import ConfigurationError, PermissionDenied, PgPubSubError
 
 __all__ = ["KINDS", "grant", "statements"]
 
@@ -45,17 +46,20 @@ _SCHEMA = "GRANT USAGE ON SCHEMA pgpubsub TO {role}"
 _HELPERS = "pgpubsub.event, pgpubsub.send_events, pgpubsub.notify_row"
 # What a monitor reads of a message: never its payload, error, keys, context or trace.
 _MONITORED = "id, channel, status, attempts, run_at, priority, created_at, completed_at"
+# What a publisher writes: never a message's id, state, attempts or times.
+_PUBLISHED = "channel, payload, trace, run_at, priority, dedupe_key, ordering_key"
 
 KINDS: dict[str, tuple[str, ...]] = {
     "publisher": (
         _SCHEMA,
-        "GRANT INSERT ON pgpubsub.message TO {role}",
+        f"GRANT INSERT ({_PUBLISHED}) ON pgpubsub.message TO {{role}}",
         # The ids notify() returns, and a pending dedupe_key's message id.
         "GRANT SELECT (id, channel, status, dedupe_key) ON pgpubsub.message TO {role}",
     ),
     "worker": (
         _SCHEMA,
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.message TO {role}",
+        "GRANT SELECT, UPDATE, DELETE ON pgpubsub.message TO {role}",
+        f"GRANT INSERT ({_PUBLISHED}) ON pgpubsub.message TO {{role}}",  # schedule ticks
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.worker TO {role}",
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.schedule TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",
@@ -73,8 +77,9 @@ KINDS: dict[str, tuple[str, ...]] = {
     "django_writer": (
         _SCHEMA,
         f"GRANT EXECUTE ON FUNCTION {_HELPERS} TO {{role}}",
-        "GRANT INSERT ON pgpubsub.message TO {role}",
-        "GRANT SELECT (id, payload) ON pgpubsub.message TO {role}",
+        # Durable events, and the spill rows of wide plain ones (their ids sent).
+        "GRANT INSERT (channel, payload, status) ON pgpubsub.message TO {role}",
+        "GRANT SELECT (id) ON pgpubsub.message TO {role}",
     ),
 }
 
@@ -120,8 +125,8 @@ def statements(role: str, kinds: list[str], revoke: bool = False) -> list[sql.Co
     texts: list[str] = []
     for kind in kinds:
         texts += [t for t in KINDS[kind] if t not in texts]
-    if revoke:  # USAGE last, and only when nothing else needs it (see grant())
-        texts = [_revoked(t) for t in texts if t != _SCHEMA]
+    if revoke:  # what grant() runs keeps what the role held otherwise; this is all of it
+        texts = [_revoked(t) for t in texts]
     return [sql.SQL(t).format(role=sql.Identifier(role)) for t in texts]
 
 
@@ -148,49 +153,85 @@ def _conferred(conn: psycopg.Connection[tuple[str, str, str]], role: str) -> dic
     return conferred
 
 
-def _revoke(
-    conn: psycopg.Connection[tuple[str, str, str]], role: str, kinds: list[str]
-) -> list[sql.Composed]:
-    """Revoke ``kinds`` from ``role``, keeping what the kinds it still holds need.
+# What `grant` gave each role, so that `--revoke` can give back exactly what
+# the role held before: its kinds, and the privileges it held before its first.
+_KINDS_SQL = "SELECT kind FROM pgpubsub.role_grant WHERE role = %s"
+_BASELINE_SQL = "SELECT held FROM pgpubsub.role_baseline WHERE role = %s"
+_RECORD_SQL = (
+    "INSERT INTO pgpubsub.role_grant (role, kind) "
+    "SELECT %s, k FROM pg_catalog.unnest(%s::text[]) k ON CONFLICT DO NOTHING"
+)
+_RECORD_BASELINE_SQL = (
+    "INSERT INTO pgpubsub.role_baseline (role, held) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+)
+_FORGET_SQL = "DELETE FROM pgpubsub.role_grant WHERE role = %s AND kind = ANY(%s)"
+_FORGET_BASELINE_SQL = (
+    "DELETE FROM pgpubsub.role_baseline b WHERE b.role = %s "
+    "AND NOT EXISTS (SELECT 1 FROM pgpubsub.role_grant g WHERE g.role = b.role)"
+)
 
-    Kinds share privileges (every kind needs USAGE; a monitor and a publisher
-    both read ``channel``): another kind that the role holds in full is granted
-    again after the revoke, unless all it gives is part of what is revoked (an
-    operator's privileges go with a worker's). USAGE goes when no kept kind
-    needs it.
-    """
-    before = _held(conn, role)
-    conferred = _conferred(conn, role)
-    revoked = set().union(*(conferred[k] for k in kinds))
-    kept = [
-        k
-        for k in KINDS
-        if k not in kinds and conferred[k] <= before and not conferred[k] <= revoked
-    ]
-    done = statements(role, kinds, revoke=True)
-    done.append(sql.SQL(_revoked(_SCHEMA)).format(role=sql.Identifier(role)))
+
+def _revocation(role: str, held: tuple[str, ...]) -> sql.Composed:
+    """The REVOKE of one privilege as :data:`_HELD_SQL` names it."""
+    what, name, privilege = held
+    target = sql.Identifier(role)
+    if what == "schema":
+        return sql.SQL("REVOKE {} ON SCHEMA pgpubsub FROM {}").format(sql.SQL(privilege), target)
+    if what == "relation":
+        return sql.SQL("REVOKE {} ON {} FROM {}").format(
+            sql.SQL(privilege), sql.Identifier("pgpubsub", name), target
+        )
+    if what == "column":
+        table, column = name.split(".", 1)
+        return sql.SQL("REVOKE {} ({}) ON {} FROM {}").format(
+            sql.SQL(privilege), sql.Identifier(column), sql.Identifier("pgpubsub", table), target
+        )
+    # a function's regprocedure text, from the catalog: pgpubsub's own functions
+    return sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}").format(sql.SQL(name), target)
+
+
+def _grant(conn: psycopg.Connection[Any], role: str, kinds: list[str]) -> list[sql.Composed]:
+    conn.execute(_RECORD_BASELINE_SQL, (role, Jsonb(sorted(_held(conn, role)))))
+    done = statements(role, kinds)
     for statement in done:
         conn.execute(statement)
-    for other in kept:
-        for statement in _statements_of(role, other):
-            conn.execute(statement)
+    conn.execute(_RECORD_SQL, (role, kinds))
+    return done
+
+
+def _revoke(conn: psycopg.Connection[Any], role: str, kinds: list[str]) -> list[sql.Composed]:
+    """Take back what ``kinds`` gave ``role``, and nothing it held otherwise.
+
+    The privileges the role keeps are those it held before its first grant
+    (recorded then) and those of the kinds it is still granted; every other
+    privilege that one of ``kinds`` gives is revoked. A role granted before
+    version 4 has no record: then every privilege of ``kinds`` goes, USAGE too.
+    """
+    conferred = _conferred(conn, role)
+    recorded = {row[0] for row in conn.execute(_KINDS_SQL, (role,))}
+    baseline_row = conn.execute(_BASELINE_SQL, (role,)).fetchone()
+    keep = {tuple(p) for p in baseline_row[0]} if baseline_row else set()
+    for kind in recorded - set(kinds):
+        keep |= conferred[kind]
+    given = set().union(*(conferred[k] for k in kinds))
+    done = [_revocation(role, p) for p in sorted((_held(conn, role) & given) - keep)]
+    for statement in done:
+        conn.execute(statement)
+    conn.execute(_FORGET_SQL, (role, kinds))
+    conn.execute(_FORGET_BASELINE_SQL, (role,))
     return done
 
 
 def grant(conninfo: str, role: str, kinds: list[str], revoke: bool = False) -> list[str]:
-    """Run the statements in one transaction; return them as text."""
-    todo = statements(role, kinds, revoke)
+    """Grant (or revoke) ``kinds`` in one transaction; return the statements run, as text."""
+    statements(role, kinds, revoke)  # checks the kinds
     with driver.connect(driver.build_conninfo(conninfo), autocommit=False) as conn:
         try:
             with conn.transaction():
-                if revoke:
-                    todo = _revoke(conn, role, kinds)
-                else:
-                    for statement in todo:
-                        conn.execute(statement)
+                done = _revoke(conn, role, kinds) if revoke else _grant(conn, role, kinds)
         except psycopg.Error as exc:
             raise driver.translate(exc, f"granting privileges to {role!r}") from exc
-        return [s.as_string(conn) for s in todo]
+        return [s.as_string(conn) for s in done]
 
 
 # (table, privilege) pairs a worker's channels need, by what the channels do.
@@ -202,13 +243,17 @@ _MISSING_SQL = (
     "SELECT t, p FROM ROWS FROM (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::text[])) "
     "AS x(t, p) JOIN pg_catalog.pg_class c ON c.relname = x.t "
     "AND c.relnamespace = 'pgpubsub'::pg_catalog.regnamespace "
-    "WHERE NOT (pg_catalog.has_schema_privilege('pgpubsub', 'USAGE') "
-    "AND pg_catalog.has_table_privilege(c.oid, x.p))"
+    "WHERE NOT CASE WHEN x.p = 'INSERT' THEN pg_catalog.has_any_column_privilege(c.oid, x.p) "
+    "ELSE pg_catalog.has_table_privilege(c.oid, x.p) END"
 )
+_USAGE_SQL = "SELECT pg_catalog.has_schema_privilege('pgpubsub', 'USAGE')"
+_SCHEMA_SQL = "SELECT pg_catalog.to_regnamespace('pgpubsub') IS NOT NULL"
 
 
 def missing_for_worker(conn: Any, durable: bool, scheduled: bool, spills: bool) -> str | None:
     """What the connected role lacks to run these kinds of channels, as GRANT text, or None."""
+    if not conn.execute(_SCHEMA_SQL).fetchone()[0]:
+        return None  # no schema: the schema check says so
     needed = set(_REGISTRY)
     if durable:
         needed.update(_DURABLE)
@@ -218,13 +263,48 @@ def missing_for_worker(conn: Any, durable: bool, scheduled: bool, spills: bool) 
         needed.add(("message", "SELECT"))
     pairs = sorted(needed)
     rows = conn.execute(_MISSING_SQL, ([t for t, _ in pairs], [p for _, p in pairs])).fetchall()
-    if not rows:
+    usage = conn.execute(_USAGE_SQL).fetchone()[0]
+    if not rows and usage:
         return None
+    role = sql.Identifier(conn.info.user).as_string(conn)
     by_table: dict[str, list[str]] = {}
     for table, privilege in rows:
-        by_table.setdefault(table, []).append(privilege)
-    role = sql.Identifier(conn.info.user).as_string(conn)
-    return "; ".join(
-        f"GRANT {', '.join(privileges)} ON pgpubsub.{table} TO {role}"
-        for table, privileges in by_table.items()
-    )
+        if (table, privilege) == ("message", "INSERT"):  # the columns a publisher writes
+            by_table[f"message ({_PUBLISHED})"] = ["INSERT"]
+        else:
+            by_table.setdefault(table, []).append(privilege)
+    grants = [] if usage else [f"GRANT USAGE ON SCHEMA pgpubsub TO {role}"]
+    for table, privileges in by_table.items():
+        name, _, columns = table.partition(" ")
+        target = f"{', '.join(privileges)} {columns}".strip()
+        grants.append(f"GRANT {target} ON pgpubsub.{name} TO {role}")
+    return "; ".join(grants)
+
+
+def check_worker(conninfo: str, channels: list[Any]) -> None:
+    """Raise PermissionDenied, with the GRANT to run, when the role lacks a privilege
+    that ``channels`` need (durable processing, schedules, spilled rows, the registry).
+
+    An unreachable database is no error here: workers wait for it.
+    """
+    from .channel import TriggerChannel
+
+    if not any(c.lock or issubclass(c.cls, TriggerChannel) for c in channels):
+        return
+    try:
+        conn = driver.connect(driver.build_conninfo(conninfo), autocommit=True)
+    except PgPubSubError:
+        return
+    with conn:
+        lacking = missing_for_worker(
+            conn,
+            durable=any(c.lock for c in channels),
+            scheduled=any(c.lock and c.cls.schedule for c in channels),
+            spills=any(issubclass(c.cls, TriggerChannel) and not c.lock for c in channels),
+        )
+        user = conn.info.user
+    if lacking:
+        raise PermissionDenied(
+            f"role {user!r} lacks privileges its channels need: run "
+            f"`pgpubsub grant {user} --worker` (as the schema's owner), or {lacking}"
+        )

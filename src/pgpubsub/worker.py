@@ -31,6 +31,7 @@ from .driver import Notify
 from .durable import DurableRunner
 from .engine import Engine, Status
 from .listen import ListenerSpec, Registry, registry
+from .privileges import check_worker
 from .processor import ProcessorStatus
 from .session import Session
 from .triggers import PURGE_SPILL_SQL, SPILL_PREFIX, SPILL_TTL, read_spill
@@ -161,6 +162,9 @@ class Worker:
             len(self.channels),
             len(durable),
         )
+        # A role that lacks a privilege its channels need stops here, saying
+        # which GRANT to run, rather than running without its schedules.
+        await asyncio.to_thread(check_worker, self.engine.conninfo, self.channels)
         metrics = _metrics.metrics()
         for spec in plain:
             for listener in self.registry.listeners(spec):

@@ -94,6 +94,20 @@ CREATE INDEX IF NOT EXISTS message_dead_idx
 CREATE STATISTICS IF NOT EXISTS pgpubsub.message_channel_status (mcv)
     ON channel, status FROM pgpubsub.message;
 
+-- Version 4 (grants): what `pgpubsub grant` gave each role, so that
+-- `--revoke` gives back exactly what the role held before: the kinds granted,
+-- and the privileges the role held in this schema before its first grant.
+CREATE TABLE IF NOT EXISTS pgpubsub.role_grant (
+    role  text NOT NULL,
+    kind  text NOT NULL,
+    PRIMARY KEY (role, kind)
+);
+CREATE TABLE IF NOT EXISTS pgpubsub.role_baseline (
+    role  text  PRIMARY KEY,
+    held  jsonb NOT NULL
+);
+REVOKE ALL ON pgpubsub.role_grant, pgpubsub.role_baseline FROM PUBLIC;
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (
@@ -124,7 +138,8 @@ CREATE OR REPLACE FUNCTION pgpubsub.send_events(
     channel text, durable boolean, payloads text[]
 ) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 DECLARE
-    spilled record;
+    wide text;
+    spilled bigint;
 BEGIN
     IF payloads IS NULL OR pg_catalog.cardinality(payloads) = 0 THEN
         RETURN;
@@ -137,15 +152,16 @@ BEGIN
     END IF;
     PERFORM pg_catalog.pg_notify(channel, p) FROM pg_catalog.unnest(payloads) p
         WHERE pg_catalog.octet_length(p) <= 7999;
-    FOR spilled IN
-        INSERT INTO pgpubsub.message (channel, payload, status)
-        SELECT channel, p, 'spill' FROM pg_catalog.unnest(payloads) p
-        WHERE pg_catalog.octet_length(p) > 7999
-        RETURNING id, pg_catalog.encode(
-            pg_catalog.sha256(pg_catalog.convert_to(payload, 'UTF8')), 'hex') AS digest
+    -- One at a time, so that the digest is of the text in hand: reading the
+    -- stored payload back would need SELECT on it (a Django writer has none).
+    FOR wide IN
+        SELECT p FROM pg_catalog.unnest(payloads) p WHERE pg_catalog.octet_length(p) > 7999
     LOOP
+        INSERT INTO pgpubsub.message (channel, payload, status)
+        VALUES (channel, wide, 'spill') RETURNING id INTO spilled;
         PERFORM pg_catalog.pg_notify(channel, pg_catalog.format(
-            '{"spill": %s, "sha256": "%s"}', spilled.id, spilled.digest));
+            '{"spill": %s, "sha256": "%s"}', spilled,
+            pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(wide, 'UTF8')), 'hex')));
     END LOOP;
 END
 $body$;
@@ -227,8 +243,13 @@ DECLARE
     context json := NULLIF(pg_catalog.current_setting('pgpubsub.notification_context', true), '')::json;
     side text := captured[3];
 BEGIN
+    -- The table's own pair, or its partitioned parent's (row triggers of a
+    -- partitioned table fire on the partition).
     SELECT t.durable INTO registered FROM pgpubsub.trigger_channel t
-        WHERE t.relid = TG_RELID AND t.channel = TG_ARGV[0];
+        WHERE (t.relid = TG_RELID OR t.relid = ANY(ARRAY(
+                  SELECT a.relid FROM pg_catalog.pg_partition_ancestors(TG_RELID) a)))
+          AND t.channel = TG_ARGV[0]
+        LIMIT 1;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgpubsub: no trigger channel % is installed on %', TG_ARGV[0], tbl
             USING HINT = 'install it with pgpubsub.install_triggers or `pgpubsub migrate`';
@@ -264,29 +285,33 @@ BEGIN
 END
 $body$;
 
--- Triggers installed by a version before 4 had one SECURITY DEFINER function:
--- give each its sending trigger and register its (table, channel) pair.
+-- Triggers installed by a version before 4 had one SECURITY DEFINER function,
+-- executable by PUBLIC: any role could have attached it to its own table, so
+-- no such trigger is trusted. Each well-formed one gets its sending half, not
+-- a registration: its table's writes fail with "no trigger channel ... is
+-- installed" (loudly, nothing lost) until `pgpubsub migrate <listener
+-- modules>` installs the channel's triggers again and registers them.
+-- Malformed ones (no channel, INSTEAD OF, TRUNCATE, a name too long for the
+-- suffix, partition clones: their parent's gets its own) are left alone: the
+-- function they call now only captures, as the writer, and publishes nothing.
 CREATE OR REPLACE FUNCTION pgpubsub.upgrade_triggers_to_v4() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pgpubsub, pg_temp AS $migrate$
 DECLARE
     t record;
-    cut integer;
 BEGIN
     FOR t IN
         SELECT tg.tgrelid, tg.tgname, tg.tgtype, tg.tgargs
         FROM pg_catalog.pg_trigger tg
         WHERE tg.tgfoid IN ('pgpubsub.notify_trigger()'::pg_catalog.regprocedure,
                             'pgpubsub.notify_statement()'::pg_catalog.regprocedure)
+          AND tg.tgnargs = 2 AND tg.tgparentid = 0
+          AND tg.tgtype & (32 | 64) = 0                            -- no TRUNCATE, no INSTEAD OF
+          AND (tg.tgtype & (4 | 8 | 16)) IN (4, 8, 16)             -- one of INSERT, DELETE, UPDATE
+          AND pg_catalog.octet_length(tg.tgname::text) <= 58       -- room for '_send'
           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger s
                           WHERE s.tgrelid = tg.tgrelid AND s.tgname = tg.tgname || '_send')
     LOOP
         -- tgargs: '<channel>\0<durable|plain>\0'
-        cut := position('\x00'::bytea IN t.tgargs);
-        INSERT INTO pgpubsub.trigger_channel (relid, channel, durable)
-        VALUES (t.tgrelid,
-                pg_catalog.convert_from(substring(t.tgargs FROM 1 FOR cut - 1), 'UTF8'),
-                substring(t.tgargs FROM cut + 1) = 'durable\000'::bytea)
-        ON CONFLICT (relid, channel) DO NOTHING;
         EXECUTE pg_catalog.format(
             'CREATE TRIGGER %I %s %s ON %s FOR EACH %s EXECUTE FUNCTION pgpubsub.send_captured(%L)',
             t.tgname || '_send',
@@ -295,7 +320,8 @@ BEGIN
                  WHEN t.tgtype & 8 <> 0 THEN 'DELETE' ELSE 'UPDATE' END,
             t.tgrelid::pg_catalog.regclass,
             CASE WHEN t.tgtype & 1 <> 0 THEN 'ROW' ELSE 'STATEMENT' END,
-            pg_catalog.convert_from(substring(t.tgargs FROM 1 FOR cut - 1), 'UTF8'));
+            pg_catalog.convert_from(substring(t.tgargs FROM 1 FOR
+                position('\x00'::bytea IN t.tgargs) - 1), 'UTF8'));
     END LOOP;
 END
 $migrate$;
