@@ -390,3 +390,25 @@ def test_a_failed_scheduler_is_logged_shown_and_stop_still_drains(
     assert admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
     assert admin_query(db, "SELECT count(*) FROM pgpubsub.worker") == [(0,)]
     assert worker.engine.status().state == "stopped"
+
+
+def test_every_second_is_every_real_second_across_clock_changes_and_cheap() -> None:
+    from pgpubsub._cron import Cron
+
+    cron = Cron("* * * * * *", zoneinfo.ZoneInfo("Europe/Berlin"))
+    second = datetime.timedelta(seconds=1)
+    # Around the spring gap, and both ends of the autumn's repeated hour.
+    for around in ("2026-03-29 01:00", "2026-10-25 01:00", "2026-10-25 02:00"):
+        t = at(around) - 300 * second
+        for _ in range(600):
+            t, before = cron.next_after(t), t
+            assert t - before == second, before
+        assert cron.latest(at(around) - 300 * second, t, 10) == [
+            t - i * second for i in range(9, -1, -1)
+        ]
+    # In the repeated hour, the next tick is a few croniter steps, not a walk of the hour.
+    for inside in ("2026-10-25 00:30", "2026-10-25 01:30"):  # first and second occurrence
+        started = time.perf_counter()
+        for _ in range(100):
+            assert cron.next_after(at(inside)) == at(inside) + second
+        assert (time.perf_counter() - started) / 100 < 0.005

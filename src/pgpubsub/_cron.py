@@ -17,9 +17,9 @@ daily job runs once per local day, an hourly job every hour that passes.
 
 Every computation is on UTC instants: wall-clock datetimes of one zone are
 never subtracted or compared (Python ignores the UTC offset when both sides
-share a tzinfo). Walks go over croniter's naive wall-clock times, and cost a
-number of croniter steps bounded by the ticks asked for, plus the times of the
-one repeated hour next to the start.
+share a tzinfo). Walks go over croniter's naive wall-clock times: the next tick
+costs two croniter steps, the last n ticks n steps (plus, when a repeated hour
+or a gap lies among them, the matching times of that hour).
 """
 
 from __future__ import annotations
@@ -137,27 +137,49 @@ class Cron:
             return ((early, late) if self.real_time else (early,)), True
         return (self._transition(early, late),), False  # skipped: the end of the gap
 
+    def _repeated_hour(self, instant: datetime.datetime) -> tuple[Any, Any] | None:
+        """The wall-clock range ``[A, B)`` repeated when the clocks go back, if ``instant``
+        is in it or it begins within a day after ``instant``."""
+        local = instant.astimezone(self.zone)
+        offset = local.utcoffset()
+        assert offset is not None
+        if local.fold:  # the second occurrence: the change was within the last `back`
+            before = local.replace(fold=0).utcoffset()
+            assert before is not None
+            back = before - offset
+            change = self._transition(instant - back, instant)
+        else:
+            later = self._offset(instant + _DAY)
+            if later >= offset:
+                return None
+            back = offset - later
+            change = self._transition(instant, instant + _DAY)
+        start = _wall(change, self.zone)
+        return start, start + back
+
+    def _first_after(self, wall: datetime.datetime) -> Any:
+        return next(self._walk(wall))
+
     def next_after(self, instant: datetime.datetime) -> datetime.datetime:
-        """The first tick strictly after ``instant`` (an aware datetime)."""
+        """The first tick strictly after ``instant`` (an aware datetime).
+
+        A few croniter steps: the next first occurrence (in wall-clock order), and
+        when the schedule keeps real time, the next second occurrence of a repeated hour.
+        """
         instant = instant.astimezone(UTC)
         local = instant.astimezone(self.zone)
-        start = local.replace(tzinfo=None, fold=0)
-        offset, later = local.utcoffset(), self._offset(instant + _DAY)
-        assert offset is not None
-        if later < offset:  # clocks go back within a day: its repeated times may lie behind
-            start = min(start, _wall(self._transition(instant, instant + _DAY), self.zone))
-            start -= _SECOND
-        best: datetime.datetime | None = None
-        # Walking forward, the first occurrences are in order; the second occurrences of a
-        # repeated hour come after its first ones and before the first time after it.
-        for wall in self._walk(start):
-            ticks, repeated = self.instants(wall)
-            for tick in ticks:
-                if tick > instant and (best is None or tick < best):
-                    best = tick
-            if best is not None and not repeated and ticks[0] >= best:
-                return best
-        raise AssertionError("unreachable")  # pragma: no cover
+        wall = local.replace(tzinfo=None, fold=0)
+        repeated = self._repeated_hour(instant)
+        # First occurrences are in wall-clock order; in the second occurrence of a repeated
+        # hour, the first occurrences of its times are past: the next one is after it.
+        after = repeated[1] - _SECOND if local.fold and repeated else wall
+        ticks = [self.instants(self._first_after(after))[0][0]]
+        if self.real_time and repeated is not None:
+            start, end = repeated
+            candidate = self._first_after(wall if local.fold else start - _SECOND)
+            if candidate < end:  # its second occurrence, after `instant`
+                ticks.append(self.instants(candidate)[0][-1])
+        return min(t for t in ticks if t > instant)
 
     def latest(
         self, after: datetime.datetime, until: datetime.datetime, count: int
