@@ -17,15 +17,14 @@ daily job runs once per local day, an hourly job every hour that passes.
 
 Every computation is on UTC instants: wall-clock datetimes of one zone are
 never subtracted or compared (Python ignores the UTC offset when both sides
-share a tzinfo). Walks go over croniter's naive wall-clock times: the next tick
-costs two croniter steps, the last n ticks n steps (plus, when a repeated hour
-or a gap lies among them, the matching times of that hour).
+share a tzinfo). Walks go over croniter's naive wall-clock times: the next tick,
+or the one before, costs a few croniter steps (and a binary search of the
+change's second next to a clock change), whatever the schedule.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
 from typing import Any
 
 from .errors import ConfigurationError
@@ -100,12 +99,10 @@ class Cron:
         #: Runs at both occurrences of a repeated time (minute or hour field ``*``...).
         self.real_time = minute.startswith("*") or hour.startswith("*")
 
-    def _walk(self, start: datetime.datetime, backwards: bool = False) -> Iterator[Any]:
-        """Matching naive wall-clock times strictly after (before) ``start``."""
+    def _match(self, start: datetime.datetime, backwards: bool = False) -> Any:
+        """The first matching naive wall-clock time strictly after (before) ``start``."""
         it = self._croniter(self.expression, start)
-        step = it.get_prev if backwards else it.get_next
-        while True:
-            yield step(datetime.datetime)
+        return (it.get_prev if backwards else it.get_next)(datetime.datetime)
 
     def _offset(self, instant: datetime.datetime) -> datetime.timedelta:
         offset = instant.astimezone(self.zone).utcoffset()
@@ -125,17 +122,17 @@ class Cron:
                 hi = mid
         return datetime.datetime.fromtimestamp(hi, UTC)
 
-    def instants(self, wall: datetime.datetime) -> tuple[tuple[datetime.datetime, ...], bool]:
-        """The tick instants of the wall-clock time ``wall``, earliest first, and whether the
-        time is repeated (its first instant then precedes the clocks going back)."""
+    def instants(self, wall: datetime.datetime) -> tuple[tuple[datetime.datetime, ...], str]:
+        """The tick instants of the wall-clock time ``wall``, earliest first, and its kind:
+        ``once``, ``repeated`` (the clocks went back over it) or ``skipped`` (forward)."""
         first = wall.replace(tzinfo=self.zone, fold=0).astimezone(UTC)
         second = wall.replace(tzinfo=self.zone, fold=1).astimezone(UTC)
         if first == second:
-            return (first,), False
+            return (first,), "once"
         early, late = min(first, second), max(first, second)
-        if _wall(early, self.zone) == wall and _wall(late, self.zone) == wall:  # repeated
-            return ((early, late) if self.real_time else (early,)), True
-        return (self._transition(early, late),), False  # skipped: the end of the gap
+        if _wall(early, self.zone) == wall and _wall(late, self.zone) == wall:
+            return ((early, late) if self.real_time else (early,)), "repeated"
+        return (self._transition(early, late),), "skipped"  # the end of the gap
 
     def _repeated_hour(self, instant: datetime.datetime) -> tuple[Any, Any] | None:
         """The wall-clock range ``[A, B)`` repeated when the clocks go back, if ``instant``
@@ -157,9 +154,6 @@ class Cron:
         start = _wall(change, self.zone)
         return start, start + back
 
-    def _first_after(self, wall: datetime.datetime) -> Any:
-        return next(self._walk(wall))
-
     def next_after(self, instant: datetime.datetime) -> datetime.datetime:
         """The first tick strictly after ``instant`` (an aware datetime).
 
@@ -173,35 +167,57 @@ class Cron:
         # First occurrences are in wall-clock order; in the second occurrence of a repeated
         # hour, the first occurrences of its times are past: the next one is after it.
         after = repeated[1] - _SECOND if local.fold and repeated else wall
-        ticks = [self.instants(self._first_after(after))[0][0]]
+        ticks = [self.instants(self._match(after))[0][0]]
         if self.real_time and repeated is not None:
             start, end = repeated
-            candidate = self._first_after(wall if local.fold else start - _SECOND)
+            candidate = self._match(wall if local.fold else start - _SECOND)
             if candidate < end:  # its second occurrence, after `instant`
                 ticks.append(self.instants(candidate)[0][-1])
         return min(t for t in ticks if t > instant)
+
+    def _previous(self, bound: datetime.datetime) -> datetime.datetime:
+        """The last tick strictly before ``bound`` (a UTC instant in whole seconds).
+
+        A few croniter steps, mirroring :meth:`next_after`: the last first occurrence,
+        and the second occurrence of a repeated time when it is later.
+        """
+        local = bound.astimezone(self.zone)
+        wall = local.replace(tzinfo=None, fold=0)
+        ticks: list[datetime.datetime] = []
+        if local.fold:  # in the second occurrence of a repeated hour [start, end)
+            repeated = self._repeated_hour(bound)
+            assert repeated is not None
+            start, end = repeated
+            # Every first occurrence of the hour is past; those after it are to come.
+            ticks.append(self.instants(self._match(end, backwards=True))[0][0])
+            if self.real_time:
+                candidate = self._match(wall, backwards=True)
+                if candidate >= start:
+                    ticks.append(self.instants(candidate)[0][-1])
+        else:
+            candidate = self._match(wall, backwards=True)
+            found, kind = self.instants(candidate)
+            if kind == "skipped" and found[0] >= bound:
+                # `bound` is the end of the gap: the times skipped run at it, not before.
+                gap_start = _wall(found[0] - _SECOND, self.zone) + _SECOND
+                found, kind = self.instants(self._match(gap_start, backwards=True))
+            ticks.extend(found)  # a repeated time's second occurrence is after its first
+        return max(t for t in ticks if t < bound)
 
     def latest(
         self, after: datetime.datetime, until: datetime.datetime, count: int
     ) -> list[datetime.datetime]:
         """The last ``count`` ticks in ``(after, until]``, oldest first.
 
-        Walks backwards from ``until``: its cost is ``count`` ticks (plus one
-        repeated hour), not the number of ticks since ``after``.
+        Walks back from ``until``, a few croniter steps per tick: the cost is
+        ``count`` ticks, not the number of ticks since ``after``.
         """
-        after, until = after.astimezone(UTC), until.astimezone(UTC)
-        start = _wall(until, self.zone)
-        earlier = self._offset(until - _DAY)
-        offset = self._offset(until)
-        if earlier > offset:  # clocks went back within a day: times up to until + earlier
-            start += earlier - offset
-        found: set[datetime.datetime] = set()
-        for wall in self._walk(start + _SECOND, backwards=True):
-            ticks, repeated = self.instants(wall)
-            found.update(t for t in ticks if after < t <= until)
-            if repeated:
-                continue  # the second occurrences of earlier times are later than ticks[0]
-            # Every time before `wall` has its instants at or before ticks[0].
-            if ticks[0] <= after or sum(t >= ticks[0] for t in found) >= count:
+        after = after.astimezone(UTC)
+        until = until.astimezone(UTC).replace(microsecond=0) + _SECOND  # ticks are whole seconds
+        found: list[datetime.datetime] = []
+        while len(found) < count:
+            until = self._previous(until)
+            if until <= after:
                 break
-        return sorted(found)[-count:] if count > 0 else []
+            found.append(until)
+        return found[::-1]
