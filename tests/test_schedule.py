@@ -11,6 +11,8 @@ import asyncio
 import datetime
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import time
 import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -416,3 +419,28 @@ def test_every_second_is_every_real_second_across_clock_changes_and_cheap() -> N
         ticks = cron.latest(at(inside) - datetime.timedelta(days=1), at(inside), MAX_CATCH_UP)
         assert ticks == [at(inside) - i * second for i in range(MAX_CATCH_UP - 1, -1, -1)]
         assert time.perf_counter() - started < 0.05
+
+
+def test_sigterm_after_a_scheduler_failure_drains_and_deregisters(db: str) -> None:
+    python_path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgpubsub", "listen", "app.failing_schedule"],
+        env={**os.environ, "PGPUBSUB_DSN": db, "PYTHONPATH": python_path},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: any("failed to find next date" in p for p in pgpubsub.status(db).problems()),
+            timeout=30,
+            interval=0.2,
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert "schedule of app.failing_schedule.Failing stopped: failed to find next date" in out
+    assert "Traceback" in out  # logged with its traceback, when it happened
+    assert "worker stopped" in out, out  # stop() ran to its end
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.worker") == [(0,)]
