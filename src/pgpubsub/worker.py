@@ -152,8 +152,8 @@ class Worker:
         self._plain: list[Subscription] = []
         self._durable: DurableRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        # What stopped among the background tasks, by channel ("" for the worker's own).
-        self._failures: dict[str, str] = {}
+        # The background tasks that stopped: what -> (its channel, or "", and why).
+        self._failures: dict[str, tuple[str, str]] = {}
 
     def _background(self, what: str, coro: Any, channel: str = "") -> None:
         """Run ``coro`` (meant to run until cancelled) as a task whose end is noticed."""
@@ -169,7 +169,7 @@ class Worker:
         exc = task.exception()
         reason = driver.one_line(exc) if exc is not None else "it returned"
         log.error("%s stopped: %s; the worker goes on without it", what, reason, exc_info=exc)
-        self._failures[channel] = f"{what} stopped: {reason}"
+        self._failures[what] = (channel, f"{what} stopped: {reason}")
 
     async def start(self) -> None:
         plain = [c for c in self.channels if not c.lock]
@@ -254,8 +254,9 @@ class Worker:
                 "processed": counts.get(("processed", spec.name), 0),
                 "failed": counts.get(("failed", spec.name), 0),
             }
-            if spec.name in self._failures:
-                stats[spec.name]["error"] = self._failures[spec.name]
+        for channel, error in self._failures.values():
+            if channel in stats:
+                stats[channel]["error"] = error
         return stats
 
     async def _sync_metrics(self, metrics: _metrics.Metrics, every: float = 1.0) -> None:
@@ -280,7 +281,7 @@ class Worker:
         return WorkerStatus(
             self.engine.status(),
             tuple(p.status() for p in durable),
-            tuple(self._failures.values()),
+            tuple(error for _, error in self._failures.values()),
         )
 
     async def stop(self, timeout: float = 10.0) -> None:
