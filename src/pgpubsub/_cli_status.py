@@ -2,7 +2,8 @@
 
 ``--check`` makes it a probe: exit 0 when healthy, 3 when the database is
 unreachable, 4 when the schema is missing or outdated, 1 when a due message
-has waited longer than ``--max-age`` seconds.
+has waited longer than ``--max-age`` seconds or a live worker reports a
+background task that stopped (a channel's scheduler).
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def _print(health: Health) -> None:
             for w in health.workers
         ]
         _table(rows)
+        for w in health.workers:
+            for error in w.errors if w.alive else []:
+                print(f"FAILED    {w.host}:{w.pid}: {error}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,18 +2,25 @@
 
 ``schedule`` is a cron expression read by croniter (``pgpubsub[schedule]``):
 five fields, or six with seconds as the sixth (``"*/10 * * * * *"``: every 10
-seconds), in the channel's ``timezone`` (UTC by default).
+seconds), in the channel's ``timezone`` (UTC by default). When the clocks
+change, a wall-clock time that does not exist runs at the first instant after
+the gap, and one that occurs twice runs once, at its first occurrence, unless
+the minute or hour field starts with ``*`` (hourly is every real hour): see
+:mod:`pgpubsub._cron`.
 
 Every worker that runs the channel keeps time, and at each tick tries to
 advance the channel's row in ``pgpubsub.schedule`` to that tick; the one
 whose update wins (a conditional upsert, so exactly one) stores the tick's
-message in the same transaction. The message is then processed like any
-durable message: once, retried, dead-lettered. A worker starting after ticks
-were missed (no worker was running) stores the missed ones, at most
-:data:`MAX_CATCH_UP` of the most recent, oldest first. The first worker ever
-to run a channel starts from its next tick.
+message in the same transaction. A tick is stored at or after its instant,
+never twice. The message is then processed like any durable message: once,
+retried, dead-lettered. A worker starting after ticks were missed (no worker
+was running) stores the missed ones, at most :data:`MAX_CATCH_UP` of the most
+recent, oldest first (found walking back from now: the cost is those ticks,
+not the ticks missed). The first worker ever to run a channel starts from its
+next tick.
 
-A channel field named ``scheduled_at`` (an aware datetime) receives the tick.
+A channel field named ``scheduled_at`` (an aware datetime in the channel's
+time zone) receives the tick.
 """
 
 from __future__ import annotations
@@ -26,12 +33,12 @@ from typing import Any
 import psycopg
 
 from . import driver
-from ._cron import croniter, zone
+from ._cron import UTC, Cron, zone
 from .backoff import worth_logging
 from .channel import ChannelSpec
 from .durable import astore
 
-__all__ = ["MAX_CATCH_UP", "Scheduler"]
+__all__ = ["MAX_CATCH_UP", "Clock", "Scheduler"]
 
 log = logging.getLogger("pgpubsub.schedule")
 
@@ -47,26 +54,29 @@ TICK_SQL = (
 LAST_SQL = "SELECT last_tick FROM pgpubsub.schedule WHERE channel = %s"
 
 
+class Clock:
+    """The time and the sleeps of a scheduler (tests pass a simulated clock)."""
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.now(UTC)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
 class Scheduler:
     """Stores one message per tick of ``spec``'s schedule, racing fairly with other workers."""
 
-    def __init__(self, conninfo: str, spec: ChannelSpec):
+    def __init__(self, conninfo: str, spec: ChannelSpec, clock: Clock | None = None):
         self.conninfo = conninfo
         self.spec = spec
         self.zone = zone(spec.cls.timezone, spec.path)
-        self.croniter = croniter()
-
-    def ticks_after(self, start: datetime.datetime, until: datetime.datetime) -> list[Any]:
-        it = self.croniter(self.spec.cls.schedule, start.astimezone(self.zone))
-        ticks = []
-        while (tick := it.get_next(datetime.datetime)) <= until:
-            ticks.append(tick)
-            if len(ticks) > MAX_CATCH_UP:
-                ticks.pop(0)
-        return ticks
+        self.cron = Cron(spec.cls.schedule or "", self.zone)
+        self.clock = clock or Clock()
 
     def _lines(self, tick: datetime.datetime) -> str:
-        fields = {"scheduled_at": tick} if "scheduled_at" in self.spec.fields else {}
+        wall = tick.astimezone(self.zone)
+        fields = {"scheduled_at": wall} if "scheduled_at" in self.spec.fields else {}
         return self.spec.encode_lines([fields])[0]
 
     async def _store(self, conn: psycopg.AsyncConnection[Any], tick: datetime.datetime) -> bool:
@@ -81,12 +91,19 @@ class Scheduler:
         await driver.keep_connected(self.conninfo, self._keep_time, self._trouble, 5.0)
 
     async def _keep_time(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await self._catch_up(conn)
+        last = await self._catch_up(conn)
         while True:
-            now = datetime.datetime.now(self.zone)
-            tick = self.croniter(self.spec.cls.schedule, now).get_next(datetime.datetime)
-            await asyncio.sleep(max(0.0, (tick - now).total_seconds()))
+            # After the last tick seen even if this clock is behind: never one tick twice.
+            now = self.clock.now()
+            tick = self.cron.next_after(max(now, last) if last is not None else now)
+            await self._sleep_until(tick)
             await self._store(conn, tick)
+            last = tick
+
+    async def _sleep_until(self, tick: datetime.datetime) -> None:
+        """Return at or after the instant ``tick`` (durations in UTC instants)."""
+        while (left := (tick - self.clock.now()).total_seconds()) > 0:
+            await self.clock.sleep(left)
 
     def _trouble(self, exc: Exception, failures: int) -> None:
         level = logging.WARNING if worth_logging(failures) else logging.DEBUG
@@ -94,12 +111,17 @@ class Scheduler:
             level, "schedule of %s: %s; trying again in 5s", self.spec.path, driver.one_line(exc)
         )
 
-    async def _catch_up(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _catch_up(self, conn: psycopg.AsyncConnection[Any]) -> datetime.datetime | None:
+        """Store the missed ticks (at most MAX_CATCH_UP); the last tick stored by anyone."""
         cur = await conn.execute(LAST_SQL, (self.spec.name,))
         row = await cur.fetchone()
         if row is None:
-            return  # never run: start from the next tick
-        missed = self.ticks_after(row[0], datetime.datetime.now(self.zone))
+            return None  # never run: start from the next tick
+        last: datetime.datetime = row[0]
+        # A walk back of MAX_CATCH_UP ticks, a few croniter steps each (well under a
+        # millisecond); in a thread all the same, so the loop never waits on croniter.
+        missed = await asyncio.to_thread(self.cron.latest, last, self.clock.now(), MAX_CATCH_UP)
         stored = [tick for tick in missed if await self._store(conn, tick)]
         if stored:
             log.info("schedule of %s: stored %d missed tick(s)", self.spec.path, len(stored))
+        return max([last, *missed])

@@ -94,9 +94,16 @@ class Channel:
     #: At most this many messages of the channel handled at once across every worker
     #: (None: no limit); enforced in the database.
     max_in_flight: ClassVar[int | None] = None
-    #: A cron expression (5 fields, or 6 with seconds last): one message per tick.
+    #: A cron expression (5 fields, or 6 with seconds last): one message per tick, at or
+    #: after the tick's instant, never twice. When the clocks change, a wall-clock time
+    #: that does not exist (spring forward) runs at the first instant after the gap; one
+    #: that occurs twice (fall back) runs once, at its first occurrence, unless the minute
+    #: or hour field starts with ``*`` (``0 * * * *``: every real hour), which runs at
+    #: both. An expression that is invalid or never matches (``0 0 31 2 *``) is a
+    #: ConfigurationError at declaration.
     schedule: ClassVar[str | None] = None
-    #: The time zone of ``schedule`` (an IANA name).
+    #: The time zone of ``schedule`` (an IANA name such as ``Europe/Berlin``; an unknown
+    #: one is a ConfigurationError at declaration).
     timezone: ClassVar[str] = "UTC"
     _pgpubsub_options: ClassVar[dict[str, Any]] = {}
 

@@ -82,6 +82,11 @@ class WorkerInfo:
     # Per channel: {"kind", "durable", "processed", "failed"} (schema version 3).
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @property
+    def errors(self) -> list[str]:
+        """What stopped in this worker (a channel's scheduler...), from its registry row."""
+        return [str(c["error"]) for c in self.stats.values() if c.get("error")]
+
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> WorkerInfo:
         """One row of :data:`WORKERS_SQL`."""
@@ -110,7 +115,7 @@ class Health:
 
     def problems(self, max_age: float | None = None) -> list[str]:
         """What makes this unhealthy (empty when healthy); ``max_age``: seconds a due message
-        may wait."""
+        may wait. A live worker whose background task (a scheduler) stopped is a problem."""
         if not self.reachable:
             return [f"database unreachable: {self.error}"]
         if self.schema_version is None:
@@ -120,9 +125,15 @@ class Health:
                 f"the pgpubsub schema is at version {self.schema_version}, this library needs "
                 f"{self.expected_version}: run `pgpubsub migrate`"
             ]
+        stopped = [
+            f"worker {w.host}:{w.pid}: {error}"
+            for w in self.workers
+            if w.alive
+            for error in w.errors
+        ]
         if max_age is None:
-            return []
-        return [
+            return stopped
+        return stopped + [
             f"{c.channel}: the oldest due message has waited {c.oldest_due_age:.0f}s "
             f"(more than {max_age:g}s)"
             for c in self.channels

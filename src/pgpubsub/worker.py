@@ -14,7 +14,6 @@ worker (:mod:`pgpubsub.durable`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -45,11 +44,13 @@ log = logging.getLogger("pgpubsub.worker")
 class WorkerStatus:
     engine: Status
     durable: tuple[ProcessorStatus, ...]
+    #: Background tasks (a channel's scheduler...) that stopped: what stopped, and why.
+    failures: tuple[str, ...] = ()
 
     @property
     def healthy(self) -> bool:
-        """Listening, and every durable channel's processor running."""
-        return self.engine.healthy and all(p.alive for p in self.durable)
+        """Listening, every durable channel's processor running, no background task failed."""
+        return self.engine.healthy and all(p.alive for p in self.durable) and not self.failures
 
 
 def _plain_handler(listener: ListenerSpec, conninfo: str) -> Callable[[Notify], Any]:
@@ -152,6 +153,24 @@ class Worker:
         self._plain: list[Subscription] = []
         self._durable: DurableRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # The background tasks that stopped: what -> (its channel, or "", and why).
+        self._failures: dict[str, tuple[str, str]] = {}
+
+    def _background(self, what: str, coro: Any, channel: str = "") -> None:
+        """Run ``coro`` (meant to run until cancelled) as a task whose end is noticed."""
+        task = asyncio.create_task(coro, name=f"pgpubsub: {what}")
+        task.add_done_callback(lambda task: self._ended(task, what, channel))
+        self._tasks.append(task)
+
+    def _ended(self, task: asyncio.Task[None], what: str, channel: str) -> None:
+        """A background task ended other than by stop(): logged now, shown in status()
+        and in the worker registry (``pgpubsub status``)."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        reason = driver.one_line(exc) if exc is not None else "it returned"
+        log.error("%s stopped: %s; the worker goes on without it", what, reason, exc_info=exc)
+        self._failures[what] = (channel, f"{what} stopped: {reason}")
 
     async def start(self) -> None:
         plain = [c for c in self.channels if not c.lock]
@@ -180,15 +199,15 @@ class Worker:
             await self._durable.start()
         spilling = [c.name for c in plain if issubclass(c.cls, TriggerChannel)]
         if spilling:
-            self._tasks.append(asyncio.create_task(self._purge_spills(spilling)))
+            self._background("purging spilled trigger events", self._purge_spills(spilling))
         for spec in durable:
             if spec.cls.schedule is not None:
                 scheduler = Scheduler(self.engine.conninfo, spec)
-                self._tasks.append(asyncio.create_task(scheduler.run()))
+                self._background(f"schedule of {spec.path}", scheduler.run(), spec.name)
         if self.heartbeat is not None:
-            self._tasks.append(asyncio.create_task(self.heartbeat.run()))
+            self._background("worker registry", self.heartbeat.run())
         if metrics is not None:
-            self._tasks.append(asyncio.create_task(self._sync_metrics(metrics)))
+            self._background("metrics", self._sync_metrics(metrics))
         log.info(
             "worker listening on %d channel(s): %s",
             len(self.channels),
@@ -226,10 +245,12 @@ class Worker:
         )
 
     def channel_stats(self) -> dict[str, dict[str, Any]]:
-        """Per channel: its kind and this worker's processed and failed counts (the registry)."""
+        """Per channel: its kind and this worker's processed and failed counts (the registry),
+        and ``error`` when a background task of the channel (its scheduler) stopped."""
         counts = self.counts()
-        return {
-            spec.name: {
+        stats: dict[str, dict[str, Any]] = {}
+        for spec in self.channels:
+            stats[spec.name] = {
                 "kind": "trigger"
                 if issubclass(spec.cls, TriggerChannel)
                 else ("durable" if spec.lock else "plain"),
@@ -237,8 +258,10 @@ class Worker:
                 "processed": counts.get(("processed", spec.name), 0),
                 "failed": counts.get(("failed", spec.name), 0),
             }
-            for spec in self.channels
-        }
+        for channel, error in self._failures.values():
+            if channel in stats:
+                stats[channel]["error"] = error
+        return stats
 
     async def _sync_metrics(self, metrics: _metrics.Metrics, every: float = 1.0) -> None:
         while True:
@@ -259,15 +282,18 @@ class Worker:
     def status(self) -> WorkerStatus:
         """The engine's status and each durable processor's, for health checks."""
         durable = self._durable.processors if self._durable is not None else []
-        return WorkerStatus(self.engine.status(), tuple(p.status() for p in durable))
+        return WorkerStatus(
+            self.engine.status(),
+            tuple(p.status() for p in durable),
+            tuple(error for _, error in self._failures.values()),
+        )
 
     async def stop(self, timeout: float = 10.0) -> None:
         log.info("worker draining: finishing the messages in hand (up to %.0fs)", timeout)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # A task that had failed was logged when it did: its error must not stop the drain.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._durable is not None:
             await self._durable.stop(timeout)
