@@ -493,3 +493,21 @@ def test_a_role_without_usage_is_told_the_grant_to_run(roles: Roles) -> None:
     channel = "app.jobs.EverySecond"
     out = run("listen", "app.jobs", "--channels", channel, "--dsn", roles.dsn_of(nobody))
     one_failure(out, 5, f"pgpubsub grant {nobody} --worker", "GRANT USAGE ON SCHEMA pgpubsub")
+
+
+def test_revoke_takes_back_what_a_grant_before_version_4_gave(roles: Roles) -> None:
+    role = roles.make("old")
+    before = privileges(roles.dsn, role)
+    admin_query(  # `pgpubsub grant --publisher --monitor --django-writer` of version 3
+        roles.dsn,
+        f'GRANT USAGE ON SCHEMA pgpubsub TO "{role}";'
+        f'GRANT INSERT ON pgpubsub.message TO "{role}";'
+        f'GRANT SELECT (id, channel, status, dedupe_key) ON pgpubsub.message TO "{role}";'
+        f'GRANT SELECT ON pgpubsub.message, pgpubsub.worker, pgpubsub.version TO "{role}";'
+        f'GRANT SELECT (id, payload) ON pgpubsub.message TO "{role}";'
+        "GRANT EXECUTE ON FUNCTION pgpubsub.event, pgpubsub.send_events, pgpubsub.notify_row "
+        f'TO "{role}"',
+    )
+    kinds = ["--publisher", "--monitor", "--django-writer"]
+    assert cli.main(["grant", role, *kinds, "--revoke", "--dsn", roles.dsn]) == 0
+    assert privileges(roles.dsn, role) == before

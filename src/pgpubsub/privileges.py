@@ -171,6 +171,15 @@ _FORGET_BASELINE_SQL = (
 )
 
 
+# What grants before version 4 gave that version 4 gives no more: revoked too.
+_BEFORE_4: dict[str, set[tuple[str, ...]]] = {
+    "publisher": {("relation", "message", "INSERT")},
+    "worker": {("relation", "message", "INSERT")},
+    "monitor": {("relation", "message", "SELECT")},
+    "django_writer": {("relation", "message", "INSERT"), ("column", "message.payload", "SELECT")},
+}
+
+
 def _revocation(role: str, held: tuple[str, ...]) -> sql.Composed:
     """The REVOKE of one privilege as :data:`_HELD_SQL` names it."""
     what, name, privilege = held
@@ -213,7 +222,7 @@ def _revoke(conn: psycopg.Connection[Any], role: str, kinds: list[str]) -> list[
     keep = {tuple(p) for p in baseline_row[0]} if baseline_row else set()
     for kind in recorded - set(kinds):
         keep |= conferred[kind]
-    given = set().union(*(conferred[k] for k in kinds))
+    given = set().union(*(conferred[k] | _BEFORE_4.get(k, set()) for k in kinds))
     done = [_revocation(role, p) for p in sorted((_held(conn, role) & given) - keep)]
     for statement in done:
         conn.execute(statement)
