@@ -236,7 +236,7 @@ def test_a_worker_dying_in_every_attempt_uses_them_up_and_the_message_ends_dead(
     assert effects(db) == {}
     with psycopg.connect(db) as conn:
         (row,) = messages.list_messages(conn, "dead")
-    assert "stopped before it completed, 3 times" in (row.last_error or "")
+    assert "stopped before it completed (attempt 3)" in (row.last_error or "")
 
 
 @dataclass

@@ -49,6 +49,9 @@ class DjangoSession(Session):
             cur.execute(query, params)
             return list(cur.fetchall()) if cur.description else []
 
+    def in_transaction(self) -> bool:
+        return bool(self.connection.in_atomic_block)
+
     def broken(self, exc: BaseException) -> bool:
         from django.db import InterfaceError, OperationalError
 

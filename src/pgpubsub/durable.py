@@ -112,11 +112,14 @@ def migrate(dsn: str = "") -> None:
 
 # With publishing options: a due time, a priority, keys. A dedupe_key that is
 # pending already stores nothing (the unique partial index decides, race-free).
+# A delay counts from the call (clock_timestamp), not from the start of the
+# publisher's transaction (now): delay=3 published 4 s into a transaction is
+# due 3 s after that call.
 STORE_OPTIONS_SQL = (
     "WITH ins AS (INSERT INTO pgpubsub.message "
     "(channel, payload, trace, run_at, priority, dedupe_key, ordering_key) "
     "SELECT %(channel)s, x, %(trace)s::jsonb, "
-    "coalesce(%(run_at)s::timestamptz, pg_catalog.now()) "
+    "coalesce(%(run_at)s::timestamptz, pg_catalog.clock_timestamp()) "
     "+ pg_catalog.make_interval(secs => %(delay)s::float8), "
     "%(priority)s, %(dedupe_key)s, %(ordering_key)s "
     "FROM pg_catalog.unnest(pg_catalog.string_to_array(%(lines)s, E'\\n')) AS x "

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import _metrics, _tracing
@@ -45,25 +45,34 @@ HEADS = (
 # Among due messages the higher priority goes first. A message with an
 # ordering key waits while an older message of its key is pending (in a
 # worker's hands, waiting for a retry, or not due yet): one at a time, in order.
+# A message whose last attempt never finished (``unfinished``: its worker
+# stopped mid-batch) may be the one that kills its worker: it is claimed alone,
+# so that a crash charges an attempt to no other message, and only such a
+# message dies of crashes. The last column says the claim was cut short so.
 CLAIM_SQL = f"""
 WITH due AS (
-    SELECT id FROM pgpubsub.message m
+    SELECT id, unfinished FROM pgpubsub.message m
     WHERE channel = %(channel)s AND status = 'pending' AND run_at <= pg_catalog.now()
       AND (ordering_key IS NULL OR id IN ({HEADS}))
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), pick AS (
+    SELECT id, false AS alone FROM due WHERE NOT EXISTS (SELECT FROM due WHERE unfinished)
+    UNION ALL
+    (SELECT id, true FROM due WHERE unfinished LIMIT 1)
 )
 UPDATE pgpubsub.message m SET
-    attempts = m.attempts + 1,
-    run_at = pg_catalog.now() + pg_catalog.make_interval(
+    attempts = m.attempts + CASE WHEN m.unfinished AND m.attempts >= %(max)s THEN 0 ELSE 1 END,
+    run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(
         secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, m.attempts))),
-    status = CASE WHEN m.attempts >= %(max)s THEN 'dead' ELSE 'pending' END,
-    last_error = CASE WHEN m.attempts >= %(max)s
+    status = CASE WHEN m.unfinished AND m.attempts >= %(max)s THEN 'dead' ELSE 'pending' END,
+    unfinished = NOT (m.unfinished AND m.attempts >= %(max)s),
+    last_error = CASE WHEN m.unfinished AND m.attempts >= %(max)s
         THEN pg_catalog.format(
-            'the process handling it stopped before it completed, %%s times', m.attempts)
+            'the process handling it stopped before it completed (attempt %%s)', m.attempts)
         ELSE m.last_error END
-FROM due WHERE m.id = due.id
+FROM pick WHERE m.id = pick.id
 RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
-    m.ordering_key IS NOT NULL
+    m.ordering_key IS NOT NULL, pick.alone
 """  # noqa: S608 - HEADS is a constant
 # max_in_flight: a worker handles messages only while it holds one of the
 # channel's slots, session advisory locks (released if its connection dies).
@@ -79,30 +88,37 @@ LOCK_SQL = "SELECT id, attempts FROM pgpubsub.message WHERE id = ANY(%s) ORDER B
 DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
 KEEP_SQL = (
     "UPDATE pgpubsub.message SET status = 'done', completed_at = pg_catalog.now(), "
-    "last_error = NULL WHERE id = ANY(%s)"
+    "last_error = NULL, unfinished = false WHERE id = ANY(%s)"
 )
 EXPIRE_SQL = (
     "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
     "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
 )
-# Seconds until the channel's earliest claimable message is due (None: none
-# pending); a message behind an older one of its ordering key does not count.
+# Seconds until the channel's earliest claimable message is due (None: none).
+# Only a time still to come counts: a message already due that this processor
+# did not claim is in another worker's hands (locked), and waiting for it in a
+# loop would spin; it comes back with a due time of its own, or a wake-up. A
+# message behind an older one of its ordering key does not count either.
 NEXT_DUE_SQL = (
     "SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now()) "  # noqa: S608 - HEADS is a constant
     "FROM pgpubsub.message WHERE channel = %(channel)s AND status = 'pending' "
-    f"AND (ordering_key IS NULL OR id IN ({HEADS}))"
+    f"AND run_at > pg_catalog.now() AND (ordering_key IS NULL OR id IN ({HEADS}))"
 )
 # Completing a message with an ordering key makes the next one of its key
-# claimable: wake the other workers (sent at commit).
+# claimable, and a max_in_flight slot given back lets a waiting worker in:
+# wake the other workers (sent at commit).
 WAKE_SQL = "SELECT pg_catalog.pg_notify(%s, '')"
+# A failed attempt: its outcome is recorded (no longer unfinished), and the
+# retry delay counts from now, not from the start of the batch's transaction.
 RETRY_SQL = (
-    "UPDATE pgpubsub.message SET last_error = %s, "
-    "run_at = pg_catalog.now() + pg_catalog.make_interval(secs => %s), "
+    "UPDATE pgpubsub.message SET last_error = %s, unfinished = false, "
+    "run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => %s), "
     "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END WHERE id = %s"
 )
-
-#: Seconds between tries for a max_in_flight slot while all are taken.
-SLOT_WAIT = 0.02
+# Deferrable constraints (every Django foreign key) are checked at each
+# statement in the processing transaction, inside the message's savepoint, so
+# that a violation is its message's failure rather than a failed COMMIT.
+IMMEDIATE_SQL = "SET CONSTRAINTS ALL IMMEDIATE"
 
 #: Waits between attempts while the database is unavailable.
 RECONNECT = Backoff(base=0.5, factor=2, cap=10)
@@ -153,7 +169,7 @@ class ChannelProcessor:
         # claim does not take the work the others could do at once.
         self.claim_size = min(batch_size, 50 if cls.concurrency == 1 else 1)
         self.poll_interval = poll_interval
-        self._no_slot = False
+        self._alone = False  # the last claim took a message alone (unfinished before)
         self.max_attempts = int(cls.max_attempts)
         self.retention = float(cls.retention)
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
@@ -199,12 +215,14 @@ class ChannelProcessor:
             slot = self._take_slot()
             if slot is None:
                 break
+            got = 0
             try:
                 asked = self.claim_size
                 got = self._batch()
             finally:
-                self._give_slot(slot)
-            if got < asked:
+                self._give_slot(slot, wake=got > 0)
+            # A claim cut short by a message claimed alone is no sign of an empty queue.
+            if got < asked and not self._alone:
                 break
         if self.retention:
             with self.session.atomic():
@@ -213,29 +231,33 @@ class ChannelProcessor:
 
     def _take_slot(self) -> int | None:
         """One of the channel's max_in_flight slots (-1: no limit); None when all are taken."""
-        self._no_slot = False
         if self.max_in_flight is None:
             return -1
         for slot in range(self.max_in_flight):
             with self.session.atomic():
                 if self.session.execute(SLOT_SQL, (self.spec.name, slot))[0][0]:
                     return slot
-        self._no_slot = True
+        # All taken: the holder wakes the channel's workers when it gives its
+        # slot back after a message, so there is no need to poll for one.
         return None
 
-    def _give_slot(self, slot: int) -> None:
+    def _give_slot(self, slot: int, wake: bool) -> None:
         if slot >= 0:
             with self.session.atomic():
                 self.session.execute(UNSLOT_SQL, (self.spec.name, slot))
+                if wake:
+                    self.session.execute(WAKE_SQL, (self.spec.name,))
 
     def _next_due(self) -> float:
-        """Seconds to sleep: until the earliest retry or delayed message is due, or a poll."""
-        if self._no_slot:
-            return SLOT_WAIT
+        """Seconds to sleep: until the earliest retry or delayed message is due, or a poll.
+
+        Never 0: a message already due that this processor could not claim is
+        another worker's; a wake-up (NOTIFY) ends the sleep early.
+        """
         with self.session.atomic():
             rows = self.session.execute(NEXT_DUE_SQL, {"channel": self.spec.name})
         due = rows[0][0] if rows else None
-        return self.poll_interval if due is None else min(self.poll_interval, max(0.0, due))
+        return self.poll_interval if due is None else min(self.poll_interval, max(0.001, due))
 
     def _run(self) -> None:
         failures = 0  # in a row: the wait grows, so an outage is not a log storm
@@ -312,22 +334,24 @@ class ChannelProcessor:
             return self.session.execute(CLAIM_SQL, params)
 
     def _batch(self) -> int:
+        """Claim a batch and process it; return how many messages were claimed."""
         claimed = self._claim()
         self.claimed += len(claimed)
+        self._alone = any(r[7] for r in claimed)
         if claimed and self._claim_batch is not None:
             self._claim_batch(len(claimed))
         rows = []
         # In claim order (RETURNING has none): higher priority first, then oldest.
-        for mid, payload, attempts, status, trace, _, _ in sorted(
+        for mid, payload, attempts, status, trace, _, _, _ in sorted(
             claimed, key=lambda r: (-r[5], r[0])
         ):
             if status == "dead":
                 self.dead += 1
                 log.error(
-                    "message %s on %s is dead: its worker stopped during each of %d attempts",
+                    "message %s on %s is dead: its worker stopped during attempt %d",
                     mid,
                     self.spec.path,
-                    attempts - 1,
+                    attempts,
                     extra={"channel": self.spec.name, "message_id": mid, "attempt": attempts},
                 )
             else:
@@ -346,60 +370,142 @@ class ChannelProcessor:
         return len(claimed)
 
     def _process(self, claimed: list[tuple[Any, ...]]) -> None:
+        """Run and complete claimed rows ``(id, payload, attempt, trace)`` in one transaction.
+
+        Each message runs in a savepoint of its own: one that fails (its
+        listener raised, a write of its listener failed, its failure could not
+        be stored as given) is rolled back alone and its failure recorded,
+        while the batch goes on, so no listener runs again for another
+        message's failure. Only when the transaction fails as a whole (at
+        COMMIT: a constraint a listener deferred itself; or in the library's
+        own statements), since nothing of it committed, is each message run
+        again, alone in a transaction of its own. Counters count what committed.
+        """
         session = self.session
         token = current_connection.set(session.connection)
+        rows: list[tuple[Any, ...]] = []
         try:
-            with session.atomic():
-                locked = dict(session.execute(LOCK_SQL, ([r[0] for r in claimed],)))
-                # A row claimed again by someone else since (lease over) is theirs.
-                rows = [r for r in claimed if locked.get(r[0]) == r[2]]
-                failed_at = 0
-                try:
-                    # Fast path: the whole batch in one savepoint, its statements
-                    # pipelined (listeners' writes do not wait for a round trip).
-                    with session.pipeline(), session.atomic():
-                        for failed_at, row in enumerate(rows):  # noqa: B007
-                            self._handle(row)
-                        self._complete([r[0] for r in rows])
-                    self.processed += len(rows)
-                except Exception as exc:
-                    # Redo one savepoint each. A listener that raised is not run
-                    # twice; a database error may have surfaced late (pipeline),
-                    # so then every message is run again, one at a time.
-                    self._careful(rows, None if session.late_error(exc) else failed_at, exc)
+            nested = session.in_transaction()
+            try:
+                with session.atomic():
+                    locked = dict(session.execute(LOCK_SQL, ([r[0] for r in claimed],)))
+                    # A row claimed again by someone else since (lease over) is theirs.
+                    rows = [r for r in claimed if locked.get(r[0]) == r[2]]
+                    with session.pipeline():
+                        if not nested:  # never change the mode of the caller's transaction
+                            session.execute(IMMEDIATE_SQL)
+                        outcome = self._run_all(rows)
+            except Exception as exc:
+                if not rows or session.broken(exc):
+                    raise
+                outcome = self._one_by_one(rows, exc)
+            self._count(outcome)
         finally:
             current_connection.reset(token)
+
+    def _run_all(self, rows: list[tuple[Any, ...]]) -> _Outcome:
+        outcome = _Outcome()
+        for row in rows:
+            exc = self._attempt(row)
+            if exc is None:
+                outcome.done.append(row[0])
+            else:
+                outcome.failed.append(self._failed(row[0], row[2], exc))
+        self._complete(outcome.done)
+        return outcome
+
+    def _attempt(self, row: tuple[Any, ...]) -> Exception | None:
+        """Run one message's listeners in a savepoint; the exception if they failed.
+
+        Its statements are waited for before the savepoint ends (the writes of
+        a batch are pipelined): a write that fails is charged to its own
+        message, and the next listener runs only once this one's writes held.
+        """
+        session = self.session
+        try:
+            with session.atomic():
+                try:
+                    self._handle(row)
+                finally:
+                    session.sync()
+        except Exception as exc:
+            if session.broken(exc):
+                raise
+            return exc
+        return None
+
+    def _one_by_one(self, rows: list[tuple[Any, ...]], error: Exception) -> _Outcome:
+        """After the batch's transaction failed: each message alone, in its own transaction.
+
+        Nothing of the batch committed, so its listeners run again (the one
+        case where a listener can run twice for one attempt; see the durable
+        guide). A message whose own transaction fails at COMMIT is charged
+        that failure.
+        """
+        session = self.session
+        log.warning(
+            "durable channel %s: the transaction of a batch of %d failed (%s); running each "
+            "of its messages again in a transaction of its own",
+            self.spec.path,
+            len(rows),
+            one_line(error),
+            extra={"channel": self.spec.name},
+        )
+        outcome = _Outcome()
+        for row in rows:
+            mid, _, attempt, _ = row
+            alone = _Outcome()
+            try:
+                with session.atomic():
+                    if self._still_ours(mid, attempt):
+                        exc = self._attempt(row)
+                        if exc is None:
+                            self._complete([mid])
+                            alone.done.append(mid)
+                        else:
+                            alone.failed.append(self._failed(mid, attempt, exc))
+            except Exception as exc:
+                if session.broken(exc):
+                    raise
+                alone = _Outcome()
+                with session.atomic():
+                    if self._still_ours(mid, attempt):
+                        alone.failed.append(self._failed(mid, attempt, exc))
+            outcome.done += alone.done
+            outcome.failed += alone.failed
+        return outcome
+
+    def _still_ours(self, mid: int, attempt: int) -> bool:
+        return dict(self.session.execute(LOCK_SQL, ([mid],))).get(mid) == attempt
+
+    def _count(self, outcome: _Outcome) -> None:
+        """Count a committed outcome."""
+        self.processed += len(outcome.done)
+        self.failed += len(outcome.failed)
+        self.dead += sum(outcome.failed)
 
     def _complete(self, ids: list[int]) -> None:
         if ids:
             self.session.execute(KEEP_SQL if self.retention else DELETE_SQL, (ids,))
 
-    def _careful(
-        self, rows: list[tuple[Any, ...]], failed_at: int | None, first_error: Exception
-    ) -> None:
-        done = []
-        for index, row in enumerate(rows):
-            mid, _, attempts, _ = row
-            try:
-                if index == failed_at:
-                    raise first_error
-                with self.session.atomic():
-                    self._handle(row)
-                done.append(mid)
-            except Exception as exc:
-                self._failed(mid, attempts, exc)
-        self._complete(done)
-        self.processed += len(done)
-
-    def _failed(self, mid: int, attempt: int, exc: Exception) -> None:
-        self.failed += 1
-        error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    def _failed(self, mid: int, attempt: int, exc: Exception) -> bool:
+        """Record a failed attempt in a savepoint of its own; return whether it is now dead."""
+        error = storable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         delay = self.backoff.delay(attempt - 1)
         # A payload that does not decode never will: dead at once, kept with its error.
         limit = attempt if isinstance(exc, SchemaMismatch) else self.max_attempts
-        self.session.execute(RETRY_SQL, (error, delay, limit, mid))
+        try:
+            self._record(mid, error, delay, limit)
+        except Exception as trouble:
+            if self.session.broken(trouble):
+                raise
+            # The library's own bookkeeping failed: store what can be stored.
+            error = storable(
+                f"{type(exc).__module__}.{type(exc).__qualname__} (its text could not be "
+                f"stored: {one_line(trouble)})"
+            )
+            self._record(mid, error, delay, limit)
         final = attempt >= limit
-        self.dead += final
         log.log(
             logging.ERROR if final else logging.WARNING,
             "message %s on %s failed (attempt %d of %d): %r%s",
@@ -411,3 +517,22 @@ class ChannelProcessor:
             "; now dead" if final else f"; retry in {delay:.1f}s",
             extra={"channel": self.spec.name, "message_id": mid, "attempt": attempt},
         )
+        return final
+
+    def _record(self, mid: int, error: str, delay: float, limit: int) -> None:
+        with self.session.atomic():
+            self.session.execute(RETRY_SQL, (error, delay, limit, mid))
+            self.session.sync()
+
+
+@dataclass
+class _Outcome:
+    """What one processing transaction did: completed ids, and per failure whether it died."""
+
+    done: list[int] = field(default_factory=list)
+    failed: list[bool] = field(default_factory=list)
+
+
+def storable(text: str) -> str:
+    """``text`` as PostgreSQL can store it: no NUL, no lone surrogate (escaped instead)."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")

@@ -12,7 +12,8 @@ transaction.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import psycopg
@@ -45,8 +46,11 @@ class Session(ABC):
         """A block whose statements need not wait for their results (when the driver can)."""
         return nullcontext()
 
-    def late_error(self, exc: BaseException) -> bool:
-        """Whether ``exc`` may come from an earlier statement than the one that raised it."""
+    def sync(self) -> None:  # noqa: B027 - nothing to wait for without a pipeline
+        """Wait for every statement sent so far: an error of theirs raises here, not later."""
+
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open already (then :meth:`atomic` is a savepoint)."""
         return False
 
     @abstractmethod
@@ -63,6 +67,7 @@ class PsycopgSession(Session):
     def __init__(self, conninfo: str):
         self.conninfo = conninfo
         self.conn: psycopg.Connection[Any] | None = None
+        self._pipeline: psycopg.Pipeline | None = None
 
     def open(self) -> None:
         if self.conn is None or self.conn.closed:
@@ -81,12 +86,26 @@ class PsycopgSession(Session):
         cur = self.conn.execute(query, params)
         return cur.fetchall() if cur.description else []
 
-    def pipeline(self) -> AbstractContextManager[Any]:
+    @contextmanager
+    def pipeline(self) -> Iterator[Any]:
         assert self.conn is not None
-        return self.conn.pipeline() if psycopg.Pipeline.is_supported() else nullcontext()
+        if not psycopg.Pipeline.is_supported():
+            yield None
+            return
+        with self.conn.pipeline() as pipeline:
+            outer, self._pipeline = self._pipeline, pipeline
+            try:
+                yield pipeline
+            finally:
+                self._pipeline = outer
 
-    def late_error(self, exc: BaseException) -> bool:
-        return isinstance(exc, psycopg.Error)
+    def sync(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.sync()
+
+    def in_transaction(self) -> bool:
+        assert self.conn is not None
+        return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
     def broken(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.OperationalError | DatabaseConnectionError)

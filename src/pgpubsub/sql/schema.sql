@@ -108,6 +108,12 @@ CREATE TABLE IF NOT EXISTS pgpubsub.role_baseline (
 );
 REVOKE ALL ON pgpubsub.role_grant, pgpubsub.role_baseline FROM PUBLIC;
 
+-- Version 4 (failure isolation). unfinished: an attempt was claimed and its
+-- outcome never recorded (the process handling it stopped mid-batch). Such a
+-- message may be the one that kills its worker, so it is claimed alone, one
+-- per transaction, and charges no other message an attempt.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS unfinished boolean NOT NULL DEFAULT false;
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (

@@ -1,0 +1,310 @@
+"""A failure costs only the message that caused it (durable channels).
+
+A worker process killed by one message, an exception whose text PostgreSQL
+cannot store, a write that fails only at COMMIT, a neighbour's failure: each is
+charged to its own message; the rest of the batch completes exactly once, no
+listener runs again for another message's failure, counters count what
+committed. Also: delays count from the call, and idle processors do not spin.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from helpers import admin_query
+
+import pgpubsub
+from pgpubsub import durable
+from pgpubsub.channel import Channel, spec_of
+from pgpubsub.listen import Registry
+from pgpubsub.processor import CLAIM_SQL, SLOT_SQL, ChannelProcessor
+from pgpubsub.session import PsycopgSession
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[str]:
+    durable.migrate(dsn)
+    admin_query(dsn, "CREATE TABLE effects (kind text, n int, pid int)")
+    yield dsn
+
+
+def effects(dsn: str) -> dict[int, int]:
+    return dict(admin_query(dsn, "SELECT n, count(*) FROM effects GROUP BY n"))  # type: ignore[arg-type]
+
+
+@dataclass
+class Batch(Channel, lock_notifications=True, max_attempts=3, retry_delay=5):
+    n: int
+
+
+def publish(dsn: str, channel: Any, ns: range) -> None:
+    with psycopg.connect(dsn) as conn:
+        pgpubsub.notify_many(channel, [{"n": n} for n in ns], conn=conn)
+
+
+def processor(dsn: str, registry: Registry, channel: Any = Batch, **opts: Any) -> ChannelProcessor:
+    spec = spec_of(channel)
+    proc = ChannelProcessor(PsycopgSession(dsn), spec, registry.listeners(spec), **opts)
+    proc.session.open()
+    return proc
+
+
+def rows(dsn: str) -> dict[int, tuple[Any, ...]]:
+    """n -> (status, attempts, last_error) of every stored message."""
+    found = admin_query(
+        dsn, "SELECT (payload::json->>'n')::int, status, attempts, last_error FROM pgpubsub.message"
+    )
+    return {r[0]: r[1:] for r in found}  # type: ignore[misc]
+
+
+# -- 1. a message that kills its worker ------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["kill", "exit"])
+def test_a_message_that_kills_its_worker_is_the_only_one_charged(db: str, how: str) -> None:
+    """20 messages in one batch, the 6th kills its process (SIGKILL / os._exit) every time.
+
+    The worker process is restarted each time it dies (as the supervisor of
+    ``pgpubsub listen --processes`` would, without its backoff): only that message
+    ends dead; the other 19 complete, once each, charged at most one extra attempt.
+    """
+    from app.crash_listeners import Crashy
+
+    publish(db, Crashy, range(20))  # before the worker starts: its first claim takes all 20
+    env = {**os.environ, "PGPUBSUB_DSN": db, "PYTHONPATH": str(TESTS), "CRASH_ON": "5"}
+    env["CRASH_HOW"] = how
+    cmd = [sys.executable, "-m", "pgpubsub", "listen", "app.crash_listeners", "--worker"]
+    proc: subprocess.Popen[bytes] | None = None
+    deaths = 0
+
+    def finished() -> bool:
+        return sorted(r[0] for r in rows(db).values()) == ["dead"] + ["done"] * 19
+
+    deadline = time.monotonic() + 60
+    try:
+        while not finished():
+            assert time.monotonic() < deadline, (deaths, rows(db))
+            if proc is None or proc.poll() is not None:
+                deaths += proc is not None
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            time.sleep(0.02)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(20)
+    stored = rows(db)
+    assert stored[5][:2] == ("dead", 3)
+    assert "stopped before it completed" in stored[5][2]
+    assert deaths == 3
+    for n in set(range(20)) - {5}:
+        status, attempts, _ = stored[n]
+        assert status == "done" and attempts <= 2, (n, stored[n])
+    assert effects(db) == {n: 1 for n in range(20) if n != 5}  # the crash's writes never commit
+
+
+# -- 2. an exception text PostgreSQL cannot store ------------------------------------------
+
+
+def test_an_exception_text_with_nul_or_a_lone_surrogate_fails_only_its_message(db: str) -> None:
+    weird = os.fsdecode(b"caf\xe9.txt")  # what os.listdir gives for a non-UTF-8 name
+    registry = Registry()
+
+    def record(n: int) -> None:
+        durable.connection().execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+        if n == 3:
+            raise OSError(f"no such file: {weird}")
+        if n == 6:
+            raise ValueError("a NUL \x00 here")
+
+    registry.add(Batch, record)
+    publish(db, Batch, range(10))
+    proc = processor(db, registry)
+    proc.drain_once()
+    proc.session.close()
+    assert effects(db) == {n: 1 for n in range(10) if n not in (3, 6)}
+    stored = rows(db)
+    assert set(stored) == {3, 6}
+    assert stored[3][:2] == ("pending", 1) and "caf\\udce9.txt" in stored[3][2]
+    assert stored[6][:2] == ("pending", 1) and "a NUL \\x00 here" in stored[6][2]
+    assert (proc.processed, proc.failed) == (8, 2)
+
+
+# -- 3. a write that fails only at COMMIT -------------------------------------------------------
+
+
+@pytest.fixture
+def deferred(db: str) -> str:
+    """parent rows 0..29 but 7; a child row must name a parent (checked at COMMIT, as Django's)."""
+    admin_query(db, "CREATE TABLE parent (id int PRIMARY KEY)")
+    admin_query(db, "INSERT INTO parent SELECT i FROM generate_series(0, 29) i WHERE i <> 7")
+    admin_query(
+        db,
+        "CREATE TABLE child (parent_id int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)",
+    )
+    return db
+
+
+@pytest.mark.parametrize("defer_in_listener", [False, True])
+def test_a_write_that_fails_at_commit_fails_only_its_message(
+    deferred: str, defer_in_listener: bool
+) -> None:
+    """Deferred constraints are checked in the message's savepoint; one a listener defers
+    itself fails the COMMIT, and then each message runs alone, in its own transaction."""
+    db = deferred
+    registry = Registry()
+    calls: Counter[int] = Counter()
+
+    def write(n: int) -> None:
+        calls[n] += 1
+        conn = durable.connection()
+        if defer_in_listener:
+            conn.execute("SET CONSTRAINTS ALL DEFERRED")
+        conn.execute("INSERT INTO child VALUES (%s)", (n,))
+
+    registry.add(Batch, write)
+    publish(db, Batch, range(30))
+    proc = processor(db, registry)
+    proc.drain_once()
+    proc.session.close()
+    assert admin_query(db, "SELECT count(*), count(DISTINCT parent_id) FROM child") == [(29, 29)]
+    stored = rows(db)
+    assert set(stored) == {7}
+    assert stored[7][:2] == ("pending", 1) and "foreign key" in stored[7][2]
+    assert (proc.processed, proc.failed) == (29, 1)  # what committed
+    # A listener runs again for a failure it did not cause only after a failed COMMIT.
+    assert set(calls.values()) == ({2} if defer_in_listener else {1})
+
+
+# -- 10. a neighbour's failure never runs a listener again ------------------------------
+
+
+@pytest.mark.parametrize("failure", ["raises", "database error"])
+def test_a_failing_message_runs_no_other_listener_again(db: str, failure: str) -> None:
+    admin_query(db, "CREATE TABLE once (n int UNIQUE)")
+    admin_query(db, "INSERT INTO once VALUES (4)")  # message 4's write is a duplicate
+    registry = Registry()
+    sent: Counter[int] = Counter()  # a side effect outside the database (an e-mail)
+
+    def listener(n: int) -> None:
+        sent[n] += 1
+        if n == 4 and failure == "raises":
+            raise RuntimeError("flaky")
+        durable.connection().execute("INSERT INTO once VALUES (%s)", (n,))
+
+    registry.add(Batch, listener)
+    publish(db, Batch, range(10))
+    proc = processor(db, registry)
+    proc.drain_once()
+    proc.session.close()
+    assert sent == {n: 1 for n in range(10)}
+    assert admin_query(db, "SELECT count(*) FROM once") == [(10,)]
+    assert set(rows(db)) == {4}
+    assert (proc.processed, proc.failed) == (9, 1)
+
+
+# -- 4. delays count from the call ----------------------------------------------------------
+
+
+def test_delay_counts_from_the_call_not_the_transaction_start(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("SELECT pg_sleep(1.2)")  # the publisher's transaction is 1.2 s old
+        pgpubsub.notify(Batch(n=1), conn=conn, delay=1)
+        (late,) = conn.execute(
+            "SELECT run_at - clock_timestamp() > interval '0.7 s' FROM pgpubsub.message"
+        ).fetchone()  # type: ignore[misc]
+    assert late
+
+
+@dataclass
+class SlowRetry(Channel, lock_notifications=True, retry_delay=1, retry_max_delay=1):
+    n: int
+
+
+def test_a_retry_delay_counts_from_the_failure_not_the_batch_start(db: str) -> None:
+    registry = Registry()
+
+    def slow_then_fail(n: int) -> None:
+        durable.connection().execute("SELECT pg_sleep(1.2)")
+        raise RuntimeError("try again later")
+
+    registry.add(SlowRetry, slow_then_fail)
+    publish(db, SlowRetry, range(1))
+    proc = processor(db, registry, SlowRetry)
+    proc.drain_once()
+    proc.session.close()
+    ((ahead,),) = admin_query(
+        db, "SELECT extract(epoch FROM run_at - clock_timestamp()) FROM pgpubsub.message"
+    )
+    assert 0.5 < ahead <= 1.0  # type: ignore[operator]
+
+
+# -- 6. idle processors sleep ---------------------------------------------------------------
+
+
+class CountingSession(PsycopgSession):
+    """A real session that counts the statements it runs, by SQL text."""
+
+    def __init__(self, conninfo: str):
+        super().__init__(conninfo)
+        self.counts: Counter[str] = Counter()
+
+    def execute(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        self.counts[query] += 1
+        return super().execute(query, params)
+
+
+@dataclass
+class ShortLease(Channel, lock_notifications=True, retry_delay=0.05, retry_max_delay=0.05):
+    n: int
+
+
+@dataclass
+class OneAtATime(Channel, lock_notifications=True, max_in_flight=1):
+    n: int
+
+
+@pytest.mark.parametrize("channel, statement", [(ShortLease, CLAIM_SQL), (OneAtATime, SLOT_SQL)])
+def test_a_processor_with_nothing_it_can_take_sleeps(db: str, channel: Any, statement: str) -> None:
+    """One message held past its lease (or holding the only slot): the other processor
+    of the channel does not claim (or try for a slot) in a loop."""
+    registry = Registry()
+    started, release = threading.Event(), threading.Event()
+
+    def hold(n: int) -> None:
+        started.set()
+        release.wait(20)
+
+    registry.add(channel, hold)
+    spec = spec_of(channel)
+    procs = [
+        ChannelProcessor(CountingSession(db), spec, registry.listeners(spec), poll_interval=0.5)
+        for _ in range(2)
+    ]
+    publish(db, channel, range(1))
+    for p in procs:
+        p.start()
+    try:
+        assert started.wait(10)
+        time.sleep(0.2)  # past the lease
+        before = [p.session.counts[statement] for p in procs]  # type: ignore[attr-defined]
+        time.sleep(1.0)  # a window to count what the idle processor does
+        rounds = [p.session.counts[statement] - b for p, b in zip(procs, before, strict=True)]  # type: ignore[attr-defined]
+    finally:
+        release.set()
+        for p in procs:
+            p.stop(10)
+    assert max(rounds) <= 5, rounds  # a poll every 0.5 s, not a claim every millisecond
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
