@@ -18,12 +18,18 @@ A channel with ``lock_notifications = True`` is durable:
   their lease (the retry delay of that attempt) is over. Batches grow to 500
   messages while listeners are fast and shrink to one when they are slow;
   the listeners' writes in a batch are pipelined (psycopg 3).
-* A listener that raises rolls back only its own message (the batch is
-  re-run with a savepoint per message); the message is retried after an
-  exponential delay with jitter, up to the channel's ``max_attempts``; then
-  it is kept as ``dead`` with the error and traceback, and can be replayed
-  (:mod:`pgpubsub.messages`, ``pgpubsub messages``). A message whose worker
-  dies in the handler every time is counted too, and ends dead.
+* A failure costs only its own message: each message runs in a savepoint of
+  its own, so a listener that raises (or whose write fails, deferrable
+  constraints included: they are checked at each statement) rolls back only
+  its message, and no other listener runs again. The message is retried after
+  an exponential delay with jitter (counted from the failure), up to the
+  channel's ``max_attempts``; then it is kept as ``dead`` with the error and
+  traceback, and can be replayed (:mod:`pgpubsub.messages`, ``pgpubsub
+  messages``). A message whose worker dies in the handler is counted too:
+  after such a death the batch's messages are claimed one at a time, so only
+  the one that kills its worker ends dead. Only when a batch's COMMIT fails
+  (a constraint a listener deferred itself) do its messages run again, each
+  alone in a transaction of its own.
 * Missed wake-ups (no worker running, a reconnect gap) are covered by polling:
   each worker looks for due messages every ``poll_interval`` seconds anyway.
 * Job-queue options: ``notify(Channel(...), delay=, run_at=, priority=,
