@@ -12,8 +12,8 @@ Counters (label ``channel``, the PostgreSQL channel name):
 ========================================  ==============================================
 
 Histograms: ``pgpubsub_handler_duration_seconds`` (each run of a message's
-listeners; they run again only when their own message is retried, or after a
-durable batch's COMMIT failed, each message then alone in its transaction),
+listeners; a durable batch of fast listeners in which one fails is done again
+with a savepoint per message, and its other messages are timed again),
 ``pgpubsub_claim_batch_size`` (messages per claim of a durable channel).
 Gauges read from the database at scrape time: ``pgpubsub_queue_depth`` (pending
 messages, ``due`` label true/false), ``pgpubsub_lag_seconds`` (age of the

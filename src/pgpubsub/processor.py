@@ -3,10 +3,9 @@
 The contract is in :mod:`pgpubsub.durable`; this is the machinery: a claim in
 a short transaction of its own (the attempt counts, the rows are leased; a
 message whose last attempt never finished is claimed alone), then the
-listeners and the completion in one transaction, a savepoint per message
-(each message's writes pipelined and waited for before the next listener
-runs), retries with backoff, dead letters, and batch sizes that follow the
-listeners' speed.
+listeners and the completion in one transaction (a savepoint per message
+for slow listeners, none for fast ones until one fails), retries with
+backoff, dead letters, and batch sizes that follow the listeners' speed.
 """
 
 from __future__ import annotations
@@ -448,14 +447,14 @@ class ChannelProcessor:
                     raise
                 # A database error may come from an earlier message (pipeline).
                 raise _Redo(None if session.late_error(exc) else row[0], exc) from exc
+        outcome = _Outcome([r[0] for r in rows])
+        self._complete(outcome.done)  # sent with the batch's writes, in the same round trip
         try:
             session.sync()
         except Exception as exc:
             if session.broken(exc):
                 raise
             raise _Redo(None, exc) from exc
-        outcome = _Outcome([r[0] for r in rows])
-        self._complete(outcome.done)
         return outcome
 
     def _run_all(self, rows: list[tuple[Any, ...]], known: dict[int, Exception]) -> _Outcome:
