@@ -416,7 +416,7 @@ class ChannelProcessor:
         except Exception as exc:
             if self.session.broken(exc):
                 raise
-            self._count(self._one_by_one(claimed, exc, known))
+            self._one_by_one(claimed, exc, known)
         finally:
             current_connection.reset(token)
 
@@ -491,12 +491,13 @@ class ChannelProcessor:
 
     def _one_by_one(
         self, rows: list[tuple[Any, ...]], error: Exception, known: dict[int, Exception]
-    ) -> _Outcome:
+    ) -> None:
         """After the batch's transaction failed: each message alone, in its own transaction.
 
         Nothing of the batch committed, so its listeners run again (see the
         durable guide), but for a message whose listener failed already. A
         message whose own transaction fails at COMMIT is charged that failure.
+        Each message is counted as its transaction commits.
         """
         session = self.session
         log.warning(
@@ -507,7 +508,6 @@ class ChannelProcessor:
             one_line(error),
             extra={"channel": self.spec.name},
         )
-        outcome = _Outcome()
         for row in rows:
             mid, _, attempt, _ = row
             alone = _Outcome()
@@ -527,9 +527,7 @@ class ChannelProcessor:
                 with session.atomic():
                     if self._still_ours(mid, attempt):
                         alone.failed.append(self._failed(mid, attempt, exc))
-            outcome.done += alone.done
-            outcome.failed += alone.failed
-        return outcome
+            self._count(alone)  # committed: counted now, whatever happens to the next one
 
     def _still_ours(self, mid: int, attempt: int) -> bool:
         return dict(self.session.execute(LOCK_SQL, ([mid],))).get(mid) == attempt
