@@ -34,6 +34,8 @@ class Notification(models.Model):
     priority = models.IntegerField(default=0)
     dedupe_key = models.TextField(null=True)
     ordering_key = models.TextField(null=True)
+    # An attempt was claimed and its outcome never recorded (its worker stopped).
+    unfinished = models.BooleanField(default=False)
 
     class Meta:
         managed = False
