@@ -118,11 +118,15 @@ def test_due_messages_another_worker_holds_end_both_loops_and_drain_says_so(db: 
     with psycopg.connect(db) as conn:
         pgpubsub.notify_many(Scarce, [{"n": 1}, {"n": 2}, {"n": 3}], conn=conn)
     with psycopg.connect(db, autocommit=True) as other:  # another worker holds the one slot
-        other.execute("SELECT pg_advisory_lock(hashtext('scarce'), 0)")
+        other.execute(
+            "INSERT INTO pgpubsub.lease VALUES ('scarce', 'slot', '0', 'elsewhere', "
+            "clock_timestamp() + interval '1 minute')"
+        )
         assert pgpubsub.process_stored_notifications([Scarce], dsn=db, registry=registry) == 0
         with pytest.raises(DrainIncomplete, match=re.escape("3 message(s) still due")) as raised:
             testing.drain(db, registry=registry)
         assert "another worker holds them" in str(raised.value)
+        other.execute("DELETE FROM pgpubsub.lease")
     assert testing.drain(db, registry=registry) == 3
 
 

@@ -26,9 +26,10 @@ from helpers import admin_query
 
 import pgpubsub
 from pgpubsub import durable
+from pgpubsub._leases import TAKE_SLOT_SQL
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.listen import Registry
-from pgpubsub.processor import CLAIM_SQL, SLOT_SQL, ChannelProcessor
+from pgpubsub.processor import CLAIM_SQL, ChannelProcessor
 from pgpubsub.session import PsycopgSession
 
 TESTS = Path(__file__).parent
@@ -311,7 +312,9 @@ class OneAtATime(Channel, lock_notifications=True, max_in_flight=1):
     n: int
 
 
-@pytest.mark.parametrize("channel, statement", [(ShortLease, CLAIM_SQL), (OneAtATime, SLOT_SQL)])
+@pytest.mark.parametrize(
+    "channel, statement", [(ShortLease, CLAIM_SQL), (OneAtATime, TAKE_SLOT_SQL)]
+)
 def test_a_processor_with_nothing_it_can_take_sleeps(db: str, channel: Any, statement: str) -> None:
     """One message held past its lease (or holding the only slot): the other processor
     of the channel does not claim (or try for a slot) in a loop."""

@@ -137,8 +137,8 @@ def test_one_keys_messages_run_in_the_order_their_publishers_committed(db: str) 
         thread = threading.Thread(target=second)
         thread.start()
         time.sleep(1.0)  # the second publisher commits now, or waits for the first
+        committed.append(1)  # before the call returns: the second may commit at once after it
         first.commit()
-        committed.append(1)
         first.close()
         time.sleep(1.0)
         recorder.gate(2).set()
@@ -176,3 +176,36 @@ def test_max_in_flight_holds_when_the_holders_session_dies(db: str) -> None:
             worker.stop()
     assert recorder.overlaps() == []
     assert spec_of(OneAtATime).cls.max_in_flight == 1
+
+
+def test_a_later_commit_runs_later_even_when_its_key_waited_meanwhile(db: str) -> None:
+    """Both messages pending when the key frees up: the one committed first runs first."""
+    recorder = Recorder()
+    registry = Registry()
+    registry.add(Keyed, recorder)
+    worker = Running(db, registry)
+    committed: list[int] = []
+    try:
+        recorder.gate(0)
+        publish(db, 0)  # holds the key while the two publishers race
+        wait_until(lambda: recorder.started(0), timeout=10)
+        first = psycopg.connect(db)
+        pgpubsub.notify(Keyed(seq=1), conn=first, ordering_key="k")  # not committed yet
+
+        def second() -> None:
+            publish(db, 2)
+            committed.append(2)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(1.0)  # the second publisher commits now, or waits for the first
+        committed.append(1)  # before the call returns: the second may commit at once after it
+        first.commit()
+        first.close()
+        thread.join(10)
+        recorder.gate(0).set()
+        wait_until(lambda: sorted(recorder.order()) == [0, 1, 2], timeout=10)
+    finally:
+        worker.stop()
+    assert recorder.overlaps() == []
+    assert recorder.order() == [0, *committed]

@@ -59,7 +59,7 @@ EXPECTED = {
     "publish with priority": PUBLISH,
     "publish with ordering_key": PUBLISH,
     "publish with dedupe_key": PUBLISH,
-    "run a durable channel": READ_MESSAGES,
+    "run a durable channel": {"worker"},
     "run a scheduled channel": {"worker"},
     "status": {"worker", "monitor", "operator"},
     "dashboard overview": {"worker", "monitor", "operator"},

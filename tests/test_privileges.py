@@ -179,7 +179,7 @@ def test_a_monitor_reads_counts_ages_and_workers_but_no_payloads(roles: Roles) -
     report = pgpubsub.status(roles.dsn_of(monitor))
     assert [(c.channel, c.pending) for c in report.channels] == [(spec_of(Note).name, 1)]
     with psycopg.connect(roles.dsn_of(monitor), autocommit=True) as conn:
-        for column in ("payload", "last_error", "context", "trace", "dedupe_key", "ordering_key"):
+        for column in ("payload", "last_error", "context", "trace", "dedupe_key"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(f"SELECT {column} FROM pgpubsub.message")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -58,6 +58,7 @@ import psycopg
 
 from . import driver, integration
 from ._due import due_channels
+from ._leases import drain_holder
 from .channel import ChannelSpec, resolve_channel
 from .engine import Engine, Gap
 from .errors import ConfigurationError, NoListener
@@ -121,6 +122,9 @@ def migrate(dsn: str = "") -> None:
 
 # With publishing options: a due time, a priority, keys. A dedupe_key that is
 # pending already stores nothing (the unique partial index decides, race-free).
+# Publishers of one ordering key take turns (a transaction-scoped advisory
+# lock, taken before the ids are drawn): ids of a key follow the order in
+# which their transactions commit, and the messages of a key run in id order.
 # A delay counts from the call (clock_timestamp), not from the start of the
 # publisher's transaction (now): delay=3 published 4 s into a transaction is
 # due 3 s after that call.
@@ -131,7 +135,10 @@ STORE_OPTIONS_SQL = (
     "coalesce(%(run_at)s::timestamptz, pg_catalog.clock_timestamp()) "
     "+ pg_catalog.make_interval(secs => %(delay)s::float8), "
     "%(priority)s, %(dedupe_key)s, %(ordering_key)s "
-    "FROM pg_catalog.unnest(pg_catalog.string_to_array(%(lines)s, E'\\n')) AS x "
+    "FROM (SELECT CASE WHEN %(ordering_key)s::text IS NOT NULL THEN "
+    "pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended("
+    "%(channel)s || E'\\x1f' || %(ordering_key)s, 7)) END) AS key_lock(held), "
+    "pg_catalog.unnest(pg_catalog.string_to_array(%(lines)s, E'\\n')) AS x "
     "ON CONFLICT (channel, dedupe_key) WHERE status = 'pending' AND dedupe_key IS NOT NULL "
     "DO NOTHING RETURNING id) "
     "SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.pg_notify(%(channel)s, '') FROM ins"
@@ -296,16 +303,19 @@ class DurableRunner:
         channels: list[ChannelSpec],
         registry: Registry,
         session_factory: Callable[[], Session] | None = None,
+        worker_id: str | None = None,
         **opts: Any,
     ):
         self.engine = engine
         make = session_factory or (lambda: PsycopgSession(engine.conninfo))
         # ``concurrency`` processors per channel: each its own thread, session and
         # transactions, coordinating with every other worker through the claim.
+        # Their leases are held in the name of this worker's registry row.
+        owner = worker_id or drain_holder().partition("#")[0]
+        units = [spec for spec in channels for _ in range(spec.cls.concurrency)]
         self.processors = [
-            ChannelProcessor(make(), spec, registry.listeners(spec), **opts)
-            for spec in channels
-            for _ in range(spec.cls.concurrency)
+            ChannelProcessor(make(), spec, registry.listeners(spec), holder=f"{owner}#{n}", **opts)
+            for n, spec in enumerate(units)
         ]
 
     async def start(self) -> None:

@@ -44,8 +44,12 @@ __all__ = ["KINDS", "grant", "statements"]
 
 _SCHEMA = "GRANT USAGE ON SCHEMA pgpubsub TO {role}"
 _HELPERS = "pgpubsub.event, pgpubsub.send_events, pgpubsub.notify_row"
-# What a monitor reads of a message: never its payload, error, keys, context or trace.
-_MONITORED = "id, channel, status, attempts, run_at, priority, created_at, completed_at"
+# What a monitor reads of a message: never its payload, error, dedupe key,
+# context or trace (its ordering key: to tell messages held back by their key).
+_MONITORED = (
+    "id, channel, status, attempts, run_at, priority, created_at, completed_at, "
+    "ordering_key, unfinished"
+)
 # What a publisher writes: never a message's id, state, attempts or times.
 _PUBLISHED = "channel, payload, trace, run_at, priority, dedupe_key, ordering_key"
 
@@ -62,17 +66,18 @@ KINDS: dict[str, tuple[str, ...]] = {
         f"GRANT INSERT ({_PUBLISHED}) ON pgpubsub.message TO {{role}}",  # schedule ticks
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.worker TO {role}",
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.schedule TO {role}",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.lease TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",
     ),
     "monitor": (
         _SCHEMA,
         f"GRANT SELECT ({_MONITORED}) ON pgpubsub.message TO {{role}}",
-        "GRANT SELECT ON pgpubsub.worker, pgpubsub.version TO {role}",
+        "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
     ),
     "operator": (
         _SCHEMA,
         "GRANT SELECT, UPDATE, DELETE ON pgpubsub.message TO {role}",
-        "GRANT SELECT ON pgpubsub.worker, pgpubsub.version TO {role}",
+        "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
     ),
     "django_writer": (
         _SCHEMA,
@@ -247,6 +252,7 @@ def grant(conninfo: str, role: str, kinds: list[str], revoke: bool = False) -> l
 _DURABLE = (("message", "SELECT"), ("message", "UPDATE"), ("message", "DELETE"))
 _SCHEDULED = (("schedule", "SELECT"), ("schedule", "INSERT"), ("schedule", "UPDATE"))
 _REGISTRY = (("worker", "SELECT"), ("worker", "INSERT"), ("worker", "UPDATE"), ("worker", "DELETE"))
+_LEASES = (("lease", "SELECT"), ("lease", "INSERT"), ("lease", "UPDATE"), ("lease", "DELETE"))
 # By oid: a role without USAGE on the schema could not even name its tables.
 _MISSING_SQL = (
     "SELECT t, p FROM ROWS FROM (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::text[])) "
@@ -265,7 +271,7 @@ def missing_for_worker(conn: Any, durable: bool, scheduled: bool, spills: bool) 
         return None  # no schema: the schema check says so
     needed = set(_REGISTRY)
     if durable:
-        needed.update(_DURABLE)
+        needed.update((*_DURABLE, *_LEASES))
     if scheduled:
         needed.update((*_SCHEDULED, ("message", "INSERT")))
     if spills:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _metrics, _tracing
+from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, drain_holder
 from .backoff import Backoff, worth_logging
 from .channel import ChannelSpec
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
@@ -31,13 +32,19 @@ __all__ = ["ChannelProcessor", "ProcessorStatus", "current_connection"]
 
 log = logging.getLogger("pgpubsub.durable")
 
-# The head of each ordering key: its oldest pending message, the only one of
-# the key that may run.
-HEADS = (
-    "SELECT DISTINCT ON (ordering_key) id FROM pgpubsub.message "
-    "WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NOT NULL "
-    "ORDER BY ordering_key, id"
-)
+# A message with an ordering key may run only when it is the oldest pending
+# message of its key (one index probe) and no lease on the key is live (a
+# message of the key is in a listener: a replayed older one waits for it).
+# ``m`` is the candidate row.
+KEY_FREE = f"""(m.ordering_key IS NULL OR (
+    NOT EXISTS (
+        SELECT 1 FROM pgpubsub.message o
+        WHERE o.channel = m.channel AND o.ordering_key = m.ordering_key
+          AND o.status = 'pending' AND o.id < m.id)
+    AND NOT EXISTS (
+        SELECT 1 FROM pgpubsub.lease l
+        WHERE l.channel = m.channel AND l.kind = 'key' AND l.name = m.ordering_key
+          AND {LIVE})))"""  # noqa: S608 - constant fragments
 # Claiming counts the attempt and commits at once, so a message whose worker
 # dies in the handler (SIGKILL, OOM, power loss) still uses up its attempts.
 # The row is leased until the retry delay of that attempt (the Backoff ceiling,
@@ -45,26 +52,37 @@ HEADS = (
 # it is claimed again then; while the worker is alive it holds the row lock.
 # Among due messages the higher priority goes first. A message with an
 # ordering key waits while an older message of its key is pending (in a
-# worker's hands, waiting for a retry, or not due yet): one at a time, in order.
+# worker's hands, waiting for a retry, or not due yet) or the key is leased;
+# claiming it leases its key (a key that another claim leased at the same
+# moment is left alone): one at a time, in order.
 # A message whose last attempt never finished (``unfinished``: its worker
 # stopped mid-batch) may be the one that kills its worker: it is claimed alone,
 # so that a crash charges an attempt to no other message, and only such a
 # message dies of crashes. The last column says the claim was cut short so.
 CLAIM_SQL = f"""
 WITH due AS (
-    SELECT id, unfinished FROM pgpubsub.message m
+    SELECT id, unfinished, ordering_key FROM pgpubsub.message m
     WHERE channel = %(channel)s AND status = 'pending' AND run_at <= pg_catalog.now()
-      AND (ordering_key IS NULL OR id IN ({HEADS}))
+      AND {KEY_FREE}
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), pick AS (
-    SELECT id, false AS alone FROM due WHERE NOT EXISTS (SELECT FROM due WHERE unfinished)
+    SELECT id, ordering_key, false AS alone FROM due
+    WHERE NOT EXISTS (SELECT FROM due WHERE unfinished)
     UNION ALL
-    (SELECT id, true FROM due WHERE unfinished LIMIT 1)
+    (SELECT id, ordering_key, true FROM due WHERE unfinished LIMIT 1)
+), leased AS (
+    INSERT INTO pgpubsub.lease AS l (channel, kind, name, holder, expires_at)
+    SELECT %(channel)s, 'key', ordering_key, %(holder)s, {EXPIRES}
+    FROM pick WHERE ordering_key IS NOT NULL
+    ON CONFLICT (channel, kind, name) DO UPDATE SET holder = EXCLUDED.holder,
+        expires_at = EXCLUDED.expires_at
+    WHERE NOT {LIVE}
+    RETURNING l.name
 )
 UPDATE pgpubsub.message m SET
     attempts = m.attempts + CASE WHEN m.unfinished AND m.attempts >= %(max)s THEN 0 ELSE 1 END,
     run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(
-        secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, m.attempts))),
+        secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))),
     status = CASE WHEN m.unfinished AND m.attempts >= %(max)s THEN 'dead' ELSE 'pending' END,
     unfinished = NOT (m.unfinished AND m.attempts >= %(max)s),
     last_error = CASE WHEN m.unfinished AND m.attempts >= %(max)s
@@ -72,13 +90,10 @@ UPDATE pgpubsub.message m SET
             'the process handling it stopped before it completed (attempt %%s)', m.attempts)
         ELSE m.last_error END
 FROM pick WHERE m.id = pick.id
+  AND (pick.ordering_key IS NULL OR pick.ordering_key IN (SELECT name FROM leased))
 RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
     m.ordering_key IS NOT NULL, pick.alone
-"""  # noqa: S608 - HEADS is a constant
-# max_in_flight: a worker handles messages only while it holds one of the
-# channel's slots, session advisory locks (released if its connection dies).
-SLOT_SQL = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext(%s), %s)"
-UNSLOT_SQL = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext(%s), %s)"
+"""  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a
 # concurrent claim's scan may hold one of them for an instant (it re-checks the
 # row and moves on), and skipping it would leave the message leased, unrun,
@@ -101,9 +116,11 @@ EXPIRE_SQL = (
 # loop would spin; it comes back with a due time of its own, or a wake-up. A
 # message behind an older one of its ordering key does not count either.
 NEXT_DUE_SQL = (
-    "SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now()) "  # noqa: S608 - HEADS is a constant
-    "FROM pgpubsub.message WHERE channel = %(channel)s AND status = 'pending' "
-    f"AND run_at > pg_catalog.now() AND (ordering_key IS NULL OR id IN ({HEADS}))"
+    "SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now()) "  # noqa: S608 - constant fragments
+    "FROM pgpubsub.message m WHERE channel = %(channel)s AND status = 'pending' "
+    "AND run_at > pg_catalog.now() AND (m.ordering_key IS NULL OR NOT EXISTS ("
+    "SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel "
+    "AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))"
 )
 # Completing a message with an ordering key makes the next one of its key
 # claimable, and a max_in_flight slot given back lets a waiting worker in:
@@ -160,8 +177,12 @@ class ChannelProcessor:
         batch_size: int = 500,
         batch_seconds: float = 0.25,
         poll_interval: float = 1.0,
+        holder: str | None = None,
     ):
         self.session = session
+        # Whose leases (ordering keys, max_in_flight slots) this processor takes.
+        self.holder = holder or drain_holder()
+        self._leasing = True  # it may hold leases: give them back at the next round
         self.spec = spec
         self.listeners = listeners
         # Batches adapt: as large as batch_size when listeners are fast, down to
@@ -218,18 +239,19 @@ class ChannelProcessor:
         """Process due messages batch by batch until none is left; return how many completed."""
         self.session.open()
         before = self.processed
+        self._release(wake=False)  # what a failed round may have left held
         while not self.stopping.is_set():
             # A max_in_flight slot is held for one batch (one message) at a
             # time, so that the slots pass between every worker.
-            slot = self._take_slot()
-            if slot is None:
+            if not self._take_slot():
                 break
-            got = 0
-            try:
-                asked = self.claim_size
-                got = self._batch()
-            finally:
-                self._give_slot(slot, wake=got > 0)
+            asked = self.claim_size
+            # On an error the leases stay held, given back at the next round:
+            # by then no listener of this processor runs.
+            got, keyed = self._batch()
+            # Slot and keys given back once the outcome is recorded, waking the
+            # workers that the key or the slot kept waiting.
+            self._release(wake=got > 0 and (keyed > 0 or self.max_in_flight is not None))
             # A claim cut short by a message claimed alone is no sign of an empty queue.
             if got < asked and not self._alone:
                 break
@@ -238,24 +260,27 @@ class ChannelProcessor:
                 self.session.execute(EXPIRE_SQL, (self.spec.name, self.retention))
         return self.processed - before
 
-    def _take_slot(self) -> int | None:
-        """One of the channel's max_in_flight slots (-1: no limit); None when all are taken."""
-        if self.max_in_flight is None:
-            return -1
-        for slot in range(self.max_in_flight):
-            with self.session.atomic():
-                if self.session.execute(SLOT_SQL, (self.spec.name, slot))[0][0]:
-                    return slot
-        # All taken: the holder wakes the channel's workers when it gives its
-        # slot back after a message, so there is no need to poll for one.
-        return None
+    def _take_slot(self) -> bool:
+        """One of the channel's max_in_flight slots, leased (or no limit); False when all are taken.
 
-    def _give_slot(self, slot: int, wake: bool) -> None:
-        if slot >= 0:
-            with self.session.atomic():
-                self.session.execute(UNSLOT_SQL, (self.spec.name, slot))
-                if wake:
-                    self.session.execute(WAKE_SQL, (self.spec.name,))
+        When all are taken there is no need to poll: the holder wakes the
+        channel's workers when it gives its slot back.
+        """
+        if self.max_in_flight is None:
+            return True
+        params = {"channel": self.spec.name, "holder": self.holder, "slots": self.max_in_flight}
+        self._leasing = True
+        with self.session.atomic():
+            return bool(self.session.execute(TAKE_SLOT_SQL, params))
+
+    def _release(self, wake: bool) -> None:
+        if not self._leasing:
+            return
+        with self.session.atomic():
+            self.session.execute(RELEASE_SQL, (self.spec.name, self.holder))
+            if wake:
+                self.session.execute(WAKE_SQL, (self.spec.name,))
+        self._leasing = self.max_in_flight is not None
 
     def _next_due(self) -> float:
         """Seconds to sleep: until the earliest retry or delayed message is due, or a poll.
@@ -338,12 +363,14 @@ class ChannelProcessor:
             "base": self.backoff.base,
             "factor": self.backoff.factor,
             "cap": self.backoff.cap,
+            "holder": self.holder,
         }
+        self._leasing = True  # a claim may lease keys
         with self.session.atomic():
             return self.session.execute(CLAIM_SQL, params)
 
-    def _batch(self) -> int:
-        """Claim a batch and process it; return how many messages were claimed."""
+    def _batch(self) -> tuple[int, int]:
+        """Claim a batch and process it; return how many messages were claimed, and with keys."""
         claimed = self._claim()
         self.claimed += len(claimed)
         self._alone = any(r[7] for r in claimed)
@@ -374,10 +401,9 @@ class ChannelProcessor:
             self._strict = per_message >= STRICT_ABOVE
             fits = int(self.batch_seconds / max(per_message, 1e-6))
             self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
-        if any(r[6] for r in claimed):  # the next messages of these keys may run now
-            with self.session.atomic():
-                self.session.execute(WAKE_SQL, (self.spec.name,))
-        return len(claimed)
+        keyed = sum(1 for r in claimed if r[6])
+        self._leasing = keyed > 0 or self.max_in_flight is not None
+        return len(claimed), keyed
 
     def _process(self, claimed: list[tuple[Any, ...]]) -> None:
         """Run and complete claimed rows ``(id, payload, attempt, trace)`` in one transaction.

@@ -194,7 +194,11 @@ class Worker:
         await self.engine.start()
         if durable:
             self._durable = DurableRunner(
-                self.engine, durable, self.registry, session_factory=self.session_factory
+                self.engine,
+                durable,
+                self.registry,
+                session_factory=self.session_factory,
+                worker_id=self.heartbeat.id if self.heartbeat is not None else None,
             )
             await self._durable.start()
         spilling = [c.name for c in plain if issubclass(c.cls, TriggerChannel)]

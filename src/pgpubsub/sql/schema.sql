@@ -114,6 +114,20 @@ REVOKE ALL ON pgpubsub.role_grant, pgpubsub.role_baseline FROM PUBLIC;
 -- per transaction, and charges no other message an attempt.
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS unfinished boolean NOT NULL DEFAULT false;
 
+-- Version 4 (leases): an ordering key in a listener and a max_in_flight slot
+-- are held in the name of a worker (its registry row's id, '#', its
+-- processor), live while expires_at is to come or the worker's heartbeat is
+-- fresh, so that a session that dies frees nothing while its listener may
+-- still run (src/pgpubsub/_leases.py).
+CREATE TABLE IF NOT EXISTS pgpubsub.lease (
+    channel     text        NOT NULL,
+    kind        text        NOT NULL CHECK (kind IN ('key', 'slot')),
+    name        text        NOT NULL,
+    holder      text        NOT NULL,
+    expires_at  timestamptz NOT NULL,
+    PRIMARY KEY (channel, kind, name)
+);
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (
