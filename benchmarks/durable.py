@@ -12,9 +12,10 @@ Uses ``$PGPUBSUB_DSN`` or starts an embedded server.
 * P7: the per-message cost of claiming and processing (same handler, one
   in-process processor) with an empty table beside 1M messages already
   pending on the channel: the ratio should stay under 1.2.
-* Ordering keys: P6 again with every message carrying one of 20 ordering keys
-  (each key one at a time, in order, keys in parallel); each key's order is
-  checked afterwards.
+* Ordering keys (P11): P6 again with every message carrying one of 20
+  ordering keys, then with N/2 keys of 2 messages each (each key one at a
+  time, in order, keys in parallel); each key's order is checked afterwards.
+  And P7 for keys: the per-message cost with 1M keyed messages pending.
 * Concurrency: one in-process worker, a listener sleeping 5 ms (an API call),
   ``concurrency=1`` vs ``concurrency=16``.
 
@@ -55,7 +56,7 @@ HERE = Path(__file__).parent
 def reset(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_effects")
-        conn.execute("CREATE TABLE bench_effects (n int, at bigserial)")  # at: handling order
+        conn.execute("CREATE TABLE bench_effects (n bigint, at bigserial)")  # at: handling order
         conn.execute("TRUNCATE pgpubsub.message")
 
 
@@ -88,6 +89,7 @@ def p6(dsn: str, n: int, keys: int = 0) -> None:
                 for k in range(keys):
                     batch = [{"key": k, "n": i} for i in range(n // keys)]
                     pgpubsub.notify_many(BenchOrdered, batch, conn=conn, ordering_key=str(k))
+                conn.commit()
             else:
                 pgpubsub.notify_many(BenchJob, [{"n": i} for i in range(n)], conn=conn)
             conn.commit()
@@ -145,14 +147,16 @@ def concurrency(dsn: str, n: int) -> None:
     print(f"ratio: x{rates[16] / rates[1]:.1f} (ideal x16)")
 
 
-def timed_processing(dsn: str, n: int) -> float:
+def timed_processing(dsn: str, n: int, channel: type = BenchJob) -> float:
     """Seconds per message to claim and process ``n`` messages in one processor."""
-    spec = spec_of(BenchJob)
+    spec = spec_of(channel)
     proc = ChannelProcessor(PsycopgSession(dsn), spec, registry.listeners(spec))
     proc.session.open()
     t0 = time.perf_counter()
     while proc.processed < n:
-        if not proc._batch():
+        got, _ = proc._batch()
+        proc._release(wake=False)  # the keys it held, as drain_once gives them back
+        if not got:
             raise RuntimeError(f"only {proc.processed} of {n} messages were there")
     seconds = time.perf_counter() - t0
     proc.session.close()
@@ -176,6 +180,37 @@ def p7(dsn: str, n: int, backlog: int, rounds: int = 3) -> None:
         )
         conn.execute("VACUUM ANALYZE pgpubsub.message")
     full = [timed_processing(dsn, n) for _ in range(rounds)]  # the backlog stays near 1M
+    e, f = statistics.median(empty), statistics.median(full)
+    print(f"empty table:  median {e * 1e6:6.1f} µs/message  (runs: {fmt(empty)})")
+    print(f"{backlog:,} pending: median {f * 1e6:6.1f} µs/message  (runs: {fmt(full)})")
+    print(f"ratio: x{f / e:.2f}")
+
+
+def p7_keys(dsn: str, n: int, backlog: int, keys: int = 20, rounds: int = 3) -> None:
+    """P7 for ordering keys: the same per-message cost with a keyed backlog pending."""
+    print(
+        f"\n== P7 (ordering keys): per-message cost over {n:,} messages of {keys} keys, "
+        f"empty table vs {backlog:,} keyed messages pending"
+    )
+
+    def publish(count: int, key_count: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO pgpubsub.message (channel, payload, ordering_key) "
+                "SELECT %s, json_build_object('key', i %% %s, 'n', i)::text, "
+                "(i %% %s)::text FROM generate_series(1, %s) i",
+                (spec_of(BenchOrdered).name, key_count, key_count, count),
+            )
+            conn.execute("VACUUM ANALYZE pgpubsub.message")
+
+    empty = []
+    for _ in range(rounds):
+        reset(dsn)
+        publish(n, keys)
+        empty.append(timed_processing(dsn, n, BenchOrdered))
+    reset(dsn)
+    publish(backlog, keys)
+    full = [timed_processing(dsn, n, BenchOrdered) for _ in range(rounds)]
     e, f = statistics.median(empty), statistics.median(full)
     print(f"empty table:  median {e * 1e6:6.1f} µs/message  (runs: {fmt(empty)})")
     print(f"{backlog:,} pending: median {f * 1e6:6.1f} µs/message  (runs: {fmt(full)})")
@@ -206,10 +241,13 @@ def main() -> None:
             p6(dsn, args.n)
         if not args.skip_ordering:
             p6(dsn, args.n, keys=20)
+            p6(dsn, args.n, keys=args.n // 2)  # 2 messages per key
         if not args.skip_concurrency:
             concurrency(dsn, 4000)
         if not args.skip_p7:
             p7(dsn, args.n // 2, args.backlog)
+            if not args.skip_ordering:
+                p7_keys(dsn, args.n // 2, args.backlog)
     finally:
         if server:
             server.close()

@@ -28,9 +28,9 @@ import uuid
 __all__ = ["GRACE", "TTL", "drain_holder"]
 
 #: Seconds a lease lives without its holder's worker refreshing its registry row.
-TTL = 30.0
+TTL = 10.0
 #: Seconds since its worker's last heartbeat within which a holder is alive.
-GRACE = 15.0
+GRACE = 12.0
 
 # A lease of row ``l`` is live (the SQL below names it ``l``).
 LIVE = (

@@ -32,39 +32,88 @@ __all__ = ["ChannelProcessor", "ProcessorStatus", "current_connection"]
 
 log = logging.getLogger("pgpubsub.durable")
 
-# A message with an ordering key may run only when it is the oldest pending
-# message of its key (one index probe) and no lease on the key is live (a
-# message of the key is in a listener: a replayed older one waits for it).
-# ``m`` is the candidate row.
-KEY_FREE = f"""(m.ordering_key IS NULL OR (
-    NOT EXISTS (
-        SELECT 1 FROM pgpubsub.message o
-        WHERE o.channel = m.channel AND o.ordering_key = m.ordering_key
-          AND o.status = 'pending' AND o.id < m.id)
-    AND NOT EXISTS (
-        SELECT 1 FROM pgpubsub.lease l
-        WHERE l.channel = m.channel AND l.kind = 'key' AND l.name = m.ordering_key
-          AND {LIVE})))"""  # noqa: S608 - constant fragments
 # Claiming counts the attempt and commits at once, so a message whose worker
 # dies in the handler (SIGKILL, OOM, power loss) still uses up its attempts.
 # The row is leased until the retry delay of that attempt (the Backoff ceiling,
 # computed per row in SQL): if the worker dies
 # it is claimed again then; while the worker is alive it holds the row lock.
-# Among due messages the higher priority goes first. A message with an
-# ordering key waits while an older message of its key is pending (in a
-# worker's hands, waiting for a retry, or not due yet) or the key is leased;
-# claiming it leases its key (a key that another claim leased at the same
-# moment is left alone): one at a time, in order.
+# Among due messages the higher priority goes first.
+#
+# Messages without an ordering key come from their own partial index. A
+# message with one may run only when it is the head of its key (its oldest
+# pending message: a message waiting for a retry or not due yet holds its key
+# back) and no lease on the key is live (a message of the key is in a
+# listener: a replayed older one waits for it); claiming it leases its key (a
+# key another claim leased at the same moment is left alone): one at a time,
+# in order. The keys are visited by a loose index scan of the channel's keyed
+# pending messages (one index probe per key, its first messages another),
+# starting after the key this processor claimed last and wrapping around, and
+# stopping once enough are found: each claim costs the keys it looks at, not
+# the backlog, and every key gets its turn. A key's first few messages are
+# claimed together (as long as each is due): holding the key, the processor
+# runs them one after the other, in order; when one fails, the ones after it
+# are given back unrun and uncharged, to wait for its retry.
+#
 # A message whose last attempt never finished (``unfinished``: its worker
 # stopped mid-batch) may be the one that kills its worker: it is claimed alone,
 # so that a crash charges an attempt to no other message, and only such a
-# message dies of crashes. The last column says the claim was cut short so.
+# message dies of crashes. The last columns say the claim was cut short so,
+# and the message's key.
+_NEXT_KEY = (
+    "SELECT n.ordering_key FROM pgpubsub.message n WHERE n.channel = %(channel)s "
+    "AND n.status = 'pending' AND n.ordering_key IS NOT NULL AND n.ordering_key > {after} "
+    "ORDER BY n.ordering_key LIMIT 1"
+)
 CLAIM_SQL = f"""
-WITH due AS (
-    SELECT id, unfinished, ordering_key FROM pgpubsub.message m
-    WHERE channel = %(channel)s AND status = 'pending' AND run_at <= pg_catalog.now()
-      AND {KEY_FREE}
+WITH RECURSIVE later(key) AS (
+    ({_NEXT_KEY.format(after="%(after)s")})
+    UNION ALL
+    SELECT ({_NEXT_KEY.format(after="later.key")}) FROM later WHERE later.key IS NOT NULL
+), earlier(key) AS (
+    ({_NEXT_KEY.format(after="''")})
+    UNION ALL
+    SELECT ({_NEXT_KEY.format(after="earlier.key")}) FROM earlier
+    WHERE earlier.key IS NOT NULL AND earlier.key <= %(after)s
+), heads AS (
+    SELECT h.id, h.rank FROM (
+        SELECT key FROM later WHERE key IS NOT NULL
+        UNION ALL
+        SELECT key FROM earlier WHERE key IS NOT NULL AND key <= %(after)s
+    ) k
+    CROSS JOIN LATERAL (
+        SELECT p.id, p.rank FROM (
+            SELECT f.id, pg_catalog.row_number() OVER (ORDER BY f.id) AS rank,
+                pg_catalog.bool_and(f.run_at <= pg_catalog.now()) OVER (ORDER BY f.id) AS due
+            FROM (
+                SELECT m.id, m.run_at FROM pgpubsub.message m
+                WHERE m.channel = %(channel)s AND m.status = 'pending'
+                  AND m.ordering_key = k.key
+                ORDER BY m.id LIMIT %(per_key)s
+            ) f
+        ) p WHERE p.due
+    ) h
+    WHERE NOT EXISTS (
+        SELECT 1 FROM pgpubsub.lease l
+        WHERE l.channel = %(channel)s AND l.kind = 'key' AND l.name = k.key AND {LIVE})
+    LIMIT %(limit)s
+), unkeyed AS (
+    SELECT id, unfinished, ordering_key, priority, run_at FROM pgpubsub.message
+    WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
+      AND run_at <= pg_catalog.now()
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), keyed AS (
+    SELECT m.id, m.unfinished, m.ordering_key, m.priority, m.run_at, h.rank
+    FROM pgpubsub.message m JOIN heads h ON h.id = m.id
+    WHERE m.status = 'pending'
+    FOR UPDATE OF m SKIP LOCKED
+), due AS (
+    SELECT id, unfinished, ordering_key FROM unkeyed
+    UNION ALL
+    -- a key's messages from its head on, up to the first one another
+    -- transaction holds locked: no gap, so none runs before an older one
+    SELECT k.id, k.unfinished, k.ordering_key FROM keyed k
+    WHERE k.rank = (SELECT pg_catalog.count(*) FROM keyed o
+                    WHERE o.ordering_key = k.ordering_key AND o.id <= k.id)
 ), pick AS (
     SELECT id, ordering_key, false AS alone FROM due
     WHERE NOT EXISTS (SELECT FROM due WHERE unfinished)
@@ -72,8 +121,8 @@ WITH due AS (
     (SELECT id, ordering_key, true FROM due WHERE unfinished LIMIT 1)
 ), leased AS (
     INSERT INTO pgpubsub.lease AS l (channel, kind, name, holder, expires_at)
-    SELECT %(channel)s, 'key', ordering_key, %(holder)s, {EXPIRES}
-    FROM pick WHERE ordering_key IS NOT NULL
+    SELECT %(channel)s, 'key', d.key, %(holder)s, {EXPIRES}
+    FROM (SELECT DISTINCT ordering_key FROM pick WHERE ordering_key IS NOT NULL) d(key)
     ON CONFLICT (channel, kind, name) DO UPDATE SET holder = EXCLUDED.holder,
         expires_at = EXCLUDED.expires_at
     WHERE NOT {LIVE}
@@ -92,7 +141,7 @@ UPDATE pgpubsub.message m SET
 FROM pick WHERE m.id = pick.id
   AND (pick.ordering_key IS NULL OR pick.ordering_key IN (SELECT name FROM leased))
 RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
-    m.ordering_key IS NOT NULL, pick.alone
+    m.ordering_key IS NOT NULL, pick.alone, m.ordering_key
 """  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a
 # concurrent claim's scan may hold one of them for an instant (it re-checks the
@@ -132,6 +181,11 @@ RETRY_SQL = (
     "UPDATE pgpubsub.message SET last_error = %s, unfinished = false, "
     "run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => %s), "
     "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END WHERE id = %s"
+)
+# A message claimed behind a failed one of its key: as if never claimed.
+GIVE_BACK_SQL = (
+    "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = false, "
+    "run_at = pg_catalog.clock_timestamp() WHERE id = ANY(%s)"
 )
 # Deferrable constraints (every Django foreign key) are checked at each
 # statement in the processing transaction, inside the message's savepoint, so
@@ -183,6 +237,7 @@ class ChannelProcessor:
         # Whose leases (ordering keys, max_in_flight slots) this processor takes.
         self.holder = holder or drain_holder()
         self._leasing = True  # it may hold leases: give them back at the next round
+        self._after_key = ""  # keys are visited from the one after the last claimed
         self.spec = spec
         self.listeners = listeners
         # Batches adapt: as large as batch_size when listeners are fast, down to
@@ -364,6 +419,10 @@ class ChannelProcessor:
             "factor": self.backoff.factor,
             "cap": self.backoff.cap,
             "holder": self.holder,
+            "after": self._after_key,
+            # Up to a quarter of a batch from one key, so that a batch mixes keys
+            # and other processors find keys of their own.
+            "per_key": max(1, self.claim_size // 4),
         }
         self._leasing = True  # a claim may lease keys
         with self.session.atomic():
@@ -377,10 +436,9 @@ class ChannelProcessor:
         if claimed and self._claim_batch is not None:
             self._claim_batch(len(claimed))
         rows = []
-        # In claim order (RETURNING has none): higher priority first, then oldest.
-        for mid, payload, attempts, status, trace, _, _, _ in sorted(
-            claimed, key=lambda r: (-r[5], r[0])
-        ):
+        # Higher priority first, then oldest; a key's messages in id order.
+        order = sorted(claimed, key=lambda r: (r[6], -r[5] if not r[6] else 0, r[0]))
+        for mid, payload, attempts, status, trace, _, keyed, _, key in order:
             if status == "dead":
                 self.dead += 1
                 log.error(
@@ -391,7 +449,7 @@ class ChannelProcessor:
                     extra={"channel": self.spec.name, "message_id": mid, "attempt": attempts},
                 )
             else:
-                rows.append((mid, payload, attempts, trace))
+                rows.append((mid, payload, attempts, trace, key if keyed else None))
         if rows:
             # Timed or traced messages cost a clock and a span each: decided once a batch.
             self._instrumented = self._observe is not None or _tracing.enabled()
@@ -402,6 +460,8 @@ class ChannelProcessor:
             fits = int(self.batch_seconds / max(per_message, 1e-6))
             self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
         keyed = sum(1 for r in claimed if r[6])
+        if keyed:
+            self._after_key = max(str(r[8]) for r in claimed if r[6])
         self._leasing = keyed > 0 or self.max_in_flight is not None
         return len(claimed), keyed
 
@@ -486,13 +546,20 @@ class ChannelProcessor:
     def _run_all(self, rows: list[tuple[Any, ...]], known: dict[int, Exception]) -> _Outcome:
         """The batch with a savepoint per message; a failure is recorded and the batch goes on."""
         outcome = _Outcome()
+        blocked: set[str] = set()  # keys whose message failed: the later ones wait
         for row in rows:
+            if row[4] in blocked:
+                outcome.returned.append(row[0])
+                continue
             exc = known.get(row[0]) or self._attempt(row)
             if exc is None:
                 outcome.done.append(row[0])
             else:
                 outcome.failed.append(self._failed(row[0], row[2], exc))
+                if row[4] is not None:
+                    blocked.add(row[4])
         self._complete(outcome.done)
+        self._give_back(outcome.returned)
         return outcome
 
     def _attempt(self, row: tuple[Any, ...]) -> Exception | None:
@@ -534,9 +601,14 @@ class ChannelProcessor:
             one_line(error),
             extra={"channel": self.spec.name},
         )
+        blocked: set[str] = set()
         for row in rows:
-            mid, _, attempt, _ = row
+            mid, attempt, key = row[0], row[2], row[4]
             alone = _Outcome()
+            if key in blocked:
+                with session.atomic():
+                    self._give_back([mid])
+                continue
             try:
                 with session.atomic():
                     if self._still_ours(mid, attempt):
@@ -553,6 +625,8 @@ class ChannelProcessor:
                 with session.atomic():
                     if self._still_ours(mid, attempt):
                         alone.failed.append(self._failed(mid, attempt, exc))
+            if alone.failed and key is not None:
+                blocked.add(key)
             self._count(alone)  # committed: counted now, whatever happens to the next one
 
     def _still_ours(self, mid: int, attempt: int) -> bool:
@@ -563,6 +637,11 @@ class ChannelProcessor:
         self.processed += len(outcome.done)
         self.failed += len(outcome.failed)
         self.dead += sum(outcome.failed)
+
+    def _give_back(self, ids: list[int]) -> None:
+        """Messages claimed behind a failed one of their key: pending again, unrun, uncharged."""
+        if ids:
+            self.session.execute(GIVE_BACK_SQL, (ids,))
 
     def _complete(self, ids: list[int]) -> None:
         if ids:
@@ -624,6 +703,7 @@ class _Outcome:
 
     done: list[int] = field(default_factory=list)
     failed: list[bool] = field(default_factory=list)
+    returned: list[int] = field(default_factory=list)  # given back unrun (behind a failure)
 
 
 def storable(text: str) -> str:

@@ -128,6 +128,14 @@ CREATE TABLE IF NOT EXISTS pgpubsub.lease (
     PRIMARY KEY (channel, kind, name)
 );
 
+-- Version 4 (claims): messages without an ordering key are claimed through an
+-- index of their own (the keyed ones, through message_ordering_idx, head by
+-- head), so that neither kind is scanned to find the other.
+CREATE INDEX IF NOT EXISTS message_unkeyed_idx
+    ON pgpubsub.message (channel, priority DESC, run_at, id)
+    WHERE status = 'pending' AND ordering_key IS NULL;
+DROP INDEX IF EXISTS pgpubsub.message_due_idx;
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (
