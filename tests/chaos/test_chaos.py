@@ -1,0 +1,150 @@
+"""The chaos tier: model-based fault injection against real workers and a real server.
+
+Each seed draws a sequence of operations (:mod:`chaos_ops`: publishes of every
+kind, listeners that fail in every way, killed workers and supervisors, killed
+sessions, a server restart, replay, cancel and purge), runs it on a fresh
+database (:mod:`chaos_run`) and checks the contract on what happened
+(:mod:`chaos_check`). A failing seed is shrunk (operations removed while the
+same kind of violation still shows) and the shortest failing sequence printed.
+
+CI runs :data:`CI_SEEDS`; ``--chaos-budget=30m`` runs random seeds for that
+long and prints the operation and fault counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from chaos_check import check, kinds
+from chaos_ops import Op, generate
+from chaos_run import Record, Run
+from helpers import Server
+
+pytestmark = pytest.mark.chaos
+
+#: Fixed seeds for CI (chosen to cover every property; see docs/testing-strategy.md).
+CI_SEEDS = [1, 2, 3, 4]
+CI_STEPS = 20
+LONG_STEPS = 40
+#: Seconds spent shrinking a failure (CI / long mode).
+SHRINK_CI = 90.0
+SHRINK_LONG = 300.0
+
+_databases = itertools.count()
+
+
+def run_ops(server: Server, logdir: Path, ops: list[Op]) -> tuple[Record, list[str]]:
+    run = Run.create(server, f"pgpubsub_chaos_{os.getpid()}_{next(_databases)}", logdir)
+    try:
+        record = run.execute(ops)
+    finally:
+        run.close()
+    return record, check(record)
+
+
+def shrink(
+    server: Server, logdir: Path, ops: list[Op], wanted: set[str], budget: float
+) -> tuple[list[Op], list[str]]:
+    """Remove chunks of operations while some violation of a ``wanted`` kind remains.
+
+    Runs are real (processes, timing), so a smaller sequence is kept only when
+    it failed when run; the time budget bounds the search.
+    """
+    deadline = time.monotonic() + budget
+    best, best_violations = ops, []
+    size = max(1, len(ops) // 2)
+    while size >= 1 and time.monotonic() < deadline:
+        start, changed = 0, False
+        while start < len(best) and time.monotonic() < deadline:
+            candidate = best[:start] + best[start + size :]
+            if not candidate:
+                start += size
+                continue
+            _, violations = run_ops(server, logdir, candidate)
+            if kinds(violations) & wanted:
+                best, best_violations, changed = candidate, violations, True
+            else:
+                start += size
+        if not changed:
+            size //= 2
+    return best, best_violations
+
+
+#: The kind a failure is shrunk for: the first of these it shows.
+SEVERITY = [
+    "duplicate", "lost", "ran-uncommitted", "cancelled-ran", "charged-innocent", "ordering-overlap",
+    "max-in-flight", "ordering-order", "tick", "stuck", "early", "shutdown", "orphan",
+]  # fmt: skip
+
+
+def explain(seed: int | str, ops: list[Op], violations: list[str]) -> str:
+    lines = [f"seed {seed}: {len(violations)} violation(s)"]
+    lines += [f"  {v}" for v in violations[:30]]
+    lines.append(f"operations ({len(ops)}):")
+    lines += [f"  {i:2}. {op}" for i, op in enumerate(ops, 1)]
+    return "\n".join(lines)
+
+
+def fail_with(server: Server, logdir: Path, seed: int, ops: list[Op], violations: list[str],
+              budget: float) -> None:  # fmt: skip
+    report = explain(seed, ops, violations)
+    found = kinds(violations)
+    target = next(k for k in [*SEVERITY, *sorted(found)] if k in found)
+    small, small_violations = shrink(server, logdir, ops, {target}, budget)
+    if small_violations and len(small) < len(ops):
+        report += f"\n\nshrunk for {target!r} to:\n" + explain(seed, small, small_violations)
+    pytest.fail(report, pytrace=False)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("seed", CI_SEEDS)
+def test_durable_contract_under_chaos(seed: int, pg_server: Server, tmp_path: Path) -> None:
+    ops = generate(seed, CI_STEPS)
+    _, violations = run_ops(pg_server, tmp_path, ops)
+    if violations:
+        fail_with(pg_server, tmp_path, seed, ops, violations, SHRINK_CI)
+
+
+def parse_budget(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip())
+    if not match:
+        raise pytest.UsageError(f"--chaos-budget: a duration like 90s, 30m or 2h, not {text!r}")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def test_durable_contract_under_chaos_long(
+    pg_server: Server, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    option = request.config.getoption("--chaos-budget")
+    if not option:
+        pytest.skip("the long mode runs by hand: pytest -m chaos --chaos-budget=30m")
+    budget = parse_budget(option)
+    request.node.add_marker(pytest.mark.timeout(budget + SHRINK_LONG + 600))
+    deadline = time.monotonic() + budget
+    ops_done: Counter[str] = Counter()
+    faults: Counter[str] = Counter()
+    runs = messages = 0
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        seed = random.randrange(2**32)
+        ops = generate(seed, LONG_STEPS)
+        record, violations = run_ops(pg_server, tmp_path, ops)
+        runs += 1
+        ops_done.update(record.counts)
+        faults.update(f.kind for f in record.faults)
+        messages += len(record.published)
+        if violations:
+            fail_with(pg_server, tmp_path, seed, ops, violations, SHRINK_LONG)
+    print(
+        f"\nchaos long run: {runs} seeds, {sum(ops_done.values())} operations, "
+        f"{messages} messages published in {time.monotonic() - started:.0f}s"
+    )
+    print("operations: " + ", ".join(f"{k} {v}" for k, v in sorted(ops_done.items())))
+    print("faults survived: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
