@@ -45,6 +45,7 @@ class Published:
     id: int | None = None
     committed: bool = False
     deduped: bool = False  # the publish returned a pending message's id: nothing stored
+    called: datetime.datetime | None = None  # the server's clock just before the call
     not_before: datetime.datetime | None = None
     seq: int | None = None  # place in commit order
 
@@ -231,7 +232,7 @@ class Run:
             # The id of a message published before (identity ids are never reused):
             # the dedupe key matched a pending message and nothing was stored.
             known = {p.id for p in self.record.published.values()}
-            pub = Published(m, id=mid, not_before=not_before, deduped=mid in known)
+            pub = Published(m, id=mid, called=called, not_before=not_before, deduped=mid in known)
             self.record.published[m.n] = pub
         return pub
 

@@ -130,7 +130,9 @@ def test_durable_contract_under_chaos_long(
     deadline = time.monotonic() + budget
     ops_done: Counter[str] = Counter()
     faults: Counter[str] = Counter()
-    runs = messages = 0
+    found: Counter[str] = Counter()
+    failures: list[tuple[int, list[Op], list[str]]] = []
+    runs = published = 0
     started = time.monotonic()
     while time.monotonic() < deadline:
         seed = random.randrange(2**32)
@@ -139,12 +141,22 @@ def test_durable_contract_under_chaos_long(
         runs += 1
         ops_done.update(record.counts)
         faults.update(f.kind for f in record.faults)
-        messages += len(record.published)
+        faults["worker crashes (listener SIGKILLed itself)"] += sum(
+            1 for kind, *_, detail in record.history if kind == "end" and detail == "crash"
+        )
+        published += len(record.published)
         if violations:
-            fail_with(pg_server, tmp_path, seed, ops, violations, SHRINK_LONG)
+            failures.append((seed, ops, violations))
+            found.update(kinds(violations))
+            print(f"seed {seed}: {sorted(kinds(violations))}", flush=True)
     print(
-        f"\nchaos long run: {runs} seeds, {sum(ops_done.values())} operations, "
-        f"{messages} messages published in {time.monotonic() - started:.0f}s"
+        f"\nchaos long run: {runs} seeds ({len(failures)} failing), "
+        f"{sum(ops_done.values())} operations, {published} messages published, "
+        f"{time.monotonic() - started:.0f}s"
     )
     print("operations: " + ", ".join(f"{k} {v}" for k, v in sorted(ops_done.items())))
     print("faults survived: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
+    print("seeds failing, by violation: " + ", ".join(f"{k} {v}" for k, v in sorted(found.items())))
+    if failures:
+        seed, ops, violations = failures[0]
+        fail_with(pg_server, tmp_path, seed, ops, violations, SHRINK_LONG)
