@@ -10,6 +10,8 @@
 * ``ordering-overlap`` / ``ordering-order``: per ordering key, never two
   messages in listeners at once, and completions in the order the publishers
   committed (messages that were dead at some point excepted from the order).
+* ``double-run``: one message in two listeners at once (a worker whose session
+  died still running it when another claims it).
 * ``max-in-flight``: never more than ``max_in_flight`` listeners of the
   limited channel at once.
 * ``charged-innocent``: only a message that fails on its own reaches
@@ -162,10 +164,16 @@ def check(record: Record) -> list[str]:
             for b in spans[i + 1 :]:
                 if b.start >= a.end:
                     break
-                v.append(
-                    f"ordering-overlap: key {key!r}: n={a.n} (pid {a.pid}) and n={b.n} "
-                    f"(pid {b.pid}) in listeners at once"
-                )
+                if a.n == b.n:
+                    v.append(
+                        f"double-run: n={a.n} (key {key!r}) in two listeners at once "
+                        f"(pids {a.pid} and {b.pid})"
+                    )
+                else:
+                    v.append(
+                        f"ordering-overlap: key {key!r}: n={a.n} (pid {a.pid}) and n={b.n} "
+                        f"(pid {b.pid}) in listeners at once"
+                    )
         order = sorted(
             (n for n in ns if effects[n] and n not in ever_dead and n not in record.cancelled),
             key=lambda n: record.published[n].seq or 0,

@@ -154,10 +154,13 @@ class _Gen:
             key = r.choice(self.keys)
         # Keyed messages are slower and fail more: the interleavings that matter
         # for ordering (a retry, a dead head replayed) need time to overlap in.
-        weights = [30, 30, 16, 6, 6, 6] if key else [45, 14, 12, 6, 6, 7]
+        weights = [25, 35, 20, 5, 5, 5] if key else [45, 14, 12, 6, 6, 7]
         behaviour = r.choices(["ok", "slow", "raise", "nul", "commit_fail", "crash"], weights)[0]
-        until = r.choice([1, 1, 2, POISON]) if behaviour in FAILING else 0
-        sleep = round(r.uniform(0.3, 2.0 if key else 1.5), 2) if behaviour == "slow" else 0.0
+        until = (
+            r.choice([1, 2, POISON] if key else [1, 1, 2, POISON]) if behaviour in FAILING else 0
+        )
+        sleep = round(r.uniform(0.5, 2.5) if key else r.uniform(0.3, 1.5), 2)
+        sleep = sleep if behaviour == "slow" else 0.0
         delay = run_at = None
         roll = r.random()
         if roll < 0.15:
@@ -185,7 +188,7 @@ class _Gen:
                 "kill_supervisor", "term_supervisor", "terminate", "restart", "replay",
                 "cancel", "purge",
             ],
-            [32, 16, 4, 4, 5, 3, 2, 2, 5, 2, 11, 4, 2],
+            [30, 16, 4, 4, 5, 3, 2, 2, 5, 2, 14, 4, 2],
         )[0]  # fmt: skip
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if kind == "publish":

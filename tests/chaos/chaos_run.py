@@ -180,12 +180,27 @@ class Run:
 
     def execute(self, ops: list[Op]) -> Record:
         self.start_supervisor()
+        self._wait_listening()  # the operations' timing counts from running workers
         for op in ops:
             self._check_supervisor()
             self.record.counts[type(op).__name__.lower()] += 1
             self._do(op)
         self._settle()
         return self.record
+
+    def _wait_listening(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity "
+                    "WHERE datname = pg_catalog.current_database() "
+                    "AND application_name LIKE 'pgpubsub%%' AND query LIKE 'LISTEN%%'"
+                ).fetchone()
+            if row is not None and row[0] >= 2:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the workers were not listening within {timeout}s")
 
     def _check_supervisor(self) -> None:
         if self.supervisor is not None and self.supervisor.poll() is not None:
