@@ -124,11 +124,18 @@ def fail_with(server: Server, logdir: Path, seed: int, ops: list[Op], violations
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("seed", CI_SEEDS)
-def test_durable_contract_under_chaos(seed: int, pg_server: Server, tmp_path: Path) -> None:
+def test_durable_contract_under_chaos(
+    seed: int, pg_server: Server, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     ops = generate(seed, CI_STEPS)
     _, violations = run_ops(pg_server, tmp_path, ops)
     if violations:
-        fail_with(pg_server, tmp_path, seed, ops, violations, SHRINK_CI)
+        fail_with(pg_server, tmp_path, seed, ops, violations, shrink_budget(request, SHRINK_CI))
+
+
+def shrink_budget(request: pytest.FixtureRequest, default: float) -> float:
+    option = request.config.getoption("--chaos-shrink")
+    return default if option is None else parse_budget(option, "--chaos-shrink")
 
 
 #: Failures found by the generator, shrunk and kept as fixed sequences: they run
@@ -163,10 +170,10 @@ def test_durable_contract_on_found_sequences(name: str, pg_server: Server, tmp_p
     assert not violations, explain(f"sequence {name!r}", ops, violations)
 
 
-def parse_budget(text: str) -> float:
+def parse_budget(text: str, option: str = "--chaos-budget") -> float:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip())
     if not match:
-        raise pytest.UsageError(f"--chaos-budget: a duration like 90s, 30m or 2h, not {text!r}")
+        raise pytest.UsageError(f"{option}: a duration like 90s, 30m or 2h, not {text!r}")
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
@@ -210,4 +217,4 @@ def test_durable_contract_under_chaos_long(
     print("seeds failing, by violation: " + ", ".join(f"{k} {v}" for k, v in sorted(found.items())))
     if failures:
         seed, ops, violations = failures[0]
-        fail_with(pg_server, tmp_path, seed, ops, violations, SHRINK_LONG)
+        fail_with(pg_server, tmp_path, seed, ops, violations, shrink_budget(request, SHRINK_LONG))
