@@ -36,3 +36,15 @@ class Limited(
 @dataclass
 class Tick(Channel, name="chaos_tick", lock_notifications=True, schedule="* * * * * *"):
     scheduled_at: datetime.datetime | None = None
+
+
+# The tables the listeners write (chaos_listeners) and the checker reads (chaos_check).
+SCHEMA = """
+CREATE TABLE chaos_history (
+    id bigserial PRIMARY KEY, kind text NOT NULL, channel text NOT NULL, n int, pid int NOT NULL,
+    at timestamptz NOT NULL, attempt int, detail text);
+CREATE TABLE chaos_effect (channel text NOT NULL, n int, pid int NOT NULL, at timestamptz NOT NULL,
+    tick timestamptz);
+CREATE TABLE chaos_ref (id int PRIMARY KEY);
+CREATE TABLE chaos_deferred (ref int REFERENCES chaos_ref DEFERRABLE INITIALLY DEFERRED);
+"""

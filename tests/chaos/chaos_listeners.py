@@ -116,14 +116,3 @@ def tick(scheduled_at: datetime.datetime | None) -> None:
         (os.getpid(), scheduled_at),
     )
     _record("end", "chaos_tick", None, scheduled_at.isoformat() if scheduled_at else None)
-
-
-SCHEMA = """
-CREATE TABLE chaos_history (
-    id bigserial PRIMARY KEY, kind text NOT NULL, channel text NOT NULL, n int, pid int NOT NULL,
-    at timestamptz NOT NULL, attempt int, detail text);
-CREATE TABLE chaos_effect (channel text NOT NULL, n int, pid int NOT NULL, at timestamptz NOT NULL,
-    tick timestamptz);
-CREATE TABLE chaos_ref (id int PRIMARY KEY);
-CREATE TABLE chaos_deferred (ref int REFERENCES chaos_ref DEFERRABLE INITIALLY DEFERRED);
-"""

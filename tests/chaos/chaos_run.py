@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from chaos_channels import Limited, Work
+from chaos_channels import SCHEMA, Limited, Work
 from chaos_ops import CHANNELS, Admin, Concurrent, Fault, Interleaved, Kill, Msg, Op, Publish, Wait
 from helpers import Server
 from psycopg import sql
@@ -106,8 +106,6 @@ class Run:
         server.admin_execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
         run = cls(server, dbname, logdir)
         durable.migrate(run.dsn)
-        from chaos_listeners import SCHEMA  # only the SQL: the listeners register nowhere here
-
         with psycopg.connect(run.dsn, autocommit=True) as conn:
             conn.execute(SCHEMA)  # type: ignore[arg-type]
         return run
