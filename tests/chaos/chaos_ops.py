@@ -70,13 +70,13 @@ class Publish:
 
 @dataclass(frozen=True)
 class Interleaved:
-    """Two transactions: ``first`` publishes first, ``second`` commits first."""
+    """Two transactions on one key: ``first`` publishes first, ``second`` tries to commit first."""
 
     first: Msg
     second: Msg
 
     def __str__(self) -> str:
-        return f"interleaved: BEGIN {self.first}; BEGIN {self.second}; COMMIT 2nd; COMMIT 1st"
+        return f"interleaved: BEGIN {self.first}; BEGIN {self.second}; COMMIT 2nd (try); COMMIT 1st"
 
 
 @dataclass(frozen=True)

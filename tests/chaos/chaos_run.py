@@ -35,7 +35,11 @@ import pgpubsub
 from pgpubsub import durable, messages
 
 HERE = Path(__file__).resolve().parent
-SETTLE = 60.0  # seconds the messages get to finish once the faults stop
+# Seconds the messages get to finish once the faults stop. A worker killed in a
+# listener may hold its ordering key until its lease runs out (30 s in the
+# design with leases), and a poison message that kills its process does so
+# max_attempts times: 3 x 30 s, and the retries and restarts around them.
+SETTLE = 150.0
 CLASSES = {"chaos_work": Work, "chaos_limited": Limited}
 
 
@@ -269,13 +273,38 @@ class Run:
                 conn.rollback()
 
     def _interleaved(self, op: Interleaved) -> None:
-        with self._connect() as first, self._connect() as second:
+        """``first`` publishes, then ``second`` publishes and commits in another thread.
+
+        If publishing ``second`` waits for ``first`` (publishers of one key taking
+        turns), ``first`` commits first; otherwise ``second`` does. Either way the
+        recorded commit order is the one that happened: ``first`` takes its place
+        in the order before its COMMIT, holding the order's lock until it returns.
+        """
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def publish_second() -> None:
+            try:
+                with self._connect() as conn:
+                    b = self._publish_one(conn, op.second)
+                    conn.commit()
+                    self._committed([b])
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+            finally:
+                done.set()
+
+        with self._connect() as first:
             a = self._publish_one(first, op.first)
-            b = self._publish_one(second, op.second)
-            second.commit()
-            self._committed([b])
-            first.commit()
-            self._committed([a])
+            thread = threading.Thread(target=publish_second)
+            thread.start()
+            done.wait(1.0)  # long enough to commit, unless it waits for ``first``
+            with self._lock:
+                first.commit()
+                a.committed, a.seq = True, next(self._seq)
+        thread.join(60)
+        if errors:
+            raise errors[0]
 
     def _concurrent(self, op: Concurrent) -> None:
         errors: list[BaseException] = []
@@ -302,7 +331,8 @@ class Run:
         deadline = time.monotonic() + 30
         while True:
             try:
-                return psycopg.connect(self.dsn)
+                # A publish that waits for ever is an error, not a hung test.
+                return psycopg.connect(self.dsn, options="-c statement_timeout=30000")
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
                     raise

@@ -30,8 +30,10 @@ from helpers import Server
 
 pytestmark = pytest.mark.chaos
 
-#: Fixed seeds for CI (chosen to cover every property; see docs/testing-strategy.md).
-CI_SEEDS = [2, 5, 7]
+#: Fixed seeds for CI: on the code before the fixes 2 found crash-charges-the-batch,
+#: 3 and 5 the ordering and delay defects; they pass on the fixed code. Seeds 18 and
+#: 19 (supervisor kills) still find defects there: add them once those are fixed.
+CI_SEEDS = [2, 3, 5]
 CI_STEPS = 20
 LONG_STEPS = 40
 #: Seconds spent shrinking a failure (CI / long mode).
