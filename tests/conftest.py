@@ -34,6 +34,21 @@ def pg_server() -> Iterator[Server]:
         server.close()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-budget",
+        default=None,
+        metavar="DURATION",
+        help="the chaos tier's long mode: random seeds for this long (90s, 30m, 2h)",
+    )
+    parser.addoption(
+        "--chaos-shrink",
+        default=None,
+        metavar="DURATION",
+        help="time the chaos tier spends shrinking a failure (default 60s, long mode 5m; 0: none)",
+    )
+
+
 # Projects of users, run by tests/test_testing.py as their owners run them.
 collect_ignore = ["user_project", "user_project_django"]
 

@@ -1,0 +1,50 @@
+"""The chaos tier's channels (no listeners here: importing this registers nothing)."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from pgpubsub.channel import Channel
+
+RETRY = dict(max_attempts=3, retry_delay=0.2, retry_max_delay=1.0)
+
+
+@dataclass
+class Work(Channel, name="chaos_work", lock_notifications=True, **RETRY):  # type: ignore[call-arg]
+    n: int
+    behaviour: str = "ok"
+    until: int = 0
+    sleep: float = 0.0
+
+
+@dataclass
+class Limited(
+    Channel,
+    name="chaos_limited",
+    lock_notifications=True,
+    concurrency=3,
+    max_in_flight=2,
+    **RETRY,  # type: ignore[call-arg]
+):
+    n: int
+    behaviour: str = "ok"
+    until: int = 0
+    sleep: float = 0.0
+
+
+@dataclass
+class Tick(Channel, name="chaos_tick", lock_notifications=True, schedule="* * * * * *"):
+    scheduled_at: datetime.datetime | None = None
+
+
+# The tables the listeners write (chaos_listeners) and the checker reads (chaos_check).
+SCHEMA = """
+CREATE TABLE chaos_history (
+    id bigserial PRIMARY KEY, kind text NOT NULL, channel text NOT NULL, n int, pid int NOT NULL,
+    at timestamptz NOT NULL, attempt int, detail text);
+CREATE TABLE chaos_effect (channel text NOT NULL, n int, pid int NOT NULL, at timestamptz NOT NULL,
+    tick timestamptz);
+CREATE TABLE chaos_ref (id int PRIMARY KEY);
+CREATE TABLE chaos_deferred (ref int REFERENCES chaos_ref DEFERRABLE INITIALLY DEFERRED);
+"""
