@@ -1,4 +1,4 @@
-"""``pgpubsub dashboard``: serve the live web dashboard (extra ``pgpubsub[dashboard]``).
+"""``pgpubsub dashboard``: serve the live web dashboard (extra ``pgpubsub-engine[dashboard]``).
 
 It binds 127.0.0.1 by default and then answers only to local host names.
 Any other bind needs a token (``--token`` or ``$PGPUBSUB_DASHBOARD_TOKEN``) or
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ConfigurationError(
             f"the dashboard needs its extra ({exc.name} is missing): "
-            "pip install 'pgpubsub[dashboard]'"
+            "pip install 'pgpubsub-engine[dashboard]'"
         ) from None
     app: Any = create_app(
         args.dsn,
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: Any, common: Any) -> None:
     sp = sub.add_parser(
         "dashboard",
-        help="serve the live web dashboard (pgpubsub[dashboard])",
+        help="serve the live web dashboard (pgpubsub-engine[dashboard])",
         description="Serve the live web dashboard: channels, queues, workers, "
         "messages and a live tail.",
         epilog=EXAMPLES,

@@ -41,6 +41,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from . import _clash as _clash  # a clash also when another library's __init__ replaced ours
 from . import _cli_dashboard, _cli_messages, _cli_status, _logs
 from ._cli_errors import UsageError
 from ._version import version
@@ -298,7 +299,7 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         metavar="PORT",
-        help="serve Prometheus metrics of all workers on this port (pgpubsub[metrics])",
+        help="serve Prometheus metrics of all workers on this port (pgpubsub-engine[metrics])",
     )
     sp.add_argument(
         "--metrics-host",
