@@ -1,4 +1,5 @@
-"""The ``pgpubsub`` command: ``listen``, ``status``, ``messages``, ``migrate``, ``grant``, ``demo``.
+"""The ``pgpubsub`` command: ``listen``, ``status``, ``messages``, ``publish``, ``migrate``,
+``grant``, ``dashboard``, ``demo``.
 
 ``pgpubsub listen myapp.listeners --channels myapp.channels.Orders --processes 2``
 imports the listener modules, then runs workers under the supervisor
@@ -7,7 +8,11 @@ instead (for systemd or Kubernetes, which restart it themselves).
 ``pgpubsub status`` shows the database, the schema, the queues and the live
 workers (``--check`` for probes); ``pgpubsub migrate [modules]`` installs the
 schema and the triggers of trigger channels; ``pgpubsub messages`` operates on
-stored messages. ``--dsn`` defaults to ``$PGPUBSUB_DSN``.
+stored messages; ``pgpubsub publish`` publishes one. ``--dsn`` defaults to
+``$PGPUBSUB_DSN``. The working directory is on the import path (as for
+``python -m``), so ``pgpubsub listen myapp.tasks`` finds ``myapp`` there. A
+channel is typed as its class's dotted path or as its PostgreSQL name, in
+``listen --channels`` as in ``messages --channel`` and ``publish``.
 
 Expected failures end with one or two lines on stderr (``--debug`` adds the
 traceback) and an exit code per kind:
@@ -42,7 +47,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _clash as _clash  # a clash also when another library's __init__ replaced ours
-from . import _cli_dashboard, _cli_messages, _cli_status, _logs
+from . import _cli_dashboard, _cli_messages, _cli_publish, _cli_status, _logs
 from ._cli_errors import UsageError
 from ._version import version
 
@@ -195,6 +200,11 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    if not args.modules and not args.channels:
+        raise UsageError(
+            "say what to run: the modules that register listeners (pgpubsub listen myapp.tasks)"
+            " and/or --channels"
+        )
     if args.worker:
         return run_worker(args)
     channels = load_channels(args)  # configuration errors end the command here, before any child
@@ -268,8 +278,8 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
         "--channels",
         nargs="+",
         metavar="CHANNEL",
-        help="dotted paths of the channels to run (default: every channel with a listener);"
-        " a parent class selects its subclasses",
+        help="the channels to run, by dotted path or channel name (default: every channel"
+        " with a listener); a parent class selects its subclasses",
     )
     sp.add_argument(
         "--processes",
@@ -379,6 +389,7 @@ def parser() -> argparse.ArgumentParser:
 
     _cli_status.add_parser(sub, common)
     _cli_messages.add_parser(sub, common)
+    _cli_publish.add_parser(sub, common)
     _cli_dashboard.add_parser(sub, common)
 
     migrate = command(
@@ -465,8 +476,16 @@ def _hint(exc: BaseException, args: argparse.Namespace) -> str:
     return ""
 
 
+def _working_directory_importable() -> None:
+    """Put the working directory first on the import path, as ``python -m`` does."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _working_directory_importable()
     p = parser()
     args = p.parse_args(argv)
     args.argv = argv
