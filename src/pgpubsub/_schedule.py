@@ -1,8 +1,9 @@
 """Periodic durable channels: ``class Cleanup(Channel, lock_notifications=True, schedule=...)``.
 
 ``schedule`` is a cron expression read by croniter (``pgpubsub[schedule]``):
-five fields, or six with seconds as the sixth (``"*/10 * * * * *"``: every 10
-seconds), in the channel's ``timezone`` (UTC by default).
+five fields, or six with seconds as the sixth (``"* * * * * */10"``: every 10
+seconds; ``"*/10 * * * * *"`` is every second of every 10th minute), in the
+channel's ``timezone`` (UTC by default).
 
 Every worker that runs the channel keeps time, and at each tick tries to
 advance the channel's row in ``pgpubsub.schedule`` to that tick; the one
