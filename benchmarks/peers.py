@@ -54,7 +54,8 @@ def database(admin: str, name: str) -> Iterator[str]:
 
 def conninfo_to_url(dsn: str) -> str:
     p = conninfo_to_dict(dsn)
-    return f"postgresql://{p.get('user', '')}@{p.get('host', '')}:{p.get('port', 5432)}/{p['dbname']}"
+    where = f"{p.get('host', '')}:{p.get('port', 5432)}"
+    return f"postgresql://{p.get('user', '')}@{where}/{p['dbname']}"
 
 
 def effects(dsn: str) -> tuple[int, int]:
