@@ -64,8 +64,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def serve(make_worker: Callable[[], Any], grace: float = 30.0) -> int:
-    """Run one worker in this process until SIGTERM/SIGINT, then stop it within ``grace``; 0."""
+def serve(make_worker: Callable[[], Any], grace: float = 30.0, probes: Any = None) -> int:
+    """Run one worker in this process until SIGTERM/SIGINT, then stop it within ``grace``; 0.
+
+    ``probes`` (a :class:`pgpubsub._probes.Probes`, already serving): the worker's
+    state is recorded on its loop for the health endpoint.
+    """
     _die_with_parent()
 
     async def main() -> None:
@@ -73,10 +77,45 @@ def serve(make_worker: Callable[[], Any], grace: float = 30.0) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await make_worker().run(stop, grace)
+        worker = make_worker()
+        ticker = None
+        if probes is not None:
+            from ._probes import tick
 
-    asyncio.run(main())
+            ticker = asyncio.create_task(tick(probes, worker))
+        try:
+            await worker.run(stop, grace)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if probes is not None:
+            probes.close()
     return 0
+
+
+def start_probes(options: dict[str, Any]) -> Any:
+    """The health endpoint of this worker process when ``--health-port`` is given, else None."""
+    if options.get("health_port") is None:
+        return None
+    from ._probes import Probes
+
+    probes = Probes(options["health_stall"])
+    port = probes.serve(options["health_host"], options["health_port"])
+    log.info("probes on http://%s:%d/livez and /readyz", options["health_host"], port)
+    return probes
+
+
+def check_probe_options(options: dict[str, Any]) -> None:
+    """One worker process per health port: with a supervisor, only ``--processes 1``."""
+    if options.get("health_port") is not None and options["processes"] > 1:
+        raise UsageError(
+            "--health-port reports one worker process: use --processes 1 (or --worker)"
+            " and scale with more containers or services"
+        )
 
 
 def import_modules(modules: list[str]) -> None:
@@ -196,7 +235,10 @@ def run_worker(args: argparse.Namespace) -> int:
     start_metrics(args.metrics_port, args.metrics_host, args.dsn, channels)
     if not supervised():  # else the supervisor checked
         preflight(args.dsn, channels)
-    return serve(lambda: Worker(args.dsn, channels=channels, recover=args.recover), args.grace)
+    probes = start_probes(vars(args))
+    return serve(
+        lambda: Worker(args.dsn, channels=channels, recover=args.recover), args.grace, probes
+    )
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -205,6 +247,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             "say what to run: the modules that register listeners (pgpubsub listen myapp.tasks)"
             " and/or --channels"
         )
+    check_probe_options(vars(args))
     if args.worker:
         return run_worker(args)
     channels = load_channels(args)  # configuration errors end the command here, before any child
@@ -319,6 +362,27 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
         "0.0.0.0 serves every interface, without authentication: the metrics name "
         "every channel and its queue depth, lag and failures",
     )
+    sp.add_argument(
+        "--health-port",
+        type=int,
+        metavar="PORT",
+        help="serve GET /livez and /readyz of the worker on this port (probes: answers from"
+        " the worker's last-known state, never waits for the database)",
+    )
+    sp.add_argument(
+        "--health-host",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address for --health-port (default: 127.0.0.1; 0.0.0.0 in a container)",
+    )
+    sp.add_argument(
+        "--health-stall",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="/livez fails when the worker's event loop has not turned for this long"
+        " (default: 10)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -332,6 +396,7 @@ LISTEN_EXAMPLES = """examples:
   pgpubsub listen myapp.listeners
   pgpubsub listen myapp.listeners --channels myapp.channels.Orders --processes 4
   pgpubsub listen myapp.listeners --worker --metrics-port 9108     (systemd, Kubernetes)
+  pgpubsub listen myapp.listeners --worker --health-port 8080 --health-host 0.0.0.0
 """
 MIGRATE_EXAMPLES = """examples:
   pgpubsub migrate                          the schema (idempotent; run at each upgrade)
