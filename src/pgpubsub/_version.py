@@ -15,7 +15,11 @@ DISTRIBUTION = "pgpubsub-engine"
 
 
 def version() -> str:
-    try:
-        return metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    for name in (DISTRIBUTION, "pgpubsub"):  # then a build of ours from before the rename
+        try:
+            found = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if name == DISTRIBUTION or not found.startswith("0.0."):
+            return found
+    return "unknown"
