@@ -24,12 +24,22 @@ pytest_plugins = ["pgpubsub.testing"]
 ROOT = Path(__file__).parent
 
 
+# Pages that promise their examples run as written from a fresh database: they
+# get one without the pgpubsub schema, so they must install it themselves.
+FRESH = {"README.md", "docs/getting-started.md"}
+
+
 @pytest.fixture(scope="module")
-def doc_dsn(pgpubsub_server: str) -> Iterator[str]:
+def doc_dsn(pgpubsub_server: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """One database per page: its examples build on each other."""
+    import psycopg
+
     from pgpubsub.testing.fixtures import copy_of_template
 
     with copy_of_template(pgpubsub_server) as dsn:
+        if Path(request.path).relative_to(ROOT).as_posix() in FRESH:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("DROP SCHEMA pgpubsub CASCADE")
         yield dsn
 
 

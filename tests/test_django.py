@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,3 +477,64 @@ def test_django_triggers_run_no_hijacking_function_and_a_granted_writer_writes(d
             "DROP OWNED BY dj_writer, dj_hostile CASCADE;"
             "DROP ROLE dj_writer; DROP ROLE dj_hostile;",
         )
+
+
+def manage(dj: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``manage.py ...`` as a user runs it: the database only in Django's settings."""
+    env = {k: v for k, v in os.environ.items() if k != "PGPUBSUB_DSN"}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT,
+        env={**env, "PGPUBSUB_DJANGO_DSN": dj},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_every_pgpubsub_command_runs_through_manage_py_on_the_projects_database(dj: str) -> None:
+    status = manage(dj, "pgpubsub", "status")
+    assert status.returncode == 0, status.stderr
+    admin_query(
+        dj,
+        "INSERT INTO pgpubsub.message (channel, payload, status, last_error) VALUES "
+        "('greetings.v1', '{\"name\": \"x\"}', 'dead', 'Traceback (most recent call last):\n"
+        "ValueError: no')",
+    )
+    (mid,) = admin_query(dj, "SELECT id FROM pgpubsub.message")[0]
+    listed = manage(dj, "pgpubsub", "messages", "list", "--status", "any", "--settings=settings")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{mid}\tdead\tgreetings.v1" in listed.stdout
+    shown = manage(dj, "pgpubsub", "messages", "show", str(mid), "--database", "default")
+    assert "    ValueError: no" in shown.stdout.splitlines(), shown.stdout + shown.stderr
+    sent = manage(dj, "pgpubsub", "publish", "pgpubsub.tests.channels.Greetings", '{"name": "a"}')
+    assert sent.returncode == 0 and sent.stdout.startswith("sent on channel"), sent.stderr
+    stored = manage(dj, "pgpubsub", "publish", "greetings.v1", '{"name": "b"}', "--priority", "3")
+    assert stored.stdout.startswith("stored message"), stored.stderr
+    assert admin_query(dj, "SELECT count(*) FROM pgpubsub.message WHERE priority = 3") == [(1,)]
+    refused = manage(dj, "pgpubsub", "listen")
+    assert refused.returncode == 2 and "manage.py listen" in refused.stderr
+    dashboard = subprocess.Popen(
+        [sys.executable, "manage.py", "pgpubsub", "dashboard", "--port", "0"],
+        cwd=PROJECT,
+        env={**{k: v for k, v in os.environ.items() if k != "PGPUBSUB_DSN"}, "PGPUBSUB_DJANGO_DSN": dj},  # noqa: E501
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert dashboard.stdout is not None
+        url = dashboard.stdout.readline().split()[3]
+        page = ""
+        deadline = time.monotonic() + 20
+        while not page:
+            try:
+                with urllib.request.urlopen(f"{url}message/{mid}", timeout=5) as r:
+                    page = r.read().decode()
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert "greetings.v1" in page
+    finally:
+        dashboard.send_signal(signal.SIGTERM)
+        dashboard.communicate(timeout=30)

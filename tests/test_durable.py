@@ -282,7 +282,9 @@ def test_messages_command_lists_shows_replays_and_purges(db: str) -> None:
     assert header.split("\t")[:3] == ["id", "status", "channel"]
     assert [line.split("\t")[0] for line in listing] == [str(ids[0]), str(ids[1])]
     assert listing[0].endswith("RuntimeError: one")
-    assert json.loads(cli("show", str(ids[1])))[0]["payload"] == '{"n": 2}'
+    shown = cli("show", str(ids[1])).splitlines()  # text: the payload, then the traceback
+    assert shown[0] == f"message {ids[1]}" and '      "n": 2' in shown
+    assert shown[-2:] == ["    Traceback ...", "    RuntimeError: two"]
     assert cli("replay", str(ids[0])) == "replayed 1 message(s)\n"
     assert cli("purge", "--channel", "other", "--yes") == "purged 1 message(s)\n"
     assert admin_query(db, "SELECT id, status, attempts FROM pgpubsub.message ORDER BY id") == [

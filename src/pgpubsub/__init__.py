@@ -15,6 +15,7 @@ Levels, from the wire up:
 * Django: add ``pgpubsub`` (and ``pgtrigger``) to ``INSTALLED_APPS``; see :mod:`pgpubsub.apps`.
 """
 
+from . import _clash  # noqa: F401  (first: raises PackageClash beside django-pgpubsub)
 from .asynclistener import Connection, ConnectionPool, Listener, ListenerNotificationMsg
 from .backoff import Backoff
 from .channel import Channel, TriggerChannel

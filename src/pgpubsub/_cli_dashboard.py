@@ -1,16 +1,20 @@
-"""``pgpubsub dashboard``: serve the live web dashboard (extra ``pgpubsub[dashboard]``).
+"""``pgpubsub dashboard``: serve the live web dashboard (extra ``pgpubsub-engine[dashboard]``).
 
 It binds 127.0.0.1 by default and then answers only to local host names.
 Any other bind needs a token (``--token`` or ``$PGPUBSUB_DASHBOARD_TOKEN``) or
 a user and password (``--basic-auth``): every request must carry them.
-Replay, cancel and purge need ``--allow-actions``.
+Replay, cancel and purge need ``--allow-actions``. The port is bound before the
+URL is announced: a port that is taken is said so (exit 6), not mistaken for
+a database that cannot be reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 from typing import Any
 
 from ._cli_errors import UsageError
@@ -45,6 +49,20 @@ def _basic_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket uvicorn will serve on; a taken port is a ConfigurationError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigurationError(
+                f"port {port} on {host} is taken (another program listens there):"
+                " choose another with --port"
+            ) from exc
+        raise ConfigurationError(f"cannot listen on {host} port {port}: {exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("PGPUBSUB_DASHBOARD_TOKEN") or None
     basic = _basic_auth(args.basic_auth or os.environ.get("PGPUBSUB_DASHBOARD_BASIC_AUTH"))
@@ -63,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ConfigurationError(
             f"the dashboard needs its extra ({exc.name} is missing): "
-            "pip install 'pgpubsub[dashboard]'"
+            "pip install 'pgpubsub-engine[dashboard]'"
         ) from None
     app: Any = create_app(
         args.dsn,
@@ -72,25 +90,27 @@ def run(args: argparse.Namespace) -> int:
         basic_auth=basic,
         allowed_hosts=LOCAL_HOSTS if local and not (token or basic) else None,
     )
+    listening = _bind(args.host, args.port)
+    port = listening.getsockname()[1]  # --port 0: the one the system chose
     mode = "actions enabled" if args.allow_actions else "read-only"
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"pgpubsub dashboard on http://{shown}:{args.port}/ ({mode})", flush=True)
-    # Live tails are endless responses: on SIGTERM they get two seconds, not forever.
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=2,
-    )
+    print(f"pgpubsub dashboard on http://{shown}:{port}/ ({mode})", flush=True)
+    with listening:
+        # Live tails are endless responses: on SIGTERM they get two seconds, not forever.
+        uvicorn.run(
+            app,
+            fd=listening.fileno(),
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
     return 0
 
 
 def add_parser(sub: Any, common: Any) -> None:
     sp = sub.add_parser(
         "dashboard",
-        help="serve the live web dashboard (pgpubsub[dashboard])",
+        help="serve the live web dashboard (pgpubsub-engine[dashboard])",
         description="Serve the live web dashboard: channels, queues, workers, "
         "messages and a live tail.",
         epilog=EXAMPLES,

@@ -4,6 +4,11 @@ Replay replays what it can and prints each message it could not, with why
 (exit 1 then). Replay without a filter, cancel of a whole channel and every
 purge change many rows: on a terminal they ask first, elsewhere they need ``--yes``;
 ``--dry-run`` says how many messages they would change and changes nothing.
+
+Each option is the keyword of the same name in :mod:`pgpubsub.messages`
+(``--status any`` is ``status="any"``). ``--channel`` takes the channel's
+PostgreSQL name or the dotted path of its class; a channel the database has
+never seen (no stored message, no worker) is an error (exit 6), not "0 messages".
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import psycopg
 
 from . import driver, messages
 from ._cli_errors import NotFound, UsageError
+from .errors import ChannelNotFound
 
 __all__ = ["add_parser"]
 
 EXAMPLES = """examples:
   pgpubsub messages list                         dead messages, oldest first
   pgpubsub messages list --status pending --channel orders
+  pgpubsub messages list --channel myapp.tasks.SendEmail    the class's channel
   pgpubsub messages show 42 43                   payload, error and traceback
   pgpubsub messages replay 42                    run message 42 again
   pgpubsub messages replay --channel orders      every dead message of a channel
@@ -43,29 +50,60 @@ def _confirm(args: argparse.Namespace, what: str) -> bool:
 
 
 def _list(conn: Any, args: argparse.Namespace) -> int:
-    status = None if args.status == "any" else args.status
-    found = messages.list_messages(conn, status, args.channel, args.limit)
+    found = messages.list_messages(conn, args.status, args.channel, args.limit)
     if not found:
         where = f" on channel {args.channel!r}" if args.channel else ""
-        print(f"no {'' if status is None else status + ' '}messages{where}")
+        print(f"no {'' if args.status == 'any' else args.status + ' '}messages{where}")
         return 0
     print("id\tstatus\tchannel\tattempts\tcreated (UTC)\tlast error")
     for m in found:
         error = (m.last_error or "").strip().splitlines()[-1:] or [""]
-        created = m.created_at.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{m.id}\t{m.status}\t{m.channel}\t{m.attempts}\t{created}\t{error[0]}")
+        print(f"{m.id}\t{m.status}\t{m.channel}\t{m.attempts}\t{_utc(m.created_at)}\t{error[0]}")
     if len(found) == args.limit:
         print(f"(the first {args.limit}; --limit shows more)", file=sys.stderr)
     return 0
+
+
+def _utc(when: datetime.datetime | None) -> str:
+    if when is None:
+        return "-"
+    return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines())
+
+
+def _as_text(m: messages.StoredMessage) -> str:
+    """One message for a person: fields, then the payload and the traceback as text."""
+    try:
+        payload = json.dumps(json.loads(m.payload), indent=2, ensure_ascii=False)
+    except ValueError:
+        payload = m.payload
+    lines = [
+        f"message {m.id}",
+        f"  channel:      {m.channel}",
+        f"  status:       {m.status}",
+        f"  attempts:     {m.attempts}",
+        f"  created:      {_utc(m.created_at)} UTC",
+        f"  run at:       {_utc(m.run_at)} UTC",
+        f"  completed:    {_utc(m.completed_at)}{' UTC' if m.completed_at else ''}",
+    ]
+    if m.context is not None:
+        lines.append(f"  context:      {json.dumps(m.context, ensure_ascii=False)}")
+    lines += ["  payload:", _indented(payload)]
+    if m.last_error:
+        lines += ["  last error:", _indented(m.last_error)]
+    return "\n".join(lines)
 
 
 def _show(conn: Any, args: argparse.Namespace) -> int:
     if not args.ids:
         raise UsageError("show needs message ids: pgpubsub messages show ID [ID ...]")
     found = {i: messages.get(conn, i) for i in args.ids}
-    shown = [m.__dict__ for m in found.values() if m is not None]
+    shown = [m for m in found.values() if m is not None]
     if shown:
-        print(json.dumps(shown, default=str, indent=2))
+        print("\n\n".join(_as_text(m) for m in shown))
     missing = [str(i) for i, m in found.items() if m is None]
     if missing:
         raise NotFound(f"no stored message with id {', '.join(missing)}")
@@ -73,7 +111,7 @@ def _show(conn: Any, args: argparse.Namespace) -> int:
 
 
 def _replay(conn: Any, args: argparse.Namespace) -> int:
-    statuses = ("dead", "pending") if args.status == "any" else (args.status,)
+    statuses = messages.REPLAYABLE if args.status == "any" else (args.status,)
     if args.dry_run:
         n = messages.count(conn, statuses, args.channel, ids=args.ids or None)
         print(f"would replay {n} message(s)")
@@ -105,10 +143,7 @@ def _purge(conn: Any, args: argparse.Namespace) -> int:
     if not _confirm(args, f"delete {n} {'/'.join(statuses)} message(s){warning}"):
         print("nothing purged")
         return 1
-    total = sum(
-        messages.purge(conn, status, args.channel, args.older_than, args.ids or None)
-        for status in statuses
-    )
+    total = messages.purge(conn, args.status, args.channel, args.older_than, args.ids or None)
     print(f"purged {total} message(s)")
     return 0
 
@@ -128,12 +163,35 @@ def _cancel(conn: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return n
+
+
 ACTIONS = {"list": _list, "show": _show, "replay": _replay, "purge": _purge, "cancel": _cancel}
+
+
+def _channel(conn: Any, args: argparse.Namespace) -> None:
+    """``--channel`` as its PostgreSQL name; a name the database has never seen is an error."""
+    if args.channel is None:
+        return
+    given = args.channel
+    args.channel = messages.channel_name(given)
+    if not messages.known_channel(conn, args.channel):
+        also = f" ({given!r} is its dotted path)" if args.channel != given else ""
+        raise ChannelNotFound(
+            f"no channel {args.channel!r}{also} in this database: no stored message, no worker;"
+            " give the channel's name (as `pgpubsub messages list --status any` shows) or the"
+            " dotted path of its class"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     with driver.connect(driver.build_conninfo(args.dsn)) as conn:
         try:
+            _channel(conn, args)
             return ACTIONS[args.action](conn, args)
         except psycopg.Error as exc:
             raise driver.translate(exc, f"messages {args.action}") from exc
@@ -156,8 +214,13 @@ def add_parser(sub: Any, common: Any) -> None:
         default="dead",
         help="which messages (default: dead)",
     )
-    msgs.add_argument("--channel", help="PostgreSQL channel name (as `messages list` shows)")
-    msgs.add_argument("--limit", type=int, default=100, help="list at most this many (100)")
+    msgs.add_argument(
+        "--channel",
+        help="the channel's PostgreSQL name (as `messages list` shows) or its class's dotted path",
+    )
+    msgs.add_argument(
+        "--limit", type=_positive, default=100, help="list at most this many (100)"
+    )
     msgs.add_argument(
         "--older-than", type=float, metavar="SECONDS", help="purge: only messages older than this"
     )

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker (``pgpubsub listen --metrics-port N``, ``pgpubsub[metrics]``).
+"""Prometheus metrics of a worker (``pgpubsub listen --metrics-port N``, extra ``metrics``).
 
 Counters (label ``channel``, the PostgreSQL channel name):
 
@@ -57,7 +57,7 @@ def _client() -> Any:
         import prometheus_client
     except ImportError:
         raise ConfigurationError(
-            "metrics need prometheus-client: pip install 'pgpubsub[metrics]'"
+            "metrics need prometheus-client: pip install 'pgpubsub-engine[metrics]'"
         ) from None
     return prometheus_client
 

@@ -1,12 +1,12 @@
 """Periodic durable channels: ``class Cleanup(Channel, lock_notifications=True, schedule=...)``.
 
 ``schedule`` is a cron expression read by croniter (``pgpubsub[schedule]``):
-five fields, or six with seconds as the sixth (``"*/10 * * * * *"``: every 10
-seconds), in the channel's ``timezone`` (UTC by default). When the clocks
-change, a wall-clock time that does not exist runs at the first instant after
-the gap, and one that occurs twice runs once, at its first occurrence, unless
-the minute or hour field starts with ``*`` (hourly is every real hour): see
-:mod:`pgpubsub._cron`.
+five fields, or six with seconds as the sixth (``"* * * * * */10"``: every 10
+seconds; ``"*/10 * * * * *"`` is every second of every 10th minute), in the
+channel's ``timezone`` (UTC by default). When the clocks change, a wall-clock
+time that does not exist runs at the first instant after the gap, and one that
+occurs twice runs once, at its first occurrence, unless the minute or hour
+field starts with ``*`` (hourly is every real hour): see :mod:`pgpubsub._cron`.
 
 Every worker that runs the channel keeps time, and at each tick tries to
 advance the channel's row in ``pgpubsub.schedule`` to that tick; the one

@@ -1,4 +1,4 @@
-"""OpenTelemetry spans, when ``opentelemetry-api`` is installed (``pgpubsub[otel]``).
+"""OpenTelemetry spans, when ``opentelemetry-api`` is installed (``pgpubsub-engine[otel]``).
 
 * Publishing opens a ``PRODUCER`` span ``publish <channel>``. On durable
   channels its trace context (W3C ``traceparent`` headers, through the

@@ -1,4 +1,5 @@
-"""The ``pgpubsub`` command: ``listen``, ``status``, ``messages``, ``migrate``, ``grant``, ``demo``.
+"""The ``pgpubsub`` command: ``listen``, ``status``, ``messages``, ``publish``, ``migrate``,
+``grant``, ``dashboard``, ``demo``.
 
 ``pgpubsub listen myapp.listeners --channels myapp.channels.Orders --processes 2``
 imports the listener modules, then runs workers under the supervisor
@@ -7,7 +8,11 @@ instead (for systemd or Kubernetes, which restart it themselves).
 ``pgpubsub status`` shows the database, the schema, the queues and the live
 workers (``--check`` for probes); ``pgpubsub migrate [modules]`` installs the
 schema and the triggers of trigger channels; ``pgpubsub messages`` operates on
-stored messages. ``--dsn`` defaults to ``$PGPUBSUB_DSN``.
+stored messages; ``pgpubsub publish`` publishes one. ``--dsn`` defaults to
+``$PGPUBSUB_DSN``. The working directory is on the import path (as for
+``python -m``), so ``pgpubsub listen myapp.tasks`` finds ``myapp`` there. A
+channel is typed as its class's dotted path or as its PostgreSQL name, in
+``listen --channels`` as in ``messages --channel`` and ``publish``.
 
 Expected failures end with one or two lines on stderr (``--debug`` adds the
 traceback) and an exit code per kind:
@@ -41,7 +46,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import _cli_dashboard, _cli_messages, _cli_status, _logs
+from . import _clash as _clash  # a clash also when another library's __init__ replaced ours
+from . import _cli_dashboard, _cli_messages, _cli_publish, _cli_status, _logs
 from ._cli_errors import UsageError
 from ._version import version
 
@@ -58,8 +64,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def serve(make_worker: Callable[[], Any], grace: float = 30.0) -> int:
-    """Run one worker in this process until SIGTERM/SIGINT, then stop it within ``grace``; 0."""
+def serve(make_worker: Callable[[], Any], grace: float = 30.0, probes: Any = None) -> int:
+    """Run one worker in this process until SIGTERM/SIGINT, then stop it within ``grace``; 0.
+
+    ``probes`` (a :class:`pgpubsub._probes.Probes`, already serving): the worker's
+    state is recorded on its loop for the health endpoint.
+    """
     _die_with_parent()
 
     async def main() -> None:
@@ -67,10 +77,45 @@ def serve(make_worker: Callable[[], Any], grace: float = 30.0) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await make_worker().run(stop, grace)
+        worker = make_worker()
+        ticker = None
+        if probes is not None:
+            from ._probes import tick
 
-    asyncio.run(main())
+            ticker = asyncio.create_task(tick(probes, worker))
+        try:
+            await worker.run(stop, grace)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if probes is not None:
+            probes.close()
     return 0
+
+
+def start_probes(options: dict[str, Any]) -> Any:
+    """The health endpoint of this worker process when ``--health-port`` is given, else None."""
+    if options.get("health_port") is None:
+        return None
+    from ._probes import Probes
+
+    probes = Probes(options["health_stall"])
+    port = probes.serve(options["health_host"], options["health_port"])
+    log.info("probes on http://%s:%d/livez and /readyz", options["health_host"], port)
+    return probes
+
+
+def check_probe_options(options: dict[str, Any]) -> None:
+    """One worker process per health port: with a supervisor, only ``--processes 1``."""
+    if options.get("health_port") is not None and options["processes"] > 1:
+        raise UsageError(
+            "--health-port reports one worker process: use --processes 1 (or --worker)"
+            " and scale with more containers or services"
+        )
 
 
 def import_modules(modules: list[str]) -> None:
@@ -169,10 +214,19 @@ def run_worker(args: argparse.Namespace) -> int:
     start_metrics(args.metrics_port, args.metrics_host, args.dsn, channels)
     if not supervised():  # else the supervisor checked
         preflight(args.dsn, channels)
-    return serve(lambda: Worker(args.dsn, channels=channels, recover=args.recover), args.grace)
+    probes = start_probes(vars(args))
+    return serve(
+        lambda: Worker(args.dsn, channels=channels, recover=args.recover), args.grace, probes
+    )
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    if not args.modules and not args.channels:
+        raise UsageError(
+            "say what to run: the modules that register listeners (pgpubsub listen myapp.tasks)"
+            " and/or --channels"
+        )
+    check_probe_options(vars(args))
     if args.worker:
         return run_worker(args)
     channels = load_channels(args)  # configuration errors end the command here, before any child
@@ -249,8 +303,8 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
         "--channels",
         nargs="+",
         metavar="CHANNEL",
-        help="dotted paths of the channels to run (default: every channel with a listener);"
-        " a parent class selects its subclasses",
+        help="the channels to run, by dotted path or channel name (default: every channel"
+        " with a listener); a parent class selects its subclasses",
     )
     sp.add_argument(
         "--processes",
@@ -280,7 +334,7 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         metavar="PORT",
-        help="serve Prometheus metrics of all workers on this port (pgpubsub[metrics])",
+        help="serve Prometheus metrics of all workers on this port (pgpubsub-engine[metrics])",
     )
     sp.add_argument(
         "--metrics-host",
@@ -289,6 +343,27 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
         help="address for --metrics-port (default: 127.0.0.1, this machine only); "
         "0.0.0.0 serves every interface, without authentication: the metrics name "
         "every channel and its queue depth, lag and failures",
+    )
+    sp.add_argument(
+        "--health-port",
+        type=int,
+        metavar="PORT",
+        help="serve GET /livez and /readyz of the worker on this port (probes: answers from"
+        " the worker's last-known state, never waits for the database)",
+    )
+    sp.add_argument(
+        "--health-host",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address for --health-port (default: 127.0.0.1; 0.0.0.0 in a container)",
+    )
+    sp.add_argument(
+        "--health-stall",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="/livez fails when the worker's event loop has not turned for this long"
+        " (default: 10)",
     )
 
 
@@ -303,6 +378,7 @@ LISTEN_EXAMPLES = """examples:
   pgpubsub listen myapp.listeners
   pgpubsub listen myapp.listeners --channels myapp.channels.Orders --processes 4
   pgpubsub listen myapp.listeners --worker --metrics-port 9108     (systemd, Kubernetes)
+  pgpubsub listen myapp.listeners --worker --health-port 8080 --health-host 0.0.0.0
 """
 MIGRATE_EXAMPLES = """examples:
   pgpubsub migrate                          the schema (idempotent; run at each upgrade)
@@ -360,6 +436,7 @@ def parser() -> argparse.ArgumentParser:
 
     _cli_status.add_parser(sub, common)
     _cli_messages.add_parser(sub, common)
+    _cli_publish.add_parser(sub, common)
     _cli_dashboard.add_parser(sub, common)
 
     migrate = command(
@@ -446,8 +523,16 @@ def _hint(exc: BaseException, args: argparse.Namespace) -> str:
     return ""
 
 
+def _working_directory_importable() -> None:
+    """Put the working directory first on the import path, as ``python -m`` does."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _working_directory_importable()
     p = parser()
     args = p.parse_args(argv)
     args.argv = argv

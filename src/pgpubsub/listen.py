@@ -129,15 +129,23 @@ class Registry:
         return [resolve_channel(cls) for cls, ls in self._listeners.items() if ls]
 
     def select(self, paths: list[str] | None) -> list[ChannelSpec]:
-        """Registered channels named by dotted paths (a parent class selects its subclasses)."""
+        """Registered channels named by dotted path or channel name (a parent class selects
+        its subclasses); one that names no registered channel raises ChannelNotFound."""
         everything = self.channels()
         if not paths:
             return everything
         chosen: list[ChannelSpec] = []
         for path in paths:
-            wanted = resolve_channel(path) if "." in path else None
-            if wanted is None:
-                raise ChannelNotFound(f"{path!r} is not a dotted path to a channel")
+            named = [s for s in everything if s.name == path]
+            if named:
+                chosen += [m for m in named if m not in chosen]
+                continue
+            if "." not in path:
+                raise ChannelNotFound(
+                    f"no listener is registered for a channel named {path!r} (registered: "
+                    f"{', '.join(sorted(s.name for s in everything)) or 'none'})"
+                )
+            wanted = resolve_channel(path)
             matches = [s for s in everything if issubclass(s.cls, wanted.cls)]
             if not matches:
                 raise ChannelNotFound(f"no listener is registered for {path} or its subclasses")

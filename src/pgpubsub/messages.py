@@ -1,20 +1,30 @@
 """Stored messages: list, inspect, replay and purge (API and ``pgpubsub messages``).
 
 Every function takes a DB-API connection (psycopg 3, psycopg2 or Django's) and
-runs in its transaction; commit is the caller's, as with any write. Channels
-are PostgreSQL channel names (``spec_of(MyChannel).name``).
+runs in its transaction; commit is the caller's, as with any write.
+
+A ``channel`` is given as ``pgpubsub messages --channel`` takes it: the
+channel's PostgreSQL name (``"emails"``), the dotted path of its class
+(``"myapp.tasks.SendEmail"``, imported to read its name), or the class itself.
+A dotted name whose module does not import is taken as a PostgreSQL name
+(names may contain dots). :func:`known_channel` says whether the database has
+ever seen a channel (the command line's check for a mistyped name).
 
 Statuses: ``pending`` (waiting, or waiting for a retry), ``dead`` (attempts
 exhausted; ``last_error`` has the traceback), ``done`` (completed, kept for the
-channel's ``retention``), ``spill`` (a plain trigger channel's wide row).
+channel's ``retention``), ``spill`` (a plain trigger channel's wide row), and
+``"any"`` (each function's every status, as ``--status any``).
 """
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .channel import resolve_channel
 from .errors import ConfigurationError
 
 __all__ = [
@@ -24,13 +34,17 @@ __all__ = [
     "StoredMessage",
     "cancel",
     "count",
+    "channel_name",
     "get",
+    "known_channel",
     "list_messages",
     "purge",
     "replay",
 ]
 
 STATUSES = ("pending", "dead", "done", "spill")
+#: What ``status="any"`` means for :func:`replay`: every status that can be replayed.
+REPLAYABLE = ("dead", "pending")
 COLUMNS = (
     "id, channel, payload, status, attempts, run_at, last_error, context, created_at, completed_at"
 )
@@ -52,8 +66,62 @@ class StoredMessage:
 
 def _status(status: str | None) -> str | None:
     if status is not None and status not in STATUSES:
-        raise ConfigurationError(f"unknown message status {status!r}: one of {', '.join(STATUSES)}")
+        raise ConfigurationError(
+            f"unknown message status {status!r}: one of {', '.join(STATUSES)} or 'any'"
+        )
     return status
+
+
+def _statuses(status: str | Sequence[str], every: Sequence[str] = STATUSES) -> list[str]:
+    """A status, ``"any"`` (``every``), or several, checked; never empty."""
+    if isinstance(status, str):
+        wanted = list(every) if status == "any" else [status]
+    else:
+        wanted = list(status)
+    if not wanted:
+        raise ConfigurationError("no message status given")
+    return [s for s in wanted if _status(s)]
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def channel_name(channel: str | type[Any] | None) -> str | None:
+    """The PostgreSQL name of a channel given by name, dotted path or class (None: None).
+
+    A dotted path whose module imports must name a channel class there
+    (ChannelNotFound otherwise); any other string is a PostgreSQL name.
+    """
+    if channel is None:
+        return None
+    if not isinstance(channel, str):
+        return resolve_channel(channel).name
+    module, _, attr = channel.rpartition(".")
+    if module and attr and _module_exists(module):
+        return resolve_channel(channel).name
+    return channel
+
+
+KNOWN_SQL = """
+SELECT EXISTS (SELECT 1 FROM pgpubsub.message WHERE channel = %(c)s AND status = 'pending')
+    OR EXISTS (SELECT 1 FROM pgpubsub.message WHERE channel = %(c)s AND status = 'dead')
+    OR EXISTS (SELECT 1 FROM pgpubsub.message
+               WHERE channel = %(c)s AND status IN ('done', 'spill'))
+    OR EXISTS (SELECT 1 FROM pgpubsub.worker WHERE %(c)s = ANY (channels))
+"""
+
+
+def known_channel(conn: Any, channel: str | type[Any]) -> bool:
+    """Whether the database has a stored message of the channel, or a worker listening on it.
+
+    Each test reads one of the message table's partial indexes, so an unknown
+    name costs index look-ups, not a scan of the table.
+    """
+    return bool(_rows(conn, KNOWN_SQL, {"c": channel_name(channel)})[0][0])
 
 
 def _rows(conn: Any, query: str, params: Any) -> list[tuple[Any, ...]]:
@@ -63,27 +131,42 @@ def _rows(conn: Any, query: str, params: Any) -> list[tuple[Any, ...]]:
 
 
 def list_messages(
-    conn: Any, status: str | None = "dead", channel: str | None = None, limit: int = 100
+    conn: Any,
+    status: str | Sequence[str] | None = "dead",
+    channel: str | type[Any] | None = None,
+    limit: int = 100,
 ) -> list[StoredMessage]:
-    """Stored messages of a status (None: any) and channel (None: any), oldest first."""
+    """Stored messages of a status (``"any"`` or None: any) and channel (None: any), oldest first.
+
+    The first ``limit`` only (at least 1).
+    """
+    if limit < 1:
+        raise ConfigurationError(f"limit must be at least 1, not {limit}")
+    statuses = _statuses("any" if status is None else status)
+    name = channel_name(channel)
     rows = _rows(
         conn,
         f"SELECT {COLUMNS} FROM pgpubsub.message "  # noqa: S608 - constant column list
-        "WHERE (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR channel = %s) "
+        "WHERE status = ANY(%s) AND (%s::text IS NULL OR channel = %s) "
         "ORDER BY id LIMIT %s",
-        (_status(status), status, channel, channel, limit),
+        (statuses, name, name, limit),
     )
     return [StoredMessage(*r) for r in rows]
 
 
 def count(
     conn: Any,
-    statuses: tuple[str, ...] | list[str],
-    channel: str | None = None,
+    statuses: str | Sequence[str],
+    channel: str | type[Any] | None = None,
     older_than: float | None = None,
     ids: list[int] | None = None,
 ) -> int:
-    """How many stored messages :func:`replay` or :func:`purge` with these filters would change."""
+    """How many stored messages :func:`purge` with these filters would delete.
+
+    (``--dry-run``.) For :func:`replay` give its statuses (``"any"`` is
+    ``REPLAYABLE`` there).
+    """
+    name = channel_name(channel)
     rows = _rows(
         conn,
         "SELECT pg_catalog.count(*) FROM pgpubsub.message WHERE status = ANY(%s) "
@@ -91,7 +174,7 @@ def count(
         "AND (%s::float8 IS NULL OR "
         "created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)) "
         "AND (%s::bigint[] IS NULL OR id = ANY(%s))",
-        ([_status(s) for s in statuses], channel, channel, older_than, older_than, ids, ids),
+        (_statuses(statuses), name, name, older_than, older_than, ids, ids),
     )
     return int(rows[0][0])
 
@@ -168,13 +251,13 @@ WHERE_SQL = "SELECT id, status, channel FROM pgpubsub.message WHERE id = ANY(%s)
 def replay(
     conn: Any,
     ids: list[int] | None = None,
-    channel: str | None = None,
-    status: str | tuple[str, ...] = "dead",
+    channel: str | type[Any] | None = None,
+    status: str | Sequence[str] = "dead",
 ) -> ReplayResult:
     """Make messages pending and due now, attempts reset, and wake the workers.
 
     Replays dead messages by default; ``status="pending"`` makes retries due at
-    once, ``("dead", "pending")`` does both. With neither ``ids`` nor ``channel``
+    once, ``("dead", "pending")`` or ``"any"`` does both. With neither ``ids`` nor ``channel``
     every message of that status is replayed.
 
     Replays what it can and returns a :class:`ReplayResult`: the ids replayed,
@@ -185,9 +268,10 @@ def replay(
     others stay dead. An id asked for that is not a message of that status
     (and channel) is reported too. ``int(result)`` is how many were replayed.
     """
-    statuses = [status] if isinstance(status, str) else list(status)
-    if not statuses or any(_status(s) not in ("dead", "pending") for s in statuses):
+    statuses = _statuses(status, REPLAYABLE)
+    if any(s not in REPLAYABLE for s in statuses):
         raise ConfigurationError("only dead or pending messages can be replayed")
+    channel = channel_name(channel)
     rows = _rows(conn, REPLAY_SQL, {"statuses": statuses, "ids": ids, "channel": channel})
     replayed, skipped, woken = [], [], set()
     for mid, name, key, holder, twin, done in rows:
@@ -223,25 +307,29 @@ def _not_replayable(found: tuple[Any, ...] | None, statuses: list[str], channel:
 
 def purge(
     conn: Any,
-    status: str = "dead",
-    channel: str | None = None,
+    status: str | Sequence[str] = "dead",
+    channel: str | type[Any] | None = None,
     older_than: float | None = None,
     ids: list[int] | None = None,
 ) -> int:
-    """Delete stored messages of a status, optionally of a channel, older than seconds, or ids."""
+    """Delete stored messages of a status (or several, or ``"any"``), optionally of a channel,
+    older than seconds, or ids; return how many."""
+    name = channel_name(channel)
     with conn.cursor() as cur:
         cur.execute(
-            "DELETE FROM pgpubsub.message WHERE status = %s "
+            "DELETE FROM pgpubsub.message WHERE status = ANY(%s) "
             "AND (%s::text IS NULL OR channel = %s) "
             "AND (%s::float8 IS NULL OR "
             "created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)) "
             "AND (%s::bigint[] IS NULL OR id = ANY(%s))",
-            (_status(status), channel, channel, older_than, older_than, ids, ids),
+            (_statuses(status), name, name, older_than, older_than, ids, ids),
         )
         return int(cur.rowcount)
 
 
-def cancel(conn: Any, ids: list[int] | None = None, channel: str | None = None) -> int:
+def cancel(
+    conn: Any, ids: list[int] | None = None, channel: str | type[Any] | None = None
+) -> int:
     """Delete pending messages so they never run; return how many.
 
     Give ``ids``, a ``channel``, or both (neither: ConfigurationError). A
@@ -250,6 +338,7 @@ def cancel(conn: Any, ids: list[int] | None = None, channel: str | None = None) 
     """
     if ids is None and channel is None:
         raise ConfigurationError("cancel needs message ids, a channel, or both")
+    channel = channel_name(channel)
     rows = _rows(
         conn,
         "WITH c AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' "

@@ -1,4 +1,4 @@
-"""The live web dashboard (``pgpubsub dashboard``, extra ``pgpubsub[dashboard]``).
+"""The live web dashboard (``pgpubsub dashboard``, extra ``pgpubsub-engine[dashboard]``).
 
 :func:`create_app` returns an ASGI application: ``pgpubsub dashboard`` serves
 it with uvicorn, and any ASGI application can mount it::

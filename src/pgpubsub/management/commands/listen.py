@@ -1,8 +1,8 @@
 """``manage.py listen``: run the listeners of this project's channels.
 
 The options of ``pgpubsub listen`` (``--channels``, ``--processes``,
-``--recover``, ``--grace``, ``--log-level`` (or django-pgpubsub's
-``--loglevel``), ``--log-format``); listener
+``--recover``, ``--grace``, ``--worker``, ``--metrics-port``, ``--health-port``,
+``--log-level`` (or django-pgpubsub's ``--loglevel``), ``--log-format``); listener
 modules are imported by the apps' ``ready()``. With ``--processes N`` the
 supervisor starts N children that run this same command, never deeper.
 """
@@ -30,6 +30,14 @@ class Command(BaseCommand):
         if options["processes"] < 1:
             self.stderr.write("--processes must be at least 1")
             sys.exit(2)
+        from pgpubsub._cli_errors import UsageError
+        from pgpubsub.cli import check_probe_options
+
+        try:
+            check_probe_options(options)
+        except UsageError as exc:
+            self.stderr.write(str(exc))
+            sys.exit(2)
         if options["worker"]:
             sys.exit(self.work(options))
         from pgpubsub.cli import supervise
@@ -42,7 +50,7 @@ class Command(BaseCommand):
         sys.exit(supervise(argv, options, django_conninfo(), channels))
 
     def work(self, options: dict[str, Any]) -> int:
-        from pgpubsub.cli import start_metrics
+        from pgpubsub.cli import start_metrics, start_probes
         from pgpubsub.djangodb import DjangoSession, django_conninfo
         from pgpubsub.listen import registry
         from pgpubsub.supervisor import supervised
@@ -60,4 +68,5 @@ class Command(BaseCommand):
                 session_factory=DjangoSession,
             ),
             options["grace"],
+            start_probes(options),
         )
