@@ -94,15 +94,27 @@ _STATUS_WHERE = {
     "dead": "m.status = 'dead'",
     "done": "m.status = 'done'",
 }
+# Held on a channel with free slots: only messages with an ordering key, read
+# through the ordering index (none on a channel without keys: no scan).
+_KEY_HELD_WHERE = f"{_WAITING} AND m.ordering_key IS NOT NULL AND {KEY_HELD}"
 
 
 def _where(status: str, full: str) -> str:
     return _STATUS_WHERE[status].replace("{full}", full)
 
 
+def _count(status: str) -> str:
+    if status == "held":
+        return (
+            f"CASE WHEN c.full_ THEN {_capped(_WAITING)} "
+            f"ELSE {_capped(_KEY_HELD_WHERE)} END"
+        )
+    return _capped(_where(status, "c.full_"))
+
+
 COUNTS_SQL = f"""
 WITH full_channel AS ({FULL_SQL})
-SELECT c.channel, c.full_, {", ".join(_capped(_where(s, "c.full_")) for s in _STATUS_WHERE)},
+SELECT c.channel, c.full_, {", ".join(_count(s) for s in _STATUS_WHERE)},
     pg_catalog.date_part('epoch', pg_catalog.now() - (
         SELECT pg_catalog.min(m.run_at) FROM pgpubsub.message m
         WHERE m.channel = c.channel AND {_where("due", "c.full_")}))
