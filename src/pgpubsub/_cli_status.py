@@ -4,6 +4,11 @@
 unreachable, 4 when the schema is missing or outdated, 1 when a due message
 has waited longer than ``--max-age`` seconds or a live worker reports a
 background task that stopped (a channel's scheduler).
+
+Per channel: ``pending`` (all of them) = ``in flight`` (a worker has it) +
+``held`` (due, held back by its ordering key or by ``max_in_flight``) +
+``due`` (waiting for a worker: what ``oldest due`` and ``--max-age`` are
+about) + the scheduled ones (their time is to come).
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ def _print(health: Health) -> None:
     print(f"schema    version {health.schema_version} ({state})")
     print()
     if health.channels:
-        rows = [["channel", "pending", "due", "dead", "done", "oldest due"]]
+        rows = [["channel", "pending", "in flight", "held", "due", "dead", "done", "oldest due"]]
         rows += [
             [
                 c.channel,
                 f"{c.pending:,}",
+                f"{c.in_flight:,}",
+                f"{c.held:,}",
                 f"{c.due:,}",
                 f"{c.dead:,}",
                 f"{c.done:,}",
@@ -128,7 +135,8 @@ def add_parser(sub: Any, common: Any) -> None:
         "--max-age",
         type=float,
         metavar="SECONDS",
-        help="unhealthy when a due message has waited longer than this",
+        help="unhealthy when a due message (waiting for a worker: not one in flight or "
+        "held back by its key or max_in_flight) has waited longer than this",
     )
     sp.add_argument(
         "--timeout", type=float, default=5.0, metavar="SECONDS", help="connect and query timeout"

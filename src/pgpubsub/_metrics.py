@@ -15,9 +15,15 @@ Histograms: ``pgpubsub_handler_duration_seconds`` (each run of a message's
 listeners; a durable batch of fast listeners in which one fails is done again
 with a savepoint per message, and its other messages are timed again),
 ``pgpubsub_claim_batch_size`` (messages per claim of a durable channel).
-Gauges read from the database at scrape time: ``pgpubsub_queue_depth`` (pending
-messages, ``due`` label true/false), ``pgpubsub_lag_seconds`` (age of the
-oldest due message), ``pgpubsub_database_up``.
+Gauges read from the database at scrape time (the states of
+:mod:`pgpubsub.health`): ``pgpubsub_queue_depth`` (pending messages; label
+``due="true"``: waiting for a worker, ``due="false"``: the rest, that is in
+flight, held back or scheduled; the two add up to every pending message),
+``pgpubsub_in_flight_messages`` (claimed by a worker, outcome not recorded
+yet), ``pgpubsub_held_messages`` (due but held back by their ordering key or by
+the channel's ``max_in_flight``), ``pgpubsub_lag_seconds`` (age of the oldest
+due message: one in a listener or held back never counts),
+``pgpubsub_database_up``.
 
 Served on 127.0.0.1 unless another address is given: the metrics carry no
 payloads, but they name every channel the worker runs, with its traffic,
@@ -125,7 +131,8 @@ def metrics() -> Metrics | None:
 
 
 class QueueCollector:
-    """Queue depth and lag of durable channels, read from the database at each scrape."""
+    """Queue depth, in-flight and held messages and lag of durable channels, read from the
+    database at each scrape."""
 
     def __init__(self, conninfo: str, channels: list[str], timeout: float = 2.0):
         self.conninfo = conninfo
@@ -140,7 +147,19 @@ class QueueCollector:
             "pgpubsub_queue_depth", "Pending messages", labels=["channel", "due"]
         )
         lag = GaugeMetricFamily(
-            "pgpubsub_lag_seconds", "Age of the oldest due message", labels=["channel"]
+            "pgpubsub_lag_seconds",
+            "Age of the oldest message waiting for a worker",
+            labels=["channel"],
+        )
+        in_flight = GaugeMetricFamily(
+            "pgpubsub_in_flight_messages",
+            "Messages claimed by a worker, outcome not recorded yet",
+            labels=["channel"],
+        )
+        held = GaugeMetricFamily(
+            "pgpubsub_held_messages",
+            "Due messages held back by their ordering key or the channel's max_in_flight",
+            labels=["channel"],
         )
         try:
             health = status(self.conninfo, timeout=self.timeout)
@@ -157,7 +176,9 @@ class QueueCollector:
             depth.add_metric([channel, "true"], c.due if c else 0)
             depth.add_metric([channel, "false"], c.pending - c.due if c else 0)
             lag.add_metric([channel], (c.oldest_due_age or 0.0) if c else 0.0)
-        yield from (up, depth, lag)
+            in_flight.add_metric([channel], c.in_flight if c else 0)
+            held.add_metric([channel], c.held if c else 0)
+        yield from (up, depth, lag, in_flight, held)
 
 
 def serve(port: int, conninfo: str, channels: list[str], host: str = DEFAULT_HOST) -> Any:

@@ -8,7 +8,21 @@
 
 ``status`` never raises for the conditions it reports: an unreachable
 database or a missing schema is in the result (``reachable``, ``schema_version``).
-Counts are exact (one aggregate over ``pgpubsub.message``).
+
+Each pending message is in one of four states (:class:`ChannelCounts`):
+
+* **in flight**: a worker claimed it and its outcome is not recorded yet (its
+  listener runs, or its worker died and it waits for its claim to lapse);
+* **scheduled**: its ``run_at`` is to come (a delay, or a retry's backoff);
+* **held**: due, but no worker may take it yet: an older pending message of
+  its ordering key exists or its key is leased live (one message per key at
+  a time), or every ``max_in_flight`` slot of its channel is leased live (the
+  limit as a live worker of the channel declares it in the registry);
+* **due**: waiting for a worker, nothing else. "Oldest due" is the age of the
+  oldest of these: what ``--max-age`` checks.
+
+Counts are exact (one pass over ``pgpubsub.message``); the held test is an
+index probe per due message with an ordering key (or on a full channel).
 """
 
 from __future__ import annotations
@@ -21,13 +35,84 @@ import psycopg
 
 from . import driver
 from ._heartbeat import GONE_AFTER
+from ._leases import LIVE
 
 __all__ = ["SCHEMA_VERSION", "ChannelCounts", "Health", "WorkerInfo", "age", "since", "status"]
 
 #: The schema version this library installs and expects (``pgpubsub.version``).
 SCHEMA_VERSION = 4
 
-COUNTS_SQL = """
+# A due message of row ``m`` held back by its ordering key: an older pending
+# message of its key, or a live lease of the key (the negation of the claim's
+# KEY_FREE in processor.py: keep them in step). Index probes of
+# message_ordering_idx and of the lease's primary key.
+KEY_HELD = f"""(m.ordering_key IS NOT NULL AND (
+    EXISTS (
+        SELECT 1 FROM pgpubsub.message o
+        WHERE o.channel = m.channel AND o.ordering_key = m.ordering_key
+          AND o.status = 'pending' AND o.id < m.id)
+    OR EXISTS (
+        SELECT 1 FROM pgpubsub.lease l
+        WHERE l.channel = m.channel AND l.kind = 'key' AND l.name = m.ordering_key
+          AND {LIVE})))"""  # noqa: S608 - constant fragments
+# The channels whose max_in_flight slots are all leased live. The limit is not
+# in the database: live workers declare it in their registry row (the smallest
+# one when they disagree, the one that lets no more in).
+FULL_SQL = f"""
+SELECT x.channel FROM (
+    SELECT s.key AS channel, pg_catalog.min((s.value ->> 'max_in_flight')::integer) AS slots
+    FROM pgpubsub.worker w,
+        pg_catalog.jsonb_each(COALESCE(pg_catalog.to_jsonb(w) -> 'stats', '{{}}')) s
+    WHERE w.last_seen >= pg_catalog.now() - pg_catalog.make_interval(secs => {GONE_AFTER})
+      AND pg_catalog.jsonb_typeof(s.value) = 'object'
+      AND (s.value ->> 'max_in_flight') IS NOT NULL
+    GROUP BY s.key
+) x
+WHERE x.slots <= (
+    SELECT pg_catalog.count(*) FROM pgpubsub.lease l
+    WHERE l.channel = x.channel AND l.kind = 'slot' AND {LIVE})
+"""  # noqa: S608 - constant fragments
+
+
+def state_sql(full: str) -> str:
+    """The state of pending row ``m``: in_flight, scheduled, held or due.
+
+    ``full``: an SQL boolean, true when the channel's max_in_flight slots are
+    all leased live. The held test runs only for due messages (CASE keeps the
+    order), so in-flight and scheduled ones cost no probe.
+    """
+    return (
+        "CASE WHEN m.unfinished THEN 'in_flight' "
+        "WHEN m.run_at > pg_catalog.now() THEN 'scheduled' "
+        f"WHEN {full} OR {KEY_HELD} THEN 'held' ELSE 'due' END"
+    )
+
+
+# One pass over the table (a sequential scan reads it faster than per-channel
+# index scans of the pending, dead and kept rows); the held test is an index
+# probe, run only for due messages with an ordering key or on a full channel.
+COUNTS_SQL = f"""
+WITH full_channel AS ({FULL_SQL})
+SELECT x.channel,
+    pg_catalog.count(*) FILTER (WHERE x.status = 'pending'),
+    pg_catalog.count(*) FILTER (WHERE x.s = 'due'),
+    pg_catalog.count(*) FILTER (WHERE x.status = 'dead'),
+    pg_catalog.count(*) FILTER (WHERE x.status = 'done'),
+    pg_catalog.date_part('epoch', pg_catalog.now() - pg_catalog.min(x.run_at)
+        FILTER (WHERE x.s = 'due')),
+    pg_catalog.count(*) FILTER (WHERE x.s = 'in_flight'),
+    pg_catalog.count(*) FILTER (WHERE x.s = 'held')
+FROM (
+    SELECT m.channel, m.status, m.run_at,
+        CASE WHEN m.status = 'pending' THEN {state_sql("f.channel IS NOT NULL")} END AS s
+    FROM pgpubsub.message m LEFT JOIN full_channel f ON f.channel = m.channel
+    WHERE m.status <> 'spill'
+) x
+GROUP BY x.channel ORDER BY x.channel
+"""  # noqa: S608 - constant fragments
+# A schema before version 4 has no leases and no unfinished column: nothing is
+# told apart there (in flight and held count as due, as they did then).
+LEGACY_COUNTS_SQL = """
 SELECT channel,
     pg_catalog.count(*) FILTER (WHERE status = 'pending'),
     pg_catalog.count(*) FILTER (WHERE status = 'pending' AND run_at <= pg_catalog.now()),
@@ -59,12 +144,22 @@ TABLES_SQL = (
 
 @dataclass(frozen=True)
 class ChannelCounts:
+    """A channel's messages by state; ``pending`` is the total of the first four
+    (in flight + held + due + :attr:`scheduled`)."""
+
     channel: str
-    pending: int  # waiting, due or not (retries and delayed messages included)
-    due: int  # pending and due now
+    pending: int  # every pending message: in flight, held, due and scheduled
+    due: int  # waiting for a worker, and only for that
     dead: int
     done: int  # kept for the channel's retention
     oldest_due_age: float | None  # seconds the oldest due message has waited; None: none due
+    in_flight: int = 0  # claimed, outcome not recorded yet (or its worker died mid-attempt)
+    held: int = 0  # due, held back by its ordering key or by the channel's max_in_flight
+
+    @property
+    def scheduled(self) -> int:
+        """Pending messages whose time is to come (delays, retries' backoff)."""
+        return self.pending - self.in_flight - self.held - self.due
 
 
 @dataclass(frozen=True)
@@ -133,6 +228,8 @@ class Health:
         ]
         if max_age is None:
             return stopped
+        # Only due messages: one in a listener or held back by its key or a
+        # limit is not waiting for a worker.
         return stopped + [
             f"{c.channel}: the oldest due message has waited {c.oldest_due_age:.0f}s "
             f"(more than {max_age:g}s)"
@@ -169,7 +266,8 @@ def _read(conn: psycopg.Connection[Any]) -> Health:
         return Health(True, None, server, None, SCHEMA_VERSION)
     version_row = conn.execute(VERSION_SQL).fetchone() if has_version else None
     version = int(version_row[0]) if version_row else 1
-    channels = [ChannelCounts(*r) for r in conn.execute(COUNTS_SQL)]
+    counts = COUNTS_SQL if version >= SCHEMA_VERSION else LEGACY_COUNTS_SQL
+    channels = [ChannelCounts(*r) for r in conn.execute(counts)]
     workers = (
         [WorkerInfo.from_row(r) for r in conn.execute(WORKERS_SQL, WORKERS_PARAMS)]
         if has_workers

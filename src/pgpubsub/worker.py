@@ -250,7 +250,8 @@ class Worker:
 
     def channel_stats(self) -> dict[str, dict[str, Any]]:
         """Per channel: its kind and this worker's processed and failed counts (the registry),
-        and ``error`` when a background task of the channel (its scheduler) stopped."""
+        its ``max_in_flight`` when it has one, and ``error`` when a background task of the
+        channel (its scheduler) stopped."""
         counts = self.counts()
         stats: dict[str, dict[str, Any]] = {}
         for spec in self.channels:
@@ -262,6 +263,11 @@ class Worker:
                 "processed": counts.get(("processed", spec.name), 0),
                 "failed": counts.get(("failed", spec.name), 0),
             }
+            # The limit is in no table: `status` and the dashboard read it here to
+            # tell messages held back by a full max_in_flight from due ones.
+            limit = getattr(spec.cls, "max_in_flight", None) if spec.lock else None
+            if limit is not None:
+                stats[spec.name]["max_in_flight"] = int(limit)
         for channel, error in self._failures.values():
             if channel in stats:
                 stats[channel]["error"] = error

@@ -10,6 +10,12 @@ The table may hold millions of messages, so nothing here scans it:
   (:class:`Count`), which the joint channel/status statistics of the schema
   keep close;
 * message lists read one status of one channel through its index.
+
+Pending messages are told apart as ``pgpubsub status`` does (the states of
+:mod:`pgpubsub.health`): in flight, held (by their ordering key or by the
+channel's ``max_in_flight``) and due (waiting for a worker); "oldest due" is
+the age of the oldest due one. Due and held messages are read through the
+claim index up to their ``run_at``, the held test one index probe each.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
-from ..health import WORKERS_PARAMS, WORKERS_SQL, WorkerInfo
+from ..health import FULL_SQL, KEY_HELD, WORKERS_PARAMS, WORKERS_SQL, WorkerInfo
 from ..messages import COLUMNS, StoredMessage
 
 __all__ = [
@@ -78,18 +84,44 @@ def _capped(where: str) -> str:
     )
 
 
+# {full}: true when the channel's max_in_flight slots are all leased live.
+_WAITING = "m.status = 'pending' AND NOT m.unfinished AND m.run_at <= pg_catalog.now()"
 _STATUS_WHERE = {
     "pending": "m.status = 'pending'",
-    "due": "m.status = 'pending' AND m.run_at <= pg_catalog.now()",
+    "in_flight": "m.status = 'pending' AND m.unfinished",
+    "held": f"{_WAITING} AND ({{full}} OR {KEY_HELD})",
+    "due": f"{_WAITING} AND NOT ({{full}} OR {KEY_HELD})",
     "dead": "m.status = 'dead'",
     "done": "m.status = 'done'",
 }
+# Held on a channel with free slots: only messages with an ordering key, read
+# through the ordering index (none on a channel without keys: no scan).
+_KEY_HELD_WHERE = f"{_WAITING} AND m.ordering_key IS NOT NULL AND {KEY_HELD}"
+
+
+def _where(status: str, full: str) -> str:
+    return _STATUS_WHERE[status].replace("{full}", full)
+
+
+def _count(status: str) -> str:
+    if status == "held":
+        return (
+            f"CASE WHEN c.full_ THEN {_capped(_WAITING)} "
+            f"ELSE {_capped(_KEY_HELD_WHERE)} END"
+        )
+    return _capped(_where(status, "c.full_"))
+
+
 COUNTS_SQL = f"""
-SELECT c.channel, {", ".join(_capped(w) for w in _STATUS_WHERE.values())},
+WITH full_channel AS ({FULL_SQL})
+SELECT c.channel, c.full_, {", ".join(_count(s) for s in _STATUS_WHERE)},
     pg_catalog.date_part('epoch', pg_catalog.now() - (
         SELECT pg_catalog.min(m.run_at) FROM pgpubsub.message m
-        WHERE m.channel = c.channel AND m.status = 'pending'))
-FROM pg_catalog.unnest(%(channels)s::text[]) AS c(channel)
+        WHERE m.channel = c.channel AND {_where("due", "c.full_")}))
+FROM (
+    SELECT u.channel, u.channel IN (SELECT channel FROM full_channel) AS full_
+    FROM pg_catalog.unnest(%(channels)s::text[]) AS u(channel)
+) c
 """  # noqa: S608 - constant fragments; channels are a bound array
 ESTIMATE_SQL = sql.SQL(
     "EXPLAIN (FORMAT JSON) SELECT 1 FROM pgpubsub.message m WHERE m.channel = {channel} AND {where}"
@@ -132,11 +164,14 @@ class ChannelRow:
     name: str
     kind: str = "durable"  # plain, durable or trigger (from the workers that listen)
     durable: bool = True
-    pending: Count = Count(0)
-    due: Count = Count(0)
+    pending: Count = Count(0)  # all of them: in flight, held, due and scheduled
+    in_flight: Count = Count(0)  # claimed by a worker, outcome not recorded yet
+    held: Count = Count(0)  # due, held back by their ordering key or max_in_flight
+    due: Count = Count(0)  # waiting for a worker
     dead: Count = Count(0)
     done: Count = Count(0)
-    oldest_due_age: float | None = None
+    oldest_due_age: float | None = None  # of the oldest due message
+    full: bool = False  # every max_in_flight slot is leased live
     workers: int = 0  # live workers listening
     processed: int = 0  # by every registered worker since it started
     known_kind: bool = False  # a live worker said what this channel is
@@ -198,23 +233,33 @@ class Reader:
         by_name = {r.name: r for r in rows}
         params = {"channels": list(by_name), "cap": EXACT_UP_TO}
         found: dict[tuple[str, str], Count] = {}
-        for name, pending, due, dead, done, oldest in await self._all(COUNTS_SQL, params):
-            for status, n in zip(_STATUS_WHERE, (pending, due, dead, done), strict=True):
+        full = set()
+        for name, full_, *values, oldest in await self._all(COUNTS_SQL, params):
+            for status, n in zip(_STATUS_WHERE, values, strict=True):
                 found[(name, status)] = Count(n)
             by_name[name].oldest_due_age = oldest if oldest is not None and oldest > 0 else None
-        found.update(await self._estimates([k for k, c in found.items() if c.value >= EXACT_UP_TO]))
+            by_name[name].full = full_
+            if full_:
+                full.add(name)
+        wanted = [k for k, c in found.items() if c.value >= EXACT_UP_TO]
+        found.update(await self._estimates(wanted, full))
         for row in rows:
-            row.pending, row.due, row.dead, row.done = (
+            row.pending, row.in_flight, row.held, row.due, row.dead, row.done = (
                 found[(row.name, status)] for status in _STATUS_WHERE
             )
 
-    async def _estimates(self, wanted: list[tuple[str, str]]) -> dict[tuple[str, str], Count]:
+    async def _estimates(
+        self, wanted: list[tuple[str, str]], full: set[str]
+    ) -> dict[tuple[str, str], Count]:
         """The planner's row estimates, all in one round trip (EXPLAIN takes no bound
         parameters: each channel is a quoted literal)."""
         if not wanted:
             return {}
         query = sql.SQL(";").join(
-            ESTIMATE_SQL.format(channel=sql.Literal(channel), where=sql.SQL(_STATUS_WHERE[status]))
+            ESTIMATE_SQL.format(
+                channel=sql.Literal(channel),
+                where=sql.SQL(_where(status, "true" if channel in full else "false")),
+            )
             for channel, status in wanted
         )
         out = {}
