@@ -1,4 +1,4 @@
-"""Cron schedules in a time zone, as UTC instants (croniter, ``pgpubsub[schedule]``).
+"""Cron schedules in a time zone, as UTC instants (croniter, ``pgpubsub-engine[schedule]``).
 
 A schedule's ticks are the wall-clock times of its zone that match the
 expression, each placed at an instant:
@@ -41,7 +41,7 @@ def croniter() -> Any:
         from croniter import croniter as cls
     except ImportError:
         raise ConfigurationError(
-            "scheduled channels need croniter: pip install 'pgpubsub[schedule]'"
+            "scheduled channels need croniter: pip install 'pgpubsub-engine[schedule]'"
         ) from None
     return cls
 

@@ -1,6 +1,6 @@
 """Periodic durable channels: ``class Cleanup(Channel, lock_notifications=True, schedule=...)``.
 
-``schedule`` is a cron expression read by croniter (``pgpubsub[schedule]``):
+``schedule`` is a cron expression read by croniter (``pgpubsub-engine[schedule]``):
 five fields, or six with seconds as the sixth (``"* * * * * */10"``: every 10
 seconds; ``"*/10 * * * * *"`` is every second of every 10th minute), in the
 channel's ``timezone`` (UTC by default). When the clocks change, a wall-clock
