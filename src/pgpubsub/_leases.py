@@ -1,19 +1,18 @@
 """Leases: what a worker holds beyond the life of one database session.
 
 An ordering key in a listener and a ``max_in_flight`` slot are leased in
-``pgpubsub.lease``, in the name of their holder: ``<worker id>#<processor>``,
-the worker id being its row in the worker registry. A lease is live while its
-``expires_at`` is to come (:data:`TTL` after it was taken) or while its
-holder's worker is: its registry row was refreshed within :data:`GRACE`
-seconds (the heartbeat refreshes it every 5 s from a connection of its own).
-So a killed backend, an idle timeout, a failover or a proxy that drops the
-processing session frees nothing while the listener that took the lease may
-still be running: the processor gives its leases back when its listener
-returns (in the transaction that records the message's outcome, or after a
-failed one, at its next round). A worker that died (or cannot reach the
-database for longer than :data:`GRACE`) holds nothing :data:`TTL` seconds
-after it took its leases at the latest: that is the one time bound the
-guarantees assume.
+``pgpubsub.lease``, in the name of their holder, ``<owner>#<processor>``. A
+lease is live while its ``expires_at`` is to come. The owner (a worker, or a
+``process_stored_notifications`` call) runs a :class:`LeaseKeeper`: a thread
+with a connection of its own that pushes the expiry of every lease it holds
+:data:`TTL` seconds ahead, every third of that. So a killed backend, an idle
+timeout, a failover or a proxy that drops the processing session frees
+nothing while the listener that took the lease may still be running: the
+processor gives its leases back when its listener returns (in the
+transaction that records the message's outcome, or after a failed one, at
+its next round). A process that died holds nothing :data:`TTL` seconds
+later. The one assumption the guarantees make: a live owner reaches the
+database within :data:`TTL` seconds (its keeper reconnects at once).
 
 Advisory locks would be freed by the server when the session dies, with the
 listener still running: that is why these are rows.
@@ -21,24 +20,25 @@ listener still running: that is why these are rows.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import uuid
 
-__all__ = ["GRACE", "TTL", "drain_holder"]
+from . import driver
+from .backoff import worth_logging
 
-#: Seconds a lease lives without its holder's worker refreshing its registry row.
+__all__ = ["TTL", "LeaseKeeper", "new_owner"]
+
+log = logging.getLogger("pgpubsub.durable")
+
+#: Seconds a lease lives unless its owner's keeper renews it.
 TTL = 10.0
-#: Seconds since its worker's last heartbeat within which a holder is alive.
-GRACE = 12.0
 
-# A lease of row ``l`` is live (the SQL below names it ``l``).
-LIVE = (
-    "(l.expires_at > pg_catalog.clock_timestamp() OR EXISTS ("  # noqa: S608 - constants
-    "SELECT 1 FROM pgpubsub.worker w WHERE w.id = pg_catalog.split_part(l.holder, '#', 1) "
-    f"AND w.last_seen > pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => {GRACE})))"
-)
-EXPIRES = f"pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => {TTL})"
+# A lease of row ``l`` is live. The statements that take one bind %(ttl)s.
+LIVE = "l.expires_at > pg_catalog.clock_timestamp()"
+EXPIRES = "pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => %(ttl)s)"
 
 # One free slot of the channel's max_in_flight, taken (its number), or none.
 # Two workers may pick the same free slot: one gets it, the other nothing this
@@ -59,8 +59,47 @@ RETURNING l.name
 """  # noqa: S608 - constant fragments
 # Every lease this processor holds on the channel (after its batch, or a failed one).
 RELEASE_SQL = "DELETE FROM pgpubsub.lease WHERE channel = %s AND holder = %s"
+RENEW_SQL = (
+    "UPDATE pgpubsub.lease SET expires_at = pg_catalog.clock_timestamp() "
+    "+ pg_catalog.make_interval(secs => %s) WHERE pg_catalog.split_part(holder, '#', 1) = %s"
+)
 
 
-def drain_holder() -> str:
-    """A holder for processing outside a worker (``process_stored_notifications``)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}#drain"
+def new_owner() -> str:
+    """A name for the leases of one process's processors: ``host:pid:random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class LeaseKeeper:
+    """Renews every lease of ``owner`` every ``TTL / 3`` seconds, in a daemon thread."""
+
+    def __init__(self, conninfo: str, owner: str):
+        self.conninfo = conninfo
+        self.owner = owner
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"pgpubsub-leases:{owner}", daemon=True
+        )
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                with driver.connect(self.conninfo, autocommit=True) as conn:
+                    failures = 0
+                    while not self._stopping.is_set():
+                        conn.execute(RENEW_SQL, (TTL, self.owner))
+                        self._stopping.wait(TTL / 3)
+            except Exception as exc:  # reconnect at once: the leases have TTL seconds
+                failures += 1
+                level = logging.WARNING if worth_logging(failures) else logging.DEBUG
+                log.log(level, "leases of %s not renewed: %s", self.owner, driver.one_line(exc))
+                self._stopping.wait(min(1.0, TTL / 10))

@@ -38,8 +38,9 @@ for attributes changed since): ``lock_notifications`` True or False;
 ``max_attempts`` an int from 1 to 2**31 - 1; ``retry_delay``,
 ``retry_max_delay`` and ``retention`` seconds (an int or a float, finite, from
 0 to a century), ``retry_max_delay`` no less than ``retry_delay``;
-``concurrency`` an int >= 1; ``max_in_flight`` None or an int from 1 to
-2**31 - 1. A bool is not an int here. A bad value raises
+``concurrency`` an int from 1 to 256 (each a thread and a connection);
+``max_in_flight`` None or an int from 1 to 10,000 (each slot a lease row).
+A bool is not an int here. A bad value raises
 :class:`~pgpubsub.errors.ConfigurationError` naming the channel, the option
 and the value.
 
@@ -120,6 +121,10 @@ class Channel:
 
 
 #: The largest count option (attempts, slots): PostgreSQL's integer.
+#: The most processors per channel in one worker (a thread and a connection each).
+MAX_CONCURRENCY = 256
+#: The largest max_in_flight (a lease row per slot in use; finding a free one reads them).
+MAX_IN_FLIGHT = 10_000
 _MAX_COUNT = 2**31 - 1
 #: The longest duration option (seconds): a century, as ``delay``.
 _MAX_SECONDS = 100 * 365.25 * 86400
@@ -156,11 +161,11 @@ def _check_settings(cls: type[Channel], path: str) -> None:
             f"{path}: retry_max_delay ({cls.retry_max_delay!r}) is under retry_delay "
             f"({cls.retry_delay!r}): retries wait from retry_delay up to retry_max_delay"
         )
-    if not _is_int(cls.concurrency) or cls.concurrency < 1:
-        raise bad("concurrency", "an int >= 1")
+    if not _is_int(cls.concurrency) or not 1 <= cls.concurrency <= MAX_CONCURRENCY:
+        raise bad("concurrency", f"an int from 1 to {MAX_CONCURRENCY}")
     limit = cls.max_in_flight
-    if limit is not None and (not _is_int(limit) or not 1 <= limit <= _MAX_COUNT):
-        raise bad("max_in_flight", f"None or an int from 1 to {_MAX_COUNT}")
+    if limit is not None and (not _is_int(limit) or not 1 <= limit <= MAX_IN_FLIGHT):
+        raise bad("max_in_flight", f"None or an int from 1 to {MAX_IN_FLIGHT}")
 
 
 @dataclass

@@ -55,7 +55,11 @@ class DjangoSession(Session):
     def broken(self, exc: BaseException) -> bool:
         from django.db import InterfaceError, OperationalError
 
-        return isinstance(exc, OperationalError | InterfaceError)
+        if isinstance(exc, InterfaceError):
+            return True
+        # As for psycopg: the connection's state decides, not the error's class.
+        raw = self.connection.connection
+        return isinstance(exc, OperationalError) and (raw is None or bool(raw.closed))
 
     def close(self) -> None:
         conn = self.connection

@@ -237,9 +237,17 @@ def translate(exc: psycopg.Error, doing: str) -> PgPubSubError:
         return SchemaMissing(
             f"{doing}: {text}: the pgpubsub schema is missing or outdated; run `pgpubsub migrate`"
         )
-    if isinstance(exc, psycopg.OperationalError):
+    # Lost connections only: a deadlock, a timeout or a full lock table is an
+    # OperationalError too, and says so itself.
+    if isinstance(exc, psycopg.OperationalError) and (
+        exc.sqlstate is None or exc.sqlstate.startswith("08") or exc.sqlstate in _SHUTDOWN
+    ):
         return ConnectionLost(f"{doing}: connection lost: {text}")
     return DatabaseError(f"{doing}: {text}")
+
+
+# The server ended the session: terminated, shutting down, crashed.
+_SHUTDOWN = {"57P01", "57P02", "57P03"}
 
 
 _per_thread = threading.local()

@@ -58,7 +58,7 @@ import psycopg
 
 from . import driver, integration
 from ._due import due_channels
-from ._leases import drain_holder
+from ._leases import LeaseKeeper, new_owner
 from .channel import ChannelSpec, resolve_channel
 from .engine import Engine, Gap
 from .errors import ConfigurationError, NoListener
@@ -311,7 +311,8 @@ class DurableRunner:
         # ``concurrency`` processors per channel: each its own thread, session and
         # transactions, coordinating with every other worker through the claim.
         # Their leases are held in the name of this worker's registry row.
-        owner = worker_id or drain_holder().partition("#")[0]
+        owner = worker_id or new_owner()
+        self.keeper = LeaseKeeper(engine.conninfo, owner)
         units = [spec for spec in channels for _ in range(spec.cls.concurrency)]
         self.processors = [
             ChannelProcessor(make(), spec, registry.listeners(spec), holder=f"{owner}#{n}", **opts)
@@ -319,6 +320,7 @@ class DurableRunner:
         ]
 
     async def start(self) -> None:
+        self.keeper.start()
         # Stored messages are always processed at start (what --recover asks for).
         for proc in self.processors:
             await self.engine.subscribe(proc.spec.name, self._waker(proc), thread=False)
@@ -338,6 +340,7 @@ class DurableRunner:
 
     async def stop(self, timeout: float) -> None:
         await asyncio.gather(*(asyncio.to_thread(p.stop, timeout) for p in self.processors))
+        await asyncio.to_thread(self.keeper.stop)
 
 
 def default_session(dsn: str = "") -> Session:
@@ -379,7 +382,12 @@ def process_stored_notifications(
             "module that defines its listeners first (no message was processed)"
         )
     session = default_session(dsn)
-    processors = {s.name: ChannelProcessor(session, s, reg.listeners(s)) for s in specs}
+    owner = new_owner()
+    processors = {
+        s.name: ChannelProcessor(session, s, reg.listeners(s), holder=f"{owner}#{n}")
+        for n, s in enumerate(specs)
+    }
+    keeper = LeaseKeeper(_conninfo(dsn), owner).start()
     completed = 0
     try:
         due = set(processors)
@@ -393,4 +401,14 @@ def process_stored_notifications(
     except psycopg.Error as exc:
         raise driver.translate(exc, "processing stored messages") from exc
     finally:
+        keeper.stop()
         session.close()
+
+
+def _conninfo(dsn: str) -> str:
+    """The conninfo of what :func:`default_session` connects to."""
+    if not dsn and integration.django_connection() is not None:
+        from .djangodb import django_conninfo
+
+        return django_conninfo()
+    return driver.build_conninfo(dsn)

@@ -36,6 +36,7 @@ class Notification(models.Model):
     ordering_key = models.TextField(null=True)
     # An attempt was claimed and its outcome never recorded (its worker stopped).
     unfinished = models.BooleanField(default=False)
+    claimed_alone = models.BooleanField(default=False)  # its last attempt was claimed alone
 
     class Meta:
         managed = False

@@ -19,8 +19,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _metrics, _tracing
-from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, drain_holder
+from . import _leases, _metrics, _tracing
+from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
 from .channel import ChannelSpec
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
@@ -56,9 +56,13 @@ log = logging.getLogger("pgpubsub.durable")
 #
 # A message whose last attempt never finished (``unfinished``: its worker
 # stopped mid-batch) may be the one that kills its worker: it is claimed alone,
-# so that a crash charges an attempt to no other message, and only such a
-# message dies of crashes. The last columns say the claim was cut short so,
-# and the message's key.
+# so that a crash charges an attempt to no other message, and only a message
+# whose process stopped while it ran alone dies of crashes. The last columns
+# say the claim was cut short so, and the message's key.
+# Dead of crashes: its process stopped while it ran alone, its attempts spent.
+# A message whose process stopped during a batch may be innocent: it is run
+# alone (charged one more attempt, even past max_attempts) before that.
+CRASHED_OUT = "(m.unfinished AND m.claimed_alone AND m.attempts >= %(max)s)"
 _NEXT_KEY = (
     "SELECT n.ordering_key FROM pgpubsub.message n WHERE n.channel = %(channel)s "
     "AND n.status = 'pending' AND n.ordering_key IS NOT NULL AND n.ordering_key > {after} "
@@ -129,12 +133,13 @@ WITH RECURSIVE later(key) AS (
     RETURNING l.name
 )
 UPDATE pgpubsub.message m SET
-    attempts = m.attempts + CASE WHEN m.unfinished AND m.attempts >= %(max)s THEN 0 ELSE 1 END,
+    attempts = m.attempts + CASE WHEN {CRASHED_OUT} THEN 0 ELSE 1 END,
     run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(
         secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))),
-    status = CASE WHEN m.unfinished AND m.attempts >= %(max)s THEN 'dead' ELSE 'pending' END,
-    unfinished = NOT (m.unfinished AND m.attempts >= %(max)s),
-    last_error = CASE WHEN m.unfinished AND m.attempts >= %(max)s
+    status = CASE WHEN {CRASHED_OUT} THEN 'dead' ELSE 'pending' END,
+    unfinished = NOT ({CRASHED_OUT}),
+    claimed_alone = pick.alone,
+    last_error = CASE WHEN {CRASHED_OUT}
         THEN pg_catalog.format(
             'the process handling it stopped before it completed (attempt %%s)', m.attempts)
         ELSE m.last_error END
@@ -235,7 +240,7 @@ class ChannelProcessor:
     ):
         self.session = session
         # Whose leases (ordering keys, max_in_flight slots) this processor takes.
-        self.holder = holder or drain_holder()
+        self.holder = holder or f"{new_owner()}#0"
         self._leasing = True  # it may hold leases: give them back at the next round
         self._after_key = ""  # keys are visited from the one after the last claimed
         self.spec = spec
@@ -323,7 +328,12 @@ class ChannelProcessor:
         """
         if self.max_in_flight is None:
             return True
-        params = {"channel": self.spec.name, "holder": self.holder, "slots": self.max_in_flight}
+        params = {
+            "channel": self.spec.name,
+            "holder": self.holder,
+            "slots": self.max_in_flight,
+            "ttl": _leases.TTL,
+        }
         self._leasing = True
         with self.session.atomic():
             return bool(self.session.execute(TAKE_SLOT_SQL, params))
@@ -355,7 +365,9 @@ class ChannelProcessor:
                 self.drain_once()
                 wait = self._next_due()
                 failures = 0
-            except Exception as exc:
+            except BaseException as exc:  # never let the thread end while the worker runs
+                if not isinstance(exc, Exception):
+                    exc = RuntimeError(f"{type(exc).__name__}: {exc}")
                 wait = RECONNECT.delay(failures)
                 failures += 1
                 self._trouble(exc, wait, failures)
@@ -419,6 +431,7 @@ class ChannelProcessor:
             "factor": self.backoff.factor,
             "cap": self.backoff.cap,
             "holder": self.holder,
+            "ttl": _leases.TTL,
             "after": self._after_key,
             # Up to a quarter of a batch from one key, so that a batch mixes keys
             # and other processors find keys of their own.
@@ -483,7 +496,7 @@ class ChannelProcessor:
         transaction of its own. Counters count what committed.
         """
         token = current_connection.set(self.session.connection)
-        known: dict[int, Exception] = {}  # failures that need no second run
+        known: dict[int, BaseException] = {}  # failures that need no second run
         try:
             try:
                 outcome = self._transaction(claimed, self._strict, known)
@@ -507,7 +520,7 @@ class ChannelProcessor:
             current_connection.reset(token)
 
     def _transaction(
-        self, claimed: list[tuple[Any, ...]], strict: bool, known: dict[int, Exception]
+        self, claimed: list[tuple[Any, ...]], strict: bool, known: dict[int, BaseException]
     ) -> _Outcome:
         session = self.session
         nested = session.in_transaction()
@@ -528,7 +541,7 @@ class ChannelProcessor:
         for row in rows:
             try:
                 self._handle(row)
-            except Exception as exc:
+            except BaseException as exc:  # as in _attempt
                 if session.broken(exc):
                     raise
                 # A database error may come from an earlier message (pipeline).
@@ -543,7 +556,7 @@ class ChannelProcessor:
             raise _Redo(None, exc) from exc
         return outcome
 
-    def _run_all(self, rows: list[tuple[Any, ...]], known: dict[int, Exception]) -> _Outcome:
+    def _run_all(self, rows: list[tuple[Any, ...]], known: dict[int, BaseException]) -> _Outcome:
         """The batch with a savepoint per message; a failure is recorded and the batch goes on."""
         outcome = _Outcome()
         blocked: set[str] = set()  # keys whose message failed: the later ones wait
@@ -562,7 +575,7 @@ class ChannelProcessor:
         self._give_back(outcome.returned)
         return outcome
 
-    def _attempt(self, row: tuple[Any, ...]) -> Exception | None:
+    def _attempt(self, row: tuple[Any, ...]) -> BaseException | None:
         """Run one message's listeners in a savepoint; the exception if they failed.
 
         Its statements are waited for before the savepoint ends (the writes of
@@ -576,14 +589,16 @@ class ChannelProcessor:
                     self._handle(row)
                 finally:
                     session.sync()
-        except Exception as exc:
+        # SystemExit, KeyboardInterrupt, CancelledError from a listener fail
+        # its message too: they must not end the processor's thread.
+        except BaseException as exc:
             if session.broken(exc):
                 raise
             return exc
         return None
 
     def _one_by_one(
-        self, rows: list[tuple[Any, ...]], error: Exception, known: dict[int, Exception]
+        self, rows: list[tuple[Any, ...]], error: Exception, known: dict[int, BaseException]
     ) -> None:
         """After the batch's transaction failed: each message alone, in its own transaction.
 
@@ -647,7 +662,7 @@ class ChannelProcessor:
         if ids:
             self.session.execute(KEEP_SQL if self.retention else DELETE_SQL, (ids,))
 
-    def _failed(self, mid: int, attempt: int, exc: Exception) -> bool:
+    def _failed(self, mid: int, attempt: int, exc: BaseException) -> bool:
         """Record a failed attempt in a savepoint of its own; return whether it is now dead."""
         error = storable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         delay = self.backoff.delay(attempt - 1)
@@ -691,7 +706,7 @@ class _Redo(Exception):
     the failure may come from any message (a database error surfaced late).
     """
 
-    def __init__(self, mid: int | None, error: Exception):
+    def __init__(self, mid: int | None, error: BaseException):
         super().__init__(mid, error)
         self.mid = mid
         self.error = error
@@ -706,6 +721,19 @@ class _Outcome:
     returned: list[int] = field(default_factory=list)  # given back unrun (behind a failure)
 
 
+#: The longest error text stored (characters): its head and its end are kept.
+MAX_ERROR = 65_536
+
+
 def storable(text: str) -> str:
-    """``text`` as PostgreSQL can store it: no NUL, no lone surrogate (escaped instead)."""
+    """``text`` as PostgreSQL can store it: no NUL, no lone surrogate (escaped instead).
+
+    Cut to :data:`MAX_ERROR` characters, its start and its end kept (where a
+    traceback says what went wrong): a huge error text would also stall the
+    pipeline that sends it.
+    """
+    if len(text) > MAX_ERROR:
+        cut = len(text) - MAX_ERROR
+        head, tail = text[: MAX_ERROR // 8], text[-(MAX_ERROR // 8 * 7) :]
+        text = f"{head}\n[... {cut} characters cut ...]\n{tail}"
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")

@@ -115,7 +115,14 @@ class PsycopgSession(Session):
         return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
     def broken(self, exc: BaseException) -> bool:
-        return isinstance(exc, psycopg.OperationalError | DatabaseConnectionError)
+        # The connection's state decides, not the error's class: a listener's
+        # statement timeout, deadlock or failed connect elsewhere is an
+        # OperationalError too, and only fails its message.
+        if isinstance(exc, DatabaseConnectionError):
+            return True
+        return isinstance(exc, psycopg.OperationalError) and (
+            self.conn is None or self.conn.closed
+        )
 
     def close(self) -> None:
         if self.conn is not None:

@@ -30,4 +30,9 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="notification", name="unfinished", field=models.BooleanField(default=False)
         ),
+        migrations.AddField(
+            model_name="notification",
+            name="claimed_alone",
+            field=models.BooleanField(default=False),
+        ),
     ]

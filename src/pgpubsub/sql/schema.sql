@@ -113,6 +113,10 @@ REVOKE ALL ON pgpubsub.role_grant, pgpubsub.role_baseline FROM PUBLIC;
 -- message may be the one that kills its worker, so it is claimed alone, one
 -- per transaction, and charges no other message an attempt.
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS unfinished boolean NOT NULL DEFAULT false;
+-- claimed_alone: its last attempt was claimed alone. Only a message whose
+-- process stopped while it ran alone is charged crashes to death; one whose
+-- batch was cut short may be innocent, and is first run alone.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS claimed_alone boolean NOT NULL DEFAULT false;
 
 -- Version 4 (leases): an ordering key in a listener and a max_in_flight slot
 -- are held in the name of a worker (its registry row's id, '#', its
