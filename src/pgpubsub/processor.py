@@ -114,15 +114,17 @@ WITH RECURSIVE later(key) AS (
     SELECT id, unfinished, ordering_key FROM unkeyed
     UNION ALL
     -- a key's messages from its head on, up to the first one another
-    -- transaction holds locked: no gap, so none runs before an older one
+    -- transaction holds locked (no gap, so none runs before an older one) or
+    -- that may have crashed its worker (unfinished: only a head is run alone)
     SELECT k.id, k.unfinished, k.ordering_key FROM keyed k
     WHERE k.rank = (SELECT pg_catalog.count(*) FROM keyed o
-                    WHERE o.ordering_key = k.ordering_key AND o.id <= k.id)
+                    WHERE o.ordering_key = k.ordering_key AND o.id <= k.id
+                      AND (o.rank = 1 OR NOT o.unfinished))
 ), pick AS (
     SELECT id, ordering_key, false AS alone FROM due
     WHERE NOT EXISTS (SELECT FROM due WHERE unfinished)
     UNION ALL
-    (SELECT id, ordering_key, true FROM due WHERE unfinished LIMIT 1)
+    (SELECT id, ordering_key, true FROM due WHERE unfinished ORDER BY id LIMIT 1)
 ), leased AS (
     INSERT INTO pgpubsub.lease AS l (channel, kind, name, holder, expires_at)
     SELECT %(channel)s, 'key', d.key, %(holder)s, {EXPIRES}
