@@ -28,8 +28,8 @@ from typing import Any
 import psycopg
 
 from pgpubsub import Engine, Listener, Notifier
+from pgpubsub._loopthread import LoopThread
 from pgpubsub.embedded import EmbeddedServer
-from pgpubsub.loopthread import LoopThread
 
 
 def rss_mb() -> float:

@@ -44,10 +44,10 @@ from bench_jobs import BenchJob, BenchOrdered  # noqa: E402
 
 import pgpubsub  # noqa: E402
 from pgpubsub import durable  # noqa: E402
+from pgpubsub._processor import ChannelProcessor  # noqa: E402
 from pgpubsub.channel import Channel, spec_of  # noqa: E402
 from pgpubsub.embedded import EmbeddedServer  # noqa: E402
 from pgpubsub.listen import Registry, registry  # noqa: E402
-from pgpubsub.processor import ChannelProcessor  # noqa: E402
 from pgpubsub.session import PsycopgSession  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -117,7 +117,7 @@ def p6(dsn: str, n: int, keys: int = 0) -> None:
 
 def concurrency(dsn: str, n: int) -> None:
     """The same backlog drained by one worker at concurrency 1 and 16."""
-    from pgpubsub.loopthread import LoopThread
+    from pgpubsub._loopthread import LoopThread
     from pgpubsub.worker import Worker
 
     print("\n== Concurrency: a listener sleeping 5 ms, one worker process")

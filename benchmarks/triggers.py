@@ -24,10 +24,10 @@ import psycopg
 
 import pgpubsub
 from pgpubsub import durable
+from pgpubsub._loopthread import LoopThread
 from pgpubsub.channel import TriggerChannel
 from pgpubsub.embedded import EmbeddedServer
 from pgpubsub.listen import Registry
-from pgpubsub.loopthread import LoopThread
 from pgpubsub.triggers import install_triggers, remove_triggers
 from pgpubsub.worker import Worker
 

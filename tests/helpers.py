@@ -11,10 +11,10 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from pgpubsub._loopthread import LoopThread
 from pgpubsub.embedded import EmbeddedServer
 from pgpubsub.listen import Registry
 from pgpubsub.listen import registry as default_registry
-from pgpubsub.loopthread import LoopThread
 from pgpubsub.worker import Worker
 
 

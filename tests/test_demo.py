@@ -66,7 +66,7 @@ def test_demo_in_an_80_by_24_terminal(dsn: str, tmp_path: Path) -> None:
     )
     # The log lines about the poison message name the message id the story gave.
     message_id = text.split("Order 13 (message ", 1)[1].split(")", 1)[0]
-    assert f"message {message_id} on pgpubsub.demo.Order failed (attempt 1 of 3)" in (
+    assert f"message {message_id} on pgpubsub._demo.Order failed (attempt 1 of 3)" in (
         text.replace("\n    ", " ")
     )
 

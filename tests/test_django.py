@@ -75,7 +75,7 @@ def dj(django_dsn: str) -> str:
 
 
 def worker(*channels: str) -> Running:
-    from pgpubsub.djangodb import DjangoSession, django_conninfo
+    from pgpubsub._djangodb import DjangoSession, django_conninfo
     from pgpubsub.listen import registry
 
     return Running(
@@ -140,7 +140,7 @@ def test_post_reads_without_the_optional_date_reach_the_listener_as_none(dj: str
 def test_durable_channel_with_a_none_default_under_django(dj: str) -> None:
     from django.db import connection
 
-    from pgpubsub.djangodb import DjangoSession, django_conninfo
+    from pgpubsub._djangodb import DjangoSession, django_conninfo
     from pgpubsub.listen import Registry
     from pgpubsub.models import Notification
     from pgpubsub.tests.channels import Reads

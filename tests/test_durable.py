@@ -21,9 +21,9 @@ from test_cli import Listen
 
 import pgpubsub
 from pgpubsub import durable, messages
+from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.listen import Registry
-from pgpubsub.processor import ChannelProcessor
 from pgpubsub.session import PsycopgSession
 from pgpubsub.worker import Worker
 

@@ -27,9 +27,9 @@ from helpers import admin_query
 import pgpubsub
 from pgpubsub import durable
 from pgpubsub._leases import TAKE_SLOT_SQL
+from pgpubsub._processor import CLAIM_SQL, ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.listen import Registry
-from pgpubsub.processor import CLAIM_SQL, ChannelProcessor
 from pgpubsub.session import PsycopgSession
 
 TESTS = Path(__file__).parent

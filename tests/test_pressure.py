@@ -21,8 +21,8 @@ from helpers import Running, admin_query, wait_until
 
 import pgpubsub
 from pgpubsub import Channel, Engine, Listener, Notifier, Notify, durable
+from pgpubsub._loopthread import LoopThread
 from pgpubsub.listen import Registry
-from pgpubsub.loopthread import LoopThread
 
 BOUND = 200
 BACKLOG = 20_000

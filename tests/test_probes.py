@@ -21,9 +21,9 @@ import pytest
 from helpers import admin_query, wait_until
 
 from pgpubsub._probes import Probes
+from pgpubsub._processor import ProcessorStatus
 from pgpubsub.durable import migrate
 from pgpubsub.engine import Status
-from pgpubsub.processor import ProcessorStatus
 from pgpubsub.worker import WorkerStatus
 
 SCRIPT = str(Path(sys.executable).parent / "pgpubsub")

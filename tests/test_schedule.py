@@ -28,12 +28,12 @@ import pytest
 from helpers import admin_query, wait_until
 
 import pgpubsub
+from pgpubsub._loopthread import LoopThread
 from pgpubsub._schedule import MAX_CATCH_UP, Scheduler
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.durable import migrate
 from pgpubsub.errors import ConfigurationError
 from pgpubsub.listen import Registry
-from pgpubsub.loopthread import LoopThread
 from pgpubsub.worker import Worker
 
 UTC = datetime.timezone.utc

@@ -1,7 +1,7 @@
 """Row events of trigger channels: which exist, how each fires, what its trigger is called.
 
 Shared by the installer without Django (:mod:`pgpubsub.triggers`) and the
-django-pgtrigger triggers (:mod:`pgpubsub.djangotriggers`).
+django-pgtrigger triggers (:mod:`pgpubsub._djangotriggers`).
 """
 
 from __future__ import annotations

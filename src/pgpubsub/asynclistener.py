@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 from . import driver
-from .dispatch import Subscription, handler_name
+from ._dispatch import Subscription, handler_name
 from .driver import AsyncConnection, Notify
 from .engine import Engine, GapHandler, Status
 from .errors import ListenerStartError

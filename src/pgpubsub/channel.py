@@ -200,7 +200,7 @@ class TriggerChannel(Channel):
     def __post_init__(self) -> None:
         model = type(self).model
         if model is not None:
-            from .djangorows import instance_from_row
+            from ._djangorows import instance_from_row
 
             self.old = instance_from_row(model, self.old)
             self.new = instance_from_row(model, self.new)

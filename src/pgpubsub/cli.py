@@ -3,7 +3,7 @@
 
 ``pgpubsub listen myapp.listeners --channels myapp.channels.Orders --processes 2``
 imports the listener modules, then runs workers under the supervisor
-(:mod:`pgpubsub.supervisor`); ``--worker`` runs one worker in this process
+(:mod:`pgpubsub._supervisor`); ``--worker`` runs one worker in this process
 instead (for systemd or Kubernetes, which restart it themselves).
 ``pgpubsub status`` shows the database, the schema, the queues and the live
 workers (``--check`` for probes); ``pgpubsub migrate [modules]`` installs the
@@ -159,10 +159,10 @@ def preflight(conninfo: str, channels: list[Any]) -> None:
 
     A database that cannot be reached is not an error here: workers wait for it.
     """
+    from ._privileges import check_worker
     from .channel import TriggerChannel
     from .errors import SchemaMissing
     from .health import status
-    from .privileges import check_worker
 
     # Durable channels store messages; plain trigger channels spill wide rows.
     if not any(c.lock or issubclass(c.cls, TriggerChannel) for c in channels):
@@ -178,7 +178,7 @@ def preflight(conninfo: str, channels: list[Any]) -> None:
 def start_metrics(port: int | None, host: str, conninfo: str, channels: list[Any]) -> None:
     """Enable this process's metrics, and serve them unless this is a supervisor's child."""
     from . import _metrics, driver
-    from .supervisor import supervised
+    from ._supervisor import supervised
 
     if port is None:
         return
@@ -192,7 +192,7 @@ def supervise(argv: list[str], options: dict[str, Any], conninfo: str, channels:
     """Run ``argv`` (a worker command) in ``options["processes"]`` children, serving their
     metrics on one port when asked."""
     from . import _metrics
-    from .supervisor import Supervisor
+    from ._supervisor import Supervisor
 
     folder = None
     if options["metrics_port"] is not None:
@@ -207,7 +207,7 @@ def supervise(argv: list[str], options: dict[str, Any], conninfo: str, channels:
 
 def run_worker(args: argparse.Namespace) -> int:
     """One worker process: import the listener modules, then :func:`serve`."""
-    from .supervisor import supervised
+    from ._supervisor import supervised
     from .worker import Worker
 
     channels = load_channels(args)
@@ -236,7 +236,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ._demo import run_demo
 
     return run_demo(args.dsn, args.messages)
 
@@ -255,7 +255,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
-    from .privileges import KINDS, grant, statements
+    from ._privileges import KINDS, grant, statements
 
     kinds = [k for k in KINDS if getattr(args, k)]
     if not kinds:

@@ -56,15 +56,15 @@ from typing import Any
 
 import psycopg
 
-from . import driver, integration
+from . import _integration, driver
 from ._due import due_channels
 from ._leases import LeaseKeeper, new_owner
+from ._processor import ChannelProcessor, current_connection
 from .channel import ChannelSpec, resolve_channel
 from .engine import Engine, Gap
 from .errors import ConfigurationError, NoListener
 from .listen import Registry
 from .listen import registry as default_registry
-from .processor import ChannelProcessor, current_connection
 from .session import PsycopgSession, Session
 
 __all__ = [
@@ -345,8 +345,8 @@ class DurableRunner:
 
 def default_session(dsn: str = "") -> Session:
     """Django's connection when pgpubsub is an installed app and no dsn is given, else psycopg."""
-    if not dsn and integration.django_connection() is not None:
-        from .djangodb import DjangoSession
+    if not dsn and _integration.django_connection() is not None:
+        from ._djangodb import DjangoSession
 
         return DjangoSession()
     return PsycopgSession(driver.build_conninfo(dsn))
@@ -407,8 +407,8 @@ def process_stored_notifications(
 
 def _conninfo(dsn: str) -> str:
     """The conninfo of what :func:`default_session` connects to."""
-    if not dsn and integration.django_connection() is not None:
-        from .djangodb import django_conninfo
+    if not dsn and _integration.django_connection() is not None:
+        from ._djangodb import django_conninfo
 
         return django_conninfo()
     return driver.build_conninfo(dsn)

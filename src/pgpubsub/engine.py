@@ -8,7 +8,7 @@ An :class:`Engine` owns a dedicated autocommit connection (tagged with
   while running is subscribed at once);
 * reads with psycopg's low-level API: one ``consume_input()`` per socket
   wake-up, everything that arrived routed in one pass (see
-  :mod:`pgpubsub.dispatch` for the handler side);
+  :mod:`pgpubsub._dispatch` for the handler side);
 * supervises the connection: a loss (error, killed backend, heartbeat timeout
   on a half-open connection) is followed by reconnects with capped exponential
   backoff and jitter; channels are LISTENed again before the engine reports
@@ -57,8 +57,8 @@ import psycopg
 from psycopg import pq
 
 from . import driver
+from ._dispatch import Subscription, handler_name
 from .backoff import Backoff, worth_logging
-from .dispatch import Subscription, handler_name
 from .driver import Notify
 from .errors import ConnectionFailed, ConnectionLost, DatabaseError, ListenerStateError
 from .names import listen_sql, unlisten_sql, validate_channel

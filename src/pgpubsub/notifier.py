@@ -8,7 +8,7 @@ Code written for pgnotifier runs with its import line changed to
     n.subscribe(42, "ch1", lambda id, channel, payload, pid: print(payload))
 
 Subscriber callbacks receive ``(id, channel, payload, pid)`` with the payload
-turned into a Python value by :func:`pgpubsub.values.parse_value` (JSON, then
+turned into a Python value by :func:`pgpubsub._values.parse_value` (JSON, then
 a Python literal, else the text itself; never code execution, never a crash).
 
 A channel is *active* (LISTENed to) when it is not muted and has at least one
@@ -46,12 +46,12 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dispatch import Subscription, handler_name, in_dispatch_thread
+from ._dispatch import Subscription, handler_name, in_dispatch_thread
+from ._loopthread import LoopThread
+from ._values import parse_value
 from .driver import Notify
 from .engine import Engine, GapHandler
-from .loopthread import LoopThread
 from .names import validate_channel
-from .values import parse_value
 
 __all__ = ["Notifier"]
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from . import _tracing, driver, integration
+from . import _integration, _tracing, driver
 from .channel import Channel, ChannelSpec, resolve_channel, spec_of
 from .durable import Options, astore, store
 from .errors import ConfigurationError
@@ -45,7 +45,7 @@ NOTIFY_MANY_SQL = (
 
 def default_connection() -> Any:
     """Django's connection when pgpubsub is an installed app, else one per thread."""
-    django_conn = integration.django_connection()
+    django_conn = _integration.django_connection()
     if django_conn is not None:
         return django_conn
     dsn = os.environ.get("PGPUBSUB_DSN")

@@ -4,7 +4,7 @@ Claiming and completing messages needs: (re)connect, a transaction that
 nests as savepoints, execute-and-fetch, telling a lost connection from a bug,
 and optionally a pipeline (statements sent without waiting for each result).
 :class:`PsycopgSession` gives them on a psycopg 3 connection
-of its own; :class:`~pgpubsub.djangodb.DjangoSession` on
+of its own; :class:`~pgpubsub._djangodb.DjangoSession` on
 Django's connection, so that ORM writes in a listener join the claim
 transaction.
 """

@@ -85,7 +85,7 @@ def __getattr__(name: str) -> Any:
     # ``Notify`` is a django-pgtrigger trigger: imported on first use, so this
     # module works without Django.
     if name == "Notify":
-        from .djangotriggers import Notify
+        from ._djangotriggers import Notify
 
         return Notify
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -135,7 +135,7 @@ def trigger_listener(
         spec = _trigger_spec(channel)
         registry.add(spec.cls, fn, events=events)
         if model_of(spec) is not None:
-            from .djangotriggers import register_triggers
+            from ._djangotriggers import register_triggers
 
             register_triggers(spec, events, trigger)
         return fn

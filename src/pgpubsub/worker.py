@@ -21,17 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _metrics, driver
+from ._dispatch import Subscription
 from ._heartbeat import Heartbeat
+from ._privileges import check_worker
+from ._processor import ProcessorStatus
 from ._schedule import Scheduler
 from ._version import version
 from .channel import ChannelSpec, TriggerChannel
-from .dispatch import Subscription
 from .driver import Notify
 from .durable import DurableRunner
 from .engine import Engine, Status
 from .listen import ListenerSpec, Registry, registry
-from .privileges import check_worker
-from .processor import ProcessorStatus
 from .session import Session
 from .triggers import PURGE_SPILL_SQL, SPILL_PREFIX, SPILL_TTL, read_spill
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import psycopg
 from psycopg import sql
 
-from .. import integration
+from .. import _integration
 from ..channel import Channel, spec_of
 from ..notify import plain_observers
 
@@ -101,7 +101,7 @@ class Capture:
 def _transaction() -> tuple[str, ...] | None:
     """Where Django's connection is (None: no Django): its open savepoints, as a
     TestCase runs each test in one."""
-    conn = integration.django_connection()
+    conn = _integration.django_connection()
     if conn is None:
         return None
     return tuple(conn.savepoint_ids) if conn.in_atomic_block else ()

@@ -8,11 +8,11 @@ from typing import Any
 import psycopg
 
 from .._due import due_channels
+from .._processor import ChannelProcessor
 from ..channel import ChannelSpec, TriggerChannel, resolve_channel
 from ..errors import PgPubSubError
 from ..listen import Registry
 from ..listen import registry as default_registry
-from ..processor import ChannelProcessor
 from ..session import PsycopgSession, Session
 from ..triggers import read_spill
 from ._capture import APPLICATION, Capture, django_capture
@@ -59,7 +59,7 @@ class DrainIncomplete(PgPubSubError, RuntimeError):
 def _session(dsn: str | None, using: str) -> Session:
     if dsn is not None:
         return PsycopgSession(dsn)
-    from ..djangodb import DjangoSession
+    from .._djangodb import DjangoSession
 
     return DjangoSession(using)
 

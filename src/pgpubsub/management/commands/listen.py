@@ -40,8 +40,8 @@ class Command(BaseCommand):
             sys.exit(2)
         if options["worker"]:
             sys.exit(self.work(options))
+        from pgpubsub._djangodb import django_conninfo
         from pgpubsub.cli import supervise
-        from pgpubsub.djangodb import django_conninfo
         from pgpubsub.listen import registry
 
         channels = registry.select(options["channels"])
@@ -50,10 +50,10 @@ class Command(BaseCommand):
         sys.exit(supervise(argv, options, django_conninfo(), channels))
 
     def work(self, options: dict[str, Any]) -> int:
+        from pgpubsub._djangodb import DjangoSession, django_conninfo
+        from pgpubsub._supervisor import supervised
         from pgpubsub.cli import start_metrics, start_probes
-        from pgpubsub.djangodb import DjangoSession, django_conninfo
         from pgpubsub.listen import registry
-        from pgpubsub.supervisor import supervised
         from pgpubsub.worker import Worker
 
         channels = registry.select(options["channels"])

@@ -56,8 +56,8 @@ class Command(BaseCommand):
     )
 
     def run_from_argv(self, argv: list[str]) -> None:
+        from pgpubsub._djangodb import django_conninfo
         from pgpubsub.cli import main
-        from pgpubsub.djangodb import django_conninfo
 
         alias, rest = _database(_without_django_options(argv[2:]))
         if not rest or rest[0] in ("-h", "--help"):

@@ -29,7 +29,7 @@ from .backoff import Backoff
 
 __all__ = ["Supervisor", "supervised"]
 
-log = logging.getLogger("pgpubsub.supervisor")
+log = logging.getLogger("pgpubsub._supervisor")
 
 #: Set in the environment of the children: the supervisor checked the
 #: configuration and serves the metrics.

@@ -9,7 +9,7 @@ once, so the per-message cost is a deque append and the handler call itself.
   delays only its own subscription);
 * batch handlers receive a list of every message queued since their last call.
 
-A handler that raises is logged (logger ``pgpubsub.dispatch``, with channel,
+A handler that raises is logged (logger ``pgpubsub._dispatch``, with channel,
 handler and pid) and the worker goes on with the next message.
 
 Bounds: :attr:`Subscription.held` counts every message the subscription holds,
@@ -40,7 +40,7 @@ from .errors import ConfigurationError
 
 __all__ = ["Handler", "Subscription", "in_dispatch_thread"]
 
-log = logging.getLogger("pgpubsub.dispatch")
+log = logging.getLogger("pgpubsub._dispatch")
 
 Handler = Callable[[Notify], Awaitable[Any] | Any]
 BatchHandler = Callable[[list[Notify]], Awaitable[Any] | Any]
