@@ -26,7 +26,8 @@ TUTORIAL = Path(__file__).parent / "django_tutorial"
 
 def test_the_django_guide_from_startproject_to_a_receipt(dsn: str, tmp_path: Path) -> None:
     params = conninfo_to_dict(dsn)
-    env = {k: v for k, v in os.environ.items() if k not in ("PGPUBSUB_DSN", "PYTHONPATH", "DJANGO_SETTINGS_MODULE")}
+    dropped = ("PGPUBSUB_DSN", "PYTHONPATH", "DJANGO_SETTINGS_MODULE")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(
         PGHOST=str(params["host"]),
         PGPORT=str(params["port"]),
