@@ -46,11 +46,17 @@ def croniter() -> Any:
     return cls
 
 
+# Files of the zone database that are no place's zone: the host's own zone
+# (workers on different hosts would disagree), placeholders, leap-second variants.
+_NOT_ZONES = {"localtime", "Factory", "posixrules"}
+_NOT_IN = ("right/", "posix/")
+
+
 def zone(name: Any, path: str) -> datetime.tzinfo:
     """The IANA time zone ``name``; a ConfigurationError naming the channel's ``timezone``."""
     import zoneinfo
 
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or name in _NOT_ZONES or name.startswith(_NOT_IN):
         raise ConfigurationError(f"{path}: unknown timezone {name!r}: not an IANA time zone name")
     try:
         return zoneinfo.ZoneInfo(name)
@@ -68,6 +74,12 @@ def check(expression: Any, timezone: Any, path: str) -> None:
     cls = croniter()
     if not isinstance(expression, str) or not cls.is_valid(expression):
         raise ConfigurationError(f"{path}: schedule {expression!r} is not a cron expression")
+    if "r" in expression.lower().replace("@hourly", "").replace("@yearly", ""):
+        # croniter's R draws a random value at each computation: workers (and one
+        # worker's successive ticks) would disagree on when a tick is.
+        raise ConfigurationError(
+            f"{path}: schedule {expression!r}: random fields (R) are not supported"
+        )
     fields = cls(expression, datetime.datetime(2000, 1, 1)).expressions
     if len(fields) not in (5, 6):
         raise ConfigurationError(

@@ -46,11 +46,16 @@ log = logging.getLogger("pgpubsub.schedule")
 MAX_CATCH_UP = 10
 
 # Wins the tick for this worker only if no one stored it (or a later one) yet.
+# Never before the tick's instant by the database's clock either: a worker
+# whose own clock runs ahead stores nothing early (and moves no one's last tick).
 TICK_SQL = (
-    "INSERT INTO pgpubsub.schedule AS s (channel, last_tick) VALUES (%s, %s) "
+    "INSERT INTO pgpubsub.schedule AS s (channel, last_tick) "
+    "SELECT %(channel)s, %(tick)s WHERE %(tick)s <= pg_catalog.clock_timestamp() "
     "ON CONFLICT (channel) DO UPDATE SET last_tick = EXCLUDED.last_tick "
     "WHERE s.last_tick < EXCLUDED.last_tick RETURNING s.last_tick"
 )
+# Seconds until the tick by the database's clock (<= 0: due).
+EARLY_SQL = "SELECT pg_catalog.date_part('epoch', %s - pg_catalog.clock_timestamp())"
 LAST_SQL = "SELECT last_tick FROM pgpubsub.schedule WHERE channel = %s"
 
 
@@ -73,6 +78,8 @@ class Scheduler:
         self.zone = zone(spec.cls.timezone, spec.path)
         self.cron = Cron(spec.cls.schedule or "", self.zone)
         self.clock = clock or Clock()
+        #: Why it cannot store ticks now (a database error it retries), or None.
+        self.failing: str | None = None
 
     def _lines(self, tick: datetime.datetime) -> str:
         wall = tick.astimezone(self.zone)
@@ -80,12 +87,19 @@ class Scheduler:
         return self.spec.encode_lines([fields])[0]
 
     async def _store(self, conn: psycopg.AsyncConnection[Any], tick: datetime.datetime) -> bool:
-        async with conn.transaction():
-            cur = await conn.execute(TICK_SQL, (self.spec.name, tick))
-            if await cur.fetchone() is None:
-                return False  # another worker stored this tick
-            await astore(conn, self.spec, self._lines(tick))
-        return True
+        while True:
+            async with conn.transaction():
+                cur = await conn.execute(TICK_SQL, {"channel": self.spec.name, "tick": tick})
+                if await cur.fetchone() is not None:
+                    await astore(conn, self.spec, self._lines(tick))
+                    self.failing = None
+                    return True
+            # Another worker stored this tick, or it is early by the database's clock.
+            row = await (await conn.execute(EARLY_SQL, (tick,))).fetchone()
+            early = float(row[0]) if row is not None and row[0] is not None else 0.0
+            if early <= 0:
+                return False
+            await self.clock.sleep(early)
 
     async def run(self) -> None:
         await driver.keep_connected(self.conninfo, self._keep_time, self._trouble, 5.0)
@@ -93,9 +107,16 @@ class Scheduler:
     async def _keep_time(self, conn: psycopg.AsyncConnection[Any]) -> None:
         last = await self._catch_up(conn)
         while True:
-            # After the last tick seen even if this clock is behind: never one tick twice.
+            # The tick after the last one seen: never one tick twice, and none
+            # skipped when storing one took long (a lock, a slow commit, a
+            # stalled loop). Behind by more than MAX_CATCH_UP: catch up as at start.
             now = self.clock.now()
-            tick = self.cron.next_after(max(now, last) if last is not None else now)
+            tick = self.cron.next_after(last if last is not None else now)
+            if last is not None and tick <= now:
+                for missed in self.cron.latest(last, now, MAX_CATCH_UP):
+                    await self._store(conn, missed)
+                    last = missed
+                continue
             await self._sleep_until(tick)
             await self._store(conn, tick)
             last = tick
@@ -106,6 +127,8 @@ class Scheduler:
             await self.clock.sleep(left)
 
     def _trouble(self, exc: Exception, failures: int) -> None:
+        # Shown by the worker's status (and so `pgpubsub status`) until a tick is stored.
+        self.failing = f"schedule of {self.spec.path} failing: {driver.one_line(exc)}"
         level = logging.WARNING if worth_logging(failures) else logging.DEBUG
         log.log(
             level, "schedule of %s: %s; trying again in 5s", self.spec.path, driver.one_line(exc)

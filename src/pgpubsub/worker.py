@@ -155,6 +155,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         # The background tasks that stopped: what -> (its channel, or "", and why).
         self._failures: dict[str, tuple[str, str]] = {}
+        self._schedulers: list[Scheduler] = []
 
     def _background(self, what: str, coro: Any, channel: str = "") -> None:
         """Run ``coro`` (meant to run until cancelled) as a task whose end is noticed."""
@@ -207,6 +208,7 @@ class Worker:
         for spec in durable:
             if spec.cls.schedule is not None:
                 scheduler = Scheduler(self.engine.conninfo, spec)
+                self._schedulers.append(scheduler)
                 self._background(f"schedule of {spec.path}", scheduler.run(), spec.name)
         if self.heartbeat is not None:
             self._background("worker registry", self.heartbeat.run())
@@ -268,10 +270,15 @@ class Worker:
             limit = getattr(spec.cls, "max_in_flight", None) if spec.lock else None
             if limit is not None:
                 stats[spec.name]["max_in_flight"] = int(limit)
-        for channel, error in self._failures.values():
+        for channel, error in self._problems():
             if channel in stats:
                 stats[channel]["error"] = error
         return stats
+
+    def _problems(self) -> list[tuple[str, str]]:
+        """(channel or "", what is wrong): tasks that stopped, schedules failing to store."""
+        failing = [(s.spec.name, s.failing) for s in self._schedulers if s.failing]
+        return [*self._failures.values(), *failing]
 
     async def _sync_metrics(self, metrics: _metrics.Metrics, every: float = 1.0) -> None:
         while True:
@@ -295,7 +302,7 @@ class Worker:
         return WorkerStatus(
             self.engine.status(),
             tuple(p.status() for p in durable),
-            tuple(error for _, error in self._failures.values()),
+            tuple(error for _, error in self._problems()),
         )
 
     async def stop(self, timeout: float = 10.0) -> None:
