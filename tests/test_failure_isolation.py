@@ -116,6 +116,41 @@ def test_a_message_that_kills_its_worker_is_the_only_one_charged(db: str, how: s
     assert effects(db) == {n: 1 for n in range(20) if n != 5}  # the crash's writes never commit
 
 
+def test_a_message_that_kills_its_process_charges_no_message_of_another_channel(
+    db: str,
+) -> None:
+    """The crashing message runs with nothing else of its process in a listener, so its
+    crashes are charged to it alone, not to a slow neighbour on another channel."""
+    from app.crash_listeners import Crashy, Neighbour
+
+    publish(db, Crashy, range(6))
+    publish(db, Neighbour, range(30))
+    env = {**os.environ, "PGPUBSUB_DSN": db, "PYTHONPATH": str(TESTS), "CRASH_ON": "5"}
+    env["CRASH_AFTER"] = "0.3"
+    cmd = [sys.executable, "-m", "pgpubsub", "listen", "app.crash_listeners", "--worker"]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def settled() -> bool:
+        statuses = admin_query(db, "SELECT status FROM pgpubsub.message ORDER BY status")
+        return [s for (s,) in statuses] == ["dead"] + ["done"] * 35
+
+    deadline = time.monotonic() + 90
+    try:
+        while not settled():
+            assert time.monotonic() < deadline, admin_query(
+                db, "SELECT channel, status, attempts FROM pgpubsub.message WHERE status <> 'done'"
+            )
+            if proc is None or proc.poll() is not None:
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            time.sleep(0.02)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(20)
+    dead = admin_query(db, "SELECT channel, payload FROM pgpubsub.message WHERE status = 'dead'")
+    assert len(dead) == 1 and '"n":5' in str(dead[0][1]).replace(" ", ""), dead
+
+
 # -- 2. an exception text PostgreSQL cannot store ------------------------------------------
 
 

@@ -11,6 +11,7 @@ backoff, dead letters, and batch sizes that follow the listeners' speed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
@@ -208,6 +209,42 @@ STRICT_ABOVE = 0.002
 
 #: Waits between attempts while the database is unavailable.
 RECONNECT = Backoff(base=0.5, factor=2, cap=10)
+
+class _Gate:
+    """Shared by batches, exclusive for a message that may crash its process."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._alone = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone and not self._running)
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
+#: One per process: the processors of every channel take it.
+GATE = _Gate()
 
 #: The claim transaction's connection, while listeners run (``durable.connection()``).
 current_connection: contextvars.ContextVar[Any] = contextvars.ContextVar(
@@ -469,7 +506,11 @@ class ChannelProcessor:
             # Timed or traced messages cost a clock and a span each: decided once a batch.
             self._instrumented = self._observe is not None or _tracing.enabled()
             started = time.monotonic()
-            self._process(rows)
+            # A message claimed alone may be the one that kills this process:
+            # nothing else of the process is in a listener meanwhile, so that
+            # its crash is charged to it alone.
+            with GATE.exclusive() if self._alone else GATE.shared():
+                self._process(rows)
             per_message = (time.monotonic() - started) / len(rows)
             self._strict = per_message >= STRICT_ABOVE
             fits = int(self.batch_seconds / max(per_message, 1e-6))

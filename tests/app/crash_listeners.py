@@ -24,7 +24,27 @@ def handle(n: int) -> None:
         "INSERT INTO effects (kind, n, pid) VALUES ('job', %s, %s)", (n, os.getpid())
     )
     if str(n) == os.environ.get("CRASH_ON"):
+        import time
+
+        time.sleep(float(os.environ.get("CRASH_AFTER", "0")))  # others of the process run
         how = os.environ.get("CRASH_HOW", "kill")
         if how == "exit":
             os._exit(3)  # no clean-up, no rollback: as an OOM kill or a segfault would
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Neighbour(Channel, lock_notifications=True, max_attempts=3, retention=600):
+    """Another channel of the same worker process: slow, innocent."""
+
+    n: int
+
+
+@pgpubsub.listener(Neighbour)
+def neighbour(n: int) -> None:
+    import time
+
+    time.sleep(0.1)
+    connection().execute(
+        "INSERT INTO effects (kind, n, pid) VALUES ('neighbour', %s, %s)", (n, os.getpid())
+    )
