@@ -114,7 +114,8 @@ def test_every_messages_option_of_the_cli_is_a_keyword_of_the_api() -> None:
     # The action is the function; --dry-run is messages.count; --yes asks nothing in Python.
     assert msgs - {"action", "dry_run", "yes"} <= keywords
     publish = {a.dest for a in per_command["publish"]._actions} - shared
-    assert publish - {"channel", "payload"} == set(Options.__dataclass_fields__)
+    # --plain chooses NOTIFY over an unknown name: no publishing option
+    assert publish - {"channel", "payload", "plain"} == set(Options.__dataclass_fields__)
 
 
 def test_a_project_from_its_own_folder(project: Path, dsn: str) -> None:
@@ -173,7 +174,9 @@ def test_publish_on_a_plain_channel_name_is_a_notify(project: Path, dsn: str) ->
     migrate(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute('LISTEN "cache.flush"')
-        said = ok(pgpubsub(project, dsn, "publish", "cache.flush", '{"key": "users"}'))
+        unknown = pgpubsub(project, dsn, "publish", "cache.flush", '{"key": "users"}')
+        assert unknown.returncode != 0 and "--plain" in unknown.stderr  # never a silent NOTIFY
+        said = ok(pgpubsub(project, dsn, "publish", "cache.flush", '{"key": "users"}', "--plain"))
         assert said.startswith("sent on plain channel 'cache.flush'")
         (note,) = list(conn.notifies(timeout=10, stop_after=1))
     assert (note.channel, note.payload) == ("cache.flush", '{"key":"users"}')
@@ -216,3 +219,22 @@ def test_dashboard_serves_on_the_port_it_announces(project: Path, dsn: str) -> N
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+
+
+def test_bad_publish_input_and_option_values_are_one_line_errors(project: Path, dsn: str) -> None:
+    """From the hostile review: nothing stored that a worker would kill at once, no traceback."""
+    migrate(dsn)
+    for args in (
+        ("publish", "myapp.tasks.SendEmail", '{"to": 1}'),  # the wrong type for a field
+        ("publish", "myapp.tasks.SendEmail", '{"to": NaN}'),  # not JSON
+        ("publish", "myapp.tasks.SendEmail", "Infinity"),
+        ("dashboard", "--port", "70000"),
+        ("listen", "myapp.tasks", "--worker", "--health-port", "-1"),
+        ("listen", "myapp.tasks", "--worker", "--grace", "-1"),
+        ("messages", "purge", "--older-than", "-5", "--dry-run"),
+        ("messages", "purge", "--older-than", "nan", "--dry-run"),
+    ):
+        out = pgpubsub(project, dsn, *args)
+        assert out.returncode not in (0, 1), (args, out.returncode, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 3, args
+    assert admin_query(dsn, "SELECT count(*) FROM pgpubsub.message") == [(0,)]

@@ -73,7 +73,7 @@ def test_the_django_guide_from_startproject_to_a_receipt(dsn: str, tmp_path: Pat
             timeout=30,
         )
         said = run("manage.py", "pgpubsub", "publish", "greetings", '{"name": "Ada"}')
-        assert said.startswith("sent on plain channel 'greetings'")
+        assert said.startswith("sent on channel 'greetings'")  # the project's channel, by name
         status = run("manage.py", "pgpubsub", "status")
         assert status.startswith("database  ok") and "workers   1 live" in status, status
     finally:

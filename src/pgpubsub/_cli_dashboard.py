@@ -17,7 +17,7 @@ import os
 import socket
 from typing import Any
 
-from ._cli_errors import UsageError
+from ._cli_errors import UsageError, port
 from .errors import ConfigurationError
 
 __all__ = ["add_parser"]
@@ -118,7 +118,7 @@ def add_parser(sub: Any, common: Any) -> None:
     )
     common(sp)
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    sp.add_argument("--port", type=int, default=8089, help="port (default: 8089)")
+    sp.add_argument("--port", type=port, default=8089, help="port (default: 8089)")
     sp.add_argument(
         "--token",
         help="every request must carry this token (default: $PGPUBSUB_DASHBOARD_TOKEN); "

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 
 from . import driver, messages
-from ._cli_errors import NotFound, UsageError
+from ._cli_errors import NotFound, UsageError, seconds
 from .errors import ChannelNotFound
 
 __all__ = ["add_parser"]
@@ -222,7 +222,7 @@ def add_parser(sub: Any, common: Any) -> None:
         "--limit", type=_positive, default=100, help="list at most this many (100)"
     )
     msgs.add_argument(
-        "--older-than", type=float, metavar="SECONDS", help="purge: only messages older than this"
+        "--older-than", type=seconds, metavar="SECONDS", help="purge: only messages older than this"
     )
     msgs.add_argument("--dry-run", action="store_true", help="say how many, change nothing")
     msgs.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")

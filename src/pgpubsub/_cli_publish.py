@@ -6,9 +6,10 @@ imported from the working directory) or a PostgreSQL channel name
 the JSON object's keys are its fields (checked), and a durable class stores the
 message. A name is published by what the database knows of it: a channel with
 stored messages, or a live worker that handles it as durable, gets a stored
-message (the JSON as given, checked by the worker's class when it is handled);
-any other name gets a plain NOTIFY, which only the listeners connected now
-receive. The output says which was done.
+message (the JSON as given, checked by the worker's class when it is handled).
+Any other name is an error, unless ``--plain`` asks for a plain NOTIFY (which
+only the listeners connected now receive): a durable channel's name that the
+database does not know yet must not lose the message to a NOTIFY.
 
 The options are :func:`pgpubsub.notify`'s publishing options of the same names
 (durable channels only): ``--delay``, ``--run-at``, ``--priority``,
@@ -34,7 +35,7 @@ __all__ = ["add_parser"]
 EXAMPLES = """examples:
   pgpubsub publish myapp.tasks.SendEmail '{"to": "a@example.com"}'
   pgpubsub publish emails '{"to": "a@example.com"}' --delay 60 --dedupe-key a@example.com
-  pgpubsub publish cache_invalidation '{"key": "users"}'     a plain NOTIFY
+  pgpubsub publish cache_invalidation '{"key": "users"}' --plain     a plain NOTIFY
 """
 
 # A name is durable when a message of it is stored (each status through its
@@ -72,22 +73,28 @@ def _run_at(text: str) -> datetime.datetime:
     return when
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _payload(text: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json)  # no NaN or Infinity
     except ValueError as exc:
         raise UsageError(f"the message is not JSON: {exc}") from None
 
 
 def _channel_class(channel: str) -> Any:
-    """The channel class of a dotted path whose module imports, else None."""
+    """The channel class of a dotted path whose module imports, or of a channel name
+    that this process registered (under Django: the project's channels), else None."""
     from .channel import resolve_channel
+    from .listen import registry
     from .messages import _module_exists
 
     module, _, attr = channel.rpartition(".")
     if module and attr and _module_exists(module):
         return resolve_channel(channel).cls
-    return None
+    return next((s.cls for s in registry.channels() if s.name == channel), None)
 
 
 def _publish_class(conn: Any, cls: Any, fields: Any, options: dict[str, Any]) -> str:
@@ -97,9 +104,9 @@ def _publish_class(conn: Any, cls: Any, fields: Any, options: dict[str, Any]) ->
     spec = spec_of(cls)
     if not isinstance(fields, dict):
         raise UsageError(f"{spec.path} takes a JSON object of its fields, not {fields!r}")
-    try:
-        message = cls(**fields)
-    except TypeError as exc:
+    try:  # the channel's own decoder: field names and types checked, as a worker would
+        message = spec.decode(json.dumps(fields))
+    except Exception as exc:
         raise ConfigurationError(f"{spec.path}: {exc}") from None
     mid = notify(message, conn=conn, **options)
     if spec.lock:
@@ -120,13 +127,15 @@ def _durable(conn: Any, name: str) -> bool:
             return False  # a publisher role does not read the worker table
 
 
-def _publish_name(conn: Any, name: str, payload: Any, options: dict[str, Any]) -> str:
+def _publish_name(
+    conn: Any, name: str, payload: Any, options: dict[str, Any], plain: bool
+) -> str:
     from .durable import Options, store
     from .names import NOTIFY_SQL, check_payload, validate_channel
 
     validate_channel(name)
     text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    if _durable(conn, name):
+    if not plain and _durable(conn, name):
         # Stored as notify() stores it; the worker's class checks the fields.
         spec: Any = types.SimpleNamespace(name=name, path=name, lock=True)
         (mid,) = store(conn, spec, text, None, Options.of(spec, options))
@@ -136,6 +145,12 @@ def _publish_name(conn: Any, name: str, payload: Any, options: dict[str, Any]) -
             f"{', '.join('--' + k.replace('_', '-') for k in options)} need a durable channel, "
             f"and {name!r} has no stored message and no durable worker: give the dotted path"
             " of its class"
+        )
+    if not plain:
+        raise ConfigurationError(
+            f"unknown channel {name!r}: no stored message and no durable worker name it; give "
+            "the dotted path of its class (myapp.tasks.SendEmail), or --plain to send a plain "
+            "NOTIFY that only the listeners connected now receive"
         )
     check_payload(text, name)
     with conn.cursor() as cur:
@@ -153,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                 if cls is not None:
                     said = _publish_class(conn, cls, payload, options)
                 else:
-                    said = _publish_name(conn, args.channel, payload, options)
+                    said = _publish_name(conn, args.channel, payload, options, args.plain)
         except psycopg.Error as exc:
             raise driver.translate(exc, f"publishing on {args.channel}") from exc
     print(said)
@@ -176,4 +191,9 @@ def add_parser(sub: Any, common: Any) -> None:
     sp.add_argument("--priority", type=int, help="higher is claimed first (default: 0)")
     sp.add_argument("--dedupe-key", help="at most one pending message with this key")
     sp.add_argument("--ordering-key", help="messages of one key run one at a time, in order")
+    sp.add_argument(
+        "--plain",
+        action="store_true",
+        help="a channel name the database does not know: send a plain NOTIFY",
+    )
     sp.set_defaults(func=run)

@@ -46,9 +46,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import _clash as _clash  # a clash also when another library's __init__ replaced ours
+from . import _clash as _clash  # checked for the command too
 from . import _cli_dashboard, _cli_messages, _cli_publish, _cli_status, _logs
-from ._cli_errors import UsageError
+from ._cli_errors import UsageError, port, seconds
 from ._version import version
 
 __all__ = ["main"]
@@ -320,7 +320,7 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument(
         "--grace",
-        type=float,
+        type=seconds,
         default=30.0,
         metavar="SECONDS",
         help="on SIGTERM, time workers get to finish the messages in hand (default: 30)",
@@ -332,7 +332,7 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument(
         "--metrics-port",
-        type=int,
+        type=port,
         metavar="PORT",
         help="serve Prometheus metrics of all workers on this port (pgpubsub-engine[metrics])",
     )
@@ -346,7 +346,7 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument(
         "--health-port",
-        type=int,
+        type=port,
         metavar="PORT",
         help="serve GET /livez and /readyz of the worker on this port (probes: answers from"
         " the worker's last-known state, never waits for the database)",
@@ -359,7 +359,7 @@ def listen_options(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument(
         "--health-stall",
-        type=float,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
         help="/livez fails when the worker's event loop has not turned for this long"
