@@ -231,3 +231,36 @@ def test_a_slot_outlives_its_lease_time_while_its_unregistered_worker_runs(
             worker.stop()
     (_, a1, b1), (_, a2, b2) = sorted(spans, key=lambda s: s[1])
     assert a2 >= b1, "two listeners ran under max_in_flight=1"
+
+
+@dataclass
+class Kept(Channel, lock_notifications=True, max_attempts=2, retention=600):
+    n: int
+
+
+def test_sessions_killed_under_a_live_worker_charge_no_attempt(db: str) -> None:
+    """A lost session is no crash of the message: the live worker gives its batch back."""
+    registry = Registry()
+
+    def slow(n: int) -> None:
+        time.sleep(0.05)
+        connection().execute("INSERT INTO effects VALUES (%s)", (n,))
+
+    registry.add(Kept, slow)
+    with psycopg.connect(db) as conn:
+        pgpubsub.notify_many(Kept, [{"n": i} for i in range(20)], conn=conn)
+    worker = Running(db, registry)
+    try:
+        for _ in range(3):
+            time.sleep(0.2)
+            admin_query(
+                db,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+        wait_until(lambda: states(db) == {"done": 20}, timeout=60)
+    finally:
+        worker.stop()
+    assert effects(db) == list(range(20))
+    attempts = admin_query(db, "SELECT DISTINCT attempts FROM pgpubsub.message")
+    assert attempts == [(1,)], attempts

@@ -190,6 +190,15 @@ RETRY_SQL = (
     "run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => %s), "
     "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END WHERE id = %s"
 )
+# Messages whose round failed on a lost session, in a live process: as if never
+# claimed, unless another worker claimed them since.
+RECOVER_SQL = (
+    "UPDATE pgpubsub.message m SET attempts = m.attempts - 1, unfinished = false, "
+    "claimed_alone = false, run_at = pg_catalog.clock_timestamp() "
+    "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::int[])) "
+    "AS h(id, attempt) "
+    "WHERE m.id = h.id AND m.attempts = h.attempt AND m.unfinished AND m.status = 'pending'"
+)
 # A message claimed behind a failed one of its key: as if never claimed.
 GIVE_BACK_SQL = (
     "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = false, "
@@ -282,6 +291,7 @@ class ChannelProcessor:
         self.holder = holder or f"{new_owner()}#0"
         self._leasing = True  # it may hold leases: give them back at the next round
         self._after_key = ""  # keys are visited from the one after the last claimed
+        self._in_hand: dict[int, int] = {}  # id -> attempt of the batch being processed
         self.spec = spec
         self.listeners = listeners
         # Batches adapt: as large as batch_size when listeners are fast, down to
@@ -338,7 +348,8 @@ class ChannelProcessor:
         """Process due messages batch by batch until none is left; return how many completed."""
         self.session.open()
         before = self.processed
-        self._release(wake=False)  # what a failed round may have left held
+        self._recover()  # what a failed round may have left in hand
+        self._release(wake=False)  # and held
         while not self.stopping.is_set():
             # A max_in_flight slot is held for one batch (one message) at a
             # time, so that the slots pass between every worker.
@@ -376,6 +387,20 @@ class ChannelProcessor:
         self._leasing = True
         with self.session.atomic():
             return bool(self.session.execute(TAKE_SLOT_SQL, params))
+
+    def _recover(self) -> None:
+        """Give back, uncharged, the messages of a round that failed on a lost session.
+
+        This process is alive, so none of them crashed it: as if never claimed
+        (not run alone next time, no attempt spent). Those another worker
+        claimed since (their attempt count moved on) are left alone.
+        """
+        if self._in_hand:
+            with self.session.atomic():
+                self.session.execute(
+                    RECOVER_SQL, (list(self._in_hand), list(self._in_hand.values()))
+                )
+            self._in_hand = {}
 
     def _release(self, wake: bool) -> None:
         if not self._leasing:
@@ -510,7 +535,9 @@ class ChannelProcessor:
             # nothing else of the process is in a listener meanwhile, so that
             # its crash is charged to it alone.
             with GATE.exclusive() if self._alone else GATE.shared():
+                self._in_hand = {r[0]: r[2] for r in rows}
                 self._process(rows)
+                self._in_hand = {}
             per_message = (time.monotonic() - started) / len(rows)
             self._strict = per_message >= STRICT_ABOVE
             fits = int(self.batch_seconds / max(per_message, 1e-6))
