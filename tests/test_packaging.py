@@ -86,6 +86,7 @@ def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.acceptance
+@pytest.mark.timeout(600)  # a fresh venv installed from the package index
 def test_the_built_wheel_runs_migrate_and_the_demo_in_a_fresh_venv(
     dsn: str, tmp_path: Path
 ) -> None:
