@@ -64,3 +64,12 @@ class Running:
     def stop(self) -> None:
         self.loop.run(self.worker.stop(), timeout=15)
         self.loop.close()
+
+
+def terminate_sessions(dsn: str) -> None:
+    """End every other session of ``dsn``'s database, as a failover or a proxy would."""
+    admin_query(
+        dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import Running, admin_query, wait_until
+from helpers import Running, admin_query, terminate_sessions, wait_until
 
 import pgpubsub
 from pgpubsub import _leases, errors
@@ -62,11 +62,7 @@ def test_a_dropped_session_kills_no_message_with_one_attempt(db: str) -> None:
     worker = Running(db, registry)
     try:
         time.sleep(0.35)  # a few messages into the first batch
-        admin_query(
-            db,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()",
-        )
+        terminate_sessions(db)
         wait_until(lambda: states(db) == {}, timeout=30)
     finally:
         worker.stop()
@@ -253,11 +249,7 @@ def test_sessions_killed_under_a_live_worker_charge_no_attempt(db: str) -> None:
     try:
         for _ in range(3):
             time.sleep(0.2)
-            admin_query(
-                db,
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()",
-            )
+            terminate_sessions(db)
         wait_until(lambda: states(db) == {"done": 20}, timeout=60)
     finally:
         worker.stop()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import psycopg
 import pytest
-from helpers import Running, admin_query, wait_until
+from helpers import Running, admin_query, terminate_sessions, wait_until
 
 import pgpubsub
 from pgpubsub import messages
@@ -162,11 +162,7 @@ def test_max_in_flight_holds_when_the_holders_session_dies(db: str) -> None:
             wait_until(lambda: recorder.started(1), timeout=10)
             pgpubsub.notify(OneAtATime(seq=2), conn=conn)
             # Every worker session dies: a failover, a proxy, an idle timeout.
-            admin_query(
-                db,
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()",
-            )
+            terminate_sessions(db)
         time.sleep(3)  # the workers reconnect; the listener of 1 is still running
         assert not recorder.started(2), "a second listener ran under max_in_flight=1"
         recorder.gate(1).set()
