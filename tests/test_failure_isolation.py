@@ -259,31 +259,98 @@ def test_a_failing_message_runs_no_other_listener_again(db: str, failure: str, w
     assert (proc.processed, proc.failed) == (19 if warm else 9, 1)
 
 
-def test_fast_listeners_without_savepoints_still_fail_alone(db: str) -> None:
-    """Listeners faster than a savepoint run a batch without them; when one fails the batch
-    is done again with them: the failed listener is not run again, the others' writes
-    commit once, counters count what committed."""
+#: How a listener uses the processing connection: not at all, pipelined writes, a write
+#: whose result it reads, executemany.
+USES = ["none", "write", "read", "many"]
+
+
+def _use(how: str, n: int) -> None:
+    conn = durable.connection()
+    if how == "write":
+        conn.execute("INSERT INTO once VALUES (%s)", (n,))
+        conn.execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+    elif how == "read":
+        (got,) = conn.execute("INSERT INTO once VALUES (%s) RETURNING n", (n,)).fetchone()
+        conn.execute("INSERT INTO effects VALUES ('job', %s, 0)", (got,))
+    elif how == "many":
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO once VALUES (%s)", [(n,)])
+            cur.executemany("INSERT INTO effects VALUES ('job', %s, 0)", [(n,)])
+
+
+@pytest.mark.parametrize(
+    ("how", "failure"),
+    [("none", "raises")]
+    + [(how, f) for how in USES[1:] for f in ["raises", "database error", "raises after writing"]],
+)
+def test_no_listener_runs_again_for_a_neighbours_failure(db: str, how: str, failure: str) -> None:
+    """Fast listeners (no waiting on the database per message), a batch of 30 in which
+    message 4 fails - it raises, or its write fails at the server (found late: the
+    writes of a batch are pipelined), or it raises after writing - every listener runs
+    exactly once, the others' writes commit once, message 4's are undone, and counters
+    count what committed: in every batch of a processor, not only its first."""
+    admin_query(db, "CREATE TABLE once (n int UNIQUE)")
+    if failure == "database error":
+        admin_query(db, "INSERT INTO once VALUES (4)")  # message 4's write is a duplicate
     registry = Registry()
     calls: Counter[int] = Counter()
 
     def listener(n: int) -> None:
         calls[n] += 1
-        durable.connection().execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
-        if n == 4:
+        if n == 4 and failure == "raises":
             raise RuntimeError("flaky")
+        _use(how, n)
+        if n == 4 and failure == "raises after writing":
+            raise RuntimeError("flaky after its write")
 
     registry.add(Batch, listener)
     proc = processor(db, registry)
-    publish(db, Batch, range(100, 110))
+    publish(db, Batch, range(100, 130))  # a first batch, all fine: the processor warms up
     proc.drain_once()
-    assert not proc._strict  # measured fast: the next batch runs without savepoints
-    publish(db, Batch, range(10))
+    publish(db, Batch, range(30))
     proc.drain_once()
     proc.session.close()
-    assert calls[4] == 1
-    assert effects(db) == {n: 1 for n in [*range(10), *range(100, 110)] if n != 4}
+    assert calls == {n: 1 for n in [*range(30), *range(100, 130)]}
+    expected = {n: 1 for n in [*range(30), *range(100, 130)] if n != 4}
+    assert effects(db) == ({} if how == "none" else expected)
+    if how != "none":
+        assert admin_query(db, "SELECT count(*) FROM once WHERE n = 4") == [
+            (1 if failure == "database error" else 0,)
+        ]
     assert set(rows(db)) == {4}
-    assert (proc.processed, proc.failed) == (19, 1)
+    assert rows(db)[4][:2] == ("pending", 1)
+    assert (proc.processed, proc.failed) == (59, 1)
+
+
+def test_a_late_failure_holds_back_its_key_and_runs_no_one_again(db: str) -> None:
+    """Keys a and b interleaved; a's second message writes a duplicate (the error is known
+    only when the pipeline is waited for). a's later messages do not run before that
+    failure is known: they are given back unrun, to run after its retry; b's all complete;
+    no listener runs twice."""
+    admin_query(db, "CREATE TABLE once (n int UNIQUE)")
+    admin_query(db, "INSERT INTO once VALUES (2)")
+    registry = Registry()
+    calls: Counter[int] = Counter()
+
+    def listener(n: int) -> None:
+        calls[n] += 1
+        durable.connection().execute("INSERT INTO once VALUES (%s)", (n,))
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry)
+    publish(db, Batch, range(100, 110))  # a first batch, all fine: the processor warms up
+    proc.drain_once()
+    with psycopg.connect(db) as conn:
+        for n in range(12):
+            pgpubsub.notify(Batch(n=n), conn=conn, ordering_key="ab"[n % 2])
+    proc.drain_once()
+    proc.session.close()
+    a = [n for n in range(12) if n % 2 == 0]
+    assert calls == {n: 1 for n in [*range(12), *range(100, 110)] if n % 2 or n <= 2 or n >= 100}
+    assert set(rows(db)) == set(a[1:])  # 2 failed, 4.. wait behind it
+    assert rows(db)[2][:2] == ("pending", 1)
+    assert all(rows(db)[n][:2] == ("pending", 0) for n in a[2:])  # given back, uncharged
+    assert (proc.processed, proc.failed) == (17, 1)
 
 
 # -- 4. delays count from the call ----------------------------------------------------------

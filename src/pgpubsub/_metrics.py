@@ -12,8 +12,7 @@ Counters (label ``channel``, the PostgreSQL channel name):
 ========================================  ==============================================
 
 Histograms: ``pgpubsub_handler_duration_seconds`` (each run of a message's
-listeners; a durable batch of fast listeners in which one fails is done again
-with a savepoint per message, and its other messages are timed again),
+listeners),
 ``pgpubsub_claim_batch_size`` (messages per claim of a durable channel).
 Gauges read from the database at scrape time (the states of
 :mod:`pgpubsub.health`): ``pgpubsub_queue_depth`` (pending messages; label

@@ -3,8 +3,8 @@
 The contract is in :mod:`pgpubsub.durable`; this is the machinery: a claim in
 a short transaction of its own (the attempt counts, the rows are leased; a
 message whose last attempt never finished is claimed alone), then the
-listeners and the completion in one transaction (a savepoint per message
-for slow listeners, none for fast ones until one fails), retries with
+listeners and the completion in one transaction (a failed listener undone
+alone, its neighbours' statements sent again, never run again), retries with
 backoff, dead letters, and batch sizes that follow the listeners' speed.
 """
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _leases, _metrics, _tracing
+from ._journal import Journal
 from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
 from .channel import ChannelSpec
@@ -209,13 +210,6 @@ GIVE_BACK_SQL = (
 # that a violation is its message's failure rather than a failed COMMIT.
 IMMEDIATE_SQL = "SET CONSTRAINTS ALL IMMEDIATE"
 
-#: Seconds per message from which listeners run each message in a savepoint of
-#: its own (waited for before the next listener runs) in every batch. A savepoint
-#: and its round trip cost about 0.05-0.1 ms, a few percent of such a listener;
-#: faster listeners (a database write or two) would run at half speed, so they
-#: run a batch without savepoints, done again with them when a message fails.
-STRICT_ABOVE = 0.002
-
 #: Waits between attempts while the database is unavailable.
 RECONNECT = Backoff(base=0.5, factor=2, cap=10)
 
@@ -307,7 +301,6 @@ class ChannelProcessor:
         # claim does not take the work the others could do at once.
         self.claim_size = min(batch_size, 50 if cls.concurrency == 1 else 1)
         self.poll_interval = poll_interval
-        self._strict = True  # a savepoint per message: until the listeners are measured fast
         self._alone = False  # the last claim took a message alone (unfinished before)
         self.max_attempts = int(cls.max_attempts)
         self.retention = float(cls.retention)
@@ -539,7 +532,6 @@ class ChannelProcessor:
                 self._process(rows)
                 self._in_hand = {}
             per_message = (time.monotonic() - started) / len(rows)
-            self._strict = per_message >= STRICT_ABOVE
             fits = int(self.batch_seconds / max(per_message, 1e-6))
             self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
         keyed = sum(1 for r in claimed if r[6])
@@ -551,46 +543,33 @@ class ChannelProcessor:
     def _process(self, claimed: list[tuple[Any, ...]]) -> None:
         """Run and complete claimed rows ``(id, payload, attempt, trace)`` in one transaction.
 
-        Listeners that take :data:`STRICT_ABOVE` or more per message (and every
-        batch until the speed is known) run each message in a savepoint of its
-        own whose writes are waited for before the next listener runs: one that
-        fails (it raised, a write of its failed, its failure could not be
-        stored as given) is rolled back alone and its failure recorded while
-        the batch goes on, so no listener runs again for another message's
-        failure. Faster listeners run the batch without savepoints (they cost
-        as much as such a listener); when one of them fails, the batch is
-        rolled back and done again that way, the failed listener not run again
-        (its predecessors in the batch are). Only when the transaction fails as
-        a whole (at COMMIT: a constraint a listener deferred itself; or in the
-        library's own statements) is each message run again, alone in a
-        transaction of its own. Counters count what committed.
+        A listener that fails (it raised, a write of its failed, its failure
+        could not be stored as given) is undone alone and its failure recorded
+        while the batch goes on; no listener runs again for another message's
+        failure. On a pipelined psycopg connection the batch's statements are
+        not waited for one by one: its listeners' statements are written down
+        (:mod:`pgpubsub._journal`) and sent again, not run again, when a
+        neighbour's are undone. Elsewhere each message has a savepoint of its
+        own, waited for before the next listener runs. Only when the
+        transaction fails as a whole (at COMMIT: a constraint a listener
+        deferred itself; or in the library's own statements) is each message
+        run again, alone in a transaction of its own. Counters count what
+        committed.
         """
         token = current_connection.set(self.session.connection)
         known: dict[int, BaseException] = {}  # failures that need no second run
         try:
             try:
-                outcome = self._transaction(claimed, self._strict, known)
-            except _Redo as redo:
-                if redo.mid is not None:
-                    known[redo.mid] = redo.error
-                log.info(
-                    "durable channel %s: a message failed in a batch of fast listeners (%s); "
-                    "doing the batch again, one savepoint per message",
-                    self.spec.path,
-                    one_line(redo.error),
-                    extra={"channel": self.spec.name},
-                )
-                outcome = self._transaction(claimed, True, known)
-            self._count(outcome)
-        except Exception as exc:
-            if self.session.broken(exc):
-                raise
-            self._one_by_one(claimed, exc, known)
+                self._count(self._transaction(claimed, known))
+            except Exception as exc:
+                if self.session.broken(exc):
+                    raise
+                self._one_by_one(claimed, exc, known)
         finally:
             current_connection.reset(token)
 
     def _transaction(
-        self, claimed: list[tuple[Any, ...]], strict: bool, known: dict[int, BaseException]
+        self, claimed: list[tuple[Any, ...]], known: dict[int, BaseException]
     ) -> _Outcome:
         session = self.session
         nested = session.in_transaction()
@@ -598,32 +577,64 @@ class ChannelProcessor:
             locked = dict(session.execute(LOCK_SQL, ([r[0] for r in claimed],)))
             # A row claimed again by someone else since (lease over) is theirs.
             rows = [r for r in claimed if locked.get(r[0]) == r[2]]
-            with session.pipeline():
+            with session.pipeline() as pipeline:
                 if not nested:  # never change the mode of the caller's transaction
                     session.execute(IMMEDIATE_SQL)
-                if strict:
+                if pipeline is None:
                     return self._run_all(rows, known)
-                return self._run_fast(rows)
+                return self._run_journaled(rows, Journal(session.connection), known)
 
-    def _run_fast(self, rows: list[tuple[Any, ...]]) -> _Outcome:
-        """The batch without savepoints, its writes pipelined; _Redo when a message fails."""
-        session = self.session
-        for row in rows:
-            try:
-                self._handle(row)
-            except BaseException as exc:  # as in _attempt
-                if session.broken(exc):
-                    raise
-                # A database error may come from an earlier message (pipeline).
-                raise _Redo(None if session.late_error(exc) else row[0], exc) from exc
-        outcome = _Outcome([r[0] for r in rows])
-        self._complete(outcome.done)  # sent with the batch's writes, in the same round trip
-        try:
-            session.sync()
-        except Exception as exc:
-            if session.broken(exc):
-                raise
-            raise _Redo(None, exc) from exc
+    def _run_journaled(
+        self, rows: list[tuple[Any, ...]], journal: Journal, known: dict[int, BaseException]
+    ) -> _Outcome:
+        """The batch pipelined, its listeners' statements written down; a failure is undone alone.
+
+        A message of a key runs only once the statements of the key's earlier
+        message are known to hold: a later message of a key never runs before
+        an earlier one's failure is known.
+        """
+        outcome = _Outcome()
+        ran: list[int] = []
+        failures: list[tuple[tuple[Any, ...], BaseException]] = []
+        keys = {r[0]: r[4] for r in rows}
+        blocked: set[str] = set()  # keys whose message failed: the later ones wait
+        with journal.installed():
+            for row in rows:
+                mid, key = row[0], row[4]
+                if key is not None and journal.must_wait(key):
+                    journal.confirm()
+                if journal.failed:
+                    blocked.update(k for m in journal.failed if (k := keys[m]) is not None)
+                if key in blocked:
+                    outcome.returned.append(mid)
+                    continue
+                exc = known.get(mid)
+                own = True
+                if exc is None:
+                    own, exc = journal.run(mid, key, self._handle, row)
+                if exc is None:
+                    ran.append(mid)
+                    continue
+                if own:
+                    known[mid] = exc
+                    failures.append((row, exc))
+                else:  # another message's error surfaced in its listener
+                    outcome.returned.append(mid)
+                if key is not None:
+                    blocked.add(key)
+            journal.confirm()
+        by_id = {r[0]: r for r in rows}
+        for mid in ran:
+            if mid in journal.failed:
+                known[mid] = journal.failed[mid]
+                failures.append((by_id[mid], journal.failed[mid]))
+            else:
+                outcome.done.append(mid)
+        for row, exc in failures:
+            outcome.failed.append(self._failed(row[0], row[2], exc))
+        self._complete(outcome.done)
+        self._give_back(outcome.returned)
+        self.session.sync()
         return outcome
 
     def _run_all(self, rows: list[tuple[Any, ...]], known: dict[int, BaseException]) -> _Outcome:
@@ -767,19 +778,6 @@ class ChannelProcessor:
         with self.session.atomic():
             self.session.execute(RETRY_SQL, (error, delay, limit, mid))
             self.session.sync()
-
-
-class _Redo(Exception):
-    """A message of a batch without savepoints failed: the batch is done again, with them.
-
-    ``mid``: the message whose listener failed (not run again), or None when
-    the failure may come from any message (a database error surfaced late).
-    """
-
-    def __init__(self, mid: int | None, error: BaseException):
-        super().__init__(mid, error)
-        self.mid = mid
-        self.error = error
 
 
 @dataclass

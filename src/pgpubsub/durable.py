@@ -20,11 +20,12 @@ A channel with ``lock_notifications = True`` is durable:
   the listeners' writes in a batch are pipelined (psycopg 3).
 * A failure costs only its own message: a listener that raises (or whose
   write fails, deferrable constraints included: they are checked at each
-  statement) rolls back only its message. Listeners of 2 ms or more per
-  message run each message in a savepoint of its own and never run again for
-  another message's failure; faster ones run a batch without savepoints, done
-  again with them when one fails (the failed listener is not run again, the
-  ones before it in the batch are). The message is retried after
+  statement) rolls back only its message, and no listener runs again for
+  another message's failure: the statements listeners send on
+  :func:`connection` are written down, and when one message's are undone its
+  neighbours' are sent again, not run again (:mod:`pgpubsub._journal`; a
+  later message of an ordering key runs only once its key's earlier message
+  is known to hold). The message is retried after
   an exponential delay with jitter (counted from the failure), up to the
   channel's ``max_attempts``; then it is kept as ``dead`` with the error and
   traceback, and can be replayed (:mod:`pgpubsub.messages`, ``pgpubsub

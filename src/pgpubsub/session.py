@@ -46,10 +46,6 @@ class Session(ABC):
         """A block whose statements need not wait for their results (when the driver can)."""
         return nullcontext()
 
-    def late_error(self, exc: BaseException) -> bool:
-        """Whether ``exc`` may come from an earlier statement than the one that raised it."""
-        return False
-
     def sync(self) -> None:  # noqa: B027 - nothing to wait for without a pipeline
         """Wait for every statement sent so far: an error of theirs raises here, not later."""
 
@@ -102,9 +98,6 @@ class PsycopgSession(Session):
                 yield pipeline
             finally:
                 self._pipeline = outer
-
-    def late_error(self, exc: BaseException) -> bool:
-        return isinstance(exc, psycopg.Error)
 
     def sync(self) -> None:
         if self._pipeline is not None:
