@@ -27,7 +27,7 @@ from helpers import admin_query
 import pgpubsub
 from pgpubsub import durable
 from pgpubsub._leases import TAKE_SLOT_SQL
-from pgpubsub._processor import CLAIM_SQL, ChannelProcessor
+from pgpubsub._processor import CLAIM_SQL, NEXT_DUE_SQL, ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.listen import Registry
 from pgpubsub.session import PsycopgSession
@@ -448,3 +448,46 @@ def test_a_processor_with_nothing_it_can_take_sleeps(db: str, channel: Any, stat
             p.stop(10)
     assert max(rounds) <= 5, rounds  # a poll every 0.5 s, not a claim every millisecond
     assert admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
+
+
+# -- issue 26: one wake-up, one claim ---------------------------------------------------------
+
+
+@dataclass
+class Crowd(Channel, lock_notifications=True, concurrency=8):
+    n: int
+
+
+def test_one_wake_up_costs_one_claim_and_idle_processors_cost_nothing(db: str) -> None:
+    """A worker with concurrency=8: one published message is claimed by one or two of its
+    processors, not all 8 (and no 8 next-due queries); while idle, only one of them polls."""
+    from helpers import Running
+
+    registry = Registry()
+    done = threading.Event()
+    registry.add(Crowd, lambda n: done.set())
+    sessions: list[CountingSession] = []
+
+    def session() -> CountingSession:
+        sessions.append(CountingSession(db))
+        return sessions[-1]
+
+    def queries() -> int:
+        return sum(s.counts[CLAIM_SQL] + s.counts[NEXT_DUE_SQL] for s in sessions)
+
+    worker = Running(db, registry, session_factory=session, register=False)
+    try:
+        time.sleep(0.5)  # every processor has claimed once at start and gone idle
+        before = queries()
+        time.sleep(2.0)  # idle: a poll a second, by one processor
+        idle = queries() - before
+        before = sum(s.counts[CLAIM_SQL] for s in sessions)
+        publish(db, Crowd, range(1))
+        assert done.wait(10)
+        time.sleep(0.3)
+        claims = sum(s.counts[CLAIM_SQL] for s in sessions) - before
+    finally:
+        worker.stop()
+    assert len(sessions) == 8
+    assert idle <= 6, idle  # 8 processors polling: 32
+    assert claims <= 2, claims  # every processor woken: 8

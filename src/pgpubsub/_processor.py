@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _leases, _metrics, _tracing
+from ._crew import Crew
 from ._journal import Journal
 from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
@@ -307,6 +308,9 @@ class ChannelProcessor:
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        # The channel's processors in this process share wake-ups (DurableRunner
+        # makes one crew per channel).
+        self.crew = Crew()
         self.processed = 0  # messages completed
         self.failed = 0  # attempts that raised
         self.claimed = 0  # attempts started (claims)
@@ -343,6 +347,7 @@ class ChannelProcessor:
         before = self.processed
         self._recover()  # what a failed round may have left in hand
         self._release(wake=False)  # and held
+        full = 0  # full batches in a row
         while not self.stopping.is_set():
             # A max_in_flight slot is held for one batch (one message) at a
             # time, so that the slots pass between every worker.
@@ -358,6 +363,9 @@ class ChannelProcessor:
             # A claim cut short by a message claimed alone is no sign of an empty queue.
             if got < asked and not self._alone:
                 break
+            full = full + 1 if got >= asked else 0
+            if full == 2:  # a second full batch in a row: more is waiting, ask for a hand
+                self.crew.wake_one(more=True)
         if self.retention:
             with self.session.atomic():
                 self.session.execute(EXPIRE_SQL, (self.spec.name, self.retention))
@@ -420,8 +428,8 @@ class ChannelProcessor:
         while not self.stopping.is_set():
             try:
                 self.drain_once()
-                wait = self._next_due()
                 failures = 0
+                self.crew.rest(self, self._next_due)
             except BaseException as exc:  # never let the thread end while the worker runs
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(f"{type(exc).__name__}: {exc}")
@@ -429,8 +437,8 @@ class ChannelProcessor:
                 failures += 1
                 self._trouble(exc, wait, failures)
                 self.session.close()
-            self.wake.wait(wait)
-            self.wake.clear()
+                self.wake.wait(wait)
+                self.wake.clear()
         self.session.close()
         if self._loop is not None:
             self._loop.close()

@@ -58,6 +58,7 @@ from typing import Any
 import psycopg
 
 from . import _integration, driver
+from ._crew import Crew
 from ._due import due_channels
 from ._leases import LeaseKeeper, new_owner
 from ._processor import ChannelProcessor, current_connection
@@ -319,23 +320,28 @@ class DurableRunner:
             ChannelProcessor(make(), spec, registry.listeners(spec), holder=f"{owner}#{n}", **opts)
             for n, spec in enumerate(units)
         ]
+        # One crew per channel: a wake-up wakes one of its processors (see _crew).
+        self.crews: dict[str, Crew] = {}
+        for proc in self.processors:
+            proc.crew = self.crews.setdefault(proc.spec.name, Crew())
 
     async def start(self) -> None:
         self.keeper.start()
+        for name, crew in self.crews.items():
+            await self.engine.subscribe(name, self._waker(crew), thread=False)
         # Stored messages are always processed at start (what --recover asks for).
         for proc in self.processors:
-            await self.engine.subscribe(proc.spec.name, self._waker(proc), thread=False)
             proc.start()
         self.engine.add_gap_handler(self._wake_all)
 
     def _wake_all(self, gap: Gap) -> None:
-        for proc in self.processors:
-            proc.wake.set()
+        for crew in self.crews.values():
+            crew.wake_one()
 
     @staticmethod
-    def _waker(proc: ChannelProcessor) -> Any:
+    def _waker(crew: Crew) -> Any:
         def wake(_msg: Any) -> None:
-            proc.wake.set()
+            crew.wake_one()
 
         return wake
 

@@ -1,0 +1,96 @@
+"""The processors of one durable channel in one worker process: one wake-up, one claim.
+
+A worker runs ``concurrency`` processors per durable channel. A wake-up (a
+NOTIFY, a key or slot given back, a reconnect) wakes one idle processor, not
+all of them; a processor that claimed a full batch wakes the next one (more
+may be waiting), so work spreads as fast as it comes and one published
+message costs one claim. Of the idle processors only one, the poller, looks
+at the clock: it asks when the next delayed or retried message is due and
+claims then (or after the poll interval); the others sleep until woken and
+cost the database nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = ["Crew"]
+
+
+class _Member(Protocol):
+    wake: threading.Event
+    stopping: threading.Event
+
+
+class Crew:
+    """Wake-ups for the processors of one channel (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Member] = []  # asleep, the most recent last
+        self._poller: _Member | None = None  # the idle one that polls
+        self._handed: set[int] = set()  # woken only to become the poller
+        self._missed = False  # a wake-up came while none was idle
+
+    def wake_one(self, *, more: bool = False) -> None:
+        """Wake one idle processor; when none is idle, the next to rest claims again.
+
+        ``more``: a processor that claimed a full batch asks for a hand; when
+        none is idle nothing is kept (the busy ones claim again anyway).
+        """
+        with self._lock:
+            proc = self._take()
+            if proc is None:
+                self._missed = self._missed or not more
+                return
+        proc.wake.set()
+
+    def rest(self, proc: _Member, next_due: Callable[[], float]) -> None:
+        """``proc`` found nothing to claim: sleep until woken (the poller: until due).
+
+        Returns when ``proc`` should claim: woken by a wake-up, or its poll is due.
+        """
+        while not proc.stopping.is_set():
+            with self._lock:
+                if self._missed:
+                    self._missed = False
+                    return
+                if self._poller is None:
+                    self._poller = proc
+                polling = self._poller is proc
+            try:
+                wait = next_due() if polling else None
+            except BaseException:
+                with self._lock:
+                    if self._poller is proc:
+                        self._poller = None
+                raise
+            with self._lock:
+                self._idle.append(proc)
+            proc.wake.wait(wait)
+            proc.wake.clear()
+            with self._lock:
+                if proc in self._idle:
+                    self._idle.remove(proc)
+                handed = id(proc) in self._handed
+                self._handed.discard(id(proc))
+                successor = None
+                if self._poller is proc and not handed:
+                    # Off to claim: another idle processor polls meanwhile.
+                    self._poller = successor = self._take(poller_ok=False)
+                    if successor is not None:
+                        self._handed.add(id(successor))
+            if successor is not None:
+                successor.wake.set()
+            if not handed:
+                return
+
+    def _take(self, poller_ok: bool = True) -> _Member | None:
+        """An idle processor to wake (the poller last: waking it hands its role on)."""
+        for proc in reversed(self._idle):
+            if proc is not self._poller or (poller_ok and len(self._idle) == 1):
+                self._idle.remove(proc)
+                return proc
+        return None
