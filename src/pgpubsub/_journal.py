@@ -72,7 +72,6 @@ class Journal:
         self._since: list[_Message] = []  # completed messages since the checkpoint
         self._unconfirmed_keys: set[str] = set()  # keys with statements not waited for
         self._message: _Message | None = None  # the message in a listener
-        self._rewound = False  # prepared statements are not to be trusted after a rewind
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Journal]:
@@ -82,18 +81,20 @@ class Journal:
         threshold = conn.prepare_threshold
         conn.cursor_factory = JournalCursor
         conn.server_cursor_factory = _JournalServerCursor
+        # A listener's transaction block is a savepoint written down too.
+        conn.transaction = self._transaction  # type: ignore[method-assign]
+        # No statement is prepared meanwhile: a prepare in a part of the
+        # pipeline that an error aborts may be counted done by the driver.
+        conn.prepare_threshold = None
         token = _current.set(self)
         try:
             self._exec(_CHECKPOINT)
             yield self
-            if self._rewound:
-                # The driver's record of prepared statements may name some that
-                # an aborted part of the pipeline never prepared: both forget.
-                self._exec("DEALLOCATE ALL")
         finally:
             _current.reset(token)
             conn.cursor_factory, conn.server_cursor_factory = factory, server_factory
             conn.prepare_threshold = threshold
+            del conn.transaction
 
     @property
     def listening(self) -> bool:
@@ -180,13 +181,46 @@ class Journal:
         """A statement whose data is not written down (COPY, a stream): wait for the rest first."""
         msg = self._message
         assert msg is not None
+        self._settle(msg)
+        msg.read = True
+
+    def wait(self) -> None:
+        """A result is needed now (a row count): every statement sent is waited for."""
+        self.read(self._sync)
+
+    @contextlib.contextmanager
+    def _transaction(self, *args: Any, **kwargs: Any) -> Iterator[psycopg.Transaction]:
+        """A listener's ``conn.transaction()`` block: a savepoint, written down by its outcome.
+
+        What came before is waited for first, so that an error surfacing in the
+        block is the block's own. A block that rolled back (or raised) leaves
+        nothing to send again; one that was released, its statements.
+        """
+        real = psycopg.Connection.transaction
+        msg = self._message
+        if msg is None:
+            with real(self.conn, *args, **kwargs) as tx:
+                yield tx
+            return
+        self._settle(msg)
+        start = len(msg.statements)
+        kept = False
+        try:
+            with real(self.conn, *args, **kwargs) as tx:
+                yield tx
+            kept = tx.status is psycopg.Transaction.Status.COMMITTED
+        finally:
+            if not kept:
+                del msg.statements[start:]
+
+    def _settle(self, msg: _Message) -> None:
+        """Wait for every statement sent so far; an error is placed where it belongs."""
         try:
             self._sync()
         except psycopg.Error as exc:
             if self._broken():
                 raise
             self._resync(msg, exc)
-        msg.read = True
 
     # -- machinery ------------------------------------------------------------------------
 
@@ -300,13 +334,7 @@ class Journal:
             pipeline.sync()
 
     def _drain(self) -> None:
-        """The pipeline out of its aborted state (its error is known already).
-
-        No statement is prepared for the rest of the batch: the driver may
-        count as prepared one whose preparation the error aborted.
-        """
-        self._rewound = True
-        self.conn.prepare_threshold = None
+        """The pipeline out of its aborted state (its error is known already)."""
         with contextlib.suppress(psycopg.Error):
             self._sync()
         if self._broken():
@@ -364,6 +392,13 @@ class JournalCursor(psycopg.Cursor[Any]):
         if journal is not None and journal.listening:
             journal.opaque()
         return super().stream(query, params, **opts)
+
+    @property
+    def rowcount(self) -> int:
+        journal = _current.get()
+        if journal is not None and journal.listening and self.pgresult is None:
+            journal.wait()  # pipelined: the count is known once the statement ran
+        return int(psycopg.Cursor.rowcount.fget(self))  # type: ignore[attr-defined]
 
     def _read(self, fetch: Any) -> Any:
         journal = _current.get()
