@@ -339,7 +339,10 @@ class DurableRunner:
         return wake
 
     async def stop(self, timeout: float) -> None:
-        await asyncio.gather(*(asyncio.to_thread(p.stop, timeout) for p in self.processors))
+        conninfo = self.engine.conninfo  # to give back a batch still in hand after ``timeout``
+        await asyncio.gather(
+            *(asyncio.to_thread(p.stop, timeout, conninfo) for p in self.processors)
+        )
         await asyncio.to_thread(self.keeper.stop)
 
 
