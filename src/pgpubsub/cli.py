@@ -42,6 +42,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -56,38 +57,103 @@ __all__ = ["main"]
 log = logging.getLogger("pgpubsub.cli")
 
 
-def _die_with_parent() -> None:
+class _TermNoted:
+    """A SIGTERM that comes while ``listen`` starts (importing the listener modules,
+    checking the schema), noted rather than fatal: the command then stops cleanly,
+    exit 0, starting nothing (the supervisor and the worker take the signal over
+    once they run). Only in the main thread, where signal handlers can be set."""
+
+    def __init__(self) -> None:
+        self._received = False
+        self._previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self._received = True
+
+    def received(self) -> bool:
+        return self._received
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _tie_to_parent() -> bool:
+    """Ask for SIGTERM when this process's parent dies (Linux); False when the supervisor
+    that started this worker is gone already.
+
+    The supervisor may die before its worker could ask (while the interpreter
+    starts): the kernel sends nothing then, hence the check after asking.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    from ._supervisor import supervisor_pid
+
+    parent = supervisor_pid()
+    return parent is None or os.getppid() == parent
 
 
-def serve(make_worker: Callable[[], Any], grace: float = 30.0, probes: Any = None) -> int:
+async def _watch_parent(parent: int, stop: asyncio.Event, every: float = 1.0) -> None:
+    """Set ``stop`` once the supervisor ``parent`` is gone: on platforms without a death
+    signal, the only way a worker learns it."""
+    while os.getppid() == parent:
+        await asyncio.sleep(every)
+    log.warning("the supervisor (pid %d) is gone; stopping", parent)
+    stop.set()
+
+
+def _orphaned() -> int:
+    log.warning("the supervisor that started this worker is gone; not starting")
+    return 0
+
+
+def serve(
+    make_worker: Callable[[], Any],
+    grace: float = 30.0,
+    probes: Any = None,
+    signalled: Callable[[], bool] = lambda: False,
+) -> int:
     """Run one worker in this process until SIGTERM/SIGINT, then stop it within ``grace``; 0.
 
     ``probes`` (a :class:`pgpubsub._probes.Probes`, already serving): the worker's
-    state is recorded on its loop for the health endpoint.
+    state is recorded on its loop for the health endpoint. ``signalled``: whether
+    a SIGTERM came while the command started (then nothing starts). A worker
+    started by a supervisor stops when the supervisor is gone (see
+    :mod:`pgpubsub._supervisor`).
     """
-    _die_with_parent()
+    from ._supervisor import supervisor_pid
+
+    if not _tie_to_parent():
+        return _orphaned()
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # Read once the loop's handlers are in place: a signal before went to the caller's.
+        if signalled():
+            log.info("stop requested while starting: nothing started")
+            return
+        tasks = []
+        parent = supervisor_pid()
+        if parent is not None:
+            tasks.append(asyncio.create_task(_watch_parent(parent, stop)))
         worker = make_worker()
-        ticker = None
         if probes is not None:
             from ._probes import tick
 
-            ticker = asyncio.create_task(tick(probes, worker))
+            tasks.append(asyncio.create_task(tick(probes, worker)))
         try:
             await worker.run(stop, grace)
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            for task in tasks:
+                task.cancel()
 
     try:
         asyncio.run(main())
@@ -188,9 +254,16 @@ def start_metrics(port: int | None, host: str, conninfo: str, channels: list[Any
         _metrics.serve(port, driver.build_conninfo(conninfo), durable, host)
 
 
-def supervise(argv: list[str], options: dict[str, Any], conninfo: str, channels: list[Any]) -> int:
+def supervise(
+    argv: list[str],
+    options: dict[str, Any],
+    conninfo: str,
+    channels: list[Any],
+    signalled: Callable[[], bool] = lambda: False,
+) -> int:
     """Run ``argv`` (a worker command) in ``options["processes"]`` children, serving their
-    metrics on one port when asked."""
+    metrics on one port when asked. ``signalled``: whether a SIGTERM came while the
+    command started (then no child starts)."""
     from . import _metrics
     from ._supervisor import Supervisor
 
@@ -199,24 +272,30 @@ def supervise(argv: list[str], options: dict[str, Any], conninfo: str, channels:
         folder = _metrics.MultiprocessDir()
         start_metrics(options["metrics_port"], options["metrics_host"], conninfo, channels)
     try:
-        return Supervisor(argv, options["processes"], grace=options["grace"]).run()
+        return Supervisor(argv, options["processes"], grace=options["grace"]).run(signalled)
     finally:
         if folder is not None:
             folder.close()
 
 
-def run_worker(args: argparse.Namespace) -> int:
+def run_worker(args: argparse.Namespace, signalled: Callable[[], bool] = lambda: False) -> int:
     """One worker process: import the listener modules, then :func:`serve`."""
     from ._supervisor import supervised
     from .worker import Worker
 
+    # Tied to the supervisor before the (maybe slow) imports: its death stops them too.
+    if supervised() and not _tie_to_parent():
+        return _orphaned()
     channels = load_channels(args)
     start_metrics(args.metrics_port, args.metrics_host, args.dsn, channels)
-    if not supervised():  # else the supervisor checked
+    if not supervised() and not signalled():  # else the supervisor checked
         preflight(args.dsn, channels)
     probes = start_probes(vars(args))
     return serve(
-        lambda: Worker(args.dsn, channels=channels, recover=args.recover), args.grace, probes
+        lambda: Worker(args.dsn, channels=channels, recover=args.recover),
+        args.grace,
+        probes,
+        signalled,
     )
 
 
@@ -227,12 +306,20 @@ def cmd_listen(args: argparse.Namespace) -> int:
             " and/or --channels"
         )
     check_probe_options(vars(args))
-    if args.worker:
-        return run_worker(args)
-    channels = load_channels(args)  # configuration errors end the command here, before any child
-    preflight(args.dsn, channels)
-    argv = [sys.executable, "-m", "pgpubsub", *args.argv, "--worker"]
-    return supervise(argv, vars(args), args.dsn, channels)
+    term = _TermNoted()  # a SIGTERM from here on stops the command cleanly
+    try:
+        if args.worker:
+            return run_worker(args, term.received)
+        # Configuration errors end the command here, before any child.
+        channels = load_channels(args)
+        if term.received():
+            log.info("stop requested while starting: no worker started")
+            return 0
+        preflight(args.dsn, channels)
+        argv = [sys.executable, "-m", "pgpubsub", *args.argv, "--worker"]
+        return supervise(argv, vars(args), args.dsn, channels, term.received)
+    finally:
+        term.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
