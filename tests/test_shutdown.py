@@ -180,6 +180,50 @@ def test_sigterm_while_importing_the_listeners_exits_0_having_started_nothing(
                            "LIKE 'pgpubsub%%' AND datname = current_database()")[0][0] == 0
 
 
+@pytest.mark.parametrize("how", ["supervisor", "worker"])
+def test_sigterm_while_pgpubsub_itself_imports_exits_0_having_started_nothing(
+    db: str, tmp_path: Path, how: str
+) -> None:
+    """The command notes a SIGTERM from the start of ``import pgpubsub`` on (the chaos
+    tier's supervisor SIGTERMed just after its start: it died of the signal there)."""
+    hold = tmp_path / "hold"
+    args = ["--processes", "2"] if how == "supervisor" else ["--worker"]
+    path = os.pathsep.join([str(TESTS / "hold_start"), str(TESTS)])
+    run = Listen(
+        db, *args, path=path, HOLD_MODULE="pgpubsub._clash", HOLD_MODULE_AT=str(hold)
+    )
+    wait_until(lambda: Path(f"{hold}.{run.proc.pid}").exists(), timeout=30)
+    run.proc.send_signal(signal.SIGTERM)
+    Path(f"{hold}.go").touch()
+    out = run.proc.communicate(timeout=30)[0]
+    assert run.proc.returncode == 0, out
+    assert "started worker" not in out and "worker starting" not in out, out
+
+
+@pytest.mark.parametrize(
+    ("orig_argv", "argv", "listen"),
+    [
+        (["python", "-m", "pgpubsub", "listen", "app"], ["-m", "listen", "app"], True),
+        (["python", "-X", "dev", "-m", "pgpubsub", "--log-level", "debug", "listen"], [], True),
+        (["python", "/venv/bin/pgpubsub", "listen", "app"], ["/venv/bin/pgpubsub", "listen"], True),
+        (["python", "-m", "pgpubsub", "status"], ["-m", "status"], False),
+        (["python", "-m", "pytest", "listen"], ["-m", "listen"], False),
+        (["python", "/venv/bin/pgpubsub", "status"], ["/venv/bin/pgpubsub", "status"], False),
+        (["python", "manage.py", "listen"], ["manage.py", "listen"], False),
+        (["python", "-c", "import pgpubsub"], ["-c"], False),
+    ],
+)
+def test_only_the_listen_command_notes_sigterm_from_its_start(
+    orig_argv: list[str], argv: list[str], listen: bool
+) -> None:
+    """A program that imports pgpubsub keeps its SIGTERM handling (this test process too)."""
+    from pgpubsub import _startup
+
+    assert _startup.listen_command(orig_argv, argv) is listen
+    assert _startup.EARLY is None
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
 def test_sigterm_while_the_workers_start_stops_them_and_exits_0(db: str, tmp_path: Path) -> None:
     """SIGTERM to a supervisor whose workers are still importing: all gone, exit 0."""
     hold = tmp_path / "hold"

@@ -360,7 +360,8 @@ class ChannelProcessor:
         """Stop taking messages and wait up to ``timeout`` seconds for the batch in hand.
 
         When the batch is still in hand then (a listener outlasts the grace), and
-        ``conninfo`` is given, the batch is given up before the process exits:
+        ``conninfo`` is given (the process exits next: the listener will not
+        finish), the batch is given up before the process exits:
         its processing session is ended (nothing of the batch commits) and its
         messages are pending again, uncharged, but for the one whose listener
         runs: that one keeps its attempt and is claimed alone next time, so

@@ -42,42 +42,18 @@ import logging
 import os
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _clash as _clash  # checked for the command too
-from . import _cli_dashboard, _cli_messages, _cli_publish, _cli_status, _logs
+from . import _cli_dashboard, _cli_messages, _cli_publish, _cli_status, _logs, _startup
 from ._cli_errors import UsageError, port, seconds
 from ._version import version
 
 __all__ = ["main"]
 
 log = logging.getLogger("pgpubsub.cli")
-
-
-class _TermNoted:
-    """A SIGTERM that comes while ``listen`` starts (importing the listener modules,
-    checking the schema), noted rather than fatal: the command then stops cleanly,
-    exit 0, starting nothing (the supervisor and the worker take the signal over
-    once they run). Only in the main thread, where signal handlers can be set."""
-
-    def __init__(self) -> None:
-        self._received = False
-        self._previous: Any = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._note)
-
-    def _note(self, signum: int, frame: Any) -> None:
-        self._received = True
-
-    def received(self) -> bool:
-        return self._received
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _tie_to_parent() -> bool:
@@ -150,7 +126,7 @@ def serve(
 
             tasks.append(asyncio.create_task(tick(probes, worker)))
         try:
-            await worker.run(stop, grace)
+            await worker.run(stop, grace, exiting=True)  # the process ends after it
         finally:
             for task in tasks:
                 task.cancel()
@@ -306,7 +282,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
             " and/or --channels"
         )
     check_probe_options(vars(args))
-    term = _TermNoted()  # a SIGTERM from here on stops the command cleanly
+    # A SIGTERM from here on (from the package's import on, see _startup) stops the
+    # command cleanly, exit 0, starting nothing more.
+    term = _startup.EARLY or _startup.TermNoted()
     try:
         if args.worker:
             return run_worker(args, term.received)
