@@ -15,7 +15,10 @@ Levels, from the wire up:
 * Django: add ``pgpubsub`` (and ``pgtrigger``) to ``INSTALLED_APPS``; see :mod:`pgpubsub.apps`.
 """
 
-from . import _clash  # noqa: F401  (first: raises PackageClash beside django-pgpubsub)
+from . import _startup  # noqa: F401  (first: `pgpubsub listen` notes a SIGTERM while it starts)
+
+# isort: split
+from . import _clash  # noqa: F401  (next: raises PackageClash beside django-pgpubsub)
 from .asynclistener import Connection, ConnectionPool, Listener, ListenerNotificationMsg
 from .backoff import Backoff
 from .channel import Channel, TriggerChannel

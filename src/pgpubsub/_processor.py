@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _leases, _metrics, _tracing
+from . import _leases, _metrics, _tracing, driver
 from ._crew import Crew
 from ._journal import Journal
 from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, new_owner
@@ -206,6 +206,26 @@ GIVE_BACK_SQL = (
     "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = false, "
     "run_at = pg_catalog.clock_timestamp() WHERE id = ANY(%s)"
 )
+# A worker stopping past its grace ends the processing session it abandons
+# (its transaction rolls back, its row locks go) before giving the batch back.
+END_SESSION_SQL = (
+    "SELECT pg_catalog.pg_terminate_backend(a.pid) FROM pg_catalog.pg_stat_activity a "
+    "WHERE a.pid = %s AND a.datname = pg_catalog.current_database()"
+)
+# The messages of that batch that no listener runs, as if never claimed: none
+# of them stops the process. A message claimed alone (suspected of stopping
+# an earlier process) stays suspect. Those another worker claimed since, or
+# whose outcome committed, are left alone.
+ABANDON_SQL = (
+    "UPDATE pgpubsub.message m SET attempts = m.attempts - 1, unfinished = m.claimed_alone, "
+    "claimed_alone = false, run_at = pg_catalog.clock_timestamp() "
+    "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::int[])) "
+    "AS h(id, attempt) "
+    "WHERE m.id = h.id AND m.attempts = h.attempt AND m.unfinished AND m.status = 'pending'"
+)
+#: How long the give-back at a stop past the grace may wait for the row locks.
+ABANDON_LOCK_TIMEOUT = "5s"
+LOCK_TIMEOUT_SQL = "SELECT pg_catalog.set_config('lock_timeout', %s, true)"
 # Deferrable constraints (every Django foreign key) are checked at each
 # statement in the processing transaction, inside the message's savepoint, so
 # that a violation is its message's failure rather than a failed COMMIT.
@@ -287,6 +307,8 @@ class ChannelProcessor:
         self._leasing = True  # it may hold leases: give them back at the next round
         self._after_key = ""  # keys are visited from the one after the last claimed
         self._in_hand: dict[int, int] = {}  # id -> attempt of the batch being processed
+        self._current: int | None = None  # the message whose listeners run now
+        self._backend: int | None = None  # the server process of the batch's session
         self.spec = spec
         self.listeners = listeners
         # Batches adapt: as large as batch_size when listeners are fast, down to
@@ -331,10 +353,55 @@ class ChannelProcessor:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float, conninfo: str | None = None) -> None:
+        """Stop taking messages and wait up to ``timeout`` seconds for the batch in hand.
+
+        When the batch is still in hand then (a listener outlasts the grace), and
+        ``conninfo`` is given (the process exits next: the listener will not
+        finish), the batch is given up before the process exits:
+        its processing session is ended (nothing of the batch commits) and its
+        messages are pending again, uncharged, but for the one whose listener
+        runs: that one keeps its attempt and is claimed alone next time, so
+        that only a message that hangs (or crashes) its process runs out of
+        attempts that way (issue 23).
+        """
         self.stopping.set()
         self.wake.set()
         self._thread.join(timeout)
+        if self._thread.is_alive() and conninfo is not None:
+            self._abandon(conninfo)
+
+    def _abandon(self, conninfo: str) -> None:
+        """Give back the batch in hand of a thread that did not stop in time (see stop)."""
+        in_hand, current, backend = dict(self._in_hand), self._current, self._backend
+        back = {mid: attempt for mid, attempt in in_hand.items() if mid != current}
+        if not in_hand:
+            return
+        log.warning(
+            "durable channel %s: stopping with a batch of %d in hand (message %s still in its "
+            "listener); giving back the %d that no listener runs, uncharged",
+            self.spec.path,
+            len(in_hand),
+            current if current is not None else "none",
+            len(back),
+            extra={"channel": self.spec.name},
+        )
+        try:
+            with driver.connect(conninfo) as conn:
+                if backend is not None:
+                    conn.execute(END_SESSION_SQL, (backend,))
+                with conn.transaction():
+                    # The ended session's locks go as its server process exits.
+                    conn.execute(LOCK_TIMEOUT_SQL, (ABANDON_LOCK_TIMEOUT,))
+                    conn.execute(ABANDON_SQL, (list(back), list(back.values())))
+        except Exception as exc:  # the process exits anyway: they come back charged
+            log.warning(
+                "durable channel %s: could not give back the batch in hand (%s); its messages "
+                "are claimed again once their lease is over, with this attempt counted",
+                self.spec.path,
+                one_line(exc),
+                extra={"channel": self.spec.name},
+            )
 
     def status(self) -> ProcessorStatus:
         return ProcessorStatus(
@@ -470,16 +537,20 @@ class ChannelProcessor:
 
     def _handle(self, row: tuple[Any, ...]) -> None:
         """Run the listeners of one claimed row ``(id, payload, attempt, trace)``."""
-        if not self._instrumented:
-            self._run_listeners(row[1])
-            return
-        started = time.perf_counter()
+        self._current = row[0]  # a stop past the grace leaves this one charged
         try:
-            with _tracing.processing(self.spec.name, row[0], row[2], row[3]):
+            if not self._instrumented:
                 self._run_listeners(row[1])
+                return
+            started = time.perf_counter()
+            try:
+                with _tracing.processing(self.spec.name, row[0], row[2], row[3]):
+                    self._run_listeners(row[1])
+            finally:
+                if self._observe is not None:
+                    self._observe(time.perf_counter() - started)
         finally:
-            if self._observe is not None:
-                self._observe(time.perf_counter() - started)
+            self._current = None
 
     def _run_listeners(self, payload: str) -> None:
         message = self.spec.decode(payload)
@@ -532,11 +603,14 @@ class ChannelProcessor:
             # Timed or traced messages cost a clock and a span each: decided once a batch.
             self._instrumented = self._observe is not None or _tracing.enabled()
             started = time.monotonic()
+            # In hand from the claim on (a stop may come while this waits at
+            # the gate), with the session that will hold its rows.
+            self._in_hand = {r[0]: r[2] for r in rows}
+            self._backend = _backend_pid(self.session)
             # A message claimed alone may be the one that kills this process:
             # nothing else of the process is in a listener meanwhile, so that
             # its crash is charged to it alone.
             with GATE.exclusive() if self._alone else GATE.shared():
-                self._in_hand = {r[0]: r[2] for r in rows}
                 self._process(rows)
                 self._in_hand = {}
             per_message = (time.monotonic() - started) / len(rows)
@@ -786,6 +860,17 @@ class ChannelProcessor:
         with self.session.atomic():
             self.session.execute(RETRY_SQL, (error, delay, limit, mid))
             self.session.sync()
+
+
+def _backend_pid(session: Session) -> int | None:
+    """The server process of ``session``'s connection (psycopg 3 or 2, or Django's), if known."""
+    conn = session.connection
+    raw = getattr(conn, "connection", conn)  # Django's wrapper holds the driver's connection
+    info = getattr(raw, "info", None)  # psycopg 3: no round trip
+    if info is not None:
+        return int(info.backend_pid)
+    get = getattr(raw, "get_backend_pid", None)  # psycopg 2
+    return int(get()) if callable(get) else None
 
 
 @dataclass

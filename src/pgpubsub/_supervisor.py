@@ -10,9 +10,14 @@ and import the user's modules themselves) and watches them.
   times in a row (for example because a module fails to import) is not
   restarted: the supervisor stops the others and exits with status 1.
 * SIGTERM or SIGINT: every child gets SIGTERM and ``grace`` seconds to finish
-  or release its work; stragglers are killed; the supervisor exits 0.
-* Children are tied to the parent (``PR_SET_PDEATHSIG`` on Linux): if the
-  supervisor is killed outright, they get SIGTERM and do not linger as orphans.
+  its work, and :data:`RELEASE` seconds more to give back what it could not
+  finish; stragglers are killed; the supervisor exits 0. That holds from the
+  moment ``pgpubsub listen`` has begun (a SIGTERM while it imports the
+  listener modules or starts its children too): no child is started after it.
+* Children are tied to the parent (``PR_SET_PDEATHSIG`` on Linux, and a poll
+  of the parent's pid): if the supervisor is killed outright, they stop and do
+  not linger as orphans, also when it died before they could tie themselves
+  to it (:data:`PARENT_ENV` says whom to check for).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -34,11 +40,24 @@ log = logging.getLogger("pgpubsub._supervisor")
 #: Set in the environment of the children: the supervisor checked the
 #: configuration and serves the metrics.
 CHILD_ENV = "PGPUBSUB_SUPERVISED"
+#: Set in the environment of the children: the supervisor's pid. A child whose
+#: parent is another process (its supervisor died while it started) stops.
+PARENT_ENV = "PGPUBSUB_SUPERVISOR_PID"
+#: Seconds a child gets after ``grace`` before it is killed: a child whose
+#: listeners outlast the grace gives back the messages in hand that no
+#: listener runs (one database round trip or two) before it exits.
+RELEASE = 5.0
 
 
 def supervised() -> bool:
     """Whether this process is a worker started by a supervisor."""
     return os.environ.get(CHILD_ENV) == "1"
+
+
+def supervisor_pid() -> int | None:
+    """The pid of the supervisor that started this worker (None: not supervised, or unknown)."""
+    value = os.environ.get(PARENT_ENV, "")
+    return int(value) if supervised() and value.isdigit() else None
 
 
 @dataclass
@@ -71,18 +90,28 @@ class Supervisor:
         self._stopping = False
 
     def _spawn(self, slot: _Slot) -> None:
-        slot.proc = subprocess.Popen(self.argv, env={**os.environ, CHILD_ENV: "1"})
+        env = {**os.environ, CHILD_ENV: "1", PARENT_ENV: str(os.getpid())}
+        slot.proc = subprocess.Popen(self.argv, env=env)
         slot.started = time.monotonic()
         log.info("started worker %d (pid %d)", slot.index, slot.proc.pid)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
 
-    def run(self) -> int:
+    def run(self, signalled: Callable[[], bool] = lambda: False) -> int:
+        """Start the children and watch them until SIGTERM/SIGINT; the exit status.
+
+        ``signalled``: whether a SIGTERM came before this (while the command
+        started); then no child is started and the status is 0.
+        """
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            # Read once our handlers are in place: a signal before went to the caller's.
+            self._stopping = self._stopping or signalled()
             log.info("supervisor starting %d worker process(es)", len(self.slots))
             for slot in self.slots:
+                if self._stopping:
+                    break  # (a signal between two starts) start no more
                 self._spawn(slot)
             status = self._watch()
             self._shutdown()
@@ -134,13 +163,16 @@ class Supervisor:
         log.info("stopping %d worker process(es); they have %.0fs to finish", len(live), self.grace)
         for proc in live:
             proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
+        # Past its grace a child gives back what it could not finish: not killed meanwhile.
+        deadline = time.monotonic() + self.grace + RELEASE
         for proc in live:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning(
-                    "worker pid %d did not stop within %.0fs; killing it", proc.pid, self.grace
+                    "worker pid %d did not stop within %.0fs; killing it",
+                    proc.pid,
+                    self.grace + RELEASE,
                 )
                 proc.kill()
                 proc.wait()

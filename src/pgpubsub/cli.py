@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _clash as _clash  # checked for the command too
-from . import _cli_dashboard, _cli_messages, _cli_publish, _cli_status, _logs
+from . import _cli_dashboard, _cli_messages, _cli_publish, _cli_status, _logs, _startup
 from ._cli_errors import UsageError, port, seconds
 from ._version import version
 
@@ -56,38 +56,80 @@ __all__ = ["main"]
 log = logging.getLogger("pgpubsub.cli")
 
 
-def _die_with_parent() -> None:
+def _tie_to_parent() -> bool:
+    """Ask for SIGTERM when this process's parent dies (Linux); False when the supervisor
+    that started this worker is gone already.
+
+    The supervisor may die before its worker could ask (while the interpreter
+    starts): the kernel sends nothing then, hence the check after asking.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    from ._supervisor import supervisor_pid
+
+    parent = supervisor_pid()
+    return parent is None or os.getppid() == parent
 
 
-def serve(make_worker: Callable[[], Any], grace: float = 30.0, probes: Any = None) -> int:
+async def _watch_parent(parent: int, stop: asyncio.Event, every: float = 1.0) -> None:
+    """Set ``stop`` once the supervisor ``parent`` is gone: on platforms without a death
+    signal, the only way a worker learns it."""
+    while os.getppid() == parent:
+        await asyncio.sleep(every)
+    log.warning("the supervisor (pid %d) is gone; stopping", parent)
+    stop.set()
+
+
+def _orphaned() -> int:
+    log.warning("the supervisor that started this worker is gone; not starting")
+    return 0
+
+
+def serve(
+    make_worker: Callable[[], Any],
+    grace: float = 30.0,
+    probes: Any = None,
+    signalled: Callable[[], bool] = lambda: False,
+) -> int:
     """Run one worker in this process until SIGTERM/SIGINT, then stop it within ``grace``; 0.
 
     ``probes`` (a :class:`pgpubsub._probes.Probes`, already serving): the worker's
-    state is recorded on its loop for the health endpoint.
+    state is recorded on its loop for the health endpoint. ``signalled``: whether
+    a SIGTERM came while the command started (then nothing starts). A worker
+    started by a supervisor stops when the supervisor is gone (see
+    :mod:`pgpubsub._supervisor`).
     """
-    _die_with_parent()
+    from ._supervisor import supervisor_pid
+
+    if not _tie_to_parent():
+        return _orphaned()
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # Read once the loop's handlers are in place: a signal before went to the caller's.
+        if signalled():
+            log.info("stop requested while starting: nothing started")
+            return
+        tasks = []
+        parent = supervisor_pid()
+        if parent is not None:
+            tasks.append(asyncio.create_task(_watch_parent(parent, stop)))
         worker = make_worker()
-        ticker = None
         if probes is not None:
             from ._probes import tick
 
-            ticker = asyncio.create_task(tick(probes, worker))
+            tasks.append(asyncio.create_task(tick(probes, worker)))
         try:
-            await worker.run(stop, grace)
+            await worker.run(stop, grace, exiting=True)  # the process ends after it
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            for task in tasks:
+                task.cancel()
 
     try:
         asyncio.run(main())
@@ -188,9 +230,16 @@ def start_metrics(port: int | None, host: str, conninfo: str, channels: list[Any
         _metrics.serve(port, driver.build_conninfo(conninfo), durable, host)
 
 
-def supervise(argv: list[str], options: dict[str, Any], conninfo: str, channels: list[Any]) -> int:
+def supervise(
+    argv: list[str],
+    options: dict[str, Any],
+    conninfo: str,
+    channels: list[Any],
+    signalled: Callable[[], bool] = lambda: False,
+) -> int:
     """Run ``argv`` (a worker command) in ``options["processes"]`` children, serving their
-    metrics on one port when asked."""
+    metrics on one port when asked. ``signalled``: whether a SIGTERM came while the
+    command started (then no child starts)."""
     from . import _metrics
     from ._supervisor import Supervisor
 
@@ -199,24 +248,30 @@ def supervise(argv: list[str], options: dict[str, Any], conninfo: str, channels:
         folder = _metrics.MultiprocessDir()
         start_metrics(options["metrics_port"], options["metrics_host"], conninfo, channels)
     try:
-        return Supervisor(argv, options["processes"], grace=options["grace"]).run()
+        return Supervisor(argv, options["processes"], grace=options["grace"]).run(signalled)
     finally:
         if folder is not None:
             folder.close()
 
 
-def run_worker(args: argparse.Namespace) -> int:
+def run_worker(args: argparse.Namespace, signalled: Callable[[], bool] = lambda: False) -> int:
     """One worker process: import the listener modules, then :func:`serve`."""
     from ._supervisor import supervised
     from .worker import Worker
 
+    # Tied to the supervisor before the (maybe slow) imports: its death stops them too.
+    if supervised() and not _tie_to_parent():
+        return _orphaned()
     channels = load_channels(args)
     start_metrics(args.metrics_port, args.metrics_host, args.dsn, channels)
-    if not supervised():  # else the supervisor checked
+    if not supervised() and not signalled():  # else the supervisor checked
         preflight(args.dsn, channels)
     probes = start_probes(vars(args))
     return serve(
-        lambda: Worker(args.dsn, channels=channels, recover=args.recover), args.grace, probes
+        lambda: Worker(args.dsn, channels=channels, recover=args.recover),
+        args.grace,
+        probes,
+        signalled,
     )
 
 
@@ -227,12 +282,22 @@ def cmd_listen(args: argparse.Namespace) -> int:
             " and/or --channels"
         )
     check_probe_options(vars(args))
-    if args.worker:
-        return run_worker(args)
-    channels = load_channels(args)  # configuration errors end the command here, before any child
-    preflight(args.dsn, channels)
-    argv = [sys.executable, "-m", "pgpubsub", *args.argv, "--worker"]
-    return supervise(argv, vars(args), args.dsn, channels)
+    # A SIGTERM from here on (from the package's import on, see _startup) stops the
+    # command cleanly, exit 0, starting nothing more.
+    term = _startup.EARLY or _startup.TermNoted()
+    try:
+        if args.worker:
+            return run_worker(args, term.received)
+        # Configuration errors end the command here, before any child.
+        channels = load_channels(args)
+        if term.received():
+            log.info("stop requested while starting: no worker started")
+            return 0
+        preflight(args.dsn, channels)
+        argv = [sys.executable, "-m", "pgpubsub", *args.argv, "--worker"]
+        return supervise(argv, vars(args), args.dsn, channels, term.received)
+    finally:
+        term.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -345,8 +345,17 @@ class DurableRunner:
 
         return wake
 
-    async def stop(self, timeout: float) -> None:
-        await asyncio.gather(*(asyncio.to_thread(p.stop, timeout) for p in self.processors))
+    async def stop(self, timeout: float, exiting: bool = False) -> None:
+        """Stop the processors, waiting up to ``timeout`` for their batches in hand.
+
+        ``exiting``: the process exits next, so a batch still in hand then is
+        given back (:meth:`ChannelProcessor.stop`); in a process that goes on,
+        its listener finishes it later and it commits as usual.
+        """
+        conninfo = self.engine.conninfo if exiting else None
+        await asyncio.gather(
+            *(asyncio.to_thread(p.stop, timeout, conninfo) for p in self.processors)
+        )
         await asyncio.to_thread(self.keeper.stop)
 
 

@@ -305,7 +305,16 @@ class Worker:
             tuple(error for _, error in self._problems()),
         )
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, timeout: float = 10.0, exiting: bool = False) -> None:
+        """Stop taking messages; finish the ones in hand within ``timeout`` seconds.
+
+        ``exiting``: the process exits after this (``pgpubsub listen``). A durable
+        batch whose listener still runs after ``timeout`` is then given back
+        before the exit: the messages no listener runs are pending again,
+        uncharged; the one in its listener keeps its attempt (see the durable
+        guide). Otherwise such a listener goes on in its thread and its batch
+        commits when it returns.
+        """
         log.info("worker draining: finishing the messages in hand (up to %.0fs)", timeout)
         for task in self._tasks:
             task.cancel()
@@ -313,7 +322,7 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._durable is not None:
-            await self._durable.stop(timeout)
+            await self._durable.stop(timeout, exiting)
         await self.engine.stop(timeout)
         metrics = _metrics.metrics()
         if metrics is not None:
@@ -323,10 +332,11 @@ class Worker:
         processed, failed = self.totals()
         log.info("worker stopped: %d message(s) processed, %d failed", processed, failed)
 
-    async def run(self, stop: asyncio.Event, grace: float = 10.0) -> None:
-        """Start, run until ``stop`` is set, then stop gracefully within ``grace`` seconds."""
+    async def run(self, stop: asyncio.Event, grace: float = 10.0, exiting: bool = False) -> None:
+        """Start, run until ``stop`` is set, then stop gracefully within ``grace`` seconds
+        (``exiting``: as for :meth:`stop`)."""
         await self.start()
         try:
             await stop.wait()
         finally:
-            await self.stop(grace)
+            await self.stop(grace, exiting)

@@ -86,6 +86,26 @@ class Record:
         }
 
 
+def catches_sigterm(pid: int, timeout: float = 10.0) -> None:
+    """Wait until process ``pid`` handles SIGTERM (or is gone).
+
+    ``pgpubsub listen`` handles it from the first module of the package on
+    (pgpubsub._startup); before that, in the interpreter's first few dozen
+    milliseconds, no Python program can, and a SIGTERM ends it by the signal.
+    The contract (exit 0) starts there: a supervisor is signalled from then on.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+        if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.002)
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return sorted(int(p) for p in out.stdout.split())
@@ -354,6 +374,8 @@ class Run:
             self.record.faults.append(FaultRecord(f"SIG{op.sig} worker", at, at, frozenset([pid])))
             return
         at = self.now()
+        if op.sig == "TERM":
+            catches_sigterm(self.supervisor.pid)
         self.supervisor.send_signal(sig)
         # SIGKILL: the children get SIGTERM from the kernel (PR_SET_PDEATHSIG).
         self.record.faults.append(
@@ -424,6 +446,7 @@ class Run:
                 break
             time.sleep(0.2)
         assert self.supervisor is not None
+        catches_sigterm(self.supervisor.pid)
         self.supervisor.send_signal(signal.SIGTERM)
         try:
             self.record.stop_codes.append(self.supervisor.wait(30))

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import pytest
 from chaos_check import check, kinds
-from chaos_ops import POISON, Admin, Msg, Op, Publish, Wait, generate
+from chaos_ops import POISON, Admin, Kill, Msg, Op, Publish, Wait, generate
 from chaos_run import Record, Run
 from helpers import Server
 
 pytestmark = pytest.mark.chaos
 
 #: Fixed seeds for CI: on the code before the fixes 2 found crash-charges-the-batch,
-#: 3 and 5 the ordering and delay defects; they pass on the fixed code. Seeds 18 and
-#: 19 (supervisor kills) still find defects there: add them once those are fixed.
-CI_SEEDS = [2, 3, 5]
+#: 3 and 5 the ordering and delay defects, 18 and 19 (supervisor kills) the
+#: supervisor's start races; they pass on the fixed code.
+CI_SEEDS = [2, 3, 5, 18, 19]
 CI_STEPS = 20
 LONG_STEPS = 40
 #: Seconds spent shrinking a failure (CI / long mode).
@@ -148,6 +148,16 @@ REGRESSIONS: dict[str, list[Op]] = {
     # innocent messages (seed 2, shrunk).
     "crash-in-a-batch": [
         Publish((Msg(1), Msg(2, behaviour="crash", until=POISON), Msg(3), Msg(4))),
+    ],
+    # Shutdown-as-it-starts: a supervisor SIGTERMed as soon as it handles the
+    # signal, while it still imports pgpubsub (the new one started after a
+    # SIGKILL, then after a SIGTERM); it exited -15 (by hand, after the long run's
+    # `shutdown` seeds; on the old code it failed every run before chaos_run waited
+    # for the handler, see catches_sigterm).
+    "term-as-it-starts": [
+        Kill("supervisor", "KILL"),
+        Kill("supervisor", "TERM"),
+        Kill("supervisor", "TERM"),
     ],
     # Ordering-under-replay: the dead head of a key is replayed while the next
     # message of the key is in its listener (seed 7, shrunk by hand).
