@@ -459,8 +459,8 @@ class Crowd(Channel, lock_notifications=True, concurrency=8):
 
 
 def test_one_wake_up_costs_one_claim_and_idle_processors_cost_nothing(db: str) -> None:
-    """A worker with concurrency=8: one published message is claimed by one or two of its
-    processors, not all 8 (and no 8 next-due queries); while idle, only one of them polls."""
+    """A worker with concurrency=8: one published message costs a few claims, not one per
+    processor (and no 8 next-due queries); while idle, only one of them polls."""
     from helpers import Running
 
     registry = Registry()
@@ -490,4 +490,6 @@ def test_one_wake_up_costs_one_claim_and_idle_processors_cost_nothing(db: str) -
         worker.stop()
     assert len(sessions) == 8
     assert idle <= 6, idle  # 8 processors polling: 32
-    assert claims <= 2, claims  # every processor woken: 8
+    # One claim takes it, one finds the queue empty, one last look once the worker has
+    # registered as asleep (publishers wake it then); every processor woken: 8.
+    assert claims <= 3, claims

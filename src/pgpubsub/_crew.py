@@ -8,6 +8,13 @@ message costs one claim. Of the idle processors only one, the poller, looks
 at the clock: it asks when the next delayed or retried message is due and
 claims then (or after the poll interval); the others sleep until woken and
 cost the database nothing.
+
+A crew with nothing to do registers as asleep (``pgpubsub.sleep``) before its
+last look at the queue, so that publishers wake it (``pgpubsub.wake``: a
+NOTIFY only then). A wake-up may have taken the registration: the next
+processor to rest registers again. While a publisher of the channel is in a
+transaction the registration waits; the crew then looks again every
+:data:`BUSY_POLL` seconds instead.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Crew"]
+__all__ = ["BUSY_POLL", "Crew"]
+
+#: Seconds between looks at the queue while the crew cannot register as asleep.
+BUSY_POLL = 0.05
 
 
 class _Member(Protocol):
@@ -33,6 +43,9 @@ class Crew:
         self._poller: _Member | None = None  # the idle one that polls
         self._handed: set[int] = set()  # woken only to become the poller
         self._missed = False  # a wake-up came while none was idle
+        self._registered = False  # publishers know the crew sleeps (pgpubsub.sleeper)
+        self._registering = False
+        self._wakes = 0  # wake-ups so far: one may have taken the registration
 
     def wake_one(self, *, more: bool = False) -> None:
         """Wake one idle processor; when none is idle, the next to rest claims again.
@@ -41,27 +54,51 @@ class Crew:
         none is idle nothing is kept (the busy ones claim again anyway).
         """
         with self._lock:
+            self._wakes += 1
+            self._registered = False
             proc = self._take()
             if proc is None:
                 self._missed = self._missed or not more
                 return
         proc.wake.set()
 
-    def rest(self, proc: _Member, next_due: Callable[[], float]) -> None:
+    def rest(
+        self, proc: _Member, next_due: Callable[[], float], asleep: Callable[[], bool]
+    ) -> None:
         """``proc`` found nothing to claim: sleep until woken (the poller: until due).
 
-        Returns when ``proc`` should claim: woken by a wake-up, or its poll is due.
+        Returns when ``proc`` should claim: woken by a wake-up, or its poll is
+        due, or the crew has just registered as asleep (``asleep()``: False
+        while a publisher is in a transaction) and takes its last look.
         """
         while not proc.stopping.is_set():
             with self._lock:
                 if self._missed:
                     self._missed = False
                     return
+                register = not self._registered and not self._registering
+                self._registering = self._registering or register
+                wakes = self._wakes
+            busy = False
+            if register:
+                done = False
+                try:
+                    done = asleep()
+                finally:
+                    with self._lock:
+                        self._registering = False
+                        self._registered = done and wakes == self._wakes
+                if done:
+                    return  # the last look, now that publishers will wake the crew
+                busy = True
+            with self._lock:
                 if self._poller is None:
                     self._poller = proc
                 polling = self._poller is proc
             try:
                 wait = next_due() if polling else None
+                if busy:
+                    wait = BUSY_POLL if wait is None else min(wait, BUSY_POLL)
             except BaseException:
                 with self._lock:
                     if self._poller is proc:

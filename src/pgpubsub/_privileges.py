@@ -67,6 +67,7 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.worker TO {role}",
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.schedule TO {role}",
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.lease TO {role}",
+        "GRANT INSERT ON pgpubsub.sleeper TO {role}",  # asleep: wake me (pgpubsub.sleep)
         "GRANT SELECT ON pgpubsub.version TO {role}",
     ),
     "monitor": (
@@ -249,7 +250,12 @@ def grant(conninfo: str, role: str, kinds: list[str], revoke: bool = False) -> l
 
 
 # (table, privilege) pairs a worker's channels need, by what the channels do.
-_DURABLE = (("message", "SELECT"), ("message", "UPDATE"), ("message", "DELETE"))
+_DURABLE = (
+    ("message", "SELECT"),
+    ("message", "UPDATE"),
+    ("message", "DELETE"),
+    ("sleeper", "INSERT"),
+)
 _SCHEDULED = (("schedule", "SELECT"), ("schedule", "INSERT"), ("schedule", "UPDATE"))
 _REGISTRY = (("worker", "SELECT"), ("worker", "INSERT"), ("worker", "UPDATE"), ("worker", "DELETE"))
 _LEASES = (("lease", "SELECT"), ("lease", "INSERT"), ("lease", "UPDATE"), ("lease", "DELETE"))

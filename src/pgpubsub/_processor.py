@@ -185,6 +185,8 @@ NEXT_DUE_SQL = (
 # claimable, and a max_in_flight slot given back lets a waiting worker in:
 # wake the other workers (sent at commit).
 WAKE_SQL = "SELECT pg_catalog.pg_notify(%s, '')"
+# Asleep: publishers of the channel send a wake-up (see pgpubsub.wake).
+SLEEP_SQL = "SELECT pgpubsub.sleep(%s)"
 # A failed attempt: its outcome is recorded (no longer unfinished), and the
 # retry delay counts from now, not from the start of the batch's transaction.
 RETRY_SQL = (
@@ -333,6 +335,7 @@ class ChannelProcessor:
         # The channel's processors in this process share wake-ups (DurableRunner
         # makes one crew per channel).
         self.crew = Crew()
+        self._always_woken = False  # a schema without pgpubsub.sleep: nothing to register
         self.processed = 0  # messages completed
         self.failed = 0  # attempts that raised
         self.claimed = 0  # attempts started (claims)
@@ -490,13 +493,29 @@ class ChannelProcessor:
         due = rows[0][0] if rows else None
         return self.poll_interval if due is None else min(self.poll_interval, max(0.001, due))
 
+    def _asleep(self) -> bool:
+        """Register this worker as asleep on the channel; False while a publisher is busy.
+
+        On a schema older than version 5 publishers always wake workers: True.
+        """
+        if self._always_woken:
+            return True
+        try:
+            with self.session.atomic():
+                return bool(self.session.execute(SLEEP_SQL, (self.spec.name,))[0][0])
+        except Exception as exc:
+            if sqlstate(exc) not in SCHEMA_STATES:
+                raise
+            self._always_woken = True
+            return True
+
     def _run(self) -> None:
         failures = 0  # in a row: the wait grows, so an outage is not a log storm
         while not self.stopping.is_set():
             try:
                 self.drain_once()
                 failures = 0
-                self.crew.rest(self, self._next_due)
+                self.crew.rest(self, self._next_due, self._asleep)
             except BaseException as exc:  # never let the thread end while the worker runs
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(f"{type(exc).__name__}: {exc}")

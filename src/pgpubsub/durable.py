@@ -48,8 +48,10 @@ can die after the side effect and before the commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -88,7 +90,7 @@ STORE_SQL = (
     "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload) "
     "SELECT %s, x FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x "
     "RETURNING id) "
-    "SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.pg_notify(%s, '') FROM ins"
+    "SELECT pg_catalog.array_agg(id ORDER BY id), pgpubsub.wake(%s) FROM ins"
 )
 
 
@@ -143,8 +145,54 @@ STORE_OPTIONS_SQL = (
     "pg_catalog.unnest(pg_catalog.string_to_array(%(lines)s, E'\\n')) AS x "
     "ON CONFLICT (channel, dedupe_key) WHERE status = 'pending' AND dedupe_key IS NOT NULL "
     "DO NOTHING RETURNING id) "
-    "SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.pg_notify(%(channel)s, '') FROM ins"
+    "SELECT pg_catalog.array_agg(id ORDER BY id), pgpubsub.wake(%(channel)s) FROM ins"
 )
+# The wake-up is a NOTIFY only when a worker of the channel sleeps (schema
+# version 5: pgpubsub.wake); on an older schema, until `pgpubsub migrate`, always.
+_LEGACY = {
+    STORE_SQL: STORE_SQL.replace("pgpubsub.wake(%s)", "pg_catalog.pg_notify(%s, '')"),
+    STORE_OPTIONS_SQL: STORE_OPTIONS_SQL.replace(
+        "pgpubsub.wake(%(channel)s)", "pg_catalog.pg_notify(%(channel)s, '')"
+    ),
+}
+WAKE_KNOWN_SQL = "SELECT pg_catalog.to_regprocedure('pgpubsub.wake(text)') IS NOT NULL"
+# Connections known to have it (one query per connection; asked again until then).
+_waking: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _known(conn: Any) -> bool:
+    try:
+        return conn in _waking
+    except TypeError:  # neither hashable nor weakly referenced: ask each time
+        return False
+
+
+def _note(conn: Any) -> None:
+    with contextlib.suppress(TypeError):
+        _waking[conn] = True
+
+
+def _sql(conn: Any, cur: Any, query: str) -> str:
+    """``query`` as the schema in ``conn``'s database can run it (see _LEGACY)."""
+    if _known(conn):
+        return query
+    cur.execute(WAKE_KNOWN_SQL)
+    if not cur.fetchone()[0]:
+        return _LEGACY[query]
+    _note(conn)
+    return query
+
+
+async def _asql(conn: psycopg.AsyncConnection[Any], query: str) -> str:
+    if _known(conn):
+        return query
+    row = await (await conn.execute(WAKE_KNOWN_SQL)).fetchone()
+    if not (row and row[0]):
+        return _LEGACY[query]
+    _note(conn)
+    return query
+
+
 #: The longest delay (seconds): a century.
 MAX_DELAY = 100 * 365.25 * 86400
 #: The longest dedupe_key or ordering_key (UTF-8 bytes).
@@ -253,11 +301,12 @@ def store(
     """
     with conn.cursor() as cur:
         if options is None and trace is None:
-            cur.execute(STORE_SQL, [spec.name, lines, spec.name])
+            cur.execute(_sql(conn, cur, STORE_SQL), [spec.name, lines, spec.name])
             return list(cur.fetchone()[0] or [])
         options = options or Options()
+        query = _sql(conn, cur, STORE_OPTIONS_SQL)
         for _ in range(3):  # the pending duplicate may complete between the two statements
-            cur.execute(STORE_OPTIONS_SQL, options.params(spec, lines, trace))
+            cur.execute(query, options.params(spec, lines, trace))
             ids = list(cur.fetchone()[0] or [])
             if ids or options.dedupe_key is None:
                 return ids
@@ -276,12 +325,13 @@ async def astore(
     options: Options | None = None,
 ) -> list[int]:
     if options is None and trace is None:
-        cur = await conn.execute(STORE_SQL, [spec.name, lines, spec.name])
+        cur = await conn.execute(await _asql(conn, STORE_SQL), [spec.name, lines, spec.name])
         row = await cur.fetchone()
         return list(row[0] or []) if row else []
     options = options or Options()
+    query = await _asql(conn, STORE_OPTIONS_SQL)
     for _ in range(3):  # the pending duplicate may complete between the two statements
-        cur = await conn.execute(STORE_OPTIONS_SQL, options.params(spec, lines, trace))
+        cur = await conn.execute(query, options.params(spec, lines, trace))
         row = await cur.fetchone()
         ids = list(row[0] or []) if row else []
         if ids or options.dedupe_key is None:

@@ -40,7 +40,7 @@ from ._leases import LIVE
 __all__ = ["SCHEMA_VERSION", "ChannelCounts", "Health", "WorkerInfo", "age", "since", "status"]
 
 #: The schema version this library installs and expects (``pgpubsub.version``).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # A due message of row ``m`` held back by its ordering key: an older pending
 # message of its key, or a live lease of the key (the negation of the claim's

@@ -140,13 +140,63 @@ CREATE INDEX IF NOT EXISTS message_unkeyed_idx
     WHERE status = 'pending' AND ordering_key IS NULL;
 DROP INDEX IF EXISTS pgpubsub.message_due_idx;
 
+-- Version 5 (wake-ups). A durable publisher sends its NOTIFY (the wake-up)
+-- only when a worker of the channel sleeps: a committing transaction that
+-- notified holds a database-wide lock for its commit, so notifying publishers
+-- commit one at a time. A worker with nothing to do registers here before its
+-- last look at the queue (pgpubsub.sleep); the first publisher to find the row
+-- takes it and notifies, the others do not (the woken workers register again
+-- once they have nothing to do). Publishers hold a shared advisory lock on the
+-- channel until they commit, and a worker registers only when it can take it
+-- exclusively: so no publisher finds "nobody sleeps" and commits after the
+-- worker's last look. Unlogged: lost in a crash, when workers register anew.
+CREATE UNLOGGED TABLE IF NOT EXISTS pgpubsub.sleeper (
+    channel  text        PRIMARY KEY,
+    since    timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+REVOKE ALL ON pgpubsub.sleeper FROM PUBLIC;
+
+-- Called by publishers after storing messages (any role that may store them).
+-- Runs as the schema's owner: it reads and takes the channel's row, nothing else.
+CREATE OR REPLACE FUNCTION pgpubsub.wake(channel text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock_shared(
+        pg_catalog.hashtextextended('pgpubsub.sleeper' || channel, 0));
+    -- A statement of its own: its snapshot is taken once the lock is held.
+    DELETE FROM pgpubsub.sleeper s WHERE s.ctid = (
+        SELECT t.ctid FROM pgpubsub.sleeper t WHERE t.channel = wake.channel
+        FOR UPDATE SKIP LOCKED);
+    IF FOUND THEN
+        PERFORM pg_catalog.pg_notify(channel, '');
+    END IF;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.wake(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgpubsub.wake(text) TO PUBLIC;
+
+-- Called by a worker with nothing to do, before its last look at the queue:
+-- false while a publisher of the channel is in a transaction (the worker then
+-- looks again shortly, without a wake-up).
+CREATE OR REPLACE FUNCTION pgpubsub.sleep(channel text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(
+            pg_catalog.hashtextextended('pgpubsub.sleeper' || channel, 0)) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO pgpubsub.sleeper (channel) VALUES (sleep.channel) ON CONFLICT DO NOTHING;
+    RETURN true;
+END
+$body$;
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (
     one      boolean PRIMARY KEY DEFAULT true CHECK (one),
     version  integer NOT NULL
 );
-INSERT INTO pgpubsub.version (one, version) VALUES (true, 4)
+INSERT INTO pgpubsub.version (one, version) VALUES (true, 5)
     ON CONFLICT (one) DO UPDATE SET version = GREATEST(pgpubsub.version.version, EXCLUDED.version);
 
 -- The JSON of one row event of a trigger channel.
@@ -179,7 +229,7 @@ BEGIN
     IF durable THEN
         INSERT INTO pgpubsub.message (channel, payload)
         SELECT channel, p FROM pg_catalog.unnest(payloads) p;
-        PERFORM pg_catalog.pg_notify(channel, '');
+        PERFORM pgpubsub.wake(channel);
         RETURN;
     END IF;
     PERFORM pg_catalog.pg_notify(channel, p) FROM pg_catalog.unnest(payloads) p

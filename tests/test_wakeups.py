@@ -1,0 +1,170 @@
+"""Durable publishers wake only a sleeping worker, and no message waits behind a worker
+that goes to sleep (issue 26: notifying transactions commit one at a time)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgpubsub
+from pgpubsub import durable
+from pgpubsub._loopthread import LoopThread
+from pgpubsub.channel import Channel, spec_of
+from pgpubsub.durable import DurableRunner
+from pgpubsub.engine import Engine
+from pgpubsub.listen import Registry
+
+
+@dataclass
+class Woken(Channel, lock_notifications=True, concurrency=2):
+    n: int
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[str]:
+    durable.migrate(dsn)
+    yield dsn
+
+
+def notifications(dsn: str, channel: str, publish: Any) -> int:
+    """How many NOTIFYs ``channel`` gets while ``publish()`` runs."""
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+        publish()
+        return sum(1 for _ in listener.notifies(timeout=0.5))
+
+
+def publish_each(dsn: str, ns: range) -> None:
+    for n in ns:  # a transaction each
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify(Woken(n=n), conn=conn)
+
+
+def test_publishers_notify_only_when_a_worker_sleeps(db: str) -> None:
+    name = spec_of(Woken).name
+    # Nobody sleeps (workers busy, or none): no NOTIFY, nothing serialises the commits.
+    assert notifications(db, name, lambda: publish_each(db, range(5))) == 0
+    # A worker registered as asleep: the first publisher wakes it, the next ones need not.
+    with psycopg.connect(db, autocommit=True) as worker:
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+    assert notifications(db, name, lambda: publish_each(db, range(5, 10))) == 1
+
+
+def test_a_worker_cannot_register_while_a_publisher_is_in_a_transaction(db: str) -> None:
+    name = spec_of(Woken).name
+    with psycopg.connect(db) as publisher, psycopg.connect(db, autocommit=True) as worker:
+        pgpubsub.notify(Woken(n=1), conn=publisher)  # not committed yet
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (False,)
+        publisher.commit()
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+
+
+class Runner:
+    """Durable processors of ``Woken`` in this process, polling only every 30 s."""
+
+    def __init__(self, dsn: str, registry: Registry):
+        self.loop = LoopThread("test-wakeups")
+        self.engine = Engine(dsn)
+        self.durable = DurableRunner(self.engine, [spec_of(Woken)], registry, poll_interval=30)
+
+        async def start() -> None:
+            await self.engine.start()
+            await self.durable.start()
+
+        self.loop.run(start(), timeout=10)
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            await self.durable.stop(10)
+            await self.engine.stop()
+
+        self.loop.run(stop(), timeout=20)
+        self.loop.close()
+
+
+def test_no_message_waits_for_the_poll(db: str) -> None:
+    """Publishers in threads, single-message transactions of varied length, some open while
+    the workers go to sleep: each message starts within 1 s of its commit although the
+    workers poll only every 30 s - no wake-up is lost between a worker's last look and
+    its sleep."""
+    registry = Registry()
+    started: dict[int, float] = {}
+    registry.add(Woken, lambda n: started.setdefault(n, time.monotonic()))
+    committed: dict[int, float] = {}
+    runner = Runner(db, registry)
+    try:
+        time.sleep(0.3)  # the workers have looked and gone to sleep
+
+        def publisher(first: int) -> None:
+            rnd = random.Random(first)
+            for n in range(first, first + 25):
+                with psycopg.connect(db) as conn:
+                    pgpubsub.notify(Woken(n=n), conn=conn)
+                    time.sleep(rnd.choice([0, 0, 0.001, 0.02, 0.1]))
+                committed[n] = time.monotonic()
+                time.sleep(rnd.choice([0, 0.005, 0.05, 0.2]))
+
+        threads = [threading.Thread(target=publisher, args=(k * 100,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        deadline = time.monotonic() + 10
+        while len(started) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+    assert sorted(started) == sorted(committed)
+    waits = {n: round(started[n] - committed[n], 2) for n in committed}
+    late = {n: wait for n, wait in waits.items() if wait > 1}
+    assert not late, late
+
+
+def test_a_worker_going_to_sleep_waits_for_a_publisher_in_its_transaction(db: str) -> None:
+    """The race itself: a publisher stores a message (nobody sleeps: no NOTIFY will come)
+    while the workers finish their work, find nothing (it is not committed) and go to
+    sleep; then it commits. The message starts at once, not at the next poll (30 s)."""
+    registry = Registry()
+    release = threading.Event()
+    started: dict[int, float] = {}
+
+    def listener(n: int) -> None:
+        started[n] = time.monotonic()
+        if n == 0:
+            release.wait(10)  # the workers are busy: nobody sleeps
+
+    registry.add(Woken, listener)
+    runner = Runner(db, registry)
+    try:
+        time.sleep(0.3)  # asleep, registered
+        publish_each(db, range(0, 1))  # takes the registration, wakes a worker
+        deadline = time.monotonic() + 5
+        while 0 not in started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with psycopg.connect(db) as publisher:
+            pgpubsub.notify(Woken(n=1), conn=publisher)  # nobody sleeps: no NOTIFY
+            release.set()  # the worker finishes, finds nothing and goes to sleep
+            time.sleep(0.5)
+            assert 1 not in started
+        committed = time.monotonic()
+        deadline = committed + 5
+        while 1 not in started and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        runner.stop()
+    assert 1 in started and started[1] - committed < 1, started
+
+
+def test_on_a_schema_older_than_5_publishers_wake_with_every_publish(db: str) -> None:
+    """Between a library upgrade and `pgpubsub migrate`, publishing works as before."""
+    with psycopg.connect(db, autocommit=True) as admin:
+        admin.execute("DROP FUNCTION pgpubsub.wake(text) CASCADE")
+    name = spec_of(Woken).name
+    assert notifications(db, name, lambda: publish_each(db, range(3))) == 3
