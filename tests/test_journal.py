@@ -23,6 +23,19 @@ def db(dsn: str) -> Iterator[str]:
     yield dsn
 
 
+def insert_if_new(n: int) -> None:
+    """A listener's "insert if new": a duplicate caught in a savepoint; message 5 raises."""
+    conn = durable.connection()
+    try:
+        with conn.transaction():
+            conn.execute("INSERT INTO once VALUES (%s)", (n,))
+    except psycopg.errors.UniqueViolation:
+        pass
+    conn.execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+    if n == 5:
+        raise RuntimeError("flaky")
+
+
 def test_a_failure_in_a_warm_processor_runs_every_neighbour_again(db: str) -> None:
     """A processor that has run several batches (psycopg prepares statements after 5
     runs): a failure undoes its message alone; no prepared statement the driver believes in
@@ -63,15 +76,7 @@ def test_a_listener_that_caught_its_own_error_in_a_savepoint_is_charged_for_a_ne
 
     def listener(n: int) -> None:
         calls[n] += 1
-        conn = durable.connection()
-        try:
-            with conn.transaction():
-                conn.execute("INSERT INTO once VALUES (%s)", (n,))
-        except psycopg.errors.UniqueViolation:
-            pass
-        conn.execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
-        if n == 5:
-            raise RuntimeError("flaky")
+        insert_if_new(n)
 
     registry.add(Batch, listener)
     proc = processor(db, registry)
@@ -95,15 +100,7 @@ def test_a_caught_error_in_a_savepoint_keeps_its_key_in_order(db: str) -> None:
     registry = Registry()
 
     def listener(n: int) -> None:
-        conn = durable.connection()
-        try:
-            with conn.transaction():
-                conn.execute("INSERT INTO once VALUES (%s)", (n,))
-        except psycopg.errors.UniqueViolation:
-            pass
-        conn.execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
-        if n == 5:
-            raise RuntimeError("flaky")
+        insert_if_new(n)
 
     registry.add(Batch, listener)
     proc = processor(db, registry)
