@@ -73,3 +73,32 @@ def terminate_sessions(dsn: str) -> None:
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid()",
     )
+
+
+class DurableRunning:
+    """The durable processors of ``channels`` on an engine of their own in a thread
+    (``opts`` go to each processor, e.g. ``poll_interval``)."""
+
+    def __init__(self, dsn: str, channels: list[Any], registry: Registry, **opts: Any):
+        from pgpubsub.channel import spec_of
+        from pgpubsub.durable import DurableRunner
+        from pgpubsub.engine import Engine
+
+        self.loop = LoopThread("test-durable")
+        self.engine = Engine(dsn)
+        specs = [spec_of(c) for c in channels]
+        self.durable = DurableRunner(self.engine, specs, registry, **opts)
+
+        async def start() -> None:
+            await self.engine.start()
+            await self.durable.start()
+
+        self.loop.run(start(), timeout=10)
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            await self.durable.stop(10)
+            await self.engine.stop()
+
+        self.loop.run(stop(), timeout=20)
+        self.loop.close()

@@ -493,3 +493,37 @@ def test_one_wake_up_costs_one_claim_and_idle_processors_cost_nothing(db: str) -
     # One claim takes it, one finds the queue empty, one last look once the worker has
     # registered as asleep (publishers wake it then); every processor woken: 8.
     assert claims <= 3, claims
+
+
+def test_a_wake_up_during_the_pollers_next_due_query_is_not_lost(db: str) -> None:
+    """A NOTIFY (crew.wake_one, as DurableRunner's subscription calls it) that arrives while
+    the only processor, idle, runs its next-due query: the new message waits for the poll."""
+    registry = Registry()
+    done: dict[int, float] = {}
+
+    def listener(n: int) -> None:
+        done[n] = time.monotonic()
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry, poll_interval=5.0)
+    original = proc._next_due
+    sent: list[float] = []
+
+    def next_due() -> float:
+        wait = original()
+        if not sent:  # a message published and its wake-up delivered while the query ran
+            publish(db, Batch, range(1))
+            sent.append(time.monotonic())
+            proc.crew.wake_one()
+        return wait
+
+    proc._next_due = next_due  # type: ignore[method-assign]
+    proc.start()
+    try:
+        deadline = time.monotonic() + 8
+        while 0 not in done and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.stop(5)
+    assert 0 in done
+    assert done[0] - sent[0] < 1.0, f"handled {done[0] - sent[0]:.1f}s after its wake-up"

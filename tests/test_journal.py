@@ -1,14 +1,17 @@
 """No listener runs again for a neighbour's failure, whatever the listener does with its
 connection: transaction blocks (and errors caught in them), row counts, prepared statements
 over many batches. Found by the hostile review of the journal (issue 23, item 10)."""
+
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from helpers import admin_query
+from psycopg.types.json import Jsonb
 from test_failure_isolation import Batch, effects, processor, publish, rows
 
 import pgpubsub
@@ -64,7 +67,7 @@ def test_a_failure_in_a_warm_processor_runs_every_neighbour_again(db: str) -> No
 def test_a_listener_that_caught_its_own_error_in_a_savepoint_is_charged_for_a_neighbour(
     db: str,
 ) -> None:
-    """"Insert if new": the listener wraps a write that may be a duplicate in
+    """ "Insert if new": the listener wraps a write that may be a duplicate in
     conn.transaction() and goes on when it is. Message 2 does so and completes. Message 5
     raises; the rewind re-sends message 2's statements without the savepoint (psycopg
     sends SAVEPOINT/ROLLBACK TO outside the journal's cursors), the duplicate fails, and
@@ -197,3 +200,112 @@ def test_a_listener_reads_the_row_count_of_its_own_statement(db: str) -> None:
     proc.drain_once()
     proc.session.close()
     assert seen == {n: 1 - n % 2 for n in range(10)}
+
+
+def test_executemany_returning_of_a_failed_listener_is_undone(db: str) -> None:
+    registry = Registry()
+
+    def listener(n: int) -> None:
+        cur = durable.connection().cursor()
+        cur.executemany(
+            "INSERT INTO effects VALUES ('job', %s, 0) RETURNING n", [(n,)], returning=True
+        )
+        if n == 4:
+            raise RuntimeError("flaky")
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry)
+    publish(db, Batch, range(10))
+    proc.drain_once()
+    proc.session.close()
+    assert set(rows(db)) == {4}
+    assert effects(db) == {n: 1 for n in range(10) if n != 4}
+
+
+def test_statements_are_sent_again_with_their_parameters_as_they_were(db: str) -> None:
+    registry = Registry()
+
+    def listener(n: int) -> None:
+        conn = durable.connection()
+        doc = {"n": n, "step": 1}
+        conn.execute("INSERT INTO effects VALUES (%s::jsonb->>'step', %s, 0)", (Jsonb(doc), n))
+        doc["step"] = 2
+        if n == 4:
+            raise RuntimeError("flaky")
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry)
+    publish(db, Batch, range(10))
+    proc.drain_once()
+    proc.session.close()
+    kinds = Counter(r[0] for r in admin_query(db, "SELECT kind FROM effects"))
+    assert kinds == {"1": 9}, kinds
+
+
+def test_executemany_rowcount_is_the_sum_of_its_statements(db: str) -> None:
+    admin_query(db, "CREATE TABLE counters (k int PRIMARY KEY, v int)")
+    admin_query(db, "INSERT INTO counters SELECT k, 0 FROM generate_series(0, 20) k")
+    registry = Registry()
+    seen: dict[int, int] = {}
+
+    def listener(n: int) -> None:
+        cur = durable.connection().cursor()
+        cur.executemany("UPDATE counters SET v = v + 1 WHERE k = %s", [(n,), (n + 1,)])
+        seen[n] = cur.rowcount
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry)
+    publish(db, Batch, range(5))
+    proc.drain_once()
+    proc.session.close()
+    assert seen == {n: 2 for n in range(5)}
+
+
+def test_statusmessage_and_description_wait_for_their_statement(db: str) -> None:
+    registry = Registry()
+    seen: dict[int, object] = {}
+
+    def listener(n: int) -> None:
+        conn = durable.connection()
+        cur = conn.execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+        msg = cur.statusmessage
+        cur2 = conn.execute("SELECT %s::int AS n", (n,))
+        desc = [d.name for d in cur2.description] if cur2.description else None
+        seen[n] = (msg, desc)
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry)
+    publish(db, Batch, range(3))
+    proc.drain_once()
+    proc.session.close()
+    assert seen == {n: ("INSERT 0 1", ["n"]) for n in range(3)}
+
+
+def test_an_error_caught_in_a_block_of_two_statements_is_not_charged(db: str) -> None:
+    admin_query(db, "CREATE TABLE once (n int UNIQUE)")
+    admin_query(db, "INSERT INTO once VALUES (2)")
+    registry = Registry()
+    calls: Counter[int] = Counter()
+
+    def listener(n: int) -> None:
+        calls[n] += 1
+        conn = durable.connection()
+        try:
+            with conn.transaction():
+                conn.execute("INSERT INTO once VALUES (%s)", (n,))
+                time.sleep(0.05)  # the INSERT's error has arrived
+                conn.execute("INSERT INTO effects VALUES ('side', %s, 0)", (n,))
+        except psycopg.errors.UniqueViolation:
+            pass
+        conn.execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry)
+    publish(db, Batch, range(5))
+    proc.drain_once()
+    for _ in range(3):  # its retries, made due now
+        admin_query(db, "UPDATE pgpubsub.message SET run_at = now()")
+        proc.drain_once()
+    proc.session.close()
+    assert {n: r[:2] for n, r in rows(db).items()} == {}
+    assert dict(calls) == {n: 1 for n in range(5)}

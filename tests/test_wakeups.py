@@ -12,13 +12,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import DurableRunning
 
 import pgpubsub
 from pgpubsub import durable
-from pgpubsub._loopthread import LoopThread
 from pgpubsub.channel import Channel, spec_of
-from pgpubsub.durable import DurableRunner
-from pgpubsub.engine import Engine
 from pgpubsub.listen import Registry
 
 
@@ -66,29 +64,6 @@ def test_a_worker_cannot_register_while_a_publisher_is_in_a_transaction(db: str)
         assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
 
 
-class Runner:
-    """Durable processors of ``Woken`` in this process, polling only every 30 s."""
-
-    def __init__(self, dsn: str, registry: Registry):
-        self.loop = LoopThread("test-wakeups")
-        self.engine = Engine(dsn)
-        self.durable = DurableRunner(self.engine, [spec_of(Woken)], registry, poll_interval=30)
-
-        async def start() -> None:
-            await self.engine.start()
-            await self.durable.start()
-
-        self.loop.run(start(), timeout=10)
-
-    def stop(self) -> None:
-        async def stop() -> None:
-            await self.durable.stop(10)
-            await self.engine.stop()
-
-        self.loop.run(stop(), timeout=20)
-        self.loop.close()
-
-
 def test_no_message_waits_for_the_poll(db: str) -> None:
     """Publishers in threads, single-message transactions of varied length, some open while
     the workers go to sleep: each message starts within 1 s of its commit although the
@@ -98,7 +73,7 @@ def test_no_message_waits_for_the_poll(db: str) -> None:
     started: dict[int, float] = {}
     registry.add(Woken, lambda n: started.setdefault(n, time.monotonic()))
     committed: dict[int, float] = {}
-    runner = Runner(db, registry)
+    runner = DurableRunning(db, [Woken], registry, poll_interval=30)
     try:
         time.sleep(0.3)  # the workers have looked and gone to sleep
 
@@ -141,7 +116,7 @@ def test_a_worker_going_to_sleep_waits_for_a_publisher_in_its_transaction(db: st
             release.wait(10)  # the workers are busy: nobody sleeps
 
     registry.add(Woken, listener)
-    runner = Runner(db, registry)
+    runner = DurableRunning(db, [Woken], registry, poll_interval=30)
     try:
         time.sleep(0.3)  # asleep, registered
         publish_each(db, range(0, 1))  # takes the registration, wakes a worker

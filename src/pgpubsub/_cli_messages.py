@@ -158,8 +158,11 @@ def _cancel(conn: Any, args: argparse.Namespace) -> int:
     if not args.ids and not _confirm(args, f"cancel every pending message of {args.channel}"):
         print("nothing cancelled")
         return 1
-    n = messages.cancel(conn, args.ids or None, args.channel)
-    print(f"cancelled {n} message(s)")
+    result = messages.cancel(conn, args.ids or None, args.channel)
+    print(f"cancelled {int(result)} message(s)")
+    if result.stopping:
+        ids = " ".join(str(i) for i in result.stopping)
+        print(f"asked {len(result.stopping)} running message(s) to stop: {ids}")
     return 0
 
 

@@ -105,6 +105,9 @@ class Crew:
                         self._poller = None
                 raise
             with self._lock:
+                if self._missed:  # a wake-up came meanwhile, none idle to take it
+                    self._missed = False
+                    return
                 self._idle.append(proc)
             proc.wake.wait(wait)
             proc.wake.clear()

@@ -27,6 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
+import datetime
+import decimal
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +60,31 @@ class _Message:
     key: str | None
     statements: list[tuple[psycopg.Cursor[Any], Any, Any]] = field(default_factory=list)
     read: bool = False  # a result was read: never sent again; a checkpoint follows
+    blocks: int = 0  # the listener's transaction blocks open now
     error: BaseException | None = None  # its own statement failed
+
+
+#: Parameter values a later change of the caller's cannot reach.
+_IMMUTABLE = (
+    int,
+    float,
+    str,
+    bytes,
+    bool,
+    type(None),
+    decimal.Decimal,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    uuid.UUID,
+)
+
+
+def _frozen(params: Any) -> Any:
+    """``params`` as they are now: a listener may change its objects after sending them."""
+    if isinstance(params, (tuple, list)) and all(isinstance(p, _IMMUTABLE) for p in params):
+        return tuple(params)
+    return copy.deepcopy(params)
 
 
 class Journal:
@@ -155,7 +183,7 @@ class Journal:
     def execute(self, cursor: psycopg.Cursor[Any], query: Any, params: Any, opts: Any) -> Any:
         msg = self._message
         assert msg is not None
-        msg.statements.append((cursor, query, params))
+        msg.statements.append((cursor, query, _frozen(params)))
         try:
             return psycopg.Cursor.execute(cursor, query, params, **opts)
         except psycopg.Error as exc:
@@ -205,11 +233,13 @@ class Journal:
         self._settle(msg)
         start = len(msg.statements)
         kept = False
+        msg.blocks += 1
         try:
             with real(self.conn, *args, **kwargs) as tx:
                 yield tx
             kept = tx.status is psycopg.Transaction.Status.COMMITTED
         finally:
+            msg.blocks -= 1
             if not kept:
                 del msg.statements[start:]
 
@@ -226,7 +256,7 @@ class Journal:
 
     def _undo(self, msg: _Message, exc: BaseException) -> bool:
         """Undo ``msg``'s statements; return whether ``exc`` was its own failure."""
-        if not msg.statements and not isinstance(exc, psycopg.Error):
+        if not msg.statements and not msg.read and not isinstance(exc, psycopg.Error):
             return True  # nothing of it reached the database
         # An error of a statement that did not come through the journal may be an
         # earlier message's (it surfaced late): unless ``msg`` read a result since
@@ -244,6 +274,10 @@ class Journal:
         ``msg``'s own: raised into its listener, and its message fails whatever
         the listener does with it.
         """
+        if msg.blocks:
+            # Everything before the block held when it began: the block's own
+            # error, which its savepoint undoes (the listener may go on).
+            raise exc
         if msg.read:
             msg.error = exc
             raise exc
@@ -355,13 +389,17 @@ class JournalCursor(psycopg.Cursor[Any]):
 
     def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
         journal = _current.get()
+        self._many: list[psycopg.Cursor[Any]] = []
         if journal is None or not journal.listening:
             return super().executemany(query, params_seq, returning=returning)
         if returning:
             journal.opaque()
             return super().executemany(query, params_seq, returning=True)
+        # One statement each, written down; the row count is their sum.
         for params in params_seq:
-            journal.execute(self, query, params, {})
+            cursor = psycopg.Cursor(self.connection)
+            journal.execute(cursor, query, params, {})
+            self._many.append(cursor)
         return None
 
     def fetchone(self) -> Any:
@@ -395,10 +433,29 @@ class JournalCursor(psycopg.Cursor[Any]):
 
     @property
     def rowcount(self) -> int:
-        journal = _current.get()
-        if journal is not None and journal.listening and self.pgresult is None:
-            journal.wait()  # pipelined: the count is known once the statement ran
+        many = getattr(self, "_many", None)
+        if many:
+            return sum(cursor.rowcount for cursor in many if self._ran(cursor))
+        self._ran(self)
         return int(psycopg.Cursor.rowcount.fget(self))  # type: ignore[attr-defined]
+
+    @property
+    def statusmessage(self) -> str | None:
+        self._ran(self)
+        return psycopg.Cursor.statusmessage.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def description(self) -> Any:
+        self._ran(self)
+        return psycopg.Cursor.description.fget(self)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _ran(cursor: psycopg.Cursor[Any]) -> bool:
+        """Wait for ``cursor``'s statement if it was pipelined: its result is read now."""
+        journal = _current.get()
+        if journal is not None and journal.listening and cursor.pgresult is None:
+            journal.wait()
+        return True
 
     def _read(self, fetch: Any) -> Any:
         journal = _current.get()

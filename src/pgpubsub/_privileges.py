@@ -68,6 +68,7 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.schedule TO {role}",
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.lease TO {role}",
         "GRANT INSERT ON pgpubsub.sleeper TO {role}",  # asleep: wake me (pgpubsub.sleep)
+        "GRANT SELECT ON pgpubsub.cancel_request TO {role}",  # stop a cancelled listener
         "GRANT SELECT ON pgpubsub.version TO {role}",
     ),
     "monitor": (
@@ -78,6 +79,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "operator": (
         _SCHEMA,
         "GRANT SELECT, UPDATE, DELETE ON pgpubsub.message TO {role}",
+        "GRANT SELECT, INSERT, DELETE ON pgpubsub.cancel_request TO {role}",  # stop a running one
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
     ),
     "django_writer": (
@@ -255,6 +257,7 @@ _DURABLE = (
     ("message", "UPDATE"),
     ("message", "DELETE"),
     ("sleeper", "INSERT"),
+    ("cancel_request", "SELECT"),
 )
 _SCHEDULED = (("schedule", "SELECT"), ("schedule", "INSERT"), ("schedule", "UPDATE"))
 _REGISTRY = (("worker", "SELECT"), ("worker", "INSERT"), ("worker", "UPDATE"), ("worker", "DELETE"))

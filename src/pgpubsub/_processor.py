@@ -20,14 +20,15 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _leases, _metrics, _tracing, driver
+from . import _cancel, _leases, _metrics, _tracing, driver
+from ._cancel import Cancellation
 from ._crew import Crew
 from ._journal import Journal
 from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
 from .channel import ChannelSpec
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
-from .errors import SchemaMismatch
+from .errors import MessageCancelled, SchemaMismatch
 from .listen import ListenerSpec
 from .session import Session
 
@@ -328,6 +329,9 @@ class ChannelProcessor:
         self.poll_interval = poll_interval
         self._alone = False  # the last claim took a message alone (unfinished before)
         self.max_attempts = int(cls.max_attempts)
+        self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
+        self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
+        self._doomed: set[int] = set()  # in hand, cancelled before their listener started
         self.retention = float(cls.retention)
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
@@ -547,35 +551,82 @@ class ChannelProcessor:
         level = logging.WARNING if worth_logging(failures) else logging.DEBUG
         log.log(level, "durable channel %s: %s; trying again in %.1fs", name, why, wait)
 
-    def _call(self, listener: ListenerSpec, message: Any) -> None:
+    def _call(self, listener: ListenerSpec, message: Any, stop: Cancellation) -> None:
         result = listener.call(message)
         if listener.is_async:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(result)
+            loop = self._loop
+            task = loop.create_task(result)
+
+            def cancel() -> None:
+                loop.call_soon_threadsafe(task.cancel)
+
+            stop.on_request(cancel)
+            loop.run_until_complete(task)
 
     def _handle(self, row: tuple[Any, ...]) -> None:
-        """Run the listeners of one claimed row ``(id, payload, attempt, trace)``."""
+        """Run the listeners of one claimed row ``(id, payload, attempt, trace)``.
+
+        Each attempt has a :class:`Cancellation`, requested when the channel's
+        ``timeout`` passes or the message is cancelled meanwhile: the attempt
+        then ends with its error, whatever the listener did.
+        """
         self._current = row[0]  # a stop past the grace leaves this one charged
+        stop = Cancellation(row[0], self.spec.path, self.timeout)
+        token = _cancel.current.set(stop)
+        self._stops[row[0]] = stop
+        if row[0] in self._doomed:  # cancelled before its listener started
+            self._doomed.discard(row[0])
+            stop.request("cancelled")
+        timer = None
+        if self.timeout is not None:
+            timer = threading.Timer(self.timeout, stop.request, ("timeout",))
+            timer.daemon = True
+            timer.start()
         try:
-            if not self._instrumented:
-                self._run_listeners(row[1])
-                return
-            started = time.perf_counter()
             try:
-                with _tracing.processing(self.spec.name, row[0], row[2], row[3]):
-                    self._run_listeners(row[1])
-            finally:
-                if self._observe is not None:
-                    self._observe(time.perf_counter() - started)
+                stop.raise_if_requested()
+                if not self._instrumented:
+                    self._run_listeners(row[1], stop)
+                else:
+                    started = time.perf_counter()
+                    try:
+                        with _tracing.processing(self.spec.name, row[0], row[2], row[3]):
+                            self._run_listeners(row[1], stop)
+                    finally:
+                        if self._observe is not None:
+                            self._observe(time.perf_counter() - started)
+            except BaseException as exc:
+                if stop.requested:
+                    raise stop.error() from exc
+                raise
+            stop.raise_if_requested()
         finally:
+            if timer is not None:
+                timer.cancel()
+            del self._stops[row[0]]
+            _cancel.current.reset(token)
             self._current = None
 
-    def _run_listeners(self, payload: str) -> None:
+    @property
+    def in_hand(self) -> list[int]:
+        """The ids of the messages this processor has claimed and not yet completed."""
+        return list(self._in_hand)
+
+    def stop_running(self, mid: int) -> None:
+        """Message ``mid`` was cancelled: its listener is asked to stop (or never starts)."""
+        stop = self._stops.get(mid)
+        if stop is not None:
+            stop.request("cancelled")
+        elif mid in self._in_hand:
+            self._doomed.add(mid)
+
+    def _run_listeners(self, payload: str, stop: Cancellation) -> None:
         message = self.spec.decode(payload)
         for listener in self.listeners:
             if listener.accepts(message):
-                self._call(listener, message)
+                self._call(listener, message, stop)
 
     def _claim(self) -> list[tuple[Any, ...]]:
         params = {
@@ -845,7 +896,23 @@ class ChannelProcessor:
             self.session.execute(KEEP_SQL if self.retention else DELETE_SQL, (ids,))
 
     def _failed(self, mid: int, attempt: int, exc: BaseException) -> bool:
-        """Record a failed attempt in a savepoint of its own; return whether it is now dead."""
+        """Record a failed attempt in a savepoint of its own; return whether it is now dead.
+
+        A message cancelled while its listener ran ends cancelled (deleted, as a
+        pending message that is cancelled): never run again.
+        """
+        if isinstance(exc, MessageCancelled):
+            with self.session.atomic():
+                self.session.execute(DELETE_SQL, ([mid],))
+                self.session.sync()
+            log.info(
+                "message %s on %s was cancelled while it ran (attempt %d): its writes undone",
+                mid,
+                self.spec.path,
+                attempt,
+                extra={"channel": self.spec.name, "message_id": mid, "attempt": attempt},
+            )
+            return False
         error = storable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         delay = self.backoff.delay(attempt - 1)
         # A payload that does not decode never will: dead at once, kept with its error.

@@ -29,8 +29,8 @@ fields::
 
 Channel options (class keywords, or class attributes of the same name):
 ``lock_notifications``, ``max_attempts``, ``retry_delay``, ``retry_max_delay``,
-``retention``, ``concurrency``, ``max_in_flight``, ``schedule`` and
-``timezone`` (durable channels, :mod:`pgpubsub.durable`).
+``retention``, ``concurrency``, ``max_in_flight``, ``timeout``, ``schedule``
+and ``timezone`` (durable channels, :mod:`pgpubsub.durable`).
 :class:`TriggerChannel` channels carry the row events of a table.
 
 The options are checked when the class is declared (and again on first use,
@@ -39,8 +39,8 @@ for attributes changed since): ``lock_notifications`` True or False;
 ``retry_max_delay`` and ``retention`` seconds (an int or a float, finite, from
 0 to a century), ``retry_max_delay`` no less than ``retry_delay``;
 ``concurrency`` an int from 1 to 256 (each a thread and a connection);
-``max_in_flight`` None or an int from 1 to 10,000 (each slot a lease row).
-A bool is not an int here. A bad value raises
+``max_in_flight`` None or an int from 1 to 10,000 (each slot a lease row);
+``timeout`` None or seconds over 0 up to a day. A bool is not an int here. A bad value raises
 :class:`~pgpubsub.errors.ConfigurationError` naming the channel, the option
 and the value.
 
@@ -75,6 +75,7 @@ _SETTINGS = (
     "retention",
     "concurrency",
     "max_in_flight",
+    "timeout",
     "schedule",
     "timezone",
 )
@@ -95,6 +96,10 @@ class Channel:
     #: At most this many messages of the channel handled at once across every worker
     #: (None: no limit); enforced in the database.
     max_in_flight: ClassVar[int | None] = None
+    #: Seconds an attempt may run (None: no limit). Past it, an async listener is
+    #: cancelled and a sync one is told (``durable.cancellation()``); the attempt then
+    #: fails as an AttemptTimeout, its writes undone, and is retried or dead.
+    timeout: ClassVar[float | None] = None
     #: A cron expression (5 fields, or 6 with seconds last): one message per tick, at or
     #: after the tick's instant, never twice. When the clocks change, a wall-clock time
     #: that does not exist (spring forward) runs at the first instant after the gap; one
@@ -128,6 +133,8 @@ MAX_IN_FLIGHT = 10_000
 _MAX_COUNT = 2**31 - 1
 #: The longest duration option (seconds): a century, as ``delay``.
 _MAX_SECONDS = 100 * 365.25 * 86400
+#: The longest timeout (seconds): a day.
+MAX_TIMEOUT = 86400.0
 
 
 def _is_int(value: Any) -> bool:
@@ -166,6 +173,14 @@ def _check_settings(cls: type[Channel], path: str) -> None:
     limit = cls.max_in_flight
     if limit is not None and (not _is_int(limit) or not 1 <= limit <= MAX_IN_FLIGHT):
         raise bad("max_in_flight", f"None or an int from 1 to {MAX_IN_FLIGHT}")
+    timeout = cls.timeout
+    if timeout is not None and not (
+        isinstance(timeout, (int, float))
+        and not isinstance(timeout, bool)
+        and math.isfinite(timeout)
+        and 0 < timeout <= MAX_TIMEOUT
+    ):
+        raise bad("timeout", f"None or seconds (an int or a float) over 0, up to {MAX_TIMEOUT:g}")
 
 
 @dataclass
@@ -368,7 +383,7 @@ def _check_queue_options(cls: type[Channel], path: str, required: frozenset[str]
             )
     asked = [
         k
-        for k in ("concurrency", "max_in_flight", "schedule")
+        for k in ("concurrency", "max_in_flight", "timeout", "schedule")
         if k in vars(cls) or k in cls._pgpubsub_options
     ]
     if asked and not cls.lock_notifications:

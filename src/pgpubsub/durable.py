@@ -59,7 +59,8 @@ from typing import Any
 
 import psycopg
 
-from . import _integration, driver
+from . import _cancel, _integration, driver
+from ._cancel import Cancellation
 from ._crew import Crew
 from ._due import due_channels
 from ._leases import LeaseKeeper, new_owner
@@ -69,12 +70,15 @@ from .engine import Engine, Gap
 from .errors import ConfigurationError, NoListener
 from .listen import Registry
 from .listen import registry as default_registry
+from .messages import CANCEL_CHANNEL
 from .session import PsycopgSession, Session
 
 __all__ = [
+    "Cancellation",
     "DurableRunner",
     "Options",
     "astore",
+    "cancellation",
     "connection",
     "default_session",
     "migrate",
@@ -105,6 +109,23 @@ def connection() -> Any:
     except LookupError:
         raise LookupError(
             "pgpubsub.durable.connection() is only set inside a durable listener"
+        ) from None
+
+
+def cancellation() -> Cancellation:
+    """The running attempt's :class:`~pgpubsub._cancel.Cancellation`, inside a durable listener.
+
+    ``cancellation().requested`` turns true when the channel's ``timeout`` has
+    passed or the message was cancelled (:func:`pgpubsub.messages.cancel`); a
+    sync listener that can stop early checks it (or sleeps with
+    ``cancellation().wait(seconds)``) and returns or raises; its writes are
+    undone either way. An async listener is cancelled instead.
+    """
+    try:
+        return _cancel.current.get()
+    except LookupError:
+        raise LookupError(
+            "pgpubsub.durable.cancellation() is only set inside a durable listener"
         ) from None
 
 
@@ -345,6 +366,8 @@ async def astore(
 
 # -- processing ---------------------------------------------------------------------
 
+CANCELLED_SQL = "SELECT id FROM pgpubsub.cancel_request WHERE id = ANY(%s)"
+
 
 class DurableRunner:
     """The durable side of a worker: one processor per channel, woken by NOTIFY and a poll."""
@@ -379,6 +402,7 @@ class DurableRunner:
         self.keeper.start()
         for name, crew in self.crews.items():
             await self.engine.subscribe(name, self._waker(crew), thread=False)
+        await self.engine.subscribe(CANCEL_CHANNEL, self._cancel_requested, thread=False)
         # Stored messages are always processed at start (what --recover asks for).
         for proc in self.processors:
             proc.start()
@@ -387,6 +411,22 @@ class DurableRunner:
     def _wake_all(self, gap: Gap) -> None:
         for crew in self.crews.values():
             crew.wake_one()
+
+    async def _cancel_requested(self, _msg: Any) -> None:
+        """Messages were cancelled while workers handle them: stop those in this worker's hands.
+
+        The NOTIFY says only "look" (anyone may send one): a listener stops only
+        for a row of pgpubsub.cancel_request, which only an operator can write.
+        """
+        in_hand = {mid: proc for proc in self.processors for mid in list(proc.in_hand)}
+        if in_hand:
+            asked = await asyncio.to_thread(self._cancelled, list(in_hand))
+            for mid in asked:
+                in_hand[mid].stop_running(mid)
+
+    def _cancelled(self, ids: list[int]) -> list[int]:
+        with driver.connect(self.engine.conninfo, autocommit=True) as conn:
+            return [r[0] for r in conn.execute(CANCELLED_SQL, (ids,)).fetchall()]
 
     @staticmethod
     def _waker(crew: Crew) -> Any:

@@ -18,6 +18,9 @@ boundaries in the multi-process worker unchanged::
     │   ├── SchemaMissing                            pgpubsub's schema is not installed
     │   └── PermissionDenied                         the role lacks a privilege
     ├── ListenerStateError                          call not valid in the current state
+    ├── AttemptStopped                              a durable listener was asked to stop
+    │   ├── AttemptTimeout      (also TimeoutError) it ran longer than its channel's timeout
+    │   └── MessageCancelled                         its message was cancelled while it ran
     └── ConfigurationError                          bad settings or arguments
         └── NoListener                               a channel has no listener in this process
 """
@@ -25,6 +28,8 @@ boundaries in the multi-process worker unchanged::
 from __future__ import annotations
 
 __all__ = [
+    "AttemptStopped",
+    "AttemptTimeout",
     "ChannelNotFound",
     "ConfigurationError",
     "ConnectionFailed",
@@ -34,6 +39,7 @@ __all__ = [
     "InvalidChannelName",
     "ListenerStartError",
     "ListenerStateError",
+    "MessageCancelled",
     "NoListener",
     "PayloadError",
     "PayloadTooLarge",
@@ -98,6 +104,18 @@ class ListenerStateError(PgPubSubError):
 
 #: Name used by the psqlpy ``Listener`` documents for "not started yet".
 ListenerStartError = ListenerStateError
+
+
+class AttemptStopped(PgPubSubError):
+    """A durable listener was asked to stop (see :func:`pgpubsub.durable.cancellation`)."""
+
+
+class AttemptTimeout(AttemptStopped, TimeoutError):
+    """A durable listener ran longer than its channel's ``timeout``: the attempt failed."""
+
+
+class MessageCancelled(AttemptStopped):
+    """A durable message was cancelled while its listener ran: it ends cancelled."""
 
 
 class ConfigurationError(PgPubSubError):

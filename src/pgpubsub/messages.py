@@ -29,6 +29,7 @@ from .errors import ConfigurationError
 
 __all__ = [
     "STATUSES",
+    "CancelResult",
     "ReplayResult",
     "Skipped",
     "StoredMessage",
@@ -327,24 +328,66 @@ def purge(
         return int(cur.rowcount)
 
 
+class CancelResult(int):
+    """How many pending messages :func:`cancel` cancelled; ``stopping``: the running ones
+    whose listeners were asked to stop."""
+
+    stopping: tuple[int, ...]
+
+    def __new__(cls, cancelled: int, stopping: tuple[int, ...] = ()) -> CancelResult:
+        result = super().__new__(cls, cancelled)
+        result.stopping = stopping
+        return result
+
+
+#: Workers look at pgpubsub.cancel_request when a NOTIFY on this channel comes.
+CANCEL_CHANNEL = "pgpubsub.cancel"
+# The pending messages asked for that no worker handles: deleted. The others
+# (locked by the transaction of the worker handling them) are asked to stop.
+CANCEL_SQL = (
+    "WITH c AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' "
+    "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
+    "AND (%(channel)s::text IS NULL OR channel = %(channel)s) "
+    "FOR UPDATE SKIP LOCKED) "
+    "DELETE FROM pgpubsub.message m USING c WHERE m.id = c.id RETURNING m.id"
+)
+# Those still pending and locked (claimed: in a worker's hands) are asked to stop;
+# any other is new since, and left alone.
+STOP_SQL = (
+    "WITH asked AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' "
+    "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
+    "AND (%(channel)s::text IS NULL OR channel = %(channel)s)), "
+    "free AS (SELECT id FROM pgpubsub.message WHERE id IN (SELECT id FROM asked) "
+    "FOR UPDATE SKIP LOCKED), "
+    "r AS (INSERT INTO pgpubsub.cancel_request (id) "
+    "SELECT id FROM asked WHERE id NOT IN (SELECT id FROM free) "
+    "ON CONFLICT (id) DO NOTHING RETURNING id) "
+    "SELECT id, pg_catalog.pg_notify(%(wake)s, '') FROM r ORDER BY id"
+)
+# Requests whose message ended (done, dead, cancelled, purged) meanwhile.
+STALE_SQL = (
+    "DELETE FROM pgpubsub.cancel_request r WHERE NOT EXISTS "
+    "(SELECT FROM pgpubsub.message m WHERE m.id = r.id AND m.status = 'pending')"
+)
+
 def cancel(
     conn: Any, ids: list[int] | None = None, channel: str | type[Any] | None = None
-) -> int:
-    """Delete pending messages so they never run; return how many.
+) -> CancelResult:
+    """Cancel messages so they never run (again); return how many pending ones were cancelled.
 
     Give ``ids``, a ``channel``, or both (neither: ConfigurationError). A
-    message a worker is handling right now is not cancelled (it is skipped, not
-    waited for): it completes, or fails and stays pending; cancel it again then.
+    pending message is deleted. One that a worker is handling right now is not
+    waited for: its listener is asked to stop (``durable.cancellation()``; an
+    async listener is cancelled), and once it returns or raises the message
+    ends cancelled, its writes undone; if it completes first, it stays done.
+    Those are in ``result.stopping``.
     """
     if ids is None and channel is None:
         raise ConfigurationError("cancel needs message ids, a channel, or both")
-    channel = channel_name(channel)
-    rows = _rows(
-        conn,
-        "WITH c AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' "
-        "AND (%s::bigint[] IS NULL OR id = ANY(%s)) AND (%s::text IS NULL OR channel = %s) "
-        "FOR UPDATE SKIP LOCKED) "
-        "DELETE FROM pgpubsub.message m USING c WHERE m.id = c.id RETURNING m.id",
-        (ids, ids, channel, channel),
-    )
-    return len(rows)
+    params: dict[str, Any] = {"ids": ids, "channel": channel_name(channel)}
+    cancelled = [r[0] for r in _rows(conn, CANCEL_SQL, params)]
+    params["wake"] = CANCEL_CHANNEL
+    with conn.cursor() as cur:
+        cur.execute(STALE_SQL)
+    stopping = tuple(r[0] for r in _rows(conn, STOP_SQL, params))
+    return CancelResult(len(cancelled), stopping)

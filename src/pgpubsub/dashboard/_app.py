@@ -245,18 +245,20 @@ class Dashboard:
                 await self._run(lambda c: stored.replay(c, ids, channel, which))
             )
         elif action == "cancel":
-            n = await self._run(lambda c: stored.cancel(c, ids, channel))
-            notice = f"{n} pending message(s) cancelled"
+            result = await self._run(lambda c: stored.cancel(c, ids, channel))
+            notice = f"{int(result)} pending message(s) cancelled" + (
+                f"; {len(result.stopping)} running asked to stop" if result.stopping else ""
+            )
         elif action == "purge":
             if status not in ("dead", "done", "spill"):
                 raise HTTPError(400, "only dead, done or spill messages can be purged")
             if one(form, "confirm") != "yes":
-                n = await self._run(lambda c: stored.count(c, [status], channel, ids=ids))
+                count = await self._run(lambda c: stored.count(c, [status], channel, ids=ids))
                 return self.render(
-                    request, "confirm", n=n, status=status, channel=channel, ids=ids or []
+                    request, "confirm", n=count, status=status, channel=channel, ids=ids or []
                 )
-            n = await self._run(lambda c: stored.purge(c, status, channel, ids=ids))
-            notice = f"{n} {status} message(s) deleted"
+            purged = await self._run(lambda c: stored.purge(c, status, channel, ids=ids))
+            notice = f"{purged} {status} message(s) deleted"
         else:
             raise HTTPError(404, f"no action {action!r}: replay, cancel or purge")
         if channel is not None:

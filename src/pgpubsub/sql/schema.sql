@@ -190,6 +190,17 @@ BEGIN
 END
 $body$;
 
+-- Version 5 (cancelling running work): a message cancelled while a worker
+-- handles it. The NOTIFY that tells workers to look here carries nothing (any
+-- role can send one): only a row here, which only an operator can write, stops
+-- a listener. No foreign key: its check would wait for the worker's row lock.
+-- A request whose message is no longer pending is deleted by the next cancel.
+CREATE TABLE IF NOT EXISTS pgpubsub.cancel_request (
+    id            bigint      PRIMARY KEY,
+    requested_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+REVOKE ALL ON pgpubsub.cancel_request FROM PUBLIC;
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (
