@@ -117,10 +117,14 @@ WITH RECURSIVE later(key) AS (
     -- a key's messages from its head on, up to the first one another
     -- transaction holds locked (no gap, so none runs before an older one) or
     -- that may have crashed its worker (unfinished: only a head is run alone)
-    SELECT k.id, k.unfinished, k.ordering_key FROM keyed k
-    WHERE k.rank = (SELECT pg_catalog.count(*) FROM keyed o
-                    WHERE o.ordering_key = k.ordering_key AND o.id <= k.id
-                      AND (o.rank = 1 OR NOT o.unfinished))
+    -- (counted by a window over the key's locked rows: one sort, not a
+    -- scan of the batch per row)
+    SELECT k.id, k.unfinished, k.ordering_key FROM (
+        SELECT o.id, o.unfinished, o.ordering_key, o.rank,
+            pg_catalog.count(*) FILTER (WHERE o.rank = 1 OR NOT o.unfinished)
+                OVER (PARTITION BY o.ordering_key ORDER BY o.id) AS run
+        FROM keyed o
+    ) k WHERE k.rank = k.run
 ), pick AS (
     SELECT id, ordering_key, false AS alone FROM due
     WHERE NOT EXISTS (SELECT FROM due WHERE unfinished)
