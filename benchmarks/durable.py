@@ -67,7 +67,8 @@ def scalar(dsn: str, query: str) -> int:
         return int(row[0])
 
 
-def p6(dsn: str, n: int, keys: int = 0) -> None:
+def p6(dsn: str, n: int, keys: int = 0) -> float:
+    """Run P6 (with ``keys`` ordering keys, or none); return the rate in messages/s."""
     what = f", {keys} ordering keys" if keys else ""
     print(f"\n== P6: {n:,} durable messages, 2 worker processes, one row per message{what}")
     reset(dsn)
@@ -113,6 +114,7 @@ def p6(dsn: str, n: int, keys: int = 0) -> None:
             per_key.setdefault(v // 1_000_000, []).append(v % 1_000_000)
         in_order = sum(seq == sorted(seq) for seq in per_key.values())
         print(f"keys whose messages were handled in publish order: {in_order} of {keys}")
+    return n / seconds
 
 
 def concurrency(dsn: str, n: int) -> None:
@@ -229,7 +231,15 @@ def main() -> None:
     parser.add_argument("--skip-p7", action="store_true")
     parser.add_argument("--skip-ordering", action="store_true")
     parser.add_argument("--skip-concurrency", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the P6 rows")
+    parser.add_argument(
+        "--only",
+        choices=["keys"],
+        help="keys: plain P6, the two keyed P6 rows (each as a ratio of plain P6) and keyed P7",
+    )
     args = parser.parse_args()
+    if args.only == "keys":
+        args.skip_concurrency = True
     dsn = os.environ.get("PGPUBSUB_DSN")
     server = None if dsn else EmbeddedServer().start()
     dsn = dsn or server.conninfo  # type: ignore[union-attr]
@@ -237,15 +247,27 @@ def main() -> None:
         durable.migrate(dsn)
         with psycopg.connect(dsn) as conn:
             print(f"server: PostgreSQL {conn.info.server_version}, {os.cpu_count()} cores")
-        if not args.skip_p6:
-            p6(dsn, args.n)
-        if not args.skip_ordering:
-            p6(dsn, args.n, keys=20)
-            p6(dsn, args.n, keys=args.n // 2)  # 2 messages per key
+        # Rounds of the three P6 rows one after the other: on a shared machine a
+        # ratio within one round means more than rates from different moments.
+        ratios: list[tuple[float, float]] = []
+        for _ in range(args.rounds):
+            plain = None if args.skip_p6 else p6(dsn, args.n)
+            if not args.skip_ordering:
+                few = p6(dsn, args.n, keys=20)
+                many = p6(dsn, args.n, keys=args.n // 2)  # 2 messages per key
+                if plain:
+                    ratios.append((few / plain, many / plain))
+                    print(f"\nkeyed P6 vs plain P6 ({plain:,.0f}/s): 20 keys x{few / plain:.2f}, "
+                          f"{args.n // 2:,} keys x{many / plain:.2f}")  # fmt: skip
+        if len(ratios) > 1:
+            few_r, many_r = (statistics.median(r) for r in zip(*ratios, strict=True))
+            print(f"median of {len(ratios)} rounds: 20 keys x{few_r:.2f}, "
+                  f"{args.n // 2:,} keys x{many_r:.2f}")  # fmt: skip
         if not args.skip_concurrency:
             concurrency(dsn, 4000)
         if not args.skip_p7:
-            p7(dsn, args.n // 2, args.backlog)
+            if args.only != "keys":
+                p7(dsn, args.n // 2, args.backlog)
             if not args.skip_ordering:
                 p7_keys(dsn, args.n // 2, args.backlog)
     finally:

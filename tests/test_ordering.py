@@ -9,6 +9,7 @@ than ``max_in_flight`` listeners of a channel at once.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +21,12 @@ from helpers import Running, admin_query, terminate_sessions, wait_until
 
 import pgpubsub
 from pgpubsub import messages
+from pgpubsub._leases import new_owner
+from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.durable import migrate
 from pgpubsub.listen import Registry
+from pgpubsub.session import PsycopgSession
 
 
 @dataclass
@@ -205,3 +209,80 @@ def test_a_later_commit_runs_later_even_when_its_key_waited_meanwhile(db: str) -
         worker.stop()
     assert recorder.overlaps() == []
     assert recorder.order() == [0, *committed]
+
+
+def claimer(dsn: str, claim_size: int) -> ChannelProcessor:
+    spec = spec_of(Keyed)
+    proc = ChannelProcessor(PsycopgSession(dsn), spec, [], holder=f"{new_owner()}#0")
+    proc.session.open()
+    proc.claim_size = claim_size
+    return proc
+
+
+def publish_keys(dsn: str, keys: int, per_key: int) -> None:
+    with psycopg.connect(dsn) as conn:
+        for k in range(keys):
+            pgpubsub.notify_many(
+                Keyed, [{"seq": k * 100 + i} for i in range(per_key)], conn=conn,
+                ordering_key=f"k{k:02d}",
+            )  # fmt: skip
+
+
+def test_two_claims_at_once_take_different_keys_and_both_fill_their_batches(db: str) -> None:
+    """A key another claim is taking (locked, its lease not committed) is passed over."""
+    publish_keys(db, keys=20, per_key=2)
+    first, second = claimer(db, 10), claimer(db, 10)
+    try:
+        with first.session.atomic():  # the first claim is not committed yet
+            taken = first._claim()
+            got = second._claim()
+        assert len(taken) == len(got) == 10
+        assert not {r[8] for r in taken} & {r[8] for r in got}, "a key claimed twice"
+        # Each a key's messages in order, from its oldest (seq = key * 100 + i).
+        for rows in (taken, got):
+            seqs: dict[str, list[int]] = {}
+            for row in sorted(rows):
+                seqs.setdefault(row[8], []).append(json.loads(row[1])["seq"] % 100)
+            assert all(s == list(range(len(s))) for s in seqs.values()), seqs
+        leases = admin_query(db, "SELECT name, holder FROM pgpubsub.lease WHERE kind = 'key'")
+        holders = dict(leases)  # type: ignore[arg-type]
+        assert len(leases) == len(holders) == 10
+        assert {r[8] for r in taken} | {r[8] for r in got} == set(holders)
+    finally:
+        first.session.close()
+        second.session.close()
+
+
+def test_a_claim_stops_a_key_at_a_message_it_may_not_run_yet(db: str) -> None:
+    """A key's messages are claimed from its oldest up to one locked elsewhere or unfinished.
+
+    Unfinished (its worker stopped during its batch): only as a key's oldest,
+    and then claimed alone.
+    """
+    publish_keys(db, keys=3, per_key=4)
+    ids = {
+        (str(k), int(s)): int(i)  # type: ignore[call-overload]
+        for i, k, s in admin_query(
+            db, "SELECT id, ordering_key, (payload::json->>'seq')::int %% 100 FROM pgpubsub.message"
+        )
+    }
+    admin_query(db, "UPDATE pgpubsub.message SET unfinished = true WHERE id = %s", (ids["k01", 2],))
+    proc = claimer(db, 40)
+    try:
+        with psycopg.connect(db) as other:  # another transaction holds k00's third message
+            lock = "SELECT 1 FROM pgpubsub.message WHERE id = %s FOR UPDATE"
+            other.execute(lock, (ids["k00", 2],))
+            rows = proc._claim()
+        claimed = sorted((r[8], r[0]) for r in rows)
+        assert claimed == sorted(
+            [("k00", ids["k00", 0]), ("k00", ids["k00", 1])]
+            + [("k01", ids["k01", 0]), ("k01", ids["k01", 1])]
+            + [("k02", ids["k02", i]) for i in range(4)]
+        )
+        assert not any(r[7] for r in rows)  # none alone
+        proc._release(wake=False)
+        admin_query(db, "DELETE FROM pgpubsub.message WHERE id = ANY(%s)", ([r[0] for r in rows],))
+        rows = proc._claim()  # k01's oldest is now the unfinished one: alone
+        assert [(r[0], r[7]) for r in rows] == [(ids["k01", 2], True)]
+    finally:
+        proc.session.close()

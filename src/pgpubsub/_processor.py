@@ -52,7 +52,8 @@ log = logging.getLogger("pgpubsub.durable")
 # in order. The keys are visited by a loose index scan of the channel's keyed
 # pending messages (one index probe per key, its first messages another),
 # starting after the key this processor claimed last and wrapping around, and
-# stopping once enough are found: each claim costs the keys it looks at, not
+# stopping once enough are found and locked (a key another claim is taking at
+# that moment is passed over): each claim costs the keys it looks at, not
 # the backlog, and every key gets its turn. A key's first few messages are
 # claimed together (as long as each is due): holding the key, the processor
 # runs them one after the other, in order; when one fails, the ones after it
@@ -82,14 +83,18 @@ WITH RECURSIVE later(key) AS (
     UNION ALL
     SELECT ({_NEXT_KEY.format(after="earlier.key")}) FROM earlier
     WHERE earlier.key IS NOT NULL AND earlier.key <= %(after)s
-), heads AS (
-    SELECT h.id, h.rank FROM (
+), keyed AS (
+    -- Each key's first messages are locked as its turn comes, and the limit
+    -- counts locked rows: a key another claim is taking at this moment (its
+    -- rows locked, its lease not yet committed) is passed over for the next
+    -- ones, so that two processors claiming at once both fill their batches.
+    SELECT h.id, h.unfinished, h.ordering_key, h.rank FROM (
         SELECT key FROM later WHERE key IS NOT NULL
         UNION ALL
         SELECT key FROM earlier WHERE key IS NOT NULL AND key <= %(after)s
     ) k
     CROSS JOIN LATERAL (
-        SELECT p.id, p.rank FROM (
+        SELECT m.id, m.unfinished, m.ordering_key, p.rank FROM (
             SELECT f.id, pg_catalog.row_number() OVER (ORDER BY f.id) AS rank,
                 pg_catalog.bool_and(f.run_at <= pg_catalog.now()) OVER (ORDER BY f.id) AS due
             FROM (
@@ -98,7 +103,13 @@ WITH RECURSIVE later(key) AS (
                   AND m.ordering_key = k.key
                 ORDER BY m.id LIMIT %(per_key)s
             ) f
-        ) p WHERE p.due
+        ) p
+        -- checked again on the row locked: one another claim took since this
+        -- one began (its run_at moved on) is passed over too
+        JOIN pgpubsub.message m ON m.id = p.id
+        WHERE p.due AND m.status = 'pending' AND m.run_at <= pg_catalog.now()
+        ORDER BY p.rank
+        FOR UPDATE OF m SKIP LOCKED
     ) h
     WHERE NOT EXISTS (
         SELECT 1 FROM pgpubsub.lease l
@@ -109,21 +120,20 @@ WITH RECURSIVE later(key) AS (
     WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
       AND run_at <= pg_catalog.now()
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-), keyed AS (
-    SELECT m.id, m.unfinished, m.ordering_key, m.priority, m.run_at, h.rank
-    FROM pgpubsub.message m JOIN heads h ON h.id = m.id
-    WHERE m.status = 'pending'
-    FOR UPDATE OF m SKIP LOCKED
 ), due AS (
     SELECT id, unfinished, ordering_key FROM unkeyed
     UNION ALL
     -- a key's messages from its head on, up to the first one another
     -- transaction holds locked (no gap, so none runs before an older one) or
     -- that may have crashed its worker (unfinished: only a head is run alone)
-    SELECT k.id, k.unfinished, k.ordering_key FROM keyed k
-    WHERE k.rank = (SELECT pg_catalog.count(*) FROM keyed o
-                    WHERE o.ordering_key = k.ordering_key AND o.id <= k.id
-                      AND (o.rank = 1 OR NOT o.unfinished))
+    -- (counted by a window over the key's locked rows: one sort, not a
+    -- scan of the batch per row)
+    SELECT k.id, k.unfinished, k.ordering_key FROM (
+        SELECT o.id, o.unfinished, o.ordering_key, o.rank,
+            pg_catalog.count(*) FILTER (WHERE o.rank = 1 OR NOT o.unfinished)
+                OVER (PARTITION BY o.ordering_key ORDER BY o.id) AS run
+        FROM keyed o
+    ) k WHERE k.rank = k.run
 ), pick AS (
     SELECT id, ordering_key, false AS alone FROM due
     WHERE NOT EXISTS (SELECT FROM due WHERE unfinished)
