@@ -28,27 +28,35 @@ current: contextvars.ContextVar[Cancellation] = contextvars.ContextVar("pgpubsub
 class Cancellation:
     """Whether the attempt of message ``message_id`` should stop, and why."""
 
+    __slots__ = ("_event", "_hooks", "_lock", "_reason", "_timeout", "_where", "message_id")
+
     def __init__(self, message_id: int, where: str, timeout: float | None = None):
         self.message_id = message_id
         self._where = where  # the channel, for the error's text
         self._timeout = timeout
-        self._event = threading.Event()
         self._lock = threading.Lock()
+        self._event: threading.Event | None = None  # made when someone waits (most never do)
         self._reason: str | None = None  # "timeout" or "cancelled"
         self._hooks: list[Callable[[], None]] = []
 
     @property
     def requested(self) -> bool:
         """Whether the listener should stop now."""
-        return self._event.is_set()
+        return self._reason is not None
 
     def wait(self, seconds: float | None = None) -> bool:
         """Sleep up to ``seconds`` (in place of ``time.sleep``); True once a stop is requested."""
-        return self._event.wait(seconds)
+        with self._lock:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._reason is not None:
+                    self._event.set()
+            event = self._event
+        return event.wait(seconds)
 
     def raise_if_requested(self) -> None:
         """Raise the stop's error (AttemptTimeout or MessageCancelled) if one was requested."""
-        if self.requested:
+        if self._reason is not None:
             raise self.error()
 
     def error(self) -> AttemptStopped:
@@ -67,7 +75,8 @@ class Cancellation:
             if self._reason is not None:
                 return
             self._reason = reason
-            self._event.set()
+            if self._event is not None:
+                self._event.set()
             hooks = list(self._hooks)
         for hook in hooks:
             hook()

@@ -65,25 +65,32 @@ class _Message:
 
 
 #: Parameter values a later change of the caller's cannot reach.
-_IMMUTABLE = (
-    int,
-    float,
-    str,
-    bytes,
-    bool,
-    type(None),
-    decimal.Decimal,
-    datetime.date,
-    datetime.time,
-    datetime.timedelta,
-    uuid.UUID,
+_IMMUTABLE = frozenset(
+    {
+        int,
+        float,
+        str,
+        bytes,
+        bool,
+        type(None),
+        decimal.Decimal,
+        datetime.date,
+        datetime.datetime,
+        datetime.time,
+        datetime.timedelta,
+        uuid.UUID,
+    }
 )
 
 
 def _frozen(params: Any) -> Any:
     """``params`` as they are now: a listener may change its objects after sending them."""
-    if isinstance(params, (tuple, list)) and all(isinstance(p, _IMMUTABLE) for p in params):
-        return tuple(params)
+    if type(params) is tuple:
+        for p in params:
+            if type(p) not in _IMMUTABLE:
+                break
+        else:
+            return params  # the common case: a tuple of numbers and strings
     return copy.deepcopy(params)
 
 

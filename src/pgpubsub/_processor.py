@@ -28,7 +28,7 @@ from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
 from .channel import ChannelSpec
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
-from .errors import MessageCancelled, SchemaMismatch
+from .errors import AttemptStopped, MessageCancelled, SchemaMismatch
 from .listen import ListenerSpec
 from .session import Session
 
@@ -582,12 +582,13 @@ class ChannelProcessor:
         ``timeout`` passes or the message is cancelled meanwhile: the attempt
         then ends with its error, whatever the listener did.
         """
-        self._current = row[0]  # a stop past the grace leaves this one charged
-        stop = Cancellation(row[0], self.spec.path, self.timeout)
+        mid = row[0]
+        self._current = mid  # a stop past the grace leaves this one charged
+        stop = Cancellation(mid, self.spec.path, self.timeout)
         token = _cancel.current.set(stop)
-        self._stops[row[0]] = stop
-        if row[0] in self._doomed:  # cancelled before its listener started
-            self._doomed.discard(row[0])
+        self._stops[mid] = stop
+        if self._doomed and mid in self._doomed:  # cancelled before its listener started
+            self._doomed.discard(mid)
             stop.request("cancelled")
         timer = None
         if self.timeout is not None:
@@ -595,29 +596,33 @@ class ChannelProcessor:
             timer.daemon = True
             timer.start()
         try:
-            try:
-                stop.raise_if_requested()
-                if not self._instrumented:
-                    self._run_listeners(row[1], stop)
-                else:
-                    started = time.perf_counter()
-                    try:
-                        with _tracing.processing(self.spec.name, row[0], row[2], row[3]):
-                            self._run_listeners(row[1], stop)
-                    finally:
-                        if self._observe is not None:
-                            self._observe(time.perf_counter() - started)
-            except BaseException as exc:
-                if stop.requested:
-                    raise stop.error() from exc
-                raise
+            if stop.requested:
+                raise stop.error()
+            if self._instrumented:
+                self._traced(row, stop)
+            else:
+                self._run_listeners(row[1], stop)
+        except BaseException as exc:
+            if stop.requested and not isinstance(exc, AttemptStopped):
+                raise stop.error() from exc
+            raise
+        else:
             stop.raise_if_requested()
         finally:
             if timer is not None:
                 timer.cancel()
-            del self._stops[row[0]]
+            del self._stops[mid]
             _cancel.current.reset(token)
             self._current = None
+
+    def _traced(self, row: tuple[Any, ...], stop: Cancellation) -> None:
+        started = time.perf_counter()
+        try:
+            with _tracing.processing(self.spec.name, row[0], row[2], row[3]):
+                self._run_listeners(row[1], stop)
+        finally:
+            if self._observe is not None:
+                self._observe(time.perf_counter() - started)
 
     @property
     def in_hand(self) -> list[int]:
