@@ -324,3 +324,32 @@ def test_recovery_without_listeners_in_the_process_leaves_every_message_pending(
     assert admin_query(
         db, "SELECT count(*) FROM pgpubsub.message WHERE status = 'pending' AND attempts = 0"
     ) == [(3,)]
+
+
+def test_a_claim_probes_its_rows_whatever_the_statistics_say(dsn: str) -> None:
+    """Statistics taken when the queue was empty (autoanalyze often finds it so) made the
+    claim's UPDATE loop over the whole batch for each claimed row: a burst of 10,000 then
+    ran ten times slower. The claim finds its rows by id, with no such join."""
+    from pgpubsub._processor import CLAIM_SQL
+
+    durable.migrate(dsn)
+
+    @dataclass
+    class Burst(Channel, lock_notifications=True):
+        n: int
+
+    name = spec_of(Burst).name
+    with psycopg.connect(dsn) as conn:
+        pgpubsub.notify_many(Burst, [{"n": i} for i in range(1000)], conn=conn)
+    admin_query(dsn, "DELETE FROM pgpubsub.message")
+    admin_query(dsn, "ANALYZE pgpubsub.message")  # it saw an empty queue
+    with psycopg.connect(dsn) as conn:
+        pgpubsub.notify_many(Burst, [{"n": i} for i in range(1000)], conn=conn)
+    params = {
+        "channel": name, "limit": 500, "max": 5, "base": 1.0, "factor": 2.0, "cap": 300.0,
+        "holder": "test#0", "ttl": 10.0, "after": "", "per_key": 125,
+    }  # fmt: skip
+    with psycopg.connect(dsn) as conn:
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN ANALYZE " + CLAIM_SQL, params))
+    assert "rows=500" in plan  # it claimed a batch
+    assert "Rows Removed by Join Filter" not in plan, plan

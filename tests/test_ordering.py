@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 from helpers import Running, admin_query, terminate_sessions, wait_until
+from test_failure_isolation import Batch, processor, rows
 
 import pgpubsub
-from pgpubsub import messages
+from pgpubsub import durable, messages
 from pgpubsub._leases import new_owner
 from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
@@ -286,3 +287,98 @@ def test_a_claim_stops_a_key_at_a_message_it_may_not_run_yet(db: str) -> None:
         assert [(r[0], r[7]) for r in rows] == [(ids["k01", 2], True)]
     finally:
         proc.session.close()
+
+
+# -- found by the hostile review of issue 24 --------------------------------------------
+
+
+def test_a_later_message_of_a_key_never_completes_before_an_earlier_one_fails(
+    db: str,
+) -> None:
+    """Key 'a' is messages 0 and 1, key 'b' message 2, one batch. Message 0's write
+    depends on a row another transaction may change (a balance, a stock count, a flag):
+    it holds when sent, so message 1 of 'a' runs and completes. Message 2 raises; the
+    rewind sends message 0's statement again, now after the other transaction's commit,
+    and it fails: message 0 is retried later while message 1 of its key is done."""
+    admin_query(db, "CREATE TABLE effects (kind text, n int, pid int)")
+    admin_query(db, "CREATE TABLE flag (n int)")
+    admin_query(db, "INSERT INTO flag VALUES (1)")
+    registry = Registry()
+
+    def listener(n: int) -> None:
+        conn = durable.connection()
+        if n == 0:
+            conn.execute(
+                "INSERT INTO effects SELECT 'job', %s, 1 / (SELECT n FROM flag)", (n,)
+            )
+        else:
+            conn.execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+        if n == 2:
+            # another client commits meanwhile (here, for a deterministic interleaving)
+            admin_query(db, "UPDATE flag SET n = 0")
+            raise RuntimeError("flaky")
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry)
+    with psycopg.connect(db) as conn:
+        for n, key in ((0, "a"), (1, "a"), (2, "b")):
+            pgpubsub.notify(Batch(n=n), conn=conn, ordering_key=key)
+    proc.drain_once()
+    proc.session.close()
+    stored = rows(db)
+    state = {n: stored[n][0] if n in stored else "done" for n in range(3)}
+    # A later message of key 'a' is never done while an earlier one of 'a' is not.
+    assert not (state[0] != "done" and state[1] == "done"), (state, stored)
+
+
+def test_max_in_flight_holds_after_a_stop_that_leaves_its_listener_running(
+    db: str,
+) -> None:
+    """Worker.stop(timeout) in a process that goes on (not ``exiting``): the durable guide
+    and the docstring say the listener goes on in its thread and its batch commits when
+    it returns. The stop also stops the lease keeper, so the max_in_flight slot that
+    listener holds runs out TTL seconds later and another worker takes it: two listeners
+    run under max_in_flight=1."""
+
+    recorder = Recorder()
+    registry = Registry()
+    registry.add(OneAtATime, lambda seq: recorder(seq))
+    first = Running(db, registry)
+    second: Running | None = None
+    try:
+        recorder.gate(1)
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(OneAtATime(seq=1), conn=conn)
+        wait_until(lambda: recorder.started(1), timeout=10)
+        # The first worker is stopped with a short grace; its listener still runs.
+        first.loop.run(first.worker.stop(timeout=0.5), timeout=15)
+        second = Running(db, registry)
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(OneAtATime(seq=2), conn=conn)
+        deadline = time.monotonic() + 20  # twice the lease TTL
+        while time.monotonic() < deadline and not recorder.started(2):
+            time.sleep(0.1)
+        assert not recorder.started(2), "a second listener ran under max_in_flight=1"
+    finally:
+        recorder.gate(1).set()
+        if second is not None:
+            second.stop()
+        first.loop.close()
+    assert recorder.overlaps() == []
+
+
+def test_a_keyed_message_of_higher_priority_runs_before_an_unkeyed_one_of_lower(db: str) -> None:
+    """The durable guide: "priority: among due messages, higher first". Both due, one
+    batch: the keyed message of priority 10 runs after the unkeyed one of priority 0
+    (_batch sorts every keyed message after every unkeyed one; the claim's keyed part
+    ignores priority altogether)."""
+    registry = Registry()
+    order: list[int] = []
+    registry.add(Batch, lambda n: order.append(n))
+    proc = processor(db, registry)
+    with psycopg.connect(db) as conn:
+        pgpubsub.notify(Batch(n=0), conn=conn, priority=0)
+        pgpubsub.notify(Batch(n=1), conn=conn, priority=10, ordering_key="a")
+    proc.drain_once()
+    proc.session.close()
+    assert order == [1, 0]

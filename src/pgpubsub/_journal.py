@@ -182,8 +182,10 @@ class Journal:
                 raise
             self._rewind(strict=True)
             return
-        # Still sent again on a rewind (they can be): only their keys are free.
-        self._unconfirmed_keys.clear()
+        # Held: never sent again, so never undone by a later rewind (sending a
+        # statement again may fail where it held, if other transactions changed
+        # its data meanwhile: a later message of its key has run on it).
+        self._move_checkpoint()
 
     # -- through the journal's cursors ----------------------------------------------------
 

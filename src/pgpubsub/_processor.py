@@ -154,15 +154,18 @@ UPDATE pgpubsub.message m SET
         secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))),
     status = CASE WHEN {CRASHED_OUT} THEN 'dead' ELSE 'pending' END,
     unfinished = NOT ({CRASHED_OUT}),
-    claimed_alone = pick.alone,
+    claimed_alone = (SELECT pg_catalog.bool_or(alone) FROM pick),
     last_error = CASE WHEN {CRASHED_OUT}
         THEN pg_catalog.format(
             'the process handling it stopped before it completed (attempt %%s)', m.attempts)
         ELSE m.last_error END
-FROM pick WHERE m.id = pick.id
-  AND (pick.ordering_key IS NULL OR pick.ordering_key IN (SELECT name FROM leased))
+-- The rows by their ids (an index probe each) and no join: statistics taken
+-- while the queue was empty made the planner loop over the batch for each row.
+-- A claim takes one message alone or none alone (pick), so alone is one value.
+WHERE m.id = ANY(ARRAY(SELECT id FROM pick))
+  AND (m.ordering_key IS NULL OR m.ordering_key IN (SELECT name FROM leased))
 RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
-    m.ordering_key IS NOT NULL, pick.alone, m.ordering_key
+    m.ordering_key IS NOT NULL, m.claimed_alone, m.ordering_key
 """  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a
 # concurrent claim's scan may hold one of them for an instant (it re-checks the
@@ -200,10 +203,15 @@ WAKE_SQL = "SELECT pg_catalog.pg_notify(%s, '')"
 SLEEP_SQL = "SELECT pgpubsub.sleep(%s)"
 # A failed attempt: its outcome is recorded (no longer unfinished), and the
 # retry delay counts from now, not from the start of the batch's transaction.
+# A message claimed alone (its last attempt never finished: its batch's process
+# stopped) that fails on its own was not what stopped that process: the attempt
+# of that batch is given back, so that a batch-mate's crash costs it nothing.
 RETRY_SQL = (
     "UPDATE pgpubsub.message SET last_error = %s, unfinished = false, "
+    "claimed_alone = false, attempts = attempts - claimed_alone::int, "
     "run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => %s), "
-    "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END WHERE id = %s"
+    "status = CASE WHEN attempts - claimed_alone::int >= %s THEN 'dead' ELSE 'pending' END "
+    "WHERE id = %s RETURNING status = 'dead'"
 )
 # Messages whose round failed on a lost session, in a live process: as if never
 # claimed, unless another worker claimed them since.
@@ -419,6 +427,15 @@ class ChannelProcessor:
                 one_line(exc),
                 extra={"channel": self.spec.name},
             )
+
+    @property
+    def running(self) -> bool:
+        """Whether its thread still runs (a listener outlasting a stop's timeout)."""
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        """Wait for its thread to end."""
+        self._thread.join()
 
     def status(self) -> ProcessorStatus:
         return ProcessorStatus(
@@ -670,8 +687,13 @@ class ChannelProcessor:
         if claimed and self._claim_batch is not None:
             self._claim_batch(len(claimed))
         rows = []
-        # Higher priority first, then oldest; a key's messages in id order.
-        order = sorted(claimed, key=lambda r: (r[6], -r[5] if not r[6] else 0, r[0]))
+        # Higher priority first, then oldest; a key's messages in id order, at the
+        # priority of its first (so that a key's order holds).
+        head: dict[Any, int] = {}
+        for r in sorted(claimed, key=lambda r: r[0]):
+            if r[6]:
+                head.setdefault(r[8], r[5])
+        order = sorted(claimed, key=lambda r: (-(head[r[8]] if r[6] else r[5]), r[0]))
         for mid, payload, attempts, status, trace, _, keyed, _, key in order:
             if status == "dead":
                 self.dead += 1
@@ -931,9 +953,9 @@ class ChannelProcessor:
         error = storable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         delay = self.backoff.delay(attempt - 1)
         # A payload that does not decode never will: dead at once, kept with its error.
-        limit = attempt if isinstance(exc, SchemaMismatch) else self.max_attempts
+        limit = 0 if isinstance(exc, SchemaMismatch) else self.max_attempts
         try:
-            self._record(mid, error, delay, limit)
+            final = self._record(mid, error, delay, limit)
         except Exception as trouble:
             if self.session.broken(trouble):
                 raise
@@ -942,25 +964,25 @@ class ChannelProcessor:
                 f"{type(exc).__module__}.{type(exc).__qualname__} (its text could not be "
                 f"stored: {one_line(trouble)})"
             )
-            self._record(mid, error, delay, limit)
-        final = attempt >= limit
+            final = self._record(mid, error, delay, limit)
         log.log(
             logging.ERROR if final else logging.WARNING,
             "message %s on %s failed (attempt %d of %d): %r%s",
             mid,
             self.spec.path,
             attempt,
-            limit,
+            limit or attempt,
             exc,
             "; now dead" if final else f"; retry in {delay:.1f}s",
             extra={"channel": self.spec.name, "message_id": mid, "attempt": attempt},
         )
         return final
 
-    def _record(self, mid: int, error: str, delay: float, limit: int) -> None:
+    def _record(self, mid: int, error: str, delay: float, limit: int) -> bool:
+        """Store a failed attempt; whether the message is now dead."""
         with self.session.atomic():
-            self.session.execute(RETRY_SQL, (error, delay, limit, mid))
-            self.session.sync()
+            rows = self.session.fetch(RETRY_SQL, (error, delay, limit, mid))
+        return bool(rows and rows[0][0])
 
 
 def _backend_pid(session: Session) -> int | None:

@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import datetime
 import math
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -446,7 +447,23 @@ class DurableRunner:
         await asyncio.gather(
             *(asyncio.to_thread(p.stop, timeout, conninfo) for p in self.processors)
         )
+        running = [p for p in self.processors if p.running]
+        if running and not exiting:
+            # Their listeners go on: the keys and slots they hold stay leased
+            # (renewed) until they finish and give them back.
+            threading.Thread(
+                target=self._stop_keeper_after,
+                args=(running,),
+                name="pgpubsub-leases-after-stop",
+                daemon=True,
+            ).start()
+            return
         await asyncio.to_thread(self.keeper.stop)
+
+    def _stop_keeper_after(self, running: list[ChannelProcessor]) -> None:
+        for proc in running:
+            proc.join()
+        self.keeper.stop()
 
 
 def default_session(dsn: str = "") -> Session:

@@ -40,7 +40,11 @@ class Session(ABC):
 
     @abstractmethod
     def execute(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
-        """Run one statement; its rows, or [] when it returns none."""
+        """Run one statement; its rows, or [] when it returns none (or in a pipeline)."""
+
+    def fetch(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        """Run one statement that returns rows and wait for them, in a pipeline too."""
+        return self.execute(query, params)
 
     def pipeline(self) -> AbstractContextManager[Any]:
         """A block whose statements need not wait for their results (when the driver can)."""
@@ -85,6 +89,10 @@ class PsycopgSession(Session):
         assert self.conn is not None
         cur = self.conn.execute(query, params)
         return cur.fetchall() if cur.description else []
+
+    def fetch(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        assert self.conn is not None
+        return self.conn.execute(query, params).fetchall()
 
     @contextmanager
     def pipeline(self) -> Iterator[Any]:
