@@ -21,7 +21,9 @@ commit returned (both clocks of this host).
 * long-tx: 2 worker processes drain 80,000 messages published in chunks of
   10,000, without and then with another session idle in a REPEATABLE READ
   transaction that ran a SELECT (it holds the xmin horizon): the rate per
-  chunk, and pgpubsub.message's size and dead tuples after each.
+  chunk, and pgpubsub.message's size and dead tuples after each; each without
+  and with a VACUUM after each chunk (autovacuum's naptime, 1 min, is longer
+  than these runs).
 * ``--sustained MINUTES`` (by hand): 2 worker processes, a publisher at 60% of
   their measured drain rate (or ``--rate``) in transactions of a tenth of a
   second's messages: rate in the first and last minute, peak dead tuples and
@@ -413,8 +415,14 @@ DEAD_SQL = (
 )
 
 
-def drain_chunks(dsn: str, chunks: int, chunk: int, hold: bool) -> list[tuple[float, int, int]]:
-    """Per chunk: messages/s, then pgpubsub.message's bytes and dead tuples."""
+def drain_chunks(
+    dsn: str, chunks: int, chunk: int, hold: bool, vacuum: bool
+) -> list[tuple[float, int, int]]:
+    """Per chunk: messages/s, then pgpubsub.message's bytes and dead tuples.
+
+    ``vacuum``: a VACUUM after each chunk (untimed), the chance autovacuum gets
+    between chunks in production.
+    """
     reset(dsn)
     out = []
     with worker(dsn, ProdJob, processes=2):
@@ -439,30 +447,42 @@ def drain_chunks(dsn: str, chunks: int, chunk: int, hold: bool) -> list[tuple[fl
                 assert wait_for(dsn, "SELECT count(*) FROM prod_starts", done, 300)
                 rate = chunk / (time.perf_counter() - t0)
                 time.sleep(1.2)  # backends report their table statistics within a second
+                if vacuum:
+                    execute(dsn, "VACUUM pgpubsub.message")
                 out.append((rate, scalar(dsn, SIZE_SQL), scalar(dsn, DEAD_SQL)))
         finally:
             holder.close()
     return out
 
 
+LONG_TX_RUNS = (  # label, an idle transaction held, a VACUUM after each chunk
+    ("clean", False, False),
+    ("clean, VACUUM", False, True),
+    ("held", True, False),
+    ("held, VACUUM", True, True),
+)
+
+
 def row_long_tx(dsn: str, chunks: int = 8, chunk: int = 10_000) -> None:
     print(
-        f"\n== 3. 2 worker processes drain {chunks * chunk:,} messages in chunks of {chunk:,}: "
-        "clean, then beside a session idle in a transaction"
+        f"\n== 3. 2 worker processes drain {chunks * chunk:,} messages in chunks of {chunk:,}; "
+        "held: beside a session idle in a transaction; VACUUM: one after each chunk"
     )
-    clean = drain_chunks(dsn, chunks, chunk, hold=False)
-    held = drain_chunks(dsn, chunks, chunk, hold=True)
-    print(
-        "| processed | clean msg/s | held msg/s | held vs clean | size clean / held (MB) "
-        "| dead tuples clean / held |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|")
-    for c, ((rc, sc, dc), (rh, sh, dh)) in enumerate(zip(clean, held, strict=True)):
-        print(
-            f"| {(c + 1) * chunk:,} | {rc:,.0f} | {rh:,.0f} | x{rh / rc:.2f} "
-            f"| {sc / 2**20:.1f} / {sh / 2**20:.1f} | {dc:,} / {dh:,} |"
+    runs = {label: drain_chunks(dsn, chunks, chunk, hold, vac) for label, hold, vac in LONG_TX_RUNS}
+    print("messages/s, then pgpubsub.message's size (MB) and dead tuples after the chunk")
+    print("| processed | " + " | ".join(runs) + " |")
+    print("|---:|" + "---:|" * len(runs))
+    for c in range(chunks):
+        cells = [f"{r[c][0]:,.0f} · {r[c][1] / 2**20:.1f} MB · {r[c][2]:,}" for r in runs.values()]
+        print(f"| {(c + 1) * chunk:,} | " + " | ".join(cells) + " |")
+    for label, r in runs.items():
+        print(f"{label}: last chunk vs first x{r[-1][0] / r[0][0]:.2f}", end="; ")
+    print()
+    for held, clean in (("held", "clean"), ("held, VACUUM", "clean, VACUUM")):
+        ratio = statistics.mean(x[0] for x in runs[held]) / statistics.mean(
+            x[0] for x in runs[clean]
         )
-    print(f"held, last chunk vs first: x{held[-1][0] / held[0][0]:.2f}")
+        print(f"{held} vs {clean}, mean rate: x{ratio:.2f}")
 
 
 # -- 4. sustained ------------------------------------------------------------
