@@ -413,12 +413,17 @@ DEAD_SQL = (
     "SELECT coalesce(sum(n_dead_tup), 0) FROM pg_catalog.pg_stat_user_tables "
     "WHERE schemaname = 'pgpubsub' AND relname = 'message'"
 )
+# How often autovacuum has vacuumed and analyzed it, as vacuums * 1000 + analyzes.
+AUTO_SQL = (
+    "SELECT coalesce(sum(autovacuum_count * 1000 + autoanalyze_count), 0) "
+    "FROM pg_catalog.pg_stat_user_tables WHERE schemaname = 'pgpubsub' AND relname = 'message'"
+)
 
 
 def drain_chunks(
     dsn: str, chunks: int, chunk: int, hold: bool, vacuum: bool
-) -> list[tuple[float, int, int]]:
-    """Per chunk: messages/s, then pgpubsub.message's bytes and dead tuples.
+) -> list[tuple[float, int, int, int]]:
+    """Per chunk: messages/s, then pgpubsub.message's bytes, dead tuples and AUTO_SQL.
 
     ``vacuum``: a VACUUM after each chunk (untimed), the chance autovacuum gets
     between chunks in production.
@@ -449,7 +454,8 @@ def drain_chunks(
                 time.sleep(1.2)  # backends report their table statistics within a second
                 if vacuum:
                     execute(dsn, "VACUUM pgpubsub.message")
-                out.append((rate, scalar(dsn, SIZE_SQL), scalar(dsn, DEAD_SQL)))
+                stats = [scalar(dsn, query) for query in (SIZE_SQL, DEAD_SQL, AUTO_SQL)]
+                out.append((rate, stats[0], stats[1], stats[2]))
         finally:
             holder.close()
     return out
@@ -469,11 +475,18 @@ def row_long_tx(dsn: str, chunks: int = 8, chunk: int = 10_000) -> None:
         "held: beside a session idle in a transaction; VACUUM: one after each chunk"
     )
     runs = {label: drain_chunks(dsn, chunks, chunk, hold, vac) for label, hold, vac in LONG_TX_RUNS}
-    print("messages/s, then pgpubsub.message's size (MB) and dead tuples after the chunk")
+    print(
+        "messages/s, then pgpubsub.message's size (MB) and dead tuples after the chunk, "
+        "and how often autovacuum had vacuumed/analyzed it (when it had)"
+    )
     print("| processed | " + " | ".join(runs) + " |")
     print("|---:|" + "---:|" * len(runs))
     for c in range(chunks):
-        cells = [f"{r[c][0]:,.0f} · {r[c][1] / 2**20:.1f} MB · {r[c][2]:,}" for r in runs.values()]
+        cells = [
+            f"{r[c][0]:,.0f} · {r[c][1] / 2**20:.1f} MB · {r[c][2]:,}"
+            + (f" · auto {r[c][3] // 1000}/{r[c][3] % 1000}" if r[c][3] else "")
+            for r in runs.values()
+        ]
         print(f"| {(c + 1) * chunk:,} | " + " | ".join(cells) + " |")
     for label, r in runs.items():
         print(f"{label}: last chunk vs first x{r[-1][0] / r[0][0]:.2f}", end="; ")
