@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -486,3 +487,34 @@ def test_a_rate_limit_needs_a_durable_channel() -> None:
 
     with pytest.raises(ConfigurationError, match="rate_limit need lock_notifications=True"):
         spec_of(Plain)
+
+
+def test_the_dashboard_pauses_and_resumes_a_channel_as_an_allowed_action(flow: str) -> None:
+    from app.flow_channels import Pausable
+    from test_dashboard import dashboard, request
+
+    publish_flow(flow, Pausable, range(2))
+    page = "/channel?name=flow.pausable"
+    with dashboard(flow) as url:
+        status, text = request(url + page)
+        assert status == 200 and "Pause the channel" not in text  # read-only: no button
+        assert request(f"{url}/actions/pause", b"channel=flow.pausable")[0] == 403
+    with dashboard(flow, "--allow-actions") as url:
+        status, text = request(url + page)
+        assert status == 200 and "Pause the channel" in text
+        found = re.search(r'name="csrf" value="([^"]+)"', text)
+        assert found is not None
+        token = found.group(1)
+        forged = request(f"{url}/actions/pause", b"channel=flow.pausable&csrf=forged")
+        assert forged[0] == 403
+        assert admin_query(flow, "SELECT channel FROM pgpubsub.channel_pause") == []
+        body = f"channel=flow.pausable&csrf={token}".encode()
+        status, text = request(f"{url}/actions/pause", body)
+        assert status == 200 and "Resume the channel" in text and ">paused<" in text
+        assert admin_query(flow, "SELECT channel FROM pgpubsub.channel_pause") == [
+            ("flow.pausable",)
+        ]
+        assert "kind paused" in request(url + "/")[1]  # the overview says so too
+        status, text = request(f"{url}/actions/resume", body)
+        assert status == 200 and "Pause the channel" in text
+        assert admin_query(flow, "SELECT channel FROM pgpubsub.channel_pause") == []
