@@ -389,6 +389,36 @@ def test_a_worker_of_a_paused_channel_sleeps_until_its_poll(flow: str) -> None:
         proc.session.close()
 
 
+def test_a_pause_after_a_claim_lets_that_batch_finish(flow: str) -> None:
+    """The first listener of a batch pauses the channel: the batch's others still run; what
+    is published afterwards waits for resume."""
+    from app.flow_channels import Pausable
+
+    admin_query(flow, "CREATE TABLE effects (n int)")
+    registry = Registry()
+
+    def listener(n: int) -> None:
+        if n == 0:
+            with psycopg.connect(flow, autocommit=True) as conn:
+                assert messages.pause(conn, Pausable)
+        write(n)
+
+    registry.add(Pausable, listener)
+    spec = spec_of(Pausable)
+    publish_flow(flow, Pausable, range(5))
+    proc = ChannelProcessor(PsycopgSession(flow), spec, registry.listeners(spec))
+    try:
+        assert proc.drain_once() == 5
+        assert effects(flow) == [0, 1, 2, 3, 4]
+        publish_flow(flow, Pausable, range(5, 7))
+        assert proc.drain_once() == 0
+        with psycopg.connect(flow, autocommit=True) as conn:
+            assert messages.resume(conn, Pausable)
+        assert proc.drain_once() == 2
+    finally:
+        proc.session.close()
+
+
 def test_a_rate_limited_channel_never_exceeds_its_rate_across_processes_and_achieves_it(
     flow: str,
 ) -> None:
