@@ -338,9 +338,9 @@ def test_a_paused_channel_starts_nothing_on_any_worker_until_resumed(flow: str) 
             assert counts.paused and counts.pending == 30
             assert health.problems(max_age=0.1) == []  # waiting on a pause is no problem
             assert len(starts(flow, "pausable")) == 10
+            resumed_at = db_now(flow)  # before the resume commits: none started by then
             with psycopg.connect(flow) as conn:
                 assert messages.resume(conn, Pausable) is True
-            resumed_at = db_now(flow)
             wait_until(lambda: len(starts(flow, "pausable")) == 40, timeout=20)
     done = starts(flow, "pausable")
     assert sorted(n for n, _, _ in done) == list(range(40))  # nothing lost, none twice
