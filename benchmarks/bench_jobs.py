@@ -29,3 +29,16 @@ class BenchOrdered(Channel, name="bench_ordered", lock_notifications=True):
 @pgpubsub.listener(BenchOrdered)
 def do_ordered(key: int, n: int) -> None:
     connection().execute("INSERT INTO bench_effects (n) VALUES (%s)", (key * 1_000_000 + n,))
+
+
+@dataclass
+class BenchPaced(Channel, name="bench_paced", lock_notifications=True, rate_limit="1000/s"):
+    n: int
+
+
+@pgpubsub.listener(BenchPaced)
+def do_paced(n: int) -> None:
+    # When it started, by the server's clock (the rate is checked on these).
+    connection().execute(
+        "INSERT INTO bench_starts (n, at) VALUES (%s, pg_catalog.clock_timestamp())", (n,)
+    )

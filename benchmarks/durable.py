@@ -18,6 +18,11 @@ Uses ``$PGPUBSUB_DSN`` or starts an embedded server.
   And P7 for keys: the per-message cost with 1M keyed messages pending.
 * Concurrency: one in-process worker, a listener sleeping 5 ms (an API call),
   ``concurrency=1`` vs ``concurrency=16``.
+* Rate limit (issue 28): a channel with ``rate_limit="1000/s"``, 4 worker
+  processes, 30 s of backlog (30,100 messages published at once); the rate
+  achieved (starts after the bucket's first 100, over the time from the first
+  start to the last) must be within 2% of the limit, and no window of one
+  second may hold more than 1000 + 100 (the bucket's capacity) starts.
 
 Figures measured elsewhere for the same kind of work (SPEC.md anchors):
 django-pgpubsub about 200 messages/s on locked channels, pgqueuer 5.8k
@@ -27,6 +32,7 @@ jobs/s, procrastinate 0.4-0.6k jobs/s.
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import signal
 import statistics
@@ -40,7 +46,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_jobs import BenchJob, BenchOrdered  # noqa: E402
+from bench_jobs import BenchJob, BenchOrdered, BenchPaced  # noqa: E402
 
 import pgpubsub  # noqa: E402
 from pgpubsub import durable  # noqa: E402
@@ -115,6 +121,56 @@ def p6(dsn: str, n: int, keys: int = 0) -> float:
         in_order = sum(seq == sorted(seq) for seq in per_key.values())
         print(f"keys whose messages were handled in publish order: {in_order} of {keys}")
     return n / seconds
+
+
+def rate_limited(dsn: str, seconds: int = 30, processes: int = 4) -> float:
+    """The rate-limit row; return the achieved rate as a fraction of the limit."""
+    from pgpubsub.channel import rate_of
+
+    rate = rate_of(BenchPaced)
+    assert rate is not None
+    n = int(rate.per_second * seconds) + rate.capacity
+    print(f"\n== rate limit: {rate.count}/{rate.period:g}s, {processes} worker processes, "
+          f"{n:,} messages (~{seconds} s)")  # fmt: skip
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_starts")
+        conn.execute("CREATE TABLE bench_starts (n bigint, at timestamptz)")
+        conn.execute("TRUNCATE pgpubsub.message, pgpubsub.rate_bucket")
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgpubsub", "listen", "bench_jobs", "--processes", str(processes),
+         "--channels", "bench_jobs.BenchPaced", "--dsn", dsn, "--log-level", "WARNING"],
+        env=env,
+    )  # fmt: skip
+    try:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgpubsub'"
+        deadline = time.monotonic() + 30
+        while scalar(dsn, query) < 2 * processes:
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify_many(BenchPaced, [{"n": i} for i in range(n)], conn=conn)
+        while scalar(dsn, "SELECT count(*) FROM bench_starts") < n:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    with psycopg.connect(dsn) as conn:
+        times = [
+            r[0] for r in conn.execute(
+                "SELECT extract(epoch FROM at)::float8 FROM bench_starts ORDER BY at")
+        ]  # fmt: skip
+    distinct = scalar(dsn, "SELECT count(DISTINCT n) FROM bench_starts")
+    span = times[-1] - times[0]
+    achieved = (len(times) - rate.capacity) / span
+    most = max(
+        bisect.bisect_right(times, t + rate.period) - i for i, t in enumerate(times)
+    )
+    print(f"started {len(times):,} in {span:.2f} s: {achieved:,.1f}/s "
+          f"({achieved / rate.per_second:.4f} of the limit); the most in any "
+          f"{rate.period:g} s window: {most:,} (limit {rate.count:,} + bucket {rate.capacity})")
+    print(f"lost {n - distinct}, duplicated {len(times) - distinct}")  # fmt: skip
+    return achieved / rate.per_second
 
 
 def concurrency(dsn: str, n: int) -> None:
@@ -231,11 +287,13 @@ def main() -> None:
     parser.add_argument("--skip-p7", action="store_true")
     parser.add_argument("--skip-ordering", action="store_true")
     parser.add_argument("--skip-concurrency", action="store_true")
+    parser.add_argument("--skip-rate", action="store_true")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the P6 rows")
     parser.add_argument(
         "--only",
-        choices=["keys"],
-        help="keys: plain P6, the two keyed P6 rows (each as a ratio of plain P6) and keyed P7",
+        choices=["keys", "rate"],
+        help="keys: plain P6, the two keyed P6 rows (each as a ratio of plain P6) and keyed P7;"
+        " rate: the rate-limit row",
     )
     args = parser.parse_args()
     if args.only == "keys":
@@ -247,6 +305,9 @@ def main() -> None:
         durable.migrate(dsn)
         with psycopg.connect(dsn) as conn:
             print(f"server: PostgreSQL {conn.info.server_version}, {os.cpu_count()} cores")
+        if args.only == "rate":
+            rate_limited(dsn)
+            return
         # Rounds of the three P6 rows one after the other: on a shared machine a
         # ratio within one round means more than rates from different moments.
         ratios: list[tuple[float, float]] = []
@@ -265,6 +326,8 @@ def main() -> None:
                   f"{args.n // 2:,} keys x{many_r:.2f}")  # fmt: skip
         if not args.skip_concurrency:
             concurrency(dsn, 4000)
+        if not args.skip_rate:
+            rate_limited(dsn)
         if not args.skip_p7:
             if args.only != "keys":
                 p7(dsn, args.n // 2, args.backlog)

@@ -69,6 +69,7 @@ EXPECTED = {
     "replay": READ_MESSAGES,
     "cancel": READ_MESSAGES,
     "purge": READ_MESSAGES,
+    "pause and resume": {"operator"},
 }
 
 
@@ -182,6 +183,9 @@ OPERATIONS: dict[str, Callable[[str], None]] = {
     "replay": _messages(lambda c: messages.replay(c, ids=[IDS["dead"]])),
     "cancel": _messages(lambda c: messages.cancel(c, ids=[IDS["pending"]])),
     "purge": _messages(lambda c: messages.purge(c, "done", older_than=0)),
+    "pause and resume": _messages(
+        lambda c: messages.pause(c, "note") and messages.resume(c, "note")
+    ),
 }
 
 

@@ -1,4 +1,8 @@
-"""``pgpubsub messages list|show|replay|cancel|purge``: stored messages from the command line.
+"""``pgpubsub messages list|show|replay|cancel|purge|pause|resume``: stored messages from the
+command line.
+
+``pause --channel X`` stops every worker from starting the channel's messages
+(kept until ``resume --channel X``); both say whether the state changed.
 
 Replay replays what it can and prints each message it could not, with why
 (exit 1 then). Replay without a filter, cancel of a whole channel and every
@@ -36,6 +40,8 @@ EXAMPLES = """examples:
   pgpubsub messages replay --channel orders      every dead message of a channel
   pgpubsub messages cancel 44                    a pending message never runs
   pgpubsub messages purge --older-than 604800 --dry-run
+  pgpubsub messages pause --channel orders       no worker starts its messages
+  pgpubsub messages resume --channel orders      they start again
 """
 
 
@@ -173,7 +179,35 @@ def _positive(text: str) -> int:
     return n
 
 
-ACTIONS = {"list": _list, "show": _show, "replay": _replay, "purge": _purge, "cancel": _cancel}
+def _pause(conn: Any, args: argparse.Namespace) -> int:
+    if not args.channel:
+        raise UsageError("pause needs --channel")
+    if messages.pause(conn, args.channel):
+        print(f"paused {args.channel}: no worker starts its messages until resumed")
+    else:
+        print(f"{args.channel} was paused already")
+    return 0
+
+
+def _resume(conn: Any, args: argparse.Namespace) -> int:
+    if not args.channel:
+        raise UsageError("resume needs --channel")
+    if messages.resume(conn, args.channel):
+        print(f"resumed {args.channel}")
+    else:
+        print(f"{args.channel} was not paused")
+    return 0
+
+
+ACTIONS = {
+    "list": _list,
+    "show": _show,
+    "replay": _replay,
+    "purge": _purge,
+    "cancel": _cancel,
+    "pause": _pause,
+    "resume": _resume,
+}
 
 
 def _channel(conn: Any, args: argparse.Namespace) -> None:
@@ -203,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: Any, common: Any) -> None:
     msgs = sub.add_parser(
         "messages",
-        help="list, show, replay, cancel or purge stored messages of durable channels",
+        help="list, show, replay, cancel or purge stored messages; pause or resume a channel",
         description="Stored messages of durable channels (and spilled trigger rows).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

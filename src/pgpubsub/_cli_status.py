@@ -8,7 +8,9 @@ background task that stopped (a channel's scheduler).
 Per channel: ``pending`` (all of them) = ``in flight`` (a worker has it) +
 ``held`` (due, held back by its ordering key or by ``max_in_flight``) +
 ``due`` (waiting for a worker: what ``oldest due`` and ``--max-age`` are
-about) + the scheduled ones (their time is to come).
+about) + the scheduled ones (their time is to come). A paused channel
+(``pgpubsub messages pause``) shows ``(paused)`` after its name; its due
+messages wait for resume, not a worker, so ``--max-age`` leaves them alone.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _print(health: Health) -> None:
         rows = [["channel", "pending", "in flight", "held", "due", "dead", "done", "oldest due"]]
         rows += [
             [
-                c.channel,
+                f"{c.channel} (paused)" if c.paused else c.channel,
                 f"{c.pending:,}",
                 f"{c.in_flight:,}",
                 f"{c.held:,}",

@@ -10,13 +10,15 @@ kind                      what it may do
 ``worker``                claim, complete, retry and purge stored messages, read the spilled
                           rows of plain trigger channels, store the ticks of scheduled
                           channels (``pgpubsub.schedule`` and INSERT into the message table),
-                          keep its row in the worker registry
+                          keep its row in the worker registry, read whether a channel is
+                          paused and take a rate-limited channel's tokens
 ``monitor``               read what ``pgpubsub status`` and the dashboard's overview show:
                           counts, ages, priorities and attempts of messages (never their
                           payloads, errors, keys or context), the worker registry and the
-                          schema version: for probes and dashboards
+                          schema version, which channels are paused: for probes and dashboards
 ``operator``              what a monitor may, plus read whole messages and replay, cancel and
-                          purge them (``pgpubsub messages``, the dashboard's pages and actions)
+                          purge them, pause and resume channels (``pgpubsub messages``, the
+                          dashboard's pages and actions)
 ``django_writer``         write to tables watched by Django trigger channels: django-pgtrigger
                           trigger functions run as the writer and call the pgpubsub helpers
 ========================  ==================================================================
@@ -69,17 +71,22 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.lease TO {role}",
         "GRANT INSERT ON pgpubsub.sleeper TO {role}",  # asleep: wake me (pgpubsub.sleep)
         "GRANT SELECT ON pgpubsub.cancel_request TO {role}",  # stop a cancelled listener
+        "GRANT SELECT ON pgpubsub.channel_pause TO {role}",  # a paused channel: claim nothing
+        "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
         "GRANT SELECT ON pgpubsub.version TO {role}",
     ),
     "monitor": (
         _SCHEMA,
         f"GRANT SELECT ({_MONITORED}) ON pgpubsub.message TO {{role}}",
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
+        "GRANT SELECT ON pgpubsub.channel_pause, pgpubsub.rate_bucket TO {role}",
     ),
     "operator": (
         _SCHEMA,
         "GRANT SELECT, UPDATE, DELETE ON pgpubsub.message TO {role}",
         "GRANT SELECT, INSERT, DELETE ON pgpubsub.cancel_request TO {role}",  # stop a running one
+        "GRANT SELECT, INSERT, DELETE ON pgpubsub.channel_pause TO {role}",  # pause and resume
+        "GRANT SELECT ON pgpubsub.rate_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
     ),
     "django_writer": (
@@ -258,6 +265,10 @@ _DURABLE = (
     ("message", "DELETE"),
     ("sleeper", "INSERT"),
     ("cancel_request", "SELECT"),
+    ("channel_pause", "SELECT"),
+    ("rate_bucket", "SELECT"),
+    ("rate_bucket", "INSERT"),
+    ("rate_bucket", "UPDATE"),
 )
 _SCHEDULED = (("schedule", "SELECT"), ("schedule", "INSERT"), ("schedule", "UPDATE"))
 _REGISTRY = (("worker", "SELECT"), ("worker", "INSERT"), ("worker", "UPDATE"), ("worker", "DELETE"))

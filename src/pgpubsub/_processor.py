@@ -26,7 +26,7 @@ from ._crew import Crew
 from ._journal import Journal
 from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
-from .channel import ChannelSpec
+from .channel import ChannelSpec, rate_of
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
 from .errors import AttemptStopped, MessageCancelled, SchemaMismatch
 from .listen import ListenerSpec
@@ -68,6 +68,13 @@ log = logging.getLogger("pgpubsub.durable")
 # A message whose process stopped during a batch may be innocent: it is run
 # alone (charged one more attempt, even past max_attempts) before that.
 CRASHED_OUT = "(m.unfinished AND m.claimed_alone AND m.attempts >= %(max)s)"
+# A paused channel (messages.pause) has a row in pgpubsub.channel_pause: its
+# messages, keyed or not, are not claimed. Checked once per claim (it names no
+# row of the claim: an InitPlan, and nothing is scanned when it is false); a
+# pause committed after a claim lets that batch finish.
+UNPAUSED = (
+    "NOT EXISTS (SELECT 1 FROM pgpubsub.channel_pause z WHERE z.channel = %(channel)s)"
+)
 _NEXT_KEY = (
     "SELECT n.ordering_key FROM pgpubsub.message n WHERE n.channel = %(channel)s "
     "AND n.status = 'pending' AND n.ordering_key IS NOT NULL AND n.ordering_key > {after} "
@@ -114,11 +121,12 @@ WITH RECURSIVE later(key) AS (
     WHERE NOT EXISTS (
         SELECT 1 FROM pgpubsub.lease l
         WHERE l.channel = %(channel)s AND l.kind = 'key' AND l.name = k.key AND {LIVE})
+      AND {UNPAUSED}
     LIMIT %(limit)s
 ), unkeyed AS (
     SELECT id, unfinished, ordering_key, priority, run_at FROM pgpubsub.message
     WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
-      AND run_at <= pg_catalog.now()
+      AND run_at <= pg_catalog.now() AND {UNPAUSED}
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), due AS (
     SELECT id, unfinished, ordering_key FROM unkeyed
@@ -183,18 +191,65 @@ EXPIRE_SQL = (
     "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
     "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
 )
+# A rate-limited channel's token bucket (pgpubsub.rate_bucket, see
+# channel.Rate): its tokens refilled by the time elapsed, measured by the
+# server's clock (clock_timestamp: workers' clocks may disagree, and the claim
+# transaction's start would count a wait for the row lock twice).
+REFILLED = (
+    "LEAST(%(capacity)s::float8, b.tokens + %(per_second)s::float8 * "
+    "GREATEST(0, pg_catalog.date_part('epoch', "
+    "pg_catalog.clock_timestamp() - b.updated_at)))"
+)
+# The claim's first statement on a rate-limited channel: the bucket row locked
+# (created full) and refilled; the claim then takes at most its whole tokens,
+# and SPEND_SQL takes one per message claimed, in the same transaction, so
+# that two workers never spend the same token.
+TAKE_SQL = f"""
+INSERT INTO pgpubsub.rate_bucket AS b (channel, tokens, updated_at)
+VALUES (%(channel)s, %(capacity)s, pg_catalog.clock_timestamp())
+ON CONFLICT (channel) DO UPDATE SET tokens = {REFILLED},
+    updated_at = pg_catalog.clock_timestamp()
+RETURNING b.tokens
+"""  # noqa: S608 - constant fragments
+SPEND_SQL = "UPDATE pgpubsub.rate_bucket SET tokens = tokens - %s WHERE channel = %s"
 # Seconds until the channel's earliest claimable message is due (None: none).
 # Only a time still to come counts: a message already due that this processor
 # did not claim is in another worker's hands (locked), and waiting for it in a
 # loop would spin; it comes back with a due time of its own, or a wake-up. A
 # message behind an older one of its ordering key does not count either.
-NEXT_DUE_SQL = (
-    "SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now()) "  # noqa: S608 - constant fragments
-    "FROM pgpubsub.message m WHERE channel = %(channel)s AND status = 'pending' "
-    "AND run_at > pg_catalog.now() AND (m.ordering_key IS NULL OR NOT EXISTS ("
-    "SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel "
-    "AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))"
-)
+# On a rate-limited channel, when a message is claimable now (due; without a
+# key, or the head of its key with no live lease; a max_in_flight slot free):
+# the time its next token is due (0: a whole token is there, claim again), the
+# bucket refilled to now as the claim refills it. Tokens refill while a batch
+# runs: the worker that ran it claims again. Nothing claimable, no token wait
+# (a message held by its key or a full max_in_flight comes with a wake-up,
+# and waiting for it by the clock would spin). The bucket is read once another
+# worker's claim in progress has committed (FOR SHARE): its tokens before that
+# claim would be spent already. A paused channel has nothing due: its workers
+# sleep until resume's wake-up or a poll.
+NEXT_DUE_SQL = f"""
+SELECT CASE WHEN NOT {UNPAUSED} THEN NULL ELSE LEAST(
+    (SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now())
+     FROM pgpubsub.message m WHERE channel = %(channel)s AND status = 'pending'
+     AND run_at > pg_catalog.now() AND (m.ordering_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel
+        AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))),
+    (SELECT GREATEST(0, 1 - {REFILLED}) / %(per_second)s
+     FROM pgpubsub.rate_bucket b WHERE b.channel = %(channel)s AND EXISTS (
+        SELECT 1 FROM pgpubsub.message d WHERE d.channel = %(channel)s
+        AND d.status = 'pending' AND d.run_at <= pg_catalog.now()
+        AND (d.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM pgpubsub.message o WHERE o.channel = d.channel
+            AND o.ordering_key = d.ordering_key AND o.status = 'pending' AND o.id < d.id)
+          AND NOT EXISTS (
+            SELECT 1 FROM pgpubsub.lease l WHERE l.channel = d.channel AND l.kind = 'key'
+            AND l.name = d.ordering_key AND {LIVE})))
+     AND (%(slots)s::integer IS NULL OR %(slots)s > (
+        SELECT pg_catalog.count(*) FROM pgpubsub.lease l
+        WHERE l.channel = %(channel)s AND l.kind = 'slot' AND {LIVE}))
+     FOR SHARE OF b)
+) END
+"""  # noqa: S608 - constant fragments
 # Completing a message with an ordering key makes the next one of its key
 # claimable, and a max_in_flight slot given back lets a waiting worker in:
 # wake the other workers (sent at commit).
@@ -516,11 +571,21 @@ class ChannelProcessor:
     def _next_due(self) -> float:
         """Seconds to sleep: until the earliest retry or delayed message is due, or a poll.
 
+        On a rate-limited channel out of tokens with messages due: until its
+        next token is due. A paused channel: a poll (or resume's wake-up).
+
         Never 0: a message already due that this processor could not claim is
         another worker's; a wake-up (NOTIFY) ends the sleep early.
         """
+        rate = rate_of(self.spec.cls)
+        params = {
+            "channel": self.spec.name,
+            "capacity": None if rate is None else rate.capacity,
+            "per_second": None if rate is None else rate.per_second,
+            "slots": self.max_in_flight,
+        }
         with self.session.atomic():
-            rows = self.session.execute(NEXT_DUE_SQL, {"channel": self.spec.name})
+            rows = self.session.execute(NEXT_DUE_SQL, params)
         due = rows[0][0] if rows else None
         return self.poll_interval if due is None else min(self.poll_interval, max(0.001, due))
 
@@ -676,8 +741,26 @@ class ChannelProcessor:
             "per_key": max(1, self.claim_size // 4),
         }
         self._leasing = True  # a claim may lease keys
+        rate = rate_of(self.spec.cls)
         with self.session.atomic():
-            return self.session.execute(CLAIM_SQL, params)
+            if rate is None:
+                return self.session.execute(CLAIM_SQL, params)
+            # Rate-limited: at most the bucket's whole tokens, each message
+            # claimed taking one, in this transaction (the bucket row locked
+            # until it commits). Out of tokens, nothing is claimed: _next_due
+            # says when the next one is due.
+            bucket = {"channel": self.spec.name, "capacity": rate.capacity}
+            bucket["per_second"] = rate.per_second
+            tokens = int(self.session.execute(TAKE_SQL, bucket)[0][0])
+            if tokens < 1:
+                return []
+            params["limit"] = min(self.claim_size, tokens)
+            params["per_key"] = max(1, min(self.claim_size // 4, tokens))
+            claimed = self.session.execute(CLAIM_SQL, params)
+            started = sum(1 for r in claimed if r[3] != "dead")  # a dead one never starts
+            if started:
+                self.session.execute(SPEND_SQL, (started, self.spec.name))
+            return claimed
 
     def _batch(self) -> tuple[int, int]:
         """Claim a batch and process it; return how many messages were claimed, and with keys."""

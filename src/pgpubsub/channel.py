@@ -29,8 +29,8 @@ fields::
 
 Channel options (class keywords, or class attributes of the same name):
 ``lock_notifications``, ``max_attempts``, ``retry_delay``, ``retry_max_delay``,
-``retention``, ``concurrency``, ``max_in_flight``, ``timeout``, ``schedule``
-and ``timezone`` (durable channels, :mod:`pgpubsub.durable`).
+``retention``, ``concurrency``, ``max_in_flight``, ``timeout``, ``rate_limit``,
+``schedule`` and ``timezone`` (durable channels, :mod:`pgpubsub.durable`).
 :class:`TriggerChannel` channels carry the row events of a table.
 
 The options are checked when the class is declared (and again on first use,
@@ -40,9 +40,11 @@ for attributes changed since): ``lock_notifications`` True or False;
 0 to a century), ``retry_max_delay`` no less than ``retry_delay``;
 ``concurrency`` an int from 1 to 256 (each a thread and a connection);
 ``max_in_flight`` None or an int from 1 to 10,000 (each slot a lease row);
-``timeout`` None or seconds over 0 up to a day. A bool is not an int here. A bad value raises
-:class:`~pgpubsub.errors.ConfigurationError` naming the channel, the option
-and the value.
+``timeout`` None or seconds over 0 up to a day; ``rate_limit`` None, ``"N/unit"``
+(unit ``s``, ``m``, ``h`` or ``d``, or ``second``, ``minute``, ``hour``, ``day``) or
+``(N, timedelta)``, N from 1 to 1,000,000, the period from 1 ms to a day. A bool
+is not an int here. A bad value raises :class:`~pgpubsub.errors.ConfigurationError`
+naming the channel, the option and the value.
 
 ``lock_notifications = True`` as a class attribute (the django-pgpubsub
 spelling) works too: see :mod:`pgpubsub.durable`.
@@ -51,6 +53,7 @@ spelling) works too: see :mod:`pgpubsub.durable`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import importlib
 import math
@@ -76,6 +79,7 @@ _SETTINGS = (
     "concurrency",
     "max_in_flight",
     "timeout",
+    "rate_limit",
     "schedule",
     "timezone",
 )
@@ -100,6 +104,10 @@ class Channel:
     #: cancelled and a sync one is told (``durable.cancellation()``); the attempt then
     #: fails as an AttemptTimeout, its writes undone, and is retried or dead.
     timeout: ClassVar[float | None] = None
+    #: At most N messages of the channel started per period, across every worker and
+    #: machine (None: no limit): ``"100/s"``, ``"10/m"``, ``(100, timedelta(minutes=1))``.
+    #: Enforced in the database by a token bucket (see :func:`rate_of`).
+    rate_limit: ClassVar[str | tuple[int, datetime.timedelta] | None] = None
     #: A cron expression (5 fields, or 6 with seconds last): one message per tick, at or
     #: after the tick's instant, never twice. When the clocks change, a wall-clock time
     #: that does not exist (spring forward) runs at the first instant after the gap; one
@@ -181,6 +189,74 @@ def _check_settings(cls: type[Channel], path: str) -> None:
         and 0 < timeout <= MAX_TIMEOUT
     ):
         raise bad("timeout", f"None or seconds (an int or a float) over 0, up to {MAX_TIMEOUT:g}")
+    if cls.rate_limit is not None and _parse_rate(cls.rate_limit) is None:
+        raise bad(
+            "rate_limit",
+            f"None, 'N/unit' (unit s, m, h or d) or (N, timedelta), N from 1 to {MAX_RATE:,}"
+            ", the period from 1 ms to a day",
+        )
+
+
+#: The most messages a rate_limit lets start in one period.
+MAX_RATE = 1_000_000
+_UNITS = {
+    "s": 1.0, "sec": 1.0, "second": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0,
+    "h": 3600.0, "hour": 3600.0,
+    "d": 86400.0, "day": 86400.0,
+}  # fmt: skip
+
+
+def _parse_rate(value: Any) -> tuple[int, float] | None:
+    """``(N, period in seconds)`` of a ``rate_limit`` value, or None if it is not one."""
+    if isinstance(value, str):
+        count, _, unit = value.partition("/")
+        count, unit = count.strip(), unit.strip().lower()
+        if not count.isdigit() or unit not in _UNITS:
+            return None
+        n, period = int(count), _UNITS[unit]
+    elif isinstance(value, tuple) and len(value) == 2:
+        n, span = value
+        if not _is_int(n) or not isinstance(span, datetime.timedelta):
+            return None
+        period = span.total_seconds()
+    else:
+        return None
+    if not (1 <= n <= MAX_RATE and 0.001 <= period <= 86400.0):
+        return None
+    return n, period
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A channel's rate limit: ``count`` messages started per ``period`` seconds.
+
+    Enforced as a token bucket in the database (``pgpubsub.rate_bucket``):
+    tokens come at ``count / period`` a second, up to :attr:`capacity`, and each
+    message claimed takes one. The capacity is a tenth of a period's count (at
+    least 1): a burst is at most that, so starts are smooth rather than bunched
+    at period edges, and any window of one period has at most ``count +
+    capacity`` starts (a sliding window of exactly ``count`` would need a row
+    per start).
+    """
+
+    count: int
+    period: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.period
+
+    @property
+    def capacity(self) -> int:
+        return max(1, math.ceil(self.count / 10))
+
+
+def rate_of(cls: type[Any]) -> Rate | None:
+    """The :class:`Rate` of a channel class's ``rate_limit`` (None: no limit)."""
+    value = getattr(cls, "rate_limit", None)
+    parsed = None if value is None else _parse_rate(value)
+    return None if parsed is None else Rate(*parsed)
 
 
 @dataclass
@@ -383,7 +459,7 @@ def _check_queue_options(cls: type[Channel], path: str, required: frozenset[str]
             )
     asked = [
         k
-        for k in ("concurrency", "max_in_flight", "timeout", "schedule")
+        for k in ("concurrency", "max_in_flight", "timeout", "rate_limit", "schedule")
         if k in vars(cls) or k in cls._pgpubsub_options
     ]
     if asked and not cls.lock_notifications:

@@ -18,7 +18,8 @@ Each pending message is in one of four states (:class:`ChannelCounts`):
   its ordering key exists or its key is leased live (one message per key at
   a time), or every ``max_in_flight`` slot of its channel is leased live (the
   limit as a live worker of the channel declares it in the registry);
-* **due**: waiting for a worker, nothing else. "Oldest due" is the age of the
+* **due**: waiting for a worker, nothing else (on a paused channel, for resume:
+  ``ChannelCounts.paused``). "Oldest due" is the age of the
   oldest of these: what ``--max-age`` checks.
 
 Counts are exact (one pass over ``pgpubsub.message``); the held test is an
@@ -28,7 +29,7 @@ index probe per due message with an ordering key (or on a full channel).
 from __future__ import annotations
 
 import datetime
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -133,6 +134,10 @@ FROM pgpubsub.worker w ORDER BY host, pid LIMIT %(limit)s
 #: At most this many workers are read.
 MAX_WORKERS = 1000
 VERSION_SQL = "SELECT version FROM pgpubsub.version"
+# Schema version 5: the paused channels (read when the table is there: a
+# version-5 schema migrated before it existed has none).
+PAUSED_SQL = "SELECT channel FROM pgpubsub.channel_pause"
+HAS_PAUSE_SQL = "SELECT pg_catalog.to_regclass('pgpubsub.channel_pause') IS NOT NULL"
 TIMEOUT_SQL = "SELECT pg_catalog.set_config('statement_timeout', %s, false)"
 # to_regclass: NULL instead of an error when the table is not there.
 TABLES_SQL = (
@@ -155,6 +160,7 @@ class ChannelCounts:
     oldest_due_age: float | None  # seconds the oldest due message has waited; None: none due
     in_flight: int = 0  # claimed, outcome not recorded yet (or its worker died mid-attempt)
     held: int = 0  # due, held back by its ordering key or by the channel's max_in_flight
+    paused: bool = False  # paused (messages.pause): no worker starts its messages
 
     @property
     def scheduled(self) -> int:
@@ -210,7 +216,8 @@ class Health:
 
     def problems(self, max_age: float | None = None) -> list[str]:
         """What makes this unhealthy (empty when healthy); ``max_age``: seconds a due message
-        may wait. A live worker whose background task (a scheduler) stopped is a problem."""
+        may wait (on a channel that is not paused: a pause is meant). A live worker whose
+        background task (a scheduler) stopped is a problem."""
         if not self.reachable:
             return [f"database unreachable: {self.error}"]
         if self.schema_version is None:
@@ -234,7 +241,7 @@ class Health:
             f"{c.channel}: the oldest due message has waited {c.oldest_due_age:.0f}s "
             f"(more than {max_age:g}s)"
             for c in self.channels
-            if c.oldest_due_age is not None and c.oldest_due_age > max_age
+            if c.oldest_due_age is not None and c.oldest_due_age > max_age and not c.paused
         ]
 
     def as_dict(self) -> dict[str, Any]:
@@ -273,9 +280,15 @@ def _read(conn: psycopg.Connection[Any]) -> Health:
         if has_workers
         else []
     )
+    paused: set[str] = set()
+    if version >= SCHEMA_VERSION:
+        has_pause = conn.execute(HAS_PAUSE_SQL).fetchone()
+        if has_pause and has_pause[0]:
+            paused = {r[0] for r in conn.execute(PAUSED_SQL)}
+    channels = [replace(c, paused=c.channel in paused) for c in channels]
     known = {c.channel for c in channels}
-    for name in sorted({ch for w in workers if w.alive for ch in w.channels} - known):
-        channels.append(ChannelCounts(name, 0, 0, 0, 0, None))
+    for name in sorted(({ch for w in workers if w.alive for ch in w.channels} | paused) - known):
+        channels.append(ChannelCounts(name, 0, 0, 0, 0, None, paused=name in paused))
     return Health(True, None, server, version, SCHEMA_VERSION, tuple(channels), tuple(workers))
 
 

@@ -1,4 +1,5 @@
-"""Stored messages: list, inspect, replay and purge (API and ``pgpubsub messages``).
+"""Stored messages: list, inspect, replay, cancel and purge; pause and resume channels
+(API and ``pgpubsub messages``).
 
 Every function takes a DB-API connection (psycopg 3, psycopg2 or Django's) and
 runs in its transaction; commit is the caller's, as with any write.
@@ -39,8 +40,11 @@ __all__ = [
     "get",
     "known_channel",
     "list_messages",
+    "pause",
+    "paused",
     "purge",
     "replay",
+    "resume",
 ]
 
 STATUSES = ("pending", "dead", "done", "spill")
@@ -391,3 +395,49 @@ def cancel(
         cur.execute(STALE_SQL)
     stopping = tuple(r[0] for r in _rows(conn, STOP_SQL, params))
     return CancelResult(len(cancelled), stopping)
+
+
+PAUSE_SQL = (
+    "INSERT INTO pgpubsub.channel_pause (channel) VALUES (%s) "
+    "ON CONFLICT (channel) DO NOTHING RETURNING channel"
+)
+RESUME_SQL = "DELETE FROM pgpubsub.channel_pause WHERE channel = %s RETURNING channel"
+PAUSED_SQL = "SELECT channel, paused_at FROM pgpubsub.channel_pause ORDER BY channel"
+
+
+def _required(channel: str | type[Any]) -> str:
+    name = channel_name(channel)
+    if not name:
+        raise ConfigurationError("pause and resume need a channel")
+    return name
+
+
+def pause(conn: Any, channel: str | type[Any]) -> bool:
+    """Pause a durable channel across every worker; return whether it was running until now.
+
+    From the commit on, no worker starts a message of the channel (the claim
+    checks it, for messages with and without ordering keys); its messages are
+    kept, and publishing goes on. A batch a worker claimed before the commit
+    finishes. The pause is a row in the database: it outlives worker and
+    server restarts, until :func:`resume`. Workers of a paused channel cost
+    nothing while they wait (they sleep until a wake-up or their poll).
+    """
+    return bool(_rows(conn, PAUSE_SQL, (_required(channel),)))
+
+
+def resume(conn: Any, channel: str | type[Any]) -> bool:
+    """Resume a paused channel; return whether it was paused.
+
+    Its workers are woken at commit (a NOTIFY on the channel) and take its
+    messages again, in the order they would have without the pause.
+    """
+    name = _required(channel)
+    changed = bool(_rows(conn, RESUME_SQL, (name,)))
+    if changed:
+        _rows(conn, WAKE_SQL, ([name],))
+    return changed
+
+
+def paused(conn: Any) -> dict[str, datetime]:
+    """The paused channels, with when each was paused."""
+    return {r[0]: r[1] for r in _rows(conn, PAUSED_SQL, ())}

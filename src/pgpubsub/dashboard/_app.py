@@ -238,7 +238,17 @@ class Dashboard:
         status = one(form, "status") or "dead"
         if ids is None and channel is None:
             raise HTTPError(400, "an action needs message ids or a channel")
-        if action == "replay":
+        if action in ("pause", "resume"):
+            if channel is None:
+                raise HTTPError(400, f"{action} needs a channel")
+            name = channel
+            if action == "pause":
+                changed = await self._run(lambda c: stored.pause(c, name))
+                notice = "paused: no worker starts its messages" if changed else "already paused"
+            else:
+                changed = await self._run(lambda c: stored.resume(c, name))
+                notice = "resumed" if changed else "was not paused"
+        elif action == "replay":
             # A message by id: dead, or pending ("run now"); a whole channel: its dead ones.
             which = ("dead", "pending") if ids else ("dead",)
             notice = _replay_notice(
@@ -260,7 +270,7 @@ class Dashboard:
             purged = await self._run(lambda c: stored.purge(c, status, channel, ids=ids))
             notice = f"{purged} {status} message(s) deleted"
         else:
-            raise HTTPError(404, f"no action {action!r}: replay, cancel or purge")
+            raise HTTPError(404, f"no action {action!r}: replay, cancel, purge, pause or resume")
         if channel is not None:
             target = url(request, "channel", name=channel, status=status)
         else:
@@ -350,7 +360,7 @@ def create_app(
 ) -> Any:
     """The dashboard as an ASGI application, to serve or to mount in another one.
 
-    ``allow_actions`` enables replay, cancel and purge; ``token`` makes every
+    ``allow_actions`` enables replay, cancel, purge, pause and resume; ``token`` makes every
     request prove it knows it (give one whenever the dashboard is reachable
     from other machines); ``basic_auth=(user, password)`` asks for those
     instead, or as well; ``allowed_hosts`` refuses requests for other host

@@ -159,6 +159,8 @@ class Count:
         return f"~{self.value}"
 
 
+PAUSED_SQL = "SELECT channel FROM pgpubsub.channel_pause WHERE channel = ANY(%(channels)s)"
+
 @dataclass
 class ChannelRow:
     name: str
@@ -175,6 +177,7 @@ class ChannelRow:
     workers: int = 0  # live workers listening
     processed: int = 0  # by every registered worker since it started
     known_kind: bool = False  # a live worker said what this channel is
+    paused: bool = False  # paused (messages.pause): no worker starts its messages
 
 
 @dataclass
@@ -241,12 +244,21 @@ class Reader:
             by_name[name].full = full_
             if full_:
                 full.add(name)
+        for name in await self._paused(list(by_name)):
+            by_name[name].paused = True
         wanted = [k for k, c in found.items() if c.value >= EXACT_UP_TO]
         found.update(await self._estimates(wanted, full))
         for row in rows:
             row.pending, row.in_flight, row.held, row.due, row.dead, row.done = (
                 found[(row.name, status)] for status in _STATUS_WHERE
             )
+
+    async def _paused(self, names: list[str]) -> list[str]:
+        """Which of ``names`` are paused (none on a schema, or a grant, from before pauses)."""
+        try:
+            return [r[0] for r in await self._all(PAUSED_SQL, {"channels": names})]
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege):
+            return []
 
     async def _estimates(
         self, wanted: list[tuple[str, str]], full: set[str]

@@ -201,6 +201,28 @@ CREATE TABLE IF NOT EXISTS pgpubsub.cancel_request (
 );
 REVOKE ALL ON pgpubsub.cancel_request FROM PUBLIC;
 
+-- Version 5 (flow control: pause and rate limits). A paused channel has a
+-- row here: the claim takes none of its messages (they are kept); a pause
+-- after a claim lets that batch finish. Written by operators, read by workers
+-- (in the claim) and monitors. Logged: a pause survives a server restart.
+CREATE TABLE IF NOT EXISTS pgpubsub.channel_pause (
+    channel    text        PRIMARY KEY,
+    paused_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+REVOKE ALL ON pgpubsub.channel_pause FROM PUBLIC;
+
+-- The token bucket of a rate-limited channel (rate_limit): tokens as of
+-- updated_at, refilled by the time elapsed since, up to the bucket's capacity.
+-- A claim locks the row, refills it, claims at most its whole tokens and takes
+-- one per message claimed, in one transaction: the limit holds across every
+-- worker. Logged: it survives worker and server restarts.
+CREATE TABLE IF NOT EXISTS pgpubsub.rate_bucket (
+    channel     text             PRIMARY KEY,
+    tokens      double precision NOT NULL,
+    updated_at  timestamptz      NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+REVOKE ALL ON pgpubsub.rate_bucket FROM PUBLIC;
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (
