@@ -70,7 +70,8 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.schedule TO {role}",
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.lease TO {role}",
         "GRANT INSERT ON pgpubsub.sleeper TO {role}",  # asleep: wake me (pgpubsub.sleep)
-        "GRANT SELECT ON pgpubsub.cancel_request TO {role}",  # stop a cancelled listener
+        # Stop a cancelled listener; cancel a running message (workers may cancel).
+        "GRANT SELECT, INSERT, DELETE ON pgpubsub.cancel_request TO {role}",
         "GRANT SELECT ON pgpubsub.channel_pause TO {role}",  # a paused channel: claim nothing
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
         "GRANT SELECT ON pgpubsub.version TO {role}",
