@@ -74,39 +74,6 @@ def rows(dsn: str) -> dict[int, tuple[Any, ...]]:
 # -- 1. a message that kills its worker ------------------------------------------------------
 
 
-def test_a_batch_mates_crash_costs_a_message_no_attempt(db: str, tmp_path: Path) -> None:
-    """Messages 10 and 11 fail their first two runs (max_attempts=3) and share a batch with
-    message 5, which kills its process: they never ran in that batch, yet it counted an
-    attempt. Once one of them fails on its own, run alone, that attempt is given back: they
-    complete on their third run instead of dying after their second."""
-    from app.crash_listeners import Crashy
-
-    publish(db, Crashy, range(20))
-    env = {**os.environ, "PGPUBSUB_DSN": db, "PYTHONPATH": str(TESTS), "CRASH_ON": "5"}
-    env.update(FLAKY="10,11", FLAKY_DIR=str(tmp_path))
-    cmd = [sys.executable, "-m", "pgpubsub", "listen", "app.crash_listeners", "--worker"]
-    proc: subprocess.Popen[bytes] | None = None
-
-    def settled() -> bool:
-        return all(s in ("done", "dead") for s, _, _ in rows(db).values())
-
-    deadline = time.monotonic() + 60
-    try:
-        while not settled():
-            assert time.monotonic() < deadline, rows(db)
-            if proc is None or proc.poll() is not None:
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-            time.sleep(0.02)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(20)
-    stored = rows(db)
-    assert stored[5][:2] == ("dead", 3)
-    assert {n: stored[n][0] for n in (10, 11)} == {10: "done", 11: "done"}, stored
-    assert effects(db)[10] == effects(db)[11] == 1
-
-
 @pytest.mark.parametrize("how", ["kill", "exit"])
 def test_a_message_that_kills_its_worker_is_the_only_one_charged(db: str, how: str) -> None:
     """20 messages in one batch, the 6th kills its process (SIGKILL / os._exit) every time.

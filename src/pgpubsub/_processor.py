@@ -234,8 +234,10 @@ SELECT CASE WHEN NOT {UNPAUSED} THEN NULL ELSE LEAST(
      AND run_at > pg_catalog.now() AND (m.ordering_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel
         AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))),
-    (SELECT GREATEST(0, 1 - {REFILLED}) / %(per_second)s
-     FROM pgpubsub.rate_bucket b WHERE b.channel = %(channel)s AND EXISTS (
+    -- Out of tokens (with a whole one, tokens are not what holds a message
+    -- back: one due but locked is in another worker's hands).
+    (SELECT (1 - {REFILLED}) / %(per_second)s
+     FROM pgpubsub.rate_bucket b WHERE b.channel = %(channel)s AND {REFILLED} < 1 AND EXISTS (
         SELECT 1 FROM pgpubsub.message d WHERE d.channel = %(channel)s
         AND d.status = 'pending' AND d.run_at <= pg_catalog.now()
         AND (d.ordering_key IS NULL OR NOT EXISTS (
@@ -258,24 +260,28 @@ WAKE_SQL = "SELECT pg_catalog.pg_notify(%s, '')"
 SLEEP_SQL = "SELECT pgpubsub.sleep(%s)"
 # A failed attempt: its outcome is recorded (no longer unfinished), and the
 # retry delay counts from now, not from the start of the batch's transaction.
-# A message claimed alone (its last attempt never finished: its batch's process
-# stopped) that fails on its own was not what stopped that process: the attempt
-# of that batch is given back, so that a batch-mate's crash costs it nothing.
+# (A batch-mate's crash may have cost it an attempt: one at most, as it is then
+# claimed alone. Giving that attempt back would let a message that crashes and
+# fails by turns run twice its max_attempts.)
 RETRY_SQL = (
     "UPDATE pgpubsub.message SET last_error = %s, unfinished = false, "
-    "claimed_alone = false, attempts = attempts - claimed_alone::int, "
     "run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => %s), "
-    "status = CASE WHEN attempts - claimed_alone::int >= %s THEN 'dead' ELSE 'pending' END "
+    "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END "
     "WHERE id = %s RETURNING status = 'dead'"
 )
 # Messages whose round failed on a lost session, in a live process: as if never
 # claimed, unless another worker claimed them since.
 RECOVER_SQL = (
-    "UPDATE pgpubsub.message m SET attempts = m.attempts - 1, unfinished = false, "
+    "UPDATE pgpubsub.message m SET attempts = m.attempts - 1, "
     "claimed_alone = false, run_at = pg_catalog.clock_timestamp() "
     "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::int[])) "
     "AS h(id, attempt) "
     "WHERE m.id = h.id AND m.attempts = h.attempt AND m.unfinished AND m.status = 'pending'"
+)
+# Messages of a lost round that were cancelled while they ran.
+CANCELLED_SQL = (
+    "DELETE FROM pgpubsub.message WHERE id = ANY(%s) AND status = 'pending' "
+    "AND id IN (SELECT id FROM pgpubsub.cancel_request)"
 )
 # A message claimed behind a failed one of its key: as if never claimed.
 GIVE_BACK_SQL = (
@@ -548,15 +554,22 @@ class ChannelProcessor:
     def _recover(self) -> None:
         """Give back, uncharged, the messages of a round that failed on a lost session.
 
-        This process is alive, so none of them crashed it: as if never claimed
-        (not run alone next time, no attempt spent). Those another worker
-        claimed since (their attempt count moved on) are left alone.
+        This process is alive, so none of them crashed it, but one of them may
+        have ended the session (a failover, a proxy and a killed backend are more
+        likely): no attempt spent, and each is run alone next time, so that one
+        which ends its session again does so alone, and runs out. Those another
+        worker claimed since (their attempt count moved on) are left alone.
         """
         if self._in_hand:
             with self.session.atomic():
-                self.session.execute(
-                    RECOVER_SQL, (list(self._in_hand), list(self._in_hand.values()))
-                )
+                # Cancelled while they ran (pgpubsub.cancel_request): they end cancelled.
+                self.session.execute(CANCELLED_SQL, (list(self._in_hand),))
+                # One message claimed alone may have ended its session itself (a
+                # query that crashes its server process): it keeps its attempt.
+                if not self._alone:
+                    self.session.execute(
+                        RECOVER_SQL, (list(self._in_hand), list(self._in_hand.values()))
+                    )
             self._in_hand = {}
 
     def _release(self, wake: bool) -> None:

@@ -23,14 +23,6 @@ def handle(n: int) -> None:
     connection().execute(
         "INSERT INTO effects (kind, n, pid) VALUES ('job', %s, %s)", (n, os.getpid())
     )
-    flaky = os.environ.get("FLAKY", "")
-    if str(n) in flaky.split(","):  # fails its first two runs (counted in files: no rollback)
-        runs = os.path.join(os.environ["FLAKY_DIR"], str(n))
-        with open(runs, "a") as f:
-            f.write("run\n")
-        with open(runs) as f:
-            if len(f.readlines()) <= 2:
-                raise RuntimeError(f"message {n} fails its first two runs")
     if str(n) == os.environ.get("CRASH_ON"):
         import time
 

@@ -78,16 +78,26 @@ def attempts(record: Record) -> list[Attempt]:
     return done
 
 
-def _charges_excused(record: Record, p: Published, tries: list[Attempt]) -> int:
-    """Attempts an injected fault may have cost the message (its own runs, or its claim).
+def _charges_excused(
+    record: Record, p: Published, tries: list[Attempt], runs: list[Attempt]
+) -> int:
+    """Attempts an injected fault, or another message's listener killing its process,
+    may have cost the message (its own runs, or its claim).
 
     A fault while the message was claimed but not yet in a listener (a killed
     worker's batch) leaves no trace in the history: every fault from its
-    publication to shortly after its last run counts, an upper bound.
+    publication to shortly after its last run counts, an upper bound. A
+    batch-mate's crash may cost it one attempt (then it is claimed alone: the
+    issue's "charged at most one extra attempt"): counted once.
     """
     start = p.called or datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
     end = max((a.end for a in tries), default=start) + LEASE
-    return sum(1 for f in record.faults if start <= f.end and f.start <= end)
+    faults = sum(1 for f in record.faults if start <= f.end and f.start <= end)
+    crashes = any(
+        a.n != p.msg.n and a.outcome == "crash" and start <= a.end and a.start <= end
+        for a in runs
+    )
+    return faults + crashes
 
 
 def check(record: Record) -> list[str]:
@@ -130,10 +140,11 @@ def check(record: Record) -> list[str]:
                 v.append(f"charged-innocent: n={n} {m} is dead but never reached a listener{why}")
             elif not m.poison:
                 own = sum(1 for a in tries if a.outcome in ("raise", "commit_fail", "crash"))
-                if own + _charges_excused(record, p, tries) < MAX_ATTEMPTS:
+                excused = _charges_excused(record, p, tries, runs)
+                if own + excused < MAX_ATTEMPTS:
                     v.append(
                         f"charged-innocent: n={n} {m} failed {own} of its {len(tries)} "
-                        f"listener run(s) and is dead, with {_charges_excused(record, p, tries)} "
+                        f"listener run(s) and is dead, with {excused} "
                         f"fault(s) injected in its lifetime{why}"
                     )
             continue
