@@ -234,10 +234,11 @@ SELECT CASE WHEN NOT {UNPAUSED} THEN NULL ELSE LEAST(
      AND run_at > pg_catalog.now() AND (m.ordering_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel
         AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))),
-    -- Out of tokens (with a whole one, tokens are not what holds a message
-    -- back: one due but locked is in another worker's hands).
-    (SELECT (1 - {REFILLED}) / %(per_second)s
-     FROM pgpubsub.rate_bucket b WHERE b.channel = %(channel)s AND {REFILLED} < 1 AND EXISTS (
+    -- Until the next token, when tokens held the last claim back (one that
+    -- took nothing found nothing claimable: a due message is in another
+    -- worker's hands, and tokens are not what it waits for).
+    (SELECT GREATEST(0, 1 - {REFILLED}) / %(per_second)s
+     FROM pgpubsub.rate_bucket b WHERE b.channel = %(channel)s AND %(took)s AND EXISTS (
         SELECT 1 FROM pgpubsub.message d WHERE d.channel = %(channel)s
         AND d.status = 'pending' AND d.run_at <= pg_catalog.now()
         AND (d.ordering_key IS NULL OR NOT EXISTS (
@@ -411,6 +412,7 @@ class ChannelProcessor:
         self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
         self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
         self._doomed: set[int] = set()  # in hand, cancelled before their listener started
+        self._took = False  # the last claim took a message
         self.retention = float(cls.retention)
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
@@ -519,6 +521,7 @@ class ChannelProcessor:
             # On an error the leases stay held, given back at the next round:
             # by then no listener of this processor runs.
             got, keyed = self._batch()
+            self._took = got > 0
             # Slot and keys given back once the outcome is recorded, waking the
             # workers that the key or the slot kept waiting.
             self._release(wake=got > 0 and (keyed > 0 or self.max_in_flight is not None))
@@ -596,6 +599,7 @@ class ChannelProcessor:
             "capacity": None if rate is None else rate.capacity,
             "per_second": None if rate is None else rate.per_second,
             "slots": self.max_in_flight,
+            "took": self._took,
         }
         with self.session.atomic():
             rows = self.session.execute(NEXT_DUE_SQL, params)

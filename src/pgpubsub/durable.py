@@ -38,8 +38,11 @@ A channel with ``lock_notifications = True`` is durable:
   each worker looks for due messages every ``poll_interval`` seconds anyway.
 * Job-queue options: ``notify(Channel(...), delay=, run_at=, priority=,
   dedupe_key=, ordering_key=)`` (:class:`Options`), and the channel options
-  ``concurrency``, ``max_in_flight`` and ``schedule`` (:mod:`pgpubsub._schedule`);
-  see the README's durable-channels section for each one's rules.
+  ``concurrency``, ``max_in_flight``, ``rate_limit``, ``timeout`` and ``schedule``
+  (:mod:`pgpubsub._schedule`); see the durable guide for each one's rules.
+* Flow control: :func:`pgpubsub.messages.pause` / ``resume`` a channel across
+  every worker; :func:`pgpubsub.messages.cancel` stops a running message
+  (:func:`cancellation` inside a sync listener tells it to stop).
 
 External side effects (an e-mail, an HTTP call) are at-least-once: a worker
 can die after the side effect and before the commit.
