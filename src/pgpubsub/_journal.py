@@ -107,6 +107,7 @@ class Journal:
         self._since: list[_Message] = []  # completed messages since the checkpoint
         self._unconfirmed_keys: set[str] = set()  # keys with statements not waited for
         self._message: _Message | None = None  # the message in a listener
+        self._rewound = False  # the driver's prepared statements are then not trusted
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Journal]:
@@ -118,13 +119,18 @@ class Journal:
         conn.server_cursor_factory = _JournalServerCursor
         # A listener's transaction block is a savepoint written down too.
         conn.transaction = self._transaction  # type: ignore[method-assign]
-        # No statement is prepared meanwhile: a prepare in a part of the
-        # pipeline that an error aborts may be counted done by the driver.
-        conn.prepare_threshold = None
         token = _current.set(self)
         try:
             self._exec(_CHECKPOINT)
             yield self
+            if self._rewound:
+                # After a rewind the driver's record of prepared statements may
+                # name one that an aborted part of the pipeline never prepared:
+                # both sides forget them all (the driver does when it sees this
+                # statement's result, with preparing on again).
+                conn.prepare_threshold = threshold
+                self._exec("DEALLOCATE ALL")
+                self._sync()
         finally:
             _current.reset(token)
             conn.cursor_factory, conn.server_cursor_factory = factory, server_factory
@@ -377,7 +383,12 @@ class Journal:
             pipeline.sync()
 
     def _drain(self) -> None:
-        """The pipeline out of its aborted state (its error is known already)."""
+        """The pipeline out of its aborted state (its error is known already).
+
+        Nothing is prepared for the rest of the batch (see :meth:`installed`).
+        """
+        self._rewound = True
+        self.conn.prepare_threshold = None
         with contextlib.suppress(psycopg.Error):
             self._sync()
         if self._broken():

@@ -314,6 +314,9 @@ LOCK_TIMEOUT_SQL = "SELECT pg_catalog.set_config('lock_timeout', %s, true)"
 # that a violation is its message's failure rather than a failed COMMIT.
 IMMEDIATE_SQL = "SET CONSTRAINTS ALL IMMEDIATE"
 
+#: The most messages of one ordering key in one claimed batch.
+PER_KEY = 32
+
 #: Waits between attempts while the database is unavailable.
 RECONNECT = Backoff(base=0.5, factor=2, cap=10)
 
@@ -753,9 +756,12 @@ class ChannelProcessor:
             "holder": self.holder,
             "ttl": _leases.TTL,
             "after": self._after_key,
-            # Up to a quarter of a batch from one key, so that a batch mixes keys
-            # and other processors find keys of their own.
-            "per_key": max(1, self.claim_size // 4),
+            # Up to a quarter of a batch (and PER_KEY) from one key, so that a batch
+            # mixes keys and other processors find keys of their own: a key's next
+            # message waits until its previous one's writes are known to hold (a
+            # round trip), so a batch costs as many round trips as it has
+            # messages of one key.
+            "per_key": max(1, min(PER_KEY, self.claim_size // 4)),
         }
         self._leasing = True  # a claim may lease keys
         rate = rate_of(self.spec.cls)
@@ -787,13 +793,22 @@ class ChannelProcessor:
         if claimed and self._claim_batch is not None:
             self._claim_batch(len(claimed))
         rows = []
-        # Higher priority first, then oldest; a key's messages in id order, at the
-        # priority of its first (so that a key's order holds).
+        # Each key's first message, then each key's second, and so on (a key's
+        # next one waits for its previous one's writes: one wait per round, not
+        # per message); within a round higher priority first (a key at the
+        # priority of its first message), then oldest.
         head: dict[Any, int] = {}
+        rank: dict[int, int] = {}
+        seen: dict[Any, int] = {}
         for r in sorted(claimed, key=lambda r: r[0]):
             if r[6]:
                 head.setdefault(r[8], r[5])
-        order = sorted(claimed, key=lambda r: (-(head[r[8]] if r[6] else r[5]), r[0]))
+                rank[r[0]] = seen.get(r[8], 0)
+                seen[r[8]] = rank[r[0]] + 1
+        order = sorted(
+            claimed,
+            key=lambda r: (rank.get(r[0], 0), -(head[r[8]] if r[6] else r[5]), r[0]),
+        )
         for mid, payload, attempts, status, trace, _, keyed, _, key in order:
             if status == "dead":
                 self.dead += 1
