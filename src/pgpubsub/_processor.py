@@ -235,10 +235,10 @@ SELECT CASE WHEN NOT {UNPAUSED} THEN NULL ELSE LEAST(
         SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel
         AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))),
     -- Until the next token, when tokens held the last claim back (one that
-    -- took nothing found nothing claimable: a due message is in another
-    -- worker's hands, and tokens are not what it waits for).
+    -- took fewer than its tokens found nothing more claimable: a due message
+    -- is in another worker's hands, and tokens are not what it waits for).
     (SELECT GREATEST(0, 1 - {REFILLED}) / %(per_second)s
-     FROM pgpubsub.rate_bucket b WHERE b.channel = %(channel)s AND %(took)s AND EXISTS (
+     FROM pgpubsub.rate_bucket b WHERE b.channel = %(channel)s AND %(short)s AND EXISTS (
         SELECT 1 FROM pgpubsub.message d WHERE d.channel = %(channel)s
         AND d.status = 'pending' AND d.run_at <= pg_catalog.now()
         AND (d.ordering_key IS NULL OR NOT EXISTS (
@@ -415,7 +415,7 @@ class ChannelProcessor:
         self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
         self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
         self._doomed: set[int] = set()  # in hand, cancelled before their listener started
-        self._took = False  # the last claim took a message
+        self._short_of_tokens = False  # the last claim took all the tokens it had
         self.retention = float(cls.retention)
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
@@ -524,7 +524,6 @@ class ChannelProcessor:
             # On an error the leases stay held, given back at the next round:
             # by then no listener of this processor runs.
             got, keyed = self._batch()
-            self._took = got > 0
             # Slot and keys given back once the outcome is recorded, waking the
             # workers that the key or the slot kept waiting.
             self._release(wake=got > 0 and (keyed > 0 or self.max_in_flight is not None))
@@ -602,7 +601,7 @@ class ChannelProcessor:
             "capacity": None if rate is None else rate.capacity,
             "per_second": None if rate is None else rate.per_second,
             "slots": self.max_in_flight,
-            "took": self._took,
+            "short": self._short_of_tokens,
         }
         with self.session.atomic():
             rows = self.session.execute(NEXT_DUE_SQL, params)
@@ -775,11 +774,15 @@ class ChannelProcessor:
             bucket = {"channel": self.spec.name, "capacity": rate.capacity}
             bucket["per_second"] = rate.per_second
             tokens = int(self.session.execute(TAKE_SQL, bucket)[0][0])
+            self._short_of_tokens = True
             if tokens < 1:
                 return []
             params["limit"] = min(self.claim_size, tokens)
-            params["per_key"] = max(1, min(self.claim_size // 4, tokens))
+            params["per_key"] = max(1, min(PER_KEY, self.claim_size // 4, tokens))
             claimed = self.session.execute(CLAIM_SQL, params)
+            # Took fewer than the tokens allowed: nothing more is claimable now,
+            # and tokens are not what the rest waits for.
+            self._short_of_tokens = len(claimed) >= tokens
             started = sum(1 for r in claimed if r[3] != "dead")  # a dead one never starts
             if started:
                 self.session.execute(SPEND_SQL, (started, self.spec.name))
