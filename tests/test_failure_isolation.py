@@ -74,6 +74,7 @@ def rows(dsn: str) -> dict[int, tuple[Any, ...]]:
 # -- 1. a message that kills its worker ------------------------------------------------------
 
 
+@pytest.mark.acceptance  # worker processes
 @pytest.mark.parametrize("how", ["kill", "exit"])
 def test_a_message_that_kills_its_worker_is_the_only_one_charged(db: str, how: str) -> None:
     """20 messages in one batch, the 6th kills its process (SIGKILL / os._exit) every time.
@@ -116,6 +117,7 @@ def test_a_message_that_kills_its_worker_is_the_only_one_charged(db: str, how: s
     assert effects(db) == {n: 1 for n in range(20) if n != 5}  # the crash's writes never commit
 
 
+@pytest.mark.acceptance  # worker processes
 def test_a_message_that_kills_its_process_charges_no_message_of_another_channel(
     db: str,
 ) -> None:

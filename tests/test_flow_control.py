@@ -313,6 +313,7 @@ def db_now(dsn: str) -> datetime.datetime:
 WATCH = 1.5
 
 
+@pytest.mark.acceptance  # worker processes
 def test_a_paused_channel_starts_nothing_on_any_worker_until_resumed(flow: str) -> None:
     from app.flow_channels import Pausable
 
@@ -419,6 +420,7 @@ def test_a_pause_after_a_claim_lets_that_batch_finish(flow: str) -> None:
         proc.session.close()
 
 
+@pytest.mark.acceptance  # worker processes
 def test_a_rate_limited_channel_never_exceeds_its_rate_across_processes_and_achieves_it(
     flow: str,
 ) -> None:
@@ -448,6 +450,7 @@ def most_in_a_window(times: list[float], period: float) -> int:
     return max(bisect.bisect_right(times, t + period) - i for i, t in enumerate(times))
 
 
+@pytest.mark.acceptance  # worker processes
 def test_a_rate_limits_bucket_outlives_its_workers(flow: str) -> None:
     """Slow: 5 a minute, a bucket of 1. The first message starts at once; the next token is
     12 s away, whichever worker asks, however often the workers restart."""

@@ -203,6 +203,7 @@ proc.drain_once()
 """
 
 
+@pytest.mark.acceptance  # worker processes
 def test_a_message_that_crashes_then_raises_runs_at_most_max_attempts_plus_one(
     dsn: str, tmp_path: Any
 ) -> None:
