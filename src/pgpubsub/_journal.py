@@ -277,7 +277,8 @@ class Journal:
         # earlier message's (it surfaced late): unless ``msg`` read a result since
         # every earlier statement held, each earlier message is sent again alone.
         suspect = isinstance(exc, psycopg.Error) and msg.error is None and not msg.read
-        return not self._rewind(strict=suspect) or not suspect
+        found = self._rewind(strict=suspect)  # an earlier message's statement failed
+        return not (suspect and found)
 
     def _resync(self, msg: _Message, exc: psycopg.Error) -> None:
         """An error surfaced in ``msg``'s listener: find whose it is.
@@ -455,7 +456,9 @@ class JournalCursor(psycopg.Cursor[Any]):
     def rowcount(self) -> int:
         many = getattr(self, "_many", None)
         if many:
-            return sum(cursor.rowcount for cursor in many if self._ran(cursor))
+            for cursor in many:
+                self._ran(cursor)
+            return sum(cursor.rowcount for cursor in many)
         self._ran(self)
         return int(psycopg.Cursor.rowcount.fget(self))  # type: ignore[attr-defined]
 
@@ -470,12 +473,11 @@ class JournalCursor(psycopg.Cursor[Any]):
         return psycopg.Cursor.description.fget(self)  # type: ignore[attr-defined]
 
     @staticmethod
-    def _ran(cursor: psycopg.Cursor[Any]) -> bool:
+    def _ran(cursor: psycopg.Cursor[Any]) -> None:
         """Wait for ``cursor``'s statement if it was pipelined: its result is read now."""
         journal = _current.get()
         if journal is not None and journal.listening and cursor.pgresult is None:
             journal.wait()
-        return True
 
     def _read(self, fetch: Any) -> Any:
         journal = _current.get()

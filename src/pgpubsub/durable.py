@@ -370,7 +370,7 @@ async def astore(
 
 # -- processing ---------------------------------------------------------------------
 
-CANCELLED_SQL = "SELECT id FROM pgpubsub.cancel_request WHERE id = ANY(%s)"
+CANCEL_REQUESTS_SQL = "SELECT id FROM pgpubsub.cancel_request WHERE id = ANY(%s)"
 
 
 class DurableRunner:
@@ -430,7 +430,7 @@ class DurableRunner:
 
     def _cancelled(self, ids: list[int]) -> list[int]:
         with driver.connect(self.engine.conninfo, autocommit=True) as conn:
-            return [r[0] for r in conn.execute(CANCELLED_SQL, (ids,)).fetchall()]
+            return [r[0] for r in conn.execute(CANCEL_REQUESTS_SQL, (ids,)).fetchall()]
 
     @staticmethod
     def _waker(crew: Crew) -> Any:
