@@ -223,6 +223,39 @@ CREATE TABLE IF NOT EXISTS pgpubsub.rate_bucket (
 );
 REVOKE ALL ON pgpubsub.rate_bucket FROM PUBLIC;
 
+-- Version 6 (vacuum). Every message is an insert, a claim's update and a
+-- completion's delete: three row versions for one live row. Autovacuum's
+-- defaults wait for a fifth of a table to be dead and then vacuum it slowly,
+-- so a busy queue's table and indexes grew to many times its live rows before
+-- autovacuum had run once. Vacuum these tables after a few thousand changes,
+-- not a fraction of their size, and without the cost delay on the small ones
+-- (each is a few rows per worker or channel, rewritten constantly). Setting
+-- storage parameters takes a lock that writers do not wait for.
+ALTER TABLE pgpubsub.message SET (
+    autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 1
+);
+ALTER TABLE pgpubsub.lease SET (
+    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
+    autovacuum_vacuum_cost_delay = 0
+);
+ALTER TABLE pgpubsub.worker SET (
+    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
+    autovacuum_vacuum_cost_delay = 0
+);
+ALTER TABLE pgpubsub.rate_bucket SET (
+    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
+    autovacuum_vacuum_cost_delay = 0
+);
+ALTER TABLE pgpubsub.schedule SET (
+    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
+    autovacuum_vacuum_cost_delay = 0
+);
+ALTER TABLE pgpubsub.sleeper SET (
+    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
+    autovacuum_vacuum_cost_delay = 0
+);
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (
