@@ -609,7 +609,8 @@ class ChannelProcessor:
         return self.poll_interval if due is None else min(self.poll_interval, max(0.001, due))
 
     def _asleep(self) -> bool:
-        """Register this worker as asleep on the channel; False while a publisher is busy.
+        """Register this worker as asleep on the channel; False while a publisher is in a
+        transaction (it may have checked before the registration: look again soon).
 
         On a schema older than version 5 publishers always wake workers: True.
         """

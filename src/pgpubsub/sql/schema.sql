@@ -175,18 +175,19 @@ $body$;
 REVOKE ALL ON FUNCTION pgpubsub.wake(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgpubsub.wake(text) TO PUBLIC;
 
--- Called by a worker with nothing to do, before its last look at the queue:
--- false while a publisher of the channel is in a transaction (the worker then
--- looks again shortly, without a wake-up).
+-- Called by a worker with nothing to do, before its last look at the queue.
+-- It registers in any case, so that every publisher that checks from its
+-- commit on wakes the worker; false while a publisher of the channel is in a
+-- transaction: that one may have checked before and commit after the last
+-- look, so the worker looks again shortly (version 6: before, it registered
+-- only when no publisher was in a transaction, and publishers that were always
+-- in one left every message waiting for that look).
 CREATE OR REPLACE FUNCTION pgpubsub.sleep(channel text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 BEGIN
-    IF NOT pg_catalog.pg_try_advisory_xact_lock(
-            pg_catalog.hashtextextended('pgpubsub.sleeper' || channel, 0)) THEN
-        RETURN false;
-    END IF;
     INSERT INTO pgpubsub.sleeper (channel) VALUES (sleep.channel) ON CONFLICT DO NOTHING;
-    RETURN true;
+    RETURN pg_catalog.pg_try_advisory_xact_lock(
+        pg_catalog.hashtextextended('pgpubsub.sleeper' || channel, 0));
 END
 $body$;
 
