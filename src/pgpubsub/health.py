@@ -41,7 +41,7 @@ from ._leases import LIVE
 __all__ = ["SCHEMA_VERSION", "ChannelCounts", "Health", "WorkerInfo", "age", "since", "status"]
 
 #: The schema version this library installs and expects (``pgpubsub.version``).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # A due message of row ``m`` held back by its ordering key: an older pending
 # message of its key, or a live lease of the key (the negation of the claim's
@@ -344,7 +344,7 @@ def _read(conn: psycopg.Connection[Any], horizon_age: float = HORIZON_AGE) -> He
         )
     version_row = conn.execute(VERSION_SQL).fetchone() if has_version else None
     version = int(version_row[0]) if version_row else 1
-    counts = COUNTS_SQL if version >= SCHEMA_VERSION else LEGACY_COUNTS_SQL
+    counts = COUNTS_SQL if version >= 4 else LEGACY_COUNTS_SQL  # leases, unfinished
     channels = [ChannelCounts(*r) for r in conn.execute(counts)]
     workers = (
         [WorkerInfo.from_row(r) for r in conn.execute(WORKERS_SQL, WORKERS_PARAMS)]
@@ -352,7 +352,7 @@ def _read(conn: psycopg.Connection[Any], horizon_age: float = HORIZON_AGE) -> He
         else []
     )
     paused: set[str] = set()
-    if version >= SCHEMA_VERSION:
+    if version >= 5:
         has_pause = conn.execute(HAS_PAUSE_SQL).fetchone()
         if has_pause and has_pause[0]:
             paused = {r[0] for r in conn.execute(PAUSED_SQL)}

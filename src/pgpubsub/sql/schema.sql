@@ -263,7 +263,7 @@ CREATE TABLE IF NOT EXISTS pgpubsub.version (
     one      boolean PRIMARY KEY DEFAULT true CHECK (one),
     version  integer NOT NULL
 );
-INSERT INTO pgpubsub.version (one, version) VALUES (true, 5)
+INSERT INTO pgpubsub.version (one, version) VALUES (true, 6)
     ON CONFLICT (one) DO UPDATE SET version = GREATEST(pgpubsub.version.version, EXCLUDED.version);
 
 -- The JSON of one row event of a trigger channel.
