@@ -75,6 +75,8 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT ON pgpubsub.channel_pause TO {role}",  # a paused channel: claim nothing
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
         "GRANT SELECT ON pgpubsub.version TO {role}",
+        # Empty drained storage segments (runs as the schema's owner, no argument).
+        "GRANT EXECUTE ON FUNCTION pgpubsub.rotate() TO {role}",
     ),
     "monitor": (
         _SCHEMA,
