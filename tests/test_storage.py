@@ -17,19 +17,16 @@ import random
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import DurableRunning, admin_query, wait_until
+from helpers import DurableRunning, admin_query, install_version_5, wait_until
 
 import pgpubsub
 from pgpubsub import _processor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.durable import migrate
 from pgpubsub.listen import Registry
-
-V5_SCHEMA = Path(__file__).parent / "schema_v5.sql"  # src/pgpubsub/sql/schema.sql at version 5
 
 # What the durable tables hold, whatever their layout: the table and its partitions,
 # their indexes and TOAST.
@@ -97,14 +94,9 @@ def test_a_transaction_held_open_does_not_keep_processed_messages(
     assert sizes[-1] <= 1.5 * max(sizes[:3]), [s // 1024 for s in sizes]
 
 
-def install_version_5(dsn: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(V5_SCHEMA.read_text().encode())
-        assert conn.execute("SELECT version FROM pgpubsub.version").fetchone() == (5,)
-
-
 def test_upgrading_a_version_5_table_keeps_every_message_id_and_privilege(dsn: str) -> None:
     install_version_5(dsn)
+    assert admin_query(dsn, "SELECT version FROM pgpubsub.version") == [(5,)]
     admin_query(dsn, "CREATE ROLE storage_pub LOGIN")
     try:
         admin_query(

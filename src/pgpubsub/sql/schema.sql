@@ -140,6 +140,7 @@ GRANT EXECUTE ON FUNCTION pgpubsub.current_segment() TO PUBLIC;
 DO $convert$
 DECLARE
     old_seq regclass;
+    last_id bigint;
     acl record;
 BEGIN
     IF (SELECT c.relkind FROM pg_catalog.pg_class c
@@ -161,12 +162,13 @@ BEGIN
     CREATE TABLE pgpubsub.message_deduped PARTITION OF pgpubsub.message FOR VALUES IN (-2);
     INSERT INTO pgpubsub.message OVERRIDING SYSTEM VALUE
         SELECT v.*, (SELECT r.segment FROM pgpubsub.ring r) FROM pgpubsub.message_v5 v;
-    PERFORM pg_catalog.setval(
-        pg_catalog.pg_get_serial_sequence('pgpubsub.message', 'id'),
-        GREATEST(1, COALESCE(pg_catalog.pg_sequence_last_value(old_seq), 0),
-                 (SELECT COALESCE(pg_catalog.max(v.id), 0) FROM pgpubsub.message_v5 v)));
-    UPDATE pgpubsub.ring SET first_id = pg_catalog.pg_sequence_last_value(
-        pg_catalog.pg_get_serial_sequence('pgpubsub.message', 'id')::pg_catalog.regclass);
+    last_id := GREATEST(COALESCE(pg_catalog.pg_sequence_last_value(old_seq), 0),
+                        (SELECT COALESCE(pg_catalog.max(v.id), 0) FROM pgpubsub.message_v5 v));
+    IF last_id > 0 THEN  -- new ids after the old ones (a fresh table's start at 1)
+        PERFORM pg_catalog.setval(
+            pg_catalog.pg_get_serial_sequence('pgpubsub.message', 'id'), last_id);
+    END IF;
+    UPDATE pgpubsub.ring SET first_id = last_id;
     -- What roles held on the table and on its columns (pgpubsub grant: a
     -- publisher's INSERT names columns) they hold on the new one.
     FOR acl IN
