@@ -223,6 +223,98 @@ CREATE TABLE IF NOT EXISTS pgpubsub.rate_bucket (
 );
 REVOKE ALL ON pgpubsub.rate_bucket FROM PUBLIC;
 
+-- Version 6 (results). result: a results channel's listener's return value
+-- (JSON), stored in the transaction that completes the message; the error of a
+-- dead one stays in last_error. batch_id: the batch (fan-in) a message belongs
+-- to; batch_counted: its outcome is counted in its batch (once: a replayed
+-- member is not counted again).
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS result jsonb;
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS batch_id bigint;
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS batch_counted boolean NOT NULL DEFAULT false;
+
+-- A batch (pgpubsub.batch()): its members' outcome counts, and the callback
+-- message published, once, by the transaction that settles its last member
+-- (the row lock orders concurrent completions: exactly one sees the total).
+CREATE TABLE IF NOT EXISTS pgpubsub.batch (
+    id                bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    total             integer     NOT NULL,
+    done              integer     NOT NULL DEFAULT 0,
+    dead              integer     NOT NULL DEFAULT 0,
+    cancelled         integer     NOT NULL DEFAULT 0,
+    callback_channel  text        NOT NULL,
+    callback_payload  jsonb       NOT NULL,
+    callback_id       bigint,
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    completed_at      timestamptz
+);
+REVOKE ALL ON pgpubsub.batch FROM PUBLIC;
+
+-- A member's first final outcome, counted in the statement that settles it:
+-- done or dead (an UPDATE of its status), cancelled (a pending member deleted:
+-- a completed member is kept as done, never deleted, see the processor). The
+-- count that reaches the total publishes the callback, with the counts under
+-- the key "batch". Runs as the schema's owner: workers and operators need no
+-- privilege on pgpubsub.batch.
+CREATE OR REPLACE FUNCTION pgpubsub.count_batch_member() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    outcome text;
+    b pgpubsub.batch;
+    callback bigint;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        outcome := 'cancelled';
+    ELSIF NEW.status IN ('done', 'dead') THEN
+        outcome := NEW.status;
+        NEW.batch_counted := true;
+    ELSE
+        RETURN NEW;
+    END IF;
+    UPDATE pgpubsub.batch t SET
+        done = t.done + (outcome = 'done')::integer,
+        dead = t.dead + (outcome = 'dead')::integer,
+        cancelled = t.cancelled + (outcome = 'cancelled')::integer
+    WHERE t.id = OLD.batch_id RETURNING t.* INTO b;
+    IF FOUND AND b.callback_id IS NULL AND b.done + b.dead + b.cancelled >= b.total THEN
+        INSERT INTO pgpubsub.message (channel, payload)
+        VALUES (b.callback_channel, (b.callback_payload || pg_catalog.jsonb_build_object(
+            'batch', pg_catalog.jsonb_build_object('id', b.id, 'total', b.total,
+                'done', b.done, 'dead', b.dead, 'cancelled', b.cancelled)))::text)
+        RETURNING id INTO callback;
+        UPDATE pgpubsub.batch t SET callback_id = callback,
+            completed_at = pg_catalog.clock_timestamp() WHERE t.id = b.id;
+        PERFORM pgpubsub.wake(b.callback_channel);
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.count_batch_member() FROM PUBLIC;
+-- Only members fire it (the WHEN is checked without calling the function).
+-- Created once: dropping and creating again would lock the table at each migrate.
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_settled'
+                   AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        CREATE TRIGGER batch_member_settled
+            BEFORE UPDATE OF status ON pgpubsub.message FOR EACH ROW
+            WHEN (OLD.batch_id IS NOT NULL AND NOT OLD.batch_counted
+                  AND OLD.status = 'pending' AND NEW.status IN ('done', 'dead'))
+            EXECUTE FUNCTION pgpubsub.count_batch_member();
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_cancelled'
+                   AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        CREATE TRIGGER batch_member_cancelled
+            BEFORE DELETE ON pgpubsub.message FOR EACH ROW
+            WHEN (OLD.batch_id IS NOT NULL AND NOT OLD.batch_counted
+                  AND OLD.status = 'pending')
+            EXECUTE FUNCTION pgpubsub.count_batch_member();
+    END IF;
+END
+$do$;
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (
