@@ -169,8 +169,8 @@ class Handle(int):
             return None
         kind = getattr(self.spec.cls, "Result", None)
         try:
-            return msgspec.json.decode(text) if kind is None else msgspec.json.decode(
-                text, type=kind
+            return (
+                msgspec.json.decode(text) if kind is None else msgspec.json.decode(text, type=kind)
             )
         except msgspec.MsgspecError as exc:
             raise SchemaMismatch(
