@@ -16,10 +16,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import admin_query
+from helpers import admin_query, wait_until
 
 import pgpubsub
-from pgpubsub import durable, messages
+from pgpubsub import _results, durable, messages
 from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.errors import MessageCancelled, MessageFailed, ResultTimeout
@@ -353,6 +353,69 @@ def test_the_last_members_completed_concurrently_publish_one_callback(db: str) -
     labels = sorted(p["label"] for (p,) in callbacks(db))
     assert labels == ["0", "1", "2"]
     assert all(p["batch"]["done"] == 2 for (p,) in callbacks(db))
+
+
+@dataclass
+class Other(Channel, lock_notifications=True, max_attempts=1):
+    n: int
+
+
+MEMBERS_SQL = _results.MEMBERS_SQL
+
+
+def test_members_of_several_batches_completed_at_once_do_not_deadlock(db: str) -> None:
+    """Two processors complete members of the same three batches at the same moment, in
+    orders of their own (the order a statement visits its rows is the plan's): they must not
+    deadlock on the batch rows (a deadlock fails a processing transaction, and its listeners
+    run again: a listener's external effects twice). Rounds, as the orders vary."""
+    ran: list[int] = []
+    registry = Registry()
+
+    def work(n: int) -> None:
+        ran.append(n)
+        durable.connection().execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+
+    registry.add(Step, work)
+    registry.add(Other, work)
+    rounds = 6
+    for round_ in range(rounds):
+        with psycopg.connect(db) as conn:  # ids: Step's A, B, C; Other's C, B, A
+            made = [
+                pgpubsub.batch([Step(n=10 * round_ + k)], on_complete=Finished(str(k)), conn=conn)
+                for k in range(3)
+            ]
+            for k in reversed(range(3)):
+                conn.execute(
+                    "UPDATE pgpubsub.batch SET total = 2 WHERE id = %s", (made[k],)
+                )  # (the owner's edit: a second member, on the other channel, joins later)
+                conn.execute(
+                    MEMBERS_SQL,
+                    (spec_of(Other).name, made[k], f'{{"n": {10 * round_ + 5 + k}}}',
+                     spec_of(Other).name),
+                )  # fmt: skip
+        procs = [processor(db, registry, Step), processor(db, registry, Other)]
+        threads = [threading.Thread(target=p.drain_once) for p in procs]
+        # The batch rows held, so that both processors reach their completion and wait
+        # there; released together, each then takes the rest in its own order.
+        with psycopg.connect(db) as holder:
+            holder.execute("SELECT FROM pgpubsub.batch FOR UPDATE")
+            for t in threads:
+                t.start()
+            wait_until(lambda: waiting_for_locks(db) == 2, timeout=10)
+        for t in threads:
+            t.join(30)
+        for proc in procs:
+            proc.session.close()
+    assert len(ran) == 6 * rounds and len(set(ran)) == len(ran)  # no listener ran twice
+    assert len(callbacks(db)) == 3 * rounds
+
+
+def waiting_for_locks(dsn: str) -> int:
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND datname = current_database()"
+    )
+    return int(admin_query(dsn, query)[0][0])  # type: ignore[call-overload]
 
 
 # -- worker processes -------------------------------------------------------------------------

@@ -86,6 +86,8 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, DELETE ON pgpubsub.cancel_request TO {role}",
         "GRANT SELECT ON pgpubsub.channel_pause TO {role}",  # a paused channel: claim nothing
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
+        # Lock the batch rows of the members it settles, in order (batches: no deadlock).
+        "GRANT EXECUTE ON FUNCTION pgpubsub.lock_batches(bigint[]) TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",
     ),
     "monitor": (

@@ -183,11 +183,13 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
 # until its lease ran out. Locked in id order, so two processors never deadlock.
 # A row whose attempt count changed was claimed again by another worker (this
 # one outlived its lease): it is theirs.
-# (The third column: a member of a batch, kept as done when it completes.)
+# (The third column: the batch of a batch member, kept as done when it completes.)
 LOCK_SQL = (
-    "SELECT id, attempts, batch_id IS NOT NULL FROM pgpubsub.message "
+    "SELECT id, attempts, batch_id FROM pgpubsub.message "
     "WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
 )
+# The batch rows of the members about to be settled, locked in id order (see schema.sql).
+LOCK_BATCHES_SQL = "SELECT pgpubsub.lock_batches(%s::bigint[])"
 DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
 KEEP_SQL = (
     "UPDATE pgpubsub.message SET status = 'done', completed_at = pg_catalog.now(), "
@@ -440,7 +442,7 @@ class ChannelProcessor:
         self.results = bool(cls.results)
         self.result_type: Any = getattr(cls, "Result", None)
         self._values: dict[int, str] = {}  # id -> the JSON of its listeners' return value
-        self._members: set[int] = set()  # ids in hand that are batch members (kept as done)
+        self._members: dict[int, int] = {}  # id -> batch, of the members in hand
         self._kept_members = False  # members kept on a channel without retention: swept
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
@@ -999,6 +1001,7 @@ class ChannelProcessor:
                 failures.append((by_id[mid], journal.failed[mid]))
             else:
                 outcome.done.append(mid)
+        self._lock_batches([row[0] for row, _ in failures] + outcome.done)
         for row, exc in failures:
             outcome.failed.append(self._failed(row[0], row[2], exc))
         self._complete(outcome.done)
@@ -1010,6 +1013,7 @@ class ChannelProcessor:
         """The batch with a savepoint per message; a failure is recorded and the batch goes on."""
         outcome = _Outcome()
         blocked: set[str] = set()  # keys whose message failed: the later ones wait
+        failures: list[tuple[tuple[Any, ...], BaseException]] = []
         for row in rows:
             if row[4] in blocked:
                 outcome.returned.append(row[0])
@@ -1018,9 +1022,13 @@ class ChannelProcessor:
             if exc is None:
                 outcome.done.append(row[0])
             else:
-                outcome.failed.append(self._failed(row[0], row[2], exc))
+                failures.append((row, exc))
                 if row[4] is not None:
                     blocked.add(row[4])
+        # Recorded once every listener ran, the batch rows of members locked first.
+        self._lock_batches([row[0] for row, _ in failures] + outcome.done)
+        for row, exc in failures:
+            outcome.failed.append(self._failed(row[0], row[2], exc))
         self._complete(outcome.done)
         self._give_back(outcome.returned)
         return outcome
@@ -1097,8 +1105,20 @@ class ChannelProcessor:
     def _lock(self, ids: list[int]) -> dict[int, int]:
         """Lock rows in hand; their attempt counts (batch members noted in ``_members``)."""
         rows = self.session.execute(LOCK_SQL, (ids,))
-        self._members.update(r[0] for r in rows if r[2])
+        self._members.update((r[0], r[2]) for r in rows if r[2] is not None)
         return {r[0]: r[1] for r in rows}
+
+    def _lock_batches(self, settling: list[int]) -> None:
+        """Lock the batch rows of the members among ``settling``, in id order, at once.
+
+        Settling a member updates its batch's row (schema: count_batch_member);
+        taken one by one in the order a statement visits its rows, two
+        transactions with members of the same batches could deadlock.
+        """
+        if self._members:
+            batches = sorted({b for mid in settling if (b := self._members.get(mid)) is not None})
+            if len(batches) > 1:  # one row alone cannot close a cycle
+                self.session.execute(LOCK_BATCHES_SQL, (batches,))
 
     def _still_ours(self, mid: int, attempt: int) -> bool:
         return self._lock([mid]).get(mid) == attempt

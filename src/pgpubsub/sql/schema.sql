@@ -292,6 +292,17 @@ BEGIN
 END
 $body$;
 REVOKE ALL ON FUNCTION pgpubsub.count_batch_member() FROM PUBLIC;
+
+-- Called by a worker before it settles the batch members of a processing
+-- transaction: their batch rows locked at once, in id order, so that two
+-- transactions settling members of the same batches never wait for each
+-- other in a cycle (the trigger above would lock them in the order the
+-- statement visits its rows). Only workers may call it (`pgpubsub grant --worker`).
+CREATE OR REPLACE FUNCTION pgpubsub.lock_batches(ids bigint[]) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    SELECT FROM pgpubsub.batch b WHERE b.id = ANY(ids) ORDER BY b.id FOR UPDATE OF b;
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.lock_batches(bigint[]) FROM PUBLIC;
 -- Only members fire it (the WHEN is checked without calling the function).
 -- Created once: dropping and creating again would lock the table at each migrate.
 DO $do$
