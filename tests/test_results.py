@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import admin_query, wait_until
+from helpers import admin_query, terminate_sessions, wait_until
 
 import pgpubsub
 from pgpubsub import _results, durable, messages
@@ -234,6 +234,46 @@ def test_a_handle_is_rebuilt_from_its_id(db: str) -> None:
     assert pickle.loads(pickle.dumps(by_path)).result_sync(timeout=5) == Thumb(30, "thumb-3")
     with pytest.raises(pgpubsub.ConfigurationError, match="keeps no results"):
         pgpubsub.handle(Step, mid, dsn=db)
+
+
+@pytest.mark.chaos  # killed backends
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_a_waiter_whose_session_is_ended_connects_again_and_finds_the_outcome(
+    db: str, how: str
+) -> None:
+    """The waiter's session is ended (a failover, a proxy) while it waits and the message
+    completes meanwhile: its NOTIFY is lost with the session; the waiter connects again,
+    reads the message and returns its value, well before its poll interval (5 s)."""
+    with psycopg.connect(db) as conn:
+        h = pgpubsub.notify(Job(n=5), conn=conn)
+    got: list[Any] = []
+
+    def wait() -> None:
+        try:
+            if how == "sync":
+                got.append(h.result_sync(timeout=20))
+            else:
+                got.append(asyncio.run(h.result(timeout=20)))
+        except BaseException as exc:
+            got.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    wait_until(lambda: listening(db), timeout=10)
+    # Completed (as a worker would, but with no announcement) as the waiter is cut off.
+    admin_query(
+        db, "UPDATE pgpubsub.message SET status = 'done', result = '15' WHERE id = %s", (h,)
+    )
+    terminate_sessions(db)
+    started = time.monotonic()
+    waiter.join(20)
+    assert got == [15] and time.monotonic() - started < 4
+
+
+def listening(dsn: str) -> bool:
+    """A waiter has read its message after its LISTEN, and waits."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle' AND query = %s"
+    return bool(admin_query(dsn, query, (_results.STATE_SQL.replace("%s", "$1"),))[0][0])
 
 
 @pytest.mark.parametrize("returned", [object(), "a NUL \x00 here"])
