@@ -61,6 +61,6 @@ def test_the_reference_documents_only_modules_that_exist() -> None:
 
 
 def test_results_and_batches_are_exported() -> None:
-    for name in ("batch", "handle", "Handle", "Batch", "BatchOutcome", "MessageFailed",
+    for name in ("batch", "abatch", "handle", "Handle", "Batch", "BatchOutcome", "MessageFailed",
                  "MessageCancelled", "ResultTimeout"):  # fmt: skip
         assert name in pgpubsub.__all__ and hasattr(pgpubsub, name), name

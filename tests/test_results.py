@@ -363,6 +363,30 @@ def test_a_batch_reports_done_dead_and_cancelled_members_once(db: str) -> None:
     assert admin_query(db, "SELECT done, dead, cancelled FROM pgpubsub.batch") == [(2, 1, 1)]
 
 
+def test_a_batch_published_on_an_async_connection_joins_its_transaction(db: str) -> None:
+    async def publish(commit: bool) -> pgpubsub.Batch:
+        async with await psycopg.AsyncConnection.connect(db) as conn:
+            made = await pgpubsub.abatch(
+                [Step(n=1), Step(n=2)], on_complete=Finished("async"), conn=conn
+            )
+            await (conn.commit() if commit else conn.rollback())
+            return made
+
+    asyncio.run(publish(commit=False))
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
+    made = asyncio.run(publish(commit=True))
+    assert len(made.members) == 2
+    drain(db, step_registry(), Step)
+    [(payload,)] = callbacks(db)
+    assert payload["batch"] == {"id": made, "total": 2, "done": 2, "dead": 0, "cancelled": 0}
+
+
+def step_registry() -> Registry:
+    registry = Registry()
+    registry.add(Step, lambda n: None)
+    return registry
+
+
 def test_the_last_members_completed_concurrently_publish_one_callback(db: str) -> None:
     """Two workers complete the last two members of a batch at the same moment (both
     transactions open at once): exactly one of them publishes the callback."""

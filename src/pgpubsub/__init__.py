@@ -10,8 +10,8 @@ Levels, from the wire up:
   :mod:`pgpubsub.worker` - typed channels, ``@listener``, ``notify()``, the worker.
 * :mod:`pgpubsub.durable` - ``lock_notifications``: stored, exactly-once, retried messages;
   :mod:`pgpubsub.messages` - list, replay and purge them.
-* ``pgpubsub.batch`` / ``pgpubsub.handle`` - results of durable messages, awaiting them,
-  and batches (fan-in): see :mod:`pgpubsub._results`.
+* ``pgpubsub.batch`` / ``abatch`` / ``handle`` - results of durable messages, awaiting
+  them, and batches (fan-in): see :mod:`pgpubsub._results`.
 * :mod:`pgpubsub.triggers` - ``TriggerChannel`` listeners: row events of a table.
 * :mod:`pgpubsub.health` - ``status()``: database, schema, queues and live workers.
 * Django: add ``pgpubsub`` (and ``pgtrigger``) to ``INSTALLED_APPS``; see :mod:`pgpubsub.apps`.
@@ -21,7 +21,7 @@ from . import _startup  # noqa: F401  (first: `pgpubsub listen` notes a SIGTERM 
 
 # isort: split
 from . import _clash  # noqa: F401  (next: raises PackageClash beside django-pgpubsub)
-from ._results import Batch, BatchOutcome, Handle, batch, handle
+from ._results import Batch, BatchOutcome, Handle, abatch, batch, handle
 from .asynclistener import Connection, ConnectionPool, Listener, ListenerNotificationMsg
 from .backoff import Backoff
 from .channel import Channel, TriggerChannel
@@ -81,6 +81,7 @@ __all__ = [
     "MessageCancelled",
     "MessageFailed",
     "ResultTimeout",
+    "abatch",
     "batch",
     "handle",
     "Channel",

@@ -74,7 +74,7 @@ from .errors import (
     SchemaMismatch,
 )
 
-__all__ = ["Batch", "BatchOutcome", "Handle", "batch", "conninfo_of", "handle"]
+__all__ = ["Batch", "BatchOutcome", "Handle", "abatch", "batch", "conninfo_of", "handle"]
 
 #: Seconds between reads of a waited-for message when no announcement comes.
 POLL = 5.0
@@ -300,18 +300,18 @@ class Batch(int):
         return made
 
 
-def batch(messages: Iterable[Channel], *, on_complete: Channel, conn: Any = None) -> Batch:
-    """Publish ``messages`` as a batch; ``on_complete`` is published once all have settled.
+@dataclass(frozen=True)
+class _Plan:
+    """A batch ready to store: the callback's channel and payload, each channel's members."""
 
-    ``messages``: instances of durable channels (one or several channels);
-    ``on_complete``: an instance of a durable channel, published with the
-    counts under its payload's ``batch`` key (:class:`BatchOutcome`). Joins the
-    transaction of ``conn`` (as :func:`pgpubsub.notify`), so the batch is
-    published when it commits, whole or not at all. An empty batch is a
-    ConfigurationError (there is nothing to wait for).
-    """
-    from .notify import _publishing, default_connection
+    callback: ChannelSpec
+    payload: str
+    total: int
+    groups: list[tuple[ChannelSpec, str]]  # (channel, its members as JSON lines)
 
+
+def _plan(messages: Iterable[Channel], on_complete: Channel) -> _Plan:
+    """Check and encode a batch (no I/O): durable channels only, at least one member."""
     if not isinstance(on_complete, Channel):
         raise ConfigurationError(
             f"on_complete must be a channel instance (a durable channel), not {on_complete!r}"
@@ -332,13 +332,49 @@ def batch(messages: Iterable[Channel], *, on_complete: Channel, conn: Any = None
     if not total:
         raise ConfigurationError("a batch needs at least one message")
     payload, _ = callback.encode_lines([on_complete])
+    lines = [(spec, spec.encode_lines(group)[0]) for spec, group in groups.items()]
+    return _Plan(callback, payload, total, lines)
+
+
+def batch(messages: Iterable[Channel], *, on_complete: Channel, conn: Any = None) -> Batch:
+    """Publish ``messages`` as a batch; ``on_complete`` is published once all have settled.
+
+    ``messages``: instances of durable channels (one or several channels);
+    ``on_complete``: an instance of a durable channel, published with the
+    counts under its payload's ``batch`` key (:class:`BatchOutcome`). Joins the
+    transaction of ``conn`` (as :func:`pgpubsub.notify`: a sync connection, or
+    the default one), so the batch is published when it commits, whole or not
+    at all. An empty batch is a ConfigurationError (there is nothing to wait for).
+    """
+    from .notify import _publishing, default_connection
+
+    plan = _plan(messages, on_complete)
     conn = default_connection() if conn is None else conn
     members: list[int] = []
-    with _publishing(callback, total), conn.cursor() as cur:
-        cur.execute(BATCH_SQL, (total, callback.name, payload))
+    with _publishing(plan.callback, plan.total), conn.cursor() as cur:
+        cur.execute(BATCH_SQL, (plan.total, plan.callback.name, plan.payload))
         batch_id = int(cur.fetchone()[0])
-        for spec, group in groups.items():
-            lines, _ = spec.encode_lines(group)
+        for spec, lines in plan.groups:
             cur.execute(MEMBERS_SQL, (spec.name, batch_id, lines, spec.name))
             members.extend(cur.fetchone()[0] or [])
+    return Batch(batch_id, tuple(members))
+
+
+async def abatch(
+    messages: Iterable[Channel], *, on_complete: Channel, conn: psycopg.AsyncConnection[Any]
+) -> Batch:
+    """:func:`batch` on an async psycopg connection."""
+    from .notify import _publishing
+
+    plan = _plan(messages, on_complete)
+    members: list[int] = []
+    with _publishing(plan.callback, plan.total):
+        cur = await conn.execute(BATCH_SQL, (plan.total, plan.callback.name, plan.payload))
+        row = await cur.fetchone()
+        assert row is not None
+        batch_id = int(row[0])
+        for spec, lines in plan.groups:
+            cur = await conn.execute(MEMBERS_SQL, (spec.name, batch_id, lines, spec.name))
+            row = await cur.fetchone()
+            members.extend((row[0] if row else None) or [])
     return Batch(batch_id, tuple(members))

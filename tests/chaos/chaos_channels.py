@@ -11,7 +11,9 @@ RETRY = dict(max_attempts=3, retry_delay=0.2, retry_max_delay=1.0)
 
 
 @dataclass
-class Work(Channel, name="chaos_work", lock_notifications=True, **RETRY):  # type: ignore[call-arg]
+class Work(Channel, name="chaos_work", lock_notifications=True, results=True, **RETRY):  # type: ignore[call-arg]
+    """Keeps results: each done message's is checked against its committed effect."""
+
     n: int
     behaviour: str = "ok"
     until: int = 0

@@ -20,6 +20,8 @@
   kill, a killed session, a restart) during its life make up the difference.
 * ``cancelled-ran``: a cancelled message never takes effect.
 * ``stuck``: every message done, dead or cancelled within the settle bound.
+* ``result``: a done message of the results channel (chaos_work) has the result
+  its committed attempt returned (that attempt's process), and no other has one.
 * ``tick``: each schedule tick stored once, never run before its instant.
 * ``shutdown``: a supervisor stopped by SIGTERM exits 0.
 * ``orphan``: no worker outlives its supervisor (SIGKILLed or not).
@@ -212,6 +214,20 @@ def check(record: Record) -> list[str]:
             worst = len(inside)
             who = sorted(f"n={limited[j].n}/pid {limited[j].pid}" for j in inside)
             v.append(f"max-in-flight: {len(inside)} > {LIMIT} in listeners at {at}: {who}")
+
+    # Results (chaos_work keeps them): a done message's is the one its committed effect's
+    # attempt returned (same process), stored in the same transaction; no other has one.
+    effect_pid = {n: pid for channel, n, pid, _, _ in record.effects if n is not None}
+    for mid, result in sorted(record.results.items()):
+        n = id_of.get(mid)
+        if n is None:
+            continue
+        if final.get(n) == "done":
+            if result != {"n": n, "pid": effect_pid.get(n)}:
+                v.append(f"result: n={n} is done with result {result!r}, its effect's pid "
+                         f"{effect_pid.get(n)}")  # fmt: skip
+        elif result is not None:
+            v.append(f"result: n={n} is {final.get(n)} with result {result!r}")
 
     if record.settled is None:
         v.append("stuck: messages still pending when the settle bound ran out")

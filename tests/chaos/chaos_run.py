@@ -79,6 +79,7 @@ class Record:
     history: list[tuple[Any, ...]] = field(default_factory=list)
     effects: list[tuple[Any, ...]] = field(default_factory=list)
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    results: dict[int, Any] = field(default_factory=dict)  # id -> result, of chaos_work
 
     def by_id(self) -> dict[int, int]:
         return {
@@ -468,3 +469,8 @@ class Run:
             self.record.rows = conn.execute(
                 "SELECT id, channel, status, attempts, last_error FROM pgpubsub.message"
             ).fetchall()
+            self.record.results = dict(
+                conn.execute(  # type: ignore[arg-type]
+                    "SELECT id, result FROM pgpubsub.message WHERE channel = 'chaos_work'"
+                ).fetchall()
+            )

@@ -146,3 +146,19 @@ def test_early_start_and_stuck_messages() -> None:
     h.publish(2)
     h.record.rows.append((2, WORK, "pending", 1, None))
     assert kinds(h.check()) == {"early", "stuck"}
+
+
+def test_a_result_other_than_the_committed_attempts_is_flagged() -> None:
+    h = History()
+    for n in (1, 2, 3, 4):
+        h.publish(n)
+        h.run(n, 0.0, 1.0, pid=7)
+        h.record.rows.append((n, WORK, "done", 1, None))
+    h.publish(5, behaviour="raise", until=POISON)
+    h.run(5, 0.0, 1.0, pid=7, outcome="raise")
+    h.dead(5)
+    h.record.results = {1: {"n": 1, "pid": 7}, 2: None, 3: {"n": 3, "pid": 8}}
+    h.record.results |= {4: {"n": 4, "pid": 7}, 5: {"n": 5, "pid": 7}}
+    found = h.check()
+    assert kinds(found) == {"result"}
+    assert [line.split()[1] for line in found] == ["n=2", "n=3", "n=5"]
