@@ -40,6 +40,13 @@ class Tick(Channel, name="chaos_tick", lock_notifications=True, schedule="* * * 
     scheduled_at: datetime.datetime | None = None
 
 
+@dataclass
+class BatchDone(Channel, name="chaos_batch_done", lock_notifications=True):
+    """The callback of the run's batches (no listener: the checker reads the stored ones)."""
+
+    label: str = ""
+
+
 # The tables the listeners write (chaos_listeners) and the checker reads (chaos_check).
 SCHEMA = """
 CREATE TABLE chaos_history (

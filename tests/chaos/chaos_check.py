@@ -20,6 +20,8 @@
   kill, a killed session, a restart) during its life make up the difference.
 * ``cancelled-ran``: a cancelled message never takes effect.
 * ``stuck``: every message done, dead or cancelled within the settle bound.
+* ``batch``: each batch (publishes without options) has one callback once its
+  members settled, counting their first outcomes (done, dead, cancelled).
 * ``result``: a done message of the results channel (chaos_work) has the result
   its committed attempt returned (that attempt's process), and no other has one.
 * ``tick``: each schedule tick stored once, never run before its instant.
@@ -228,6 +230,21 @@ def check(record: Record) -> list[str]:
                          f"{effect_pid.get(n)}")  # fmt: skip
         elif result is not None:
             v.append(f"result: n={n} is {final.get(n)} with result {result!r}")
+
+    # Batches (publishes without options): once every member settled, one callback, whose
+    # counts are the members' first outcomes (a member dead once counts dead, replayed or not).
+    for batch_id, ns in sorted(record.batches.items()) if record.settled is not None else []:
+        got = [c for c in record.callbacks if c["id"] == batch_id]
+        if len(got) != 1:
+            v.append(f"batch: batch {batch_id} (n={list(ns)}) has {len(got)} callbacks")
+            continue
+        dead_ones = sum(1 for n in ns if n in ever_dead)
+        done_ones = sum(1 for n in ns if effects[n] and n not in ever_dead)
+        c = got[0]
+        counted = (c["total"], c["done"], c["dead"], c["done"] + c["dead"] + c["cancelled"])
+        if counted != (len(ns), done_ones, dead_ones, len(ns)):
+            v.append(f"batch: batch {batch_id} (n={list(ns)}) counted {c}, expected "
+                     f"done={done_ones} dead={dead_ones} of {len(ns)}")  # fmt: skip
 
     if record.settled is None:
         v.append("stuck: messages still pending when the settle bound ran out")
