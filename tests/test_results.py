@@ -350,7 +350,7 @@ def test_a_batch_reports_done_dead_and_cancelled_members_once(db: str) -> None:
     finished.add(Finished, lambda label, batch: got.append((label, batch)))
     drain(db, finished, Finished)
     assert got == [("all", pgpubsub.BatchOutcome(int(made), 4, 2, 1, 1))]
-    # A dead member replayed and completed is not counted again.
+    # A dead member replayed after its batch finished is not counted again.
     with psycopg.connect(db, autocommit=True) as conn:
         messages.replay(conn, ids=[made.members[2]])
     again = Registry()

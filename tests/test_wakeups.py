@@ -64,6 +64,21 @@ def test_a_worker_cannot_register_while_a_publisher_is_in_a_transaction(db: str)
         assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
 
 
+def test_publishers_wake_a_worker_that_registered_while_one_was_in_a_transaction(
+    db: str,
+) -> None:
+    """Publishers always in a transaction (400/s from several sessions) left a worker unable
+    to register: each message then waited for its 50 ms look. The registration is made
+    anyway, and only a publisher already past its check when it was made goes unheard."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db) as publisher, psycopg.connect(db, autocommit=True) as worker:
+        pgpubsub.notify(Woken(n=1), conn=publisher)  # in its transaction
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (False,)
+        # The next publishers find the registration: the first one wakes the worker.
+        assert notifications(db, name, lambda: publish_each(db, range(2, 4))) == 1
+        publisher.commit()
+
+
 def test_no_message_waits_for_the_poll(db: str) -> None:
     """Publishers in threads, single-message transactions of varied length, some open while
     the workers go to sleep: each message starts within 1 s of its commit although the

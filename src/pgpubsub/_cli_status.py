@@ -11,6 +11,11 @@ Per channel: ``pending`` (all of them) = ``in flight`` (a worker has it) +
 about) + the scheduled ones (their time is to come). A paused channel
 (``pgpubsub messages pause``) shows ``(paused)`` after its name; its due
 messages wait for resume, not a worker, so ``--max-age`` leaves them alone.
+
+``WARNING`` lines name what slows every queue down from outside: a session,
+prepared transaction or replication slot that holds vacuum back (a transaction
+open longer than ``--horizon-age`` seconds), a NOTIFY queue more than half full.
+They never fail ``--check``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 from ._cli_errors import CheckFailed
 from .errors import ConnectionFailed, SchemaMissing
-from .health import Health, age, since, status
+from .health import HORIZON_AGE, Health, age, since, status
 
 __all__ = ["add_parser"]
 
@@ -42,6 +47,8 @@ def _print(health: Health) -> None:
     print(f"database  ok (PostgreSQL {health.server_version})")
     state = "ok" if health.schema_current else "OUTDATED: run `pgpubsub migrate`"
     print(f"schema    version {health.schema_version} ({state})")
+    for warning in health.warnings:
+        print(f"WARNING   {warning}")
     print()
     if health.channels:
         rows = [["channel", "pending", "in flight", "held", "due", "dead", "done", "oldest due"]]
@@ -100,7 +107,7 @@ def _print(health: Health) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    health = status(args.dsn, timeout=args.timeout)
+    health = status(args.dsn, timeout=args.timeout, horizon_age=args.horizon_age)
     problems = health.problems(args.max_age)
     if args.json:
         print(json.dumps({**health.as_dict(), "problems": problems}, default=str, indent=2))
@@ -139,6 +146,14 @@ def add_parser(sub: Any, common: Any) -> None:
         metavar="SECONDS",
         help="unhealthy when a due message (waiting for a worker: not one in flight or "
         "held back by its key or max_in_flight) has waited longer than this",
+    )
+    sp.add_argument(
+        "--horizon-age",
+        type=float,
+        default=HORIZON_AGE,
+        metavar="SECONDS",
+        help="warn about transactions open longer than this (they hold vacuum back; "
+        f"default {HORIZON_AGE:g})",
     )
     sp.add_argument(
         "--timeout", type=float, default=5.0, metavar="SECONDS", help="connect and query timeout"

@@ -12,9 +12,11 @@ cost the database nothing.
 A crew with nothing to do registers as asleep (``pgpubsub.sleep``) before its
 last look at the queue, so that publishers wake it (``pgpubsub.wake``: a
 NOTIFY only then). A wake-up may have taken the registration: the next
-processor to rest registers again. While a publisher of the channel is in a
-transaction the registration waits; the crew then looks again every
-:data:`BUSY_POLL` seconds instead.
+processor to rest registers again. A publisher in a transaction when the crew
+registers may have checked before it and commit after the last look: until a
+registration finds no publisher in a transaction, the crew also looks again
+every :data:`BUSY_POLL` seconds (the publishers that check after the
+registration wake it at once).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Protocol
 
 __all__ = ["BUSY_POLL", "Crew"]
 
-#: Seconds between looks at the queue while the crew cannot register as asleep.
+#: Seconds between looks at the queue while a publisher may have missed the registration.
 BUSY_POLL = 0.05
 
 
@@ -68,8 +70,10 @@ class Crew:
         """``proc`` found nothing to claim: sleep until woken (the poller: until due).
 
         Returns when ``proc`` should claim: woken by a wake-up, or its poll is
-        due, or the crew has just registered as asleep (``asleep()``: False
-        while a publisher is in a transaction) and takes its last look.
+        due, or the crew has just registered as asleep and takes its last look
+        (``asleep()``: False while a publisher is in a transaction, which may
+        have missed the registration: the crew then also looks every
+        :data:`BUSY_POLL` seconds).
         """
         while not proc.stopping.is_set():
             with self._lock:

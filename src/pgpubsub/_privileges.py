@@ -89,6 +89,8 @@ KINDS: dict[str, tuple[str, ...]] = {
         # Lock the batch rows of the members it settles, in order (batches: no deadlock).
         "GRANT EXECUTE ON FUNCTION pgpubsub.lock_batches(bigint[]) TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",
+        # Empty drained storage segments (runs as the schema's owner, no argument).
+        "GRANT EXECUTE ON FUNCTION pgpubsub.rotate() TO {role}",
     ),
     "monitor": (
         _SCHEMA,

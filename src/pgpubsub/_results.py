@@ -39,13 +39,17 @@ publishes the members (durable messages, on one channel or several) and, once
 every member has settled (done, dead, or cancelled), publishes ``on_complete``
 exactly once, with the counts under the key ``batch`` of its payload (declare
 ``batch: pgpubsub.BatchOutcome | None = None`` on the callback channel to read
-them). The counts are kept by the database (table ``pgpubsub.batch``), updated
-by the statement that settles each member; the transaction that settles the
-last member publishes the callback, the batch's row lock ordering concurrent
-completions, and a worker that dies publishes nothing (its transaction rolls
-back, and the member's next attempt settles it). A member counts once: its
-first outcome (a dead member replayed is not counted again). A completed
-member is kept as ``done`` (swept after its channel's retention, or a day).
+them). The statement that settles a member (done, dead, or deleted: cancelled
+or purged) checks, in its transaction, whether any member of its batch is
+still pending; the transaction that settles the last one publishes the
+callback (table ``pgpubsub.batch``: the batch's row lock orders concurrent
+completions, so exactly one of them sees none pending), and a worker that
+dies publishes nothing (its transaction rolls back, and the member's next
+attempt settles it). The counts are the members' statuses at that moment: a
+dead member replayed before then counts by its new outcome, one replayed
+after is not counted again; a member gone (cancelled, purged) counts as
+cancelled. A completed member is kept as ``done`` (swept after its channel's
+retention, or a day).
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ class EmbeddedServer:
                 f"port = {self.port}\n"
                 f"unix_socket_directories = '{self._tmp}'\n"
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
-                "max_connections = 200\n"
+                "max_connections = 200\nmax_prepared_transactions = 10\n"
             )
 
     def start(self) -> EmbeddedServer:

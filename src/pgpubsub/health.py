@@ -41,7 +41,7 @@ from ._leases import LIVE
 __all__ = ["SCHEMA_VERSION", "ChannelCounts", "Health", "WorkerInfo", "age", "since", "status"]
 
 #: The schema version this library installs and expects (``pgpubsub.version``).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # A due message of row ``m`` held back by its ordering key: an older pending
 # message of its key, or a live lease of the key (the negation of the claim's
@@ -140,6 +140,43 @@ PAUSED_SQL = "SELECT channel FROM pgpubsub.channel_pause"
 HAS_PAUSE_SQL = "SELECT pg_catalog.to_regclass('pgpubsub.channel_pause') IS NOT NULL"
 TIMEOUT_SQL = "SELECT pg_catalog.set_config('statement_timeout', %s, false)"
 # to_regclass: NULL instead of an error when the table is not there.
+# What holds the xmin horizon back (vacuum keeps every row deleted since): a
+# session of this database in a transaction older than %(age)s seconds, a
+# prepared transaction, a replication slot (a standby's hot_standby_feedback).
+# Other sessions' transactions are visible to a superuser or a member of
+# pg_read_all_stats (pg_monitor); to others, only their own.
+HORIZON_SQL = """
+SELECT 'session ' || a.pid || ' ('
+        || COALESCE(NULLIF(a.application_name, ''), 'no application name')
+        || ', ' || COALESCE(a.usename, '?') || ', ' || COALESCE(a.state, '?') || ')',
+    pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - a.xact_start)
+FROM pg_catalog.pg_stat_activity a
+WHERE a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backend_pid()
+  AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+  AND a.xact_start < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => %(age)s)
+UNION ALL
+SELECT 'prepared transaction ' || pg_catalog.quote_literal(p.gid),
+    pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - p.prepared)
+FROM pg_catalog.pg_prepared_xacts p
+WHERE p.database = pg_catalog.current_database()
+  AND p.prepared < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => %(age)s)
+UNION ALL
+SELECT 'replication slot ' || pg_catalog.quote_literal(s.slot_name)
+        || CASE WHEN s.active THEN '' ELSE ' (inactive)' END, NULL
+FROM pg_catalog.pg_replication_slots s WHERE s.xmin IS NOT NULL
+ORDER BY 2 DESC NULLS LAST
+"""
+# The NOTIFY queue: the fraction in use (a listener that never reads holds
+# every notification sent since it listened; a full queue fails every
+# notifying commit), and its size where it can be set (PostgreSQL 17+).
+NOTIFY_QUEUE_SQL = (
+    "SELECT pg_catalog.pg_notification_queue_usage(), "
+    "pg_catalog.current_setting('max_notify_queue_pages', true)"
+)
+#: status() warns when the NOTIFY queue is fuller than this fraction.
+NOTIFY_QUEUE_WARN = 0.5
+#: status() warns about transactions older than this many seconds (``horizon_age``).
+HORIZON_AGE = 60.0
 TABLES_SQL = (
     "SELECT pg_catalog.to_regclass('pgpubsub.message') IS NOT NULL, "
     "pg_catalog.to_regclass('pgpubsub.version') IS NOT NULL, "
@@ -209,6 +246,10 @@ class Health:
     expected_version: int
     channels: tuple[ChannelCounts, ...] = ()
     workers: tuple[WorkerInfo, ...] = ()
+    # What the server does that slows the queue down (a transaction holding
+    # vacuum back, a filling NOTIFY queue): shown, never a failed check.
+    warnings: tuple[str, ...] = ()
+    notify_queue_usage: float | None = None  # fraction of the NOTIFY queue in use
 
     @property
     def schema_current(self) -> bool:
@@ -250,8 +291,13 @@ class Health:
         return data
 
 
-def status(dsn: str = "", *, timeout: float = 5.0) -> Health:
-    """Database, schema, per-channel counts and live workers (``pgpubsub status``)."""
+def status(dsn: str = "", *, timeout: float = 5.0, horizon_age: float = HORIZON_AGE) -> Health:
+    """Database, schema, per-channel counts and live workers (``pgpubsub status``).
+
+    ``warnings`` names what holds vacuum back (a transaction of this database
+    open for more than ``horizon_age`` seconds, a prepared transaction, a
+    replication slot) and a NOTIFY queue fuller than :data:`NOTIFY_QUEUE_WARN`.
+    """
     conninfo = driver.build_conninfo(dsn)
     try:
         conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=max(1, int(timeout)))
@@ -260,20 +306,50 @@ def status(dsn: str = "", *, timeout: float = 5.0) -> Health:
     with conn:
         try:
             conn.execute(TIMEOUT_SQL, (str(int(timeout * 1000)),))
-            return _read(conn)
+            return _read(conn, horizon_age)
         except psycopg.Error as exc:
             raise driver.translate(exc, "reading the status") from exc
 
 
-def _read(conn: psycopg.Connection[Any]) -> Health:
+def _server_warnings(
+    conn: psycopg.Connection[Any], horizon_age: float
+) -> tuple[list[str], float | None]:
+    warnings = [
+        f"{holder} has held a transaction open for {age(seconds)}: "
+        "vacuum keeps every row deleted since, and the queue slows down"
+        if seconds is not None
+        else f"{holder} holds the xmin horizon back: vacuum keeps every row deleted since"
+        for holder, seconds in conn.execute(HORIZON_SQL, {"age": horizon_age})
+    ]
+    row = conn.execute(NOTIFY_QUEUE_SQL).fetchone()
+    usage, pages = (float(row[0]), row[1]) if row else (None, None)
+    if usage is not None and usage > NOTIFY_QUEUE_WARN:
+        size = f" of max_notify_queue_pages = {pages}" if pages else ""
+        warnings.append(
+            f"the NOTIFY queue is {usage:.0%} full{size}: a session that listens and never "
+            "reads holds it; when it is full, every notifying commit fails"
+        )
+    return warnings, usage
+
+
+def _read(conn: psycopg.Connection[Any], horizon_age: float = HORIZON_AGE) -> Health:
     server = conn.info.parameter_status("server_version")
+    warnings, usage = _server_warnings(conn, horizon_age)
     row = conn.execute(TABLES_SQL).fetchone()
     has_messages, has_version, has_workers = row if row else (False, False, False)
     if not has_messages:
-        return Health(True, None, server, None, SCHEMA_VERSION)
+        return Health(
+            True,
+            None,
+            server,
+            None,
+            SCHEMA_VERSION,
+            warnings=tuple(warnings),
+            notify_queue_usage=usage,
+        )
     version_row = conn.execute(VERSION_SQL).fetchone() if has_version else None
     version = int(version_row[0]) if version_row else 1
-    counts = COUNTS_SQL if version >= SCHEMA_VERSION else LEGACY_COUNTS_SQL
+    counts = COUNTS_SQL if version >= 4 else LEGACY_COUNTS_SQL  # leases, unfinished
     channels = [ChannelCounts(*r) for r in conn.execute(counts)]
     workers = (
         [WorkerInfo.from_row(r) for r in conn.execute(WORKERS_SQL, WORKERS_PARAMS)]
@@ -281,7 +357,7 @@ def _read(conn: psycopg.Connection[Any]) -> Health:
         else []
     )
     paused: set[str] = set()
-    if version >= SCHEMA_VERSION:
+    if version >= 5:
         has_pause = conn.execute(HAS_PAUSE_SQL).fetchone()
         if has_pause and has_pause[0]:
             paused = {r[0] for r in conn.execute(PAUSED_SQL)}
@@ -289,7 +365,17 @@ def _read(conn: psycopg.Connection[Any]) -> Health:
     known = {c.channel for c in channels}
     for name in sorted(({ch for w in workers if w.alive for ch in w.channels} | paused) - known):
         channels.append(ChannelCounts(name, 0, 0, 0, 0, None, paused=name in paused))
-    return Health(True, None, server, version, SCHEMA_VERSION, tuple(channels), tuple(workers))
+    return Health(
+        True,
+        None,
+        server,
+        version,
+        SCHEMA_VERSION,
+        tuple(channels),
+        tuple(workers),
+        tuple(warnings),
+        usage,
+    )
 
 
 def age(seconds: float | None) -> str:
