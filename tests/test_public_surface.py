@@ -58,3 +58,9 @@ def test_every_public_module_is_documented_or_fixed() -> None:
 
 def test_the_reference_documents_only_modules_that_exist() -> None:
     assert documented() <= public_modules() | {"pgpubsub"}
+
+
+def test_results_and_batches_are_exported() -> None:
+    for name in ("batch", "abatch", "handle", "Handle", "Batch", "BatchOutcome", "MessageFailed",
+                 "MessageCancelled", "ResultTimeout"):  # fmt: skip
+        assert name in pgpubsub.__all__ and hasattr(pgpubsub, name), name

@@ -10,6 +10,8 @@ Levels, from the wire up:
   :mod:`pgpubsub.worker` - typed channels, ``@listener``, ``notify()``, the worker.
 * :mod:`pgpubsub.durable` - ``lock_notifications``: stored, exactly-once, retried messages;
   :mod:`pgpubsub.messages` - list, replay and purge them.
+* ``pgpubsub.batch`` / ``abatch`` / ``handle`` - results of durable messages, awaiting
+  them, and batches (fan-in): see :mod:`pgpubsub._results`.
 * :mod:`pgpubsub.triggers` - ``TriggerChannel`` listeners: row events of a table.
 * :mod:`pgpubsub.health` - ``status()``: database, schema, queues and live workers.
 * Django: add ``pgpubsub`` (and ``pgtrigger``) to ``INSTALLED_APPS``; see :mod:`pgpubsub.apps`.
@@ -19,6 +21,7 @@ from . import _startup  # noqa: F401  (first: `pgpubsub listen` notes a SIGTERM 
 
 # isort: split
 from . import _clash  # noqa: F401  (next: raises PackageClash beside django-pgpubsub)
+from ._results import Batch, BatchOutcome, Handle, abatch, batch, handle
 from .asynclistener import Connection, ConnectionPool, Listener, ListenerNotificationMsg
 from .backoff import Backoff
 from .channel import Channel, TriggerChannel
@@ -34,11 +37,14 @@ from .errors import (
     InvalidChannelName,
     ListenerStartError,
     ListenerStateError,
+    MessageCancelled,
+    MessageFailed,
     NoListener,
     PayloadError,
     PayloadTooLarge,
     PermissionDenied,
     PgPubSubError,
+    ResultTimeout,
     SchemaMismatch,
     SchemaMissing,
 )
@@ -69,6 +75,15 @@ setattr(notify, "notify", notify)  # noqa: B010
 __all__ = [
     "AsyncPubSub",
     "Backoff",
+    "Batch",
+    "BatchOutcome",
+    "Handle",
+    "MessageCancelled",
+    "MessageFailed",
+    "ResultTimeout",
+    "abatch",
+    "batch",
+    "handle",
     "Channel",
     "Connection",
     "ConnectionPool",

@@ -6,7 +6,8 @@ kind                      what it may do
 ``publisher``             publish on durable channels with every option: INSERT into
                           ``pgpubsub.message``, and read back the ids it gets and the id of a
                           pending message with the same dedupe key (not other messages'
-                          payloads)
+                          payloads); wait for results (a message's status, result and
+                          error); publish batches (INSERT into ``pgpubsub.batch``)
 ``worker``                claim, complete, retry and purge stored messages, read the spilled
                           rows of plain trigger channels, store the ticks of scheduled
                           channels (``pgpubsub.schedule`` and INSERT into the message table),
@@ -15,7 +16,8 @@ kind                      what it may do
 ``monitor``               read what ``pgpubsub status`` and the dashboard's overview show:
                           counts, ages, priorities and attempts of messages (never their
                           payloads, errors, keys or context), the worker registry and the
-                          schema version, which channels are paused: for probes and dashboards
+                          schema version, which channels are paused, batches' counts: for
+                          probes and dashboards
 ``operator``              what a monitor may, plus read whole messages and replay, cancel and
                           purge them, pause and resume channels (``pgpubsub messages``, the
                           dashboard's pages and actions)
@@ -52,6 +54,10 @@ _MONITORED = (
     "id, channel, status, attempts, run_at, priority, created_at, completed_at, "
     "ordering_key, unfinished"
 )
+# What a monitor reads of a batch: its counts, never its callback's payload.
+_BATCH_COUNTS = (
+    "id, total, done, dead, cancelled, callback_channel, callback_id, created_at, completed_at"
+)
 # What a publisher writes: never a message's id, state, attempts or times.
 _PUBLISHED = "channel, payload, trace, run_at, priority, dedupe_key, ordering_key"
 
@@ -59,8 +65,14 @@ KINDS: dict[str, tuple[str, ...]] = {
     "publisher": (
         _SCHEMA,
         f"GRANT INSERT ({_PUBLISHED}) ON pgpubsub.message TO {{role}}",
-        # The ids notify() returns, and a pending dedupe_key's message id.
-        "GRANT SELECT (id, channel, status, dedupe_key) ON pgpubsub.message TO {role}",
+        # The ids notify() returns, and a pending dedupe_key's message id; the
+        # outcome a handle waits for (results channels: the value or the error).
+        "GRANT SELECT (id, channel, status, dedupe_key, result, last_error) "
+        "ON pgpubsub.message TO {role}",
+        # Batches: the batch row, and its members (their batch's id).
+        "GRANT INSERT (batch_id) ON pgpubsub.message TO {role}",
+        "GRANT SELECT (id), INSERT (total, callback_channel, callback_payload) "
+        "ON pgpubsub.batch TO {role}",
     ),
     "worker": (
         _SCHEMA,
@@ -74,6 +86,8 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, DELETE ON pgpubsub.cancel_request TO {role}",
         "GRANT SELECT ON pgpubsub.channel_pause TO {role}",  # a paused channel: claim nothing
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
+        # Lock the batch rows of the members it settles, in order (batches: no deadlock).
+        "GRANT EXECUTE ON FUNCTION pgpubsub.lock_batches(bigint[]) TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",
         # Empty drained storage segments (runs as the schema's owner, no argument).
         "GRANT EXECUTE ON FUNCTION pgpubsub.rotate() TO {role}",
@@ -83,6 +97,7 @@ KINDS: dict[str, tuple[str, ...]] = {
         f"GRANT SELECT ({_MONITORED}) ON pgpubsub.message TO {{role}}",
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
         "GRANT SELECT ON pgpubsub.channel_pause, pgpubsub.rate_bucket TO {role}",
+        f"GRANT SELECT ({_BATCH_COUNTS}) ON pgpubsub.batch TO {{role}}",
     ),
     "operator": (
         _SCHEMA,
@@ -91,6 +106,7 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, DELETE ON pgpubsub.channel_pause TO {role}",  # pause and resume
         "GRANT SELECT ON pgpubsub.rate_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
+        "GRANT SELECT ON pgpubsub.batch TO {role}",
     ),
     "django_writer": (
         _SCHEMA,

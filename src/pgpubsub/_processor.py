@@ -20,15 +20,17 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from . import _cancel, _leases, _metrics, _tracing, driver
 from ._cancel import Cancellation
 from ._crew import Crew
 from ._journal import Journal
 from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
-from .channel import ChannelSpec, rate_of
+from .channel import RESULT_RETENTION, ChannelSpec, kept_for, rate_of
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
-from .errors import AttemptStopped, MessageCancelled, SchemaMismatch
+from .errors import AttemptStopped, MessageCancelled, PayloadError, SchemaMismatch
 from .listen import ListenerSpec
 from .session import Session
 
@@ -181,12 +183,31 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
 # until its lease ran out. Locked in id order, so two processors never deadlock.
 # A row whose attempt count changed was claimed again by another worker (this
 # one outlived its lease): it is theirs.
-LOCK_SQL = "SELECT id, attempts FROM pgpubsub.message WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+# (The third column: the batch of a batch member, kept as done when it completes.)
+LOCK_SQL = (
+    "SELECT id, attempts, batch_id FROM pgpubsub.message "
+    "WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+)
+# The batch rows of the members about to be settled, locked in id order (see schema.sql).
+LOCK_BATCHES_SQL = "SELECT pgpubsub.lock_batches(%s::bigint[])"
 DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
 KEEP_SQL = (
     "UPDATE pgpubsub.message SET status = 'done', completed_at = pg_catalog.now(), "
     "last_error = NULL, unfinished = false WHERE id = ANY(%s)"
 )
+# A results channel's completion: the listeners' return values stored with the
+# effects, and each waiting handle told (pgpubsub.done, the id; sent at commit).
+KEEP_RESULTS_SQL = (
+    "WITH k AS (UPDATE pgpubsub.message m SET status = 'done', "
+    "completed_at = pg_catalog.now(), last_error = NULL, unfinished = false, "
+    "result = r.result::jsonb "
+    "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::text[])) "
+    "AS r(id, result) WHERE m.id = r.id RETURNING m.id) "
+    "SELECT pg_catalog.count(pg_catalog.pg_notify(%s, k.id::text)) FROM k"
+)
+#: The channel on which a results channel's settled messages are announced (payload: the id).
+DONE_CHANNEL = "pgpubsub.done"
+SETTLED_SQL = "SELECT pg_catalog.pg_notify(%s, %s::text)"
 EXPIRE_SQL = (
     "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
     "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
@@ -429,7 +450,13 @@ class ChannelProcessor:
         self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
         self._doomed: set[int] = set()  # in hand, cancelled before their listener started
         self._short_of_tokens = False  # the last claim took all the tokens it had
-        self.retention = float(cls.retention)
+        # A results channel keeps its outcomes a day when it sets no retention.
+        self.retention = kept_for(cls)
+        self.results = bool(cls.results)
+        self.result_type: Any = getattr(cls, "Result", None)
+        self._values: dict[int, str] = {}  # id -> the JSON of its listeners' return value
+        self._members: dict[int, int] = {}  # id -> batch, of the members in hand
+        self._kept_members = False  # members kept on a channel without retention: swept
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -549,9 +576,11 @@ class ChannelProcessor:
             full = full + 1 if got >= asked else 0
             if full == 2:  # a second full batch in a row: more is waiting, ask for a hand
                 self.crew.wake_one(more=True)
-        if self.retention:
+        if self.retention or self._kept_members:
             with self.session.atomic():
-                self.session.execute(EXPIRE_SQL, (self.spec.name, self.retention))
+                self.session.execute(
+                    EXPIRE_SQL, (self.spec.name, self.retention or RESULT_RETENTION)
+                )
         return self.processed - before
 
     def _take_slot(self) -> bool:
@@ -679,7 +708,8 @@ class ChannelProcessor:
         level = logging.WARNING if worth_logging(failures) else logging.DEBUG
         log.log(level, "durable channel %s: %s; trying again in %.1fs", name, why, wait)
 
-    def _call(self, listener: ListenerSpec, message: Any, stop: Cancellation) -> None:
+    def _call(self, listener: ListenerSpec, message: Any, stop: Cancellation) -> Any:
+        """Run one listener; its return value."""
         result = listener.call(message)
         if listener.is_async:
             if self._loop is None:
@@ -691,7 +721,8 @@ class ChannelProcessor:
                 loop.call_soon_threadsafe(task.cancel)
 
             stop.on_request(cancel)
-            loop.run_until_complete(task)
+            return loop.run_until_complete(task)
+        return result
 
     def _handle(self, row: tuple[Any, ...]) -> None:
         """Run the listeners of one claimed row ``(id, payload, attempt, trace)``.
@@ -719,7 +750,7 @@ class ChannelProcessor:
             if self._instrumented:
                 self._traced(row, stop)
             else:
-                self._run_listeners(row[1], stop)
+                self._run_listeners(row, stop)
         except BaseException as exc:
             if stop.requested and not isinstance(exc, AttemptStopped):
                 raise stop.error() from exc
@@ -737,7 +768,7 @@ class ChannelProcessor:
         started = time.perf_counter()
         try:
             with _tracing.processing(self.spec.name, row[0], row[2], row[3]):
-                self._run_listeners(row[1], stop)
+                self._run_listeners(row, stop)
         finally:
             if self._observe is not None:
                 self._observe(time.perf_counter() - started)
@@ -755,11 +786,42 @@ class ChannelProcessor:
         elif mid in self._in_hand:
             self._doomed.add(mid)
 
-    def _run_listeners(self, payload: str, stop: Cancellation) -> None:
-        message = self.spec.decode(payload)
+    def _run_listeners(self, row: tuple[Any, ...], stop: Cancellation) -> None:
+        """Run the listeners of a row; on a results channel, keep their value's JSON.
+
+        The value is the last one a listener returned that is not None (None
+        when all returned None). One that cannot be stored fails the attempt,
+        like any listener error.
+        """
+        message = self.spec.decode(row[1])
+        value = None
         for listener in self.listeners:
             if listener.accepts(message):
-                self._call(listener, message, stop)
+                returned = self._call(listener, message, stop)
+                if returned is not None:
+                    value = returned
+        if self.results:
+            self._values[row[0]] = self._encode(row[0], value)
+
+    def _encode(self, mid: int, value: Any) -> str:
+        """The JSON of a listener's return value, checked against the channel's ``Result``."""
+        try:
+            text = msgspec.json.encode(value)
+            if self.result_type is not None:
+                msgspec.json.decode(text, type=self.result_type)
+            decoded = text.decode("utf-8")
+        except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as exc:
+            expected = "" if self.result_type is None else f" as {self.result_type!r}"
+            raise PayloadError(
+                f"the listener of {self.spec.path} returned a value for message {mid} that "
+                f"cannot be stored{expected}: {exc}"
+            ) from exc
+        if "\\u0000" in decoded:  # jsonb has no NUL character
+            raise PayloadError(
+                f"the listener of {self.spec.path} returned a value for message {mid} that "
+                "cannot be stored: a string holds a NUL character (jsonb has none)"
+            )
+        return decoded
 
     def _claim(self) -> list[tuple[Any, ...]]:
         params = {
@@ -934,6 +996,8 @@ class ChannelProcessor:
                 self._one_by_one(claimed, exc, known)
         finally:
             current_connection.reset(token)
+            self._values.clear()
+            self._members.clear()
 
     def _transaction(
         self, claimed: list[tuple[Any, ...]], known: dict[int, BaseException]
@@ -941,7 +1005,7 @@ class ChannelProcessor:
         session = self.session
         nested = session.in_transaction()
         with session.atomic():
-            locked = dict(session.execute(LOCK_SQL, ([r[0] for r in claimed],)))
+            locked = self._lock([r[0] for r in claimed])
             # A row claimed again by someone else since (lease over) is theirs.
             rows = [r for r in claimed if locked.get(r[0]) == r[2]]
             with session.pipeline() as pipeline:
@@ -997,6 +1061,7 @@ class ChannelProcessor:
                 failures.append((by_id[mid], journal.failed[mid]))
             else:
                 outcome.done.append(mid)
+        self._lock_batches([row[0] for row, _ in failures] + outcome.done)
         for row, exc in failures:
             outcome.failed.append(self._failed(row[0], row[2], exc))
         self._complete(outcome.done)
@@ -1008,6 +1073,7 @@ class ChannelProcessor:
         """The batch with a savepoint per message; a failure is recorded and the batch goes on."""
         outcome = _Outcome()
         blocked: set[str] = set()  # keys whose message failed: the later ones wait
+        failures: list[tuple[tuple[Any, ...], BaseException]] = []
         for row in rows:
             if row[4] in blocked:
                 outcome.returned.append(row[0])
@@ -1016,9 +1082,13 @@ class ChannelProcessor:
             if exc is None:
                 outcome.done.append(row[0])
             else:
-                outcome.failed.append(self._failed(row[0], row[2], exc))
+                failures.append((row, exc))
                 if row[4] is not None:
                     blocked.add(row[4])
+        # Recorded once every listener ran, the batch rows of members locked first.
+        self._lock_batches([row[0] for row, _ in failures] + outcome.done)
+        for row, exc in failures:
+            outcome.failed.append(self._failed(row[0], row[2], exc))
         self._complete(outcome.done)
         self._give_back(outcome.returned)
         return outcome
@@ -1092,8 +1162,26 @@ class ChannelProcessor:
                 blocked.add(key)
             self._count(alone)  # committed: counted now, whatever happens to the next one
 
+    def _lock(self, ids: list[int]) -> dict[int, int]:
+        """Lock rows in hand; their attempt counts (batch members noted in ``_members``)."""
+        rows = self.session.execute(LOCK_SQL, (ids,))
+        self._members.update((r[0], r[2]) for r in rows if r[2] is not None)
+        return {r[0]: r[1] for r in rows}
+
+    def _lock_batches(self, settling: list[int]) -> None:
+        """Lock the batch rows of the members among ``settling``, in id order, at once.
+
+        Settling a member locks its batch's row (schema: batch_member_settled);
+        taken one by one in the order a statement visits its rows, two
+        transactions with members of the same batches could deadlock.
+        """
+        if self._members:
+            batches = sorted({b for mid in settling if (b := self._members.get(mid)) is not None})
+            if len(batches) > 1:  # one row alone cannot close a cycle
+                self.session.execute(LOCK_BATCHES_SQL, (batches,))
+
     def _still_ours(self, mid: int, attempt: int) -> bool:
-        return dict(self.session.execute(LOCK_SQL, ([mid],))).get(mid) == attempt
+        return self._lock([mid]).get(mid) == attempt
 
     def _count(self, outcome: _Outcome) -> None:
         """Count a committed outcome."""
@@ -1107,8 +1195,28 @@ class ChannelProcessor:
             self.session.execute(GIVE_BACK_SQL, (ids,))
 
     def _complete(self, ids: list[int]) -> None:
-        if ids:
-            self.session.execute(KEEP_SQL if self.retention else DELETE_SQL, (ids,))
+        """Complete messages: deleted, or kept as done (with their results, on a results channel).
+
+        A batch member is always kept as done (swept after the retention, or a
+        day): its batch counts its members by their status when the last one
+        settles, and a member gone counts as cancelled (schema:
+        pgpubsub.batch_member_settled).
+        """
+        if not ids:
+            return
+        if self.results:
+            values = [self._values.get(mid, "null") for mid in ids]
+            self.session.execute(KEEP_RESULTS_SQL, (ids, values, DONE_CHANNEL))
+        elif self.retention:
+            self.session.execute(KEEP_SQL, (ids,))
+        else:
+            members = [mid for mid in ids if mid in self._members]
+            if members:
+                self._kept_members = True
+                self.session.execute(KEEP_SQL, (members,))
+                ids = [mid for mid in ids if mid not in self._members]
+            if ids:
+                self.session.execute(DELETE_SQL, (ids,))
 
     def _failed(self, mid: int, attempt: int, exc: BaseException) -> bool:
         """Record a failed attempt in a savepoint of its own; return whether it is now dead.
@@ -1119,6 +1227,8 @@ class ChannelProcessor:
         if isinstance(exc, MessageCancelled):
             with self.session.atomic():
                 self.session.execute(DELETE_SQL, ([mid],))
+                if self.results:  # a waiting handle finds it gone: cancelled
+                    self.session.execute(SETTLED_SQL, (DONE_CHANNEL, mid))
                 self.session.sync()
             log.info(
                 "message %s on %s was cancelled while it ran (attempt %d): its writes undone",
@@ -1160,7 +1270,10 @@ class ChannelProcessor:
         """Store a failed attempt; whether the message is now dead."""
         with self.session.atomic():
             rows = self.session.fetch(RETRY_SQL, (error, delay, limit, mid))
-        return bool(rows and rows[0][0])
+            dead = bool(rows and rows[0][0])
+            if dead and self.results:  # a waiting handle raises its error
+                self.session.execute(SETTLED_SQL, (DONE_CHANNEL, mid))
+        return dead
 
 
 def _backend_pid(session: Session) -> int | None:

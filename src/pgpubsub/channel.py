@@ -30,7 +30,7 @@ fields::
 Channel options (class keywords, or class attributes of the same name):
 ``lock_notifications``, ``max_attempts``, ``retry_delay``, ``retry_max_delay``,
 ``retention``, ``concurrency``, ``max_in_flight``, ``timeout``, ``rate_limit``,
-``schedule`` and ``timezone`` (durable channels, :mod:`pgpubsub.durable`).
+``schedule``, ``timezone`` and ``results`` (durable channels, :mod:`pgpubsub.durable`).
 :class:`TriggerChannel` channels carry the row events of a table.
 
 The options are checked when the class is declared (and again on first use,
@@ -42,7 +42,9 @@ for attributes changed since): ``lock_notifications`` True or False;
 ``max_in_flight`` None or an int from 1 to 10,000 (each slot a lease row);
 ``timeout`` None or seconds over 0 up to a day; ``rate_limit`` None, ``"N/unit"``
 (unit ``s``, ``m``, ``h`` or ``d``, or ``second``, ``minute``, ``hour``, ``day``) or
-``(N, timedelta)``, N from 1 to 1,000,000, the period from 1 ms to a day. A bool
+``(N, timedelta)``, N from 1 to 1,000,000, the period from 1 ms to a day;
+``results`` True or False (a class attribute ``Result``, any type msgspec
+can encode, types the listener's return value). A bool
 is not an int here. A bad value raises :class:`~pgpubsub.errors.ConfigurationError`
 naming the channel, the option and the value.
 
@@ -82,6 +84,7 @@ _SETTINGS = (
     "rate_limit",
     "schedule",
     "timezone",
+    "results",
 )
 _OPTIONS = ("name", "table", *_SETTINGS)
 
@@ -119,6 +122,11 @@ class Channel:
     #: The time zone of ``schedule`` (an IANA name such as ``Europe/Berlin``; an unknown
     #: one is a ConfigurationError at declaration).
     timezone: ClassVar[str] = "UTC"
+    #: Keep each message's outcome (durable channels): its listener's return value
+    #: (JSON, typed by the class attribute ``Result`` when set) or its final error,
+    #: for ``retention`` seconds (a day, :data:`RESULT_RETENTION`, when that is 0),
+    #: for ``handle.result()`` to return (see :mod:`pgpubsub._results`).
+    results: ClassVar[bool] = False
     _pgpubsub_options: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **options: Any) -> None:
@@ -131,6 +139,16 @@ class Channel:
             if key in options:
                 setattr(cls, key, options[key])
         _check_settings(cls, f"{cls.__module__}.{cls.__qualname__}")
+
+
+#: Seconds a results channel keeps its outcomes when its ``retention`` is 0: a day.
+RESULT_RETENTION = 86400.0
+
+
+def kept_for(cls: type[Any]) -> float:
+    """Seconds a completed message of the channel is kept: ``retention``, or a day for results."""
+    retention = float(cls.retention)
+    return retention or (RESULT_RETENTION if cls.results else 0.0)
 
 
 #: The largest count option (attempts, slots): PostgreSQL's integer.
@@ -160,6 +178,8 @@ def _check_settings(cls: type[Channel], path: str) -> None:
 
     if not isinstance(cls.lock_notifications, bool):
         raise bad("lock_notifications", "True or False")
+    if not isinstance(cls.results, bool):
+        raise bad("results", "True or False")
     if not _is_int(cls.max_attempts) or not 1 <= cls.max_attempts <= _MAX_COUNT:
         raise bad("max_attempts", f"an int from 1 to {_MAX_COUNT}")
     for name in ("retry_delay", "retry_max_delay", "retention"):
@@ -459,7 +479,7 @@ def _check_queue_options(cls: type[Channel], path: str, required: frozenset[str]
             )
     asked = [
         k
-        for k in ("concurrency", "max_in_flight", "timeout", "rate_limit", "schedule")
+        for k in ("concurrency", "max_in_flight", "timeout", "rate_limit", "schedule", "results")
         if k in vars(cls) or k in cls._pgpubsub_options
     ]
     if asked and not cls.lock_notifications:

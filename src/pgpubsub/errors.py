@@ -21,6 +21,9 @@ boundaries in the multi-process worker unchanged::
     ├── AttemptStopped                              a durable listener was asked to stop
     │   ├── AttemptTimeout      (also TimeoutError) it ran longer than its channel's timeout
     │   └── MessageCancelled                         its message was cancelled while it ran
+    │                                                (or, from handle.result(), at all)
+    ├── MessageFailed                                an awaited message is dead: its error
+    ├── ResultTimeout           (also TimeoutError) handle.result() waited its timeout out
     └── ConfigurationError                          bad settings or arguments
         └── NoListener                               a channel has no listener in this process
 """
@@ -40,11 +43,13 @@ __all__ = [
     "ListenerStartError",
     "ListenerStateError",
     "MessageCancelled",
+    "MessageFailed",
     "NoListener",
     "PayloadError",
     "PayloadTooLarge",
     "PermissionDenied",
     "PgPubSubError",
+    "ResultTimeout",
     "SchemaMismatch",
     "SchemaMissing",
 ]
@@ -116,6 +121,34 @@ class AttemptTimeout(AttemptStopped, TimeoutError):
 
 class MessageCancelled(AttemptStopped):
     """A durable message was cancelled while its listener ran: it ends cancelled."""
+
+
+class MessageFailed(PgPubSubError):
+    """An awaited durable message is dead: ``message_id`` and its final ``error`` (text).
+
+    Raised by ``handle.result()`` (:mod:`pgpubsub._results`); the error is the
+    traceback text its last attempt stored (the exception itself stayed in the
+    worker's process).
+    """
+
+    def __init__(self, message_id: int, error: str) -> None:
+        super().__init__(message_id, error)
+
+    @property
+    def message_id(self) -> int:
+        return int(self.args[0])
+
+    @property
+    def error(self) -> str:
+        return str(self.args[1])
+
+    def __str__(self) -> str:
+        last = self.error.strip().splitlines()[-1:] or ["(no error text)"]
+        return f"message {self.message_id} failed for good: {last[0]}"
+
+
+class ResultTimeout(PgPubSubError, TimeoutError):
+    """``handle.result(timeout=...)`` found no outcome in time; the message is left alone."""
 
 
 class ConfigurationError(PgPubSubError):

@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 
 from . import _integration, _tracing, driver
+from ._results import Handle, conninfo_of
 from .channel import Channel, ChannelSpec, resolve_channel, spec_of
 from .durable import Options, astore, store
 from .errors import ConfigurationError
@@ -102,18 +103,25 @@ def _message(channel: Any, keywords: dict[str, Any]) -> tuple[ChannelSpec, Any, 
     return resolve_channel(channel), keywords, None
 
 
+def _handle(spec: ChannelSpec, mid: int, conn: Any) -> int:
+    """The id a durable publish returns: a :class:`Handle` on a results channel."""
+    return Handle(mid, spec, conninfo_of(conn)) if spec.cls.results else mid
+
+
 def notify(channel: Any, /, *, conn: Any = None, **keywords: Any) -> Any:
     """Publish one message; returns the stored message id on durable channels, else None.
 
     ``notify(Channel, **fields)`` or ``notify(Channel(...), delay=, run_at=, priority=,
-    dedupe_key=, ordering_key=)`` (durable channels, :mod:`pgpubsub.durable`).
+    dedupe_key=, ordering_key=)`` (durable channels, :mod:`pgpubsub.durable`). On a
+    channel with ``results=True`` the id is a :class:`~pgpubsub._results.Handle`
+    (an ``int``) whose ``result()`` waits for the listener's return value.
     """
     spec, message, options = _message(channel, keywords)
     payload, _ = _payloads(spec, [message], plain=not spec.lock)
     conn = default_connection() if conn is None else conn
     with _publishing(spec) as trace:
         if spec.lock:
-            return store(conn, spec, payload, trace, options)[0]
+            return _handle(spec, store(conn, spec, payload, trace, options)[0], conn)
         _execute(conn, NOTIFY_SQL, [spec.name, payload])
     if plain_observers:
         _observe(spec, [payload])
@@ -149,7 +157,7 @@ async def anotify(channel: Any, /, *, conn: psycopg.AsyncConnection[Any], **keyw
     payload, _ = _payloads(spec, [message], plain=not spec.lock)
     with _publishing(spec) as trace:
         if spec.lock:
-            return (await astore(conn, spec, payload, trace, options))[0]
+            return _handle(spec, (await astore(conn, spec, payload, trace, options))[0], conn)
         await conn.execute(NOTIFY_SQL, [spec.name, payload])
     if plain_observers:
         _observe(spec, [payload])

@@ -11,7 +11,9 @@ RETRY = dict(max_attempts=3, retry_delay=0.2, retry_max_delay=1.0)
 
 
 @dataclass
-class Work(Channel, name="chaos_work", lock_notifications=True, **RETRY):  # type: ignore[call-arg]
+class Work(Channel, name="chaos_work", lock_notifications=True, results=True, **RETRY):  # type: ignore[call-arg]
+    """Keeps results: each done message's is checked against its committed effect."""
+
     n: int
     behaviour: str = "ok"
     until: int = 0
@@ -36,6 +38,13 @@ class Limited(
 @dataclass
 class Tick(Channel, name="chaos_tick", lock_notifications=True, schedule="* * * * * *"):
     scheduled_at: datetime.datetime | None = None
+
+
+@dataclass
+class BatchDone(Channel, name="chaos_batch_done", lock_notifications=True):
+    """The callback of the run's batches (no listener: the checker reads the stored ones)."""
+
+    label: str = ""
 
 
 # The tables the listeners write (chaos_listeners) and the checker reads (chaos_check).

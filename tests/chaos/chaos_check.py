@@ -20,6 +20,11 @@
   kill, a killed session, a restart) during its life make up the difference.
 * ``cancelled-ran``: a cancelled message never takes effect.
 * ``stuck``: every message done, dead or cancelled within the settle bound.
+* ``batch``: each batch (publishes without options) has one callback once its
+  members settled, its counts adding up (done at most the members that took
+  effect, dead at most those ever dead).
+* ``result``: a done message of the results channel (chaos_work) has the result
+  its committed attempt returned (that attempt's process), and no other has one.
 * ``tick``: each schedule tick stored once, never run before its instant.
 * ``shutdown``: a supervisor stopped by SIGTERM exits 0.
 * ``orphan``: no worker outlives its supervisor (SIGKILLed or not).
@@ -212,6 +217,41 @@ def check(record: Record) -> list[str]:
             worst = len(inside)
             who = sorted(f"n={limited[j].n}/pid {limited[j].pid}" for j in inside)
             v.append(f"max-in-flight: {len(inside)} > {LIMIT} in listeners at {at}: {who}")
+
+    # Results (chaos_work keeps them): a done message's is the one its committed effect's
+    # attempt returned (same process), stored in the same transaction; no other has one.
+    effect_pid = {n: pid for channel, n, pid, _, _ in record.effects if n is not None}
+    for mid, result in sorted(record.results.items()):
+        n = id_of.get(mid)
+        if n is None:
+            continue
+        if final.get(n) == "done":
+            if result != {"n": n, "pid": effect_pid.get(n)}:
+                v.append(f"result: n={n} is done with result {result!r}, its effect's pid "
+                         f"{effect_pid.get(n)}")  # fmt: skip
+        elif result is not None:
+            v.append(f"result: n={n} is {final.get(n)} with result {result!r}")
+
+    # Batches (publishes without options): once every member settled, one callback, whose
+    # counts are the members' statuses when the last one settled (a dead member replayed
+    # after that stays counted dead; one replayed before counts by its new outcome).
+    for batch_id, ns in sorted(record.batches.items()) if record.settled is not None else []:
+        got = [c for c in record.callbacks if c["id"] == batch_id]
+        if len(got) != 1:
+            v.append(f"batch: batch {batch_id} (n={list(ns)}) has {len(got)} callbacks")
+            continue
+        dead_ones = sum(1 for n in ns if n in ever_dead)
+        done_ones = sum(1 for n in ns if effects[n])
+        c = got[0]
+        if (
+            c["total"] != len(ns)
+            or c["done"] + c["dead"] + c["cancelled"] != len(ns)
+            or c["done"] > done_ones
+            or c["dead"] > dead_ones
+            or min(c["done"], c["dead"], c["cancelled"]) < 0
+        ):
+            v.append(f"batch: batch {batch_id} (n={list(ns)}) counted {c}, with "
+                     f"{done_ones} member(s) that took effect, {dead_ones} ever dead")  # fmt: skip
 
     if record.settled is None:
         v.append("stuck: messages still pending when the settle bound ran out")

@@ -98,8 +98,9 @@ def _handle(channel: str, n: int, behaviour: str, until: int, sleep: float) -> N
 
 
 @pgpubsub.listener(Work)
-def work(n: int, behaviour: str, until: int, sleep: float) -> None:
+def work(n: int, behaviour: str, until: int, sleep: float) -> dict[str, int]:
     _handle("chaos_work", n, behaviour, until, sleep)
+    return {"n": n, "pid": os.getpid()}  # stored with the effect (results=True)
 
 
 @pgpubsub.listener(Limited)

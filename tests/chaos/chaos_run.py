@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from chaos_channels import SCHEMA, Limited, Work
+from chaos_channels import SCHEMA, BatchDone, Limited, Work
 from chaos_ops import CHANNELS, Admin, Concurrent, Fault, Interleaved, Kill, Msg, Op, Publish, Wait
 from helpers import Server
 from psycopg import sql
@@ -79,6 +79,9 @@ class Record:
     history: list[tuple[Any, ...]] = field(default_factory=list)
     effects: list[tuple[Any, ...]] = field(default_factory=list)
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    results: dict[int, Any] = field(default_factory=dict)  # id -> result, of chaos_work
+    batches: dict[int, tuple[int, ...]] = field(default_factory=dict)  # batch id -> its ns
+    callbacks: list[dict[str, Any]] = field(default_factory=list)  # the batches' outcomes
 
     def by_id(self) -> dict[int, int]:
         return {
@@ -109,6 +112,11 @@ def catches_sigterm(pid: int, timeout: float = 10.0) -> None:
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return sorted(int(p) for p in out.stdout.split())
+
+
+def _batchable(m: Msg) -> bool:
+    """A message ``pgpubsub.batch`` can publish: no publishing option."""
+    return (m.delay, m.run_at, m.dedupe_key, m.ordering_key, m.priority) == (None,) * 4 + (0,)
 
 
 class Run:
@@ -280,6 +288,9 @@ class Run:
                 p.seq = next(self._seq)
 
     def _publish(self, op: Publish) -> None:
+        if op.commit and len(op.msgs) > 1 and not op.pause and all(map(_batchable, op.msgs)):
+            self._publish_batch(op.msgs)
+            return
         with self._connect() as conn:
             pubs = []
             for i, m in enumerate(op.msgs):
@@ -291,6 +302,28 @@ class Run:
                 self._committed(pubs)
             else:
                 conn.rollback()
+
+    def _publish_batch(self, msgs: tuple[Msg, ...]) -> None:
+        """A publish of messages without options, as a batch (its callback: BatchDone)."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT pg_catalog.clock_timestamp()").fetchone()
+            assert row is not None
+            members = [
+                CLASSES[m.channel](n=m.n, behaviour=m.behaviour, until=m.until, sleep=m.sleep)
+                for m in msgs
+            ]
+            made = pgpubsub.batch(members, on_complete=BatchDone("chaos"), conn=conn)
+            # Members' ids: channel by channel (in order of first appearance), in order.
+            order = sorted(msgs, key=lambda m: [x.channel for x in msgs].index(m.channel))
+            ids = zip(order, made.members, strict=True)
+            pubs = [Published(m, id=mid, called=row[0]) for m, mid in ids]
+            with self._lock:
+                for p in pubs:
+                    self.record.published[p.msg.n] = p
+            conn.commit()
+            self._committed(pubs)
+            with self._lock:
+                self.record.batches[int(made)] = tuple(m.n for m in msgs)
 
     def _interleaved(self, op: Interleaved) -> None:
         """``first`` publishes, then ``second`` publishes and commits in another thread.
@@ -468,3 +501,15 @@ class Run:
             self.record.rows = conn.execute(
                 "SELECT id, channel, status, attempts, last_error FROM pgpubsub.message"
             ).fetchall()
+            self.record.callbacks = [
+                payload["batch"]
+                for (payload,) in conn.execute(
+                    "SELECT payload::jsonb FROM pgpubsub.message WHERE channel = %s",
+                    ("chaos_batch_done",),
+                ).fetchall()
+            ]
+            self.record.results = dict(
+                conn.execute(  # type: ignore[arg-type]
+                    "SELECT id, result FROM pgpubsub.message WHERE channel = 'chaos_work'"
+                ).fetchall()
+            )

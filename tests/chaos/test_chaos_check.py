@@ -146,3 +146,40 @@ def test_early_start_and_stuck_messages() -> None:
     h.publish(2)
     h.record.rows.append((2, WORK, "pending", 1, None))
     assert kinds(h.check()) == {"early", "stuck"}
+
+
+def test_a_result_other_than_the_committed_attempts_is_flagged() -> None:
+    h = History()
+    for n in (1, 2, 3, 4):
+        h.publish(n)
+        h.run(n, 0.0, 1.0, pid=7)
+        h.record.rows.append((n, WORK, "done", 1, None))
+    h.publish(5, behaviour="raise", until=POISON)
+    h.run(5, 0.0, 1.0, pid=7, outcome="raise")
+    h.dead(5)
+    h.record.results = {1: {"n": 1, "pid": 7}, 2: None, 3: {"n": 3, "pid": 8}}
+    h.record.results |= {4: {"n": 4, "pid": 7}, 5: {"n": 5, "pid": 7}}
+    found = h.check()
+    assert kinds(found) == {"result"}
+    assert [line.split()[1] for line in found] == ["n=2", "n=3", "n=5"]
+
+
+def test_a_batch_without_one_callback_or_with_wrong_counts_is_flagged() -> None:
+    h = History()
+    for n in range(1, 7):
+        h.publish(n)
+    for n in (1, 2, 4, 5):
+        h.run(n, 0.0, 1.0)
+    h.run(3, 0.0, 1.0, outcome="raise")
+    h.dead(3)
+    h.record.replayed.add(5)  # dead once, then replayed and done: either
+    h.record.batches = {10: (1, 2, 3), 11: (4, 5), 12: (6,), 13: (3,)}
+    h.record.callbacks = [
+        {"id": 10, "total": 3, "done": 2, "dead": 1, "cancelled": 0},
+        {"id": 11, "total": 2, "done": 1, "dead": 1, "cancelled": 0},
+        {"id": 13, "total": 1, "done": 1, "dead": 0, "cancelled": 0},  # 3 took no effect
+        {"id": 12, "total": 1, "done": 0, "dead": 0, "cancelled": 1},
+        {"id": 12, "total": 1, "done": 0, "dead": 0, "cancelled": 1},  # twice
+    ]
+    found = [line for line in h.check() if line.startswith("batch")]
+    assert [line.split()[2] for line in found] == ["12", "13"], found

@@ -472,6 +472,114 @@ ALTER TABLE pgpubsub.sleeper SET (
     autovacuum_vacuum_cost_delay = 0
 );
 
+-- Version 7 (results). result: a results channel's listener's return value
+-- (JSON), stored by the statement that completes the message, in the
+-- transaction of the listener's writes; the error of a dead one stays in
+-- last_error. batch_id: the batch (fan-in) a message belongs to.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS result jsonb;
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS batch_id bigint;
+CREATE INDEX IF NOT EXISTS message_batch_idx
+    ON pgpubsub.message (batch_id, status) WHERE batch_id IS NOT NULL;
+
+-- A batch (pgpubsub.batch()): its members' outcome counts, and the callback
+-- message published, once, by the transaction that settles its last member.
+CREATE TABLE IF NOT EXISTS pgpubsub.batch (
+    id                bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    total             integer     NOT NULL,
+    done              integer     NOT NULL DEFAULT 0,
+    dead              integer     NOT NULL DEFAULT 0,
+    cancelled         integer     NOT NULL DEFAULT 0,
+    callback_channel  text        NOT NULL,
+    callback_payload  jsonb       NOT NULL,
+    callback_id       bigint,
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    completed_at      timestamptz
+);
+REVOKE ALL ON pgpubsub.batch FROM PUBLIC;
+
+-- A member left the pending state (done, dead, deleted: cancelled or
+-- purged), in the statement that settles it: if none of its batch's members
+-- is pending any more, the batch is finished: its counts are the members'
+-- statuses (done, dead; the others, gone, cancelled) and its callback is
+-- published, with them under the key "batch". The batch's row lock orders
+-- the checks: each runs after its own transaction's member moved, and the
+-- last one sees every other one committed, so exactly one finishes the
+-- batch. The check is idempotent: a row moving between partitions fires it
+-- twice (as a delete and an insert), a segment move of a pending member once
+-- for nothing. Runs as the schema's owner: workers and operators need no
+-- privilege on pgpubsub.batch.
+CREATE OR REPLACE FUNCTION pgpubsub.batch_member_settled() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    bid bigint := CASE WHEN TG_OP = 'INSERT' THEN NEW.batch_id ELSE OLD.batch_id END;
+    b pgpubsub.batch;
+    n_done integer;
+    n_dead integer;
+    callback bigint;
+BEGIN
+    SELECT * INTO b FROM pgpubsub.batch t WHERE t.id = bid FOR UPDATE;
+    IF NOT FOUND OR b.callback_id IS NOT NULL OR EXISTS (
+            SELECT FROM pgpubsub.message m WHERE m.batch_id = bid AND m.status = 'pending') THEN
+        RETURN NULL;
+    END IF;
+    SELECT pg_catalog.count(*) FILTER (WHERE m.status = 'done'),
+           pg_catalog.count(*) FILTER (WHERE m.status = 'dead')
+        INTO n_done, n_dead FROM pgpubsub.message m WHERE m.batch_id = bid;
+    INSERT INTO pgpubsub.message (channel, payload)
+    VALUES (b.callback_channel, (b.callback_payload || pg_catalog.jsonb_build_object(
+        'batch', pg_catalog.jsonb_build_object('id', b.id, 'total', b.total,
+            'done', n_done, 'dead', n_dead, 'cancelled', b.total - n_done - n_dead)))::text)
+    RETURNING id INTO callback;
+    UPDATE pgpubsub.batch t SET done = n_done, dead = n_dead,
+        cancelled = b.total - n_done - n_dead, callback_id = callback,
+        completed_at = pg_catalog.clock_timestamp()
+    WHERE t.id = bid;
+    PERFORM pgpubsub.wake(b.callback_channel);
+    RETURN NULL;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.batch_member_settled() FROM PUBLIC;
+
+-- Called by a worker before it settles the batch members of a processing
+-- transaction: their batch rows locked at once, in id order, so that two
+-- transactions settling members of the same batches never wait for each
+-- other in a cycle (the trigger locks them in the order its statement
+-- visits rows). Only workers may call it (`pgpubsub grant --worker`).
+CREATE OR REPLACE FUNCTION pgpubsub.lock_batches(ids bigint[]) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    SELECT FROM pgpubsub.batch b WHERE b.id = ANY(ids) ORDER BY b.id FOR UPDATE OF b;
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.lock_batches(bigint[]) FROM PUBLIC;
+
+-- Only members fire it (the WHEN is checked without calling the function).
+-- Created once: dropping and creating again would lock the table at each migrate.
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_gone'
+                   AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        CREATE TRIGGER batch_member_gone
+            AFTER DELETE ON pgpubsub.message FOR EACH ROW
+            WHEN (OLD.batch_id IS NOT NULL AND OLD.status = 'pending')
+            EXECUTE FUNCTION pgpubsub.batch_member_settled();
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_moved'
+                   AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        CREATE TRIGGER batch_member_moved
+            AFTER INSERT ON pgpubsub.message FOR EACH ROW
+            WHEN (NEW.batch_id IS NOT NULL AND NEW.status <> 'pending')
+            EXECUTE FUNCTION pgpubsub.batch_member_settled();
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_updated'
+                   AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        CREATE TRIGGER batch_member_updated
+            AFTER UPDATE OF status ON pgpubsub.message FOR EACH ROW
+            WHEN (OLD.batch_id IS NOT NULL AND OLD.status = 'pending'
+                  AND NEW.status <> 'pending')
+            EXECUTE FUNCTION pgpubsub.batch_member_settled();
+    END IF;
+END
+$do$;
+
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
 CREATE TABLE IF NOT EXISTS pgpubsub.version (

@@ -1,0 +1,384 @@
+"""Results of durable messages, awaiting them, and batches (fan-in).
+
+A durable channel declared with ``results=True`` keeps each message's
+outcome: the value its listener returned (stored as JSON, typed by the
+channel's class attribute ``Result`` when set), or, for a dead message, its
+final error. The value is stored by the statement that completes the message,
+in the transaction that commits its listener's writes: never one without the
+other. Outcomes are kept for the channel's ``retention``, a day when that is 0
+(:data:`pgpubsub.channel.RESULT_RETENTION`).
+
+``pgpubsub.notify(Job(...), conn=conn)`` on such a channel returns a
+:class:`Handle`: the message id (an ``int``, as before) that can wait::
+
+    handle = pgpubsub.notify(Resize(image_id=7), conn=conn)
+    conn.commit()
+    thumbnail = handle.result_sync(timeout=30)   # or: await handle.result(timeout=30)
+
+``result`` returns the value, or raises :class:`~pgpubsub.errors.MessageFailed`
+(dead: its id and error text), :class:`~pgpubsub.errors.MessageCancelled`
+(cancelled, purged, or its outcome swept after the retention), or
+:class:`~pgpubsub.errors.ResultTimeout` (a ``TimeoutError``: nothing happens
+to the message). It works on a message that completed long ago, and from any
+process: ``pgpubsub.handle(Resize, message_id)`` rebuilds one.
+
+Waiting opens a connection of its own (LISTEN ``pgpubsub.done``, on which
+workers announce each settled message of a results channel, with its id, as
+they commit), reads the message's state, and reads it again on each
+announcement of its id, on every ``poll`` seconds (5: a message that died of
+crashes, or was cancelled before it ran, is not announced), and after a lost
+connection (reconnected with backoff until the timeout). That connection goes
+to, in order: the ``dsn`` given to ``result()`` or :func:`handle`; the
+server, database, user and password of the connection the message was
+published on (psycopg 3, or Django's on psycopg 3); else ``$PGPUBSUB_DSN``
+and the libpq environment. A waiting role needs SELECT on the message's
+``status``, ``result`` and ``last_error`` (``pgpubsub grant --publisher``).
+
+Batches: ``pgpubsub.batch([Resize(...), ...], on_complete=Done(...), conn=conn)``
+publishes the members (durable messages, on one channel or several) and, once
+every member has settled (done, dead, or cancelled), publishes ``on_complete``
+exactly once, with the counts under the key ``batch`` of its payload (declare
+``batch: pgpubsub.BatchOutcome | None = None`` on the callback channel to read
+them). The statement that settles a member (done, dead, or deleted: cancelled
+or purged) checks, in its transaction, whether any member of its batch is
+still pending; the transaction that settles the last one publishes the
+callback (table ``pgpubsub.batch``: the batch's row lock orders concurrent
+completions, so exactly one of them sees none pending), and a worker that
+dies publishes nothing (its transaction rolls back, and the member's next
+attempt settles it). The counts are the members' statuses at that moment: a
+dead member replayed before then counts by its new outcome, one replayed
+after is not counted again; a member gone (cancelled, purged) counts as
+cancelled. A completed member is kept as ``done`` (swept after its channel's
+retention, or a day).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg import sql
+
+from . import driver
+from ._processor import DONE_CHANNEL
+from .backoff import Backoff
+from .channel import Channel, ChannelSpec, resolve_channel, spec_of
+from .errors import (
+    ConfigurationError,
+    ConnectionFailed,
+    MessageCancelled,
+    MessageFailed,
+    ResultTimeout,
+    SchemaMismatch,
+)
+
+__all__ = ["Batch", "BatchOutcome", "Handle", "abatch", "batch", "conninfo_of", "handle"]
+
+#: Seconds between reads of a waited-for message when no announcement comes.
+POLL = 5.0
+STATE_SQL = "SELECT status, result::text, last_error FROM pgpubsub.message WHERE id = %s"
+LISTEN_SQL = sql.SQL("LISTEN {}").format(sql.Identifier(DONE_CHANNEL))
+RECONNECT = Backoff(base=0.2, factor=2, cap=5)
+BATCH_SQL = (
+    "INSERT INTO pgpubsub.batch (total, callback_channel, callback_payload) "
+    "VALUES (%s, %s, %s::jsonb) RETURNING id"
+)
+# The members of one channel (see durable.STORE_SQL), each with the batch's id.
+MEMBERS_SQL = (
+    "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload, batch_id) "
+    "SELECT %s, x, %s FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x "
+    "RETURNING id) "
+    "SELECT pg_catalog.array_agg(id ORDER BY id), pgpubsub.wake(%s) FROM ins"
+)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """The counts a batch's callback carries (its payload's ``batch`` key)."""
+
+    id: int
+    total: int
+    done: int
+    dead: int
+    cancelled: int
+
+
+def conninfo_of(conn: Any) -> str | None:
+    """The conninfo of an open psycopg 3 connection (Django's too), password included.
+
+    None for other drivers (psycopg 2 hides the password): then handles use
+    ``$PGPUBSUB_DSN``.
+    """
+    raw = getattr(conn, "connection", conn)  # Django's wrapper holds the driver's connection
+    pgconn = getattr(raw, "pgconn", None)
+    if pgconn is None:
+        return None
+    try:
+        options = {
+            o.keyword.decode(): o.val.decode()
+            for o in pgconn.info
+            if o.val is not None and o.keyword != b"replication"
+        }
+    except (psycopg.Error, UnicodeDecodeError):
+        return None
+    return driver.build_conninfo(psycopg.conninfo.make_conninfo(**options))
+
+
+class Handle(int):
+    """A durable message's id that can wait for its outcome (a results channel).
+
+    An ``int`` (equal to the id ``notify`` returned before): store it, send
+    it, and rebuild it elsewhere with :func:`handle`.
+    """
+
+    spec: ChannelSpec
+    conninfo: str | None
+
+    def __new__(cls, message_id: int, spec: ChannelSpec, conninfo: str | None = None) -> Handle:
+        made = super().__new__(cls, message_id)
+        made.spec = spec
+        made.conninfo = conninfo
+        return made
+
+    def __repr__(self) -> str:
+        return f"<Handle {int(self)} on {self.spec.path}>"
+
+    def __reduce__(self) -> Any:
+        return (handle, (self.spec.path, int(self), self.conninfo or ""))
+
+    # -- what a row says (no I/O) -------------------------------------------------
+
+    def _settled(self, row: tuple[Any, ...] | None) -> tuple[bool, Any]:
+        """(settled, value) from the message's row; raises for a dead or vanished one."""
+        if row is None:
+            raise MessageCancelled(
+                f"message {int(self)} on {self.spec.path} is gone: cancelled, purged, or its "
+                "outcome was swept after the channel's retention"
+            )
+        status, result, error = row
+        if status == "dead":
+            raise MessageFailed(int(self), error or "")
+        if status != "done":
+            return False, None
+        return True, self._decode(result)
+
+    def _decode(self, text: str | None) -> Any:
+        if text is None:
+            return None
+        kind = getattr(self.spec.cls, "Result", None)
+        try:
+            return (
+                msgspec.json.decode(text) if kind is None else msgspec.json.decode(text, type=kind)
+            )
+        except msgspec.MsgspecError as exc:
+            raise SchemaMismatch(
+                f"the result of message {int(self)} on {self.spec.path} does not match "
+                f"{kind!r}: {exc} (result: {text[:200]})"
+            ) from exc
+
+    def _target(self, dsn: str | None) -> str:
+        if dsn:
+            return driver.build_conninfo(dsn)
+        return self.conninfo or driver.build_conninfo()
+
+    @staticmethod
+    def _left(deadline: float | None, timeout: float | None, mid: int) -> float:
+        if deadline is None:
+            return POLL
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ResultTimeout(
+                f"message {mid} had no outcome within {timeout:g}s (it is left as it is)"
+            )
+        return left
+
+    # -- waiting --------------------------------------------------------------------
+
+    def result_sync(self, timeout: float | None = None, *, dsn: str | None = None) -> Any:
+        """Wait for the outcome (blocking); see :meth:`result`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mid, failures = int(self), 0
+        key = str(mid)
+        while True:
+            try:
+                with driver.connect(self._target(dsn)) as conn:
+                    conn.execute(LISTEN_SQL)
+                    failures = 0
+                    while True:
+                        settled, value = self._settled(conn.execute(STATE_SQL, (mid,)).fetchone())
+                        if settled:
+                            return value
+                        wait = min(POLL, self._left(deadline, timeout, mid))
+                        for note in conn.notifies(timeout=wait):
+                            if note.payload == key:
+                                break
+            except (ConnectionFailed, psycopg.OperationalError) as exc:
+                _lost_or_raise(exc, mid)
+                time.sleep(min(RECONNECT.delay(failures), self._left(deadline, timeout, mid)))
+                failures += 1
+            except psycopg.Error as exc:
+                raise driver.translate(exc, f"waiting for message {mid}") from exc
+
+    async def result(self, timeout: float | None = None, *, dsn: str | None = None) -> Any:
+        """Wait for the outcome: the listener's return value (decoded as the channel's ``Result``).
+
+        Raises MessageFailed (dead), MessageCancelled (gone), ResultTimeout
+        (``timeout`` seconds passed; None waits for ever). Woken by the
+        completion's NOTIFY, with a read every few seconds and after a
+        reconnect as the fallback.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mid, failures = int(self), 0
+        key = str(mid)
+        while True:
+            try:
+                conn = await driver.connect_async(self._target(dsn))
+                async with conn:
+                    await conn.execute(LISTEN_SQL)
+                    failures = 0
+                    while True:
+                        cur = await conn.execute(STATE_SQL, (mid,))
+                        settled, value = self._settled(await cur.fetchone())
+                        if settled:
+                            return value
+                        wait = min(POLL, self._left(deadline, timeout, mid))
+                        async for note in conn.notifies(timeout=wait):
+                            if note.payload == key:
+                                break
+            except (ConnectionFailed, psycopg.OperationalError) as exc:
+                _lost_or_raise(exc, mid)
+                await asyncio.sleep(
+                    min(RECONNECT.delay(failures), self._left(deadline, timeout, mid))
+                )
+                failures += 1
+            except psycopg.Error as exc:
+                raise driver.translate(exc, f"waiting for message {mid}") from exc
+
+
+def _lost_or_raise(exc: Exception, mid: int) -> None:
+    """Return when ``exc`` is a connection lost or refused for now (waited out), else raise."""
+    if isinstance(exc, ConnectionFailed):
+        if driver.worth_waiting(exc):
+            return
+        raise exc
+    assert isinstance(exc, psycopg.Error)
+    if exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57"):
+        return
+    raise driver.translate(exc, f"waiting for message {mid}") from exc
+
+
+def _results_spec(channel: Any) -> ChannelSpec:
+    spec = resolve_channel(channel)
+    if not (spec.lock and spec.cls.results):
+        raise ConfigurationError(
+            f"{spec.path} keeps no results: declare it with lock_notifications=True and "
+            "results=True to wait for its messages"
+        )
+    return spec
+
+
+def handle(channel: type[Any] | str, message_id: int, dsn: str = "") -> Handle:
+    """A :class:`Handle` for a message of a results channel, by id (in any process).
+
+    ``dsn``: where to wait (default ``$PGPUBSUB_DSN`` and the libpq environment).
+    """
+    if not isinstance(message_id, int) or isinstance(message_id, bool) or message_id < 1:
+        raise ConfigurationError(f"a message id is a positive int, not {message_id!r}")
+    return Handle(message_id, _results_spec(channel), driver.build_conninfo(dsn) if dsn else None)
+
+
+class Batch(int):
+    """A published batch: its id (``pgpubsub.batch``), and its members' ids."""
+
+    members: tuple[int, ...]
+
+    def __new__(cls, batch_id: int, members: tuple[int, ...]) -> Batch:
+        made = super().__new__(cls, batch_id)
+        made.members = members
+        return made
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A batch ready to store: the callback's channel and payload, each channel's members."""
+
+    callback: ChannelSpec
+    payload: str
+    total: int
+    groups: list[tuple[ChannelSpec, str]]  # (channel, its members as JSON lines)
+
+
+def _plan(messages: Iterable[Channel], on_complete: Channel) -> _Plan:
+    """Check and encode a batch (no I/O): durable channels only, at least one member."""
+    if not isinstance(on_complete, Channel):
+        raise ConfigurationError(
+            f"on_complete must be a channel instance (a durable channel), not {on_complete!r}"
+        )
+    callback = spec_of(type(on_complete))
+    groups: dict[ChannelSpec, list[Channel]] = defaultdict(list)
+    for message in messages:
+        if not isinstance(message, Channel):
+            raise ConfigurationError(f"a batch's members are channel instances, not {message!r}")
+        groups[spec_of(type(message))].append(message)
+    for spec in (callback, *groups):
+        if not spec.lock:
+            raise ConfigurationError(
+                f"{spec.path} is a plain channel: a batch's members and its callback need "
+                "durable channels (lock_notifications=True)"
+            )
+    total = sum(len(g) for g in groups.values())
+    if not total:
+        raise ConfigurationError("a batch needs at least one message")
+    payload, _ = callback.encode_lines([on_complete])
+    lines = [(spec, spec.encode_lines(group)[0]) for spec, group in groups.items()]
+    return _Plan(callback, payload, total, lines)
+
+
+def batch(messages: Iterable[Channel], *, on_complete: Channel, conn: Any = None) -> Batch:
+    """Publish ``messages`` as a batch; ``on_complete`` is published once all have settled.
+
+    ``messages``: instances of durable channels (one or several channels);
+    ``on_complete``: an instance of a durable channel, published with the
+    counts under its payload's ``batch`` key (:class:`BatchOutcome`). Joins the
+    transaction of ``conn`` (as :func:`pgpubsub.notify`: a sync connection, or
+    the default one), so the batch is published when it commits, whole or not
+    at all. An empty batch is a ConfigurationError (there is nothing to wait for).
+    """
+    from .notify import _publishing, default_connection
+
+    plan = _plan(messages, on_complete)
+    conn = default_connection() if conn is None else conn
+    members: list[int] = []
+    with _publishing(plan.callback, plan.total), conn.cursor() as cur:
+        cur.execute(BATCH_SQL, (plan.total, plan.callback.name, plan.payload))
+        batch_id = int(cur.fetchone()[0])
+        for spec, lines in plan.groups:
+            cur.execute(MEMBERS_SQL, (spec.name, batch_id, lines, spec.name))
+            members.extend(cur.fetchone()[0] or [])
+    return Batch(batch_id, tuple(members))
+
+
+async def abatch(
+    messages: Iterable[Channel], *, on_complete: Channel, conn: psycopg.AsyncConnection[Any]
+) -> Batch:
+    """:func:`batch` on an async psycopg connection."""
+    from .notify import _publishing
+
+    plan = _plan(messages, on_complete)
+    members: list[int] = []
+    with _publishing(plan.callback, plan.total):
+        cur = await conn.execute(BATCH_SQL, (plan.total, plan.callback.name, plan.payload))
+        row = await cur.fetchone()
+        assert row is not None
+        batch_id = int(row[0])
+        for spec, lines in plan.groups:
+            cur = await conn.execute(MEMBERS_SQL, (spec.name, batch_id, lines, spec.name))
+            row = await cur.fetchone()
+            members.extend((row[0] if row else None) or [])
+    return Batch(batch_id, tuple(members))
