@@ -40,6 +40,8 @@ class Notification(models.Model):
     # An attempt was claimed and its outcome never recorded (its worker stopped).
     unfinished = models.BooleanField(default=False)
     claimed_alone = models.BooleanField(default=False)  # its last attempt was claimed alone
+    result = models.JSONField(null=True)  # a results channel's listener's return value
+    batch_id = models.BigIntegerField(null=True)  # the batch (pgpubsub.batch) it belongs to
 
     class Meta:
         managed = False

@@ -472,7 +472,7 @@ ALTER TABLE pgpubsub.sleeper SET (
     autovacuum_vacuum_cost_delay = 0
 );
 
--- Version 7 (results). result: a results channel's listener's return value
+-- Version 6 (results). result: a results channel's listener's return value
 -- (JSON), stored by the statement that completes the message, in the
 -- transaction of the listener's writes; the error of a dead one stays in
 -- last_error. batch_id: the batch (fan-in) a message belongs to.
