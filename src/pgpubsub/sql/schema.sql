@@ -290,14 +290,18 @@ BEGIN
         INTO left_over;
     IF left_over > 1000 THEN
         RETURN false;
-    ELSIF left_over > 0 THEN
-        -- Not those in a worker's hands (unfinished, or locked by a claim).
-        EXECUTE pg_catalog.format(
-            'UPDATE pgpubsub.message m SET segment = %s WHERE m.id IN ('
-            'SELECT s.id FROM pgpubsub.%I s WHERE NOT s.unfinished FOR UPDATE SKIP LOCKED)',
-            cur, part);
     END IF;
+    -- Any lock waited for longer than the caller's lock_timeout gives up (a
+    -- batch's row, locked by a batch member's trigger as it moves): this
+    -- yields, never a worker.
     BEGIN
+        IF left_over > 0 THEN
+            -- Not those in a worker's hands (unfinished, or locked by a claim).
+            EXECUTE pg_catalog.format(
+                'UPDATE pgpubsub.message m SET segment = %s WHERE m.id IN ('
+                'SELECT s.id FROM pgpubsub.%I s WHERE NOT s.unfinished FOR UPDATE SKIP LOCKED)',
+                cur, part);
+        END IF;
         EXECUTE pg_catalog.format('LOCK TABLE pgpubsub.%I IN ACCESS EXCLUSIVE MODE', part);
         EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM pgpubsub.%I', part)
             INTO left_over;
@@ -340,8 +344,9 @@ CREATE TABLE IF NOT EXISTS pgpubsub.lease (
 -- last look at the queue (pgpubsub.sleep); the first publisher to find the row
 -- takes it and notifies, the others do not (the woken workers register again
 -- once they have nothing to do). Publishers hold a shared advisory lock on the
--- channel until they commit, and a worker registers only when it can take it
--- exclusively: so no publisher finds "nobody sleeps" and commits after the
+-- channel until they commit, and a worker relies on its registration only
+-- when it could take that lock exclusively (else it also looks again every
+-- 50 ms): so no publisher finds "nobody sleeps" and commits unseen after the
 -- worker's last look. Unlogged: lost in a crash, when workers register anew.
 CREATE UNLOGGED TABLE IF NOT EXISTS pgpubsub.sleeper (
     channel  text        PRIMARY KEY,
