@@ -53,7 +53,7 @@ _MONITORED = (
     "ordering_key, unfinished"
 )
 # What a publisher writes: never a message's id, state, attempts or times.
-_PUBLISHED = "channel, payload, trace, run_at, priority, dedupe_key, ordering_key"
+_PUBLISHED = "channel, payload, trace, run_at, priority, dedupe_key, ordering_key, limit_key"
 
 KINDS: dict[str, tuple[str, ...]] = {
     "publisher": (
@@ -74,6 +74,8 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, DELETE ON pgpubsub.cancel_request TO {role}",
         "GRANT SELECT ON pgpubsub.channel_pause TO {role}",  # a paused channel: claim nothing
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
+        # A limit_key's tokens (key_rate_limit); full buckets of idle keys deleted.
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.key_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",
     ),
     "monitor": (
@@ -81,13 +83,14 @@ KINDS: dict[str, tuple[str, ...]] = {
         f"GRANT SELECT ({_MONITORED}) ON pgpubsub.message TO {{role}}",
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
         "GRANT SELECT ON pgpubsub.channel_pause, pgpubsub.rate_bucket TO {role}",
+        "GRANT SELECT ON pgpubsub.key_bucket TO {role}",
     ),
     "operator": (
         _SCHEMA,
         "GRANT SELECT, UPDATE, DELETE ON pgpubsub.message TO {role}",
         "GRANT SELECT, INSERT, DELETE ON pgpubsub.cancel_request TO {role}",  # stop a running one
         "GRANT SELECT, INSERT, DELETE ON pgpubsub.channel_pause TO {role}",  # pause and resume
-        "GRANT SELECT ON pgpubsub.rate_bucket TO {role}",
+        "GRANT SELECT ON pgpubsub.rate_bucket, pgpubsub.key_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
     ),
     "django_writer": (
@@ -270,6 +273,10 @@ _DURABLE = (
     ("rate_bucket", "SELECT"),
     ("rate_bucket", "INSERT"),
     ("rate_bucket", "UPDATE"),
+    ("key_bucket", "SELECT"),
+    ("key_bucket", "INSERT"),
+    ("key_bucket", "UPDATE"),
+    ("key_bucket", "DELETE"),
 )
 _SCHEDULED = (("schedule", "SELECT"), ("schedule", "INSERT"), ("schedule", "UPDATE"))
 _REGISTRY = (("worker", "SELECT"), ("worker", "INSERT"), ("worker", "UPDATE"), ("worker", "DELETE"))

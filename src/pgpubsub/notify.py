@@ -106,7 +106,7 @@ def notify(channel: Any, /, *, conn: Any = None, **keywords: Any) -> Any:
     """Publish one message; returns the stored message id on durable channels, else None.
 
     ``notify(Channel, **fields)`` or ``notify(Channel(...), delay=, run_at=, priority=,
-    dedupe_key=, ordering_key=)`` (durable channels, :mod:`pgpubsub.durable`).
+    dedupe_key=, ordering_key=, limit_key=)`` (durable channels, :mod:`pgpubsub.durable`).
     """
     spec, message, options = _message(channel, keywords)
     payload, _ = _payloads(spec, [message], plain=not spec.lock)
