@@ -25,6 +25,7 @@ class Limited(
     lock_notifications=True,
     concurrency=3,
     max_in_flight=2,
+    key_concurrency=1,  # per limit_key (chaos_ops: L0 and L1)
     **RETRY,  # type: ignore[call-arg]
 ):
     n: int

@@ -14,6 +14,8 @@
   died still running it when another claims it).
 * ``max-in-flight``: never more than ``max_in_flight`` listeners of the
   limited channel at once.
+* ``key-concurrency``: never more than ``key_concurrency`` listeners of one
+  limit_key of the limited channel at once (a slot outlives a killed session).
 * ``charged-innocent``: only a message that fails on its own reaches
   ``max_attempts``: a message that never reached a listener is never dead, and
   one that fails fewer times than the limit dies only when injected faults (a
@@ -35,6 +37,7 @@ from chaos_ops import MAX_ATTEMPTS
 from chaos_run import Published, Record
 
 LIMIT = 2  # chaos_channels.Limited.max_in_flight
+KEY_LIMIT = 1  # chaos_channels.Limited.key_concurrency
 EPSILON = datetime.timedelta(milliseconds=1)
 LEASE = datetime.timedelta(seconds=2)  # longer than any retry delay of the chaos channels
 
@@ -212,6 +215,28 @@ def check(record: Record) -> list[str]:
             worst = len(inside)
             who = sorted(f"n={limited[j].n}/pid {limited[j].pid}" for j in inside)
             v.append(f"max-in-flight: {len(inside)} > {LIMIT} in listeners at {at}: {who}")
+
+    # key_concurrency across every worker: per limit_key, as max_in_flight.
+    by_limit: dict[str, list[Attempt]] = defaultdict(list)
+    for a in limited:
+        p = record.published.get(a.n)
+        if p is not None and p.msg.limit_key is not None:
+            by_limit[p.msg.limit_key].append(a)
+    for key, spans in sorted(by_limit.items()):
+        events = sorted([(a.start, 1, i) for i, a in enumerate(spans)]
+                        + [(a.end, 0, i) for i, a in enumerate(spans)])  # fmt: skip
+        inside = set()
+        for at, starting, i in events:
+            if not starting:
+                inside.discard(i)
+                continue
+            inside.add(i)
+            if len(inside) > KEY_LIMIT:
+                who = sorted(f"n={spans[j].n}/pid {spans[j].pid}" for j in inside)
+                v.append(
+                    f"key-concurrency: limit_key {key!r}: {len(inside)} > {KEY_LIMIT} "
+                    f"in listeners at {at}: {who}"
+                )
 
     if record.settled is None:
         v.append("stuck: messages still pending when the settle bound ran out")

@@ -31,6 +31,7 @@ class Msg:
     dedupe_key: str | None = None
     ordering_key: str | None = None
     priority: int = 0
+    limit_key: str | None = None  # chaos_limited's key_concurrency
 
     @property
     def poison(self) -> bool:
@@ -42,7 +43,7 @@ class Msg:
             parts.append("always" if self.poison else f"until={self.until}")
         if self.sleep:
             parts.append(f"sleep={self.sleep:.2f}")
-        for name in ("delay", "run_at", "dedupe_key", "ordering_key"):
+        for name in ("delay", "run_at", "dedupe_key", "ordering_key", "limit_key"):
             value = getattr(self, name)
             if value is not None:
                 parts.append(
@@ -178,6 +179,8 @@ class _Gen:
             dedupe_key=r.choice(["d0", "d1"]) if r.random() < 0.1 else None,
             ordering_key=key,
             priority=r.randint(-5, 5) if r.random() < 0.2 else 0,
+            # Drawn from n, not the generator: the seeds' sequences stay as they were.
+            limit_key=f"L{n % 2}" if channel == "chaos_limited" else None,
         )
 
     def op(self) -> Op:

@@ -263,6 +263,8 @@ class Run:
             options["dedupe_key"] = m.dedupe_key
         if m.ordering_key is not None:
             options["ordering_key"] = m.ordering_key
+        if m.limit_key is not None:
+            options["limit_key"] = m.limit_key
         message = CLASSES[m.channel](n=m.n, behaviour=m.behaviour, until=m.until, sleep=m.sleep)
         mid = pgpubsub.notify(message, conn=conn, **options)
         with self._lock:

@@ -146,3 +146,15 @@ def test_early_start_and_stuck_messages() -> None:
     h.publish(2)
     h.record.rows.append((2, WORK, "pending", 1, None))
     assert kinds(h.check()) == {"early", "stuck"}
+
+
+def test_more_than_key_concurrency_of_one_limit_key_is_flagged() -> None:
+    h = History()
+    for n, key in ((1, "L1"), (2, "L0"), (3, "L1")):
+        h.publish(n, channel=LIMITED, limit_key=key)
+    h.run(1, 0.0, 1.0, channel=LIMITED)
+    h.run(2, 0.1, 0.5, channel=LIMITED)  # another key: allowed
+    h.run(3, 1.0, 1.5, channel=LIMITED)  # touching: allowed
+    assert h.check() == []
+    h.run(3, 0.9, 1.0, pid=2, channel=LIMITED, effect=False, outcome="raise")
+    assert kinds(h.check()) == {"key-concurrency"}
