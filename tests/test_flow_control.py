@@ -818,3 +818,18 @@ def test_limit_key_is_stored_by_every_publishing_call(flow: str) -> None:
         flow, "SELECT (payload::json->>'n')::int, limit_key FROM pgpubsub.message ORDER BY 1"
     )
     assert found == [(1, "a"), (2, "b"), (3, "c"), (4, None)]
+
+
+def test_schema_version_6_migrates_again_and_leases_know_limit_slots(flow: str) -> None:
+    durable.migrate(flow)  # again: idempotent, the lease check replaced once
+    checks = admin_query(
+        flow,
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'lease_kind_check'",
+    )
+    assert len(checks) == 1 and "'limit'" in str(checks[0][0])
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.lease VALUES ('c', 'limit', '0' || E'\\x1f' || 'k', 'h', now())",
+    )
+    with pytest.raises(psycopg.errors.CheckViolation):
+        admin_query(flow, "INSERT INTO pgpubsub.lease VALUES ('c', 'other', 'x', 'h', now())")

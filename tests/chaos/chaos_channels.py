@@ -26,6 +26,7 @@ class Limited(
     concurrency=3,
     max_in_flight=2,
     key_concurrency=1,  # per limit_key (chaos_ops: L0 and L1)
+    key_rate_limit="10/s",  # a bucket of 1 per limit_key
     **RETRY,  # type: ignore[call-arg]
 ):
     n: int

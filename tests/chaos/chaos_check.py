@@ -16,6 +16,9 @@
   limited channel at once.
 * ``key-concurrency``: never more than ``key_concurrency`` listeners of one
   limit_key of the limited channel at once (a slot outlives a killed session).
+* ``key-rate``: per limit_key, never more claims in any period than its
+  ``key_rate_limit`` and its bucket's capacity (claims that reached a
+  listener: each start says when its message was claimed).
 * ``charged-innocent``: only a message that fails on its own reaches
   ``max_attempts``: a message that never reached a listener is never dead, and
   one that fails fewer times than the limit dies only when injected faults (a
@@ -29,6 +32,7 @@
 
 from __future__ import annotations
 
+import bisect
 import datetime
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -38,6 +42,10 @@ from chaos_run import Published, Record
 
 LIMIT = 2  # chaos_channels.Limited.max_in_flight
 KEY_LIMIT = 1  # chaos_channels.Limited.key_concurrency
+KEY_RATE = (10, 1.0, 1)  # chaos_channels.Limited.key_rate_limit: N, period, capacity
+# The instant a claim records is its UPDATE's, a moment after it took its token
+# (a claim slowed down by a loaded machine): one claim of slack.
+KEY_RATE_SLACK = 1
 EPSILON = datetime.timedelta(milliseconds=1)
 LEASE = datetime.timedelta(seconds=2)  # longer than any retry delay of the chaos channels
 
@@ -237,6 +245,26 @@ def check(record: Record) -> list[str]:
                     f"key-concurrency: limit_key {key!r}: {len(inside)} > {KEY_LIMIT} "
                     f"in listeners at {at}: {who}"
                 )
+
+    # key_rate_limit across every worker: claims per limit_key in any period.
+    count, period, capacity = KEY_RATE
+    claims: dict[str, set[tuple[int, datetime.datetime]]] = defaultdict(set)
+    for kind, channel, n, _, _, _, detail in record.history:
+        p = record.published.get(n) if n is not None else None
+        if kind == "start" and channel == "chaos_limited" and detail and p and p.msg.limit_key:
+            # A batch run again alone (its COMMIT failed) starts twice on one claim.
+            claims[p.msg.limit_key].add((n, datetime.datetime.fromisoformat(detail)))
+    for key, seen in sorted(claims.items()):
+        times = sorted(at for _, at in seen)
+        span = datetime.timedelta(seconds=period)
+        for i, first in enumerate(times):
+            inside = bisect.bisect_right(times, first + span) - i
+            if inside > count + capacity + KEY_RATE_SLACK:
+                v.append(
+                    f"key-rate: limit_key {key!r}: {inside} claims in {period:g}s from {first} "
+                    f"(at most {count} + {capacity})"
+                )
+                break
 
     if record.settled is None:
         v.append("stuck: messages still pending when the settle bound ran out")

@@ -16,6 +16,10 @@ a poison message), counted in the history so a replay sees the earlier ones:
 * ``raise``: raises; ``nul``: raises with a NUL and a lone surrogate in the text;
 * ``commit_fail``: writes a row that breaks a deferred foreign key (fails at COMMIT);
 * ``crash``: SIGKILLs its own process inside the listener.
+
+A start on ``chaos_limited`` (key_rate_limit) says in its ``detail`` when its
+message was claimed: its claim set ``run_at`` to that instant plus the retry
+delay of the attempt (the lease; the channels' retry policy, no jitter).
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ import time
 from typing import Any
 
 import psycopg
-from chaos_channels import Limited, Tick, Work
+from chaos_channels import RETRY, Limited, Tick, Work
 
 import pgpubsub
-from pgpubsub.durable import connection
+from pgpubsub.durable import cancellation, connection
 
 _conn: psycopg.Connection[Any] | None = None
 
@@ -68,8 +72,28 @@ def _record(kind: str, channel: str, n: int | None, detail: str | None = None) -
             time.sleep(0.1)
 
 
-def _handle(channel: str, n: int, behaviour: str, until: int, sleep: float) -> None:
-    attempt = _record("start", channel, n)
+# The instant of the claim of the running attempt (see the module's docstring).
+CLAIMED_SQL = (
+    "SELECT run_at - pg_catalog.make_interval(secs => "
+    "least(%s, %s * pg_catalog.power(2, least(attempts - 1, 64)))) "
+    "FROM pgpubsub.message WHERE id = %s"
+)
+
+
+def _claimed() -> str | None:
+    try:
+        row = connection().execute(
+            CLAIMED_SQL, (RETRY["retry_max_delay"], RETRY["retry_delay"], cancellation().message_id)
+        ).fetchone()
+    except psycopg.Error:  # a killed session: the attempt fails anyway
+        return None
+    return row[0].isoformat() if row else None
+
+
+def _handle(
+    channel: str, n: int, behaviour: str, until: int, sleep: float, claimed: str | None = None
+) -> None:
+    attempt = _record("start", channel, n, claimed)
     failing = attempt <= until
     outcome = "ok"
     try:
@@ -104,7 +128,7 @@ def work(n: int, behaviour: str, until: int, sleep: float) -> None:
 
 @pgpubsub.listener(Limited)
 def limited(n: int, behaviour: str, until: int, sleep: float) -> None:
-    _handle("chaos_limited", n, behaviour, until, sleep)
+    _handle("chaos_limited", n, behaviour, until, sleep, _claimed())
 
 
 @pgpubsub.listener(Tick)

@@ -158,3 +158,23 @@ def test_more_than_key_concurrency_of_one_limit_key_is_flagged() -> None:
     assert h.check() == []
     h.run(3, 0.9, 1.0, pid=2, channel=LIMITED, effect=False, outcome="raise")
     assert kinds(h.check()) == {"key-concurrency"}
+
+
+def test_more_claims_of_one_limit_key_than_its_rate_are_flagged() -> None:
+    def claims(h: History, key: str, at: list[float], first: int) -> None:
+        for i, c in enumerate(at):
+            n = first + i
+            h.publish(n, channel=LIMITED, limit_key=key)
+            h.record.history.append(
+                ("start", LIMITED, n, 1, t(c + 0.01), None, t(c).isoformat())
+            )
+            h.record.history.append(("end", LIMITED, n, 1, t(c + 0.02), None, "ok"))
+            h.record.effects.append((LIMITED, n, 1, t(c + 0.02), None))
+
+    h = History()
+    claims(h, "L0", [i * 0.1 for i in range(30)], 1)  # 10/s: 11 in a second, at most
+    claims(h, "L1", [i * 0.1 for i in range(30)], 100)  # another key: its own bucket
+    assert h.check() == []
+    h = History()
+    claims(h, "L0", [i * 0.07 for i in range(30)], 1)  # 14/s
+    assert kinds(h.check()) == {"key-rate"}

@@ -244,10 +244,22 @@ CREATE TABLE IF NOT EXISTS pgpubsub.key_bucket (
 );
 REVOKE ALL ON pgpubsub.key_bucket FROM PUBLIC;
 -- A key_concurrency slot of a limit_key in a listener is a lease of kind
--- 'limit', named '<slot>' || E'\x1f' || key (src/pgpubsub/_leases.py).
-ALTER TABLE pgpubsub.lease DROP CONSTRAINT IF EXISTS lease_kind_check;
-ALTER TABLE pgpubsub.lease ADD CONSTRAINT lease_kind_check
-    CHECK (kind IN ('key', 'slot', 'limit'));
+-- 'limit', named '<slot>' || E'\x1f' || key (src/pgpubsub/_leases.py). The
+-- check is replaced once (an ALTER TABLE at every migrate would wait for
+-- running workers' leases).
+DO $v6$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_constraint c
+        WHERE c.conrelid = 'pgpubsub.lease'::pg_catalog.regclass AND c.conname = 'lease_kind_check'
+          AND pg_catalog.strpos(pg_catalog.pg_get_constraintdef(c.oid), '''limit''') > 0
+    ) THEN
+        ALTER TABLE pgpubsub.lease DROP CONSTRAINT IF EXISTS lease_kind_check;
+        ALTER TABLE pgpubsub.lease ADD CONSTRAINT lease_kind_check
+            CHECK (kind IN ('key', 'slot', 'limit'));
+    END IF;
+END
+$v6$;
 
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
