@@ -833,3 +833,43 @@ def test_schema_version_6_migrates_again_and_leases_know_limit_slots(flow: str) 
     )
     with pytest.raises(psycopg.errors.CheckViolation):
         admin_query(flow, "INSERT INTO pgpubsub.lease VALUES ('c', 'other', 'x', 'h', now())")
+
+
+def test_a_least_privileged_worker_runs_a_key_limited_channel(flow: str) -> None:
+    """`pgpubsub grant --worker` is enough for key_rate_limit and key_concurrency: bucket
+    rows taken, spent and deleted once full, slots leased and given back."""
+    from psycopg.conninfo import make_conninfo
+
+    from pgpubsub import cli
+
+    @dataclass
+    class Both(Channel, lock_notifications=True, key_rate_limit="1000/s", key_concurrency=1):
+        n: int
+
+    admin_query(
+        flow, "DROP ROLE IF EXISTS pgpubsub_keyed; CREATE ROLE pgpubsub_keyed LOGIN PASSWORD 'pw'"
+    )
+    try:
+        assert cli.main(["grant", "pgpubsub_keyed", "--worker", "--dsn", flow]) == 0
+        for k in range(3):
+            publish_keyed(flow, Both, range(k * 10, k * 10 + 2), f"k{k}")
+        registry = Registry()
+        ran: list[int] = []
+        registry.add(Both, lambda n: ran.append(n))
+        spec = spec_of(Both)
+        session = PsycopgSession(make_conninfo(flow, user="pgpubsub_keyed", password="pw"))
+        proc = ChannelProcessor(session, spec, registry.listeners(spec))
+        try:
+            proc.drain_once()
+            assert sorted(ran) == [0, 1, 10, 11, 20, 21]
+            wait_until(
+                lambda: proc._next_due() > 0
+                and admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 0,
+                timeout=5,
+                interval=0.02,
+            )
+            assert admin_query(flow, "SELECT count(*) FROM pgpubsub.lease")[0][0] == 0
+        finally:
+            proc.session.close()
+    finally:
+        admin_query(flow, "DROP OWNED BY pgpubsub_keyed CASCADE; DROP ROLE pgpubsub_keyed")
