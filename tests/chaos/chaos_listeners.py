@@ -12,7 +12,9 @@ when the message completes.
 ``behaviour`` fails the first ``until`` attempts of the message (99: always,
 a poison message), counted in the history so a replay sees the earlier ones:
 
-* ``ok``: no failure; ``slow``: sleeps ``sleep`` seconds first, then as ``ok``;
+* ``ok``: no failure; ``slow``: sleeps ``sleep`` seconds first, then as ``ok``
+  (on ``chaos_limited`` it waits on its cancellation: past the channel's
+  timeout, or cancelled while it runs, it stops there, its end ``stopped``);
 * ``raise``: raises; ``nul``: raises with a NUL and a lone surrogate in the text;
 * ``commit_fail``: writes a row that breaks a deferred foreign key (fails at COMMIT);
 * ``crash``: SIGKILLs its own process inside the listener.
@@ -91,13 +93,23 @@ def _claimed() -> str | None:
 
 
 def _handle(
-    channel: str, n: int, behaviour: str, until: int, sleep: float, claimed: str | None = None
+    channel: str,
+    n: int,
+    behaviour: str,
+    until: int,
+    sleep: float,
+    claimed: str | None = None,
+    stoppable: bool = False,
 ) -> None:
     attempt = _record("start", channel, n, claimed)
     failing = attempt <= until
     outcome = "ok"
     try:
-        if behaviour == "slow":
+        if behaviour == "slow" and stoppable:
+            if cancellation().wait(sleep):
+                outcome = "stopped"
+                cancellation().raise_if_requested()
+        elif behaviour == "slow":
             time.sleep(sleep)
         if failing and behaviour == "crash":
             _record("end", channel, n, "crash")
@@ -128,7 +140,7 @@ def work(n: int, behaviour: str, until: int, sleep: float) -> None:
 
 @pgpubsub.listener(Limited)
 def limited(n: int, behaviour: str, until: int, sleep: float) -> None:
-    _handle("chaos_limited", n, behaviour, until, sleep, _claimed())
+    _handle("chaos_limited", n, behaviour, until, sleep, _claimed(), stoppable=True)
 
 
 @pgpubsub.listener(Tick)

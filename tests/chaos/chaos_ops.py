@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 CHANNELS = ("chaos_work", "chaos_limited")
 MAX_ATTEMPTS = 3  # the channels' max_attempts (chaos_listeners.RETRY)
 POISON = 99  # fails every attempt
+TIMEOUT = 2.0  # chaos_limited's timeout (seconds)
+# A listener this close to the timeout may or may not be stopped (the timer
+# starts a moment before it): neither outcome is a violation.
+TIMEOUT_SLACK = 0.1
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,16 @@ class Msg:
 
     @property
     def poison(self) -> bool:
-        return self.behaviour in FAILING and self.until >= MAX_ATTEMPTS
+        """It fails every attempt: by its behaviour, or by outlasting chaos_limited's timeout."""
+        return (self.behaviour in FAILING and self.until >= MAX_ATTEMPTS) or self.times_out
+
+    @property
+    def times_out(self) -> bool:
+        return (
+            self.channel == "chaos_limited"
+            and self.behaviour == "slow"
+            and self.sleep >= TIMEOUT + TIMEOUT_SLACK
+        )
 
     def __str__(self) -> str:
         parts = [f"n={self.n}", self.channel.removeprefix("chaos_"), self.behaviour]
@@ -95,9 +108,10 @@ class Concurrent:
 @dataclass(frozen=True)
 class Wait:
     seconds: float
+    paused: bool = False  # chaos_limited paused meanwhile (messages.pause, then resume)
 
     def __str__(self) -> str:
-        return f"wait {self.seconds:.2f}s"
+        return f"wait {self.seconds:.2f}s" + (" (chaos_limited paused)" if self.paused else "")
 
 
 @dataclass(frozen=True)
@@ -204,7 +218,10 @@ class _Gen:
                 pause=round(r.uniform(0.3, 0.6), 2) if size > 1 and r.random() < 0.25 else 0.0,
             )
         if kind == "wait":
-            return Wait(round(r.uniform(0.1, 1.5), 2))
+            seconds = round(r.uniform(0.1, 1.5), 2)
+            # Paused or not drawn from the seconds, not the generator: the seeds'
+            # sequences stay as they were.
+            return Wait(seconds, paused=round(seconds * 100) % 3 == 0)
         if kind == "interleaved":
             key = r.choice(self.keys)
             first, second = self.msg(key, "chaos_work"), self.msg(key, "chaos_work")
