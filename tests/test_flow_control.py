@@ -599,7 +599,9 @@ def test_a_key_rate_limit_holds_per_key_across_processes_and_holds_back_no_other
         assert len(claimed) == 12
         assert most_in_a_window(claimed, 1.0) <= 5 + 1, key
         achieved = (len(claimed) - 1) / (claimed[-1] - claimed[0])
-        assert 5 * 0.9 <= achieved <= 5 * 1.001, (key, achieved)
+        # A bucket of 1 banks nothing: a worker's lateness (a loaded machine) is lost
+        # time; a worker polling for tokens would reach 1/s.
+        assert 5 * 0.8 <= achieved <= 5 * 1.001, (key, achieved)
     # side by side: the three keys' 36 messages take about as long as one key's 12
     ends = max(r[2] for r in rows if r[1] is not None)
     assert ends - published < timedelta(seconds=4)  # one after another: over 6.6 s

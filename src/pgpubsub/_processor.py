@@ -370,23 +370,20 @@ DELETE FROM pgpubsub.key_bucket WHERE channel = %(channel)s AND key IN (
     AND {KEY_REFILLED} >= %(key_capacity)s FOR UPDATE SKIP LOCKED)
 """  # noqa: S608 - constant fragments
 # Seconds until the next token of a limit_key out of tokens with a message
-# that could start but for it (due, the head of its ordering key with no
-# live lease); 0 for one with a whole token when the last claim was short of
-# key tokens (it refilled while the batch ran). None: no such key.
+# due; 0 for one with a whole token when the last claim was short of key
+# tokens (it refilled while the batch ran). None: no such key. A key's due
+# message held back by its ordering key still counts: the worker then wakes
+# once for nothing (the key has its token, and nothing more is asked of it
+# until the next claim is short), rather than a scan per key (the earliest
+# pending message of a key is one probe of message_limit_key_idx).
 KEY_TOKEN_DUE_SQL = f"""
-SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s
-    WHEN %(key_short)s THEN 0 END)
+SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s ELSE 0 END)
 FROM (SELECT b.key, {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
       WHERE b.channel = %(channel)s) r
-WHERE {UNPAUSED} AND EXISTS (
-    SELECT 1 FROM pgpubsub.message d WHERE d.channel = %(channel)s AND d.limit_key = r.key
-    AND d.status = 'pending' AND d.run_at <= pg_catalog.now()
-    AND (d.ordering_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM pgpubsub.message o WHERE o.channel = d.channel
-        AND o.ordering_key = d.ordering_key AND o.status = 'pending' AND o.id < d.id)
-      AND NOT EXISTS (
-        SELECT 1 FROM pgpubsub.lease l WHERE l.channel = d.channel AND l.kind = 'key'
-        AND l.name = d.ordering_key AND {LIVE})))
+WHERE {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
+    SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
+    WHERE d.channel = %(channel)s AND d.limit_key = r.key AND d.limit_key IS NOT NULL
+      AND d.status = 'pending') <= pg_catalog.now()
 """  # noqa: S608 - constant fragments
 # Completing a message with an ordering key makes the next one of its key
 # claimable, and a max_in_flight slot given back lets a waiting worker in:
