@@ -285,7 +285,11 @@ def _limited_claim_sql() -> str:
     A key's messages in a batch are at most ``per_limit_key`` (its bucket's
     capacity: more could never start), and its ordering keys' messages stop at
     the first one of a held key (none runs before an older one). The rows also
-    say their limit_key (last column).
+    say their limit_key (last column). Held keys' due messages are passed over
+    row by row: a claim costs the due backlog of held keys ahead of what it
+    takes (a loose index scan over limit keys, as for ordering keys, would not
+    read them; the messages without a limit_key would then need an index of
+    their own).
     """
     sql = CLAIM_SQL
     edits = [
