@@ -42,3 +42,19 @@ def do_paced(n: int) -> None:
     connection().execute(
         "INSERT INTO bench_starts (n, at) VALUES (%s, pg_catalog.clock_timestamp())", (n,)
     )
+
+
+@dataclass
+class BenchKeyPaced(
+    Channel, name="bench_key_paced", lock_notifications=True, key_rate_limit="100/s"
+):
+    n: int
+    key: str
+
+
+@pgpubsub.listener(BenchKeyPaced)
+def do_key_paced(n: int, key: str) -> None:
+    connection().execute(
+        "INSERT INTO bench_starts (n, at, key) VALUES (%s, pg_catalog.clock_timestamp(), %s)",
+        (n, key),
+    )

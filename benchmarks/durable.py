@@ -23,6 +23,9 @@ Uses ``$PGPUBSUB_DSN`` or starts an embedded server.
   achieved (starts after the bucket's first 100, over the time from the first
   start to the last) must be within 2% of the limit, and no window of one
   second may hold more than 1000 + 100 (the bucket's capacity) starts.
+* Rate limit per key: ``key_rate_limit="100/s"``, 10 limit keys published
+  interleaved (1,000/s in all), 4 worker processes, ~10 s of backlog: per key
+  the rate achieved and the most starts in any second (100 + 10).
 
 Figures measured elsewhere for the same kind of work (SPEC.md anchors):
 django-pgpubsub about 200 messages/s on locked channels, pgqueuer 5.8k
@@ -46,7 +49,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_jobs import BenchJob, BenchOrdered, BenchPaced  # noqa: E402
+from bench_jobs import BenchJob, BenchKeyPaced, BenchOrdered, BenchPaced  # noqa: E402
 
 import pgpubsub  # noqa: E402
 from pgpubsub import durable  # noqa: E402
@@ -134,7 +137,7 @@ def rate_limited(dsn: str, seconds: int = 30, processes: int = 4) -> float:
           f"{n:,} messages (~{seconds} s)")  # fmt: skip
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_starts")
-        conn.execute("CREATE TABLE bench_starts (n bigint, at timestamptz)")
+        conn.execute("CREATE TABLE bench_starts (n bigint, at timestamptz, key text)")
         conn.execute("TRUNCATE pgpubsub.message, pgpubsub.rate_bucket")
     env = dict(os.environ, PYTHONPATH=str(HERE))
     proc = subprocess.Popen(
@@ -171,6 +174,67 @@ def rate_limited(dsn: str, seconds: int = 30, processes: int = 4) -> float:
           f"{rate.period:g} s window: {most:,} (limit {rate.count:,} + bucket {rate.capacity})")
     print(f"lost {n - distinct}, duplicated {len(times) - distinct}")  # fmt: skip
     return achieved / rate.per_second
+
+
+def key_rate_limited(dsn: str, seconds: int = 10, processes: int = 4, keys: int = 10) -> float:
+    """The per-key rate-limit row; return the lowest key's rate as a fraction of the limit."""
+    from pgpubsub.channel import key_rate_of
+
+    rate = key_rate_of(BenchKeyPaced)
+    assert rate is not None
+    per_key = int(rate.per_second * seconds) + rate.capacity
+    n = per_key * keys
+    print(f"\n== rate limit per key: {rate.count}/{rate.period:g}s per key, {keys} keys, "
+          f"{processes} worker processes, {n:,} messages (~{seconds} s)")  # fmt: skip
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_starts")
+        conn.execute("CREATE TABLE bench_starts (n bigint, at timestamptz, key text)")
+        conn.execute("TRUNCATE pgpubsub.message, pgpubsub.key_bucket")
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgpubsub", "listen", "bench_jobs", "--processes", str(processes),
+         "--channels", "bench_jobs.BenchKeyPaced", "--dsn", dsn, "--log-level", "WARNING"],
+        env=env,
+    )  # fmt: skip
+    try:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgpubsub'"
+        deadline = time.monotonic() + 30
+        while scalar(dsn, query) < 2 * processes:
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+        with psycopg.connect(dsn) as conn:
+            # Interleaved: each key's messages spread over the whole backlog.
+            for i in range(per_key):
+                for k in range(keys):
+                    pgpubsub.notify(
+                        BenchKeyPaced(n=i * keys + k, key=f"k{k}"), conn=conn, limit_key=f"k{k}"
+                    )
+        while scalar(dsn, "SELECT count(*) FROM bench_starts") < n:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    worst = float("inf")
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT key, extract(epoch FROM at)::float8 FROM bench_starts ORDER BY at"
+        ).fetchall()
+    by_key: dict[str, list[float]] = {}
+    for key, at in rows:
+        by_key.setdefault(key, []).append(at)
+    for key, times in sorted(by_key.items()):
+        achieved = (len(times) - rate.capacity) / (times[-1] - times[0])
+        most = max(bisect.bisect_right(times, t + rate.period) - i for i, t in enumerate(times))
+        worst = min(worst, achieved / rate.per_second)
+        print(f"{key}: {len(times):,} started, {achieved:,.1f}/s "
+              f"({achieved / rate.per_second:.4f} of the limit), the most in any "
+              f"{rate.period:g} s window: {most} "
+              f"(limit {rate.count} + bucket {rate.capacity})")  # fmt: skip
+    distinct = scalar(dsn, "SELECT count(DISTINCT n) FROM bench_starts")
+    span = rows[-1][1] - rows[0][1]
+    print(f"all keys: {len(rows):,} in {span:.2f} s ({len(rows) / span:,.0f}/s); "
+          f"lost {n - distinct}, duplicated {len(rows) - distinct}")  # fmt: skip
+    return worst
 
 
 def concurrency(dsn: str, n: int) -> None:
@@ -291,9 +355,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the P6 rows")
     parser.add_argument(
         "--only",
-        choices=["keys", "rate"],
+        choices=["keys", "rate", "key-rate"],
         help="keys: plain P6, the two keyed P6 rows (each as a ratio of plain P6) and keyed P7;"
-        " rate: the rate-limit row",
+        " rate: the rate-limit row; key-rate: the per-key rate-limit row",
     )
     args = parser.parse_args()
     if args.only == "keys":
@@ -307,6 +371,9 @@ def main() -> None:
             print(f"server: PostgreSQL {conn.info.server_version}, {os.cpu_count()} cores")
         if args.only == "rate":
             rate_limited(dsn)
+            return
+        if args.only == "key-rate":
+            key_rate_limited(dsn)
             return
         # Rounds of the three P6 rows one after the other: on a shared machine a
         # ratio within one round means more than rates from different moments.
@@ -328,6 +395,7 @@ def main() -> None:
             concurrency(dsn, 4000)
         if not args.skip_rate:
             rate_limited(dsn)
+            key_rate_limited(dsn)
         if not args.skip_p7:
             if args.only != "keys":
                 p7(dsn, args.n // 2, args.backlog)

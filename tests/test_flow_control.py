@@ -285,7 +285,8 @@ def flow(dsn: str) -> Iterator[str]:
     durable.migrate(dsn)
     admin_query(
         dsn,
-        "CREATE TABLE started (channel text, n int, pid int, at timestamptz, claimed timestamptz)",
+        "CREATE TABLE started (channel text, n int, pid int, at timestamptz, claimed timestamptz,"
+        " key text, ended timestamptz)",
     )
     yield dsn
 
@@ -551,3 +552,326 @@ def test_the_dashboard_pauses_and_resumes_a_channel_as_an_allowed_action(flow: s
         status, text = request(f"{url}/actions/resume", body)
         assert status == 200 and "Pause the channel" in text
         assert admin_query(flow, "SELECT channel FROM pgpubsub.channel_pause") == []
+
+
+# -- flow control per key: key_rate_limit, key_concurrency, limit_key (issue 28) --------------
+
+
+def publish_keyed(dsn: str, channel: Any, ns: range, key: str | None, **fields: Any) -> None:
+    with psycopg.connect(dsn) as conn:
+        options = {} if key is None else {"limit_key": key}
+        pgpubsub.notify_many(channel, [{"n": n, **fields} for n in ns], conn=conn, **options)
+
+
+def most_at_once(runs: list[tuple[float, float]]) -> int:
+    """The most of the ``(start, end)`` intervals that overlap at any instant."""
+    edges = sorted([(s, 1) for s, _ in runs] + [(e, -1) for _, e in runs])  # ends first on ties
+    now = most = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.acceptance  # worker processes
+def test_a_key_rate_limit_holds_per_key_across_processes_and_holds_back_no_other_key(
+    flow: str,
+) -> None:
+    """PerKey: 5/s per limit_key, a bucket of 1. Three keys of 12 messages and 20 without
+    a key, on 3 workers: per key at most 5 + 1 claimed in any second and 5/s reached; the
+    keys run side by side (not one after another) and the unkeyed ones at once."""
+    from app.flow_channels import PerKey
+
+    with workers(flow, 3):
+        published = db_now(flow)
+        for key in ("a", "b", "c"):
+            publish_keyed(flow, PerKey, range(ord(key) * 100, ord(key) * 100 + 12), key)
+        publish_keyed(flow, PerKey, range(20), None)
+        wait_until(lambda: len(starts(flow, "per_key")) == 56, timeout=30, interval=0.1)
+    rows = admin_query(flow, "SELECT n, key, claimed, at FROM started WHERE channel = 'per_key'")
+    assert sorted(int(str(r[0])) for r in rows) == sorted(
+        [*range(20), *(n for k in "abc" for n in range(ord(k) * 100, ord(k) * 100 + 12))]
+    )  # nothing lost, none twice
+    unkeyed = [r[3] for r in rows if r[1] is None]
+    assert max(unkeyed) - published < timedelta(seconds=1.5)  # not behind the keyed ones
+    for key in "abc":
+        claimed = sorted(r[2].timestamp() for r in rows if r[1] == key)  # type: ignore[union-attr]
+        assert len(claimed) == 12
+        assert most_in_a_window(claimed, 1.0) <= 5 + 1, key
+        achieved = (len(claimed) - 1) / (claimed[-1] - claimed[0])
+        # A bucket of 1 banks nothing: a worker's lateness (a loaded machine) is lost
+        # time; a worker polling for tokens would reach 1/s.
+        assert 5 * 0.8 <= achieved <= 5 * 1.001, (key, achieved)
+    # side by side: the three keys' 36 messages take about as long as one key's 12
+    ends = max(r[2] for r in rows if r[1] is not None)
+    assert ends - published < timedelta(seconds=4)  # one after another: over 6.6 s
+
+
+@pytest.mark.acceptance  # worker processes
+def test_key_concurrency_holds_per_key_across_processes_and_holds_back_no_other_key(
+    flow: str,
+) -> None:
+    """Crowded: key_concurrency=2, 4 processors in each of 2 workers, listeners of 0.15 s.
+    Per limit_key never more than 2 in listeners at once; across keys more than 2 run."""
+    from app.flow_channels import Crowded
+
+    with workers(flow, 2):
+        publish_keyed(flow, Crowded, range(0, 8), "x")
+        publish_keyed(flow, Crowded, range(100, 108), "y")
+        publish_keyed(flow, Crowded, range(200, 206), None)
+        wait_until(
+            lambda: admin_query(
+                flow, "SELECT count(*) FROM started WHERE channel = 'crowded' AND ended IS NOT NULL"
+            )[0][0]
+            == 22,
+            timeout=30,
+            interval=0.1,
+        )
+        leases = admin_query(flow, "SELECT count(*) FROM pgpubsub.lease WHERE kind = 'limit'")
+    rows = admin_query(flow, "SELECT n, key, at, ended FROM started WHERE channel = 'crowded'")
+    assert sorted(int(str(r[0])) for r in rows) == [*range(8), *range(100, 108), *range(200, 206)]
+    runs: dict[Any, list[tuple[float, float]]] = {}
+    for _, key, at, ended in rows:
+        runs.setdefault(key, []).append((at.timestamp(), ended.timestamp()))  # type: ignore[union-attr]
+    assert most_at_once(runs["x"]) <= 2 and most_at_once(runs["y"]) <= 2
+    assert most_at_once([r for rs in runs.values() for r in rs]) >= 3
+    assert most_at_once(runs["x"]) == 2  # the limit is reached, not 1 at a time
+    assert leases[0][0] == 0  # every slot given back
+
+
+@dataclass
+class TwoPerKey(Channel, lock_notifications=True, key_rate_limit="2/s"):
+    n: int
+
+
+@dataclass
+class RarePerKey(Channel, lock_notifications=True, key_rate_limit="1/m"):
+    n: int
+
+
+def processor(dsn: str, channel: Any, registry: Registry | None = None, **opts: Any) -> Any:
+    spec = spec_of(channel)
+    listeners = [] if registry is None else registry.listeners(spec)
+    return ChannelProcessor(PsycopgSession(dsn), spec, listeners, **opts)
+
+
+def test_a_worker_whose_due_messages_are_of_exhausted_keys_sleeps_until_the_next_token(
+    flow: str,
+) -> None:
+    publish_keyed(flow, TwoPerKey, range(3), "a")
+    proc = processor(flow, TwoPerKey, poll_interval=5.0)
+    try:
+        proc.drain_once()
+        assert proc.claimed == 1  # a bucket of 1
+        wait = proc._next_due()
+        assert 0.3 < wait <= 0.5, wait  # the key's next token, not a poll, not at once
+        assert proc.drain_once() == 0  # and not before it
+    finally:
+        proc.session.close()
+
+
+def test_an_exhausted_key_holds_back_only_its_own_messages(flow: str) -> None:
+    """1/m per key: of 50 messages of key a (published first), 5 of key b and 3 without a
+    key, one drain runs a's first, b's first and the 3: no head-of-line blocking."""
+    registry = Registry()
+    ran: list[int] = []
+    registry.add(RarePerKey, lambda n: ran.append(n))
+    publish_keyed(flow, RarePerKey, range(50), "a")
+    publish_keyed(flow, RarePerKey, range(100, 105), "b")
+    publish_keyed(flow, RarePerKey, range(200, 203), None)
+    proc = processor(flow, RarePerKey, registry)
+    try:
+        proc.drain_once()
+        assert sorted(ran) == [0, 100, 200, 201, 202]
+        assert proc.drain_once() == 0  # both keys out of tokens for a minute
+        attempts = admin_query(flow, "SELECT DISTINCT attempts FROM pgpubsub.message")
+        assert attempts == [(0,)]  # the ones given back are uncharged
+    finally:
+        proc.session.close()
+    assert sorted(ran) == [0, 100, 200, 201, 202]
+
+
+def test_ordering_keys_keep_their_order_through_limit_keys(flow: str) -> None:
+    """One ordering key whose messages alternate limit keys a, b, a, b (1/m each): the
+    first two run; the third waits for a's token and the fourth waits behind it."""
+    registry = Registry()
+    ran: list[int] = []
+    registry.add(RarePerKey, lambda n: ran.append(n))
+    with psycopg.connect(flow) as conn:
+        for n, key in enumerate("abab"):
+            pgpubsub.notify(RarePerKey(n=n), conn=conn, ordering_key="o", limit_key=key)
+    proc = processor(flow, RarePerKey, registry)
+    try:
+        proc.drain_once()
+        proc.drain_once()
+    finally:
+        proc.session.close()
+    assert ran == [0, 1]
+    left = admin_query(flow, "SELECT limit_key, attempts FROM pgpubsub.message ORDER BY id")
+    assert left == [("a", 0), ("b", 0)]
+
+
+def test_the_buckets_of_idle_keys_are_deleted(flow: str) -> None:
+    @dataclass
+    class Fast(Channel, lock_notifications=True, key_rate_limit="1000/s"):
+        n: int
+
+    for k in range(20):
+        publish_keyed(flow, Fast, range(k, k + 1), f"k{k}")
+    proc = processor(flow, Fast)
+    try:
+        proc.drain_once()
+        assert proc.claimed == 20
+        assert admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 20
+        # Refilled to their capacity (100 ms at most): the next rest deletes them.
+        wait_until(
+            lambda: proc._next_due() > 0
+            and admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 0,
+            timeout=5,
+            interval=0.02,
+        )
+    finally:
+        proc.session.close()
+
+
+def test_a_key_concurrency_slot_is_held_while_its_listener_runs(flow: str) -> None:
+    """key_concurrency=1 (in-process): while a's listener runs, another processor starts
+    b's message but none of a's; a's slot is given back when its listener returns."""
+
+    @dataclass
+    class OnePerKey(Channel, lock_notifications=True, key_concurrency=1):
+        n: int
+
+    registry = Registry()
+    inside, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def listener(n: int) -> None:
+        ran.append(n)
+        if n == 0:
+            inside.set()
+            assert release.wait(10)
+
+    registry.add(OnePerKey, listener)
+    publish_keyed(flow, OnePerKey, range(0, 1), "a")
+    first = processor(flow, OnePerKey, registry)
+    second = processor(flow, OnePerKey, registry)
+    thread = threading.Thread(target=first.drain_once)
+    try:
+        thread.start()
+        assert inside.wait(10)
+        publish_keyed(flow, OnePerKey, range(1, 3), "a")
+        publish_keyed(flow, OnePerKey, range(10, 11), "b")
+        second.drain_once()
+        assert sorted(ran) == [0, 10]
+        release.set()
+        thread.join(10)
+        second.drain_once()
+        assert sorted(ran) == [0, 1, 2, 10]
+        assert admin_query(flow, "SELECT count(*) FROM pgpubsub.lease")[0][0] == 0
+    finally:
+        release.set()
+        thread.join(10)
+        first.session.close()
+        second.session.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("key_rate_limit", "0/s"), ("key_rate_limit", "x"), ("key_rate_limit", 5),
+     ("key_concurrency", 0), ("key_concurrency", True), ("key_concurrency", "2"),
+     ("key_concurrency", 10_001)],
+)  # fmt: skip
+def test_a_bad_key_limit_is_refused_at_declaration(option: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError, match=f"{option} must be None"):
+
+        @dataclass
+        class Bad(Channel, lock_notifications=True, **{option: value}):  # type: ignore[call-arg]
+            n: int
+
+
+@pytest.mark.parametrize("option", [{"key_rate_limit": "5/s"}, {"key_concurrency": 2}])
+def test_key_limits_need_a_durable_channel(option: dict[str, Any]) -> None:
+    @dataclass
+    class Plain(Channel, **option):  # type: ignore[call-arg]
+        n: int
+
+    with pytest.raises(ConfigurationError, match=f"{next(iter(option))} need lock_notifications"):
+        spec_of(Plain)
+
+
+@pytest.mark.parametrize("key", ["", "a\x00b", 7, "x" * 1025, "\ud800"])
+def test_a_bad_limit_key_is_refused(flow: str, key: Any) -> None:
+    with psycopg.connect(flow) as conn, pytest.raises(ConfigurationError, match="limit_key"):
+        pgpubsub.notify(TwoPerKey(n=1), conn=conn, limit_key=key)
+
+
+def test_limit_key_is_stored_by_every_publishing_call(flow: str) -> None:
+    async def publish_async() -> None:
+        async with await psycopg.AsyncConnection.connect(flow) as conn:
+            await pgpubsub.anotify(TwoPerKey(n=3), conn=conn, limit_key="c")
+
+    with psycopg.connect(flow) as conn:
+        pgpubsub.notify(TwoPerKey(n=1), conn=conn, limit_key="a")
+        pgpubsub.notify_many(TwoPerKey, [{"n": 2}], conn=conn, limit_key="b")
+        pgpubsub.notify(TwoPerKey(n=4), conn=conn, priority=1)
+    asyncio.run(publish_async())
+    found = admin_query(
+        flow, "SELECT (payload::json->>'n')::int, limit_key FROM pgpubsub.message ORDER BY 1"
+    )
+    assert found == [(1, "a"), (2, "b"), (3, "c"), (4, None)]
+
+
+def test_schema_version_6_migrates_again_and_leases_know_limit_slots(flow: str) -> None:
+    durable.migrate(flow)  # again: idempotent, the lease check replaced once
+    checks = admin_query(
+        flow,
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'lease_kind_check'",
+    )
+    assert len(checks) == 1 and "'limit'" in str(checks[0][0])
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.lease VALUES ('c', 'limit', '0' || E'\\x1f' || 'k', 'h', now())",
+    )
+    with pytest.raises(psycopg.errors.CheckViolation):
+        admin_query(flow, "INSERT INTO pgpubsub.lease VALUES ('c', 'other', 'x', 'h', now())")
+
+
+def test_a_least_privileged_worker_runs_a_key_limited_channel(flow: str) -> None:
+    """`pgpubsub grant --worker` is enough for key_rate_limit and key_concurrency: bucket
+    rows taken, spent and deleted once full, slots leased and given back."""
+    from psycopg.conninfo import make_conninfo
+
+    from pgpubsub import cli
+
+    @dataclass
+    class Both(Channel, lock_notifications=True, key_rate_limit="1000/s", key_concurrency=1):
+        n: int
+
+    admin_query(
+        flow, "DROP ROLE IF EXISTS pgpubsub_keyed; CREATE ROLE pgpubsub_keyed LOGIN PASSWORD 'pw'"
+    )
+    try:
+        assert cli.main(["grant", "pgpubsub_keyed", "--worker", "--dsn", flow]) == 0
+        for k in range(3):
+            publish_keyed(flow, Both, range(k * 10, k * 10 + 2), f"k{k}")
+        registry = Registry()
+        ran: list[int] = []
+        registry.add(Both, lambda n: ran.append(n))
+        spec = spec_of(Both)
+        session = PsycopgSession(make_conninfo(flow, user="pgpubsub_keyed", password="pw"))
+        proc = ChannelProcessor(session, spec, registry.listeners(spec))
+        try:
+            proc.drain_once()
+            assert sorted(ran) == [0, 1, 10, 11, 20, 21]
+            wait_until(
+                lambda: proc._next_due() > 0
+                and admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 0,
+                timeout=5,
+                interval=0.02,
+            )
+            assert admin_query(flow, "SELECT count(*) FROM pgpubsub.lease")[0][0] == 0
+        finally:
+            proc.session.close()
+    finally:
+        admin_query(flow, "DROP OWNED BY pgpubsub_keyed CASCADE; DROP ROLE pgpubsub_keyed")

@@ -231,3 +231,60 @@ def test_a_message_that_crashes_then_raises_runs_at_most_max_attempts_plus_one(
     runs = admin_query(dsn, "SELECT count(*) FROM runs")[0][0]
     row = admin_query(dsn, "SELECT status, attempts FROM pgpubsub.message")
     assert runs <= 3, f"listener ran {runs} times with max_attempts=2; message {row}"
+
+
+@dataclass
+class OnePerKey(Channel, lock_notifications=True, key_concurrency=1, retry_delay=0.2):
+    n: int
+
+
+def test_a_key_concurrency_slot_outlives_a_killed_session_while_its_listener_runs(
+    dsn: str,
+) -> None:
+    """Issue 28: key_concurrency=1. Worker A's listener of key a runs on while its session
+    is killed (a failover, a proxy): its slot is a lease its process keeps renewing, so
+    worker B starts key b's messages but none of key a's (not even a's first, whose claim
+    lease of 0.2 s is over) until A's listener returns; then a's run, one at a time."""
+    durable.migrate(dsn)
+    runs: list[tuple[int, float, float]] = []
+    inside, release = threading.Event(), threading.Event()
+    registry = Registry()
+
+    def job(n: int) -> None:
+        start = time.monotonic()
+        if n == 0 and not inside.is_set():
+            inside.set()
+            release.wait(10)
+        else:
+            time.sleep(0.05)
+        runs.append((n, start, time.monotonic()))
+
+    registry.add(OnePerKey, job)
+
+    def publish(ns: range, key: str) -> None:
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify_many(OnePerKey, [{"n": n} for n in ns], conn=conn, limit_key=key)
+
+    publish(range(1), "a")
+    a = DurableRunning(dsn, [OnePerKey], registry)
+    b = None
+    try:
+        assert inside.wait(10)
+        b = DurableRunning(dsn, [OnePerKey], registry)
+        publish(range(1, 3), "a")
+        publish(range(10, 11), "b")
+        backend = a.durable.processors[0]._backend
+        admin_query(dsn, "SELECT pg_terminate_backend(%s)", (backend,))
+        wait_until(lambda: any(n == 10 for n, _, _ in runs), timeout=10)  # b goes on
+        time.sleep(1.0)  # B's poll and wake-ups come and go: none of a's may start
+        assert [n for n, _, _ in runs] == [10]
+        release.set()
+        wait_until(lambda: {1, 2} <= {n for n, _, _ in runs}, timeout=15)
+    finally:
+        release.set()
+        a.stop()
+        if b is not None:
+            b.stop()
+    of_a = sorted((s, e) for n, s, e in runs if n < 10)
+    # one at a time
+    assert all(e1 <= s2 for (_, e1), (s2, _) in zip(of_a, of_a[1:], strict=False)), of_a

@@ -225,7 +225,7 @@ def test_granted_publisher_and_worker_roles_work_and_see_no_more(shop: str) -> N
             # dedupe hit included (it reads back the pending message's id).
             first = pgpubsub.notify(Stored(n=6), conn=pub, dedupe_key="k", priority=5)
             assert pgpubsub.notify(Stored(n=7), conn=pub, dedupe_key="k") == first
-            pgpubsub.notify(Stored(n=8), conn=pub, ordering_key="o", delay=0.1)
+            pgpubsub.notify(Stored(n=8), conn=pub, ordering_key="o", delay=0.1, limit_key="c")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 pub.execute("SELECT payload FROM pgpubsub.message")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):

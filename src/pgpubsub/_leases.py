@@ -1,18 +1,19 @@
 """Leases: what a worker holds beyond the life of one database session.
 
-An ordering key in a listener and a ``max_in_flight`` slot are leased in
-``pgpubsub.lease``, in the name of their holder, ``<owner>#<processor>``. A
-lease is live while its ``expires_at`` is to come. The owner (a worker, or a
+An ordering key in a listener, a ``max_in_flight`` slot and a
+``key_concurrency`` slot of a limit_key are leased in ``pgpubsub.lease``, in
+the name of their holder, ``<owner>#<processor>``. A lease is live while its
+``expires_at`` is to come. The owner (a worker, or a
 ``process_stored_notifications`` call) runs a :class:`LeaseKeeper`: a thread
 with a connection of its own that pushes the expiry of every lease it holds
 :data:`TTL` seconds ahead, every third of that. So a killed backend, an idle
-timeout, a failover or a proxy that drops the processing session frees
-nothing while the listener that took the lease may still be running: the
-processor gives its leases back when its listener returns (in the
-transaction that records the message's outcome, or after a failed one, at
-its next round). A process that died holds nothing :data:`TTL` seconds
-later. The one assumption the guarantees make: a live owner reaches the
-database within :data:`TTL` seconds (its keeper reconnects at once).
+timeout, a failover or a proxy that drops the processing session frees nothing
+while the listener that took the lease may still be running: the processor
+gives its leases back when its listener returns (in the transaction that
+records the message's outcome, or after a failed one, at its next round). A
+process that died holds nothing :data:`TTL` seconds later. The one assumption
+the guarantees make: a live owner reaches the database within :data:`TTL`
+seconds (its keeper reconnects at once).
 
 Advisory locks would be freed by the server when the session dies, with the
 listener still running: that is why these are rows.
@@ -29,7 +30,7 @@ import uuid
 from . import driver
 from .backoff import worth_logging
 
-__all__ = ["TTL", "LeaseKeeper", "new_owner"]
+__all__ = ["TTL", "LeaseKeeper", "limit_slots_full", "new_owner"]
 
 log = logging.getLogger("pgpubsub.durable")
 
@@ -57,6 +58,39 @@ ON CONFLICT (channel, kind, name) DO UPDATE SET holder = EXCLUDED.holder,
 WHERE NOT {LIVE}
 RETURNING l.name
 """  # noqa: S608 - constant fragments
+# key_concurrency: a slot of a limit_key is a lease of kind 'limit' named
+# '<slot>' || E'\x1f' || key (slots 0 to key_concurrency - 1). The claim takes
+# one free slot for each limit_key of its batch (its listeners run one after
+# the other: one slot per key is enough), a random one, so that two claims
+# rarely pick the same; of two that do, one gets it and the other gives that
+# key's messages back. Keys in name order, as the bucket rows: no deadlock.
+TAKE_LIMIT_SLOTS_SQL = f"""
+INSERT INTO pgpubsub.lease AS l (channel, kind, name, holder, expires_at)
+SELECT DISTINCT ON (k.key) %(channel)s, 'limit', s::text || E'\\x1f' || k.key, %(holder)s,
+    {EXPIRES}
+FROM pg_catalog.unnest(%(keys)s::text[]) k(key)
+CROSS JOIN pg_catalog.generate_series(0, %(key_slots)s - 1) s
+WHERE NOT EXISTS (
+    SELECT 1 FROM pgpubsub.lease l WHERE l.channel = %(channel)s AND l.kind = 'limit'
+    AND l.name = s::text || E'\\x1f' || k.key AND {LIVE}
+)
+ORDER BY k.key, pg_catalog.random()
+ON CONFLICT (channel, kind, name) DO UPDATE SET holder = EXCLUDED.holder,
+    expires_at = EXCLUDED.expires_at
+WHERE NOT {LIVE}
+RETURNING pg_catalog.substr(l.name, pg_catalog.strpos(l.name, E'\\x1f') + 1)
+"""  # noqa: S608 - constant fragments
+
+
+def limit_slots_full(key: str) -> str:
+    """SQL: every key_concurrency slot of the limit_key ``key`` (an expression) is live."""
+    return (
+        "NOT EXISTS (SELECT 1 FROM pg_catalog.generate_series(0, %(key_slots)s - 1) s "  # noqa: S608
+        "WHERE NOT EXISTS (SELECT 1 FROM pgpubsub.lease l WHERE l.channel = %(channel)s "
+        f"AND l.kind = 'limit' AND l.name = s::text || E'\\x1f' || {key} AND {LIVE}))"
+    )  # constant fragments; key is an expression of ours, never input
+
+
 # Every lease this processor holds on the channel (after its batch, or a failed one).
 RELEASE_SQL = "DELETE FROM pgpubsub.lease WHERE channel = %s AND holder = %s"
 RENEW_SQL = (

@@ -59,7 +59,7 @@ _BATCH_COUNTS = (
     "id, total, done, dead, cancelled, callback_channel, callback_id, created_at, completed_at"
 )
 # What a publisher writes: never a message's id, state, attempts or times.
-_PUBLISHED = "channel, payload, trace, run_at, priority, dedupe_key, ordering_key"
+_PUBLISHED = "channel, payload, trace, run_at, priority, dedupe_key, ordering_key, limit_key"
 
 KINDS: dict[str, tuple[str, ...]] = {
     "publisher": (
@@ -88,6 +88,8 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
         # Lock the batch rows of the members it settles, in order (batches: no deadlock).
         "GRANT EXECUTE ON FUNCTION pgpubsub.lock_batches(bigint[]) TO {role}",
+        # A limit_key's tokens (key_rate_limit); full buckets of idle keys deleted.
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.key_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",
         # Empty drained storage segments (runs as the schema's owner, no argument).
         "GRANT EXECUTE ON FUNCTION pgpubsub.rotate() TO {role}",
@@ -98,13 +100,14 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
         "GRANT SELECT ON pgpubsub.channel_pause, pgpubsub.rate_bucket TO {role}",
         f"GRANT SELECT ({_BATCH_COUNTS}) ON pgpubsub.batch TO {{role}}",
+        "GRANT SELECT ON pgpubsub.key_bucket TO {role}",
     ),
     "operator": (
         _SCHEMA,
         "GRANT SELECT, UPDATE, DELETE ON pgpubsub.message TO {role}",
         "GRANT SELECT, INSERT, DELETE ON pgpubsub.cancel_request TO {role}",  # stop a running one
         "GRANT SELECT, INSERT, DELETE ON pgpubsub.channel_pause TO {role}",  # pause and resume
-        "GRANT SELECT ON pgpubsub.rate_bucket TO {role}",
+        "GRANT SELECT ON pgpubsub.rate_bucket, pgpubsub.key_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
         "GRANT SELECT ON pgpubsub.batch TO {role}",
     ),
@@ -288,6 +291,10 @@ _DURABLE = (
     ("rate_bucket", "SELECT"),
     ("rate_bucket", "INSERT"),
     ("rate_bucket", "UPDATE"),
+    ("key_bucket", "SELECT"),
+    ("key_bucket", "INSERT"),
+    ("key_bucket", "UPDATE"),
+    ("key_bucket", "DELETE"),
 )
 _SCHEDULED = (("schedule", "SELECT"), ("schedule", "INSERT"), ("schedule", "UPDATE"))
 _REGISTRY = (("worker", "SELECT"), ("worker", "INSERT"), ("worker", "UPDATE"), ("worker", "DELETE"))

@@ -26,9 +26,9 @@ from . import _cancel, _leases, _metrics, _tracing, driver
 from ._cancel import Cancellation
 from ._crew import Crew
 from ._journal import Journal
-from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_SLOT_SQL, new_owner
+from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_LIMIT_SLOTS_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
-from .channel import RESULT_RETENTION, ChannelSpec, kept_for, rate_of
+from .channel import RESULT_RETENTION, ChannelSpec, key_rate_of, kept_for, rate_of
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
 from .errors import AttemptStopped, MessageCancelled, PayloadError, SchemaMismatch
 from .listen import ListenerSpec
@@ -274,6 +274,142 @@ SELECT CASE WHEN NOT {UNPAUSED} THEN NULL ELSE LEAST(
      FOR SHARE OF b)
 ) END
 """  # noqa: S608 - constant fragments
+# -- flow control per key (key_rate_limit, key_concurrency; schema version 6) --
+#
+# A limit_key's token bucket (pgpubsub.key_bucket), refilled as the channel's.
+KEY_REFILLED = (
+    "LEAST(%(key_capacity)s::float8, b.tokens + %(key_per_second)s::float8 * "
+    "GREATEST(0, pg_catalog.date_part('epoch', "
+    "pg_catalog.clock_timestamp() - b.updated_at)))"
+)
+
+
+def _key_held(key: str) -> str:
+    """SQL: the limit_key ``key`` (an expression, not NULL) can start nothing now.
+
+    Out of tokens (its bucket, as last committed, refilled under one), or every
+    key_concurrency slot live. Read without locks, to pass over such keys'
+    messages (no head-of-line blocking); what holds the limits is the claim's
+    locked bucket rows and slot leases (see ChannelProcessor._limit).
+    """
+    return (
+        f"((%(key_per_second)s::float8 IS NOT NULL AND EXISTS (SELECT 1 FROM "  # noqa: S608
+        f"pgpubsub.key_bucket b WHERE b.channel = %(channel)s AND b.key = {key} "
+        f"AND {KEY_REFILLED} < 1)) OR (%(key_slots)s::integer IS NOT NULL AND "
+        f"{_leases.limit_slots_full(key)}))"
+    )  # constant fragments; key is an expression of ours, never input
+
+
+def _limited_claim_sql() -> str:
+    """CLAIM_SQL for a channel with key limits: messages of held keys passed over.
+
+    A key's messages in a batch are at most ``per_limit_key`` (its bucket's
+    capacity: more could never start), and its ordering keys' messages stop at
+    the first one of a held key (none runs before an older one). The rows also
+    say their limit_key (last column). Held keys' due messages are passed over
+    row by row: a claim costs the due backlog of held keys ahead of what it
+    takes (a loose index scan over limit keys, as for ordering keys, would not
+    read them; the messages without a limit_key would then need an index of
+    their own).
+    """
+    sql = CLAIM_SQL
+    edits = [
+        (
+            "SELECT m.id, m.run_at FROM pgpubsub.message m",
+            "SELECT m.id, m.run_at, m.limit_key FROM pgpubsub.message m",
+        ),
+        (
+            "pg_catalog.bool_and(f.run_at <= pg_catalog.now()) OVER (ORDER BY f.id) AS due",
+            "pg_catalog.bool_and(f.run_at <= pg_catalog.now() AND (f.limit_key IS NULL OR NOT "
+            f"{_key_held('f.limit_key')})) OVER (ORDER BY f.id) AS due",
+        ),
+        (
+            """unkeyed AS (
+    SELECT id, unfinished, ordering_key, priority, run_at FROM pgpubsub.message
+    WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
+      AND run_at <= pg_catalog.now() AND {UNPAUSED}
+    ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)""".replace("{UNPAUSED}", UNPAUSED),
+            f"""unkeyed AS (
+    SELECT m.id, m.unfinished, m.ordering_key, m.priority, m.run_at FROM (
+        SELECT c.id, c.limit_key, pg_catalog.row_number() OVER (
+            PARTITION BY c.limit_key ORDER BY c.priority DESC, c.run_at, c.id) AS nth
+        FROM (
+            SELECT id, limit_key, priority, run_at FROM pgpubsub.message
+            WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
+              AND run_at <= pg_catalog.now() AND {UNPAUSED}
+              AND (limit_key IS NULL OR NOT {_key_held("limit_key")})
+            ORDER BY priority DESC, run_at, id LIMIT %(scan)s
+        ) c
+    ) c
+    JOIN pgpubsub.message m ON m.id = c.id
+    WHERE (c.limit_key IS NULL OR c.nth <= %(per_limit_key)s)
+      AND m.status = 'pending' AND m.run_at <= pg_catalog.now()
+    ORDER BY m.priority DESC, m.run_at, m.id LIMIT %(limit)s
+    FOR UPDATE OF m SKIP LOCKED
+)""",  # noqa: S608 - constant fragments
+        ),
+        (
+            "m.ordering_key IS NOT NULL, m.claimed_alone, m.ordering_key\n",
+            "m.ordering_key IS NOT NULL, m.claimed_alone, m.ordering_key, m.limit_key\n",
+        ),
+    ]
+    for old, new in edits:
+        assert sql.count(old) == 1, old
+        sql = sql.replace(old, new)
+    return sql
+
+
+LIMITED_CLAIM_SQL = _limited_claim_sql()
+# The claim's own transaction, after LIMITED_CLAIM_SQL: the buckets of its
+# batch's limit_keys locked (created full) and refilled, in key order (as
+# every claim locks them: no deadlock); the claim keeps, per key, at most its
+# whole tokens, and spends one per message kept.
+TAKE_KEY_TOKENS_SQL = f"""
+INSERT INTO pgpubsub.key_bucket AS b (channel, key, tokens, updated_at)
+SELECT %(channel)s, k.key, %(key_capacity)s, pg_catalog.clock_timestamp()
+FROM pg_catalog.unnest(%(keys)s::text[]) k(key) ORDER BY k.key
+ON CONFLICT (channel, key) DO UPDATE SET tokens = {KEY_REFILLED},
+    updated_at = pg_catalog.clock_timestamp()
+RETURNING b.key, b.tokens
+"""  # noqa: S608 - constant fragments
+SPEND_KEY_TOKENS_SQL = (
+    "UPDATE pgpubsub.key_bucket b SET tokens = b.tokens - s.n "
+    "FROM ROWS FROM (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::int[])) AS s(key, n) "
+    "WHERE b.channel = %s AND b.key = s.key"
+)
+# Messages a claim took and cannot start (their limit_key out of tokens or
+# slots, after another claim's commit; or behind such a one of their ordering
+# key): as if never claimed, uncharged; one claimed alone (suspected of
+# stopping an earlier process) stays suspect.
+UNCLAIM_SQL = (
+    "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = claimed_alone, "
+    "claimed_alone = false, run_at = pg_catalog.clock_timestamp() WHERE id = ANY(%s)"
+)
+# Buckets refilled to their capacity (idle keys): a missing row is a full
+# bucket, so they go; the table holds the keys active within about a period.
+# A bucket a claim holds locked is left for next time.
+FULL_BUCKETS_SQL = f"""
+DELETE FROM pgpubsub.key_bucket WHERE channel = %(channel)s AND key IN (
+    SELECT b.key FROM pgpubsub.key_bucket b WHERE b.channel = %(channel)s
+    AND {KEY_REFILLED} >= %(key_capacity)s FOR UPDATE SKIP LOCKED)
+"""  # noqa: S608 - constant fragments
+# Seconds until the next token of a limit_key out of tokens with a message
+# due; 0 for one with a whole token when the last claim was short of key
+# tokens (it refilled while the batch ran). None: no such key. A key's due
+# message held back by its ordering key still counts: the worker then wakes
+# once for nothing (the key has its token, and nothing more is asked of it
+# until the next claim is short), rather than a scan per key (the earliest
+# pending message of a key is one probe of message_limit_key_idx).
+KEY_TOKEN_DUE_SQL = f"""
+SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s ELSE 0 END)
+FROM (SELECT b.key, {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
+      WHERE b.channel = %(channel)s) r
+WHERE {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
+    SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
+    WHERE d.channel = %(channel)s AND d.limit_key = r.key AND d.limit_key IS NOT NULL
+      AND d.status = 'pending') <= pg_catalog.now()
+"""  # noqa: S608 - constant fragments
 # Completing a message with an ordering key makes the next one of its key
 # claimable, and a max_in_flight slot given back lets a waiting worker in:
 # wake the other workers (sent at commit).
@@ -457,6 +593,12 @@ class ChannelProcessor:
         self._values: dict[int, str] = {}  # id -> the JSON of its listeners' return value
         self._members: dict[int, int] = {}  # id -> batch, of the members in hand
         self._kept_members = False  # members kept on a channel without retention: swept
+        # Flow control per limit_key (key_rate_limit, key_concurrency).
+        self.key_rate = key_rate_of(cls)
+        self.key_slots: int | None = cls.key_concurrency
+        self._limited = self.key_rate is not None or self.key_slots is not None
+        self._short_of_key_tokens = False  # a key of the last claim used all its tokens
+        self._limit_slots = False  # the last claim took key_concurrency slots
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -567,7 +709,10 @@ class ChannelProcessor:
             got, keyed = self._batch()
             # Slot and keys given back once the outcome is recorded, waking the
             # workers that the key or the slot kept waiting.
-            self._release(wake=got > 0 and (keyed > 0 or self.max_in_flight is not None))
+            self._release(
+                wake=got > 0
+                and (keyed > 0 or self.max_in_flight is not None or self._limit_slots)
+            )
             if got:
                 self._rotate()
             # A claim cut short by a message claimed alone is no sign of an empty queue.
@@ -650,7 +795,13 @@ class ChannelProcessor:
         }
         with self.session.atomic():
             rows = self.session.execute(NEXT_DUE_SQL, params)
-        due = rows[0][0] if rows else None
+            due = rows[0][0] if rows else None
+            if self.key_rate is not None:
+                keys = {**self._key_params(), "key_short": self._short_of_key_tokens}
+                self.session.execute(FULL_BUCKETS_SQL, keys)
+                wait = self.session.execute(KEY_TOKEN_DUE_SQL, keys)[0][0]
+                if wait is not None:
+                    due = wait if due is None else min(due, wait)
         return self.poll_interval if due is None else min(self.poll_interval, max(0.001, due))
 
     def _asleep(self) -> bool:
@@ -843,6 +994,8 @@ class ChannelProcessor:
         }
         self._leasing = True  # a claim may lease keys
         rate = rate_of(self.spec.cls)
+        if self._limited:
+            return self._claim_limited(params, rate)
         with self.session.atomic():
             if rate is None:
                 return self.session.execute(CLAIM_SQL, params)
@@ -909,6 +1062,106 @@ class ChannelProcessor:
             if self.session.broken(exc):
                 raise
             log.warning("%s: pgpubsub.rotate() failed: %s", self.spec.name, one_line(exc))
+    def _key_params(self) -> dict[str, Any]:
+        key_rate = self.key_rate
+        return {
+            "channel": self.spec.name,
+            "key_capacity": None if key_rate is None else key_rate.capacity,
+            "key_per_second": None if key_rate is None else key_rate.per_second,
+            "key_slots": self.key_slots,
+        }
+
+    def _claim_limited(self, params: dict[str, Any], rate: Any) -> list[tuple[Any, ...]]:
+        """The claim of a channel with key limits (key_rate_limit, key_concurrency).
+
+        In one transaction: the channel's tokens (rate_limit), then the claim,
+        passing over the messages of keys seen out of tokens or slots; then
+        the limits taken for real, on locked rows (see :meth:`_limit`).
+        """
+        params.update(self._key_params())
+        key_rate = self.key_rate
+        # A key's messages beyond its bucket could never start in this batch.
+        cap = max(1, self.claim_size // 4)
+        params["per_limit_key"] = cap if key_rate is None else min(cap, key_rate.capacity)
+        params["scan"] = max(self.claim_size * 4, 64)
+        self._limit_slots = False
+        with self.session.atomic():
+            tokens = None
+            if rate is not None:
+                bucket = {"channel": self.spec.name, "capacity": rate.capacity}
+                bucket["per_second"] = rate.per_second
+                tokens = int(self.session.execute(TAKE_SQL, bucket)[0][0])
+                self._short_of_tokens = True
+                if tokens < 1:
+                    return []
+                params["limit"] = min(self.claim_size, tokens)
+                params["per_key"] = max(1, min(PER_KEY, self.claim_size // 4, tokens))
+            claimed = self._limit(self.session.execute(LIMITED_CLAIM_SQL, params), params)
+            if tokens is not None:
+                self._short_of_tokens = len(claimed) >= tokens
+                started = sum(1 for r in claimed if r[3] != "dead")
+                if started:
+                    self.session.execute(SPEND_SQL, (started, self.spec.name))
+            return claimed
+
+    def _limit(
+        self, claimed: list[tuple[Any, ...]], params: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        """Of a claimed batch, the rows that may start; the others given back, uncharged.
+
+        Each limit_key's bucket is locked and refilled (key order, as every
+        claim: no deadlock): the batch keeps at most its whole tokens and
+        spends one per message kept. With key_concurrency each limit_key takes
+        a free slot (a lease: its messages run one after the other in this
+        processor), or keeps none of its messages. A message of an ordering
+        key given back takes the later ones of its key back with it (none
+        starts before an older one). Dead rows (out of attempts, never run)
+        take nothing. Returns the rows without their limit_key column.
+        """
+        keys = sorted({r[9] for r in claimed if r[9] is not None and r[3] != "dead"})
+        allowed: dict[str, int] = {}
+        if keys and self.key_rate is not None:
+            got = self.session.execute(TAKE_KEY_TOKENS_SQL, {**params, "keys": keys})
+            allowed = {key: int(tokens) for key, tokens in got}
+        else:
+            allowed = dict.fromkeys(keys, len(claimed))
+        if self.key_slots is not None:
+            wanted = [k for k in keys if allowed.get(k, 0) >= 1]
+            slots: set[str] = set()
+            if wanted:
+                holder = {"holder": self.holder, "ttl": _leases.TTL, "keys": wanted}
+                taken = self.session.execute(TAKE_LIMIT_SLOTS_SQL, {**params, **holder})
+                slots = {r[0] for r in taken}
+                self._limit_slots = bool(slots)
+            allowed = {k: n if k in slots else 0 for k, n in allowed.items()}
+        left = dict(allowed)
+        kept: list[tuple[Any, ...]] = []
+        back: list[int] = []
+        blocked: set[str] = set()  # ordering keys with a message given back
+        for row in sorted(claimed, key=lambda r: r[0]):
+            key, order = row[9], row[8] if row[6] else None
+            if row[3] == "dead" or key is None and order not in blocked:
+                kept.append(row[:9])
+            elif order not in blocked and key is not None and left.get(key, 0) >= 1:
+                left[key] -= 1
+                kept.append(row[:9])
+            else:
+                back.append(row[0])
+                if order is not None:
+                    blocked.add(order)
+        if back:
+            self.session.execute(UNCLAIM_SQL, (back,))
+        spent = {k: allowed[k] - left[k] for k in allowed if allowed[k] > left[k]}
+        if spent and self.key_rate is not None:
+            self.session.execute(
+                SPEND_KEY_TOKENS_SQL, (list(spent), list(spent.values()), self.spec.name)
+            )
+        # A key used all its tokens (or some of its messages went back): its next
+        # token may be due while this batch runs, so the rest asks for it.
+        self._short_of_key_tokens = self.key_rate is not None and any(
+            left.get(k, 0) < 1 for k in allowed
+        )
+        return kept
 
     def _batch(self) -> tuple[int, int]:
         """Claim a batch and process it; return how many messages were claimed, and with keys."""
@@ -966,7 +1219,7 @@ class ChannelProcessor:
         keyed = sum(1 for r in claimed if r[6])
         if keyed:
             self._after_key = max(str(r[8]) for r in claimed if r[6])
-        self._leasing = keyed > 0 or self.max_in_flight is not None
+        self._leasing = keyed > 0 or self.max_in_flight is not None or self._limit_slots
         return len(claimed), keyed
 
     def _process(self, claimed: list[tuple[Any, ...]]) -> None:

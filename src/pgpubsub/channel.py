@@ -30,7 +30,8 @@ fields::
 Channel options (class keywords, or class attributes of the same name):
 ``lock_notifications``, ``max_attempts``, ``retry_delay``, ``retry_max_delay``,
 ``retention``, ``concurrency``, ``max_in_flight``, ``timeout``, ``rate_limit``,
-``schedule``, ``timezone`` and ``results`` (durable channels, :mod:`pgpubsub.durable`).
+``key_rate_limit``, ``key_concurrency``, ``schedule``, ``timezone`` and ``results``
+(durable channels, :mod:`pgpubsub.durable`).
 :class:`TriggerChannel` channels carry the row events of a table.
 
 The options are checked when the class is declared (and again on first use,
@@ -43,8 +44,9 @@ for attributes changed since): ``lock_notifications`` True or False;
 ``timeout`` None or seconds over 0 up to a day; ``rate_limit`` None, ``"N/unit"``
 (unit ``s``, ``m``, ``h`` or ``d``, or ``second``, ``minute``, ``hour``, ``day``) or
 ``(N, timedelta)``, N from 1 to 1,000,000, the period from 1 ms to a day;
-``results`` True or False (a class attribute ``Result``, any type msgspec
-can encode, types the listener's return value). A bool
+``key_rate_limit`` the same forms as ``rate_limit``; ``key_concurrency`` None or an
+int from 1 to 10,000 (each slot in use a lease row); ``results`` True or False (a class
+attribute ``Result``, any type msgspec can encode, types the listener's return value). A bool
 is not an int here. A bad value raises :class:`~pgpubsub.errors.ConfigurationError`
 naming the channel, the option and the value.
 
@@ -82,6 +84,8 @@ _SETTINGS = (
     "max_in_flight",
     "timeout",
     "rate_limit",
+    "key_rate_limit",
+    "key_concurrency",
     "schedule",
     "timezone",
     "results",
@@ -111,6 +115,17 @@ class Channel:
     #: machine (None: no limit): ``"100/s"``, ``"10/m"``, ``(100, timedelta(minutes=1))``.
     #: Enforced in the database by a token bucket (see :func:`rate_of`).
     rate_limit: ClassVar[str | tuple[int, datetime.timedelta] | None] = None
+    #: At most N messages of one ``limit_key`` (``notify(..., limit_key="customer-7")``)
+    #: started per period, across every worker and machine (None: no limit); the forms
+    #: of ``rate_limit``, a token bucket per key (see :func:`key_rate_of`). Messages
+    #: without a limit_key are not key-limited; an exhausted key holds back only its
+    #: own messages. Both limits hold together.
+    key_rate_limit: ClassVar[str | tuple[int, datetime.timedelta] | None] = None
+    #: At most M messages of one ``limit_key`` in listeners at once, across every
+    #: worker (None: no limit), held as leases like ``max_in_flight`` slots; no order
+    #: promise. A message with an ordering_key too waits for both: its key's turn (one
+    #: at a time, in order) and a slot of its limit_key.
+    key_concurrency: ClassVar[int | None] = None
     #: A cron expression (5 fields, or 6 with seconds last): one message per tick, at or
     #: after the tick's instant, never twice. When the clocks change, a wall-clock time
     #: that does not exist (spring forward) runs at the first instant after the gap; one
@@ -201,6 +216,9 @@ def _check_settings(cls: type[Channel], path: str) -> None:
     limit = cls.max_in_flight
     if limit is not None and (not _is_int(limit) or not 1 <= limit <= MAX_IN_FLIGHT):
         raise bad("max_in_flight", f"None or an int from 1 to {MAX_IN_FLIGHT}")
+    slots = cls.key_concurrency
+    if slots is not None and (not _is_int(slots) or not 1 <= slots <= MAX_IN_FLIGHT):
+        raise bad("key_concurrency", f"None or an int from 1 to {MAX_IN_FLIGHT}")
     timeout = cls.timeout
     if timeout is not None and not (
         isinstance(timeout, (int, float))
@@ -209,12 +227,13 @@ def _check_settings(cls: type[Channel], path: str) -> None:
         and 0 < timeout <= MAX_TIMEOUT
     ):
         raise bad("timeout", f"None or seconds (an int or a float) over 0, up to {MAX_TIMEOUT:g}")
-    if cls.rate_limit is not None and _parse_rate(cls.rate_limit) is None:
-        raise bad(
-            "rate_limit",
-            f"None, 'N/unit' (unit s, m, h or d) or (N, timedelta), N from 1 to {MAX_RATE:,}"
-            ", the period from 1 ms to a day",
-        )
+    for name in ("rate_limit", "key_rate_limit"):
+        if getattr(cls, name) is not None and _parse_rate(getattr(cls, name)) is None:
+            raise bad(
+                name,
+                f"None, 'N/unit' (unit s, m, h or d) or (N, timedelta), N from 1 to {MAX_RATE:,}"
+                ", the period from 1 ms to a day",
+            )
 
 
 #: The most messages a rate_limit lets start in one period.
@@ -272,11 +291,24 @@ class Rate:
         return max(1, math.ceil(self.count / 10))
 
 
-def rate_of(cls: type[Any]) -> Rate | None:
+def rate_of(cls: type[Any], option: str = "rate_limit") -> Rate | None:
     """The :class:`Rate` of a channel class's ``rate_limit`` (None: no limit)."""
-    value = getattr(cls, "rate_limit", None)
+    value = getattr(cls, option, None)
     parsed = None if value is None else _parse_rate(value)
     return None if parsed is None else Rate(*parsed)
+
+
+def key_rate_of(cls: type[Any]) -> Rate | None:
+    """The :class:`Rate` of a channel class's ``key_rate_limit``, per limit_key (None: none).
+
+    The same token bucket as a channel's :class:`Rate`, one per (channel,
+    limit_key) in ``pgpubsub.key_bucket``: smooth (a burst of at most its
+    capacity, a tenth of a period's count), spent in the claim transaction, so
+    the limit holds across every worker. A bucket row of a key that refilled
+    to its capacity is the same as none: such rows are deleted (the table holds
+    the keys active within about a period).
+    """
+    return rate_of(cls, "key_rate_limit")
 
 
 @dataclass
@@ -479,7 +511,16 @@ def _check_queue_options(cls: type[Channel], path: str, required: frozenset[str]
             )
     asked = [
         k
-        for k in ("concurrency", "max_in_flight", "timeout", "rate_limit", "schedule", "results")
+        for k in (
+            "concurrency",
+            "max_in_flight",
+            "timeout",
+            "rate_limit",
+            "key_rate_limit",
+            "key_concurrency",
+            "schedule",
+            "results",
+        )
         if k in vars(cls) or k in cls._pgpubsub_options
     ]
     if asked and not cls.lock_notifications:

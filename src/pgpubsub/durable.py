@@ -37,8 +37,9 @@ A channel with ``lock_notifications = True`` is durable:
 * Missed wake-ups (no worker running, a reconnect gap) are covered by polling:
   each worker looks for due messages every ``poll_interval`` seconds anyway.
 * Job-queue options: ``notify(Channel(...), delay=, run_at=, priority=,
-  dedupe_key=, ordering_key=)`` (:class:`Options`), and the channel options
-  ``concurrency``, ``max_in_flight``, ``rate_limit``, ``timeout`` and ``schedule``
+  dedupe_key=, ordering_key=, limit_key=)`` (:class:`Options`), and the channel
+  options ``concurrency``, ``max_in_flight``, ``rate_limit``, ``key_rate_limit``,
+  ``key_concurrency``, ``timeout`` and ``schedule``
   (:mod:`pgpubsub._schedule`); see the durable guide for each one's rules.
 * Flow control: :func:`pgpubsub.messages.pause` / ``resume`` a channel across
   every worker; :func:`pgpubsub.messages.cancel` stops a running message
@@ -174,13 +175,19 @@ STORE_OPTIONS_SQL = (
     "ON CONFLICT DO NOTHING RETURNING id) "
     "SELECT pg_catalog.array_agg(id ORDER BY id), pgpubsub.wake(%(channel)s) FROM ins"
 )
+# With a limit_key (key_rate_limit, key_concurrency: schema version 6); only
+# then is the column named, so other publishers work on an older schema.
+STORE_LIMITED_SQL = STORE_OPTIONS_SQL.replace(
+    "dedupe_key, ordering_key) ", "dedupe_key, ordering_key, limit_key) "
+).replace("%(ordering_key)s FROM (SELECT", "%(ordering_key)s, %(limit_key)s FROM (SELECT")
 # The wake-up is a NOTIFY only when a worker of the channel sleeps (schema
 # version 5: pgpubsub.wake); on an older schema, until `pgpubsub migrate`, always.
 _LEGACY = {
     STORE_SQL: STORE_SQL.replace("pgpubsub.wake(%s)", "pg_catalog.pg_notify(%s, '')"),
-    STORE_OPTIONS_SQL: STORE_OPTIONS_SQL.replace(
-        "pgpubsub.wake(%(channel)s)", "pg_catalog.pg_notify(%(channel)s, '')"
-    ),
+    **{
+        query: query.replace("pgpubsub.wake(%(channel)s)", "pg_catalog.pg_notify(%(channel)s, '')")
+        for query in (STORE_OPTIONS_SQL, STORE_LIMITED_SQL)
+    },
 }
 WAKE_KNOWN_SQL = "SELECT pg_catalog.to_regprocedure('pgpubsub.wake(text)') IS NOT NULL"
 # Connections known to have it (one query per connection; asked again until then).
@@ -222,7 +229,7 @@ async def _asql(conn: psycopg.AsyncConnection[Any], query: str) -> str:
 
 #: The longest delay (seconds): a century.
 MAX_DELAY = 100 * 365.25 * 86400
-#: The longest dedupe_key or ordering_key (UTF-8 bytes).
+#: The longest dedupe_key, ordering_key or limit_key (UTF-8 bytes).
 MAX_KEY_BYTES = 1024
 PENDING_KEY_SQL = (
     "SELECT id FROM pgpubsub.message WHERE channel = %s AND dedupe_key = %s AND status = 'pending'"
@@ -230,7 +237,7 @@ PENDING_KEY_SQL = (
 
 
 def _key(name: str, key: Any) -> str | None:
-    """A checked dedupe_key or ordering_key: indexed, so short, non-empty text."""
+    """A checked dedupe_key, ordering_key or limit_key: indexed, so short, non-empty text."""
     if key is None:
         return None
     if not isinstance(key, str) or not key or "\x00" in key:
@@ -253,17 +260,21 @@ class Options:
     priority: int = 0
     dedupe_key: str | None = None
     ordering_key: str | None = None
+    #: The key of the channel's key_rate_limit and key_concurrency (None: not key-limited).
+    limit_key: str | None = None
 
     @classmethod
     def of(cls, spec: ChannelSpec, options: dict[str, Any]) -> Options | None:
         """Checked options (None when none are given); an unknown or bad one raises."""
         if not options:
             return None
-        unknown = set(options) - {"delay", "run_at", "priority", "dedupe_key", "ordering_key"}
+        unknown = set(options) - {
+            "delay", "run_at", "priority", "dedupe_key", "ordering_key", "limit_key"
+        }  # fmt: skip
         if unknown:
             raise ConfigurationError(
                 f"unknown publishing option(s) {sorted(unknown)}: delay, run_at, priority,"
-                " dedupe_key, ordering_key"
+                " dedupe_key, ordering_key, limit_key"
             )
         if not spec.lock:
             raise ConfigurationError(
@@ -294,8 +305,23 @@ class Options:
             raise ConfigurationError(f"priority must be an int, not {priority!r}")
         if not -(2**31) <= priority < 2**31:
             raise ConfigurationError(f"priority {priority} is out of range (32-bit)")
-        keys = {name: _key(name, options.get(name)) for name in ("dedupe_key", "ordering_key")}
-        return cls(run_at, float(delay), priority, keys["dedupe_key"], keys["ordering_key"])
+        keys = {
+            name: _key(name, options.get(name))
+            for name in ("dedupe_key", "ordering_key", "limit_key")
+        }
+        return cls(
+            run_at,
+            float(delay),
+            priority,
+            keys["dedupe_key"],
+            keys["ordering_key"],
+            keys["limit_key"],
+        )
+
+    @property
+    def query(self) -> str:
+        """The statement that stores messages with these options."""
+        return STORE_OPTIONS_SQL if self.limit_key is None else STORE_LIMITED_SQL
 
     def params(self, spec: ChannelSpec, lines: str, trace: str | None) -> dict[str, Any]:
         return {
@@ -306,6 +332,7 @@ class Options:
             "priority": self.priority,
             "dedupe_key": self.dedupe_key,
             "ordering_key": self.ordering_key,
+            "limit_key": self.limit_key,
             "lines": lines,
         }
 
@@ -331,7 +358,7 @@ def store(
             cur.execute(_sql(conn, cur, STORE_SQL), [spec.name, lines, spec.name])
             return list(cur.fetchone()[0] or [])
         options = options or Options()
-        query = _sql(conn, cur, STORE_OPTIONS_SQL)
+        query = _sql(conn, cur, options.query)
         for _ in range(3):  # the pending duplicate may complete between the two statements
             cur.execute(query, options.params(spec, lines, trace))
             ids = list(cur.fetchone()[0] or [])
@@ -356,7 +383,7 @@ async def astore(
         row = await cur.fetchone()
         return list(row[0] or []) if row else []
     options = options or Options()
-    query = await _asql(conn, STORE_OPTIONS_SQL)
+    query = await _asql(conn, options.query)
     for _ in range(3):  # the pending duplicate may complete between the two statements
         cur = await conn.execute(query, options.params(spec, lines, trace))
         row = await cur.fetchone()

@@ -42,6 +42,7 @@ class Notification(models.Model):
     claimed_alone = models.BooleanField(default=False)  # its last attempt was claimed alone
     result = models.JSONField(null=True)  # a results channel's listener's return value
     batch_id = models.BigIntegerField(null=True)  # the batch (pgpubsub.batch) it belongs to
+    limit_key = models.TextField(null=True)  # the key of key_rate_limit and key_concurrency
 
     class Meta:
         managed = False

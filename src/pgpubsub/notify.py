@@ -112,8 +112,8 @@ def notify(channel: Any, /, *, conn: Any = None, **keywords: Any) -> Any:
     """Publish one message; returns the stored message id on durable channels, else None.
 
     ``notify(Channel, **fields)`` or ``notify(Channel(...), delay=, run_at=, priority=,
-    dedupe_key=, ordering_key=)`` (durable channels, :mod:`pgpubsub.durable`). On a
-    channel with ``results=True`` the id is a :class:`~pgpubsub._results.Handle`
+    dedupe_key=, ordering_key=, limit_key=)`` (durable channels, :mod:`pgpubsub.durable`). On
+    a channel with ``results=True`` the id is a :class:`~pgpubsub._results.Handle`
     (an ``int``) whose ``result()`` waits for the listener's return value.
     """
     spec, message, options = _message(channel, keywords)

@@ -21,3 +21,23 @@ class Paced(Channel, name="flow.paced", lock_notifications=True, rate_limit="50/
 @dataclass
 class Slow(Channel, name="flow.slow", lock_notifications=True, rate_limit="5/m", retry_delay=1):
     n: int
+
+
+@dataclass
+class PerKey(
+    Channel, name="flow.per_key", lock_notifications=True, key_rate_limit="5/s", retry_delay=1
+):
+    n: int
+
+
+@dataclass
+class Crowded(
+    Channel,
+    name="flow.crowded",
+    lock_notifications=True,
+    key_concurrency=2,
+    concurrency=4,
+    retry_delay=5,
+):
+    n: int
+    sleep: float = 0.15

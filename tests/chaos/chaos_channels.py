@@ -27,6 +27,10 @@ class Limited(
     lock_notifications=True,
     concurrency=3,
     max_in_flight=2,
+    key_concurrency=1,  # per limit_key (chaos_ops: L0 and L1)
+    key_rate_limit="4/s",  # a bucket of 1 per limit_key
+    rate_limit="20/s",  # a bucket of 2
+    timeout=2.0,  # chaos_ops.TIMEOUT: its slowest listeners are stopped
     **RETRY,  # type: ignore[call-arg]
 ):
     n: int

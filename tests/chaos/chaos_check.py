@@ -14,6 +14,14 @@
   died still running it when another claims it).
 * ``max-in-flight``: never more than ``max_in_flight`` listeners of the
   limited channel at once.
+* ``key-concurrency``: never more than ``key_concurrency`` listeners of one
+  limit_key of the limited channel at once (a slot outlives a killed session).
+* ``rate``: never more claims of the limited channel in any period than its
+  ``rate_limit`` and its bucket's capacity, nor of one limit_key than its
+  ``key_rate_limit`` and bucket (claims that reached a listener: each start
+  says when its message was claimed).
+* ``paused-start``: no message of the limited channel claimed while it was
+  paused (from a moment after the pause's commit to the resume).
 * ``charged-innocent``: only a message that fails on its own reaches
   ``max_attempts``: a message that never reached a listener is never dead, and
   one that fails fewer times than the limit dies only when injected faults (a
@@ -25,6 +33,9 @@
   effect, dead at most those ever dead).
 * ``result``: a done message of the results channel (chaos_work) has the result
   its committed attempt returned (that attempt's process), and no other has one.
+* timeouts: a chaos_limited listener past the channel's ``timeout`` is
+  stopped; one that always outlasts it must end dead (``lost`` otherwise),
+  and a stopped attempt is its own failure.
 * ``tick``: each schedule tick stored once, never run before its instant.
 * ``shutdown``: a supervisor stopped by SIGTERM exits 0.
 * ``orphan``: no worker outlives its supervisor (SIGKILLed or not).
@@ -32,14 +43,24 @@
 
 from __future__ import annotations
 
+import bisect
 import datetime
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from chaos_ops import MAX_ATTEMPTS
+from chaos_ops import MAX_ATTEMPTS, TIMEOUT, TIMEOUT_SLACK
 from chaos_run import Published, Record
 
 LIMIT = 2  # chaos_channels.Limited.max_in_flight
+KEY_LIMIT = 1  # chaos_channels.Limited.key_concurrency
+RATE = (20, 1.0, 2)  # chaos_channels.Limited.rate_limit: N, period, capacity
+KEY_RATE = (4, 1.0, 1)  # chaos_channels.Limited.key_rate_limit, per limit_key
+# The instant a claim records is its UPDATE's, a moment after it took its token
+# (a claim slowed down by a loaded machine): one claim of slack.
+RATE_SLACK = 1
+# A claim whose statement began before the pause committed may record an
+# instant after it (its snapshot did not see the pause).
+PAUSE_SLACK = datetime.timedelta(milliseconds=250)
 EPSILON = datetime.timedelta(milliseconds=1)
 LEASE = datetime.timedelta(seconds=2)  # longer than any retry delay of the chaos channels
 
@@ -145,6 +166,17 @@ def check(record: Record) -> list[str]:
                 v.append(f"charged-innocent: n={n} {m} is dead but never reached a listener{why}")
             elif not m.poison:
                 own = sum(1 for a in tries if a.outcome in ("raise", "commit_fail", "crash"))
+                # Stopped by chaos_limited's timeout (its end may say so, or come
+                # just before the timer fired).
+                own += sum(
+                    1
+                    for a in tries
+                    if a.outcome == "stopped"
+                    or a.channel == "chaos_limited"
+                    and a.ended
+                    and a.outcome == "ok"
+                    and a.end - a.start >= datetime.timedelta(seconds=TIMEOUT - TIMEOUT_SLACK)
+                )
                 excused = _charges_excused(record, p, tries, runs)
                 if own + excused < MAX_ATTEMPTS:
                     v.append(
@@ -252,6 +284,59 @@ def check(record: Record) -> list[str]:
         ):
             v.append(f"batch: batch {batch_id} (n={list(ns)}) counted {c}, with "
                      f"{done_ones} member(s) that took effect, {dead_ones} ever dead")  # fmt: skip
+    # key_concurrency across every worker: per limit_key, as max_in_flight.
+    by_limit: dict[str, list[Attempt]] = defaultdict(list)
+    for a in limited:
+        p = record.published.get(a.n)
+        if p is not None and p.msg.limit_key is not None:
+            by_limit[p.msg.limit_key].append(a)
+    for key, spans in sorted(by_limit.items()):
+        events = sorted([(a.start, 1, i) for i, a in enumerate(spans)]
+                        + [(a.end, 0, i) for i, a in enumerate(spans)])  # fmt: skip
+        inside = set()
+        for at, starting, i in events:
+            if not starting:
+                inside.discard(i)
+                continue
+            inside.add(i)
+            if len(inside) > KEY_LIMIT:
+                who = sorted(f"n={spans[j].n}/pid {spans[j].pid}" for j in inside)
+                v.append(
+                    f"key-concurrency: limit_key {key!r}: {len(inside)} > {KEY_LIMIT} "
+                    f"in listeners at {at}: {who}"
+                )
+
+    # rate_limit and key_rate_limit across every worker: claims in any period, of
+    # the channel and per limit_key; and none while the channel was paused.
+    claims: dict[str | None, set[tuple[int, datetime.datetime]]] = defaultdict(set)
+    for kind, channel, n, _, _, _, detail in record.history:
+        p = record.published.get(n) if n is not None else None
+        if kind == "start" and channel == "chaos_limited" and detail and p is not None:
+            at = datetime.datetime.fromisoformat(detail)
+            # A batch run again alone (its COMMIT failed) starts twice on one claim.
+            claims[None].add((n, at))
+            if p.msg.limit_key is not None:
+                claims[p.msg.limit_key].add((n, at))
+    for key, seen in sorted(claims.items(), key=lambda kv: kv[0] or ""):
+        count, period, capacity = KEY_RATE if key is not None else RATE
+        what = f"limit_key {key!r}" if key is not None else "chaos_limited"
+        times = sorted(at for _, at in seen)
+        span = datetime.timedelta(seconds=period)
+        for i, first in enumerate(times):
+            inside = bisect.bisect_right(times, first + span) - i
+            if inside > count + capacity + RATE_SLACK:
+                v.append(
+                    f"rate: {what}: {inside} claims in {period:g}s from {first} "
+                    f"(at most {count} + {capacity})"
+                )
+                break
+    for paused_at, resumed_at in record.pauses:
+        for n, at in sorted(claims[None]):
+            if paused_at + PAUSE_SLACK < at < resumed_at:
+                v.append(
+                    f"paused-start: n={n} of chaos_limited claimed at {at}, while paused "
+                    f"from {paused_at} to {resumed_at}"
+                )
 
     if record.settled is None:
         v.append("stuck: messages still pending when the settle bound ran out")

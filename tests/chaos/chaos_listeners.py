@@ -12,10 +12,16 @@ when the message completes.
 ``behaviour`` fails the first ``until`` attempts of the message (99: always,
 a poison message), counted in the history so a replay sees the earlier ones:
 
-* ``ok``: no failure; ``slow``: sleeps ``sleep`` seconds first, then as ``ok``;
+* ``ok``: no failure; ``slow``: sleeps ``sleep`` seconds first, then as ``ok``
+  (on ``chaos_limited`` it waits on its cancellation: past the channel's
+  timeout, or cancelled while it runs, it stops there, its end ``stopped``);
 * ``raise``: raises; ``nul``: raises with a NUL and a lone surrogate in the text;
 * ``commit_fail``: writes a row that breaks a deferred foreign key (fails at COMMIT);
 * ``crash``: SIGKILLs its own process inside the listener.
+
+A start on ``chaos_limited`` (key_rate_limit) says in its ``detail`` when its
+message was claimed: its claim set ``run_at`` to that instant plus the retry
+delay of the attempt (the lease; the channels' retry policy, no jitter).
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ import time
 from typing import Any
 
 import psycopg
-from chaos_channels import Limited, Tick, Work
+from chaos_channels import RETRY, Limited, Tick, Work
 
 import pgpubsub
-from pgpubsub.durable import connection
+from pgpubsub.durable import cancellation, connection
 
 _conn: psycopg.Connection[Any] | None = None
 
@@ -68,12 +74,42 @@ def _record(kind: str, channel: str, n: int | None, detail: str | None = None) -
             time.sleep(0.1)
 
 
-def _handle(channel: str, n: int, behaviour: str, until: int, sleep: float) -> None:
-    attempt = _record("start", channel, n)
+# The instant of the claim of the running attempt (see the module's docstring).
+CLAIMED_SQL = (
+    "SELECT run_at - pg_catalog.make_interval(secs => "
+    "least(%s, %s * pg_catalog.power(2, least(attempts - 1, 64)))) "
+    "FROM pgpubsub.message WHERE id = %s"
+)
+
+
+def _claimed() -> str | None:
+    try:
+        row = connection().execute(
+            CLAIMED_SQL, (RETRY["retry_max_delay"], RETRY["retry_delay"], cancellation().message_id)
+        ).fetchone()
+    except psycopg.Error:  # a killed session: the attempt fails anyway
+        return None
+    return row[0].isoformat() if row else None
+
+
+def _handle(
+    channel: str,
+    n: int,
+    behaviour: str,
+    until: int,
+    sleep: float,
+    claimed: str | None = None,
+    stoppable: bool = False,
+) -> None:
+    attempt = _record("start", channel, n, claimed)
     failing = attempt <= until
     outcome = "ok"
     try:
-        if behaviour == "slow":
+        if behaviour == "slow" and stoppable:
+            if cancellation().wait(sleep):
+                outcome = "stopped"
+                cancellation().raise_if_requested()
+        elif behaviour == "slow":
             time.sleep(sleep)
         if failing and behaviour == "crash":
             _record("end", channel, n, "crash")
@@ -105,7 +141,7 @@ def work(n: int, behaviour: str, until: int, sleep: float) -> dict[str, int]:
 
 @pgpubsub.listener(Limited)
 def limited(n: int, behaviour: str, until: int, sleep: float) -> None:
-    _handle("chaos_limited", n, behaviour, until, sleep)
+    _handle("chaos_limited", n, behaviour, until, sleep, _claimed(), stoppable=True)
 
 
 @pgpubsub.listener(Tick)

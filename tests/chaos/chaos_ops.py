@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 CHANNELS = ("chaos_work", "chaos_limited")
 MAX_ATTEMPTS = 3  # the channels' max_attempts (chaos_listeners.RETRY)
 POISON = 99  # fails every attempt
+TIMEOUT = 2.0  # chaos_limited's timeout (seconds)
+# A listener this close to the timeout may or may not be stopped (the timer
+# starts a moment before it): neither outcome is a violation.
+TIMEOUT_SLACK = 0.1
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,20 @@ class Msg:
     dedupe_key: str | None = None
     ordering_key: str | None = None
     priority: int = 0
+    limit_key: str | None = None  # chaos_limited's key_concurrency
 
     @property
     def poison(self) -> bool:
-        return self.behaviour in FAILING and self.until >= MAX_ATTEMPTS
+        """It fails every attempt: by its behaviour, or by outlasting chaos_limited's timeout."""
+        return (self.behaviour in FAILING and self.until >= MAX_ATTEMPTS) or self.times_out
+
+    @property
+    def times_out(self) -> bool:
+        return (
+            self.channel == "chaos_limited"
+            and self.behaviour == "slow"
+            and self.sleep >= TIMEOUT + TIMEOUT_SLACK
+        )
 
     def __str__(self) -> str:
         parts = [f"n={self.n}", self.channel.removeprefix("chaos_"), self.behaviour]
@@ -42,7 +56,7 @@ class Msg:
             parts.append("always" if self.poison else f"until={self.until}")
         if self.sleep:
             parts.append(f"sleep={self.sleep:.2f}")
-        for name in ("delay", "run_at", "dedupe_key", "ordering_key"):
+        for name in ("delay", "run_at", "dedupe_key", "ordering_key", "limit_key"):
             value = getattr(self, name)
             if value is not None:
                 parts.append(
@@ -94,9 +108,10 @@ class Concurrent:
 @dataclass(frozen=True)
 class Wait:
     seconds: float
+    paused: bool = False  # chaos_limited paused meanwhile (messages.pause, then resume)
 
     def __str__(self) -> str:
-        return f"wait {self.seconds:.2f}s"
+        return f"wait {self.seconds:.2f}s" + (" (chaos_limited paused)" if self.paused else "")
 
 
 @dataclass(frozen=True)
@@ -178,6 +193,10 @@ class _Gen:
             dedupe_key=r.choice(["d0", "d1"]) if r.random() < 0.1 else None,
             ordering_key=key,
             priority=r.randint(-5, 5) if r.random() < 0.2 else 0,
+            # Drawn from n, not the generator: the seeds' sequences stay as they were.
+            # Half of them (a key_concurrency slot of a killed worker holds its key
+            # for the lease's 10 s: the others keep the run short).
+            limit_key=f"L{n // 2 % 2}" if channel == "chaos_limited" and n % 2 else None,
         )
 
     def op(self) -> Op:
@@ -199,7 +218,10 @@ class _Gen:
                 pause=round(r.uniform(0.3, 0.6), 2) if size > 1 and r.random() < 0.25 else 0.0,
             )
         if kind == "wait":
-            return Wait(round(r.uniform(0.1, 1.5), 2))
+            seconds = round(r.uniform(0.1, 1.5), 2)
+            # Paused or not drawn from the seconds, not the generator: the seeds'
+            # sequences stay as they were.
+            return Wait(seconds, paused=round(seconds * 100) % 3 == 0)
         if kind == "interleaved":
             key = r.choice(self.keys)
             first, second = self.msg(key, "chaos_work"), self.msg(key, "chaos_work")

@@ -75,6 +75,8 @@ class Record:
     gave_up: int = 0  # supervisors that exited by themselves
     stop_codes: list[int] = field(default_factory=list)  # supervisors' exit codes on SIGTERM
     orphans: list[int] = field(default_factory=list)  # workers that outlived every supervisor
+    # chaos_limited paused: from after the pause's commit to before the resume's
+    pauses: list[tuple[datetime.datetime, datetime.datetime]] = field(default_factory=list)
     settled: float | None = None  # seconds to quiescence; None: not within SETTLE
     history: list[tuple[Any, ...]] = field(default_factory=list)
     effects: list[tuple[Any, ...]] = field(default_factory=list)
@@ -247,7 +249,7 @@ class Run:
         elif isinstance(op, Concurrent):
             self._concurrent(op)
         elif isinstance(op, Wait):
-            time.sleep(op.seconds)  # the scenario's own timing, not a synchronisation
+            self._wait(op)
         elif isinstance(op, Kill):
             self._kill(op)
         elif isinstance(op, Fault):
@@ -271,6 +273,8 @@ class Run:
             options["dedupe_key"] = m.dedupe_key
         if m.ordering_key is not None:
             options["ordering_key"] = m.ordering_key
+        if m.limit_key is not None:
+            options["limit_key"] = m.limit_key
         message = CLASSES[m.channel](n=m.n, behaviour=m.behaviour, until=m.until, sleep=m.sleep)
         mid = pgpubsub.notify(message, conn=conn, **options)
         with self._lock:
@@ -418,6 +422,18 @@ class Run:
         if op.sig == "TERM":
             self.record.stop_codes.append(self.supervisor.wait(30))
         self.start_supervisor()  # a new deployment takes over
+
+    def _wait(self, op: Wait) -> None:
+        if not op.paused:
+            time.sleep(op.seconds)  # the scenario's own timing, not a synchronisation
+            return
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            messages.pause(conn, Limited)
+            paused_at = self.now()  # after the commit
+            time.sleep(op.seconds)
+            resumed_at = self.now()  # before the resume commits
+            messages.resume(conn, Limited)
+        self.record.pauses.append((paused_at, resumed_at))
 
     def _fault(self, op: Fault) -> None:
         start = self.now()

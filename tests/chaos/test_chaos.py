@@ -99,7 +99,8 @@ def shrink(
 #: The kind a failure is shrunk for: the first of these it shows.
 SEVERITY = [
     "duplicate", "lost", "ran-uncommitted", "cancelled-ran", "charged-innocent",
-    "ordering-overlap", "double-run", "max-in-flight", "ordering-order", "tick", "stuck",
+    "ordering-overlap", "double-run", "max-in-flight", "key-concurrency", "rate", "paused-start",
+    "ordering-order", "tick", "stuck",
     "early", "shutdown", "orphan",
 ]  # fmt: skip
 

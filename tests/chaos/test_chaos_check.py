@@ -183,3 +183,54 @@ def test_a_batch_without_one_callback_or_with_wrong_counts_is_flagged() -> None:
     ]
     found = [line for line in h.check() if line.startswith("batch")]
     assert [line.split()[2] for line in found] == ["12", "13"], found
+def test_more_than_key_concurrency_of_one_limit_key_is_flagged() -> None:
+    h = History()
+    for n, key in ((1, "L1"), (2, "L0"), (3, "L1")):
+        h.publish(n, channel=LIMITED, limit_key=key)
+    h.run(1, 0.0, 1.0, channel=LIMITED)
+    h.run(2, 0.1, 0.5, channel=LIMITED)  # another key: allowed
+    h.run(3, 1.0, 1.5, channel=LIMITED)  # touching: allowed
+    assert h.check() == []
+    h.run(3, 0.9, 1.0, pid=2, channel=LIMITED, effect=False, outcome="raise")
+    assert kinds(h.check()) == {"key-concurrency"}
+
+
+def test_more_claims_of_one_limit_key_than_its_rate_are_flagged() -> None:
+    def claims(h: History, key: str, at: list[float], first: int) -> None:
+        for i, c in enumerate(at):
+            n = first + i
+            h.publish(n, channel=LIMITED, limit_key=key)
+            h.record.history.append(
+                ("start", LIMITED, n, 1, t(c + 0.01), None, t(c).isoformat())
+            )
+            h.record.history.append(("end", LIMITED, n, 1, t(c + 0.02), None, "ok"))
+            h.record.effects.append((LIMITED, n, 1, t(c + 0.02), None))
+
+    h = History()
+    claims(h, "L0", [i * 0.25 for i in range(12)], 1)  # 4/s: 5 in a second, at most
+    claims(h, "L1", [i * 0.25 for i in range(12)], 100)  # another key: its own bucket
+    assert h.check() == []
+    h = History()
+    claims(h, "L0", [i * 0.15 for i in range(12)], 1)  # 6.7/s
+    assert kinds(h.check()) == {"rate"}
+    h = History()  # the channel: 20/s, a bucket of 2
+    for k in range(6):
+        claims(h, f"K{k}", [k * 0.04 + i * 0.25 for i in range(4)], 100 * (k + 1))
+    assert kinds(h.check()) == {"rate"}  # 24 a second
+
+
+def test_a_claim_while_the_channel_was_paused_is_flagged() -> None:
+    def history(second: float) -> History:
+        h = History()
+        for n, claimed in ((1, 0.5), (2, second), (3, 2.6)):
+            h.publish(n, channel=LIMITED)
+            at = t(claimed).isoformat()
+            h.record.history.append(("start", LIMITED, n, 1, t(claimed), None, at))
+            h.record.history.append(("end", LIMITED, n, 1, t(claimed + 0.01), None, "ok"))
+            h.record.effects.append((LIMITED, n, 1, t(claimed + 0.01), None))
+        h.record.pauses.append((t(1.0), t(2.5)))
+        return h
+
+    assert kinds(history(1.5).check()) == {"paused-start"}  # n=2; n=1 before, n=3 after
+    # A claim whose statement began before the pause's commit: within the slack.
+    assert history(1.1).check() == []

@@ -584,6 +584,43 @@ BEGIN
     END IF;
 END
 $do$;
+-- Version 6 (flow control per key). A message's limit_key (notify(...,
+-- limit_key=)): the key of its channel's key_rate_limit and key_concurrency.
+-- Indexed among pending messages: a worker whose due messages are all of
+-- exhausted keys finds, per key bucket, whether the key has a due message.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS limit_key text;
+CREATE INDEX IF NOT EXISTS message_limit_key_idx
+    ON pgpubsub.message (channel, limit_key, run_at)
+    WHERE status = 'pending' AND limit_key IS NOT NULL;
+-- The token bucket of one limit_key (key_rate_limit), as rate_bucket is the
+-- channel's: locked, refilled and spent in the claim transaction. A row whose
+-- bucket refilled to its capacity means what no row means: workers delete
+-- those, so the table holds only keys active within about a period.
+CREATE TABLE IF NOT EXISTS pgpubsub.key_bucket (
+    channel     text             NOT NULL,
+    key         text             NOT NULL,
+    tokens      double precision NOT NULL,
+    updated_at  timestamptz      NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    PRIMARY KEY (channel, key)
+);
+REVOKE ALL ON pgpubsub.key_bucket FROM PUBLIC;
+-- A key_concurrency slot of a limit_key in a listener is a lease of kind
+-- 'limit', named '<slot>' || E'\x1f' || key (src/pgpubsub/_leases.py). The
+-- check is replaced once (an ALTER TABLE at every migrate would wait for
+-- running workers' leases).
+DO $v6$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_constraint c
+        WHERE c.conrelid = 'pgpubsub.lease'::pg_catalog.regclass AND c.conname = 'lease_kind_check'
+          AND pg_catalog.strpos(pg_catalog.pg_get_constraintdef(c.oid), '''limit''') > 0
+    ) THEN
+        ALTER TABLE pgpubsub.lease DROP CONSTRAINT IF EXISTS lease_kind_check;
+        ALTER TABLE pgpubsub.lease ADD CONSTRAINT lease_kind_check
+            CHECK (kind IN ('key', 'slot', 'limit'));
+    END IF;
+END
+$v6$;
 
 -- The schema's version (one row): `pgpubsub status` compares it with the
 -- version the installed library expects. Never lowered by an older library.
