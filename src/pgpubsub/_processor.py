@@ -28,7 +28,7 @@ from ._crew import Crew
 from ._journal import Journal
 from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_LIMIT_SLOTS_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
-from .channel import RESULT_RETENTION, ChannelSpec, key_rate_of, kept_for, rate_of
+from .channel import RESULT_RETENTION, ChannelSpec, kept_for, key_rate_of, rate_of
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
 from .errors import AttemptStopped, MessageCancelled, PayloadError, SchemaMismatch
 from .listen import ListenerSpec
