@@ -339,12 +339,7 @@ def _read(conn: psycopg.Connection[Any], horizon_age: float = HORIZON_AGE) -> He
     has_messages, has_version, has_workers = row if row else (False, False, False)
     if not has_messages:
         return Health(
-            True,
-            None,
-            server,
-            None,
-            SCHEMA_VERSION,
-            warnings=tuple(warnings),
+            True, None, server, None, SCHEMA_VERSION, warnings=tuple(warnings),
             notify_queue_usage=usage,
         )
     version_row = conn.execute(VERSION_SQL).fetchone() if has_version else None
