@@ -79,6 +79,28 @@ def test_publishers_wake_a_worker_that_registered_while_one_was_in_a_transaction
         publisher.commit()
 
 
+def test_a_repeatable_read_publisher_survives_a_registration_taken_since_its_snapshot(
+    db: str,
+) -> None:
+    """Its snapshot still shows the registration another publisher has taken since: the
+    publish must not fail with a serialization failure (that publisher woke the worker).
+    Workers register far more often since they do so beside publishers in transactions."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db, autocommit=True) as worker:
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+    with psycopg.connect(db) as reporter:
+        reporter.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        reporter.execute("SELECT 1")  # the snapshot: a worker is registered
+        assert notifications(db, name, lambda: publish_each(db, range(1, 2))) == 1
+        pgpubsub.notify(Woken(n=2), conn=reporter)
+        reporter.commit()
+    with psycopg.connect(db) as conn:
+        stored = conn.execute(
+            "SELECT count(*) FROM pgpubsub.message WHERE channel = %s", (name,)
+        ).fetchone()
+    assert stored == (2,)
+
+
 def test_no_message_waits_for_the_poll(db: str) -> None:
     """Publishers in threads, single-message transactions of varied length, some open while
     the workers go to sleep: each message starts within 1 s of its commit although the

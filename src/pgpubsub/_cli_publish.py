@@ -13,7 +13,7 @@ database does not know yet must not lose the message to a NOTIFY.
 
 The options are :func:`pgpubsub.notify`'s publishing options of the same names
 (durable channels only): ``--delay``, ``--run-at``, ``--priority``,
-``--dedupe-key``, ``--ordering-key``.
+``--dedupe-key``, ``--ordering-key``, ``--limit-key``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "priority": args.priority,
         "dedupe_key": args.dedupe_key,
         "ordering_key": args.ordering_key,
+        "limit_key": args.limit_key,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -191,6 +192,9 @@ def add_parser(sub: Any, common: Any) -> None:
     sp.add_argument("--priority", type=int, help="higher is claimed first (default: 0)")
     sp.add_argument("--dedupe-key", help="at most one pending message with this key")
     sp.add_argument("--ordering-key", help="messages of one key run one at a time, in order")
+    sp.add_argument(
+        "--limit-key", help="the key of the channel's key_rate_limit and key_concurrency"
+    )
     sp.add_argument(
         "--plain",
         action="store_true",

@@ -156,6 +156,22 @@ CREATE UNLOGGED TABLE IF NOT EXISTS pgpubsub.sleeper (
 );
 REVOKE ALL ON pgpubsub.sleeper FROM PUBLIC;
 
+-- Take the channel's registration, if any, and wake its worker. A statement
+-- of its own: its snapshot is taken once wake's lock is held. Called by
+-- pgpubsub.wake only (as the schema's owner).
+CREATE OR REPLACE FUNCTION pgpubsub.take_sleeper(channel text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+BEGIN
+    DELETE FROM pgpubsub.sleeper s WHERE s.ctid = (
+        SELECT t.ctid FROM pgpubsub.sleeper t WHERE t.channel = take_sleeper.channel
+        FOR UPDATE SKIP LOCKED);
+    IF FOUND THEN
+        PERFORM pg_catalog.pg_notify(channel, '');
+    END IF;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.take_sleeper(text) FROM PUBLIC;
+
 -- Called by publishers after storing messages (any role that may store them).
 -- Runs as the schema's owner: it reads and takes the channel's row, nothing else.
 CREATE OR REPLACE FUNCTION pgpubsub.wake(channel text) RETURNS void
@@ -163,13 +179,19 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsu
 BEGIN
     PERFORM pg_catalog.pg_advisory_xact_lock_shared(
         pg_catalog.hashtextextended('pgpubsub.sleeper' || channel, 0));
-    -- A statement of its own: its snapshot is taken once the lock is held.
-    DELETE FROM pgpubsub.sleeper s WHERE s.ctid = (
-        SELECT t.ctid FROM pgpubsub.sleeper t WHERE t.channel = wake.channel
-        FOR UPDATE SKIP LOCKED);
-    IF FOUND THEN
-        PERFORM pg_catalog.pg_notify(channel, '');
+    IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN
+        PERFORM pgpubsub.take_sleeper(channel);
+        RETURN;
     END IF;
+    -- A REPEATABLE READ or SERIALIZABLE publisher's snapshot may still show a
+    -- registration another publisher took since, and taking it fails the
+    -- statement: that publisher woke the worker. (A subtransaction only here:
+    -- it costs each publish.)
+    BEGIN
+        PERFORM pgpubsub.take_sleeper(channel);
+    EXCEPTION WHEN serialization_failure THEN
+        NULL;
+    END;
 END
 $body$;
 REVOKE ALL ON FUNCTION pgpubsub.wake(text) FROM PUBLIC;
