@@ -331,6 +331,8 @@ def test_a_later_message_of_a_key_never_completes_before_an_earlier_one_fails(
     assert not (state[0] != "done" and state[1] == "done"), (state, stored)
 
 
+# Timing of the library's own threads (no SQL of the server's version): PostgreSQL 18 only in CI.
+@pytest.mark.acceptance
 def test_max_in_flight_holds_after_a_stop_that_leaves_its_listener_running(
     db: str,
 ) -> None:

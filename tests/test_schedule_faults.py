@@ -52,6 +52,8 @@ def run_for(scheduler: Scheduler, seconds: float) -> None:
     asyncio.run(main())
 
 
+# Timing of the library's own threads (no SQL of the server's version): PostgreSQL 18 only in CI.
+@pytest.mark.acceptance
 def test_a_store_that_takes_longer_than_a_tick_skips_no_tick(db: str) -> None:
     scheduler = Scheduler(db, spec_of(EverySecond))
     holder = threading.Thread(
@@ -73,6 +75,8 @@ class Ahead(Clock):
         return super().now() + datetime.timedelta(seconds=5)
 
 
+# Timing of the library's own threads (no SQL of the server's version): PostgreSQL 18 only in CI.
+@pytest.mark.acceptance
 def test_a_worker_whose_clock_runs_ahead_stores_no_tick_early(db: str) -> None:
     scheduler = Scheduler(db, spec_of(EverySecond), clock=Ahead())
     run_for(scheduler, 9)
