@@ -6,8 +6,12 @@ kind                      what it may do
 ``publisher``             publish on durable channels with every option: INSERT into
                           ``pgpubsub.message``, and read back the ids it gets and the id of a
                           pending message with the same dedupe key (not other messages'
-                          payloads); wait for results (a message's status, result and
-                          error); publish batches (INSERT into ``pgpubsub.batch``)
+                          payloads); publish batches (``pgpubsub.publish_batch``: the only
+                          way a batch or a member's batch is written)
+``awaiter``               wait for the outcome of messages of results channels
+                          (``handle.result()``): the status, the listener's return value and,
+                          of a dead message, its final error, which may quote the payload: as
+                          private as payloads, so not part of ``--publisher``
 ``worker``                claim, complete, retry and purge stored messages, read the spilled
                           rows of plain trigger channels, store the ticks of scheduled
                           channels (``pgpubsub.schedule`` and INSERT into the message table),
@@ -65,14 +69,16 @@ KINDS: dict[str, tuple[str, ...]] = {
     "publisher": (
         _SCHEMA,
         f"GRANT INSERT ({_PUBLISHED}) ON pgpubsub.message TO {{role}}",
-        # The ids notify() returns, and a pending dedupe_key's message id; the
-        # outcome a handle waits for (results channels: the value or the error).
-        "GRANT SELECT (id, channel, status, dedupe_key, result, last_error) "
-        "ON pgpubsub.message TO {role}",
-        # Batches: the batch row, and its members (their batch's id).
-        "GRANT INSERT (batch_id) ON pgpubsub.message TO {role}",
-        "GRANT SELECT (id), INSERT (total, callback_channel, callback_payload) "
-        "ON pgpubsub.batch TO {role}",
+        # The ids notify() returns, and a pending dedupe_key's message id.
+        "GRANT SELECT (id, channel, status, dedupe_key) ON pgpubsub.message TO {role}",
+        # Batches: the batch row and its members, in one call that counts them.
+        "GRANT EXECUTE ON FUNCTION pgpubsub.publish_batch(text, text, text[], text[]) "
+        "TO {role}",
+    ),
+    "awaiter": (
+        _SCHEMA,
+        # One message's outcome, by id and channel (never its payload).
+        "GRANT EXECUTE ON FUNCTION pgpubsub.outcome(bigint, text) TO {role}",
     ),
     "worker": (
         _SCHEMA,
@@ -88,6 +94,8 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
         # Lock the batch rows of the members it settles, in order (batches: no deadlock).
         "GRANT EXECUTE ON FUNCTION pgpubsub.lock_batches(bigint[]) TO {role}",
+        # Finished batches whose members are all swept: deleted after the retention.
+        "GRANT EXECUTE ON FUNCTION pgpubsub.sweep_batches(double precision) TO {role}",
         # A limit_key's tokens (key_rate_limit); full buckets of idle keys deleted.
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.key_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",

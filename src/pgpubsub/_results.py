@@ -55,9 +55,11 @@ retention, or a day).
 from __future__ import annotations
 
 import asyncio
-import time
+import math
+import sys
+import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,20 +84,13 @@ __all__ = ["Batch", "BatchOutcome", "Handle", "abatch", "batch", "conninfo_of", 
 
 #: Seconds between reads of a waited-for message when no announcement comes.
 POLL = 5.0
-STATE_SQL = "SELECT status, result::text, last_error FROM pgpubsub.message WHERE id = %s"
+# The outcome of one message of one channel (schema: pgpubsub.outcome, `grant --awaiter`).
+STATE_SQL = "SELECT status, result, last_error FROM pgpubsub.outcome(%s, %s)"
 LISTEN_SQL = sql.SQL("LISTEN {}").format(sql.Identifier(DONE_CHANNEL))
 RECONNECT = Backoff(base=0.2, factor=2, cap=5)
-BATCH_SQL = (
-    "INSERT INTO pgpubsub.batch (total, callback_channel, callback_payload) "
-    "VALUES (%s, %s, %s::jsonb) RETURNING id"
-)
-# The members of one channel (see durable.STORE_SQL), each with the batch's id.
-MEMBERS_SQL = (
-    "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload, batch_id) "
-    "SELECT %s, x, %s FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x "
-    "RETURNING id) "
-    "SELECT pg_catalog.array_agg(id ORDER BY id), pgpubsub.wake(%s) FROM ins"
-)
+# A batch and its members in one statement (schema: pgpubsub.publish_batch):
+# whole or not at all, on an autocommit connection too.
+BATCH_SQL = "SELECT batch_id, members FROM pgpubsub.publish_batch(%s, %s, %s, %s)"
 
 
 @dataclass(frozen=True)
@@ -187,53 +182,57 @@ class Handle(int):
             return driver.build_conninfo(dsn)
         return self.conninfo or driver.build_conninfo()
 
-    @staticmethod
-    def _left(deadline: float | None, timeout: float | None, mid: int) -> float:
-        if deadline is None:
-            return POLL
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ResultTimeout(
-                f"message {mid} had no outcome within {timeout:g}s (it is left as it is)"
-            )
-        return left
-
     # -- waiting --------------------------------------------------------------------
 
     def result_sync(self, timeout: float | None = None, *, dsn: str | None = None) -> Any:
-        """Wait for the outcome (blocking); see :meth:`result`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        mid, failures = int(self), 0
-        key = str(mid)
-        while True:
+        """Wait for the outcome (blocking); see :meth:`result`.
+
+        Runs :meth:`result` on an event loop of its own (in a thread of its
+        own when this thread runs one already), so that ``timeout`` bounds
+        every step of the wait, connecting included.
+        """
+        _check_timeout(timeout)
+        waiting = self.result(timeout, dsn=dsn)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return _run(waiting)
+        outcome: list[Any] = []
+        failure: list[BaseException] = []
+
+        def wait() -> None:
             try:
-                with driver.connect(self._target(dsn)) as conn:
-                    conn.execute(LISTEN_SQL)
-                    failures = 0
-                    while True:
-                        settled, value = self._settled(conn.execute(STATE_SQL, (mid,)).fetchone())
-                        if settled:
-                            return value
-                        wait = min(POLL, self._left(deadline, timeout, mid))
-                        for note in conn.notifies(timeout=wait):
-                            if note.payload == key:
-                                break
-            except (ConnectionFailed, psycopg.OperationalError) as exc:
-                _lost_or_raise(exc, mid)
-                time.sleep(min(RECONNECT.delay(failures), self._left(deadline, timeout, mid)))
-                failures += 1
-            except psycopg.Error as exc:
-                raise driver.translate(exc, f"waiting for message {mid}") from exc
+                outcome.append(_run(waiting))
+            except BaseException as exc:  # handed to the caller's thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=wait, name=f"pgpubsub-result-{int(self)}", daemon=True)
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
+        return outcome[0]
 
     async def result(self, timeout: float | None = None, *, dsn: str | None = None) -> Any:
         """Wait for the outcome: the listener's return value (decoded as the channel's ``Result``).
 
         Raises MessageFailed (dead), MessageCancelled (gone), ResultTimeout
-        (``timeout`` seconds passed; None waits for ever). Woken by the
-        completion's NOTIFY, with a read every few seconds and after a
-        reconnect as the fallback.
+        (``timeout`` seconds passed, whatever the wait was doing: connecting,
+        reading, waiting; None waits for ever; a negative or NaN timeout is a
+        ConfigurationError). Woken by the completion's NOTIFY, with a read
+        every few seconds and after a reconnect as the fallback.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        _check_timeout(timeout)
+        if timeout is None:
+            return await self._wait(dsn)
+        try:
+            return await asyncio.wait_for(self._wait(dsn), timeout)
+        except asyncio.TimeoutError:
+            raise ResultTimeout(
+                f"message {int(self)} had no outcome within {timeout:g}s (it is left as it is)"
+            ) from None
+
+    async def _wait(self, dsn: str | None) -> Any:
         mid, failures = int(self), 0
         key = str(mid)
         while True:
@@ -243,22 +242,43 @@ class Handle(int):
                     await conn.execute(LISTEN_SQL)
                     failures = 0
                     while True:
-                        cur = await conn.execute(STATE_SQL, (mid,))
+                        cur = await conn.execute(STATE_SQL, (mid, self.spec.name))
                         settled, value = self._settled(await cur.fetchone())
                         if settled:
                             return value
-                        wait = min(POLL, self._left(deadline, timeout, mid))
-                        async for note in conn.notifies(timeout=wait):
+                        async for note in conn.notifies(timeout=POLL):
                             if note.payload == key:
                                 break
             except (ConnectionFailed, psycopg.OperationalError) as exc:
                 _lost_or_raise(exc, mid)
-                await asyncio.sleep(
-                    min(RECONNECT.delay(failures), self._left(deadline, timeout, mid))
-                )
+                await asyncio.sleep(RECONNECT.delay(failures))
                 failures += 1
             except psycopg.Error as exc:
                 raise driver.translate(exc, f"waiting for message {mid}") from exc
+
+
+def _run(waiting: Coroutine[Any, Any, Any]) -> Any:
+    """Run a wait on an event loop of its own (a selector loop: psycopg's async needs one)."""
+    loop = asyncio.SelectorEventLoop() if sys.platform == "win32" else asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(waiting)
+    finally:
+        loop.close()
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout < 0
+    ):
+        raise ConfigurationError(
+            f"a result's timeout is None (no limit) or a finite number of seconds >= 0, "
+            f"not {timeout!r}"
+        )
 
 
 def _lost_or_raise(exc: Exception, mid: int) -> None:
@@ -306,12 +326,16 @@ class Batch(int):
 
 @dataclass(frozen=True)
 class _Plan:
-    """A batch ready to store: the callback's channel and payload, each channel's members."""
+    """A batch ready to store: the callback's channel and payload, and each member's."""
 
     callback: ChannelSpec
     payload: str
-    total: int
-    groups: list[tuple[ChannelSpec, str]]  # (channel, its members as JSON lines)
+    channels: list[str]  # member i's channel
+    payloads: list[str]  # member i's payload (JSON)
+
+    @property
+    def params(self) -> tuple[str, str, list[str], list[str]]:
+        return (self.callback.name, self.payload, self.channels, self.payloads)
 
 
 def _plan(messages: Iterable[Channel], on_complete: Channel) -> _Plan:
@@ -332,12 +356,16 @@ def _plan(messages: Iterable[Channel], on_complete: Channel) -> _Plan:
                 f"{spec.path} is a plain channel: a batch's members and its callback need "
                 "durable channels (lock_notifications=True)"
             )
-    total = sum(len(g) for g in groups.values())
-    if not total:
+    if not groups:
         raise ConfigurationError("a batch needs at least one message")
     payload, _ = callback.encode_lines([on_complete])
-    lines = [(spec, spec.encode_lines(group)[0]) for spec, group in groups.items()]
-    return _Plan(callback, payload, total, lines)
+    channels: list[str] = []
+    payloads: list[str] = []
+    for spec, group in groups.items():
+        lines = spec.encode_lines(group)[0].split("\n")  # JSON holds no raw newline
+        channels += [spec.name] * len(lines)
+        payloads += lines
+    return _Plan(callback, payload, channels, payloads)
 
 
 def batch(messages: Iterable[Channel], *, on_complete: Channel, conn: Any = None) -> Batch:
@@ -345,23 +373,20 @@ def batch(messages: Iterable[Channel], *, on_complete: Channel, conn: Any = None
 
     ``messages``: instances of durable channels (one or several channels);
     ``on_complete``: an instance of a durable channel, published with the
-    counts under its payload's ``batch`` key (:class:`BatchOutcome`). Joins the
-    transaction of ``conn`` (as :func:`pgpubsub.notify`: a sync connection, or
-    the default one), so the batch is published when it commits, whole or not
-    at all. An empty batch is a ConfigurationError (there is nothing to wait for).
+    counts under its payload's ``batch`` key (:class:`BatchOutcome`). One
+    statement: it joins the transaction of ``conn`` (as
+    :func:`pgpubsub.notify`: a sync connection, or the default one), and is
+    whole or not at all on an autocommit connection too. An empty batch is a
+    ConfigurationError (there is nothing to wait for).
     """
     from .notify import _publishing, default_connection
 
     plan = _plan(messages, on_complete)
     conn = default_connection() if conn is None else conn
-    members: list[int] = []
-    with _publishing(plan.callback, plan.total), conn.cursor() as cur:
-        cur.execute(BATCH_SQL, (plan.total, plan.callback.name, plan.payload))
-        batch_id = int(cur.fetchone()[0])
-        for spec, lines in plan.groups:
-            cur.execute(MEMBERS_SQL, (spec.name, batch_id, lines, spec.name))
-            members.extend(cur.fetchone()[0] or [])
-    return Batch(batch_id, tuple(members))
+    with _publishing(plan.callback, len(plan.payloads)), conn.cursor() as cur:
+        cur.execute(BATCH_SQL, plan.params)
+        batch_id, members = cur.fetchone()
+    return Batch(int(batch_id), tuple(members))
 
 
 async def abatch(
@@ -371,14 +396,8 @@ async def abatch(
     from .notify import _publishing
 
     plan = _plan(messages, on_complete)
-    members: list[int] = []
-    with _publishing(plan.callback, plan.total):
-        cur = await conn.execute(BATCH_SQL, (plan.total, plan.callback.name, plan.payload))
+    with _publishing(plan.callback, len(plan.payloads)):
+        cur = await conn.execute(BATCH_SQL, plan.params)
         row = await cur.fetchone()
-        assert row is not None
-        batch_id = int(row[0])
-        for spec, lines in plan.groups:
-            cur = await conn.execute(MEMBERS_SQL, (spec.name, batch_id, lines, spec.name))
-            row = await cur.fetchone()
-            members.extend((row[0] if row else None) or [])
-    return Batch(batch_id, tuple(members))
+    assert row is not None
+    return Batch(int(row[0]), tuple(row[1]))
