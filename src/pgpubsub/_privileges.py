@@ -16,7 +16,8 @@ kind                      what it may do
                           rows of plain trigger channels, store the ticks of scheduled
                           channels (``pgpubsub.schedule`` and INSERT into the message table),
                           keep its row in the worker registry, read whether a channel is
-                          paused and take a rate-limited channel's tokens
+                          paused and take a rate-limited channel's tokens; publish batches
+                          and wait for results (from listeners)
 ``monitor``               read what ``pgpubsub status`` and the dashboard's overview show:
                           counts, ages, priorities and attempts of messages (never their
                           payloads, errors, keys or context), the worker registry and the
@@ -24,7 +25,7 @@ kind                      what it may do
                           probes and dashboards
 ``operator``              what a monitor may, plus read whole messages and replay, cancel and
                           purge them, pause and resume channels (``pgpubsub messages``, the
-                          dashboard's pages and actions)
+                          dashboard's pages and actions), wait for results
 ``django_writer``         write to tables watched by Django trigger channels: django-pgtrigger
                           trigger functions run as the writer and call the pgpubsub helpers
 ========================  ==================================================================
@@ -60,7 +61,8 @@ _MONITORED = (
 )
 # What a monitor reads of a batch: its counts, never its callback's payload.
 _BATCH_COUNTS = (
-    "id, total, done, dead, cancelled, callback_channel, callback_id, created_at, completed_at"
+    "id, total, pending, done, dead, cancelled, callback_channel, callback_id, created_at, "
+    "completed_at"
 )
 # What a publisher writes: never a message's id, state, attempts or times.
 _PUBLISHED = "channel, payload, trace, run_at, priority, dedupe_key, ordering_key, limit_key"
@@ -94,6 +96,10 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
         # Lock the batch rows of the members it settles, in order (batches: no deadlock).
         "GRANT EXECUTE ON FUNCTION pgpubsub.lock_batches(bigint[]) TO {role}",
+        # Batches published by listeners, and outcomes awaited by them.
+        "GRANT EXECUTE ON FUNCTION pgpubsub.publish_batch(text, text, text[], text[]) "
+        "TO {role}",
+        "GRANT EXECUTE ON FUNCTION pgpubsub.outcome(bigint, text) TO {role}",
         # Finished batches whose members are all swept: deleted after the retention.
         "GRANT EXECUTE ON FUNCTION pgpubsub.sweep_batches(double precision) TO {role}",
         # A limit_key's tokens (key_rate_limit); full buckets of idle keys deleted.
@@ -116,6 +122,7 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT ON pgpubsub.rate_bucket, pgpubsub.key_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
         "GRANT SELECT ON pgpubsub.batch TO {role}",
+        "GRANT EXECUTE ON FUNCTION pgpubsub.outcome(bigint, text) TO {role}",  # reads all anyway
     ),
     "django_writer": (
         _SCHEMA,

@@ -31,25 +31,28 @@ connection (reconnected with backoff until the timeout). That connection goes
 to, in order: the ``dsn`` given to ``result()`` or :func:`handle`; the
 server, database, user and password of the connection the message was
 published on (psycopg 3, or Django's on psycopg 3); else ``$PGPUBSUB_DSN``
-and the libpq environment. A waiting role needs SELECT on the message's
-``status``, ``result`` and ``last_error`` (``pgpubsub grant --publisher``).
+and the libpq environment. ``timeout`` bounds the whole wait, connecting
+included. The outcome is read through ``pgpubsub.outcome(id, channel)``: one
+message of the handle's channel (``pgpubsub grant --awaiter``; a result or an
+error may quote the payload, so publishers cannot read it).
 
 Batches: ``pgpubsub.batch([Resize(...), ...], on_complete=Done(...), conn=conn)``
-publishes the members (durable messages, on one channel or several) and, once
-every member has settled (done, dead, or cancelled), publishes ``on_complete``
-exactly once, with the counts under the key ``batch`` of its payload (declare
-``batch: pgpubsub.BatchOutcome | None = None`` on the callback channel to read
-them). The statement that settles a member (done, dead, or deleted: cancelled
-or purged) checks, in its transaction, whether any member of its batch is
-still pending; the transaction that settles the last one publishes the
-callback (table ``pgpubsub.batch``: the batch's row lock orders concurrent
-completions, so exactly one of them sees none pending), and a worker that
-dies publishes nothing (its transaction rolls back, and the member's next
-attempt settles it). The counts are the members' statuses at that moment: a
-dead member replayed before then counts by its new outcome, one replayed
-after is not counted again; a member gone (cancelled, purged) counts as
-cancelled. A completed member is kept as ``done`` (swept after its channel's
-retention, or a day).
+publishes the members (durable messages, on one channel or several) in one
+statement (``pgpubsub.publish_batch``: whole or not at all, on an autocommit
+connection too; the only writer of batch rows and members' batch ids) and,
+once every member has settled (done, dead, or cancelled), publishes
+``on_complete`` exactly once, with the counts under the key ``batch`` of its
+payload (declare ``batch: pgpubsub.BatchOutcome | None = None`` on the
+callback channel to read them). The statement that settles a member (done,
+dead, or deleted while pending: cancelled or purged) moves its batch's counts
+under the batch row's lock; the transaction that settles the last pending one
+publishes the callback, and a worker that dies publishes nothing (its
+transaction rolls back, and the member's next attempt settles it). A dead
+member replayed before then counts by its new outcome, one replayed after is
+not counted again; a member deleted once settled (the retention's sweep)
+keeps its count. A completed member is kept as ``done`` (swept after its
+channel's retention, or a day), and finished batches whose members are gone
+are deleted after it too.
 """
 
 from __future__ import annotations

@@ -450,7 +450,7 @@ MIGRATE_EXAMPLES = """examples:
   pgpubsub migrate myapp.listeners          and the triggers of its trigger channels
 """
 GRANT_EXAMPLES = """examples:
-  pgpubsub grant web_app --publisher
+  pgpubsub grant web_app --publisher --awaiter   publishes, and waits for results
   pgpubsub grant jobs --worker --sql        print the statements only
   pgpubsub grant probe --monitor            may run `pgpubsub status --check`
   pgpubsub grant oncall --operator          may replay, cancel and purge messages
