@@ -723,17 +723,21 @@ class ChannelProcessor:
             if full == 2:  # a second full batch in a row: more is waiting, ask for a hand
                 self.crew.wake_one(more=True)
         # Kept outcomes and batch members expire after the retention (a day
-        # without one): swept here on every drain of a channel with a
-        # retention, and every SWEEP_EVERY seconds on another (the batch
-        # members of any worker, alive or not, that completed some), with the
-        # finished batches whose members are all gone.
+        # without one): swept on every drain of a channel with a retention,
+        # and every SWEEP_EVERY seconds on any other (the batch members that
+        # any worker, alive or gone, completed), with the batches finished a
+        # day ago whose members are all gone.
         now = time.monotonic()
-        if self.retention or now >= self._next_sweep:
-            self._next_sweep = now + SWEEP_EVERY
-            keep = self.retention or RESULT_RETENTION
+        sweep = now >= self._next_sweep
+        if self.retention or sweep:
             with self.session.atomic():
-                self.session.execute(EXPIRE_SQL, (self.spec.name, keep))
-                self.session.execute(SWEEP_BATCHES_SQL, (keep,))
+                self.session.execute(
+                    EXPIRE_SQL, (self.spec.name, self.retention or RESULT_RETENTION)
+                )
+                if sweep:
+                    self.session.execute(SWEEP_BATCHES_SQL, (RESULT_RETENTION,))
+            if sweep:
+                self._next_sweep = now + SWEEP_EVERY
         return self.processed - before
 
     def _take_slot(self) -> bool:

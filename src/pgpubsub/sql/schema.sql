@@ -426,7 +426,7 @@ $body$;
 REVOKE ALL ON FUNCTION pgpubsub.outcome(bigint, text) FROM PUBLIC;
 
 -- The batches finished more than ``secs`` seconds ago whose members are all
--- gone (swept, purged): deleted (workers call it with their sweep).
+-- gone (swept, purged): deleted (workers call it with their sweep, with a day).
 CREATE OR REPLACE FUNCTION pgpubsub.sweep_batches(secs double precision) RETURNS void
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
     DELETE FROM pgpubsub.batch b
