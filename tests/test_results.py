@@ -860,3 +860,19 @@ def test_batch_members_and_batches_are_swept_by_any_worker(db: str) -> None:
         db, "SELECT count(*) FROM pgpubsub.message WHERE batch_id = %s", (made,)
     ) == [(0,)]
     assert admin_query(db, "SELECT count(*) FROM pgpubsub.batch") == [(0,)]
+
+
+def test_a_handle_keeps_the_host_name_and_pickles_no_password(db: str) -> None:
+    """Finding 10: the conninfo a handle keeps names the host as given (libpq resolves it
+    again, not the address one attempt used), and a pickled handle carries no password."""
+    params = conninfo_to_dict(db)
+    params["host"] = "localhost"
+    with psycopg.connect(make_conninfo(**params)) as conn:
+        made = pgpubsub.notify(Resize(n=1), conn=conn)
+    assert made.conninfo is not None
+    kept = conninfo_to_dict(made.conninfo)
+    assert kept["host"] == "localhost" and "hostaddr" not in kept
+    secret = _results.Handle(int(made), made.spec, make_conninfo(made.conninfo, password="s3cr3t"))
+    assert b"s3cr3t" not in pickle.dumps(secret)
+    drain(db, resize_registry(), Resize)
+    assert pickle.loads(pickle.dumps(secret)).result_sync(timeout=5) == Thumb(10, "thumb-1")

@@ -125,6 +125,12 @@ def conninfo_of(conn: Any) -> str | None:
         }
     except (psycopg.Error, UnicodeDecodeError):
         return None
+    # psycopg resolves a host name itself and connects to one of its
+    # addresses (hostaddr): keep the name, for libpq to resolve again (the
+    # server may have moved since, or listen on another of its addresses).
+    host = options.get("host", "")
+    if host and not host.startswith("/") and "hostaddr" in options:
+        del options["hostaddr"]
     return driver.build_conninfo(psycopg.conninfo.make_conninfo(**options))
 
 
@@ -148,7 +154,9 @@ class Handle(int):
         return f"<Handle {int(self)} on {self.spec.path}>"
 
     def __reduce__(self) -> Any:
-        return (handle, (self.spec.path, int(self), self.conninfo or ""))
+        # No password in a pickle (it may be stored or sent anywhere): the
+        # rebuilt handle finds it as libpq does (PGPASSWORD, a passfile).
+        return (handle, (self.spec.path, int(self), _without_password(self.conninfo)))
 
     # -- what a row says (no I/O) -------------------------------------------------
 
@@ -282,6 +290,14 @@ def _check_timeout(timeout: float | None) -> None:
             f"a result's timeout is None (no limit) or a finite number of seconds >= 0, "
             f"not {timeout!r}"
         )
+
+
+def _without_password(conninfo: str | None) -> str:
+    if not conninfo:
+        return ""
+    params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo("", **params)
 
 
 def _lost_or_raise(exc: Exception, mid: int) -> None:
