@@ -275,7 +275,7 @@ def test_a_waiter_whose_session_is_ended_connects_again_and_finds_the_outcome(
 def listening(dsn: str) -> bool:
     """A waiter has read its message after its LISTEN, and waits."""
     query = "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle' AND query = %s"
-    text = _results.STATE_SQL.replace("%s", "$1", 1).replace("%s", "$2", 1)
+    text = _results.READ_SQL.replace("%s", "$1", 1).replace("%s", "$2", 1)
     return bool(admin_query(dsn, query, (text,))[0][0])
 
 
@@ -876,3 +876,32 @@ def test_a_handle_keeps_the_host_name_and_pickles_no_password(db: str) -> None:
     assert b"s3cr3t" not in pickle.dumps(secret)
     drain(db, resize_registry(), Resize)
     assert pickle.loads(pickle.dumps(secret)).result_sync(timeout=5) == Thumb(10, "thumb-1")
+
+
+def test_waits_gathered_in_one_event_loop_share_one_connection(db: str) -> None:
+    """Finding 11: a waiter per message must not cost a server connection per message (150
+    gathered waits took 151 backends, 230 locked the workers out)."""
+    with psycopg.connect(db) as conn:
+        handles = [pgpubsub.notify(Job(n=n), conn=conn) for n in range(60)]
+        slow = pgpubsub.notify(Job(n=1000), conn=conn)
+    registry = Registry()
+    registry.add(Job, lambda n: n * 2)
+
+    def backends() -> int:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        return int(admin_query(db, query)[0][0])  # type: ignore[call-overload]
+
+    async def main() -> list[Any]:
+        waits = [asyncio.ensure_future(h.result(timeout=30)) for h in handles]
+        late = asyncio.ensure_future(slow.result(timeout=0.5))
+        await asyncio.sleep(0.3)
+        during = backends()
+        with pytest.raises(ResultTimeout):  # one wait's timeout leaves the others waiting
+            await late
+        await asyncio.to_thread(drain, db, registry, Job)
+        values = await asyncio.gather(*waits)
+        return [during, *values]
+
+    during, *values = asyncio.run(main())
+    assert during <= 3  # the shared waiting connection, the probe's own (and a spare)
+    assert values == [n * 2 for n in range(60)]

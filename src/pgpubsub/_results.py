@@ -22,10 +22,12 @@ other. Outcomes are kept for the channel's ``retention``, a day when that is 0
 to the message). It works on a message that completed long ago, and from any
 process: ``pgpubsub.handle(Resize, message_id)`` rebuilds one.
 
-Waiting opens a connection of its own (LISTEN ``pgpubsub.done``, on which
-workers announce each settled message of a results channel, with its id, as
-they commit), reads the message's state, and reads it again on each
-announcement of its id, on every ``poll`` seconds (5: a message that died of
+The waits of one event loop on one server share a connection (one
+``result_sync`` call runs a loop of its own, so it holds one while it
+waits): it LISTENs on ``pgpubsub.done`` (on which workers announce each
+settled message of a results channel, with its id, as they commit), reads
+the states of the messages waited for in one statement, and reads a message
+again on each announcement of its id, on every ``poll`` seconds (5: a message that died of
 crashes, or was cancelled before it ran, is not announced), and after a lost
 connection (reconnected with backoff until the timeout). That connection goes
 to, in order: the ``dsn`` given to ``result()`` or :func:`handle`; the
@@ -61,6 +63,7 @@ import asyncio
 import math
 import sys
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
@@ -88,7 +91,12 @@ __all__ = ["Batch", "BatchOutcome", "Handle", "abatch", "batch", "conninfo_of", 
 #: Seconds between reads of a waited-for message when no announcement comes.
 POLL = 5.0
 # The outcome of one message of one channel (schema: pgpubsub.outcome, `grant --awaiter`).
-STATE_SQL = "SELECT status, result, last_error FROM pgpubsub.outcome(%s, %s)"
+# The outcomes of the messages waited for, read at once (the hub of waiters).
+READ_SQL = (
+    "SELECT w.id, w.channel, o.status, o.result, o.last_error "
+    "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::text[])) "
+    "AS w(id, channel) CROSS JOIN LATERAL pgpubsub.outcome(w.id, w.channel) AS o"
+)
 LISTEN_SQL = sql.SQL("LISTEN {}").format(sql.Identifier(DONE_CHANNEL))
 RECONNECT = Backoff(base=0.2, factor=2, cap=5)
 # A batch and its members in one statement (schema: pgpubsub.publish_batch):
@@ -244,28 +252,138 @@ class Handle(int):
             ) from None
 
     async def _wait(self, dsn: str | None) -> Any:
-        mid, failures = int(self), 0
-        key = str(mid)
-        while True:
-            try:
-                conn = await driver.connect_async(self._target(dsn))
-                async with conn:
-                    await conn.execute(LISTEN_SQL)
-                    failures = 0
-                    while True:
-                        cur = await conn.execute(STATE_SQL, (mid, self.spec.name))
-                        settled, value = self._settled(await cur.fetchone())
-                        if settled:
-                            return value
-                        async for note in conn.notifies(timeout=POLL):
-                            if note.payload == key:
-                                break
-            except (ConnectionFailed, psycopg.OperationalError) as exc:
-                _lost_or_raise(exc, mid)
-                await asyncio.sleep(RECONNECT.delay(failures))
-                failures += 1
-            except psycopg.Error as exc:
-                raise driver.translate(exc, f"waiting for message {mid}") from exc
+        row = await _Hub.of(self._target(dsn)).outcome(int(self), self.spec.name)
+        return self._settled(row)[1]
+
+
+class _Hub:
+    """The waits of one event loop on one server: one connection, one LISTEN, for all.
+
+    A waiter registers its message (id and channel) and awaits a future that
+    the hub sets to the message's final row (done or dead), or to None (gone),
+    or fails with the error that ended the wait. The hub reads the messages of
+    new waiters, of each announcement on ``pgpubsub.done``, all of them every
+    POLL seconds and after a reconnect, in one statement each time. It runs
+    while someone waits, and closes its connection when the last one leaves.
+    """
+
+    _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Hub]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.waiting: dict[int, list[tuple[str, asyncio.Future[Any]]]] = {}
+        self.dirty: set[int] = set()  # ids to read now
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, target: str) -> _Hub:
+        hubs = cls._hubs.setdefault(asyncio.get_running_loop(), {})
+        hub = hubs.get(target)
+        if hub is None:
+            hub = hubs[target] = cls(target)
+        return hub
+
+    async def outcome(self, mid: int, channel: str) -> tuple[Any, ...] | None:
+        """The final row of a message (status, result, error), or None when it is gone."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        entry = (channel, future)
+        self.waiting.setdefault(mid, []).append(entry)
+        self.dirty.add(mid)
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._run())
+        try:
+            return await future  # type: ignore[no-any-return]
+        finally:
+            left = self.waiting.get(mid, [])
+            if entry in left:
+                left.remove(entry)
+            if not left:
+                self.waiting.pop(mid, None)
+            self.wake.set()  # the last one gone: the hub stops
+
+    async def _run(self) -> None:
+        failures = 0
+        try:
+            while self.waiting:
+                try:
+                    conn = await driver.connect_async(self.target)
+                    async with conn:
+                        await conn.execute(LISTEN_SQL)
+                        failures = 0
+                        await self._serve(conn)
+                except (ConnectionFailed, psycopg.OperationalError) as exc:
+                    if not _transient(exc):
+                        raise
+                    await asyncio.sleep(RECONNECT.delay(failures))
+                    failures += 1
+        except BaseException as exc:  # handed to every waiter
+            failure = exc
+            if isinstance(exc, psycopg.Error):
+                failure = driver.translate(exc, "waiting for results")
+            for entries in list(self.waiting.values()):
+                for _, future in entries:
+                    if future.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        self.dirty.update(self.waiting)  # connected (again): read them all
+        next_poll = loop.time() + POLL
+        while self.waiting:
+            if loop.time() >= next_poll:
+                self.dirty.update(self.waiting)
+                next_poll = loop.time() + POLL
+            if self.dirty:
+                await self._read(conn)
+                continue
+            self.wake.clear()
+            await self._notified(conn, max(0.0, next_poll - loop.time()))
+
+    async def _read(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        ids, channels = [], []
+        for mid in self.dirty:
+            for channel in {c for c, _ in self.waiting.get(mid, [])}:
+                ids.append(mid)
+                channels.append(channel)
+        self.dirty.clear()
+        cur = await conn.execute(READ_SQL, (ids, channels))
+        rows = {(r[0], r[1]): r[2:] for r in await cur.fetchall()}
+        for mid, channel in zip(ids, channels, strict=True):
+            row = rows.get((mid, channel))
+            if row is not None and row[0] not in ("done", "dead"):
+                continue
+            for their_channel, future in self.waiting.get(mid, []):
+                if their_channel == channel and not future.done():
+                    future.set_result(row)
+
+    async def _notified(self, conn: psycopg.AsyncConnection[Any], timeout: float) -> None:
+        """Wait for announcements (their ids marked to read), a new waiter, or the timeout."""
+
+        async def announced() -> None:
+            async for note in conn.notifies(timeout=timeout, stop_after=1):
+                if note.payload.isdigit() and int(note.payload) in self.waiting:
+                    self.dirty.add(int(note.payload))
+
+        listening = asyncio.ensure_future(announced())
+        woken = asyncio.ensure_future(self.wake.wait())
+        try:
+            await asyncio.wait({listening, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (listening, woken):
+                task.cancel()
+            await asyncio.gather(listening, woken, return_exceptions=True)
+        if not listening.cancelled() and listening.exception() is not None:
+            raise listening.exception()  # type: ignore[misc]
 
 
 def _run(waiting: Coroutine[Any, Any, Any]) -> Any:
@@ -300,16 +418,12 @@ def _without_password(conninfo: str | None) -> str:
     return psycopg.conninfo.make_conninfo("", **params)
 
 
-def _lost_or_raise(exc: Exception, mid: int) -> None:
-    """Return when ``exc`` is a connection lost or refused for now (waited out), else raise."""
+def _transient(exc: Exception) -> bool:
+    """Whether ``exc`` is a connection lost or refused for now (waited out)."""
     if isinstance(exc, ConnectionFailed):
-        if driver.worth_waiting(exc):
-            return
-        raise exc
+        return driver.worth_waiting(exc)
     assert isinstance(exc, psycopg.Error)
-    if exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57"):
-        return
-    raise driver.translate(exc, f"waiting for message {mid}") from exc
+    return exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57")
 
 
 def _results_spec(channel: Any) -> ChannelSpec:
