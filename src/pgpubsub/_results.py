@@ -304,6 +304,11 @@ class _Hub:
             if not left:
                 self.waiting.pop(mid, None)
             self.wake.set()  # the last one gone: the hub stops
+            if not self.waiting and self.task is not None:
+                # Even while it connects (a server that never answers): the
+                # next waiter starts a hub task of its own.
+                self.task.cancel()
+                self.task = None
 
     async def _run(self) -> None:
         failures = 0
@@ -320,17 +325,15 @@ class _Hub:
                         raise
                     await asyncio.sleep(RECONNECT.delay(failures))
                     failures += 1
+        except asyncio.CancelledError:
+            raise  # no one waits any more (or the loop ends): nothing to hand over
         except BaseException as exc:  # handed to every waiter
             failure = exc
             if isinstance(exc, psycopg.Error):
                 failure = driver.translate(exc, "waiting for results")
             for entries in list(self.waiting.values()):
                 for _, future in entries:
-                    if future.done():
-                        continue
-                    if isinstance(exc, asyncio.CancelledError):
-                        future.cancel()
-                    else:
+                    if not future.done():
                         future.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
@@ -392,7 +395,15 @@ def _run(waiting: Coroutine[Any, Any, Any]) -> Any:
     try:
         return loop.run_until_complete(waiting)
     finally:
-        loop.close()
+        try:  # as asyncio.run: what is left (a hub still connecting) cancelled first
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
 
 
 def _check_timeout(timeout: float | None) -> None:
