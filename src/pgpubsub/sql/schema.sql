@@ -305,7 +305,27 @@ CREATE TABLE IF NOT EXISTS pgpubsub.batch (
     created_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     completed_at      timestamptz
 );
-ALTER TABLE pgpubsub.batch ADD COLUMN IF NOT EXISTS pending integer NOT NULL DEFAULT 0;
+-- (A database that ran an earlier draft of this version: its open batches'
+-- counts taken from their members once, as the column is added.)
+DO $pending$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                   WHERE attrelid = 'pgpubsub.batch'::pg_catalog.regclass
+                     AND attname = 'pending' AND NOT attisdropped) THEN
+        ALTER TABLE pgpubsub.batch ADD COLUMN pending integer NOT NULL DEFAULT 0;
+        UPDATE pgpubsub.batch b SET
+            pending = (SELECT pg_catalog.count(*) FROM pgpubsub.message m
+                       WHERE m.batch_id = b.id AND m.status = 'pending'),
+            done = (SELECT pg_catalog.count(*) FROM pgpubsub.message m
+                    WHERE m.batch_id = b.id AND m.status = 'done'),
+            dead = (SELECT pg_catalog.count(*) FROM pgpubsub.message m
+                    WHERE m.batch_id = b.id AND m.status = 'dead')
+        WHERE b.callback_id IS NULL;
+        UPDATE pgpubsub.batch b SET cancelled = b.total - b.pending - b.done - b.dead
+        WHERE b.callback_id IS NULL;
+    END IF;
+END
+$pending$;
 REVOKE ALL ON pgpubsub.batch FROM PUBLIC;
 CREATE INDEX IF NOT EXISTS batch_completed_idx
     ON pgpubsub.batch (completed_at) WHERE completed_at IS NOT NULL;
