@@ -321,6 +321,13 @@ _MISSING_SQL = (
     "ELSE pg_catalog.has_table_privilege(c.oid, x.p) END"
 )
 _USAGE_SQL = "SELECT pg_catalog.has_schema_privilege('pgpubsub', 'USAGE')"
+# The functions a durable worker calls (batches), among those the schema has.
+_WORKER_FUNCTIONS = ("pgpubsub.lock_batches(bigint[])", "pgpubsub.sweep_batches(double precision)")
+_MISSING_FUNCTIONS_SQL = (
+    "SELECT f FROM pg_catalog.unnest(%s::text[]) AS f "
+    "WHERE pg_catalog.to_regprocedure(f) IS NOT NULL "
+    "AND NOT pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(f), 'EXECUTE')"
+)
 _SCHEMA_SQL = "SELECT pg_catalog.to_regnamespace('pgpubsub') IS NOT NULL"
 
 
@@ -338,7 +345,12 @@ def missing_for_worker(conn: Any, durable: bool, scheduled: bool, spills: bool) 
     pairs = sorted(needed)
     rows = conn.execute(_MISSING_SQL, ([t for t, _ in pairs], [p for _, p in pairs])).fetchall()
     usage = conn.execute(_USAGE_SQL).fetchone()[0]
-    if not rows and usage:
+    functions = (
+        [f for (f,) in conn.execute(_MISSING_FUNCTIONS_SQL, (list(_WORKER_FUNCTIONS),))]
+        if durable and usage  # (without USAGE the schema's functions cannot be named)
+        else []
+    )
+    if not rows and not functions and usage:
         return None
     role = sql.Identifier(conn.info.user).as_string(conn)
     by_table: dict[str, list[str]] = {}
@@ -352,6 +364,7 @@ def missing_for_worker(conn: Any, durable: bool, scheduled: bool, spills: bool) 
         name, _, columns = table.partition(" ")
         target = f"{', '.join(privileges)} {columns}".strip()
         grants.append(f"GRANT {target} ON pgpubsub.{name} TO {role}")
+    grants += [f"GRANT EXECUTE ON FUNCTION {f} TO {role}" for f in functions]
     return "; ".join(grants)
 
 
