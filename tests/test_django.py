@@ -538,3 +538,73 @@ def test_every_pgpubsub_command_runs_through_manage_py_on_the_projects_database(
     finally:
         dashboard.send_signal(signal.SIGTERM)
         dashboard.communicate(timeout=30)
+
+
+@dataclass
+class Member(pgpubsub.Channel, lock_notifications=True, max_attempts=1):
+    n: int
+
+
+@dataclass
+class MembersDone(pgpubsub.Channel, lock_notifications=True):
+    label: str
+    batch: pgpubsub.BatchOutcome | None = None
+
+
+def test_workers_on_django_settle_a_batch_under_a_repeatable_read_default(dj: str) -> None:
+    """Issue 29 review, finding 3: with the database's default_transaction_isolation
+    'repeatable read' (Django sets a level only when OPTIONS name one), two workers on
+    Django's connections claim and settle a batch's last two members at once: both
+    complete, once, and the callback is published once with both done."""
+    import threading
+
+    from django.db import connections
+
+    from pgpubsub._djangodb import DjangoSession
+    from pgpubsub._processor import ChannelProcessor
+    from pgpubsub.channel import spec_of
+    from pgpubsub.listen import Registry
+
+    dbname = psycopg.conninfo.conninfo_to_dict(dj)["dbname"]
+    admin_query(
+        dj, f"ALTER DATABASE \"{dbname}\" SET default_transaction_isolation = 'repeatable read'"
+    )
+    connections.close_all()
+    try:
+        for round_ in range(2):
+            barrier = threading.Barrier(2, timeout=10)
+            registry = Registry()
+            registry.add(Member, lambda n, barrier=barrier: barrier.wait())
+            with psycopg.connect(dj) as conn:
+                pgpubsub.batch(
+                    [Member(n=1), Member(n=2)], on_complete=MembersDone(str(round_)), conn=conn
+                )
+            spec = spec_of(Member)
+            procs = [
+                ChannelProcessor(DjangoSession(), spec, registry.listeners(spec)) for _ in range(2)
+            ]
+
+            def drain(proc: ChannelProcessor) -> None:
+                try:
+                    proc.session.open()
+                    proc.claim_size = 1
+                    proc.drain_once()
+                finally:
+                    connections.close_all()
+
+            threads = [threading.Thread(target=drain, args=(p,)) for p in procs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            assert sorted((p.processed, p.failed) for p in procs) == [(1, 0), (1, 0)]
+        got = admin_query(
+            dj,
+            "SELECT payload::jsonb -> 'batch' ->> 'done' FROM pgpubsub.message "
+            "WHERE channel = %s ORDER BY id",
+            (spec_of(MembersDone).name,),
+        )
+        assert got == [("2",), ("2",)]
+    finally:
+        admin_query(dj, f'ALTER DATABASE "{dbname}" RESET default_transaction_isolation')
+        connections.close_all()

@@ -41,7 +41,12 @@ class Rows(TriggerChannel, table="shop.rows", lock_notifications=True):
     pass
 
 
-KINDS = ["none", "publisher", "worker", "monitor", "operator", "django_writer"]
+@dataclass
+class Answer(Channel, lock_notifications=True, results=True):
+    n: int
+
+
+KINDS = ["none", "publisher", "awaiter", "worker", "monitor", "operator", "django_writer"]
 ALL = set(KINDS)
 PUBLISH = {"publisher", "worker"}
 # A Django writer stores the durable events of its writes: it may insert a
@@ -59,6 +64,9 @@ EXPECTED = {
     "publish with priority": PUBLISH,
     "publish with ordering_key": PUBLISH,
     "publish with dedupe_key": PUBLISH,
+    "publish a batch": PUBLISH,
+    # A result or an error may quote the payload: not for publishers.
+    "await a result": {"awaiter", "worker", "operator"},
     "run a durable channel": {"worker"},
     "run a scheduled channel": {"worker"},
     "status": {"worker", "monitor", "operator"},
@@ -161,6 +169,17 @@ def _messages(action: Callable[[Any], object]) -> Callable[[str], None]:
 
 
 IDS: dict[str, Any] = {}
+
+
+def _publish_batch(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgpubsub.batch([Note(n=1), Note(n=2)], on_complete=Note(n=3), conn=conn)
+
+
+def _await_result(dsn: str) -> None:
+    assert pgpubsub.handle(Answer, IDS["answer"], dsn=dsn).result_sync(timeout=5) == 42
+
+
 OPERATIONS: dict[str, Callable[[str], None]] = {
     "publish plain": _publish_plain,
     "listen plain": _listen_plain,
@@ -186,6 +205,8 @@ OPERATIONS: dict[str, Callable[[str], None]] = {
     "pause and resume": _messages(
         lambda c: messages.pause(c, "note") and messages.resume(c, "note")
     ),
+    "publish a batch": _publish_batch,
+    "await a result": _await_result,
 }
 
 
@@ -206,7 +227,7 @@ def granted(dsn: str) -> Iterator[dict[str, str]]:
     roles = {kind: f"{kind}_{suffix}"[:63] for kind in KINDS}
     try:
         for kind, role in roles.items():
-            admin_query(dsn, f'CREATE ROLE "{role}" LOGIN PASSWORD \'pw\'')
+            admin_query(dsn, f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'")
             if kind != "none":
                 flag = "--" + kind.replace("_", "-")
                 assert cli.main(["grant", role, flag, "--dsn", dsn]) == 0
@@ -226,7 +247,13 @@ def _prepare(dsn: str) -> None:
         "(%(c)s, '{\"n\": 2}', 'pending', now() + interval '1 hour') RETURNING id",
         {"c": spec_of(Note).name},  # type: ignore[arg-type]
     )
-    IDS.update(dead=dead, pending=pending, channel=spec_of(Note).name)
+    [(answer,)] = admin_query(
+        dsn,
+        "INSERT INTO pgpubsub.message (channel, payload, status, result, completed_at) "
+        "VALUES (%s, '{\"n\": 1}', 'done', '42', now()) RETURNING id",
+        (spec_of(Answer).name,),
+    )
+    IDS.update(dead=dead, pending=pending, channel=spec_of(Note).name, answer=answer)
 
 
 def test_every_grant_kind_can_do_exactly_what_the_security_guide_says(

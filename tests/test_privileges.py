@@ -265,6 +265,21 @@ def test_a_worker_lacking_a_privilege_its_channels_need_says_so_and_exits_5(
     assert admin_query(roles.dsn, "SELECT count(*) FROM pgpubsub.worker") == [(0,)]
 
 
+
+def test_a_worker_without_the_batch_functions_says_so_and_exits_5(roles: Roles) -> None:
+    """A grant from before the batch functions (a sweep calls one on every worker): the
+    worker names the GRANT at start instead of failing its sweeps."""
+    from test_operations import one_failure, run
+
+    worker = roles.make("work", "--worker")
+    admin_query(
+        roles.dsn,
+        "REVOKE EXECUTE ON FUNCTION pgpubsub.sweep_batches(double precision) "
+        f'FROM "{worker}"',
+    )
+    out = run("listen", "app.jobs", "--dsn", roles.dsn_of(worker))
+    one_failure(out, 5, f"pgpubsub grant {worker} --worker", "pgpubsub.sweep_batches")
+
 V3_TRIGGERS = """
 CREATE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS pgpubsub_new
     FOR EACH STATEMENT EXECUTE FUNCTION pgpubsub.notify_statement({channel}, 'durable');

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 from helpers import admin_query, terminate_sessions, wait_until
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgpubsub
-from pgpubsub import _results, durable, messages
+from pgpubsub import _results, cli, durable, messages
 from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.errors import MessageCancelled, MessageFailed, ResultTimeout
@@ -273,10 +275,13 @@ def test_a_waiter_whose_session_is_ended_connects_again_and_finds_the_outcome(
 def listening(dsn: str) -> bool:
     """A waiter has read its message after its LISTEN, and waits."""
     query = "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle' AND query = %s"
-    return bool(admin_query(dsn, query, (_results.STATE_SQL.replace("%s", "$1"),))[0][0])
+    text = _results.READ_SQL.replace("%s", "$1", 1).replace("%s", "$2", 1)
+    return bool(admin_query(dsn, query, (text,))[0][0])
 
 
-@pytest.mark.parametrize("returned", [object(), "a NUL \x00 here"])
+@pytest.mark.parametrize(
+    "returned", [object(), "a NUL \x00 here", float("nan"), [1.0, {"x": float("inf")}]]
+)
 def test_a_result_that_cannot_be_stored_fails_its_attempt(db: str, returned: Any) -> None:
     registry = Registry()
 
@@ -424,9 +429,6 @@ class Other(Channel, lock_notifications=True, max_attempts=1):
     n: int
 
 
-MEMBERS_SQL = _results.MEMBERS_SQL
-
-
 def test_members_of_several_batches_completed_at_once_do_not_deadlock(db: str) -> None:
     """Two processors complete members of the same three batches at the same moment, in
     orders of their own (the order a statement visits its rows is the plan's): they must not
@@ -450,13 +452,12 @@ def test_members_of_several_batches_completed_at_once_do_not_deadlock(db: str) -
             ]
             for k in reversed(range(3)):
                 conn.execute(
-                    "UPDATE pgpubsub.batch SET total = 2 WHERE id = %s", (made[k],)
+                    "UPDATE pgpubsub.batch SET total = 2, pending = 2 WHERE id = %s", (made[k],)
                 )  # (the owner's edit: a second member, on the other channel, joins later)
                 conn.execute(
-                    MEMBERS_SQL,
-                    (spec_of(Other).name, made[k], f'{{"n": {10 * round_ + 5 + k}}}',
-                     spec_of(Other).name),
-                )  # fmt: skip
+                    "INSERT INTO pgpubsub.message (channel, payload, batch_id) VALUES (%s, %s, %s)",
+                    (spec_of(Other).name, f'{{"n": {10 * round_ + 5 + k}}}', made[k]),
+                )
         procs = [processor(db, registry, Step), processor(db, registry, Other)]
         threads = [threading.Thread(target=p.drain_once) for p in procs]
         # The batch rows held, so that both processors reach their completion and wait
@@ -550,3 +551,357 @@ def test_a_batch_callback_is_published_once_when_its_worker_dies_in_the_last_mem
         (spec_of(AllDone).name,),
     )
     assert payload["batch"]["id"] == made
+
+
+# -- hostile review of issue 29 ---------------------------------------------------------------
+
+
+class Roles:
+    """Login roles granted with ``pgpubsub grant``, dropped at the end."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.made: list[str] = []
+
+    def make(self, name: str, *flags: str) -> str:
+        role = f"{name}_{conninfo_to_dict(self.dsn)['dbname']}"[:63]
+        admin_query(self.dsn, f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'")
+        self.made.append(role)
+        assert cli.main(["grant", role, *flags, "--dsn", self.dsn]) == 0
+        return make_conninfo(self.dsn, user=role, password="pw")
+
+    def drop(self) -> None:
+        for role in self.made:
+            admin_query(self.dsn, f'DROP OWNED BY "{role}" CASCADE; DROP ROLE "{role}"')
+
+
+@pytest.fixture
+def roles(db: str) -> Iterator[Roles]:
+    made = Roles(db)
+    yield made
+    made.drop()
+
+
+def test_a_publisher_writes_batches_only_through_publish_batch(db: str, roles: Roles) -> None:
+    """Finding 1 and 5: a publisher can neither write a batch row (its counts, which the
+    owner-run trigger computes with) nor a member's batch_id (join a batch, or seed a future
+    one); its batches are counted by the schema, and the channel's other messages run."""
+    publisher = roles.make("pub", "--publisher")
+    with psycopg.connect(db) as conn:
+        target = pgpubsub.batch([Step(n=1)], on_complete=Finished("target"), conn=conn)
+    next_id = int(target) + 1
+    attacks = [
+        (
+            "INSERT INTO pgpubsub.batch (total, callback_channel, callback_payload) "
+            "VALUES (-2147483648, 'x', '{}')"
+        ),
+        "INSERT INTO pgpubsub.message (channel, payload, batch_id) "
+        f"VALUES ('{spec_of(Step).name}', '{{\"n\": 9}}', {int(target)})",
+        "INSERT INTO pgpubsub.message (channel, payload, batch_id) "
+        f"VALUES ('nobody', '{{}}', {next_id})",
+        f"UPDATE pgpubsub.message SET batch_id = {int(target)}",
+        "UPDATE pgpubsub.batch SET total = -2147483648",
+    ]
+    for attack in attacks:
+        with (
+            psycopg.connect(publisher, autocommit=True) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute(attack)
+    # The schema's function checks what it is given.
+    with psycopg.connect(publisher, autocommit=True) as conn:
+        for params in [("x", "{}", [], []), ("x", "[1]", ["a"], ["{}"]), ("x", "{}", ["a"], [])]:
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                conn.execute("SELECT pgpubsub.publish_batch(%s, %s, %s, %s)", params)
+        made = pgpubsub.batch([Step(n=2), Step(n=3)], on_complete=Finished("theirs"), conn=conn)
+    with psycopg.connect(db) as conn:
+        pgpubsub.notify_many(Step, [{"n": n} for n in range(10, 20)], conn=conn)
+    proc = drain(db, step_registry(), Step)
+    assert proc.processed == 13
+    outcomes = sorted(
+        (p["label"], p["batch"]["total"], p["batch"]["done"]) for (p,) in callbacks(db)
+    )
+    assert outcomes == [("target", 1, 1), ("theirs", 2, 2)]
+    assert admin_query(db, "SELECT total, done FROM pgpubsub.batch WHERE id = %s", (made,)) == [
+        (2, 2)
+    ]
+
+
+def test_results_and_errors_are_read_only_by_awaiters_one_channel_at_a_time(
+    db: str, roles: Roles
+) -> None:
+    """Finding 4 and 13: a publisher reads no message's result or error (an error may quote
+    the payload); an awaiter reads one message's outcome by id and channel, never another
+    channel's through a handle of its own."""
+    publisher = roles.make("pub", "--publisher")
+    awaiter = roles.make("await", "--awaiter")
+    with psycopg.connect(db) as conn:
+        resized = pgpubsub.notify(Resize(n=4), conn=conn)
+        job = pgpubsub.notify(Job(n=5), conn=conn)
+    drain(db, resize_registry(), Resize)
+    registry = Registry()
+    registry.add(Job, lambda n: n * 100)
+    drain(db, registry, Job)
+    for column in ("result", "last_error", "payload"):
+        with (
+            psycopg.connect(publisher, autocommit=True) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute(f"SELECT {column} FROM pgpubsub.message")  # noqa: S608
+    with pytest.raises(pgpubsub.errors.PermissionDenied):
+        pgpubsub.handle(Resize, resized, dsn=publisher).result_sync(timeout=5)
+    assert pgpubsub.handle(Resize, resized, dsn=awaiter).result_sync(timeout=5) == Thumb(
+        40, "thumb-4"
+    )
+    assert pgpubsub.handle(Job, job, dsn=awaiter).result_sync(timeout=5) == 500
+    with pytest.raises(MessageCancelled):  # Job's message is no Resize message
+        pgpubsub.handle(Resize, job, dsn=awaiter).result_sync(timeout=5)
+    with (
+        psycopg.connect(awaiter, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute("SELECT payload FROM pgpubsub.message")
+
+
+def test_a_batch_on_an_autocommit_connection_is_published_whole_or_not_at_all(db: str) -> None:
+    """Finding 2: one statement per batch, so an autocommit connection never commits part of
+    one (a callback published over members not stored yet)."""
+    admin_query(
+        db,
+        "ALTER TABLE pgpubsub.message ADD CONSTRAINT no_other "
+        f"CHECK (channel <> '{spec_of(Other).name}')",
+    )
+    with psycopg.connect(db, autocommit=True) as conn:
+        with pytest.raises(pgpubsub.errors.PgPubSubError):
+            pgpubsub.batch([Step(n=1), Step(n=2), Other(n=3)], on_complete=Finished("x"), conn=conn)
+        assert admin_query(db, "SELECT count(*) FROM pgpubsub.message") == [(0,)]
+        assert admin_query(db, "SELECT count(*) FROM pgpubsub.batch") == [(0,)]
+        made = pgpubsub.batch([Step(n=1), Step(n=2)], on_complete=Finished("y"), conn=conn)
+    assert len(made.members) == 2
+    drain(db, step_registry(), Step)
+    [(payload,)] = callbacks(db)
+    assert payload["batch"] == {"id": made, "total": 2, "done": 2, "dead": 0, "cancelled": 0}
+
+
+def test_the_last_members_completed_concurrently_under_repeatable_read(db: str) -> None:
+    """Finding 3: with the database's default_transaction_isolation 'repeatable read', two
+    workers settling a batch's last two members at once still publish its callback once."""
+    dbname = conninfo_to_dict(db)["dbname"]
+    admin_query(
+        db, f"ALTER DATABASE \"{dbname}\" SET default_transaction_isolation = 'repeatable read'"
+    )
+    for round_ in range(2):
+        barrier = threading.Barrier(2, timeout=10)
+        registry = Registry()
+        registry.add(Step, lambda n, barrier=barrier: barrier.wait())
+        with psycopg.connect(db) as conn:
+            pgpubsub.batch(
+                [Step(n=n) for n in range(2)], on_complete=Finished(str(round_)), conn=conn
+            )
+        procs = [processor(db, registry, Step) for _ in range(2)]
+        for proc in procs:
+            proc.claim_size = 1
+        threads = [threading.Thread(target=p.drain_once) for p in procs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        for proc in procs:
+            proc.session.close()
+        assert sorted(p.processed for p in procs) == [1, 1]
+    got = sorted((p["label"], p["batch"]["done"]) for (p,) in callbacks(db))
+    assert got == [("0", 2), ("1", 2)]
+
+
+@dataclass
+class Kept(Channel, lock_notifications=True, retention=1, max_attempts=2, retry_delay=300):
+    n: int
+
+
+def test_members_swept_by_the_retention_keep_their_outcome(db: str) -> None:
+    """Finding 6: a done member swept after the retention while its batch is open is still
+    counted done (its outcome is counted when it settles)."""
+    fails = {2}
+    registry = Registry()
+
+    def kept(n: int) -> None:
+        if n in fails:
+            fails.discard(n)
+            raise RuntimeError("once")
+
+    registry.add(Kept, kept)
+    with psycopg.connect(db) as conn:
+        made = pgpubsub.batch([Kept(n=n) for n in range(3)], on_complete=Finished("k"), conn=conn)
+    drain(db, registry, Kept)  # 0, 1 done; 2 to be retried
+    admin_query(db, "UPDATE pgpubsub.message SET completed_at = completed_at - interval '1 hour'")
+    drain(db, registry, Kept)  # sweeps 0 and 1
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message WHERE status = 'done'") == [(0,)]
+    admin_query(db, "UPDATE pgpubsub.message SET run_at = now() WHERE status = 'pending'")
+    drain(db, registry, Kept)
+    [(payload,)] = callbacks(db)
+    assert payload["batch"] == {"id": made, "total": 3, "done": 3, "dead": 0, "cancelled": 0}
+
+
+def test_an_operator_locking_batches_in_another_order_does_not_run_listeners_twice(
+    db: str,
+) -> None:
+    """Finding 7: an operator cancels a member of batch Y, then one of batch X, in one
+    transaction, while a worker settles members of X and Y: the worker yields (its
+    listeners run once), the operator's transaction goes through."""
+    ran: list[int] = []
+    go = threading.Event()
+    registry = Registry()
+
+    def step(n: int) -> None:
+        ran.append(n)
+        assert n == 1 or go.wait(10)  # the last one waits
+
+    registry.add(Step, step)
+    with psycopg.connect(db) as conn:
+        x = pgpubsub.batch([Step(n=1), Other(n=1)], on_complete=Finished("X"), conn=conn)
+        y = pgpubsub.batch([Step(n=2), Other(n=2)], on_complete=Finished("Y"), conn=conn)
+    proc = processor(db, registry, Step)
+    worker = threading.Thread(target=proc.drain_once)
+    worker.start()
+    try:
+        wait_until(lambda: len(ran) == 2)
+        with psycopg.connect(db) as operator:
+            messages.cancel(operator, ids=[y.members[1]])  # Y's batch row locked
+            go.set()
+            wait_until(lambda: waiting_for_locks(db) == 1)  # the worker waits for Y
+            messages.cancel(operator, ids=[x.members[1]])  # X: held by the worker
+            operator.commit()
+        worker.join(20)
+    finally:
+        go.set()
+        worker.join(20)
+        proc.session.close()
+    assert sorted(ran) == [1, 2] and proc.processed == 2
+    got = sorted(
+        (p["label"], p["batch"]["done"], p["batch"]["cancelled"]) for (p,) in callbacks(db)
+    )
+    assert got == [("X", 1, 1), ("Y", 1, 1)]
+
+
+def test_a_timeout_bounds_the_whole_wait_connecting_included(db: str) -> None:
+    """Finding 9: a server that accepts the connection and never answers; and timeouts that
+    are no number of seconds."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    silent = f"host=127.0.0.1 port={port} dbname=x user=x connect_timeout=60"
+    waiting = pgpubsub.handle(Job, 1, dsn=silent)
+    errors: list[BaseException] = []
+
+    def wait_sync() -> None:
+        try:
+            waiting.result_sync(timeout=0.5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        started = time.monotonic()
+        thread = threading.Thread(target=wait_sync, daemon=True)
+        thread.start()
+        thread.join(5)
+        assert not thread.is_alive() and isinstance(errors[0], ResultTimeout)
+        with pytest.raises(ResultTimeout):
+            asyncio.run(asyncio.wait_for(waiting.result(timeout=0.5), 5))
+        assert time.monotonic() - started < 5
+    finally:
+        server.close()
+    for bad in (float("nan"), -1, float("inf"), "3"):
+        with pytest.raises(pgpubsub.errors.ConfigurationError):
+            waiting.result_sync(timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(pgpubsub.errors.ConfigurationError):
+            asyncio.run(waiting.result(timeout=bad))  # type: ignore[arg-type]
+
+
+def test_a_string_with_an_escaped_backslash_u0000_is_stored(db: str) -> None:
+    """Finding 12: only a NUL character is refused, not the text backslash-u0000."""
+    registry = Registry()
+    registry.add(Job, lambda n: ["C:\\u0000data", "a\\\\u0000b", n])
+    with psycopg.connect(db) as conn:
+        made = pgpubsub.notify(Job(n=1), conn=conn)
+    assert drain(db, registry, Job).processed == 1
+    assert made.result_sync(timeout=5) == ["C:\\u0000data", "a\\\\u0000b", 1]
+
+
+@pytest.mark.unit
+def test_a_result_type_msgspec_cannot_decode_is_refused_at_class_definition() -> None:
+    """Finding 14."""
+    with pytest.raises(pgpubsub.errors.ConfigurationError, match="Result"):
+
+        @dataclass
+        class Bad(Channel, lock_notifications=True, results=True):
+            Result = "Thumb"
+            n: int
+
+
+def test_batch_members_and_batches_are_swept_by_any_worker(db: str) -> None:
+    """Finding 16: the done members of a channel without retention are swept after a day by
+    a worker that completed none of them, and the batch row with them."""
+    with psycopg.connect(db) as conn:
+        made = pgpubsub.batch([Step(n=1), Step(n=2)], on_complete=Finished("s"), conn=conn)
+    drain(db, step_registry(), Step)
+    assert admin_query(
+        db, "SELECT count(*) FROM pgpubsub.message WHERE batch_id = %s", (made,)
+    ) == [(2,)]
+    admin_query(
+        db,
+        "UPDATE pgpubsub.message SET completed_at = completed_at - interval '2 days' "
+        "WHERE batch_id IS NOT NULL",
+    )
+    admin_query(db, "UPDATE pgpubsub.batch SET completed_at = completed_at - interval '2 days'")
+    proc = drain(db, step_registry(), Step)  # a new worker: nothing to process
+    assert proc.processed == 0
+    assert admin_query(
+        db, "SELECT count(*) FROM pgpubsub.message WHERE batch_id = %s", (made,)
+    ) == [(0,)]
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.batch") == [(0,)]
+
+
+def test_a_handle_keeps_the_host_name_and_pickles_no_password(db: str) -> None:
+    """Finding 10: the conninfo a handle keeps names the host as given (libpq resolves it
+    again, not the address one attempt used), and a pickled handle carries no password."""
+    params = conninfo_to_dict(db)
+    params["host"] = "localhost"
+    with psycopg.connect(make_conninfo(**params)) as conn:
+        made = pgpubsub.notify(Resize(n=1), conn=conn)
+    assert made.conninfo is not None
+    kept = conninfo_to_dict(made.conninfo)
+    assert kept["host"] == "localhost" and "hostaddr" not in kept
+    secret = _results.Handle(int(made), made.spec, make_conninfo(made.conninfo, password="s3cr3t"))
+    assert b"s3cr3t" not in pickle.dumps(secret)
+    drain(db, resize_registry(), Resize)
+    assert pickle.loads(pickle.dumps(secret)).result_sync(timeout=5) == Thumb(10, "thumb-1")
+
+
+def test_waits_gathered_in_one_event_loop_share_one_connection(db: str) -> None:
+    """Finding 11: a waiter per message must not cost a server connection per message (150
+    gathered waits took 151 backends, 230 locked the workers out)."""
+    with psycopg.connect(db) as conn:
+        handles = [pgpubsub.notify(Job(n=n), conn=conn) for n in range(60)]
+        slow = pgpubsub.notify(Job(n=1000), conn=conn)
+    registry = Registry()
+    registry.add(Job, lambda n: n * 2)
+
+    def backends() -> int:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        return int(admin_query(db, query)[0][0])  # type: ignore[call-overload]
+
+    async def main() -> list[Any]:
+        waits = [asyncio.ensure_future(h.result(timeout=30)) for h in handles]
+        late = asyncio.ensure_future(slow.result(timeout=0.5))
+        await asyncio.sleep(0.3)
+        during = backends()
+        with pytest.raises(ResultTimeout):  # one wait's timeout leaves the others waiting
+            await late
+        await asyncio.to_thread(drain, db, registry, Job)
+        values = await asyncio.gather(*waits)
+        return [during, *values]
+
+    during, *values = asyncio.run(main())
+    assert during <= 3  # the shared waiting connection, the probe's own (and a spare)
+    assert values == [n * 2 for n in range(60)]

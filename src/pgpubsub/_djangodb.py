@@ -9,7 +9,8 @@ the same database, built from Django's connection parameters.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from psycopg import pq
@@ -18,6 +19,8 @@ from psycopg.conninfo import make_conninfo
 from .session import Session
 
 __all__ = ["DjangoSession", "django_conninfo"]
+
+READ_COMMITTED_SQL = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
 
 
 class DjangoSession(Session):
@@ -38,11 +41,23 @@ class DjangoSession(Session):
             conn.close_if_unusable_or_obsolete()
         conn.ensure_connection()
 
-    def atomic(self) -> AbstractContextManager[Any]:
+    @contextmanager
+    def atomic(self) -> Iterator[Any]:
+        """Django's atomic block; a transaction of its own begins READ COMMITTED.
+
+        Whatever the database's default_transaction_isolation (Django sets the
+        level only when OPTIONS name one): a claim must see the rows other
+        workers committed, and settling a batch member its batch's latest
+        counts (schema: batch_member_settled), never fail or miss them.
+        """
         from django.db import transaction
 
-        atomic: AbstractContextManager[Any] = transaction.atomic(using=self.alias)
-        return atomic
+        outermost = not self.connection.in_atomic_block
+        with transaction.atomic(using=self.alias) as block:
+            if outermost:
+                with self.connection.cursor() as cur:
+                    cur.execute(READ_COMMITTED_SQL)
+            yield block
 
     def execute(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
         with self.connection.cursor() as cur:

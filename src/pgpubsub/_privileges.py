@@ -6,13 +6,18 @@ kind                      what it may do
 ``publisher``             publish on durable channels with every option: INSERT into
                           ``pgpubsub.message``, and read back the ids it gets and the id of a
                           pending message with the same dedupe key (not other messages'
-                          payloads); wait for results (a message's status, result and
-                          error); publish batches (INSERT into ``pgpubsub.batch``)
+                          payloads); publish batches (``pgpubsub.publish_batch``: the only
+                          way a batch or a member's batch is written)
+``awaiter``               wait for the outcome of messages of results channels
+                          (``handle.result()``): the status, the listener's return value and,
+                          of a dead message, its final error, which may quote the payload: as
+                          private as payloads, so not part of ``--publisher``
 ``worker``                claim, complete, retry and purge stored messages, read the spilled
                           rows of plain trigger channels, store the ticks of scheduled
                           channels (``pgpubsub.schedule`` and INSERT into the message table),
                           keep its row in the worker registry, read whether a channel is
-                          paused and take a rate-limited channel's tokens
+                          paused and take a rate-limited channel's tokens; publish batches
+                          and wait for results (from listeners)
 ``monitor``               read what ``pgpubsub status`` and the dashboard's overview show:
                           counts, ages, priorities and attempts of messages (never their
                           payloads, errors, keys or context), the worker registry and the
@@ -20,7 +25,7 @@ kind                      what it may do
                           probes and dashboards
 ``operator``              what a monitor may, plus read whole messages and replay, cancel and
                           purge them, pause and resume channels (``pgpubsub messages``, the
-                          dashboard's pages and actions)
+                          dashboard's pages and actions), wait for results
 ``django_writer``         write to tables watched by Django trigger channels: django-pgtrigger
                           trigger functions run as the writer and call the pgpubsub helpers
 ========================  ==================================================================
@@ -56,7 +61,8 @@ _MONITORED = (
 )
 # What a monitor reads of a batch: its counts, never its callback's payload.
 _BATCH_COUNTS = (
-    "id, total, done, dead, cancelled, callback_channel, callback_id, created_at, completed_at"
+    "id, total, pending, done, dead, cancelled, callback_channel, callback_id, created_at, "
+    "completed_at"
 )
 # What a publisher writes: never a message's id, state, attempts or times.
 _PUBLISHED = "channel, payload, trace, run_at, priority, dedupe_key, ordering_key, limit_key"
@@ -65,14 +71,16 @@ KINDS: dict[str, tuple[str, ...]] = {
     "publisher": (
         _SCHEMA,
         f"GRANT INSERT ({_PUBLISHED}) ON pgpubsub.message TO {{role}}",
-        # The ids notify() returns, and a pending dedupe_key's message id; the
-        # outcome a handle waits for (results channels: the value or the error).
-        "GRANT SELECT (id, channel, status, dedupe_key, result, last_error) "
-        "ON pgpubsub.message TO {role}",
-        # Batches: the batch row, and its members (their batch's id).
-        "GRANT INSERT (batch_id) ON pgpubsub.message TO {role}",
-        "GRANT SELECT (id), INSERT (total, callback_channel, callback_payload) "
-        "ON pgpubsub.batch TO {role}",
+        # The ids notify() returns, and a pending dedupe_key's message id.
+        "GRANT SELECT (id, channel, status, dedupe_key) ON pgpubsub.message TO {role}",
+        # Batches: the batch row and its members, in one call that counts them.
+        "GRANT EXECUTE ON FUNCTION pgpubsub.publish_batch(text, text, text[], text[]) "
+        "TO {role}",
+    ),
+    "awaiter": (
+        _SCHEMA,
+        # One message's outcome, by id and channel (never its payload).
+        "GRANT EXECUTE ON FUNCTION pgpubsub.outcome(bigint, text) TO {role}",
     ),
     "worker": (
         _SCHEMA,
@@ -88,6 +96,12 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT, INSERT, UPDATE ON pgpubsub.rate_bucket TO {role}",  # take rate tokens
         # Lock the batch rows of the members it settles, in order (batches: no deadlock).
         "GRANT EXECUTE ON FUNCTION pgpubsub.lock_batches(bigint[]) TO {role}",
+        # Batches published by listeners, and outcomes awaited by them.
+        "GRANT EXECUTE ON FUNCTION pgpubsub.publish_batch(text, text, text[], text[]) "
+        "TO {role}",
+        "GRANT EXECUTE ON FUNCTION pgpubsub.outcome(bigint, text) TO {role}",
+        # Finished batches whose members are all swept: deleted after the retention.
+        "GRANT EXECUTE ON FUNCTION pgpubsub.sweep_batches(double precision) TO {role}",
         # A limit_key's tokens (key_rate_limit); full buckets of idle keys deleted.
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.key_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",
@@ -108,6 +122,7 @@ KINDS: dict[str, tuple[str, ...]] = {
         "GRANT SELECT ON pgpubsub.rate_bucket, pgpubsub.key_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.worker, pgpubsub.version, pgpubsub.lease TO {role}",
         "GRANT SELECT ON pgpubsub.batch TO {role}",
+        "GRANT EXECUTE ON FUNCTION pgpubsub.outcome(bigint, text) TO {role}",  # reads all anyway
     ),
     "django_writer": (
         _SCHEMA,
@@ -306,6 +321,13 @@ _MISSING_SQL = (
     "ELSE pg_catalog.has_table_privilege(c.oid, x.p) END"
 )
 _USAGE_SQL = "SELECT pg_catalog.has_schema_privilege('pgpubsub', 'USAGE')"
+# The functions a durable worker calls (batches), among those the schema has.
+_WORKER_FUNCTIONS = ("pgpubsub.lock_batches(bigint[])", "pgpubsub.sweep_batches(double precision)")
+_MISSING_FUNCTIONS_SQL = (
+    "SELECT f FROM pg_catalog.unnest(%s::text[]) AS f "
+    "WHERE pg_catalog.to_regprocedure(f) IS NOT NULL "
+    "AND NOT pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(f), 'EXECUTE')"
+)
 _SCHEMA_SQL = "SELECT pg_catalog.to_regnamespace('pgpubsub') IS NOT NULL"
 
 
@@ -323,7 +345,12 @@ def missing_for_worker(conn: Any, durable: bool, scheduled: bool, spills: bool) 
     pairs = sorted(needed)
     rows = conn.execute(_MISSING_SQL, ([t for t, _ in pairs], [p for _, p in pairs])).fetchall()
     usage = conn.execute(_USAGE_SQL).fetchone()[0]
-    if not rows and usage:
+    functions = (
+        [f for (f,) in conn.execute(_MISSING_FUNCTIONS_SQL, (list(_WORKER_FUNCTIONS),))]
+        if durable and usage  # (without USAGE the schema's functions cannot be named)
+        else []
+    )
+    if not rows and not functions and usage:
         return None
     role = sql.Identifier(conn.info.user).as_string(conn)
     by_table: dict[str, list[str]] = {}
@@ -337,6 +364,7 @@ def missing_for_worker(conn: Any, durable: bool, scheduled: bool, spills: bool) 
         name, _, columns = table.partition(" ")
         target = f"{', '.join(privileges)} {columns}".strip()
         grants.append(f"GRANT {target} ON pgpubsub.{name} TO {role}")
+    grants += [f"GRANT EXECUTE ON FUNCTION {f} TO {role}" for f in functions]
     return "; ".join(grants)
 
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import threading
 import time
 import traceback
@@ -190,6 +191,7 @@ LOCK_SQL = (
 )
 # The batch rows of the members about to be settled, locked in id order (see schema.sql).
 LOCK_BATCHES_SQL = "SELECT pgpubsub.lock_batches(%s::bigint[])"
+LOCK_BATCHES_TRIES = 20
 DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
 KEEP_SQL = (
     "UPDATE pgpubsub.message SET status = 'done', completed_at = pg_catalog.now(), "
@@ -208,6 +210,10 @@ KEEP_RESULTS_SQL = (
 #: The channel on which a results channel's settled messages are announced (payload: the id).
 DONE_CHANNEL = "pgpubsub.done"
 SETTLED_SQL = "SELECT pg_catalog.pg_notify(%s, %s::text)"
+# Finished batches whose members are all swept, deleted after the retention too.
+SWEEP_BATCHES_SQL = "SELECT pgpubsub.sweep_batches(%s)"
+#: Seconds between sweeps of a channel without a retention (its batch members).
+SWEEP_EVERY = 60.0
 EXPIRE_SQL = (
     "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
     "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
@@ -530,6 +536,17 @@ class ProcessorStatus:
     alive: bool  # its thread is running
 
 
+def _non_finite(value: Any) -> bool:
+    """Whether a value of plain JSON types holds a float that is NaN or infinite."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
 class ChannelProcessor:
     """Claims and processes one durable channel, in a thread with its own session."""
 
@@ -579,7 +596,7 @@ class ChannelProcessor:
         self.result_type: Any = getattr(cls, "Result", None)
         self._values: dict[int, str] = {}  # id -> the JSON of its listeners' return value
         self._members: dict[int, int] = {}  # id -> batch, of the members in hand
-        self._kept_members = False  # members kept on a channel without retention: swept
+        self._next_sweep = 0.0  # time.monotonic() of the next sweep of a channel without retention
         # Flow control per limit_key (key_rate_limit, key_concurrency).
         self.key_rate = key_rate_of(cls)
         self.key_slots: int | None = cls.key_concurrency
@@ -705,11 +722,22 @@ class ChannelProcessor:
             full = full + 1 if got >= asked else 0
             if full == 2:  # a second full batch in a row: more is waiting, ask for a hand
                 self.crew.wake_one(more=True)
-        if self.retention or self._kept_members:
+        # Kept outcomes and batch members expire after the retention (a day
+        # without one): swept on every drain of a channel with a retention,
+        # and every SWEEP_EVERY seconds on any other (the batch members that
+        # any worker, alive or gone, completed), with the batches finished a
+        # day ago whose members are all gone.
+        now = time.monotonic()
+        sweep = now >= self._next_sweep
+        if self.retention or sweep:
             with self.session.atomic():
                 self.session.execute(
                     EXPIRE_SQL, (self.spec.name, self.retention or RESULT_RETENTION)
                 )
+                if sweep:
+                    self.session.execute(SWEEP_BATCHES_SQL, (RESULT_RETENTION,))
+            if sweep:
+                self._next_sweep = now + SWEEP_EVERY
         return self.processed - before
 
     def _take_slot(self) -> bool:
@@ -941,7 +969,10 @@ class ChannelProcessor:
     def _encode(self, mid: int, value: Any) -> str:
         """The JSON of a listener's return value, checked against the channel's ``Result``."""
         try:
-            text = msgspec.json.encode(value)
+            plain = msgspec.to_builtins(value)
+            if _non_finite(plain):  # JSON has none: msgspec would store null silently
+                raise ValueError("it holds a float that is NaN or infinite (JSON has none)")
+            text = msgspec.json.encode(plain)
             if self.result_type is not None:
                 msgspec.json.decode(text, type=self.result_type)
             decoded = text.decode("utf-8")
@@ -951,7 +982,7 @@ class ChannelProcessor:
                 f"the listener of {self.spec.path} returned a value for message {mid} that "
                 f"cannot be stored{expected}: {exc}"
             ) from exc
-        if "\\u0000" in decoded:  # jsonb has no NUL character
+        if "\x00" in decoded or "\\u0000" in decoded.replace("\\\\", ""):  # jsonb has no NUL
             raise PayloadError(
                 f"the listener of {self.spec.path} returned a value for message {mid} that "
                 "cannot be stored: a string holds a NUL character (jsonb has none)"
@@ -1366,14 +1397,35 @@ class ChannelProcessor:
     def _lock_batches(self, settling: list[int]) -> None:
         """Lock the batch rows of the members among ``settling``, in id order, at once.
 
-        Settling a member locks its batch's row (schema: batch_member_settled);
+        Settling a member updates its batch's row (schema: batch_member_settled);
         taken one by one in the order a statement visits its rows, two
-        transactions with members of the same batches could deadlock.
+        transactions with members of the same batches could deadlock. An
+        operator's transaction may still lock them in another order (a cancel
+        of a member of one batch, then of another): the locks are taken in a
+        savepoint, and a deadlock detected there gives up only these locks
+        and tries again (the operator, waiting longer, is the next victim),
+        so the worker's batch is never undone and its listeners never run twice.
         """
-        if self._members:
-            batches = sorted({b for mid in settling if (b := self._members.get(mid)) is not None})
-            if len(batches) > 1:  # one row alone cannot close a cycle
-                self.session.execute(LOCK_BATCHES_SQL, (batches,))
+        if not self._members:
+            return
+        batches = sorted({b for mid in settling if (b := self._members.get(mid)) is not None})
+        if not batches:
+            return
+        for tried in range(LOCK_BATCHES_TRIES):
+            try:
+                with self.session.atomic():
+                    self.session.execute(LOCK_BATCHES_SQL, (batches,))
+                    self.session.sync()
+                return
+            except Exception as exc:
+                if sqlstate(exc) != "40P01" or tried == LOCK_BATCHES_TRIES - 1:
+                    raise
+                log.info(
+                    "durable channel %s: a deadlock over batch rows (%s); locking them again",
+                    self.spec.path,
+                    one_line(exc),
+                    extra={"channel": self.spec.name},
+                )
 
     def _still_ours(self, mid: int, attempt: int) -> bool:
         return self._lock([mid]).get(mid) == attempt
@@ -1407,7 +1459,6 @@ class ChannelProcessor:
         else:
             members = [mid for mid in ids if mid in self._members]
             if members:
-                self._kept_members = True
                 self.session.execute(KEEP_SQL, (members,))
                 ids = [mid for mid in ids if mid not in self._members]
             if ids:

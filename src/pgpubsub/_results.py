@@ -22,42 +22,50 @@ other. Outcomes are kept for the channel's ``retention``, a day when that is 0
 to the message). It works on a message that completed long ago, and from any
 process: ``pgpubsub.handle(Resize, message_id)`` rebuilds one.
 
-Waiting opens a connection of its own (LISTEN ``pgpubsub.done``, on which
-workers announce each settled message of a results channel, with its id, as
-they commit), reads the message's state, and reads it again on each
-announcement of its id, on every ``poll`` seconds (5: a message that died of
+The waits of one event loop on one server share a connection (one
+``result_sync`` call runs a loop of its own, so it holds one while it
+waits): it LISTENs on ``pgpubsub.done`` (on which workers announce each
+settled message of a results channel, with its id, as they commit), reads
+the states of the messages waited for in one statement, and reads a message
+again on each announcement of its id, on every ``poll`` seconds (5: a message that died of
 crashes, or was cancelled before it ran, is not announced), and after a lost
 connection (reconnected with backoff until the timeout). That connection goes
 to, in order: the ``dsn`` given to ``result()`` or :func:`handle`; the
 server, database, user and password of the connection the message was
 published on (psycopg 3, or Django's on psycopg 3); else ``$PGPUBSUB_DSN``
-and the libpq environment. A waiting role needs SELECT on the message's
-``status``, ``result`` and ``last_error`` (``pgpubsub grant --publisher``).
+and the libpq environment. ``timeout`` bounds the whole wait, connecting
+included. The outcome is read through ``pgpubsub.outcome(id, channel)``: one
+message of the handle's channel (``pgpubsub grant --awaiter``; a result or an
+error may quote the payload, so publishers cannot read it).
 
 Batches: ``pgpubsub.batch([Resize(...), ...], on_complete=Done(...), conn=conn)``
-publishes the members (durable messages, on one channel or several) and, once
-every member has settled (done, dead, or cancelled), publishes ``on_complete``
-exactly once, with the counts under the key ``batch`` of its payload (declare
-``batch: pgpubsub.BatchOutcome | None = None`` on the callback channel to read
-them). The statement that settles a member (done, dead, or deleted: cancelled
-or purged) checks, in its transaction, whether any member of its batch is
-still pending; the transaction that settles the last one publishes the
-callback (table ``pgpubsub.batch``: the batch's row lock orders concurrent
-completions, so exactly one of them sees none pending), and a worker that
-dies publishes nothing (its transaction rolls back, and the member's next
-attempt settles it). The counts are the members' statuses at that moment: a
-dead member replayed before then counts by its new outcome, one replayed
-after is not counted again; a member gone (cancelled, purged) counts as
-cancelled. A completed member is kept as ``done`` (swept after its channel's
-retention, or a day).
+publishes the members (durable messages, on one channel or several) in one
+statement (``pgpubsub.publish_batch``: whole or not at all, on an autocommit
+connection too; the only writer of batch rows and members' batch ids) and,
+once every member has settled (done, dead, or cancelled), publishes
+``on_complete`` exactly once, with the counts under the key ``batch`` of its
+payload (declare ``batch: pgpubsub.BatchOutcome | None = None`` on the
+callback channel to read them). The statement that settles a member (done,
+dead, or deleted while pending: cancelled or purged) moves its batch's counts
+under the batch row's lock; the transaction that settles the last pending one
+publishes the callback, and a worker that dies publishes nothing (its
+transaction rolls back, and the member's next attempt settles it). A dead
+member replayed before then counts by its new outcome, one replayed after is
+not counted again; a member deleted once settled (the retention's sweep)
+keeps its count. A completed member is kept as ``done`` (swept after its
+channel's retention, or a day), and finished batches whose members are gone
+are deleted after it too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import math
+import sys
+import threading
+import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,20 +90,18 @@ __all__ = ["Batch", "BatchOutcome", "Handle", "abatch", "batch", "conninfo_of", 
 
 #: Seconds between reads of a waited-for message when no announcement comes.
 POLL = 5.0
-STATE_SQL = "SELECT status, result::text, last_error FROM pgpubsub.message WHERE id = %s"
+# The outcome of one message of one channel (schema: pgpubsub.outcome, `grant --awaiter`).
+# The outcomes of the messages waited for, read at once (the hub of waiters).
+READ_SQL = (
+    "SELECT w.id, w.channel, o.status, o.result, o.last_error "
+    "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::text[])) "
+    "AS w(id, channel) CROSS JOIN LATERAL pgpubsub.outcome(w.id, w.channel) AS o"
+)
 LISTEN_SQL = sql.SQL("LISTEN {}").format(sql.Identifier(DONE_CHANNEL))
 RECONNECT = Backoff(base=0.2, factor=2, cap=5)
-BATCH_SQL = (
-    "INSERT INTO pgpubsub.batch (total, callback_channel, callback_payload) "
-    "VALUES (%s, %s, %s::jsonb) RETURNING id"
-)
-# The members of one channel (see durable.STORE_SQL), each with the batch's id.
-MEMBERS_SQL = (
-    "WITH ins AS (INSERT INTO pgpubsub.message (channel, payload, batch_id) "
-    "SELECT %s, x, %s FROM pg_catalog.unnest(pg_catalog.string_to_array(%s, E'\\n')) AS x "
-    "RETURNING id) "
-    "SELECT pg_catalog.array_agg(id ORDER BY id), pgpubsub.wake(%s) FROM ins"
-)
+# A batch and its members in one statement (schema: pgpubsub.publish_batch):
+# whole or not at all, on an autocommit connection too.
+BATCH_SQL = "SELECT batch_id, members FROM pgpubsub.publish_batch(%s, %s, %s, %s)"
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,12 @@ def conninfo_of(conn: Any) -> str | None:
         }
     except (psycopg.Error, UnicodeDecodeError):
         return None
+    # psycopg resolves a host name itself and connects to one of its
+    # addresses (hostaddr): keep the name, for libpq to resolve again (the
+    # server may have moved since, or listen on another of its addresses).
+    host = options.get("host", "")
+    if host and not host.startswith("/") and "hostaddr" in options:
+        del options["hostaddr"]
     return driver.build_conninfo(psycopg.conninfo.make_conninfo(**options))
 
 
@@ -150,7 +162,9 @@ class Handle(int):
         return f"<Handle {int(self)} on {self.spec.path}>"
 
     def __reduce__(self) -> Any:
-        return (handle, (self.spec.path, int(self), self.conninfo or ""))
+        # No password in a pickle (it may be stored or sent anywhere): the
+        # rebuilt handle finds it as libpq does (PGPASSWORD, a passfile).
+        return (handle, (self.spec.path, int(self), _without_password(self.conninfo)))
 
     # -- what a row says (no I/O) -------------------------------------------------
 
@@ -187,90 +201,240 @@ class Handle(int):
             return driver.build_conninfo(dsn)
         return self.conninfo or driver.build_conninfo()
 
-    @staticmethod
-    def _left(deadline: float | None, timeout: float | None, mid: int) -> float:
-        if deadline is None:
-            return POLL
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ResultTimeout(
-                f"message {mid} had no outcome within {timeout:g}s (it is left as it is)"
-            )
-        return left
-
     # -- waiting --------------------------------------------------------------------
 
     def result_sync(self, timeout: float | None = None, *, dsn: str | None = None) -> Any:
-        """Wait for the outcome (blocking); see :meth:`result`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        mid, failures = int(self), 0
-        key = str(mid)
-        while True:
+        """Wait for the outcome (blocking); see :meth:`result`.
+
+        Runs :meth:`result` on an event loop of its own (in a thread of its
+        own when this thread runs one already), so that ``timeout`` bounds
+        every step of the wait, connecting included.
+        """
+        _check_timeout(timeout)
+        waiting = self.result(timeout, dsn=dsn)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return _run(waiting)
+        outcome: list[Any] = []
+        failure: list[BaseException] = []
+
+        def wait() -> None:
             try:
-                with driver.connect(self._target(dsn)) as conn:
-                    conn.execute(LISTEN_SQL)
-                    failures = 0
-                    while True:
-                        settled, value = self._settled(conn.execute(STATE_SQL, (mid,)).fetchone())
-                        if settled:
-                            return value
-                        wait = min(POLL, self._left(deadline, timeout, mid))
-                        for note in conn.notifies(timeout=wait):
-                            if note.payload == key:
-                                break
-            except (ConnectionFailed, psycopg.OperationalError) as exc:
-                _lost_or_raise(exc, mid)
-                time.sleep(min(RECONNECT.delay(failures), self._left(deadline, timeout, mid)))
-                failures += 1
-            except psycopg.Error as exc:
-                raise driver.translate(exc, f"waiting for message {mid}") from exc
+                outcome.append(_run(waiting))
+            except BaseException as exc:  # handed to the caller's thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=wait, name=f"pgpubsub-result-{int(self)}", daemon=True)
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
+        return outcome[0]
 
     async def result(self, timeout: float | None = None, *, dsn: str | None = None) -> Any:
         """Wait for the outcome: the listener's return value (decoded as the channel's ``Result``).
 
         Raises MessageFailed (dead), MessageCancelled (gone), ResultTimeout
-        (``timeout`` seconds passed; None waits for ever). Woken by the
-        completion's NOTIFY, with a read every few seconds and after a
-        reconnect as the fallback.
+        (``timeout`` seconds passed, whatever the wait was doing: connecting,
+        reading, waiting; None waits for ever; a negative or NaN timeout is a
+        ConfigurationError). Woken by the completion's NOTIFY, with a read
+        every few seconds and after a reconnect as the fallback.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        mid, failures = int(self), 0
-        key = str(mid)
-        while True:
-            try:
-                conn = await driver.connect_async(self._target(dsn))
-                async with conn:
-                    await conn.execute(LISTEN_SQL)
-                    failures = 0
-                    while True:
-                        cur = await conn.execute(STATE_SQL, (mid,))
-                        settled, value = self._settled(await cur.fetchone())
-                        if settled:
-                            return value
-                        wait = min(POLL, self._left(deadline, timeout, mid))
-                        async for note in conn.notifies(timeout=wait):
-                            if note.payload == key:
-                                break
-            except (ConnectionFailed, psycopg.OperationalError) as exc:
-                _lost_or_raise(exc, mid)
-                await asyncio.sleep(
-                    min(RECONNECT.delay(failures), self._left(deadline, timeout, mid))
-                )
-                failures += 1
-            except psycopg.Error as exc:
-                raise driver.translate(exc, f"waiting for message {mid}") from exc
+        _check_timeout(timeout)
+        if timeout is None:
+            return await self._wait(dsn)
+        try:
+            return await asyncio.wait_for(self._wait(dsn), timeout)
+        except asyncio.TimeoutError:
+            raise ResultTimeout(
+                f"message {int(self)} had no outcome within {timeout:g}s (it is left as it is)"
+            ) from None
+
+    async def _wait(self, dsn: str | None) -> Any:
+        row = await _Hub.of(self._target(dsn)).outcome(int(self), self.spec.name)
+        return self._settled(row)[1]
 
 
-def _lost_or_raise(exc: Exception, mid: int) -> None:
-    """Return when ``exc`` is a connection lost or refused for now (waited out), else raise."""
-    if isinstance(exc, ConnectionFailed):
-        if driver.worth_waiting(exc):
-            return
-        raise exc
-    assert isinstance(exc, psycopg.Error)
-    if exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57"):
+class _Hub:
+    """The waits of one event loop on one server: one connection, one LISTEN, for all.
+
+    A waiter registers its message (id and channel) and awaits a future that
+    the hub sets to the message's final row (done or dead), or to None (gone),
+    or fails with the error that ended the wait. The hub reads the messages of
+    new waiters, of each announcement on ``pgpubsub.done``, all of them every
+    POLL seconds and after a reconnect, in one statement each time. It runs
+    while someone waits, and closes its connection when the last one leaves.
+    """
+
+    _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Hub]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.waiting: dict[int, list[tuple[str, asyncio.Future[Any]]]] = {}
+        self.dirty: set[int] = set()  # ids to read now
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, target: str) -> _Hub:
+        hubs = cls._hubs.setdefault(asyncio.get_running_loop(), {})
+        hub = hubs.get(target)
+        if hub is None:
+            hub = hubs[target] = cls(target)
+        return hub
+
+    async def outcome(self, mid: int, channel: str) -> tuple[Any, ...] | None:
+        """The final row of a message (status, result, error), or None when it is gone."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        entry = (channel, future)
+        self.waiting.setdefault(mid, []).append(entry)
+        self.dirty.add(mid)
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._run())
+        try:
+            return await future  # type: ignore[no-any-return]
+        finally:
+            left = self.waiting.get(mid, [])
+            if entry in left:
+                left.remove(entry)
+            if not left:
+                self.waiting.pop(mid, None)
+            self.wake.set()  # the last one gone: the hub stops
+            if not self.waiting and self.task is not None:
+                # Even while it connects (a server that never answers): the
+                # next waiter starts a hub task of its own.
+                self.task.cancel()
+                self.task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        try:
+            while self.waiting:
+                try:
+                    conn = await driver.connect_async(self.target)
+                    async with conn:
+                        await conn.execute(LISTEN_SQL)
+                        failures = 0
+                        await self._serve(conn)
+                except (ConnectionFailed, psycopg.OperationalError) as exc:
+                    if not _transient(exc):
+                        raise
+                    await asyncio.sleep(RECONNECT.delay(failures))
+                    failures += 1
+        except asyncio.CancelledError:
+            raise  # no one waits any more (or the loop ends): nothing to hand over
+        except BaseException as exc:  # handed to every waiter
+            failure = exc
+            if isinstance(exc, psycopg.Error):
+                failure = driver.translate(exc, "waiting for results")
+            for entries in list(self.waiting.values()):
+                for _, future in entries:
+                    if not future.done():
+                        future.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        self.dirty.update(self.waiting)  # connected (again): read them all
+        next_poll = loop.time() + POLL
+        while self.waiting:
+            if loop.time() >= next_poll:
+                self.dirty.update(self.waiting)
+                next_poll = loop.time() + POLL
+            if self.dirty:
+                await self._read(conn)
+                continue
+            self.wake.clear()
+            await self._notified(conn, max(0.0, next_poll - loop.time()))
+
+    async def _read(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        ids, channels = [], []
+        for mid in self.dirty:
+            for channel in {c for c, _ in self.waiting.get(mid, [])}:
+                ids.append(mid)
+                channels.append(channel)
+        self.dirty.clear()
+        cur = await conn.execute(READ_SQL, (ids, channels))
+        rows = {(r[0], r[1]): r[2:] for r in await cur.fetchall()}
+        for mid, channel in zip(ids, channels, strict=True):
+            row = rows.get((mid, channel))
+            if row is not None and row[0] not in ("done", "dead"):
+                continue
+            for their_channel, future in self.waiting.get(mid, []):
+                if their_channel == channel and not future.done():
+                    future.set_result(row)
+
+    async def _notified(self, conn: psycopg.AsyncConnection[Any], timeout: float) -> None:
+        """Wait for announcements (their ids marked to read), a new waiter, or the timeout."""
+
+        async def announced() -> None:
+            async for note in conn.notifies(timeout=timeout, stop_after=1):
+                if note.payload.isdigit() and int(note.payload) in self.waiting:
+                    self.dirty.add(int(note.payload))
+
+        listening = asyncio.ensure_future(announced())
+        woken = asyncio.ensure_future(self.wake.wait())
+        try:
+            await asyncio.wait({listening, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (listening, woken):
+                task.cancel()
+            await asyncio.gather(listening, woken, return_exceptions=True)
+        if not listening.cancelled() and listening.exception() is not None:
+            raise listening.exception()  # type: ignore[misc]
+
+
+def _run(waiting: Coroutine[Any, Any, Any]) -> Any:
+    """Run a wait on an event loop of its own (a selector loop: psycopg's async needs one)."""
+    loop = asyncio.SelectorEventLoop() if sys.platform == "win32" else asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(waiting)
+    finally:
+        try:  # as asyncio.run: what is left (a hub still connecting) cancelled first
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is None:
         return
-    raise driver.translate(exc, f"waiting for message {mid}") from exc
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout < 0
+    ):
+        raise ConfigurationError(
+            f"a result's timeout is None (no limit) or a finite number of seconds >= 0, "
+            f"not {timeout!r}"
+        )
+
+
+def _without_password(conninfo: str | None) -> str:
+    if not conninfo:
+        return ""
+    params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo("", **params)
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether ``exc`` is a connection lost or refused for now (waited out)."""
+    if isinstance(exc, ConnectionFailed):
+        return driver.worth_waiting(exc)
+    assert isinstance(exc, psycopg.Error)
+    return exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57")
 
 
 def _results_spec(channel: Any) -> ChannelSpec:
@@ -306,12 +470,16 @@ class Batch(int):
 
 @dataclass(frozen=True)
 class _Plan:
-    """A batch ready to store: the callback's channel and payload, each channel's members."""
+    """A batch ready to store: the callback's channel and payload, and each member's."""
 
     callback: ChannelSpec
     payload: str
-    total: int
-    groups: list[tuple[ChannelSpec, str]]  # (channel, its members as JSON lines)
+    channels: list[str]  # member i's channel
+    payloads: list[str]  # member i's payload (JSON)
+
+    @property
+    def params(self) -> tuple[str, str, list[str], list[str]]:
+        return (self.callback.name, self.payload, self.channels, self.payloads)
 
 
 def _plan(messages: Iterable[Channel], on_complete: Channel) -> _Plan:
@@ -332,12 +500,16 @@ def _plan(messages: Iterable[Channel], on_complete: Channel) -> _Plan:
                 f"{spec.path} is a plain channel: a batch's members and its callback need "
                 "durable channels (lock_notifications=True)"
             )
-    total = sum(len(g) for g in groups.values())
-    if not total:
+    if not groups:
         raise ConfigurationError("a batch needs at least one message")
     payload, _ = callback.encode_lines([on_complete])
-    lines = [(spec, spec.encode_lines(group)[0]) for spec, group in groups.items()]
-    return _Plan(callback, payload, total, lines)
+    channels: list[str] = []
+    payloads: list[str] = []
+    for spec, group in groups.items():
+        lines = spec.encode_lines(group)[0].split("\n")  # JSON holds no raw newline
+        channels += [spec.name] * len(lines)
+        payloads += lines
+    return _Plan(callback, payload, channels, payloads)
 
 
 def batch(messages: Iterable[Channel], *, on_complete: Channel, conn: Any = None) -> Batch:
@@ -345,23 +517,20 @@ def batch(messages: Iterable[Channel], *, on_complete: Channel, conn: Any = None
 
     ``messages``: instances of durable channels (one or several channels);
     ``on_complete``: an instance of a durable channel, published with the
-    counts under its payload's ``batch`` key (:class:`BatchOutcome`). Joins the
-    transaction of ``conn`` (as :func:`pgpubsub.notify`: a sync connection, or
-    the default one), so the batch is published when it commits, whole or not
-    at all. An empty batch is a ConfigurationError (there is nothing to wait for).
+    counts under its payload's ``batch`` key (:class:`BatchOutcome`). One
+    statement: it joins the transaction of ``conn`` (as
+    :func:`pgpubsub.notify`: a sync connection, or the default one), and is
+    whole or not at all on an autocommit connection too. An empty batch is a
+    ConfigurationError (there is nothing to wait for).
     """
     from .notify import _publishing, default_connection
 
     plan = _plan(messages, on_complete)
     conn = default_connection() if conn is None else conn
-    members: list[int] = []
-    with _publishing(plan.callback, plan.total), conn.cursor() as cur:
-        cur.execute(BATCH_SQL, (plan.total, plan.callback.name, plan.payload))
-        batch_id = int(cur.fetchone()[0])
-        for spec, lines in plan.groups:
-            cur.execute(MEMBERS_SQL, (spec.name, batch_id, lines, spec.name))
-            members.extend(cur.fetchone()[0] or [])
-    return Batch(batch_id, tuple(members))
+    with _publishing(plan.callback, len(plan.payloads)), conn.cursor() as cur:
+        cur.execute(BATCH_SQL, plan.params)
+        batch_id, members = cur.fetchone()
+    return Batch(int(batch_id), tuple(members))
 
 
 async def abatch(
@@ -371,14 +540,8 @@ async def abatch(
     from .notify import _publishing
 
     plan = _plan(messages, on_complete)
-    members: list[int] = []
-    with _publishing(plan.callback, plan.total):
-        cur = await conn.execute(BATCH_SQL, (plan.total, plan.callback.name, plan.payload))
+    with _publishing(plan.callback, len(plan.payloads)):
+        cur = await conn.execute(BATCH_SQL, plan.params)
         row = await cur.fetchone()
-        assert row is not None
-        batch_id = int(row[0])
-        for spec, lines in plan.groups:
-            cur = await conn.execute(MEMBERS_SQL, (spec.name, batch_id, lines, spec.name))
-            row = await cur.fetchone()
-            members.extend((row[0] if row else None) or [])
-    return Batch(batch_id, tuple(members))
+    assert row is not None
+    return Batch(int(row[0]), tuple(row[1]))

@@ -195,6 +195,12 @@ def _check_settings(cls: type[Channel], path: str) -> None:
         raise bad("lock_notifications", "True or False")
     if not isinstance(cls.results, bool):
         raise bad("results", "True or False")
+    result_type = getattr(cls, "Result", None)
+    if result_type is not None:
+        try:  # a type msgspec cannot decode would fail every message after its listener ran
+            msgspec.json.Decoder(result_type)
+        except (TypeError, ValueError) as exc:
+            raise bad("Result", f"a type msgspec can decode ({exc})") from exc
     if not _is_int(cls.max_attempts) or not 1 <= cls.max_attempts <= _MAX_COUNT:
         raise bad("max_attempts", f"an int from 1 to {_MAX_COUNT}")
     for name in ("retry_delay", "retry_max_delay", "retention"):

@@ -325,7 +325,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
     kinds = [k for k in KINDS if getattr(args, k)]
     if not kinds:
         raise UsageError(
-            "say what the role is for: --publisher, --worker, --monitor, --operator"
+            "say what the role is for: --publisher, --awaiter, --worker, --monitor, --operator"
             " and/or --django-writer"
         )
     if args.sql:
@@ -450,7 +450,7 @@ MIGRATE_EXAMPLES = """examples:
   pgpubsub migrate myapp.listeners          and the triggers of its trigger channels
 """
 GRANT_EXAMPLES = """examples:
-  pgpubsub grant web_app --publisher
+  pgpubsub grant web_app --publisher --awaiter   publishes, and waits for results
   pgpubsub grant jobs --worker --sql        print the statements only
   pgpubsub grant probe --monitor            may run `pgpubsub status --check`
   pgpubsub grant oncall --operator          may replay, cancel and purge messages
@@ -516,12 +516,17 @@ def parser() -> argparse.ArgumentParser:
 
     grant = command(
         "grant",
-        "grant a role what it needs: --publisher, --worker, --monitor, --operator,"
+        "grant a role what it needs: --publisher, --awaiter, --worker, --monitor, --operator,"
         " --django-writer",
         GRANT_EXAMPLES,
     )
     grant.add_argument("role", help="the role (quoted as written)")
     grant.add_argument("--publisher", action="store_true", help="publishes on durable channels")
+    grant.add_argument(
+        "--awaiter",
+        action="store_true",
+        help="waits for results (handle.result()): reads outcomes and errors, not payloads",
+    )
     grant.add_argument("--worker", action="store_true", help="runs listeners of durable channels")
     grant.add_argument(
         "--monitor",

@@ -76,6 +76,10 @@ class PsycopgSession(Session):
     def open(self) -> None:
         if self.conn is None or self.conn.closed:
             self.conn = driver.connect(self.conninfo, autocommit=False)
+            # Whatever the database's default_transaction_isolation: a batch
+            # member's settlement must read its batch's latest counts
+            # (schema: batch_member_settled), and a claim the latest rows.
+            self.conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
 
     @property
     def connection(self) -> Any:

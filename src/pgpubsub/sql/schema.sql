@@ -288,11 +288,14 @@ ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS batch_id bigint;
 CREATE INDEX IF NOT EXISTS message_batch_idx
     ON pgpubsub.message (batch_id, status) WHERE batch_id IS NOT NULL;
 
--- A batch (pgpubsub.batch()): its members' outcome counts, and the callback
--- message published, once, by the transaction that settles its last member.
+-- A batch (pgpubsub.batch()): its members' outcome counts, kept as each
+-- member settles (pending: not settled yet), and the callback message
+-- published, once, by the transaction that settles its last member. Made only
+-- by pgpubsub.publish_batch (no role but the owner writes it).
 CREATE TABLE IF NOT EXISTS pgpubsub.batch (
     id                bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     total             integer     NOT NULL,
+    pending           integer     NOT NULL DEFAULT 0,
     done              integer     NOT NULL DEFAULT 0,
     dead              integer     NOT NULL DEFAULT 0,
     cancelled         integer     NOT NULL DEFAULT 0,
@@ -302,42 +305,115 @@ CREATE TABLE IF NOT EXISTS pgpubsub.batch (
     created_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     completed_at      timestamptz
 );
+-- (A database that ran an earlier draft of this version: its open batches'
+-- counts taken from their members once, as the column is added.)
+DO $pending$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                   WHERE attrelid = 'pgpubsub.batch'::pg_catalog.regclass
+                     AND attname = 'pending' AND NOT attisdropped) THEN
+        ALTER TABLE pgpubsub.batch ADD COLUMN pending integer NOT NULL DEFAULT 0;
+        UPDATE pgpubsub.batch b SET
+            pending = (SELECT pg_catalog.count(*) FROM pgpubsub.message m
+                       WHERE m.batch_id = b.id AND m.status = 'pending'),
+            done = (SELECT pg_catalog.count(*) FROM pgpubsub.message m
+                    WHERE m.batch_id = b.id AND m.status = 'done'),
+            dead = (SELECT pg_catalog.count(*) FROM pgpubsub.message m
+                    WHERE m.batch_id = b.id AND m.status = 'dead')
+        WHERE b.callback_id IS NULL;
+        UPDATE pgpubsub.batch b SET cancelled = b.total - b.pending - b.done - b.dead
+        WHERE b.callback_id IS NULL;
+    END IF;
+END
+$pending$;
 REVOKE ALL ON pgpubsub.batch FROM PUBLIC;
+CREATE INDEX IF NOT EXISTS batch_completed_idx
+    ON pgpubsub.batch (completed_at) WHERE completed_at IS NOT NULL;
 
--- A member left the pending state (done, dead, deleted: cancelled or
--- purged), in the statement that settles it: if none of its batch's members
--- is pending any more, the batch is finished: its counts are the members'
--- statuses (done, dead; the others, gone, cancelled) and its callback is
--- published, with them under the key "batch". The batch's row lock orders
--- the checks: each runs after its own transaction's member moved, and the
--- last one sees every other one committed, so exactly one finishes the
--- batch. The check is idempotent: it may run more than once for a member
--- (a member stored settled, an INSERT, fires it too). Runs as the schema's
--- owner: workers and operators need no privilege on pgpubsub.batch.
+-- Publish a batch in one statement (whole or not at all, on an autocommit
+-- connection too): its row, with total and pending counted here, and its
+-- members (member i: channels[i], payloads[i]), each with the batch's id.
+-- The only way a batch row or a member's batch_id is written (publishers
+-- have no privilege on either), so no role can make the counts of a batch
+-- wrong, join a batch, or make the trigger below fail. Returns the batch's
+-- id and its members' ids (in order).
+CREATE OR REPLACE FUNCTION pgpubsub.publish_batch(
+    callback_channel text, callback_payload text, channels text[], payloads text[],
+    OUT batch_id bigint, OUT members bigint[]
+) LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    body jsonb;
+    n integer := pg_catalog.cardinality(channels);
+BEGIN
+    IF callback_channel IS NULL OR callback_channel = '' OR n IS NULL OR n = 0
+            OR n IS DISTINCT FROM pg_catalog.cardinality(payloads)
+            OR pg_catalog.array_position(channels, NULL) IS NOT NULL
+            OR pg_catalog.array_position(payloads, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'a batch needs a callback channel and one channel and payload per member'
+            USING ERRCODE = '22023';
+    END IF;
+    body := callback_payload::jsonb;
+    IF body IS NULL OR pg_catalog.jsonb_typeof(body) <> 'object' THEN
+        RAISE EXCEPTION 'a batch''s callback payload is a JSON object' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO pgpubsub.batch (total, pending, callback_channel, callback_payload)
+    VALUES (n, n, callback_channel, body) RETURNING id INTO batch_id;
+    WITH ins AS (
+        INSERT INTO pgpubsub.message (channel, payload, batch_id)
+        SELECT u.c, u.p, publish_batch.batch_id
+        FROM ROWS FROM (pg_catalog.unnest(channels), pg_catalog.unnest(payloads))
+            WITH ORDINALITY AS u(c, p, i)
+        ORDER BY u.i
+        RETURNING id
+    )
+    SELECT pg_catalog.array_agg(ins.id ORDER BY ins.id) INTO members FROM ins;
+    PERFORM pgpubsub.wake(c) FROM (SELECT DISTINCT c FROM pg_catalog.unnest(channels) c) w;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.publish_batch(text, text, text[], text[]) FROM PUBLIC;
+
+-- A member's state changed (settled: done, dead, deleted while pending:
+-- cancelled or purged; or a dead one replayed), in the statement that
+-- changes it: its batch's counts move with it, under the batch row's lock,
+-- by an UPDATE (under READ COMMITTED it waits for and reads the latest
+-- counts; under REPEATABLE READ a concurrent change is a serialization
+-- failure, never a lost count). The transaction whose update leaves none
+-- pending publishes the callback, with the counts under the key "batch". A
+-- member deleted once settled (the retention's sweep, a purge of a dead
+-- one) changes nothing: its outcome was counted when it settled. A member
+-- replayed after its batch finished is not counted again. The counts are
+-- written by publish_batch and this function only, so the arithmetic
+-- cannot fail. Runs as the schema's owner: workers and operators need no
+-- privilege on pgpubsub.batch.
 CREATE OR REPLACE FUNCTION pgpubsub.batch_member_settled() RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 DECLARE
-    bid bigint := CASE WHEN TG_OP = 'INSERT' THEN NEW.batch_id ELSE OLD.batch_id END;
+    bid bigint := OLD.batch_id;
+    was text := OLD.status;
+    now_is text := CASE WHEN TG_OP = 'DELETE' THEN 'cancelled' ELSE NEW.status END;
     b pgpubsub.batch;
-    n_done integer;
-    n_dead integer;
     callback bigint;
 BEGIN
-    SELECT * INTO b FROM pgpubsub.batch t WHERE t.id = bid FOR UPDATE;
-    IF NOT FOUND OR b.callback_id IS NOT NULL OR EXISTS (
-            SELECT FROM pgpubsub.message m WHERE m.batch_id = bid AND m.status = 'pending') THEN
+    IF was = now_is OR (was <> 'pending' AND now_is <> 'pending')
+            OR now_is NOT IN ('pending', 'done', 'dead', 'cancelled') THEN
         RETURN NULL;
     END IF;
-    SELECT pg_catalog.count(*) FILTER (WHERE m.status = 'done'),
-           pg_catalog.count(*) FILTER (WHERE m.status = 'dead')
-        INTO n_done, n_dead FROM pgpubsub.message m WHERE m.batch_id = bid;
+    UPDATE pgpubsub.batch t SET
+        pending = t.pending + CASE WHEN now_is = 'pending' THEN 1 ELSE -1 END,
+        done = t.done + CASE WHEN now_is = 'done' THEN 1 WHEN was = 'done' THEN -1 ELSE 0 END,
+        dead = t.dead + CASE WHEN now_is = 'dead' THEN 1 WHEN was = 'dead' THEN -1 ELSE 0 END,
+        cancelled = t.cancelled + CASE WHEN now_is = 'cancelled' THEN 1 ELSE 0 END
+    WHERE t.id = bid AND t.callback_id IS NULL
+    RETURNING t.* INTO b;
+    IF NOT FOUND OR b.pending > 0 THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO pgpubsub.message (channel, payload)
     VALUES (b.callback_channel, (b.callback_payload || pg_catalog.jsonb_build_object(
         'batch', pg_catalog.jsonb_build_object('id', b.id, 'total', b.total,
-            'done', n_done, 'dead', n_dead, 'cancelled', b.total - n_done - n_dead)))::text)
+            'done', b.done, 'dead', b.dead, 'cancelled', b.cancelled)))::text)
     RETURNING id INTO callback;
-    UPDATE pgpubsub.batch t SET done = n_done, dead = n_dead,
-        cancelled = b.total - n_done - n_dead, callback_id = callback,
+    UPDATE pgpubsub.batch t SET callback_id = callback,
         completed_at = pg_catalog.clock_timestamp()
     WHERE t.id = bid;
     PERFORM pgpubsub.wake(b.callback_channel);
@@ -347,20 +423,52 @@ $body$;
 REVOKE ALL ON FUNCTION pgpubsub.batch_member_settled() FROM PUBLIC;
 
 -- Called by a worker before it settles the batch members of a processing
--- transaction: their batch rows locked at once, in id order, so that two
+-- transaction, and by operators before they cancel, purge or replay
+-- messages: their batch rows locked at once, in id order, so that two
 -- transactions settling members of the same batches never wait for each
 -- other in a cycle (the trigger locks them in the order its statement
--- visits rows). Only workers may call it (`pgpubsub grant --worker`).
+-- visits rows). Takes batch ids (`pgpubsub grant --worker`, `--operator`).
 CREATE OR REPLACE FUNCTION pgpubsub.lock_batches(ids bigint[]) RETURNS void
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
     SELECT FROM pgpubsub.batch b WHERE b.id = ANY(ids) ORDER BY b.id FOR UPDATE OF b;
 $body$;
 REVOKE ALL ON FUNCTION pgpubsub.lock_batches(bigint[]) FROM PUBLIC;
 
--- Only members fire it (the WHEN is checked without calling the function).
--- Created once: dropping and creating again would lock the table at each migrate.
+-- A message's outcome, for a waiting handle: one message, by id and channel
+-- (a handle of one channel never reads another's), never its payload
+-- (`pgpubsub grant --awaiter`: results and errors are as private as payloads).
+CREATE OR REPLACE FUNCTION pgpubsub.outcome(message_id bigint, channel_name text)
+RETURNS TABLE (status text, result text, last_error text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    SELECT m.status, m.result::text, m.last_error FROM pgpubsub.message m
+    WHERE m.id = message_id AND m.channel = channel_name AND m.status <> 'spill';
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.outcome(bigint, text) FROM PUBLIC;
+
+-- The batches finished more than ``secs`` seconds ago whose members are all
+-- gone (swept, purged): deleted (workers call it with their sweep, with a day).
+CREATE OR REPLACE FUNCTION pgpubsub.sweep_batches(secs double precision) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    DELETE FROM pgpubsub.batch b
+    WHERE b.completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => secs)
+      AND NOT EXISTS (SELECT FROM pgpubsub.message m WHERE m.batch_id = b.id);
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.sweep_batches(double precision) FROM PUBLIC;
+
+-- Only members fire it (the WHEN is checked without calling the function):
+-- deleted while pending, or moved into or out of the pending state. Created
+-- once: dropping and creating again would lock the table at each migrate
+-- (the two triggers of an earlier draft of this version are dropped once).
 DO $do$
 BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_moved'
+               AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        DROP TRIGGER batch_member_moved ON pgpubsub.message;
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_updated'
+               AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        DROP TRIGGER batch_member_updated ON pgpubsub.message;
+    END IF;
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_gone'
                    AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
         CREATE TRIGGER batch_member_gone
@@ -368,19 +476,12 @@ BEGIN
             WHEN (OLD.batch_id IS NOT NULL AND OLD.status = 'pending')
             EXECUTE FUNCTION pgpubsub.batch_member_settled();
     END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_moved'
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_changed'
                    AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
-        CREATE TRIGGER batch_member_moved
-            AFTER INSERT ON pgpubsub.message FOR EACH ROW
-            WHEN (NEW.batch_id IS NOT NULL AND NEW.status <> 'pending')
-            EXECUTE FUNCTION pgpubsub.batch_member_settled();
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_updated'
-                   AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
-        CREATE TRIGGER batch_member_updated
+        CREATE TRIGGER batch_member_changed
             AFTER UPDATE OF status ON pgpubsub.message FOR EACH ROW
-            WHEN (OLD.batch_id IS NOT NULL AND OLD.status = 'pending'
-                  AND NEW.status <> 'pending')
+            WHEN (OLD.batch_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
+                  AND (OLD.status = 'pending' OR NEW.status = 'pending'))
             EXECUTE FUNCTION pgpubsub.batch_member_settled();
     END IF;
 END
