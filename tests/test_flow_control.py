@@ -691,6 +691,70 @@ def test_an_exhausted_key_holds_back_only_its_own_messages(flow: str) -> None:
     assert sorted(ran) == [0, 100, 200, 201, 202]
 
 
+def test_an_ordering_key_given_back_with_its_message_is_not_left_leased(flow: str) -> None:
+    """Review of issue 28, finding 1: a message of an ordering key whose limit key's token
+    went to an earlier message goes back, and the lease the claim took on its ordering key
+    goes with it. It stayed held (renewed for as long as the worker lived), and no worker
+    ran that ordering key's messages again."""
+    registry = Registry()
+    ran: list[int] = []
+    registry.add(RarePerKey, lambda n: ran.append(n))
+    with psycopg.connect(flow) as conn:
+        pgpubsub.notify(RarePerKey(n=0), conn=conn, limit_key="k")
+        pgpubsub.notify(RarePerKey(n=1), conn=conn, limit_key="k", ordering_key="o")
+    proc = processor(flow, RarePerKey, registry)
+    try:
+        proc.drain_once()
+        assert ran == [0]
+        assert admin_query(flow, "SELECT name FROM pgpubsub.lease WHERE kind = 'key'") == []
+    finally:
+        proc.session.close()
+
+
+def test_a_limit_key_over_1024_bytes_is_refused_whoever_stores_it(flow: str) -> None:
+    """Review of issue 28, finding 4: a publisher's INSERT of a 2,672-byte limit_key (past
+    notify()'s check) named a key_concurrency lease too wide for its index, and every claim
+    of the channel failed from then on."""
+    with pytest.raises(psycopg.errors.CheckViolation):
+        admin_query(
+            flow,
+            "INSERT INTO pgpubsub.message (channel, payload, limit_key) "
+            "VALUES ('c', '{}', repeat('x', 1025))",
+        )
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.message (channel, payload, limit_key) "
+        "VALUES ('c', '{}', repeat('x', 1024))",
+    )
+
+
+def test_a_busy_worker_keeps_the_key_buckets_bounded(
+    flow: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of issue 28, finding 3: full buckets of idle keys were deleted only when a
+    worker rested, so one that never rested kept a row per key it had ever claimed."""
+    from pgpubsub import _processor
+
+    monkeypatch.setattr(_processor, "BUCKET_SWEEP_EVERY", 0.0)  # each batch: deterministic
+
+    @dataclass
+    class Distinct(Channel, lock_notifications=True, key_rate_limit="1000/s"):
+        n: int
+
+    with psycopg.connect(flow) as conn:
+        for n in range(2000):
+            pgpubsub.notify(Distinct(n=n), conn=conn, limit_key=f"k{n}")
+    registry = Registry()
+    registry.add(Distinct, lambda n: time.sleep(0.0005))
+    proc = processor(flow, Distinct, registry)
+    try:
+        assert proc.drain_once() == 2000  # one drain: it never rests
+    finally:
+        proc.session.close()
+    (rows,) = admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0]
+    assert rows < 1000, rows  # the keys of about the last 0.1 s (a full bucket), not 2000
+
+
 def test_ordering_keys_keep_their_order_through_limit_keys(flow: str) -> None:
     """One ordering key whose messages alternate limit keys a, b, a, b (1/m each): the
     first two run; the third waits for a's token and the fourth waits behind it."""

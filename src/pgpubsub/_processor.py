@@ -392,6 +392,8 @@ UNCLAIM_SQL = (
     "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = claimed_alone, "
     "claimed_alone = false, run_at = pg_catalog.clock_timestamp() WHERE id = ANY(%s)"
 )
+#: Seconds between sweeps of full key buckets while a processor claims without rest.
+BUCKET_SWEEP_EVERY = 1.0
 # Buckets refilled to their capacity (idle keys): a missing row is a full
 # bucket, so they go; the table holds the keys active within about a period.
 # A bucket a claim holds locked is left for next time.
@@ -602,6 +604,8 @@ class ChannelProcessor:
         self.key_slots: int | None = cls.key_concurrency
         self._limited = self.key_rate is not None or self.key_slots is not None
         self._short_of_key_tokens = False  # a key of the last claim used all its tokens
+        self._leased_keys = False  # the last claim leased ordering keys of rows given back
+        self._buckets_swept = 0.0  # when full buckets of idle limit keys were last deleted
         self._limit_slots = False  # the last claim took key_concurrency slots
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
@@ -716,6 +720,7 @@ class ChannelProcessor:
                 wake=got > 0
                 and (keyed > 0 or self.max_in_flight is not None or self._limit_slots)
             )
+            self._sweep_buckets()
             # A claim cut short by a message claimed alone is no sign of an empty queue.
             if got < asked and not self._alone:
                 break
@@ -787,6 +792,19 @@ class ChannelProcessor:
             if wake:
                 self.session.execute(WAKE_SQL, (self.spec.name,))
         self._leasing = self.max_in_flight is not None
+
+    def _sweep_buckets(self) -> None:
+        """Delete full buckets of idle limit keys every BUCKET_SWEEP_EVERY seconds while
+        busy too: a worker that never rests kept one row per key it had ever claimed
+        (review of issue 28, finding 3). Resting, :meth:`_next_due` sweeps them."""
+        if self.key_rate is None:
+            return
+        now = time.monotonic()
+        if now - self._buckets_swept < BUCKET_SWEEP_EVERY:
+            return
+        self._buckets_swept = now
+        with self.session.atomic():
+            self.session.execute(FULL_BUCKETS_SQL, self._key_params())
 
     def _next_due(self) -> float:
         """Seconds to sleep: until the earliest retry or delayed message is due, or a poll.
@@ -1069,7 +1087,10 @@ class ChannelProcessor:
                     return []
                 params["limit"] = min(self.claim_size, tokens)
                 params["per_key"] = max(1, min(PER_KEY, self.claim_size // 4, tokens))
-            claimed = self._limit(self.session.execute(LIMITED_CLAIM_SQL, params), params)
+            taken = self.session.execute(LIMITED_CLAIM_SQL, params)
+            # The claim leased the ordering keys of all it took, kept or not.
+            self._leased_keys = any(r[6] for r in taken)
+            claimed = self._limit(taken, params)
             if tokens is not None:
                 self._short_of_tokens = len(claimed) >= tokens
                 started = sum(1 for r in claimed if r[3] != "dead")
@@ -1192,7 +1213,12 @@ class ChannelProcessor:
         keyed = sum(1 for r in claimed if r[6])
         if keyed:
             self._after_key = max(str(r[8]) for r in claimed if r[6])
-        self._leasing = keyed > 0 or self.max_in_flight is not None or self._limit_slots
+        # Leases to give back: ordering keys leased by the claim (also those of
+        # messages given back unrun: review of issue 28, finding 1), slots.
+        self._leasing = (
+            keyed > 0 or self._leased_keys or self.max_in_flight is not None or self._limit_slots
+        )
+        self._leased_keys = False
         return len(claimed), keyed
 
     def _process(self, claimed: list[tuple[Any, ...]]) -> None:

@@ -491,6 +491,20 @@ $do$;
 -- Indexed among pending messages: a worker whose due messages are all of
 -- exhausted keys finds, per key bucket, whether the key has a due message.
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS limit_key text;
+-- At most 1,024 bytes, as notify() checks, whoever stores it: a key_concurrency
+-- slot's lease is named after it, and a lease name too wide for its index
+-- failed every claim of the channel. Added once (the ALTER takes the table's
+-- lock); NOT VALID: the column is new with this version.
+DO $limit_key$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_constraint c
+                   WHERE c.conrelid = 'pgpubsub.message'::pg_catalog.regclass
+                     AND c.conname = 'message_limit_key_size') THEN
+        ALTER TABLE pgpubsub.message ADD CONSTRAINT message_limit_key_size
+            CHECK (pg_catalog.octet_length(limit_key) <= 1024) NOT VALID;
+    END IF;
+END
+$limit_key$;
 CREATE INDEX IF NOT EXISTS message_limit_key_idx
     ON pgpubsub.message (channel, limit_key, run_at)
     WHERE status = 'pending' AND limit_key IS NOT NULL;
