@@ -605,7 +605,7 @@ class ChannelProcessor:
         self._limited = self.key_rate is not None or self.key_slots is not None
         self._short_of_key_tokens = False  # a key of the last claim used all its tokens
         self._leased_keys = False  # the last claim leased ordering keys of rows given back
-        self._buckets_swept = 0.0  # when full buckets of idle limit keys were last deleted
+        self._buckets_swept = time.monotonic()  # when full idle key buckets were last deleted
         self._limit_slots = False  # the last claim took key_concurrency slots
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
