@@ -1032,26 +1032,38 @@ class ChannelProcessor:
         with self.session.atomic():
             if rate is None:
                 return self.session.execute(CLAIM_SQL, params)
-            # Rate-limited: at most the bucket's whole tokens, each message
-            # claimed taking one, in this transaction (the bucket row locked
-            # until it commits). Out of tokens, nothing is claimed: _next_due
-            # says when the next one is due.
-            bucket = {"channel": self.spec.name, "capacity": rate.capacity}
-            bucket["per_second"] = rate.per_second
-            tokens = int(self.session.execute(TAKE_SQL, bucket)[0][0])
-            self._short_of_tokens = True
+            tokens = self._take_tokens(rate, params)
             if tokens < 1:
                 return []
-            params["limit"] = min(self.claim_size, tokens)
-            params["per_key"] = max(1, min(PER_KEY, self.claim_size // 4, tokens))
             claimed = self.session.execute(CLAIM_SQL, params)
-            # Took fewer than the tokens allowed: nothing more is claimable now,
-            # and tokens are not what the rest waits for.
-            self._short_of_tokens = len(claimed) >= tokens
-            started = sum(1 for r in claimed if r[3] != "dead")  # a dead one never starts
-            if started:
-                self.session.execute(SPEND_SQL, (started, self.spec.name))
+            self._spend_tokens(tokens, claimed)
             return claimed
+
+    def _take_tokens(self, rate: Any, params: dict[str, Any]) -> int:
+        """A rate-limited claim's first statement: the channel bucket's whole tokens,
+        the claim's sizes in ``params`` cut to them.
+
+        At most the bucket's whole tokens are claimed, each message claimed
+        taking one, in the claim's transaction (the bucket row locked until it
+        commits). Out of tokens, nothing is claimed: _next_due says when the
+        next one is due.
+        """
+        bucket = {"channel": self.spec.name, "capacity": rate.capacity}
+        bucket["per_second"] = rate.per_second
+        tokens = int(self.session.execute(TAKE_SQL, bucket)[0][0])
+        self._short_of_tokens = True
+        params["limit"] = min(self.claim_size, tokens)
+        params["per_key"] = max(1, min(PER_KEY, self.claim_size // 4, tokens))
+        return tokens
+
+    def _spend_tokens(self, tokens: int, claimed: list[tuple[Any, ...]]) -> None:
+        """One token per message claimed that will start (a dead one never does)."""
+        # Took fewer than the tokens allowed: nothing more is claimable now,
+        # and tokens are not what the rest waits for.
+        self._short_of_tokens = len(claimed) >= tokens
+        started = sum(1 for r in claimed if r[3] != "dead")
+        if started:
+            self.session.execute(SPEND_SQL, (started, self.spec.name))
 
     def _key_params(self) -> dict[str, Any]:
         key_rate = self.key_rate
@@ -1077,25 +1089,15 @@ class ChannelProcessor:
         params["scan"] = max(self.claim_size * 4, 64)
         self._limit_slots = False
         with self.session.atomic():
-            tokens = None
-            if rate is not None:
-                bucket = {"channel": self.spec.name, "capacity": rate.capacity}
-                bucket["per_second"] = rate.per_second
-                tokens = int(self.session.execute(TAKE_SQL, bucket)[0][0])
-                self._short_of_tokens = True
-                if tokens < 1:
-                    return []
-                params["limit"] = min(self.claim_size, tokens)
-                params["per_key"] = max(1, min(PER_KEY, self.claim_size // 4, tokens))
+            tokens = None if rate is None else self._take_tokens(rate, params)
+            if tokens is not None and tokens < 1:
+                return []
             taken = self.session.execute(LIMITED_CLAIM_SQL, params)
             # The claim leased the ordering keys of all it took, kept or not.
             self._leased_keys = any(r[6] for r in taken)
             claimed = self._limit(taken, params)
             if tokens is not None:
-                self._short_of_tokens = len(claimed) >= tokens
-                started = sum(1 for r in claimed if r[3] != "dead")
-                if started:
-                    self.session.execute(SPEND_SQL, (started, self.spec.name))
+                self._spend_tokens(tokens, claimed)
             return claimed
 
     def _limit(

@@ -258,26 +258,16 @@ ALTER TABLE pgpubsub.message SET (
     autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000,
     autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 1
 );
-ALTER TABLE pgpubsub.lease SET (
-    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
-    autovacuum_vacuum_cost_delay = 0
-);
-ALTER TABLE pgpubsub.worker SET (
-    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
-    autovacuum_vacuum_cost_delay = 0
-);
-ALTER TABLE pgpubsub.rate_bucket SET (
-    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
-    autovacuum_vacuum_cost_delay = 0
-);
-ALTER TABLE pgpubsub.schedule SET (
-    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
-    autovacuum_vacuum_cost_delay = 0
-);
-ALTER TABLE pgpubsub.sleeper SET (
-    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
-    autovacuum_vacuum_cost_delay = 0
-);
+DO $vacuum$
+DECLARE
+    small text;
+BEGIN
+    FOREACH small IN ARRAY ARRAY['lease', 'worker', 'rate_bucket', 'schedule', 'sleeper'] LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE pgpubsub.%I SET (autovacuum_vacuum_scale_factor '
+            '= 0, autovacuum_vacuum_threshold = 500, autovacuum_vacuum_cost_delay = 0)', small);
+    END LOOP;
+END
+$vacuum$;
 
 -- Version 6 (results). result: a results channel's listener's return value
 -- (JSON), stored by the statement that completes the message, in the
