@@ -939,3 +939,70 @@ def test_a_least_privileged_worker_runs_a_key_limited_channel(flow: str) -> None
             proc.session.close()
     finally:
         admin_query(flow, "DROP OWNED BY pgpubsub_keyed CASCADE; DROP ROLE pgpubsub_keyed")
+
+
+@dataclass
+class Crowded(Channel, lock_notifications=True, key_concurrency=100, key_rate_limit="1/m"):
+    n: int
+
+
+LOOKUPS_SQL = (
+    "SELECT relname, coalesce(seq_scan, 0) + coalesce(idx_scan, 0) "
+    "FROM pg_stat_xact_user_tables WHERE schemaname = 'pgpubsub' "
+    "AND relname IN ('lease', 'key_bucket')"
+)
+
+
+def test_held_keys_are_found_once_per_claim_whatever_their_backlog(
+    flow: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of issue 28, finding 2: a claim probed a held key's slot leases (all
+    key_concurrency of them) and its bucket for each row of its due backlog, so one key at
+    its limit slowed every claim of the channel by its backlog times its slots (17.5 s at
+    100 slots and 20,000 messages). Invariant: a claim reads the limit state (slot leases,
+    key buckets) a bounded number of times, whatever the held keys' backlogs and slots.
+    Key a holds all its 100 slots, key b is out of tokens; 1,000 due messages each come
+    before 3 without a key: the claim runs the 3, reading each table a few times."""
+    from pgpubsub import _processor
+
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.lease (channel, kind, name, holder, expires_at) "
+        "SELECT %s, 'limit', s::text || E'\\x1f' || 'a', 'elsewhere:1:x', now() + '1 hour' "
+        "FROM generate_series(0, 99) s",
+        (spec_of(Crowded).name,),
+    )
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.key_bucket (channel, key, tokens, updated_at) "
+        "VALUES (%s, 'b', 0, now())",
+        (spec_of(Crowded).name,),
+    )
+    publish_keyed(flow, Crowded, range(1000), "a")
+    publish_keyed(flow, Crowded, range(1000, 2000), "b")
+    publish_keyed(flow, Crowded, range(5000, 5003), None)
+    registry = Registry()
+    ran: list[int] = []
+    registry.add(Crowded, lambda n: ran.append(n))
+    proc = processor(flow, Crowded, registry)
+    lookups: list[dict[str, int]] = []
+    execute = proc.session.execute
+
+    def counted(query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        if query is not _processor.LIMITED_CLAIM_SQL:
+            return execute(query, params)
+        before = dict(execute(LOOKUPS_SQL))
+        rows = execute(query, params)
+        after = dict(execute(LOOKUPS_SQL))
+        lookups.append({t: after.get(t, 0) - before.get(t, 0) for t in ("lease", "key_bucket")})
+        return rows
+
+    monkeypatch.setattr(proc.session, "execute", counted)
+    try:
+        proc.drain_once()
+    finally:
+        proc.session.close()
+    assert sorted(ran) == [5000, 5001, 5002]
+    assert lookups, "no claim was made"
+    for claim in lookups:
+        assert claim["lease"] <= 10 and claim["key_bucket"] <= 10, lookups

@@ -30,7 +30,7 @@ import uuid
 from . import driver
 from .backoff import worth_logging
 
-__all__ = ["TTL", "LeaseKeeper", "limit_slots_full", "new_owner"]
+__all__ = ["TTL", "LeaseKeeper", "new_owner"]
 
 log = logging.getLogger("pgpubsub.durable")
 
@@ -80,15 +80,6 @@ ON CONFLICT (channel, kind, name) DO UPDATE SET holder = EXCLUDED.holder,
 WHERE NOT {LIVE}
 RETURNING pg_catalog.substr(l.name, pg_catalog.strpos(l.name, E'\\x1f') + 1)
 """  # noqa: S608 - constant fragments
-
-
-def limit_slots_full(key: str) -> str:
-    """SQL: every key_concurrency slot of the limit_key ``key`` (an expression) is live."""
-    return (
-        "NOT EXISTS (SELECT 1 FROM pg_catalog.generate_series(0, %(key_slots)s - 1) s "  # noqa: S608
-        "WHERE NOT EXISTS (SELECT 1 FROM pgpubsub.lease l WHERE l.channel = %(channel)s "
-        f"AND l.kind = 'limit' AND l.name = s::text || E'\\x1f' || {key} AND {LIVE}))"
-    )  # constant fragments; key is an expression of ours, never input
 
 
 # Every lease this processor holds on the channel (after its batch, or a failed one).

@@ -290,20 +290,28 @@ KEY_REFILLED = (
 )
 
 
-def _key_held(key: str) -> str:
-    """SQL: the limit_key ``key`` (an expression, not NULL) can start nothing now.
-
-    Out of tokens (its bucket, as last committed, refilled under one), or every
-    key_concurrency slot live. Read without locks, to pass over such keys'
-    messages (no head-of-line blocking); what holds the limits is the claim's
-    locked bucket rows and slot leases (see ChannelProcessor._limit).
-    """
-    return (
-        f"((%(key_per_second)s::float8 IS NOT NULL AND EXISTS (SELECT 1 FROM "  # noqa: S608
-        f"pgpubsub.key_bucket b WHERE b.channel = %(channel)s AND b.key = {key} "
-        f"AND {KEY_REFILLED} < 1)) OR (%(key_slots)s::integer IS NOT NULL AND "
-        f"{_leases.limit_slots_full(key)}))"
-    )  # constant fragments; key is an expression of ours, never input
+# The limit_keys that can start nothing now: out of tokens (their bucket, as
+# last committed, refilled under one), or with every key_concurrency slot
+# live. Found once per claim (an index range over the channel's buckets, one
+# over its slot leases: the keys in use, not their backlogs) and read without
+# locks, to pass over such keys' messages (no head-of-line blocking); what
+# holds the limits is the claim's locked bucket rows and slot leases (see
+# ChannelProcessor._limit). A slot past key_concurrency (one taken under a
+# larger setting) does not count.
+_SLOT_OF = "pg_catalog.strpos(l.name, E'\\x1f')"
+HELD_KEYS = f"""held(key) AS MATERIALIZED (
+    SELECT b.key FROM pgpubsub.key_bucket b
+    WHERE %(key_per_second)s::float8 IS NOT NULL AND b.channel = %(channel)s
+      AND {KEY_REFILLED} < 1
+    UNION
+    SELECT pg_catalog.substr(l.name, {_SLOT_OF} + 1) FROM pgpubsub.lease l
+    WHERE %(key_slots)s::integer IS NOT NULL AND l.channel = %(channel)s
+      AND l.kind = 'limit' AND {LIVE}
+      AND pg_catalog.substr(l.name, 1, {_SLOT_OF} - 1)::integer < %(key_slots)s
+    GROUP BY 1 HAVING pg_catalog.count(*) >= %(key_slots)s
+)"""  # noqa: S608 - constant fragments
+# A message that may start as far as its limit_key goes (m: an alias of ours).
+FREE_KEY = "({m}.limit_key IS NULL OR {m}.limit_key NOT IN (SELECT key FROM held))"
 
 
 def _limited_claim_sql() -> str:
@@ -312,22 +320,23 @@ def _limited_claim_sql() -> str:
     A key's messages in a batch are at most ``per_limit_key`` (its bucket's
     capacity: more could never start), and its ordering keys' messages stop at
     the first one of a held key (none runs before an older one). The rows also
-    say their limit_key (last column). Held keys' due messages are passed over
-    row by row: a claim costs the due backlog of held keys ahead of what it
-    takes (a loose index scan over limit keys, as for ordering keys, would not
-    read them; the messages without a limit_key would then need an index of
-    their own).
+    say their limit_key (last column). The held keys are found once (HELD_KEYS)
+    and their due messages passed over row by row, each a hash lookup: a claim
+    costs the due backlog of held keys ahead of what it takes (a loose index
+    scan over limit keys, as for ordering keys, would not read them; the
+    messages without a limit_key would then need an index of their own).
     """
     sql = CLAIM_SQL
     edits = [
+        ("WITH RECURSIVE later(key) AS (", f"WITH RECURSIVE {HELD_KEYS}, later(key) AS ("),
         (
             "SELECT m.id, m.run_at FROM pgpubsub.message m",
             "SELECT m.id, m.run_at, m.limit_key FROM pgpubsub.message m",
         ),
         (
             "pg_catalog.bool_and(f.run_at <= pg_catalog.now()) OVER (ORDER BY f.id) AS due",
-            "pg_catalog.bool_and(f.run_at <= pg_catalog.now() AND (f.limit_key IS NULL OR NOT "
-            f"{_key_held('f.limit_key')})) OVER (ORDER BY f.id) AS due",
+            "pg_catalog.bool_and(f.run_at <= pg_catalog.now() AND "
+            f"{FREE_KEY.format(m='f')}) OVER (ORDER BY f.id) AS due",
         ),
         (
             """unkeyed AS (
@@ -341,10 +350,10 @@ def _limited_claim_sql() -> str:
         SELECT c.id, c.limit_key, pg_catalog.row_number() OVER (
             PARTITION BY c.limit_key ORDER BY c.priority DESC, c.run_at, c.id) AS nth
         FROM (
-            SELECT id, limit_key, priority, run_at FROM pgpubsub.message
+            SELECT u.id, u.limit_key, u.priority, u.run_at FROM pgpubsub.message u
             WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
               AND run_at <= pg_catalog.now() AND {UNPAUSED}
-              AND (limit_key IS NULL OR NOT {_key_held("limit_key")})
+              AND {FREE_KEY.format(m="u")}
             ORDER BY priority DESC, run_at, id LIMIT %(scan)s
         ) c
     ) c
