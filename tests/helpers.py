@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -33,6 +34,16 @@ class Server:
     def version(self) -> int:
         with psycopg.connect(self.admin) as conn:
             return conn.info.server_version
+
+
+#: src/pgpubsub/sql/schema.sql as version 5 left it (a plain pgpubsub.message table).
+SCHEMA_V5 = Path(__file__).parent / "schema_v5.sql"
+
+
+def install_version_5(dsn: str) -> None:
+    """The schema as version 5 installed it: databases that users upgrade."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SCHEMA_V5.read_text().encode())
 
 
 def admin_query(dsn: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:

@@ -95,7 +95,8 @@ def test_migrations_match_the_plain_schema_and_the_model(dj: str, dsn: str) -> N
     )
     assert admin_query(dj, columns) == admin_query(dsn, columns)
     model_columns = [f.column for f in Notification._meta.fields]
-    assert model_columns == [r[0] for r in admin_query(dj, columns)]
+    # All but where the row is stored, which the table's default picks.
+    assert model_columns == [r[0] for r in admin_query(dj, columns) if r[0] != "segment"]
     call_command("makemigrations", check=True, dry_run=True, verbosity=0)  # exits if out of date
     durable.migrate(dj)  # `pgpubsub migrate` on a Django database changes nothing
 

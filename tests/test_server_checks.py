@@ -110,15 +110,16 @@ def test_migrate_makes_autovacuum_keep_up_with_the_tables_that_churn(db: str) ->
         "WHERE n.nspname = 'pgpubsub' AND c.relkind = 'r'",
     )
     options = {name: dict(o.split("=") for o in (opts or [])) for name, opts in rows}  # type: ignore[union-attr]
-    for table in ("message", "lease", "worker", "rate_bucket", "schedule"):
+    churning = ("message_0", "message_3", "message_kept", "message_deduped", "lease", "worker")
+    for table in (*churning, "rate_bucket", "schedule"):
         assert table in options, sorted(options)
         assert float(options[table]["autovacuum_vacuum_scale_factor"]) <= 0.05, table
         assert float(options[table]["autovacuum_vacuum_cost_delay"]) <= 2, table
     # Idempotent: migrating again changes nothing and fails on nothing.
     migrate(db)
     again = admin_query(
-        db, "SELECT reloptions FROM pg_class WHERE oid = 'pgpubsub.message'::regclass"
+        db, "SELECT reloptions FROM pg_class WHERE oid = 'pgpubsub.message_kept'::regclass"
     )
     assert sorted(again[0][0]) == sorted(  # type: ignore[arg-type]
-        f"{k}={v}" for k, v in options["message"].items()
+        f"{k}={v}" for k, v in options["message_kept"].items()
     )

@@ -105,6 +105,8 @@ KINDS: dict[str, tuple[str, ...]] = {
         # A limit_key's tokens (key_rate_limit); full buckets of idle keys deleted.
         "GRANT SELECT, INSERT, UPDATE, DELETE ON pgpubsub.key_bucket TO {role}",
         "GRANT SELECT ON pgpubsub.version TO {role}",
+        # Empty drained storage segments (runs as the schema's owner, no argument).
+        "GRANT EXECUTE ON FUNCTION pgpubsub.rotate() TO {role}",
     ),
     "monitor": (
         _SCHEMA,

@@ -491,8 +491,21 @@ IMMEDIATE_SQL = "SET CONSTRAINTS ALL IMMEDIATE"
 #: The most messages of one ordering key in one claimed batch.
 PER_KEY = 32
 
+# The storage ring (schema version 6, pgpubsub.rotate): moved on and its
+# drained segments emptied about once a second by each processor that claims.
+ROTATE_SQL = "SELECT pgpubsub.rotate()"
+#: Seconds between a processor's calls of pgpubsub.rotate while it claims messages.
+ROTATE_EVERY = 1.0
+# A claim that met a row another transaction had just moved to another
+# segment (pgpubsub.rotate moves a few pending ones) fails with a
+# serialization failure: it is tried again, in a transaction of its own.
+MOVED_STATE = "40001"
+#: How many times in a row a claim is tried again after a row moved under it.
+MOVED_RETRIES = 10
+
 #: Waits between attempts while the database is unavailable.
 RECONNECT = Backoff(base=0.5, factor=2, cap=10)
+
 
 class _Gate:
     """Shared by batches, exclusive for a message that may crash its process."""
@@ -623,6 +636,7 @@ class ChannelProcessor:
         # makes one crew per channel).
         self.crew = Crew()
         self._always_woken = False  # a schema without pgpubsub.sleep: nothing to register
+        self._rotated: float | None = 0.0  # when it last called pgpubsub.rotate; None: never
         self.processed = 0  # messages completed
         self.failed = 0  # attempts that raised
         self.claimed = 0  # attempts started (claims)
@@ -730,6 +744,8 @@ class ChannelProcessor:
                 and (keyed > 0 or self.max_in_flight is not None or self._limit_slots)
             )
             self._sweep_buckets()
+            if got:
+                self._rotate()
             # A claim cut short by a message claimed alone is no sign of an empty queue.
             if got < asked and not self._alone:
                 break
@@ -1074,6 +1090,48 @@ class ChannelProcessor:
         if started:
             self.session.execute(SPEND_SQL, (started, self.spec.name))
 
+    def _claim_moving(self) -> list[tuple[Any, ...]]:
+        """:meth:`_claim`, again when a row moved segments under it (see MOVED_STATE)."""
+        for attempt in range(MOVED_RETRIES):
+            try:
+                return self._claim()
+            except Exception as exc:
+                if sqlstate(exc) != MOVED_STATE or attempt == MOVED_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _rotate(self) -> None:
+        """Move the storage ring on (pgpubsub.rotate), at most every ROTATE_EVERY seconds.
+
+        Not inside a transaction of the caller's (process_stored_notifications
+        on a connection in use): emptying a segment holds its lock to the end
+        of the transaction. A schema before version 6, or a role that may not
+        call it, never rotates (the ring is then only moved on by other
+        workers; nothing is lost either way, only space is not freed).
+        """
+        now = time.monotonic()
+        if self._rotated is None or now - self._rotated < ROTATE_EVERY:
+            return
+        self._rotated = now
+        if self.session.in_transaction():
+            return
+        try:
+            with self.session.atomic():
+                self.session.execute(ROTATE_SQL)
+        except Exception as exc:
+            if sqlstate(exc) in SCHEMA_STATES or sqlstate(exc) == PRIVILEGE_STATE:
+                self._rotated = None
+                if sqlstate(exc) == PRIVILEGE_STATE:
+                    log.warning(
+                        "%s: this role may not call pgpubsub.rotate() (pgpubsub grant ROLE "
+                        "--worker gives it): the worker does not free stored messages' "
+                        "space itself",
+                        self.spec.name,
+                    )
+                return
+            if self.session.broken(exc):
+                raise
+            log.warning("%s: pgpubsub.rotate() failed: %s", self.spec.name, one_line(exc))
     def _key_params(self) -> dict[str, Any]:
         key_rate = self.key_rate
         return {
@@ -1170,7 +1228,7 @@ class ChannelProcessor:
 
     def _batch(self) -> tuple[int, int]:
         """Claim a batch and process it; return how many messages were claimed, and with keys."""
-        claimed = self._claim()
+        claimed = self._claim_moving()
         self.claimed += len(claimed)
         self._alone = any(r[7] for r in claimed)
         if claimed and self._claim_batch is not None:

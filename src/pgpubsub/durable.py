@@ -151,7 +151,10 @@ def migrate(dsn: str = "") -> None:
 
 
 # With publishing options: a due time, a priority, keys. A dedupe_key that is
-# pending already stores nothing (the unique partial index decides, race-free).
+# pending already stores nothing (the unique partial index decides, race-free;
+# named by no conflict target: from schema version 6 it is an index of the
+# partition pgpubsub.message_deduped, where every pending message with a
+# dedupe_key is, and the parent table has none to name).
 # Publishers of one ordering key take turns (a transaction-scoped advisory
 # lock, taken before the ids are drawn): ids of a key follow the order in
 # which their transactions commit, and the messages of a key run in id order.
@@ -169,8 +172,7 @@ STORE_OPTIONS_SQL = (
     "pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended("
     "%(channel)s || E'\\x1f' || %(ordering_key)s, 7)) END) AS key_lock(held), "
     "pg_catalog.unnest(pg_catalog.string_to_array(%(lines)s, E'\\n')) AS x "
-    "ON CONFLICT (channel, dedupe_key) WHERE status = 'pending' AND dedupe_key IS NOT NULL "
-    "DO NOTHING RETURNING id) "
+    "ON CONFLICT DO NOTHING RETURNING id) "
     "SELECT pg_catalog.array_agg(id ORDER BY id), pgpubsub.wake(%(channel)s) FROM ins"
 )
 # With a limit_key (key_rate_limit, key_concurrency: schema version 6); only

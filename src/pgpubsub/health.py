@@ -41,7 +41,7 @@ from ._leases import LIVE
 __all__ = ["SCHEMA_VERSION", "ChannelCounts", "Health", "WorkerInfo", "age", "since", "status"]
 
 #: The schema version this library installs and expects (``pgpubsub.version``).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # A due message of row ``m`` held back by its ordering key: an older pending
 # message of its key, or a live lease of the key (the negation of the claim's
@@ -339,7 +339,12 @@ def _read(conn: psycopg.Connection[Any], horizon_age: float = HORIZON_AGE) -> He
     has_messages, has_version, has_workers = row if row else (False, False, False)
     if not has_messages:
         return Health(
-            True, None, server, None, SCHEMA_VERSION, warnings=tuple(warnings),
+            True,
+            None,
+            server,
+            None,
+            SCHEMA_VERSION,
+            warnings=tuple(warnings),
             notify_queue_usage=usage,
         )
     version_row = conn.execute(VERSION_SQL).fetchone() if has_version else None

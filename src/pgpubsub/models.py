@@ -1,7 +1,10 @@
 """The ``Notification`` model: Django's view of ``pgpubsub.message``.
 
 The table comes from ``sql/schema.sql`` (the same source ``pgpubsub migrate``
-applies); the migration runs that file, so the model is unmanaged.
+applies); the migration runs that file, so the model is unmanaged. It has every
+column but ``segment``, where the row is stored (the table's default picks it:
+see the durable guide's "Storage"), so that a row the ORM creates goes where
+the database says.
 """
 
 from __future__ import annotations

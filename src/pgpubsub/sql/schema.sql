@@ -29,15 +29,6 @@ CREATE TABLE IF NOT EXISTS pgpubsub.message (
     completed_at  timestamptz
 );
 
--- Claiming reads only pending rows of one channel that are due, oldest first:
--- a partial index keeps that cheap whatever the backlog of dead or done rows.
-CREATE INDEX IF NOT EXISTS message_claim_idx
-    ON pgpubsub.message (channel, run_at, id) WHERE status = 'pending';
-
--- Retention sweeps and spill clean-up read only their own rows.
-CREATE INDEX IF NOT EXISTS message_kept_idx
-    ON pgpubsub.message (channel, status, created_at) WHERE status IN ('done', 'spill');
-
 -- OpenTelemetry: the trace context of the publish (W3C traceparent headers),
 -- so the span of the worker that handles the message joins the publisher's trace.
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS trace jsonb;
@@ -50,13 +41,6 @@ ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS trace jsonb;
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0;
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS dedupe_key text;
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS ordering_key text;
-CREATE INDEX IF NOT EXISTS message_due_idx
-    ON pgpubsub.message (channel, priority DESC, run_at, id) WHERE status = 'pending';
-CREATE UNIQUE INDEX IF NOT EXISTS message_dedupe_idx
-    ON pgpubsub.message (channel, dedupe_key) WHERE status = 'pending' AND dedupe_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS message_ordering_idx
-    ON pgpubsub.message (channel, ordering_key, id)
-    WHERE status = 'pending' AND ordering_key IS NOT NULL;
 
 -- Periodic channels (schedule="*/5 * * * *"): the last tick that was stored,
 -- advanced by exactly one worker per tick.
@@ -84,15 +68,6 @@ CREATE TABLE IF NOT EXISTS pgpubsub.worker (
 -- channel's kind: {"<channel>": {"kind": "plain|durable|trigger", "durable":
 -- bool, "processed": n, "failed": n}}.
 ALTER TABLE pgpubsub.worker ADD COLUMN IF NOT EXISTS stats jsonb NOT NULL DEFAULT '{}';
--- Dead messages of a channel, newest first, and the channels that have any,
--- read through an index whatever the size of the table.
-CREATE INDEX IF NOT EXISTS message_dead_idx
-    ON pgpubsub.message (channel, id) WHERE status = 'dead';
--- Channel and status are correlated: joint statistics make the planner's
--- estimate of "messages of this channel with this status" (what the dashboard
--- shows when an exact count would be slow) close to the truth.
-CREATE STATISTICS IF NOT EXISTS pgpubsub.message_channel_status (mcv)
-    ON channel, status FROM pgpubsub.message;
 
 -- Version 4 (grants): what `pgpubsub grant` gave each role, so that
 -- `--revoke` gives back exactly what the role held before: the kinds granted,
@@ -118,6 +93,236 @@ ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS unfinished boolean NOT NUL
 -- batch was cut short may be innocent, and is first run alone.
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS claimed_alone boolean NOT NULL DEFAULT false;
 
+-- Version 7 (storage). A message is an insert, a claim's update and a
+-- completion's delete: row versions that only vacuum reclaims, and vacuum
+-- reclaims none deleted after the oldest transaction still open anywhere in
+-- the database began (a report, a session idle in a transaction, a backup).
+-- Meanwhile every claim walked the dead index entries of every message
+-- completed since: the queue slowed down with each message processed.
+--
+-- So pending messages are stored in a ring of four segments, partitions of
+-- pgpubsub.message. Publishers store into the current one (pgpubsub.ring);
+-- once it has had SEGMENT_SIZE new messages the ring moves on to the next,
+-- and a segment whose messages are all gone is emptied by TRUNCATE, which
+-- frees its rows and index entries at once, whatever transaction is open
+-- (pgpubsub.rotate, run by workers). Claims and completions never wait for
+-- vacuum: they walk at most the entries of the segments not yet emptied.
+--
+-- Rows that stay are kept apart, so that they never hold a segment back:
+-- dead, done (kept for a retention) and spill rows in pgpubsub.message_kept,
+-- pending messages with a dedupe_key in pgpubsub.message_deduped (its unique
+-- index decides the key, race-free; vacuum reclaims this one's rows, as
+-- before). The partition follows from the row (status, dedupe_key and
+-- segment): a message that dies or is kept moves to message_kept in the same
+-- statement, and one replayed moves back.
+CREATE TABLE IF NOT EXISTS pgpubsub.ring (
+    one       boolean  PRIMARY KEY DEFAULT true CHECK (one),
+    segment   smallint NOT NULL DEFAULT 0 CHECK (segment BETWEEN 0 AND 3),
+    -- the id sequence's value when the segment became the current one
+    first_id  bigint   NOT NULL DEFAULT 0
+);
+INSERT INTO pgpubsub.ring DEFAULT VALUES ON CONFLICT (one) DO NOTHING;
+REVOKE ALL ON pgpubsub.ring FROM PUBLIC;
+GRANT SELECT ON pgpubsub.ring TO PUBLIC;  -- a segment number: what every publisher reads
+
+-- The segment new messages go to (the default of pgpubsub.message.segment).
+CREATE OR REPLACE FUNCTION pgpubsub.current_segment() RETURNS smallint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    SELECT r.segment FROM pgpubsub.ring r
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.current_segment() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgpubsub.current_segment() TO PUBLIC;
+
+-- From a table as versions 1 to 5 made it: one transaction, holding the
+-- table's lock while its rows are copied (publishers and workers wait for it:
+-- its duration follows the rows kept, mostly dead letters and done ones).
+-- Ids, and the privileges roles held on the table and its columns, are kept.
+DO $convert$
+DECLARE
+    old_seq regclass;
+    last_id bigint;
+    acl record;
+BEGIN
+    IF (SELECT c.relkind FROM pg_catalog.pg_class c
+        WHERE c.oid = 'pgpubsub.message'::pg_catalog.regclass) <> 'r' THEN
+        RETURN;
+    END IF;
+    ALTER TABLE pgpubsub.message RENAME TO message_v5;
+    old_seq := pg_catalog.pg_get_serial_sequence('pgpubsub.message_v5', 'id')::pg_catalog.regclass;
+    CREATE TABLE pgpubsub.message (
+        LIKE pgpubsub.message_v5 INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING CONSTRAINTS,
+        segment smallint NOT NULL DEFAULT pgpubsub.current_segment()
+    ) PARTITION BY LIST ((CASE WHEN status <> 'pending' THEN -1
+                               WHEN dedupe_key IS NOT NULL THEN -2 ELSE segment END));
+    CREATE TABLE pgpubsub.message_0 PARTITION OF pgpubsub.message FOR VALUES IN (0);
+    CREATE TABLE pgpubsub.message_1 PARTITION OF pgpubsub.message FOR VALUES IN (1);
+    CREATE TABLE pgpubsub.message_2 PARTITION OF pgpubsub.message FOR VALUES IN (2);
+    CREATE TABLE pgpubsub.message_3 PARTITION OF pgpubsub.message FOR VALUES IN (3);
+    CREATE TABLE pgpubsub.message_kept PARTITION OF pgpubsub.message FOR VALUES IN (-1);
+    CREATE TABLE pgpubsub.message_deduped PARTITION OF pgpubsub.message FOR VALUES IN (-2);
+    INSERT INTO pgpubsub.message OVERRIDING SYSTEM VALUE
+        SELECT v.*, (SELECT r.segment FROM pgpubsub.ring r) FROM pgpubsub.message_v5 v;
+    last_id := GREATEST(COALESCE(pg_catalog.pg_sequence_last_value(old_seq), 0),
+                        (SELECT COALESCE(pg_catalog.max(v.id), 0) FROM pgpubsub.message_v5 v));
+    IF last_id > 0 THEN  -- new ids after the old ones (a fresh table's start at 1)
+        PERFORM pg_catalog.setval(
+            pg_catalog.pg_get_serial_sequence('pgpubsub.message', 'id'), last_id);
+    END IF;
+    UPDATE pgpubsub.ring SET first_id = last_id;
+    -- What roles held on the table and on its columns (pgpubsub grant: a
+    -- publisher's INSERT names columns) they hold on the new one.
+    FOR acl IN
+        SELECT a.privilege_type, a.is_grantable, a.grantee, NULL::name AS col
+        FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+        WHERE c.oid = 'pgpubsub.message_v5'::pg_catalog.regclass
+          AND a.grantee <> c.relowner
+        UNION ALL
+        SELECT a.privilege_type, a.is_grantable, a.grantee, t.attname
+        FROM pg_catalog.pg_attribute t, pg_catalog.aclexplode(t.attacl) a
+        WHERE t.attrelid = 'pgpubsub.message_v5'::pg_catalog.regclass AND t.attacl IS NOT NULL
+    LOOP
+        EXECUTE pg_catalog.format('GRANT %s %s ON pgpubsub.message TO %s %s',
+            acl.privilege_type,
+            CASE WHEN acl.col IS NULL THEN '' ELSE pg_catalog.format('(%I)', acl.col) END,
+            CASE WHEN acl.grantee = 0 THEN 'PUBLIC'
+                 ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(acl.grantee)) END,
+            CASE WHEN acl.is_grantable THEN 'WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+    DROP TABLE pgpubsub.message_v5;
+END
+$convert$;
+
+-- Claiming reads only pending rows of one channel that are due, oldest first:
+-- a partial index keeps that cheap whatever the backlog of dead or done rows.
+CREATE INDEX IF NOT EXISTS message_claim_idx
+    ON pgpubsub.message (channel, run_at, id) WHERE status = 'pending';
+-- Messages by id (no primary key: a partitioned table's unique index must
+-- hold its partition key; ids come from the identity sequence).
+CREATE INDEX IF NOT EXISTS message_id_idx ON pgpubsub.message (id);
+-- Retention sweeps and spill clean-up read only their own rows.
+CREATE INDEX IF NOT EXISTS message_kept_idx
+    ON pgpubsub.message (channel, status, created_at) WHERE status IN ('done', 'spill');
+-- Job-queue options of durable channels (pgpubsub.notify(..., priority=,
+-- dedupe_key=, ordering_key=, delay= or run_at=)). Higher priorities are
+-- claimed first among due messages; at most one pending message per
+-- (channel, dedupe_key): every one is in message_deduped, whose unique index
+-- decides (publishers insert with ON CONFLICT DO NOTHING); messages of one
+-- (channel, ordering_key) run one at a time, in id order.
+CREATE UNIQUE INDEX IF NOT EXISTS message_dedupe_idx
+    ON pgpubsub.message_deduped (channel, dedupe_key)
+    WHERE status = 'pending' AND dedupe_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS message_ordering_idx
+    ON pgpubsub.message (channel, ordering_key, id)
+    WHERE status = 'pending' AND ordering_key IS NOT NULL;
+-- Messages without an ordering key are claimed through an index of their own
+-- (the keyed ones, through message_ordering_idx, head by head), so that
+-- neither kind is scanned to find the other.
+CREATE INDEX IF NOT EXISTS message_unkeyed_idx
+    ON pgpubsub.message (channel, priority DESC, run_at, id)
+    WHERE status = 'pending' AND ordering_key IS NULL;
+-- Dead messages of a channel, newest first, and the channels that have any,
+-- read through an index whatever the size of the table.
+CREATE INDEX IF NOT EXISTS message_dead_idx
+    ON pgpubsub.message (channel, id) WHERE status = 'dead';
+-- The ring moves on (called by workers about once a second while they claim
+-- messages; one call at a time, the others return at once). Every segment
+-- but the current one is emptied once its rows are gone: TRUNCATE frees its
+-- rows and index entries whatever transaction is open, where a DELETE's wait
+-- for vacuum. A segment with a few messages still pending (delayed, waiting
+-- for a retry: at most 1,000, none in a worker's hands) has them moved to the
+-- current one first; a backlog stays where it is. Once the current segment
+-- has had 10,000 new messages, the next one becomes current if it is empty
+-- (a backlog there: the current segment takes more). Emptying takes the
+-- segment's lock, which claims and completions take too: it is waited for
+-- 20 ms at most (claims wait behind it meanwhile), and tried again at the
+-- next call. Runs as the schema's owner (TRUNCATE); it takes no argument and
+-- reads nothing the caller controls. Only in READ COMMITTED: an older
+-- snapshot could miss committed messages and empty a segment that holds them.
+CREATE OR REPLACE FUNCTION pgpubsub.rotate() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    cur smallint;
+    first bigint;
+    last bigint;
+    nxt smallint;
+    emptied boolean;
+BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgpubsub.rotate() runs only in a READ COMMITTED transaction';
+    END IF;
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(
+            pg_catalog.hashtextextended('pgpubsub.rotate', 0)) THEN
+        RETURN;
+    END IF;
+    SELECT r.segment, r.first_id INTO cur, first FROM pgpubsub.ring r FOR UPDATE;
+    nxt := (cur + 1) % 4;
+    PERFORM pg_catalog.set_config('lock_timeout', '20ms', true);
+    FOR seg IN 0..3 LOOP
+        CONTINUE WHEN seg = cur;
+        emptied := pgpubsub.empty_segment(seg, cur);
+        IF seg = nxt THEN
+            last := pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence(
+                'pgpubsub.message', 'id')::pg_catalog.regclass);
+            IF emptied AND COALESCE(last, 0) - first >= 10000 THEN
+                UPDATE pgpubsub.ring SET segment = nxt, first_id = last;
+            END IF;
+        END IF;
+    END LOOP;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.rotate() FROM PUBLIC;
+
+-- Empty segment seg (true: it is empty), its few pending messages moved to
+-- segment cur first (see rotate). Under the segment's lock (the caller's
+-- lock_timeout): no publisher is storing into it, and the check sees every
+-- row committed.
+CREATE OR REPLACE FUNCTION pgpubsub.empty_segment(seg integer, cur integer) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    part text := 'message_' || seg;
+    left_over bigint;
+BEGIN
+    IF pg_catalog.pg_relation_size(('pgpubsub.' || part)::pg_catalog.regclass) = 0 THEN
+        RETURN true;  -- emptied already, nothing stored since
+    END IF;
+    EXECUTE pg_catalog.format(
+        'SELECT pg_catalog.count(*) FROM (SELECT FROM pgpubsub.%I LIMIT 1001) x', part)
+        INTO left_over;
+    IF left_over > 1000 THEN
+        RETURN false;
+    END IF;
+    -- Any lock waited for longer than the caller's lock_timeout gives up (a
+    -- batch's row, locked by a batch member's trigger as it moves): this
+    -- yields, never a worker.
+    BEGIN
+        IF left_over > 0 THEN
+            -- Not those in a worker's hands (unfinished, or locked by a claim).
+            EXECUTE pg_catalog.format(
+                'UPDATE pgpubsub.message m SET segment = %s WHERE m.id IN ('
+                'SELECT s.id FROM pgpubsub.%I s WHERE NOT s.unfinished FOR UPDATE SKIP LOCKED)',
+                cur, part);
+        END IF;
+        EXECUTE pg_catalog.format('LOCK TABLE pgpubsub.%I IN ACCESS EXCLUSIVE MODE', part);
+        EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM pgpubsub.%I', part)
+            INTO left_over;
+        IF left_over > 0 THEN
+            RETURN false;
+        END IF;
+        EXECUTE pg_catalog.format('TRUNCATE pgpubsub.%I', part);
+        RETURN true;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.empty_segment(integer, integer) FROM PUBLIC;
+
+-- Channel and status are correlated: joint statistics make the planner's
+-- estimate of "messages of this channel with this status" (what the dashboard
+-- shows when an exact count would be slow) close to the truth.
+CREATE STATISTICS IF NOT EXISTS pgpubsub.message_channel_status (mcv)
+    ON channel, status FROM pgpubsub.message;
+
 -- Version 4 (leases): an ordering key in a listener and a max_in_flight slot
 -- are held in the name of a worker (its registry row's id, '#', its
 -- processor), live while expires_at is to come or the worker's heartbeat is
@@ -132,14 +337,6 @@ CREATE TABLE IF NOT EXISTS pgpubsub.lease (
     PRIMARY KEY (channel, kind, name)
 );
 
--- Version 4 (claims): messages without an ordering key are claimed through an
--- index of their own (the keyed ones, through message_ordering_idx, head by
--- head), so that neither kind is scanned to find the other.
-CREATE INDEX IF NOT EXISTS message_unkeyed_idx
-    ON pgpubsub.message (channel, priority DESC, run_at, id)
-    WHERE status = 'pending' AND ordering_key IS NULL;
-DROP INDEX IF EXISTS pgpubsub.message_due_idx;
-
 -- Version 5 (wake-ups). A durable publisher sends its NOTIFY (the wake-up)
 -- only when a worker of the channel sleeps: a committing transaction that
 -- notified holds a database-wide lock for its commit, so notifying publishers
@@ -147,8 +344,9 @@ DROP INDEX IF EXISTS pgpubsub.message_due_idx;
 -- last look at the queue (pgpubsub.sleep); the first publisher to find the row
 -- takes it and notifies, the others do not (the woken workers register again
 -- once they have nothing to do). Publishers hold a shared advisory lock on the
--- channel until they commit, and a worker registers only when it can take it
--- exclusively: so no publisher finds "nobody sleeps" and commits after the
+-- channel until they commit, and a worker relies on its registration only
+-- when it could take that lock exclusively (else it also looks again every
+-- 50 ms): so no publisher finds "nobody sleeps" and commits unseen after the
 -- worker's last look. Unlogged: lost in a crash, when workers register anew.
 CREATE UNLOGGED TABLE IF NOT EXISTS pgpubsub.sleeper (
     channel  text        PRIMARY KEY,
@@ -247,14 +445,16 @@ CREATE TABLE IF NOT EXISTS pgpubsub.rate_bucket (
 REVOKE ALL ON pgpubsub.rate_bucket FROM PUBLIC;
 
 -- Version 6 (vacuum). Every message is an insert, a claim's update and a
--- completion's delete: three row versions for one live row. Autovacuum's
+-- completion's delete: three row versions for one live row (the segments are
+-- emptied by TRUNCATE when they can be, but vacuum keeps them small while a
+-- segment is current, and the kept and deduped rows rely on it). Autovacuum's
 -- defaults wait for a fifth of a table to be dead and then vacuum it slowly,
 -- so a busy queue's table and indexes grew to many times its live rows before
 -- autovacuum had run once. Vacuum these tables after a few thousand changes,
 -- not a fraction of their size, and without the cost delay on the small ones
 -- (each is a few rows per worker or channel, rewritten constantly). Setting
 -- storage parameters takes a lock that writers do not wait for.
-ALTER TABLE pgpubsub.message SET (
+ALTER TABLE pgpubsub.message_kept SET (
     autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000,
     autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 1
 );
@@ -262,6 +462,13 @@ DO $vacuum$
 DECLARE
     small text;
 BEGIN
+    -- The segments and the deduped messages: after a thousand changes too
+    -- (a segment is emptied by TRUNCATE only once its rows are gone).
+    FOREACH small IN ARRAY ARRAY['message_deduped', 'message_0', 'message_1', 'message_2',
+                                 'message_3'] LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE pgpubsub.%I SET (autovacuum_vacuum_scale_factor '
+            '= 0.01, autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 1)', small);
+    END LOOP;
     FOREACH small IN ARRAY ARRAY['lease', 'worker', 'rate_bucket', 'schedule', 'sleeper'] LOOP
         EXECUTE pg_catalog.format('ALTER TABLE pgpubsub.%I SET (autovacuum_vacuum_scale_factor '
             '= 0, autovacuum_vacuum_threshold = 500, autovacuum_vacuum_cost_delay = 0)', small);
@@ -380,10 +587,29 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsu
 DECLARE
     bid bigint := OLD.batch_id;
     was text := OLD.status;
-    now_is text := CASE WHEN TG_OP = 'DELETE' THEN 'cancelled' ELSE NEW.status END;
+    now_is text;
     b pgpubsub.batch;
     callback bigint;
 BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        now_is := NEW.status;
+    ELSE
+        -- pgpubsub.message is partitioned by status (see Version 7, storage):
+        -- an UPDATE that moves a row to another partition fires this as a
+        -- delete from the old one (AFTER UPDATE triggers are not fired then).
+        -- At the statement's end a moved row is found again by its id, with
+        -- the status it moved to; one not found was deleted (cancelled,
+        -- purged, swept). A settling member is looked for in message_kept
+        -- first, where it moves: a processing transaction locks no other
+        -- partition for it.
+        SELECT k.status INTO now_is FROM pgpubsub.message_kept k WHERE k.id = OLD.id;
+        IF NOT FOUND THEN
+            SELECT m.status INTO now_is FROM pgpubsub.message m WHERE m.id = OLD.id;
+            IF NOT FOUND THEN
+                now_is := 'cancelled';
+            END IF;
+        END IF;
+    END IF;
     IF was = now_is OR (was <> 'pending' AND now_is <> 'pending')
             OR now_is NOT IN ('pending', 'done', 'dead', 'cancelled') THEN
         RETURN NULL;
@@ -446,7 +672,7 @@ $body$;
 REVOKE ALL ON FUNCTION pgpubsub.sweep_batches(double precision) FROM PUBLIC;
 
 -- Only members fire it (the WHEN is checked without calling the function):
--- deleted while pending, or moved into or out of the pending state. Created
+-- deleted (a move between partitions too), or moved into or out of the pending state. Created
 -- once: dropping and creating again would lock the table at each migrate
 -- (the two triggers of an earlier draft of this version are dropped once).
 DO $do$
@@ -463,7 +689,7 @@ BEGIN
                    AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
         CREATE TRIGGER batch_member_gone
             AFTER DELETE ON pgpubsub.message FOR EACH ROW
-            WHEN (OLD.batch_id IS NOT NULL AND OLD.status = 'pending')
+            WHEN (OLD.batch_id IS NOT NULL AND OLD.status <> 'spill')
             EXECUTE FUNCTION pgpubsub.batch_member_settled();
     END IF;
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_changed'
@@ -534,7 +760,7 @@ CREATE TABLE IF NOT EXISTS pgpubsub.version (
     one      boolean PRIMARY KEY DEFAULT true CHECK (one),
     version  integer NOT NULL
 );
-INSERT INTO pgpubsub.version (one, version) VALUES (true, 6)
+INSERT INTO pgpubsub.version (one, version) VALUES (true, 7)
     ON CONFLICT (one) DO UPDATE SET version = GREATEST(pgpubsub.version.version, EXCLUDED.version);
 
 -- The JSON of one row event of a trigger channel.

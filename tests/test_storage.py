@@ -1,0 +1,272 @@
+"""Durable storage that keeps its size and speed whatever transaction is open (issue 26).
+
+A transaction open anywhere in the database stops vacuum from reclaiming any row deleted
+after it began. Before version 6 every processed message left its row versions and
+index entries behind, so the tables grew with every message processed and each claim
+walked more dead entries. The invariant: with a transaction held open, the storage the
+durable tables use is bounded by the messages pending, not by those processed.
+
+And the upgrade: a table as versions 1 to 5 made it becomes the ring of segments with
+every message, id and privilege kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from helpers import DurableRunning, admin_query, install_version_5, wait_until
+
+import pgpubsub
+from pgpubsub import _processor
+from pgpubsub.channel import Channel, spec_of
+from pgpubsub.durable import migrate
+from pgpubsub.listen import Registry
+
+# What the durable tables hold, whatever their layout: the table and its partitions,
+# their indexes and TOAST.
+STORAGE_SQL = (
+    "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = 'pgpubsub' AND left(c.relname, 7) = 'message' AND c.relkind = 'r'"
+)
+ROWS_SQL = (
+    "SELECT id, channel, payload, status, attempts, run_at, last_error, created_at, "
+    "completed_at, priority, dedupe_key, ordering_key, unfinished FROM pgpubsub.message "
+    "ORDER BY id"
+)
+
+
+@dataclass
+class Stored(Channel, lock_notifications=True, concurrency=2):
+    n: int
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[str]:
+    migrate(dsn)
+    yield dsn
+
+
+def storage(dsn: str) -> int:
+    return int(admin_query(dsn, STORAGE_SQL)[0][0])  # type: ignore[call-overload]
+
+
+def test_a_transaction_held_open_does_not_keep_processed_messages(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_processor, "ROTATE_EVERY", 0.0)  # each batch: deterministic here
+    done: list[int] = []
+    registry = Registry()
+    registry.add(Stored, lambda n: done.append(n))
+    runner = DurableRunning(db, [Stored], registry, poll_interval=0.2)
+    report = psycopg.connect(db)
+    try:
+        # A report in REPEATABLE READ: its snapshot holds the xmin horizon. It reads
+        # another table, as reports do.
+        report.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        report.execute("SELECT count(*) FROM pg_class")
+        sizes = []
+        for chunk in range(8):
+            with psycopg.connect(db) as conn:
+                pgpubsub.notify_many(
+                    Stored, [{"n": chunk * 5000 + i} for i in range(5000)], conn=conn
+                )
+            wait_until(lambda c=chunk: len(done) >= (c + 1) * 5000, timeout=120, interval=0.05)
+            sizes.append(storage(db))
+        held = admin_query(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_xmin IS NOT NULL "
+            "AND state = 'idle in transaction'",
+        )
+        assert held[0][0] >= 1, "the report holds no snapshot: the test proves nothing"
+    finally:
+        report.close()
+        runner.stop()
+    assert sorted(done) == list(range(40_000))
+    # 40,000 processed and none pending: bounded by a few segments, not growing with
+    # every 5,000 processed (the table as versions 1 to 5 made it grew about 8x).
+    assert sizes[-1] <= 1.5 * max(sizes[:3]), [s // 1024 for s in sizes]
+
+
+def test_upgrading_a_version_5_table_keeps_every_message_id_and_privilege(dsn: str) -> None:
+    install_version_5(dsn)
+    assert admin_query(dsn, "SELECT version FROM pgpubsub.version") == [(5,)]
+    admin_query(dsn, "CREATE ROLE storage_pub LOGIN")
+    try:
+        admin_query(
+            dsn,
+            "GRANT USAGE ON SCHEMA pgpubsub TO storage_pub; "
+            "GRANT INSERT (channel, payload, trace, run_at, priority, dedupe_key, ordering_key) "
+            "ON pgpubsub.message TO storage_pub; "
+            "GRANT SELECT (id, channel, status, dedupe_key) ON pgpubsub.message TO storage_pub",
+        )
+        name = spec_of(Stored).name
+        admin_query(
+            dsn,
+            "INSERT INTO pgpubsub.message (channel, payload, status, attempts, last_error, "
+            "dedupe_key, ordering_key, run_at, completed_at) VALUES "
+            "(%s, '{\"n\": 1}', 'pending', 0, NULL, NULL, NULL, now(), NULL), "
+            "(%s, '{\"n\": 2}', 'pending', 1, 'boom', NULL, NULL, now() + interval '1 day', NULL), "
+            "(%s, '{\"n\": 3}', 'dead', 5, 'ValueError: no', NULL, NULL, now(), NULL), "
+            "(%s, '{\"n\": 4}', 'done', 1, NULL, NULL, NULL, now(), now()), "
+            "(%s, '{\"n\": 5}', 'pending', 0, NULL, 'once', NULL, now(), NULL), "
+            "(%s, '{\"n\": 6}', 'pending', 0, NULL, NULL, 'k', now(), NULL), "
+            "(%s, '{\"n\": 7}', 'pending', 0, NULL, NULL, 'k', now(), NULL), "
+            "('wide', 'x', 'spill', 0, NULL, NULL, NULL, now(), NULL)",
+            (name,) * 7,
+        )
+        before = admin_query(dsn, ROWS_SQL)
+        last_id = max(int(r[0]) for r in before)  # type: ignore[call-overload]
+
+        migrate(dsn)
+
+        assert admin_query(
+            dsn, "SELECT relkind FROM pg_class WHERE oid = 'pgpubsub.message'::regclass"
+        ) == [("p",)]
+        assert admin_query(dsn, ROWS_SQL) == before
+        places = dict(
+            admin_query(  # type: ignore[arg-type]
+                dsn, "SELECT payload, tableoid::regclass::text FROM pgpubsub.message"
+            )
+        )
+        assert places['{"n": 3}'] == places['{"n": 4}'] == places["x"] == "pgpubsub.message_kept"
+        assert places['{"n": 5}'] == "pgpubsub.message_deduped"
+        assert places['{"n": 1}'] == places['{"n": 6}'] == "pgpubsub.message_0"
+        # The privileges the role held on the old table, and no more.
+        assert admin_query(
+            dsn,
+            "SELECT has_column_privilege('storage_pub', 'pgpubsub.message', 'payload', 'INSERT'), "
+            "has_column_privilege('storage_pub', 'pgpubsub.message', 'status', 'INSERT'), "
+            "has_column_privilege('storage_pub', 'pgpubsub.message', 'dedupe_key', 'SELECT'), "
+            "has_column_privilege('storage_pub', 'pgpubsub.message', 'payload', 'SELECT'), "
+            "has_table_privilege('storage_pub', 'pgpubsub.message', 'UPDATE')",
+        ) == [(True, False, True, False, False)]
+        # New ids follow the old ones; the migrated dedupe key still holds.
+        pub = psycopg.conninfo.make_conninfo(dsn, user="storage_pub")
+        with psycopg.connect(pub, autocommit=True) as conn:
+            assert pgpubsub.notify(Stored(n=8), conn=conn) > last_id
+            assert pgpubsub.notify(Stored(n=9), conn=conn, dedupe_key="once") == int(
+                before[4][0]  # type: ignore[call-overload]
+            )
+        # The pending ones run; the delayed one waits, the dead and done stay.
+        seen: list[int] = []
+        registry = Registry()
+        registry.add(Stored, lambda n: seen.append(n))
+        assert pgpubsub.process_stored_notifications([Stored], dsn=dsn, registry=registry) == 5
+        assert sorted(seen) == [1, 5, 6, 7, 8]
+        statuses = admin_query(dsn, "SELECT payload, status FROM pgpubsub.message ORDER BY id")
+        assert ('{"n": 2}', "pending") in statuses and ('{"n": 3}', "dead") in statuses
+        migrate(dsn)  # again: nothing changes
+        assert admin_query(dsn, "SELECT count(*) FROM pgpubsub.message") == [(len(statuses),)]
+    finally:
+        admin_query(dsn, "DROP OWNED BY storage_pub; DROP ROLE storage_pub")
+
+
+def model_rows(dsn: str) -> list[tuple[object, ...]]:
+    return admin_query(dsn, ROWS_SQL)
+
+
+def test_rotating_never_loses_or_changes_a_message(db: str) -> None:
+    """Rounds of random rows (due, delayed, retried, dead, done, deduped, in a worker's
+    hands, locked by a claim, stored by a transaction still open), random completions,
+    and rotations: every row that was not completed is there, unchanged."""
+    rnd = random.Random(26)
+    name = spec_of(Stored).name
+    for round_ in range(12):
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO pgpubsub.message (channel, payload, status, run_at, dedupe_key, "
+                "unfinished) SELECT %s, g::text, (ARRAY['pending','pending','pending','dead',"
+                "'done'])[1 + (g %% 5)], now() + (g %% 3) * interval '1 hour', "
+                "CASE WHEN g %% 17 = 0 THEN 'd' || g END, g %% 11 = 0 "
+                "FROM generate_series(%s::int, %s::int) g",
+                (name, round_ * 100_000, round_ * 100_000 + rnd.choice([50, 900, 4000, 11000])),
+            )
+            # Completed: most of the due ones.
+            conn.execute(
+                "DELETE FROM pgpubsub.message WHERE status = 'pending' AND NOT unfinished "
+                "AND run_at <= now() AND random() < 0.9"
+            )
+        expected = model_rows(db)
+        # A claim holding some rows locked, and a publisher in its transaction.
+        with psycopg.connect(db) as claim, psycopg.connect(db) as publisher:
+            claim.execute(
+                "SELECT id FROM pgpubsub.message WHERE status = 'pending' LIMIT 20 FOR UPDATE"
+            )
+            publisher.execute(
+                "INSERT INTO pgpubsub.message (channel, payload) VALUES (%s, 'open')", (name,)
+            )
+            for _ in range(3):
+                admin_query(db, "SELECT pgpubsub.rotate()")
+            assert model_rows(db) == expected
+            publisher.commit()
+            claim.commit()
+        expected = model_rows(db)
+        for _ in range(3):
+            admin_query(db, "SELECT pgpubsub.rotate()")
+        assert model_rows(db) == expected
+        admin_query(db, "DELETE FROM pgpubsub.message WHERE payload = 'open'")
+
+
+def test_rotate_refuses_an_older_snapshot(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(psycopg.errors.RaiseException, match="READ COMMITTED"):
+            conn.execute("SELECT pgpubsub.rotate()")
+
+
+def test_claims_go_on_while_rows_move_between_segments(
+    db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim whose row another transaction moved to another segment meanwhile fails
+    with a serialization failure; the processor claims again, and nothing is lost,
+    duplicated or logged as a failed round."""
+    name = spec_of(Stored).name
+    done: list[int] = []
+    registry = Registry()
+    registry.add(Stored, lambda n: done.append(n))
+    stop = threading.Event()
+
+    def mover() -> None:
+        with psycopg.connect(db, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(
+                    "UPDATE pgpubsub.message SET segment = (segment + 1) %% 4 WHERE id IN ("
+                    "SELECT id FROM pgpubsub.message WHERE channel = %s AND status = 'pending' "
+                    "AND NOT unfinished LIMIT 50 FOR UPDATE SKIP LOCKED)",
+                    (name,),
+                )
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        pgpubsub.notify_many(Stored, [{"n": i} for i in range(3000)], conn=conn)
+    thread = threading.Thread(target=mover)
+    thread.start()
+    runner = DurableRunning(db, [Stored], registry, poll_interval=0.2, batch_size=20)
+    try:
+        wait_until(lambda: len(done) >= 3000, timeout=120, interval=0.05)
+    finally:
+        stop.set()
+        thread.join()
+        runner.stop()
+    assert sorted(done) == list(range(3000))
+    failed = [r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    assert not failed, failed[:3]
+
+
+def test_publishers_store_into_the_current_segment(db: str) -> None:
+    admin_query(db, "UPDATE pgpubsub.ring SET segment = 2")
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert pgpubsub.notify_many(Stored, [{"n": 1}, {"n": 2}], conn=conn) == 2
+        pgpubsub.notify(Stored(n=3), conn=conn, priority=5)
+    assert admin_query(db, "SELECT DISTINCT tableoid::regclass::text FROM pgpubsub.message") == [
+        ("pgpubsub.message_2",)
+    ]
+    rows = admin_query(db, "SELECT payload FROM pgpubsub.message")
+    payloads = [json.loads(str(r[0])) for r in rows]
+    assert sorted(p["n"] for p in payloads) == [1, 2, 3]
