@@ -270,3 +270,90 @@ def test_publishers_store_into_the_current_segment(db: str) -> None:
     rows = admin_query(db, "SELECT payload FROM pgpubsub.message")
     payloads = [json.loads(str(r[0])) for r in rows]
     assert sorted(p["n"] for p in payloads) == [1, 2, 3]
+
+
+# -- finding 1 of the hostile review: a processing transaction locks only its rows' partitions --
+
+PARTITIONS_LOCKED = (
+    "SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE l.pid = pg_backend_pid() "
+    "AND n.nspname = 'pgpubsub' AND c.relkind = 'r' AND left(c.relname, 7) = 'message' "
+    "ORDER BY 1"
+)
+
+
+@dataclass
+class Brittle(Channel, lock_notifications=True, max_attempts=1):
+    n: int
+
+
+def test_a_processing_transaction_locks_only_the_partitions_of_its_rows(db: str) -> None:
+    """Inside the processing transaction, while listeners run and at its commit, the
+    message partitions locked are those its rows are in (and message_kept, where a
+    dead one moves): not the other segments, which pgpubsub.rotate() must be able to
+    empty meanwhile. At commit: a deferred constraint trigger of the test's own,
+    fired by the listener's write, records the transaction's locks."""
+    admin_query(
+        db,
+        "CREATE TABLE probe (n int); CREATE TABLE seen (at text, rel text); "
+        "CREATE FUNCTION record_locks() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN "
+        "INSERT INTO seen SELECT 'commit', r.relname FROM (" + PARTITIONS_LOCKED + ") r; "
+        "RETURN NULL; END $f$; "
+        "CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON probe DEFERRABLE INITIALLY "
+        "DEFERRED FOR EACH ROW EXECUTE FUNCTION record_locks()",
+    )
+    admin_query(db, "UPDATE pgpubsub.ring SET segment = 1")
+    during: list[set[str]] = []
+
+    def listener(n: int) -> None:
+        conn = pgpubsub.durable.connection()
+        during.append({str(r[0]) for r in conn.execute(PARTITIONS_LOCKED).fetchall()})
+        if n == 0:
+            conn.execute("SET CONSTRAINTS at_commit DEFERRED")  # the processor set IMMEDIATE
+            conn.execute("INSERT INTO probe VALUES (%s)", (n,))
+        if n == 2:
+            raise ValueError("dies: moves to message_kept")
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        pgpubsub.notify_many(Brittle, [{"n": 0}, {"n": 2}], conn=conn)
+        pgpubsub.notify(Brittle(n=1), conn=conn, dedupe_key="one")
+    registry = Registry()
+    registry.add(Brittle, listener)
+    assert pgpubsub.process_stored_notifications([Brittle], dsn=db, registry=registry) == 2
+    assert len(during) == 3
+    assert set().union(*during) == {"message_1", "message_deduped"}
+    at_commit = {str(r[0]) for r in admin_query(db, "SELECT rel FROM seen")}
+    assert at_commit == {"message_1", "message_deduped", "message_kept"}
+
+
+def test_a_drained_segment_is_emptied_while_a_batch_of_another_segment_runs(db: str) -> None:
+    """The point of finding 1: rotate() empties a drained segment while a listener of a
+    batch stored in another segment is running (its transaction open)."""
+    name = spec_of(Stored).name
+    admin_query(db, "UPDATE pgpubsub.ring SET segment = 2")
+    with psycopg.connect(db, autocommit=True) as conn:  # segment 2: stored, then completed
+        pgpubsub.notify_many(Stored, [{"n": -i} for i in range(1, 50)], conn=conn)
+        conn.execute("DELETE FROM pgpubsub.message WHERE channel = %s", (name,))
+    admin_query(db, "UPDATE pgpubsub.ring SET segment = 1")
+    with psycopg.connect(db, autocommit=True) as conn:
+        pgpubsub.notify(Stored(n=1), conn=conn)
+    started, release = threading.Event(), threading.Event()
+
+    def listener(n: int) -> None:
+        started.set()
+        assert release.wait(30)
+
+    registry = Registry()
+    registry.add(Stored, listener)
+    worker = threading.Thread(
+        target=pgpubsub.process_stored_notifications, args=([Stored], db, registry)
+    )
+    worker.start()
+    try:
+        assert started.wait(30)
+        assert admin_query(db, "SELECT pg_relation_size('pgpubsub.message_2')")[0][0] > 0
+        admin_query(db, "SELECT pgpubsub.rotate()")
+        assert admin_query(db, "SELECT pg_relation_size('pgpubsub.message_2')") == [(0,)]
+    finally:
+        release.set()
+        worker.join()

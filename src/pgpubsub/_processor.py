@@ -83,6 +83,23 @@ _NEXT_KEY = (
     "AND n.status = 'pending' AND n.ordering_key IS NOT NULL AND n.ordering_key > {after} "
     "ORDER BY n.ordering_key LIMIT 1"
 )
+# The partition of a row of pgpubsub.message: the table's partition key
+# (schema.sql, Version 7 storage), spelled as there, so that a statement whose
+# WHERE compares it with constants is pruned by the planner before anything is
+# locked. A statement through the parent otherwise locks every partition and
+# their indexes until its transaction ends: a processing transaction, held
+# while its listeners run, then kept pgpubsub.rotate() from emptying any
+# segment (hostile review of issue 26, finding 1). The claim says each row's
+# partition; every statement of the processing transaction names those of its
+# rows (:meth:`ChannelProcessor._in_parts`). A row in hand stays in its
+# partition until its outcome is recorded: rotate moves no row a claim left
+# unfinished, and only the outcome moves one to message_kept.
+PART = (
+    "(CASE WHEN status <> 'pending' THEN -1 WHEN dedupe_key IS NOT NULL THEN -2 "
+    "ELSE segment END)"
+)
+#: Where a statement restricted to its rows' partitions says which ones.
+IN_PARTS = "{in_parts}"
 CLAIM_SQL = f"""
 WITH RECURSIVE later(key) AS (
     ({_NEXT_KEY.format(after="%(after)s")})
@@ -176,7 +193,7 @@ UPDATE pgpubsub.message m SET
 WHERE m.id = ANY(ARRAY(SELECT id FROM pick))
   AND (m.ordering_key IS NULL OR m.ordering_key IN (SELECT name FROM leased))
 RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
-    m.ordering_key IS NOT NULL, m.claimed_alone, m.ordering_key
+    m.ordering_key IS NOT NULL, m.claimed_alone, m.ordering_key, {PART}
 """  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a
 # concurrent claim's scan may hold one of them for an instant (it re-checks the
@@ -187,15 +204,15 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
 # (The third column: the batch of a batch member, kept as done when it completes.)
 LOCK_SQL = (
     "SELECT id, attempts, batch_id FROM pgpubsub.message "
-    "WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+    "WHERE id = ANY(%s) AND {in_parts} ORDER BY id FOR UPDATE"
 )
 # The batch rows of the members about to be settled, locked in id order (see schema.sql).
 LOCK_BATCHES_SQL = "SELECT pgpubsub.lock_batches(%s::bigint[])"
 LOCK_BATCHES_TRIES = 20
-DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s)"
+DELETE_SQL = "DELETE FROM pgpubsub.message WHERE id = ANY(%s) AND {in_parts}"
 KEEP_SQL = (
     "UPDATE pgpubsub.message SET status = 'done', completed_at = pg_catalog.now(), "
-    "last_error = NULL, unfinished = false WHERE id = ANY(%s)"
+    "last_error = NULL, unfinished = false WHERE id = ANY(%s) AND {in_parts}"
 )
 # A results channel's completion: the listeners' return values stored with the
 # effects, and each waiting handle told (pgpubsub.done, the id; sent at commit).
@@ -204,7 +221,7 @@ KEEP_RESULTS_SQL = (
     "completed_at = pg_catalog.now(), last_error = NULL, unfinished = false, "
     "result = r.result::jsonb "
     "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::text[])) "
-    "AS r(id, result) WHERE m.id = r.id RETURNING m.id) "
+    "AS r(id, result) WHERE m.id = r.id AND {in_parts} RETURNING m.id) "
     "SELECT pg_catalog.count(pg_catalog.pg_notify(%s, k.id::text)) FROM k"
 )
 #: The channel on which a results channel's settled messages are announced (payload: the id).
@@ -365,8 +382,8 @@ def _limited_claim_sql() -> str:
 )""",  # noqa: S608 - constant fragments
         ),
         (
-            "m.ordering_key IS NOT NULL, m.claimed_alone, m.ordering_key\n",
-            "m.ordering_key IS NOT NULL, m.claimed_alone, m.ordering_key, m.limit_key\n",
+            "m.claimed_alone, m.ordering_key, (CASE",
+            "m.claimed_alone, m.ordering_key, m.limit_key, (CASE",
         ),
     ]
     for old, new in edits:
@@ -399,7 +416,8 @@ SPEND_KEY_TOKENS_SQL = (
 # stopping an earlier process) stays suspect.
 UNCLAIM_SQL = (
     "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = claimed_alone, "
-    "claimed_alone = false, run_at = pg_catalog.clock_timestamp() WHERE id = ANY(%s)"
+    "claimed_alone = false, run_at = pg_catalog.clock_timestamp() "
+    "WHERE id = ANY(%s) AND {in_parts}"
 )
 #: Seconds between sweeps of full key buckets while a processor claims without rest.
 BUCKET_SWEEP_EVERY = 1.0
@@ -442,7 +460,7 @@ RETRY_SQL = (
     "UPDATE pgpubsub.message SET last_error = %s, unfinished = false, "
     "run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => %s), "
     "status = CASE WHEN attempts >= %s THEN 'dead' ELSE 'pending' END "
-    "WHERE id = %s RETURNING status = 'dead'"
+    "WHERE id = %s AND {in_parts} RETURNING status = 'dead'"
 )
 # Messages whose round failed on a lost session, in a live process: as if never
 # claimed, unless another worker claimed them since.
@@ -461,7 +479,7 @@ CANCELLED_SQL = (
 # A message claimed behind a failed one of its key: as if never claimed.
 GIVE_BACK_SQL = (
     "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = false, "
-    "run_at = pg_catalog.clock_timestamp() WHERE id = ANY(%s)"
+    "run_at = pg_catalog.clock_timestamp() WHERE id = ANY(%s) AND {in_parts}"
 )
 # A worker stopping past its grace ends the processing session it abandons
 # (its transaction rolls back, its row locks go) before giving the batch back.
@@ -620,6 +638,7 @@ class ChannelProcessor:
         self.result_type: Any = getattr(cls, "Result", None)
         self._values: dict[int, str] = {}  # id -> the JSON of its listeners' return value
         self._members: dict[int, int] = {}  # id -> batch, of the members in hand
+        self._parts: dict[int, int] = {}  # id -> partition (PART), of the rows in hand
         self._next_sweep = 0.0  # time.monotonic() of the next sweep of a channel without retention
         # Flow control per limit_key (key_rate_limit, key_concurrency).
         self.key_rate = key_rate_of(cls)
@@ -1056,13 +1075,31 @@ class ChannelProcessor:
             return self._claim_limited(params, rate)
         with self.session.atomic():
             if rate is None:
-                return self.session.execute(CLAIM_SQL, params)
+                return self._note_parts(self.session.execute(CLAIM_SQL, params))
             tokens = self._take_tokens(rate, params)
             if tokens < 1:
                 return []
-            claimed = self.session.execute(CLAIM_SQL, params)
+            claimed = self._note_parts(self.session.execute(CLAIM_SQL, params))
             self._spend_tokens(tokens, claimed)
             return claimed
+
+    def _note_parts(self, claimed: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The claimed rows without their last column, their partition, noted in ``_parts``."""
+        self._parts = {r[0]: r[-1] for r in claimed}
+        return [r[:-1] for r in claimed]
+
+    def _in_parts(self, template: str, ids: list[int]) -> str:
+        """``template`` with its ``{in_parts}`` the partitions of rows ``ids``, as constants.
+
+        Constants, not parameters: the planner prunes the other partitions
+        whatever plan the driver prepares, and no lock is taken on them (see
+        PART). The values are the claim's integers, never input. A row of
+        unknown partition (none: every row in hand was claimed) searches all.
+        """
+        if not ids or any(mid not in self._parts for mid in ids):
+            return template.replace(IN_PARTS, "true")
+        listed = ", ".join(str(int(p)) for p in sorted({self._parts[mid] for mid in ids}))
+        return template.replace(IN_PARTS, f"{PART} IN ({listed})")
 
     def _take_tokens(self, rate: Any, params: dict[str, Any]) -> int:
         """A rate-limited claim's first statement: the channel bucket's whole tokens,
@@ -1159,7 +1196,7 @@ class ChannelProcessor:
             tokens = None if rate is None else self._take_tokens(rate, params)
             if tokens is not None and tokens < 1:
                 return []
-            taken = self.session.execute(LIMITED_CLAIM_SQL, params)
+            taken = self._note_parts(self.session.execute(LIMITED_CLAIM_SQL, params))
             # The claim leased the ordering keys of all it took, kept or not.
             self._leased_keys = any(r[6] for r in taken)
             claimed = self._limit(taken, params)
@@ -1213,7 +1250,7 @@ class ChannelProcessor:
                 if order is not None:
                     blocked.add(order)
         if back:
-            self.session.execute(UNCLAIM_SQL, (back,))
+            self.session.execute(self._in_parts(UNCLAIM_SQL, back), (back,))
         spent = {k: allowed[k] - left[k] for k in allowed if allowed[k] > left[k]}
         if spent and self.key_rate is not None:
             self.session.execute(
@@ -1319,6 +1356,7 @@ class ChannelProcessor:
             current_connection.reset(token)
             self._values.clear()
             self._members.clear()
+            self._parts.clear()
 
     def _transaction(
         self, claimed: list[tuple[Any, ...]], known: dict[int, BaseException]
@@ -1485,7 +1523,7 @@ class ChannelProcessor:
 
     def _lock(self, ids: list[int]) -> dict[int, int]:
         """Lock rows in hand; their attempt counts (batch members noted in ``_members``)."""
-        rows = self.session.execute(LOCK_SQL, (ids,))
+        rows = self.session.execute(self._in_parts(LOCK_SQL, ids), (ids,))
         self._members.update((r[0], r[2]) for r in rows if r[2] is not None)
         return {r[0]: r[1] for r in rows}
 
@@ -1534,7 +1572,7 @@ class ChannelProcessor:
     def _give_back(self, ids: list[int]) -> None:
         """Messages claimed behind a failed one of their key: pending again, unrun, uncharged."""
         if ids:
-            self.session.execute(GIVE_BACK_SQL, (ids,))
+            self.session.execute(self._in_parts(GIVE_BACK_SQL, ids), (ids,))
 
     def _complete(self, ids: list[int]) -> None:
         """Complete messages: deleted, or kept as done (with their results, on a results channel).
@@ -1548,16 +1586,17 @@ class ChannelProcessor:
             return
         if self.results:
             values = [self._values.get(mid, "null") for mid in ids]
-            self.session.execute(KEEP_RESULTS_SQL, (ids, values, DONE_CHANNEL))
+            keep = self._in_parts(KEEP_RESULTS_SQL, ids)
+            self.session.execute(keep, (ids, values, DONE_CHANNEL))
         elif self.retention:
-            self.session.execute(KEEP_SQL, (ids,))
+            self.session.execute(self._in_parts(KEEP_SQL, ids), (ids,))
         else:
             members = [mid for mid in ids if mid in self._members]
             if members:
-                self.session.execute(KEEP_SQL, (members,))
+                self.session.execute(self._in_parts(KEEP_SQL, members), (members,))
                 ids = [mid for mid in ids if mid not in self._members]
             if ids:
-                self.session.execute(DELETE_SQL, (ids,))
+                self.session.execute(self._in_parts(DELETE_SQL, ids), (ids,))
 
     def _failed(self, mid: int, attempt: int, exc: BaseException) -> bool:
         """Record a failed attempt in a savepoint of its own; return whether it is now dead.
@@ -1567,7 +1606,7 @@ class ChannelProcessor:
         """
         if isinstance(exc, MessageCancelled):
             with self.session.atomic():
-                self.session.execute(DELETE_SQL, ([mid],))
+                self.session.execute(self._in_parts(DELETE_SQL, [mid]), ([mid],))
                 if self.results:  # a waiting handle finds it gone: cancelled
                     self.session.execute(SETTLED_SQL, (DONE_CHANNEL, mid))
                 self.session.sync()
@@ -1610,7 +1649,8 @@ class ChannelProcessor:
     def _record(self, mid: int, error: str, delay: float, limit: int) -> bool:
         """Store a failed attempt; whether the message is now dead."""
         with self.session.atomic():
-            rows = self.session.fetch(RETRY_SQL, (error, delay, limit, mid))
+            retry = self._in_parts(RETRY_SQL, [mid])
+            rows = self.session.fetch(retry, (error, delay, limit, mid))
             dead = bool(rows and rows[0][0])
             if dead and self.results:  # a waiting handle raises its error
                 self.session.execute(SETTLED_SQL, (DONE_CHANNEL, mid))
