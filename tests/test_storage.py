@@ -17,6 +17,8 @@ import random
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -357,3 +359,207 @@ def test_a_drained_segment_is_emptied_while_a_batch_of_another_segment_runs(db: 
     finally:
         release.set()
         worker.join()
+
+
+# -- finding 3: logical replication (a publication FOR ALL TABLES) --
+
+
+def test_every_partition_has_a_replica_identity_and_a_published_database_processes(
+    dsn: str,
+) -> None:
+    """Under a publication FOR ALL TABLES every UPDATE and DELETE of a table without a
+    replica identity fails: each partition has one (its unique index on id), so
+    claims, completions, deaths (a move to message_kept), dedupe and rotation go on."""
+    admin_query(dsn, "CREATE PUBLICATION everything FOR ALL TABLES")
+    migrate(dsn)  # the partitions created under the publication
+    assert admin_query(
+        dsn,
+        "SELECT c.relname, c.relreplident, i.indexrelid::regclass::text FROM pg_inherits h "
+        "JOIN pg_class c ON c.oid = h.inhrelid LEFT JOIN pg_index i ON i.indrelid = c.oid "
+        "AND i.indisreplident WHERE h.inhparent = 'pgpubsub.message'::regclass ORDER BY 1",
+    ) == [
+        (p, "i", f"pgpubsub.{p}_id_key")
+        for p in ("message_0", "message_1", "message_2", "message_3", "message_deduped")
+    ] + [("message_kept", "i", "pgpubsub.message_kept_id_key")]
+    seen: list[int] = []
+
+    def listener(n: int) -> None:
+        seen.append(n)
+        if n == 2:
+            raise ValueError("dies")
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgpubsub.notify_many(Brittle, [{"n": 0}, {"n": 2}], conn=conn)
+        pgpubsub.notify(Brittle(n=1), conn=conn, dedupe_key="one")
+    registry = Registry()
+    registry.add(Brittle, listener)
+    assert pgpubsub.process_stored_notifications([Brittle], dsn=dsn, registry=registry) == 2
+    assert sorted(seen) == [0, 1, 2]
+    admin_query(dsn, "SELECT pgpubsub.rotate()")
+    assert admin_query(dsn, "SELECT payload, status FROM pgpubsub.message") == [('{"n":2}', "dead")]
+
+
+# -- findings 4 and 7: the upgrade keeps the table's owner and each privilege's grantor --
+
+SCHEMA_V6 = Path(__file__).parent / "schema_v6.sql"
+ACL_SQL = (
+    "SELECT a.privilege_type, a.grantee::regrole::text, a.grantor::regrole::text, "
+    "a.is_grantable, NULL::name FROM pg_class c, aclexplode(c.relacl) a "
+    "WHERE c.oid = 'pgpubsub.message'::regclass AND a.grantee <> c.relowner "
+    "UNION ALL SELECT a.privilege_type, a.grantee::regrole::text, a.grantor::regrole::text, "
+    "a.is_grantable, t.attname FROM pg_attribute t, aclexplode(t.attacl) a "
+    "WHERE t.attrelid = 'pgpubsub.message'::regclass AND t.attacl IS NOT NULL ORDER BY 1, 2, 3, 5"
+)
+
+
+def test_an_upgrade_by_a_superuser_keeps_the_owner_and_every_grantor(dsn: str) -> None:
+    """The schema as version 6 installed it, by the application's role (as its Django
+    migrations do), a grant option passed on by another role; `migrate` run by a
+    superuser: the table and its partitions are still the application's, every
+    privilege is held from the same grantor (who can still take it back)."""
+    db = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    roles = ("r2_app", "r2_lead", "r2_analyst")
+    for role in roles:
+        admin_query(dsn, f"CREATE ROLE {role} LOGIN")
+    try:
+        admin_query(dsn, f"GRANT CREATE ON DATABASE {db} TO r2_app")
+        app, lead = (psycopg.conninfo.make_conninfo(dsn, user=r) for r in roles[:2])
+        with psycopg.connect(app, autocommit=True) as conn:
+            conn.execute(SCHEMA_V6.read_text().encode())
+            conn.execute(
+                "INSERT INTO pgpubsub.message (channel, payload) VALUES ('c', '1'); "
+                "GRANT USAGE ON SCHEMA pgpubsub TO r2_lead, r2_analyst; "
+                "GRANT SELECT ON pgpubsub.message TO r2_lead WITH GRANT OPTION; "
+                "GRANT INSERT (channel, payload) ON pgpubsub.message TO r2_lead "
+                "WITH GRANT OPTION; GRANT DELETE ON pgpubsub.message TO r2_analyst"
+            )
+        with psycopg.connect(lead, autocommit=True) as conn:
+            conn.execute(
+                "GRANT SELECT ON pgpubsub.message TO r2_analyst; "
+                "GRANT INSERT (channel, payload) ON pgpubsub.message TO r2_analyst"
+            )
+        before = admin_query(dsn, ACL_SQL)
+        assert ("SELECT", "r2_analyst", "r2_lead", False, None) in before
+
+        migrate(dsn)
+
+        assert admin_query(
+            dsn, "SELECT relkind FROM pg_class WHERE oid = 'pgpubsub.message'::regclass"
+        ) == [("p",)]
+        owners = admin_query(
+            dsn,
+            "SELECT DISTINCT relowner::regrole::text FROM pg_class WHERE oid = "
+            "'pgpubsub.message'::regclass OR oid IN (SELECT inhrelid FROM pg_inherits WHERE "
+            "inhparent = 'pgpubsub.message'::regclass) OR oid = "
+            "pg_get_serial_sequence('pgpubsub.message', 'id')::regclass",
+        )
+        assert owners == [("r2_app",)]
+        assert admin_query(dsn, ACL_SQL) == before
+        with psycopg.connect(app, autocommit=True) as conn:  # the app's table still
+            conn.execute("INSERT INTO pgpubsub.message (channel, payload) VALUES ('c', '2')")
+            assert conn.execute("SELECT count(*) FROM pgpubsub.message").fetchone() == (2,)
+        with psycopg.connect(lead, autocommit=True) as conn:  # its grant is still its own
+            conn.execute("REVOKE SELECT ON pgpubsub.message FROM r2_analyst")
+        assert admin_query(
+            dsn, "SELECT has_table_privilege('r2_analyst', 'pgpubsub.message', 'SELECT')"
+        ) == [(False,)]
+    finally:
+        admin_query(dsn, "DROP SCHEMA pgpubsub CASCADE")
+        admin_query(dsn, f"DROP OWNED BY {', '.join(roles)}")
+        for role in roles:
+            admin_query(dsn, f"DROP ROLE {role}")
+
+
+# -- finding 5: replay, cancel and purge meet a row rotate() moves --
+
+
+def _outcome(outcomes: dict[str, object], what: str, operation: Any) -> None:
+    try:
+        outcomes[what] = operation()
+    except Exception as exc:  # the test's assertion names it
+        outcomes[what] = exc
+
+
+def _until_waiting_or_done(db: str, pid: int, thread: threading.Thread) -> None:
+    """Until backend ``pid`` waits for a lock, or ``thread`` is done (it did not wait)."""
+    waiting = "SELECT count(*) FROM pg_locks WHERE pid = %s AND NOT granted"
+    wait_until(
+        lambda: not thread.is_alive() or admin_query(db, waiting, (pid,)) == [(1,)],
+        timeout=10,
+        interval=0.01,
+    )
+
+
+def test_cancel_purge_and_replay_follow_a_row_moved_to_another_segment(db: str) -> None:
+    """A pending message no worker holds, moved to another segment by a transaction
+    (as pgpubsub.rotate() moves leftovers) while an operation waits for its lock:
+    cancel deletes it (it never reports it as stopping, and it never runs), purge
+    deletes it, replay makes it due; none fails with a serialization failure."""
+    from pgpubsub import messages
+
+    operations = {
+        "cancel": lambda conn, mid: messages.cancel(conn, ids=[mid]),
+        "purge": lambda conn, mid: messages.purge(conn, status="pending", ids=[mid]),
+        "replay": lambda conn, mid: messages.replay(conn, ids=[mid], status="pending"),
+    }
+    outcomes: dict[str, object] = {}
+    for what, operation in operations.items():
+        ring = admin_query(db, "SELECT segment FROM pgpubsub.ring")
+        with psycopg.connect(db, autocommit=True) as conn:
+            mid = pgpubsub.notify(Stored(n=1), conn=conn, delay=3600)
+        with psycopg.connect(db) as mover, psycopg.connect(db, autocommit=True) as op:
+            mover.execute(
+                "UPDATE pgpubsub.message SET segment = (%s + 1) %% 4 WHERE id = %s",
+                (ring[0][0], mid),
+            )
+            thread = threading.Thread(
+                target=_outcome,
+                args=(outcomes, what, lambda op=op, mid=mid, f=operation: f(op, mid)),
+            )
+            thread.start()
+            _until_waiting_or_done(db, op.info.backend_pid, thread)
+            mover.commit()
+            thread.join(10)
+        result = outcomes[what]
+        assert not isinstance(result, Exception), (what, result)
+        left = admin_query(
+            db, "SELECT status, run_at <= now() FROM pgpubsub.message WHERE id = %s", (mid,)
+        )
+        if what == "replay":
+            assert int(result) == 1 and left == [("pending", True)], (result, left)  # type: ignore[call-overload]
+        else:
+            assert int(result) == 1 and left == [], (what, result, left)  # type: ignore[call-overload]
+        if what == "cancel":
+            assert result.stopping == ()  # type: ignore[attr-defined]
+            assert admin_query(db, "SELECT count(*) FROM pgpubsub.cancel_request") == [(0,)]
+
+
+# -- finding 6: the dashboard's estimates, from what autovacuum analyzes --
+
+
+def test_the_dashboards_estimates_come_from_statistics_autovacuum_builds(db: str) -> None:
+    """Autovacuum analyzes the partitions, never the partitioned parent: analyzed as it
+    would be, the planner's estimate of a channel's messages of one status (what the
+    dashboard shows above 1,000) is close to the count."""
+    admin_query(
+        db,
+        "INSERT INTO pgpubsub.message (channel, payload, status) "
+        "SELECT 'a', 'x', 'dead' FROM generate_series(1, 20000); "
+        "INSERT INTO pgpubsub.message (channel, payload, status, completed_at) "
+        "SELECT 'b', 'x', 'done', now() FROM generate_series(1, 20000)",
+    )
+    leaves = admin_query(
+        db,
+        "SELECT inhrelid::regclass::text FROM pg_inherits "
+        "WHERE inhparent = 'pgpubsub.message'::regclass",
+    )
+    for (leaf,) in leaves:
+        admin_query(db, f"ANALYZE {leaf}")
+    for channel, status, real in (("a", "dead", 20000), ("b", "done", 20000), ("a", "done", 0)):
+        plan = admin_query(
+            db,
+            "EXPLAIN (FORMAT JSON) SELECT 1 FROM pgpubsub.message m "
+            f"WHERE m.channel = '{channel}' AND m.status = '{status}'",
+        )[0][0]
+        estimate = plan[0]["Plan"]["Plan Rows"]  # type: ignore[index]
+        assert abs(estimate - real) <= 0.1 * 20000, (channel, status, estimate, real)

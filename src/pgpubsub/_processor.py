@@ -95,8 +95,7 @@ _NEXT_KEY = (
 # partition until its outcome is recorded: rotate moves no row a claim left
 # unfinished, and only the outcome moves one to message_kept.
 PART = (
-    "(CASE WHEN status <> 'pending' THEN -1 WHEN dedupe_key IS NOT NULL THEN -2 "
-    "ELSE segment END)"
+    "(CASE WHEN status <> 'pending' THEN -1 WHEN dedupe_key IS NOT NULL THEN -2 ELSE segment END)"
 )
 #: Where a statement restricted to its rows' partitions says which ones.
 IN_PARTS = "{in_parts}"
@@ -1169,6 +1168,7 @@ class ChannelProcessor:
             if self.session.broken(exc):
                 raise
             log.warning("%s: pgpubsub.rotate() failed: %s", self.spec.name, one_line(exc))
+
     def _key_params(self) -> dict[str, Any]:
         key_rate = self.key_rate
         return {

@@ -20,12 +20,13 @@ channel's ``retention``), ``spill`` (a plain trigger channel's wide row), and
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .channel import resolve_channel
+from .driver import sqlstate
 from .errors import ConfigurationError
 
 __all__ = [
@@ -133,6 +134,59 @@ def _rows(conn: Any, query: str, params: Any) -> list[tuple[Any, ...]]:
     with conn.cursor() as cur:
         cur.execute(query, params)
         return list(cur.fetchall())
+
+
+T = TypeVar("T")
+
+# pgpubsub.message is partitioned (schema version 7): pgpubsub.rotate() moves
+# a few pending rows to the current segment, and a statement that waited for
+# such a row's lock cannot follow it to its new partition: it fails with a
+# serialization failure (hostile review of issue 26, finding 5). Replay,
+# cancel and purge are then run again, in a savepoint of the caller's
+# transaction (a transaction of their own on an autocommit connection), as
+# claims are.
+MOVED_STATE = "40001"
+#: How many times an operation is run again after a row moved under it.
+MOVED_RETRIES = 20
+#: The SQLSTATE of SAVEPOINT outside a transaction block (an autocommit connection).
+NO_TRANSACTION = "25P01"
+
+
+def _moving(conn: Any, work: Callable[[], T]) -> T:
+    """``work()``, run again when a row it waited for moved to another partition.
+
+    In a savepoint of the caller's transaction, whose commit stays the
+    caller's; on an autocommit connection, in a transaction of its own (the
+    operation's statements commit together, as each would have alone). Any
+    other error is raised as is, the savepoint rolled back.
+    """
+    own = False
+    try:
+        _rows_none(conn, "SAVEPOINT pgpubsub_moving")
+    except Exception as exc:
+        if sqlstate(exc) != NO_TRANSACTION:
+            raise
+        own = True
+    for attempt in range(MOVED_RETRIES):
+        if own:
+            _rows_none(conn, "BEGIN")
+        try:
+            result = work()
+        except Exception as exc:
+            _rows_none(conn, "ROLLBACK" if own else "ROLLBACK TO SAVEPOINT pgpubsub_moving")
+            if sqlstate(exc) != MOVED_STATE or attempt == MOVED_RETRIES - 1:
+                if not own:
+                    _rows_none(conn, "RELEASE SAVEPOINT pgpubsub_moving")
+                raise
+            continue
+        _rows_none(conn, "COMMIT" if own else "RELEASE SAVEPOINT pgpubsub_moving")
+        return result
+    raise AssertionError("unreachable")
+
+
+def _rows_none(conn: Any, statement: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(statement)
 
 
 def list_messages(
@@ -277,7 +331,8 @@ def replay(
     if any(s not in REPLAYABLE for s in statuses):
         raise ConfigurationError("only dead or pending messages can be replayed")
     channel = channel_name(channel)
-    rows = _rows(conn, REPLAY_SQL, {"statuses": statuses, "ids": ids, "channel": channel})
+    asked = {"statuses": statuses, "ids": ids, "channel": channel}
+    rows = _moving(conn, lambda: _rows(conn, REPLAY_SQL, asked))
     replayed, skipped, woken = [], [], set()
     for mid, name, key, holder, twin, done in rows:
         if done:
@@ -320,16 +375,23 @@ def purge(
     """Delete stored messages of a status (or several, or ``"any"``), optionally of a channel,
     older than seconds, or ids; return how many."""
     name = channel_name(channel)
-    with conn.cursor() as cur:
-        cur.execute(
-            "DELETE FROM pgpubsub.message WHERE status = ANY(%s) "
-            "AND (%s::text IS NULL OR channel = %s) "
-            "AND (%s::float8 IS NULL OR "
-            "created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)) "
-            "AND (%s::bigint[] IS NULL OR id = ANY(%s))",
-            (_statuses(status), name, name, older_than, older_than, ids, ids),
-        )
-        return int(cur.rowcount)
+    params = (_statuses(status), name, name, older_than, older_than, ids, ids)
+
+    def delete() -> int:
+        with conn.cursor() as cur:
+            cur.execute(PURGE_SQL, params)
+            return int(cur.rowcount)
+
+    return _moving(conn, delete)
+
+
+PURGE_SQL = (
+    "DELETE FROM pgpubsub.message WHERE status = ANY(%s) "
+    "AND (%s::text IS NULL OR channel = %s) "
+    "AND (%s::float8 IS NULL OR "
+    "created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)) "
+    "AND (%s::bigint[] IS NULL OR id = ANY(%s))"
+)
 
 
 class CancelResult(int):
@@ -348,17 +410,27 @@ class CancelResult(int):
 CANCEL_CHANNEL = "pgpubsub.cancel"
 # The pending messages asked for that no worker handles: deleted. The others
 # (locked by the transaction of the worker handling them) are asked to stop.
+# A message in a worker's hands is unfinished (its claim set it; its outcome
+# clears it): only those are passed over when locked. Another lock on a
+# pending row is brief (a claim taking it, pgpubsub.rotate() moving it to
+# another segment) and waited for: passing over a row rotate() was moving
+# asked a listener that was not running to stop, and the message ran.
 CANCEL_SQL = (
-    "WITH c AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' "
+    "WITH held AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' AND unfinished "
     "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
     "AND (%(channel)s::text IS NULL OR channel = %(channel)s) "
-    "FOR UPDATE SKIP LOCKED) "
-    "DELETE FROM pgpubsub.message m USING c WHERE m.id = c.id RETURNING m.id"
+    "FOR UPDATE SKIP LOCKED), "
+    "waiting AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' AND NOT unfinished "
+    "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
+    "AND (%(channel)s::text IS NULL OR channel = %(channel)s) "
+    "ORDER BY id FOR UPDATE) "
+    "DELETE FROM pgpubsub.message m USING (SELECT id FROM held UNION ALL "
+    "SELECT id FROM waiting) c WHERE m.id = c.id RETURNING m.id"
 )
-# Those still pending and locked (claimed: in a worker's hands) are asked to stop;
-# any other is new since, and left alone.
+# Those still pending, unfinished and locked (claimed: in a worker's hands) are
+# asked to stop; any other is new since, and left alone.
 STOP_SQL = (
-    "WITH asked AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' "
+    "WITH asked AS (SELECT id FROM pgpubsub.message WHERE status = 'pending' AND unfinished "
     "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
     "AND (%(channel)s::text IS NULL OR channel = %(channel)s)), "
     "free AS (SELECT id FROM pgpubsub.message WHERE id IN (SELECT id FROM asked) "
@@ -373,6 +445,7 @@ STALE_SQL = (
     "DELETE FROM pgpubsub.cancel_request r WHERE NOT EXISTS "
     "(SELECT FROM pgpubsub.message m WHERE m.id = r.id AND m.status = 'pending')"
 )
+
 
 def cancel(
     conn: Any, ids: list[int] | None = None, channel: str | type[Any] | None = None
@@ -389,12 +462,16 @@ def cancel(
     if ids is None and channel is None:
         raise ConfigurationError("cancel needs message ids, a channel, or both")
     params: dict[str, Any] = {"ids": ids, "channel": channel_name(channel)}
-    cancelled = [r[0] for r in _rows(conn, CANCEL_SQL, params)]
     params["wake"] = CANCEL_CHANNEL
-    with conn.cursor() as cur:
-        cur.execute(STALE_SQL)
-    stopping = tuple(r[0] for r in _rows(conn, STOP_SQL, params))
-    return CancelResult(len(cancelled), stopping)
+
+    def run() -> CancelResult:
+        cancelled = [r[0] for r in _rows(conn, CANCEL_SQL, params)]
+        with conn.cursor() as cur:
+            cur.execute(STALE_SQL)
+        stopping = tuple(r[0] for r in _rows(conn, STOP_SQL, params))
+        return CancelResult(len(cancelled), stopping)
+
+    return _moving(conn, run)
 
 
 PAUSE_SQL = (

@@ -133,22 +133,37 @@ $body$;
 REVOKE ALL ON FUNCTION pgpubsub.current_segment() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgpubsub.current_segment() TO PUBLIC;
 
--- From a table as versions 1 to 5 made it: one transaction, holding the
+-- From a table as versions 1 to 6 made it: one transaction, holding the
 -- table's lock while its rows are copied (publishers and workers wait for it:
 -- its duration follows the rows kept, mostly dead letters and done ones).
--- Ids, and the privileges roles held on the table and its columns, are kept.
+-- Ids are kept, and so are the table's owner and the privileges roles held on
+-- it and on its columns, each granted by the role that had granted it (a
+-- grantor can still revoke it): the new table and its partitions are created
+-- as the old table's owner (run by a superuser, they were the superuser's, and
+-- the application's role lost its table: hostile review of issue 26, findings
+-- 4 and 7). A grant whose grantor this role may not act as (a migrate run by
+-- the owner, not a superuser, of a table where another role passed a grant
+-- option on) is granted by the owner, with a warning.
 DO $convert$
 DECLARE
     old_seq regclass;
     last_id bigint;
     acl record;
+    me name := current_user;
+    owner name;
+    owner_id oid;
+    granted boolean;
+    progress boolean := true;
 BEGIN
     IF (SELECT c.relkind FROM pg_catalog.pg_class c
         WHERE c.oid = 'pgpubsub.message'::pg_catalog.regclass) <> 'r' THEN
         RETURN;
     END IF;
+    SELECT c.relowner, pg_catalog.pg_get_userbyid(c.relowner) INTO owner_id, owner
+    FROM pg_catalog.pg_class c WHERE c.oid = 'pgpubsub.message'::pg_catalog.regclass;
     ALTER TABLE pgpubsub.message RENAME TO message_v5;
     old_seq := pg_catalog.pg_get_serial_sequence('pgpubsub.message_v5', 'id')::pg_catalog.regclass;
+    EXECUTE pg_catalog.format('SET LOCAL ROLE %I', owner);
     CREATE TABLE pgpubsub.message (
         LIKE pgpubsub.message_v5 INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING CONSTRAINTS,
         segment smallint NOT NULL DEFAULT pgpubsub.current_segment()
@@ -168,26 +183,67 @@ BEGIN
         PERFORM pg_catalog.setval(
             pg_catalog.pg_get_serial_sequence('pgpubsub.message', 'id'), last_id);
     END IF;
-    UPDATE pgpubsub.ring SET first_id = last_id;
     -- What roles held on the table and on its columns (pgpubsub grant: a
-    -- publisher's INSERT names columns) they hold on the new one.
-    FOR acl IN
-        SELECT a.privilege_type, a.is_grantable, a.grantee, NULL::name AS col
+    -- publisher's INSERT names columns) they hold on the new one, from the
+    -- same grantor: the owner's grants first, then each one whose grantor
+    -- holds the grant option by then (a chain of grant options, in order).
+    CREATE TEMPORARY TABLE pgpubsub_acl ON COMMIT DROP AS
+        SELECT a.privilege_type AS priv, a.is_grantable, a.grantee, a.grantor,
+               NULL::name AS col
         FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
         WHERE c.oid = 'pgpubsub.message_v5'::pg_catalog.regclass
-          AND a.grantee <> c.relowner
+          AND NOT (a.grantee = c.relowner AND a.grantor = c.relowner)
         UNION ALL
-        SELECT a.privilege_type, a.is_grantable, a.grantee, t.attname
+        SELECT a.privilege_type, a.is_grantable, a.grantee, a.grantor, t.attname
         FROM pg_catalog.pg_attribute t, pg_catalog.aclexplode(t.attacl) a
-        WHERE t.attrelid = 'pgpubsub.message_v5'::pg_catalog.regclass AND t.attacl IS NOT NULL
-    LOOP
+        WHERE t.attrelid = 'pgpubsub.message_v5'::pg_catalog.regclass AND t.attacl IS NOT NULL;
+    WHILE progress LOOP
+        progress := false;
+        FOR acl IN SELECT * FROM pgpubsub_acl LOOP
+            granted := acl.grantor = owner_id OR CASE WHEN acl.col IS NULL
+                THEN pg_catalog.has_table_privilege(acl.grantor, 'pgpubsub.message',
+                                                    acl.priv || ' WITH GRANT OPTION')
+                ELSE pg_catalog.has_column_privilege(acl.grantor, 'pgpubsub.message', acl.col,
+                                                     acl.priv || ' WITH GRANT OPTION') END;
+            CONTINUE WHEN NOT granted;
+            BEGIN
+                EXECUTE pg_catalog.format('SET LOCAL ROLE %I',
+                                          pg_catalog.pg_get_userbyid(acl.grantor));
+            EXCEPTION WHEN insufficient_privilege THEN
+                RAISE WARNING 'pgpubsub.message: % on % to % is granted by %, not by % as before '
+                    '(this role may not act as %)', acl.priv, COALESCE(acl.col, 'the table'),
+                    acl.grantee::pg_catalog.regrole, owner,
+                    pg_catalog.pg_get_userbyid(acl.grantor),
+                    pg_catalog.pg_get_userbyid(acl.grantor);
+                EXECUTE pg_catalog.format('SET LOCAL ROLE %I', owner);
+            END;
+            EXECUTE pg_catalog.format('GRANT %s %s ON pgpubsub.message TO %s %s',
+                acl.priv,
+                CASE WHEN acl.col IS NULL THEN '' ELSE pg_catalog.format('(%I)', acl.col) END,
+                CASE WHEN acl.grantee = 0 THEN 'PUBLIC'
+                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(acl.grantee)) END,
+                CASE WHEN acl.is_grantable THEN 'WITH GRANT OPTION' ELSE '' END);
+            EXECUTE pg_catalog.format('SET LOCAL ROLE %I', owner);
+            DELETE FROM pgpubsub_acl a WHERE a.priv = acl.priv AND a.grantee = acl.grantee
+                AND a.grantor = acl.grantor AND a.col IS NOT DISTINCT FROM acl.col;
+            progress := true;
+        END LOOP;
+    END LOOP;
+    -- A grant whose grantor never held the option (none in a consistent ACL).
+    EXECUTE pg_catalog.format('SET LOCAL ROLE %I', owner);
+    FOR acl IN SELECT * FROM pgpubsub_acl LOOP
+        RAISE WARNING 'pgpubsub.message: % on % to % is granted by %, not by % as before',
+            acl.priv, COALESCE(acl.col, 'the table'), acl.grantee::pg_catalog.regrole, owner,
+            pg_catalog.pg_get_userbyid(acl.grantor);
         EXECUTE pg_catalog.format('GRANT %s %s ON pgpubsub.message TO %s %s',
-            acl.privilege_type,
+            acl.priv,
             CASE WHEN acl.col IS NULL THEN '' ELSE pg_catalog.format('(%I)', acl.col) END,
             CASE WHEN acl.grantee = 0 THEN 'PUBLIC'
                  ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(acl.grantee)) END,
             CASE WHEN acl.is_grantable THEN 'WITH GRANT OPTION' ELSE '' END);
     END LOOP;
+    EXECUTE pg_catalog.format('SET LOCAL ROLE %I', me);
+    UPDATE pgpubsub.ring SET first_id = last_id;
     DROP TABLE pgpubsub.message_v5;
 END
 $convert$;
@@ -196,9 +252,35 @@ $convert$;
 -- a partial index keeps that cheap whatever the backlog of dead or done rows.
 CREATE INDEX IF NOT EXISTS message_claim_idx
     ON pgpubsub.message (channel, run_at, id) WHERE status = 'pending';
--- Messages by id (no primary key: a partitioned table's unique index must
--- hold its partition key; ids come from the identity sequence).
-CREATE INDEX IF NOT EXISTS message_id_idx ON pgpubsub.message (id);
+-- Messages by id: no primary key (a partitioned table's unique index must
+-- hold its partition key; ids come from the identity sequence), but a unique
+-- index on id in each partition, which is also the partition's replica
+-- identity. Logical replication needs one on every table it publishes updates
+-- and deletes of: under a publication FOR ALL TABLES (change data capture,
+-- logical-replication upgrades) a partition without one failed every claim
+-- and completion (hostile review of issue 26, finding 3). REPLICA IDENTITY
+-- FULL would do too, but it writes each old row whole, payload included, to
+-- the WAL at every claim and completion, and a subscriber without an index
+-- finds each row by a scan. Set once: ALTER TABLE waits for the partition's
+-- readers. (A draft of this version indexed id on the parent instead.)
+DROP INDEX IF EXISTS pgpubsub.message_id_idx;
+DO $identity$
+DECLARE
+    part text;
+BEGIN
+    FOREACH part IN ARRAY ARRAY['message_0', 'message_1', 'message_2', 'message_3',
+                                'message_kept', 'message_deduped'] LOOP
+        EXECUTE pg_catalog.format(
+            'CREATE UNIQUE INDEX IF NOT EXISTS %I ON pgpubsub.%I (id)', part || '_id_key', part);
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_index i
+                       WHERE i.indrelid = ('pgpubsub.' || part)::pg_catalog.regclass
+                         AND i.indisreplident) THEN
+            EXECUTE pg_catalog.format('ALTER TABLE pgpubsub.%I REPLICA IDENTITY USING INDEX %I',
+                part, part || '_id_key');
+        END IF;
+    END LOOP;
+END
+$identity$;
 -- Retention sweeps and spill clean-up read only their own rows.
 CREATE INDEX IF NOT EXISTS message_kept_idx
     ON pgpubsub.message (channel, status, created_at) WHERE status IN ('done', 'spill');
@@ -319,9 +401,15 @@ REVOKE ALL ON FUNCTION pgpubsub.empty_segment(integer, integer) FROM PUBLIC;
 
 -- Channel and status are correlated: joint statistics make the planner's
 -- estimate of "messages of this channel with this status" (what the dashboard
--- shows when an exact count would be slow) close to the truth.
-CREATE STATISTICS IF NOT EXISTS pgpubsub.message_channel_status (mcv)
-    ON channel, status FROM pgpubsub.message;
+-- shows when an exact count would be slow) close to the truth. On the
+-- partition where statuses mix (message_kept: dead, done, spill; the others
+-- hold pending rows only): autovacuum analyzes partitions, never their
+-- partitioned parent, so statistics on the parent were never built and the
+-- estimates fell to about half (hostile review of issue 26, finding 6). The
+-- planner estimates a query on the parent partition by partition.
+DROP STATISTICS IF EXISTS pgpubsub.message_channel_status;
+CREATE STATISTICS IF NOT EXISTS pgpubsub.message_kept_channel_status (mcv)
+    ON channel, status FROM pgpubsub.message_kept;
 
 -- Version 4 (leases): an ordering key in a listener and a max_in_flight slot
 -- are held in the name of a worker (its registry row's id, '#', its

@@ -1,0 +1,761 @@
+-- pgpubsub schema: stored messages and the trigger helper. The one source:
+-- `pgpubsub migrate` and the Django migration both apply this file as is, and
+-- every statement is idempotent.
+--
+-- Safe in a shared database: every function pins its search_path (names
+-- resolve in pg_catalog and pgpubsub only, never in a schema another role can
+-- create objects in), built-ins are schema-qualified, the one trigger function
+-- that runs as the schema's owner (pgpubsub.send_captured, SECURITY DEFINER: a
+-- role that only writes to a watched table needs no privilege on
+-- pgpubsub.message) evaluates nothing the writer controls, and no function
+-- that could inject events is executable by PUBLIC.
+CREATE SCHEMA IF NOT EXISTS pgpubsub;
+
+-- status: pending (waiting or being retried), dead (attempts exhausted, kept
+-- with its error), done (completed, kept only when the channel has a
+-- retention), spill (a plain trigger channel's row too wide for NOTIFY, kept
+-- for its listeners to read by id).
+CREATE TABLE IF NOT EXISTS pgpubsub.message (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    channel       text        NOT NULL,
+    payload       text        NOT NULL,
+    status        text        NOT NULL DEFAULT 'pending'
+                              CHECK (status IN ('pending', 'dead', 'done', 'spill')),
+    attempts      integer     NOT NULL DEFAULT 0,
+    run_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    last_error    text,
+    context       jsonb       DEFAULT NULLIF(pg_catalog.current_setting('pgpubsub.notification_context', true), '')::jsonb,
+    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    completed_at  timestamptz
+);
+
+-- Claiming reads only pending rows of one channel that are due, oldest first:
+-- a partial index keeps that cheap whatever the backlog of dead or done rows.
+CREATE INDEX IF NOT EXISTS message_claim_idx
+    ON pgpubsub.message (channel, run_at, id) WHERE status = 'pending';
+
+-- Retention sweeps and spill clean-up read only their own rows.
+CREATE INDEX IF NOT EXISTS message_kept_idx
+    ON pgpubsub.message (channel, status, created_at) WHERE status IN ('done', 'spill');
+
+-- OpenTelemetry: the trace context of the publish (W3C traceparent headers),
+-- so the span of the worker that handles the message joins the publisher's trace.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS trace jsonb;
+
+-- Job-queue options of durable channels (pgpubsub.notify(..., priority=,
+-- dedupe_key=, ordering_key=, delay= or run_at=)). Higher priorities are
+-- claimed first among due messages; at most one pending message per
+-- (channel, dedupe_key); messages of one (channel, ordering_key) run one at a
+-- time, in id order.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0;
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS dedupe_key text;
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS ordering_key text;
+CREATE INDEX IF NOT EXISTS message_due_idx
+    ON pgpubsub.message (channel, priority DESC, run_at, id) WHERE status = 'pending';
+CREATE UNIQUE INDEX IF NOT EXISTS message_dedupe_idx
+    ON pgpubsub.message (channel, dedupe_key) WHERE status = 'pending' AND dedupe_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS message_ordering_idx
+    ON pgpubsub.message (channel, ordering_key, id)
+    WHERE status = 'pending' AND ordering_key IS NOT NULL;
+
+-- Periodic channels (schedule="*/5 * * * *"): the last tick that was stored,
+-- advanced by exactly one worker per tick.
+CREATE TABLE IF NOT EXISTS pgpubsub.schedule (
+    channel    text        PRIMARY KEY,
+    last_tick  timestamptz NOT NULL
+);
+
+-- Live workers (`pgpubsub status`): each worker process registers here at
+-- start, heartbeats every few seconds with its counts, and removes its row
+-- when it stops; a row whose heartbeat stopped is a worker that is gone.
+CREATE TABLE IF NOT EXISTS pgpubsub.worker (
+    id          text        PRIMARY KEY,
+    host        text        NOT NULL,
+    pid         integer     NOT NULL,
+    version     text        NOT NULL,
+    channels    text[]      NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    last_seen   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    processed   bigint      NOT NULL DEFAULT 0,
+    failed      bigint      NOT NULL DEFAULT 0
+);
+
+-- Version 3 (the dashboard). Each worker's counts per channel, with the
+-- channel's kind: {"<channel>": {"kind": "plain|durable|trigger", "durable":
+-- bool, "processed": n, "failed": n}}.
+ALTER TABLE pgpubsub.worker ADD COLUMN IF NOT EXISTS stats jsonb NOT NULL DEFAULT '{}';
+-- Dead messages of a channel, newest first, and the channels that have any,
+-- read through an index whatever the size of the table.
+CREATE INDEX IF NOT EXISTS message_dead_idx
+    ON pgpubsub.message (channel, id) WHERE status = 'dead';
+-- Channel and status are correlated: joint statistics make the planner's
+-- estimate of "messages of this channel with this status" (what the dashboard
+-- shows when an exact count would be slow) close to the truth.
+CREATE STATISTICS IF NOT EXISTS pgpubsub.message_channel_status (mcv)
+    ON channel, status FROM pgpubsub.message;
+
+-- Version 4 (grants): what `pgpubsub grant` gave each role, so that
+-- `--revoke` gives back exactly what the role held before: the kinds granted,
+-- and the privileges the role held in this schema before its first grant.
+CREATE TABLE IF NOT EXISTS pgpubsub.role_grant (
+    role  text NOT NULL,
+    kind  text NOT NULL,
+    PRIMARY KEY (role, kind)
+);
+CREATE TABLE IF NOT EXISTS pgpubsub.role_baseline (
+    role  text  PRIMARY KEY,
+    held  jsonb NOT NULL
+);
+REVOKE ALL ON pgpubsub.role_grant, pgpubsub.role_baseline FROM PUBLIC;
+
+-- Version 4 (failure isolation). unfinished: an attempt was claimed and its
+-- outcome never recorded (the process handling it stopped mid-batch). Such a
+-- message may be the one that kills its worker, so it is claimed alone, one
+-- per transaction, and charges no other message an attempt.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS unfinished boolean NOT NULL DEFAULT false;
+-- claimed_alone: its last attempt was claimed alone. Only a message whose
+-- process stopped while it ran alone is charged crashes to death; one whose
+-- batch was cut short may be innocent, and is first run alone.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS claimed_alone boolean NOT NULL DEFAULT false;
+
+-- Version 4 (leases): an ordering key in a listener and a max_in_flight slot
+-- are held in the name of a worker (its registry row's id, '#', its
+-- processor), live while expires_at is to come or the worker's heartbeat is
+-- fresh, so that a session that dies frees nothing while its listener may
+-- still run (src/pgpubsub/_leases.py).
+CREATE TABLE IF NOT EXISTS pgpubsub.lease (
+    channel     text        NOT NULL,
+    kind        text        NOT NULL CHECK (kind IN ('key', 'slot')),
+    name        text        NOT NULL,
+    holder      text        NOT NULL,
+    expires_at  timestamptz NOT NULL,
+    PRIMARY KEY (channel, kind, name)
+);
+
+-- Version 4 (claims): messages without an ordering key are claimed through an
+-- index of their own (the keyed ones, through message_ordering_idx, head by
+-- head), so that neither kind is scanned to find the other.
+CREATE INDEX IF NOT EXISTS message_unkeyed_idx
+    ON pgpubsub.message (channel, priority DESC, run_at, id)
+    WHERE status = 'pending' AND ordering_key IS NULL;
+DROP INDEX IF EXISTS pgpubsub.message_due_idx;
+
+-- Version 5 (wake-ups). A durable publisher sends its NOTIFY (the wake-up)
+-- only when a worker of the channel sleeps: a committing transaction that
+-- notified holds a database-wide lock for its commit, so notifying publishers
+-- commit one at a time. A worker with nothing to do registers here before its
+-- last look at the queue (pgpubsub.sleep); the first publisher to find the row
+-- takes it and notifies, the others do not (the woken workers register again
+-- once they have nothing to do). Publishers hold a shared advisory lock on the
+-- channel until they commit, and a worker registers only when it can take it
+-- exclusively: so no publisher finds "nobody sleeps" and commits after the
+-- worker's last look. Unlogged: lost in a crash, when workers register anew.
+CREATE UNLOGGED TABLE IF NOT EXISTS pgpubsub.sleeper (
+    channel  text        PRIMARY KEY,
+    since    timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+REVOKE ALL ON pgpubsub.sleeper FROM PUBLIC;
+
+-- Take the channel's registration, if any, and wake its worker. A statement
+-- of its own: its snapshot is taken once wake's lock is held. Called by
+-- pgpubsub.wake only (as the schema's owner).
+CREATE OR REPLACE FUNCTION pgpubsub.take_sleeper(channel text) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+BEGIN
+    DELETE FROM pgpubsub.sleeper s WHERE s.ctid = (
+        SELECT t.ctid FROM pgpubsub.sleeper t WHERE t.channel = take_sleeper.channel
+        FOR UPDATE SKIP LOCKED);
+    IF FOUND THEN
+        PERFORM pg_catalog.pg_notify(channel, '');
+    END IF;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.take_sleeper(text) FROM PUBLIC;
+
+-- Called by publishers after storing messages (any role that may store them).
+-- Runs as the schema's owner: it reads and takes the channel's row, nothing else.
+CREATE OR REPLACE FUNCTION pgpubsub.wake(channel text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock_shared(
+        pg_catalog.hashtextextended('pgpubsub.sleeper' || channel, 0));
+    IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN
+        PERFORM pgpubsub.take_sleeper(channel);
+        RETURN;
+    END IF;
+    -- A REPEATABLE READ or SERIALIZABLE publisher's snapshot may still show a
+    -- registration another publisher took since, and taking it fails the
+    -- statement: that publisher woke the worker. (A subtransaction only here:
+    -- it costs each publish.)
+    BEGIN
+        PERFORM pgpubsub.take_sleeper(channel);
+    EXCEPTION WHEN serialization_failure THEN
+        NULL;
+    END;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.wake(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgpubsub.wake(text) TO PUBLIC;
+
+-- Called by a worker with nothing to do, before its last look at the queue.
+-- It registers in any case, so that every publisher that checks from its
+-- commit on wakes the worker; false while a publisher of the channel is in a
+-- transaction: that one may have checked before and commit after the last
+-- look, so the worker looks again shortly (version 6: before, it registered
+-- only when no publisher was in a transaction, and publishers that were always
+-- in one left every message waiting for that look).
+CREATE OR REPLACE FUNCTION pgpubsub.sleep(channel text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+BEGIN
+    INSERT INTO pgpubsub.sleeper (channel) VALUES (sleep.channel) ON CONFLICT DO NOTHING;
+    RETURN pg_catalog.pg_try_advisory_xact_lock(
+        pg_catalog.hashtextextended('pgpubsub.sleeper' || channel, 0));
+END
+$body$;
+
+-- Version 5 (cancelling running work): a message cancelled while a worker
+-- handles it. The NOTIFY that tells workers to look here carries nothing (any
+-- role can send one): only a row here, which only an operator can write, stops
+-- a listener. No foreign key: its check would wait for the worker's row lock.
+-- A request whose message is no longer pending is deleted by the next cancel.
+CREATE TABLE IF NOT EXISTS pgpubsub.cancel_request (
+    id            bigint      PRIMARY KEY,
+    requested_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+REVOKE ALL ON pgpubsub.cancel_request FROM PUBLIC;
+
+-- Version 5 (flow control: pause and rate limits). A paused channel has a
+-- row here: the claim takes none of its messages (they are kept); a pause
+-- after a claim lets that batch finish. Written by operators, read by workers
+-- (in the claim) and monitors. Logged: a pause survives a server restart.
+CREATE TABLE IF NOT EXISTS pgpubsub.channel_pause (
+    channel    text        PRIMARY KEY,
+    paused_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+REVOKE ALL ON pgpubsub.channel_pause FROM PUBLIC;
+
+-- The token bucket of a rate-limited channel (rate_limit): tokens as of
+-- updated_at, refilled by the time elapsed since, up to the bucket's capacity.
+-- A claim locks the row, refills it, claims at most its whole tokens and takes
+-- one per message claimed, in one transaction: the limit holds across every
+-- worker. Logged: it survives worker and server restarts.
+CREATE TABLE IF NOT EXISTS pgpubsub.rate_bucket (
+    channel     text             PRIMARY KEY,
+    tokens      double precision NOT NULL,
+    updated_at  timestamptz      NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+REVOKE ALL ON pgpubsub.rate_bucket FROM PUBLIC;
+
+-- Version 6 (vacuum). Every message is an insert, a claim's update and a
+-- completion's delete: three row versions for one live row. Autovacuum's
+-- defaults wait for a fifth of a table to be dead and then vacuum it slowly,
+-- so a busy queue's table and indexes grew to many times its live rows before
+-- autovacuum had run once. Vacuum these tables after a few thousand changes,
+-- not a fraction of their size, and without the cost delay on the small ones
+-- (each is a few rows per worker or channel, rewritten constantly). Setting
+-- storage parameters takes a lock that writers do not wait for.
+ALTER TABLE pgpubsub.message SET (
+    autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 1
+);
+DO $vacuum$
+DECLARE
+    small text;
+BEGIN
+    FOREACH small IN ARRAY ARRAY['lease', 'worker', 'rate_bucket', 'schedule', 'sleeper'] LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE pgpubsub.%I SET (autovacuum_vacuum_scale_factor '
+            '= 0, autovacuum_vacuum_threshold = 500, autovacuum_vacuum_cost_delay = 0)', small);
+    END LOOP;
+END
+$vacuum$;
+
+-- Version 6 (results). result: a results channel's listener's return value
+-- (JSON), stored by the statement that completes the message, in the
+-- transaction of the listener's writes; the error of a dead one stays in
+-- last_error. batch_id: the batch (fan-in) a message belongs to.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS result jsonb;
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS batch_id bigint;
+CREATE INDEX IF NOT EXISTS message_batch_idx
+    ON pgpubsub.message (batch_id, status) WHERE batch_id IS NOT NULL;
+
+-- A batch (pgpubsub.batch()): its members' outcome counts, kept as each
+-- member settles (pending: not settled yet), and the callback message
+-- published, once, by the transaction that settles its last member. Made only
+-- by pgpubsub.publish_batch (no role but the owner writes it).
+CREATE TABLE IF NOT EXISTS pgpubsub.batch (
+    id                bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    total             integer     NOT NULL,
+    pending           integer     NOT NULL DEFAULT 0,
+    done              integer     NOT NULL DEFAULT 0,
+    dead              integer     NOT NULL DEFAULT 0,
+    cancelled         integer     NOT NULL DEFAULT 0,
+    callback_channel  text        NOT NULL,
+    callback_payload  jsonb       NOT NULL,
+    callback_id       bigint,
+    created_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    completed_at      timestamptz
+);
+-- (A database that ran an earlier draft of this version: its open batches'
+-- counts taken from their members once, as the column is added.)
+DO $pending$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                   WHERE attrelid = 'pgpubsub.batch'::pg_catalog.regclass
+                     AND attname = 'pending' AND NOT attisdropped) THEN
+        ALTER TABLE pgpubsub.batch ADD COLUMN pending integer NOT NULL DEFAULT 0;
+        UPDATE pgpubsub.batch b SET
+            pending = (SELECT pg_catalog.count(*) FROM pgpubsub.message m
+                       WHERE m.batch_id = b.id AND m.status = 'pending'),
+            done = (SELECT pg_catalog.count(*) FROM pgpubsub.message m
+                    WHERE m.batch_id = b.id AND m.status = 'done'),
+            dead = (SELECT pg_catalog.count(*) FROM pgpubsub.message m
+                    WHERE m.batch_id = b.id AND m.status = 'dead')
+        WHERE b.callback_id IS NULL;
+        UPDATE pgpubsub.batch b SET cancelled = b.total - b.pending - b.done - b.dead
+        WHERE b.callback_id IS NULL;
+    END IF;
+END
+$pending$;
+REVOKE ALL ON pgpubsub.batch FROM PUBLIC;
+CREATE INDEX IF NOT EXISTS batch_completed_idx
+    ON pgpubsub.batch (completed_at) WHERE completed_at IS NOT NULL;
+
+-- Publish a batch in one statement (whole or not at all, on an autocommit
+-- connection too): its row, with total and pending counted here, and its
+-- members (member i: channels[i], payloads[i]), each with the batch's id.
+-- The only way a batch row or a member's batch_id is written (publishers
+-- have no privilege on either), so no role can make the counts of a batch
+-- wrong, join a batch, or make the trigger below fail. Returns the batch's
+-- id and its members' ids (in order).
+CREATE OR REPLACE FUNCTION pgpubsub.publish_batch(
+    callback_channel text, callback_payload text, channels text[], payloads text[],
+    OUT batch_id bigint, OUT members bigint[]
+) LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    body jsonb;
+    n integer := pg_catalog.cardinality(channels);
+BEGIN
+    IF callback_channel IS NULL OR callback_channel = '' OR n IS NULL OR n = 0
+            OR n IS DISTINCT FROM pg_catalog.cardinality(payloads)
+            OR pg_catalog.array_position(channels, NULL) IS NOT NULL
+            OR pg_catalog.array_position(payloads, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'a batch needs a callback channel and one channel and payload per member'
+            USING ERRCODE = '22023';
+    END IF;
+    body := callback_payload::jsonb;
+    IF body IS NULL OR pg_catalog.jsonb_typeof(body) <> 'object' THEN
+        RAISE EXCEPTION 'a batch''s callback payload is a JSON object' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO pgpubsub.batch (total, pending, callback_channel, callback_payload)
+    VALUES (n, n, callback_channel, body) RETURNING id INTO batch_id;
+    WITH ins AS (
+        INSERT INTO pgpubsub.message (channel, payload, batch_id)
+        SELECT u.c, u.p, publish_batch.batch_id
+        FROM ROWS FROM (pg_catalog.unnest(channels), pg_catalog.unnest(payloads))
+            WITH ORDINALITY AS u(c, p, i)
+        ORDER BY u.i
+        RETURNING id
+    )
+    SELECT pg_catalog.array_agg(ins.id ORDER BY ins.id) INTO members FROM ins;
+    PERFORM pgpubsub.wake(c) FROM (SELECT DISTINCT c FROM pg_catalog.unnest(channels) c) w;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.publish_batch(text, text, text[], text[]) FROM PUBLIC;
+
+-- A member's state changed (settled: done, dead, deleted while pending:
+-- cancelled or purged; or a dead one replayed), in the statement that
+-- changes it: its batch's counts move with it, under the batch row's lock,
+-- by an UPDATE (under READ COMMITTED it waits for and reads the latest
+-- counts; under REPEATABLE READ a concurrent change is a serialization
+-- failure, never a lost count). The transaction whose update leaves none
+-- pending publishes the callback, with the counts under the key "batch". A
+-- member deleted once settled (the retention's sweep, a purge of a dead
+-- one) changes nothing: its outcome was counted when it settled. A member
+-- replayed after its batch finished is not counted again. The counts are
+-- written by publish_batch and this function only, so the arithmetic
+-- cannot fail. Runs as the schema's owner: workers and operators need no
+-- privilege on pgpubsub.batch.
+CREATE OR REPLACE FUNCTION pgpubsub.batch_member_settled() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    bid bigint := OLD.batch_id;
+    was text := OLD.status;
+    now_is text := CASE WHEN TG_OP = 'DELETE' THEN 'cancelled' ELSE NEW.status END;
+    b pgpubsub.batch;
+    callback bigint;
+BEGIN
+    IF was = now_is OR (was <> 'pending' AND now_is <> 'pending')
+            OR now_is NOT IN ('pending', 'done', 'dead', 'cancelled') THEN
+        RETURN NULL;
+    END IF;
+    UPDATE pgpubsub.batch t SET
+        pending = t.pending + CASE WHEN now_is = 'pending' THEN 1 ELSE -1 END,
+        done = t.done + CASE WHEN now_is = 'done' THEN 1 WHEN was = 'done' THEN -1 ELSE 0 END,
+        dead = t.dead + CASE WHEN now_is = 'dead' THEN 1 WHEN was = 'dead' THEN -1 ELSE 0 END,
+        cancelled = t.cancelled + CASE WHEN now_is = 'cancelled' THEN 1 ELSE 0 END
+    WHERE t.id = bid AND t.callback_id IS NULL
+    RETURNING t.* INTO b;
+    IF NOT FOUND OR b.pending > 0 THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO pgpubsub.message (channel, payload)
+    VALUES (b.callback_channel, (b.callback_payload || pg_catalog.jsonb_build_object(
+        'batch', pg_catalog.jsonb_build_object('id', b.id, 'total', b.total,
+            'done', b.done, 'dead', b.dead, 'cancelled', b.cancelled)))::text)
+    RETURNING id INTO callback;
+    UPDATE pgpubsub.batch t SET callback_id = callback,
+        completed_at = pg_catalog.clock_timestamp()
+    WHERE t.id = bid;
+    PERFORM pgpubsub.wake(b.callback_channel);
+    RETURN NULL;
+END
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.batch_member_settled() FROM PUBLIC;
+
+-- Called by a worker before it settles the batch members of a processing
+-- transaction, and by operators before they cancel, purge or replay
+-- messages: their batch rows locked at once, in id order, so that two
+-- transactions settling members of the same batches never wait for each
+-- other in a cycle (the trigger locks them in the order its statement
+-- visits rows). Takes batch ids (`pgpubsub grant --worker`, `--operator`).
+CREATE OR REPLACE FUNCTION pgpubsub.lock_batches(ids bigint[]) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    SELECT FROM pgpubsub.batch b WHERE b.id = ANY(ids) ORDER BY b.id FOR UPDATE OF b;
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.lock_batches(bigint[]) FROM PUBLIC;
+
+-- A message's outcome, for a waiting handle: one message, by id and channel
+-- (a handle of one channel never reads another's), never its payload
+-- (`pgpubsub grant --awaiter`: results and errors are as private as payloads).
+CREATE OR REPLACE FUNCTION pgpubsub.outcome(message_id bigint, channel_name text)
+RETURNS TABLE (status text, result text, last_error text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    SELECT m.status, m.result::text, m.last_error FROM pgpubsub.message m
+    WHERE m.id = message_id AND m.channel = channel_name AND m.status <> 'spill';
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.outcome(bigint, text) FROM PUBLIC;
+
+-- The batches finished more than ``secs`` seconds ago whose members are all
+-- gone (swept, purged): deleted (workers call it with their sweep, with a day).
+CREATE OR REPLACE FUNCTION pgpubsub.sweep_batches(secs double precision) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    DELETE FROM pgpubsub.batch b
+    WHERE b.completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => secs)
+      AND NOT EXISTS (SELECT FROM pgpubsub.message m WHERE m.batch_id = b.id);
+$body$;
+REVOKE ALL ON FUNCTION pgpubsub.sweep_batches(double precision) FROM PUBLIC;
+
+-- Only members fire it (the WHEN is checked without calling the function):
+-- deleted while pending, or moved into or out of the pending state. Created
+-- once: dropping and creating again would lock the table at each migrate
+-- (the two triggers of an earlier draft of this version are dropped once).
+DO $do$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_moved'
+               AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        DROP TRIGGER batch_member_moved ON pgpubsub.message;
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_updated'
+               AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        DROP TRIGGER batch_member_updated ON pgpubsub.message;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_gone'
+                   AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        CREATE TRIGGER batch_member_gone
+            AFTER DELETE ON pgpubsub.message FOR EACH ROW
+            WHEN (OLD.batch_id IS NOT NULL AND OLD.status = 'pending')
+            EXECUTE FUNCTION pgpubsub.batch_member_settled();
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgname = 'batch_member_changed'
+                   AND tgrelid = 'pgpubsub.message'::pg_catalog.regclass) THEN
+        CREATE TRIGGER batch_member_changed
+            AFTER UPDATE OF status ON pgpubsub.message FOR EACH ROW
+            WHEN (OLD.batch_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
+                  AND (OLD.status = 'pending' OR NEW.status = 'pending'))
+            EXECUTE FUNCTION pgpubsub.batch_member_settled();
+    END IF;
+END
+$do$;
+-- Version 6 (flow control per key). A message's limit_key (notify(...,
+-- limit_key=)): the key of its channel's key_rate_limit and key_concurrency.
+-- Indexed among pending messages: a worker whose due messages are all of
+-- exhausted keys finds, per key bucket, whether the key has a due message.
+ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS limit_key text;
+-- At most 1,024 bytes, as notify() checks, whoever stores it: a key_concurrency
+-- slot's lease is named after it, and a lease name too wide for its index
+-- failed every claim of the channel. Added once (the ALTER takes the table's
+-- lock); NOT VALID: the column is new with this version.
+DO $limit_key$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_constraint c
+                   WHERE c.conrelid = 'pgpubsub.message'::pg_catalog.regclass
+                     AND c.conname = 'message_limit_key_size') THEN
+        ALTER TABLE pgpubsub.message ADD CONSTRAINT message_limit_key_size
+            CHECK (pg_catalog.octet_length(limit_key) <= 1024) NOT VALID;
+    END IF;
+END
+$limit_key$;
+CREATE INDEX IF NOT EXISTS message_limit_key_idx
+    ON pgpubsub.message (channel, limit_key, run_at)
+    WHERE status = 'pending' AND limit_key IS NOT NULL;
+-- The token bucket of one limit_key (key_rate_limit), as rate_bucket is the
+-- channel's: locked, refilled and spent in the claim transaction. A row whose
+-- bucket refilled to its capacity means what no row means: workers delete
+-- those, so the table holds only keys active within about a period.
+CREATE TABLE IF NOT EXISTS pgpubsub.key_bucket (
+    channel     text             NOT NULL,
+    key         text             NOT NULL,
+    tokens      double precision NOT NULL,
+    updated_at  timestamptz      NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    PRIMARY KEY (channel, key)
+);
+REVOKE ALL ON pgpubsub.key_bucket FROM PUBLIC;
+-- A key_concurrency slot of a limit_key in a listener is a lease of kind
+-- 'limit', named '<slot>' || E'\x1f' || key (src/pgpubsub/_leases.py). The
+-- check is replaced once (an ALTER TABLE at every migrate would wait for
+-- running workers' leases).
+DO $v6$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_constraint c
+        WHERE c.conrelid = 'pgpubsub.lease'::pg_catalog.regclass AND c.conname = 'lease_kind_check'
+          AND pg_catalog.strpos(pg_catalog.pg_get_constraintdef(c.oid), '''limit''') > 0
+    ) THEN
+        ALTER TABLE pgpubsub.lease DROP CONSTRAINT IF EXISTS lease_kind_check;
+        ALTER TABLE pgpubsub.lease ADD CONSTRAINT lease_kind_check
+            CHECK (kind IN ('key', 'slot', 'limit'));
+    END IF;
+END
+$v6$;
+
+-- The schema's version (one row): `pgpubsub status` compares it with the
+-- version the installed library expects. Never lowered by an older library.
+CREATE TABLE IF NOT EXISTS pgpubsub.version (
+    one      boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version  integer NOT NULL
+);
+INSERT INTO pgpubsub.version (one, version) VALUES (true, 6)
+    ON CONFLICT (one) DO UPDATE SET version = GREATEST(pgpubsub.version.version, EXCLUDED.version);
+
+-- The JSON of one row event of a trigger channel.
+CREATE OR REPLACE FUNCTION pgpubsub.event(
+    operation text, tg_when text, tbl text, old_row jsonb, new_row jsonb
+) RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    SELECT pg_catalog.jsonb_build_object(
+        'operation', operation, 'when', tg_when, 'table', tbl,
+        'old', old_row, 'new', new_row,
+        'context', NULLIF(pg_catalog.current_setting('pgpubsub.notification_context', true), '')::jsonb
+    )::text
+$body$;
+
+-- Send row events of a trigger channel. Durable channels store them and send
+-- one wake-up; plain channels send each in its NOTIFY, or, when it is over
+-- PostgreSQL's 8000-byte limit, store it as 'spill' and send its id with the
+-- SHA-256 of its text, so a wide row never makes the user's write fail, and a
+-- reference that any session could forge with pg_notify reveals nothing
+-- (listeners read only a spill row of their own channel whose digest matches).
+CREATE OR REPLACE FUNCTION pgpubsub.send_events(
+    channel text, durable boolean, payloads text[]
+) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    wide text;
+    spilled bigint;
+BEGIN
+    IF payloads IS NULL OR pg_catalog.cardinality(payloads) = 0 THEN
+        RETURN;
+    END IF;
+    IF durable THEN
+        INSERT INTO pgpubsub.message (channel, payload)
+        SELECT channel, p FROM pg_catalog.unnest(payloads) p;
+        PERFORM pgpubsub.wake(channel);
+        RETURN;
+    END IF;
+    PERFORM pg_catalog.pg_notify(channel, p) FROM pg_catalog.unnest(payloads) p
+        WHERE pg_catalog.octet_length(p) <= 7999;
+    -- One at a time, so that the digest is of the text in hand: reading the
+    -- stored payload back would need SELECT on it (a Django writer has none).
+    FOR wide IN
+        SELECT p FROM pg_catalog.unnest(payloads) p WHERE pg_catalog.octet_length(p) > 7999
+    LOOP
+        INSERT INTO pgpubsub.message (channel, payload, status)
+        VALUES (channel, wide, 'spill') RETURNING id INTO spilled;
+        PERFORM pg_catalog.pg_notify(channel, pg_catalog.format(
+            '{"spill": %s, "sha256": "%s"}', spilled,
+            pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(wide, 'UTF8')), 'hex')));
+    END LOOP;
+END
+$body$;
+
+-- One row event (row-level triggers; Django's pgtrigger bodies call it too).
+CREATE OR REPLACE FUNCTION pgpubsub.notify_row(
+    channel text, durable boolean, operation text, tg_when text, tbl text,
+    old_row jsonb, new_row jsonb
+) RETURNS void LANGUAGE sql SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+    SELECT pgpubsub.send_events(
+        channel, durable, ARRAY[pgpubsub.event(operation, tg_when, tbl, old_row, new_row)]
+    )
+$body$;
+
+-- Version 4 (security): the triggers of trigger channels installed without
+-- Django come in pairs. The first, pgpubsub.notify_trigger('<channel>',
+-- '<durable|plain>') or pgpubsub.notify_statement(...), runs as the role that
+-- wrote the row (SECURITY INVOKER): it turns the rows into JSON, so a cast or
+-- type the writer owns runs with the writer's rights only, and keeps them in
+-- a transaction-local setting. The second, pgpubsub.send_captured('<channel>'),
+-- fires right after it (trigger names sort it second) and is the only code
+-- that runs as the schema's owner: it evaluates nothing the writer controls
+-- (text and jsonb built-ins), publishes only for a (table, channel) pair that
+-- an installer registered in pgpubsub.trigger_channel (the table is the
+-- trigger's own, TG_RELID, which no caller can choose), and builds the event's
+-- operation, timing and table itself. Neither function is executable by
+-- PUBLIC, so no role can attach them to its own tables (PostgreSQL checks
+-- EXECUTE when a trigger is created, not when it fires: writers of a watched
+-- table need no grant).
+CREATE TABLE IF NOT EXISTS pgpubsub.trigger_channel (
+    relid    oid     NOT NULL,
+    channel  text    NOT NULL,
+    durable  boolean NOT NULL,
+    PRIMARY KEY (relid, channel)
+);
+
+CREATE OR REPLACE FUNCTION pgpubsub.notify_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+BEGIN
+    -- '{relid, channel, row, old row, new row}' (json text; NULL for a missing side)
+    PERFORM pg_catalog.set_config('pgpubsub.captured', ARRAY[
+        TG_RELID::text, TG_ARGV[0], 'row',
+        CASE WHEN TG_OP <> 'INSERT' THEN pg_catalog.to_json(OLD)::text END,
+        CASE WHEN TG_OP <> 'DELETE' THEN pg_catalog.to_json(NEW)::text END
+    ]::text, true);
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END
+$body$;
+
+-- Statement level, for AFTER INSERT and AFTER DELETE: the statement's rows
+-- come as a transition table (REFERENCING NEW TABLE AS pgpubsub_new, or OLD
+-- TABLE AS pgpubsub_old), captured in one set-based call instead of a call per row.
+CREATE OR REPLACE FUNCTION pgpubsub.notify_statement() RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        -- '{relid, channel, new, new row 1, new row 2, ...}'
+        PERFORM pg_catalog.set_config('pgpubsub.captured', (ARRAY[TG_RELID::text, TG_ARGV[0], 'new']
+            || ARRAY(SELECT pg_catalog.to_json(r)::text FROM pgpubsub_new r))::text, true);
+    ELSE
+        PERFORM pg_catalog.set_config('pgpubsub.captured', (ARRAY[TG_RELID::text, TG_ARGV[0], 'old']
+            || ARRAY(SELECT pg_catalog.to_json(r)::text FROM pgpubsub_old r))::text, true);
+    END IF;
+    RETURN NULL;
+END
+$body$;
+
+-- Reads what the capturing trigger kept. The rows are only checked to be JSON
+-- (json's input function: a scan, no evaluation) and put in an event built here.
+CREATE OR REPLACE FUNCTION pgpubsub.send_captured() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    registered record;
+    captured text[] := NULLIF(pg_catalog.current_setting('pgpubsub.captured', true), '')::text[];
+    tbl text := pg_catalog.concat(TG_TABLE_SCHEMA, '.', TG_TABLE_NAME);
+    context json := NULLIF(pg_catalog.current_setting('pgpubsub.notification_context', true), '')::json;
+    side text := captured[3];
+BEGIN
+    -- The table's own pair, or its partitioned parent's (row triggers of a
+    -- partitioned table fire on the partition).
+    SELECT t.durable INTO registered FROM pgpubsub.trigger_channel t
+        WHERE (t.relid = TG_RELID OR t.relid = ANY(ARRAY(
+                  SELECT a.relid FROM pg_catalog.pg_partition_ancestors(TG_RELID) a)))
+          AND t.channel = TG_ARGV[0]
+        LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgpubsub: no trigger channel % is installed on %', TG_ARGV[0], tbl
+            USING HINT = 'install it with pgpubsub.install_triggers or `pgpubsub migrate`';
+    END IF;
+    IF captured[1] IS DISTINCT FROM TG_RELID::text OR captured[2] IS DISTINCT FROM TG_ARGV[0] THEN
+        RAISE EXCEPTION 'pgpubsub: the rows of % for channel % were not captured', tbl, TG_ARGV[0]
+            USING HINT = 'its pgpubsub.notify_trigger trigger is missing or disabled';
+    END IF;
+    PERFORM pg_catalog.set_config('pgpubsub.captured', '', true);
+    IF side = 'row' THEN
+        PERFORM pgpubsub.send_events(TG_ARGV[0], registered.durable, ARRAY[
+            pg_catalog.json_build_object(
+                'operation', TG_OP, 'when', TG_WHEN, 'table', tbl,
+                'old', captured[4]::json, 'new', captured[5]::json, 'context', context
+            )::text]);
+    ELSE
+        PERFORM pgpubsub.send_events(TG_ARGV[0], registered.durable, ARRAY(
+            SELECT pg_catalog.json_build_object(
+                'operation', TG_OP, 'when', TG_WHEN, 'table', tbl,
+                'old', CASE WHEN side = 'old' THEN r.x::json END,
+                'new', CASE WHEN side = 'new' THEN r.x::json END,
+                'context', context
+            )::text
+            FROM pg_catalog.unnest(captured) WITH ORDINALITY AS r(x, k) WHERE r.k > 3
+            ORDER BY r.k));
+    END IF;
+    IF TG_LEVEL = 'STATEMENT' THEN
+        RETURN NULL;
+    ELSIF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END
+$body$;
+
+-- Triggers installed by a version before 4 had one SECURITY DEFINER function,
+-- executable by PUBLIC: any role could have attached it to its own table, so
+-- no such trigger is trusted. Each well-formed one gets its sending half, not
+-- a registration: its table's writes fail with "no trigger channel ... is
+-- installed" (loudly, nothing lost) until `pgpubsub migrate <listener
+-- modules>` installs the channel's triggers again and registers them.
+-- Malformed ones (no channel, INSTEAD OF, TRUNCATE, a name too long for the
+-- suffix, partition clones: their parent's gets its own) are left alone: the
+-- function they call now only captures, as the writer, and publishes nothing.
+CREATE OR REPLACE FUNCTION pgpubsub.upgrade_triggers_to_v4() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pgpubsub, pg_temp AS $migrate$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN
+        SELECT tg.tgrelid, tg.tgname, tg.tgtype, tg.tgargs
+        FROM pg_catalog.pg_trigger tg
+        WHERE tg.tgfoid IN ('pgpubsub.notify_trigger()'::pg_catalog.regprocedure,
+                            'pgpubsub.notify_statement()'::pg_catalog.regprocedure)
+          AND tg.tgnargs = 2 AND tg.tgparentid = 0
+          AND tg.tgtype & (32 | 64) = 0                            -- no TRUNCATE, no INSTEAD OF
+          AND (tg.tgtype & (4 | 8 | 16)) IN (4, 8, 16)             -- one of INSERT, DELETE, UPDATE
+          AND pg_catalog.octet_length(tg.tgname::text) <= 58       -- room for '_send'
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger s
+                          WHERE s.tgrelid = tg.tgrelid AND s.tgname = tg.tgname || '_send')
+    LOOP
+        -- tgargs: '<channel>\0<durable|plain>\0'
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER %I %s %s ON %s FOR EACH %s EXECUTE FUNCTION pgpubsub.send_captured(%L)',
+            t.tgname || '_send',
+            CASE WHEN t.tgtype & 2 <> 0 THEN 'BEFORE' ELSE 'AFTER' END,
+            CASE WHEN t.tgtype & 4 <> 0 THEN 'INSERT'
+                 WHEN t.tgtype & 8 <> 0 THEN 'DELETE' ELSE 'UPDATE' END,
+            t.tgrelid::pg_catalog.regclass,
+            CASE WHEN t.tgtype & 1 <> 0 THEN 'ROW' ELSE 'STATEMENT' END,
+            pg_catalog.convert_from(substring(t.tgargs FROM 1 FOR
+                position('\x00'::bytea IN t.tgargs) - 1), 'UTF8'));
+    END LOOP;
+END
+$migrate$;
+SELECT pgpubsub.upgrade_triggers_to_v4();
+DROP FUNCTION pgpubsub.upgrade_triggers_to_v4();
+
+-- The helpers could be called directly to inject events, so only the schema's
+-- owner and roles granted EXECUTE (`pgpubsub grant ROLE --django-writer`, for
+-- Django's pgtrigger triggers) may; the trigger functions cannot be attached
+-- to a table by a role without EXECUTE (see version 4 above).
+REVOKE ALL ON FUNCTION pgpubsub.event(text, text, text, jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.send_events(text, boolean, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.notify_row(text, boolean, text, text, text, jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.notify_trigger() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.notify_statement() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgpubsub.send_captured() FROM PUBLIC;
+REVOKE ALL ON pgpubsub.trigger_channel FROM PUBLIC;
