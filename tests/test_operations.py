@@ -558,7 +558,7 @@ def test_upgrading_a_version_2_schema_and_per_channel_counts_in_the_registry(dsn
     admin_query(
         dsn,
         "ALTER TABLE pgpubsub.worker DROP COLUMN stats; DROP INDEX pgpubsub.message_dead_idx;"
-        "DROP STATISTICS pgpubsub.message_channel_status;"
+        "DROP STATISTICS pgpubsub.message_kept_channel_status;"
         "UPDATE pgpubsub.version SET version = 2",
     )
     one_failure(run("status", "--dsn", dsn), 4, "version 2", "run `pgpubsub migrate`")
