@@ -290,28 +290,34 @@ KEY_REFILLED = (
 )
 
 
-# The limit_keys that can start nothing now: out of tokens (their bucket, as
-# last committed, refilled under one), or with every key_concurrency slot
-# live. Found once per claim (an index range over the channel's buckets, one
-# over its slot leases: the keys in use, not their backlogs) and read without
-# locks, to pass over such keys' messages (no head-of-line blocking); what
-# holds the limits is the claim's locked bucket rows and slot leases (see
-# ChannelProcessor._limit). A slot past key_concurrency (one taken under a
-# larger setting) does not count.
+# The limit_keys with every key_concurrency slot live: found once per claim
+# (one index range over the channel's slot leases: about as many as messages
+# in listeners, whatever the keys' backlogs and slots; a slot past
+# key_concurrency, taken under a larger setting, does not count), then each
+# scanned row's key looked up in them (hashed). A key out of tokens is found by
+# its bucket, one index probe per scanned row of a keyed message (the channel's
+# buckets are every key active within about a period: reading them all would
+# cost each claim that many). Both read without locks, to pass over such keys'
+# messages (no head-of-line blocking); what holds the limits is the claim's
+# locked bucket rows and slot leases (see ChannelProcessor._limit).
 _SLOT_OF = "pg_catalog.strpos(l.name, E'\\x1f')"
 HELD_KEYS = f"""held(key) AS MATERIALIZED (
-    SELECT b.key FROM pgpubsub.key_bucket b
-    WHERE %(key_per_second)s::float8 IS NOT NULL AND b.channel = %(channel)s
-      AND {KEY_REFILLED} < 1
-    UNION
     SELECT pg_catalog.substr(l.name, {_SLOT_OF} + 1) FROM pgpubsub.lease l
     WHERE %(key_slots)s::integer IS NOT NULL AND l.channel = %(channel)s
       AND l.kind = 'limit' AND {LIVE}
       AND pg_catalog.substr(l.name, 1, {_SLOT_OF} - 1)::integer < %(key_slots)s
     GROUP BY 1 HAVING pg_catalog.count(*) >= %(key_slots)s
 )"""  # noqa: S608 - constant fragments
-# A message that may start as far as its limit_key goes (m: an alias of ours).
-FREE_KEY = "({m}.limit_key IS NULL OR {m}.limit_key NOT IN (SELECT key FROM held))"
+
+
+def _free_key(m: str) -> str:
+    """SQL: the message aliased ``m`` may start as far as its limit_key goes."""
+    return (
+        f"({m}.limit_key IS NULL OR ({m}.limit_key NOT IN (SELECT key FROM held) "  # noqa: S608
+        "AND NOT (%(key_per_second)s::float8 IS NOT NULL AND EXISTS (SELECT 1 FROM "
+        f"pgpubsub.key_bucket b WHERE b.channel = %(channel)s AND b.key = {m}.limit_key "
+        f"AND {KEY_REFILLED} < 1))))"
+    )  # constant fragments; m is an alias of ours, never input
 
 
 def _limited_claim_sql() -> str:
@@ -320,8 +326,8 @@ def _limited_claim_sql() -> str:
     A key's messages in a batch are at most ``per_limit_key`` (its bucket's
     capacity: more could never start), and its ordering keys' messages stop at
     the first one of a held key (none runs before an older one). The rows also
-    say their limit_key (last column). The held keys are found once (HELD_KEYS)
-    and their due messages passed over row by row, each a hash lookup: a claim
+    say their limit_key (last column). Held keys' due messages are passed over
+    row by row (HELD_KEYS: a hash lookup and a bucket probe each): a claim
     costs the due backlog of held keys ahead of what it takes (a loose index
     scan over limit keys, as for ordering keys, would not read them; the
     messages without a limit_key would then need an index of their own).
@@ -336,7 +342,7 @@ def _limited_claim_sql() -> str:
         (
             "pg_catalog.bool_and(f.run_at <= pg_catalog.now()) OVER (ORDER BY f.id) AS due",
             "pg_catalog.bool_and(f.run_at <= pg_catalog.now() AND "
-            f"{FREE_KEY.format(m='f')}) OVER (ORDER BY f.id) AS due",
+            f"{_free_key('f')}) OVER (ORDER BY f.id) AS due",
         ),
         (
             """unkeyed AS (
@@ -353,7 +359,7 @@ def _limited_claim_sql() -> str:
             SELECT u.id, u.limit_key, u.priority, u.run_at FROM pgpubsub.message u
             WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
               AND run_at <= pg_catalog.now() AND {UNPAUSED}
-              AND {FREE_KEY.format(m="u")}
+              AND {_free_key("u")}
             ORDER BY priority DESC, run_at, id LIMIT %(scan)s
         ) c
     ) c
@@ -411,6 +417,11 @@ DELETE FROM pgpubsub.key_bucket WHERE channel = %(channel)s AND key IN (
     SELECT b.key FROM pgpubsub.key_bucket b WHERE b.channel = %(channel)s
     AND {KEY_REFILLED} >= %(key_capacity)s FOR UPDATE SKIP LOCKED)
 """  # noqa: S608 - constant fragments
+# Slot leases of processes that stopped holding them (a live one renews its own).
+EXPIRED_SLOTS_SQL = (
+    "DELETE FROM pgpubsub.lease l WHERE l.channel = %s AND l.kind = 'limit' "  # noqa: S608
+    f"AND NOT {LIVE}"
+)  # constant fragments
 # Seconds until the next token of a limit_key out of tokens with a message
 # due; 0 for one with a whole token when the last claim was short of key
 # tokens (it refilled while the batch ran). None: no such key. A key's due
@@ -614,7 +625,7 @@ class ChannelProcessor:
         self._limited = self.key_rate is not None or self.key_slots is not None
         self._short_of_key_tokens = False  # a key of the last claim used all its tokens
         self._leased_keys = False  # the last claim leased ordering keys of rows given back
-        self._buckets_swept = time.monotonic()  # when full idle key buckets were last deleted
+        self._buckets_swept = time.monotonic()  # when key buckets and slot leases were last swept
         self._limit_slots = False  # the last claim took key_concurrency slots
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
@@ -729,7 +740,7 @@ class ChannelProcessor:
                 wake=got > 0
                 and (keyed > 0 or self.max_in_flight is not None or self._limit_slots)
             )
-            self._sweep_buckets()
+            self._sweep_limits()
             # A claim cut short by a message claimed alone is no sign of an empty queue.
             if got < asked and not self._alone:
                 break
@@ -802,18 +813,22 @@ class ChannelProcessor:
                 self.session.execute(WAKE_SQL, (self.spec.name,))
         self._leasing = self.max_in_flight is not None
 
-    def _sweep_buckets(self) -> None:
-        """Delete full buckets of idle limit keys every BUCKET_SWEEP_EVERY seconds while
-        busy too: a worker that never rests kept one row per key it had ever claimed
-        (review of issue 28, finding 3). Resting, :meth:`_next_due` sweeps them."""
-        if self.key_rate is None:
+    def _sweep_limits(self) -> None:
+        """Every BUCKET_SWEEP_EVERY seconds while busy: delete full buckets of idle limit
+        keys (a worker that never rests kept one row per key it had ever claimed: review of
+        issue 28, finding 3; resting, :meth:`_next_due` sweeps them) and the expired slot
+        leases of stopped processes (each claim reads the channel's slot leases)."""
+        if not self._limited:
             return
         now = time.monotonic()
         if now - self._buckets_swept < BUCKET_SWEEP_EVERY:
             return
         self._buckets_swept = now
         with self.session.atomic():
-            self.session.execute(FULL_BUCKETS_SQL, self._key_params())
+            if self.key_rate is not None:
+                self.session.execute(FULL_BUCKETS_SQL, self._key_params())
+            if self.key_slots is not None:
+                self.session.execute(EXPIRED_SLOTS_SQL, (self.spec.name,))
 
     def _next_due(self) -> float:
         """Seconds to sleep: until the earliest retry or delayed message is due, or a poll.
