@@ -409,13 +409,28 @@ UNCLAIM_SQL = (
 )
 #: Seconds between sweeps of full key buckets while a processor claims without rest.
 BUCKET_SWEEP_EVERY = 1.0
+#: Buckets one sweep looks at: a slice in key order, from where the last one stopped.
+BUCKET_SLICE = 1000
 # Buckets refilled to their capacity (idle keys): a missing row is a full
-# bucket, so they go; the table holds the keys active within about a period.
-# A bucket a claim holds locked is left for next time.
+# bucket, so they go; the table holds the keys active within about a period
+# (a "1/d" limit: every key of the day), so a sweep reads a slice of them, and
+# the slices go round. Returns the slice's last key and its size (a short
+# slice: the next one starts again from the first key). A bucket a claim
+# holds locked is left for next time.
 FULL_BUCKETS_SQL = f"""
-DELETE FROM pgpubsub.key_bucket WHERE channel = %(channel)s AND key IN (
-    SELECT b.key FROM pgpubsub.key_bucket b WHERE b.channel = %(channel)s
-    AND {KEY_REFILLED} >= %(key_capacity)s FOR UPDATE SKIP LOCKED)
+WITH slice AS (
+    SELECT b.key FROM pgpubsub.key_bucket b
+    WHERE b.channel = %(channel)s AND b.key > %(after)s ORDER BY b.key LIMIT %(slice)s
+), bound AS (
+    SELECT pg_catalog.max(key) AS until, pg_catalog.count(*) AS n FROM slice
+), gone AS (
+    DELETE FROM pgpubsub.key_bucket WHERE channel = %(channel)s AND key IN (
+        SELECT b.key FROM pgpubsub.key_bucket b
+        WHERE b.channel = %(channel)s AND b.key > %(after)s
+        AND b.key <= (SELECT bound.until FROM bound)
+        AND {KEY_REFILLED} >= %(key_capacity)s FOR UPDATE OF b SKIP LOCKED)
+)
+SELECT until, n FROM bound
 """  # noqa: S608 - constant fragments
 # Slot leases of processes that stopped holding them (a live one renews its own).
 EXPIRED_SLOTS_SQL = (
@@ -427,15 +442,29 @@ EXPIRED_SLOTS_SQL = (
 # tokens (it refilled while the batch ran). None: no such key. A key's due
 # message held back by its ordering key still counts: the worker then wakes
 # once for nothing (the key has its token, and nothing more is asked of it
-# until the next claim is short), rather than a scan per key (the earliest
-# pending message of a key is one probe of message_limit_key_idx).
+# until the next claim is short), rather than a scan per key. The keys are
+# those with pending messages, visited by a loose index scan of
+# message_limit_key_idx (two probes a key: the next key, its earliest
+# message), not the channel's buckets (every key active within a period).
+_NEXT_LIMIT_KEY = (
+    "SELECT d.limit_key FROM pgpubsub.message d WHERE d.channel = %(channel)s "
+    "AND d.status = 'pending' AND d.limit_key IS NOT NULL{after} "
+    "ORDER BY d.limit_key LIMIT 1"
+)
 KEY_TOKEN_DUE_SQL = f"""
+WITH RECURSIVE k(key) AS (
+    ({_NEXT_LIMIT_KEY.format(after="")})
+    UNION ALL
+    SELECT ({_NEXT_LIMIT_KEY.format(after=" AND d.limit_key > k.key")})
+    FROM k WHERE k.key IS NOT NULL
+)
 SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s ELSE 0 END)
-FROM (SELECT b.key, {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
-      WHERE b.channel = %(channel)s) r
-WHERE {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
+FROM k CROSS JOIN LATERAL (
+    SELECT {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
+    WHERE b.channel = %(channel)s AND b.key = k.key) r
+WHERE k.key IS NOT NULL AND {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
     SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
-    WHERE d.channel = %(channel)s AND d.limit_key = r.key AND d.limit_key IS NOT NULL
+    WHERE d.channel = %(channel)s AND d.limit_key = k.key AND d.limit_key IS NOT NULL
       AND d.status = 'pending') <= pg_catalog.now()
 """  # noqa: S608 - constant fragments
 # Completing a message with an ordering key makes the next one of its key
@@ -626,6 +655,7 @@ class ChannelProcessor:
         self._short_of_key_tokens = False  # a key of the last claim used all its tokens
         self._leased_keys = False  # the last claim leased ordering keys of rows given back
         self._buckets_swept = time.monotonic()  # when key buckets and slot leases were last swept
+        self._buckets_after = ""  # the last bucket key the last sweep looked at
         self._limit_slots = False  # the last claim took key_concurrency slots
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
@@ -826,9 +856,15 @@ class ChannelProcessor:
         self._buckets_swept = now
         with self.session.atomic():
             if self.key_rate is not None:
-                self.session.execute(FULL_BUCKETS_SQL, self._key_params())
+                self._sweep_buckets()
             if self.key_slots is not None:
                 self.session.execute(EXPIRED_SLOTS_SQL, (self.spec.name,))
+
+    def _sweep_buckets(self) -> None:
+        """Delete the full buckets of the next slice of the channel's (FULL_BUCKETS_SQL)."""
+        params = {**self._key_params(), "after": self._buckets_after, "slice": BUCKET_SLICE}
+        until, n = self.session.execute(FULL_BUCKETS_SQL, params)[0]
+        self._buckets_after = until if n >= BUCKET_SLICE else ""
 
     def _next_due(self) -> float:
         """Seconds to sleep: until the earliest retry or delayed message is due, or a poll.
@@ -851,8 +887,8 @@ class ChannelProcessor:
             rows = self.session.execute(NEXT_DUE_SQL, params)
             due = rows[0][0] if rows else None
             if self.key_rate is not None:
+                self._sweep_buckets()
                 keys = {**self._key_params(), "key_short": self._short_of_key_tokens}
-                self.session.execute(FULL_BUCKETS_SQL, keys)
                 wait = self.session.execute(KEY_TOKEN_DUE_SQL, keys)[0][0]
                 if wait is not None:
                     due = wait if due is None else min(due, wait)
