@@ -1064,7 +1064,11 @@ def test_a_busy_worker_deletes_the_slot_leases_of_stopped_processes(
 ) -> None:
     """Review of issue 28, round 2: the slot leases of a process killed in its listeners
     stayed in the table (only their holder deleted them), and each claim reads the
-    channel's slot leases. Expired ones are deleted by the next sweep; live ones stay."""
+    channel's slot leases. Those expired for five lease periods are deleted by the next
+    sweep; live ones stay, and so do those expired for less (round 3c, finding 3: a
+    process stopped past its lease, SIGSTOP or a slow keeper, renews its own lease when it
+    comes back, and a sweep that deleted it let a second message of the key start while
+    its listener still ran)."""
     from pgpubsub import _processor
 
     monkeypatch.setattr(_processor, "BUCKET_SWEEP_EVERY", 0.0)
@@ -1072,8 +1076,14 @@ def test_a_busy_worker_deletes_the_slot_leases_of_stopped_processes(
     admin_query(
         flow,
         "INSERT INTO pgpubsub.lease (channel, kind, name, holder, expires_at) "
-        "SELECT %s, 'limit', '0' || E'\\x1f' || 'k' || g, 'gone:1:x', now() - interval '1 s' "
+        "SELECT %s, 'limit', '0' || E'\\x1f' || 'k' || g, 'gone:1:x', now() - interval '1 h' "
         "FROM generate_series(1, 50) g",
+        (name,),
+    )
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.lease (channel, kind, name, holder, expires_at) "
+        "VALUES (%s, 'limit', '0' || E'\\x1f' || 'slow', 'stalled:1:x', now() - interval '5 s')",
         (name,),
     )
     admin_query(
@@ -1090,7 +1100,8 @@ def test_a_busy_worker_deletes_the_slot_leases_of_stopped_processes(
         assert proc.drain_once() == 3
     finally:
         proc.session.close()
-    assert admin_query(flow, "SELECT holder FROM pgpubsub.lease") == [("alive:1:x",)]
+    held = admin_query(flow, "SELECT holder FROM pgpubsub.lease ORDER BY holder")
+    assert held == [("alive:1:x",), ("stalled:1:x",)]
 
 
 def _bucket_rows_read(proc: Any, monkeypatch: pytest.MonkeyPatch, query: str) -> list[int]:

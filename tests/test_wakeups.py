@@ -227,3 +227,37 @@ def test_a_look_for_a_publisher_that_missed_the_registration_comes_soon_then_les
             crew.rest(proc, lambda: 30.0, asleep)
     assert proc.wake.waits[6:] == [0.005, 0.01, 0.005, 0.01]
     assert registered == [False] * 6 + [True, False, False, False, False]
+
+
+def test_a_worker_registers_at_once_beside_a_publisher_that_took_the_registration(
+    db: str,
+) -> None:
+    """Review of issue 26 (round 3c), finding 1: a publisher took the registration (its
+    DELETE, not committed) and stayed in its transaction; the worker's next registration
+    waited on that row for the publisher's whole transaction, and with one processor
+    nothing on the channel ran meanwhile. Invariant: registering never waits for a
+    publisher."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db, autocommit=True) as worker, psycopg.connect(db) as publisher:
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+        pgpubsub.notify(Woken(n=1), conn=publisher)  # takes it, in its transaction
+        worker.execute("SET lock_timeout = '2s'")
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (False,)
+        publisher.commit()
+
+
+def test_publishers_wake_the_worker_while_its_registration_is_taken_but_not_committed(
+    db: str,
+) -> None:
+    """Review of issue 26 (round 3c), finding 2: while the publisher that took the
+    registration was in its transaction, the publishers after it found the row locked,
+    sent nothing, and their messages waited for the poll (1 s here), committed or not the
+    first one. Invariant: a publisher that commits while a worker is registered, or its
+    registration is taken by a transaction still open, wakes it."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db, autocommit=True) as worker, psycopg.connect(db) as first:
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+        pgpubsub.notify(Woken(n=1), conn=first)  # takes the registration, stays open
+        assert notifications(db, name, lambda: publish_each(db, range(2, 3))) == 1
+        first.rollback()  # the registration is back: the next publisher wakes the worker
+        assert notifications(db, name, lambda: publish_each(db, range(3, 4))) == 1

@@ -432,11 +432,18 @@ WITH slice AS (
 )
 SELECT until, n FROM bound
 """  # noqa: S608 - constant fragments
-# Slot leases of processes that stopped holding them (a live one renews its own).
+# Slot leases of processes that stopped long ago: expired for five lease
+# periods. A process stopped for a while (SIGSTOP, a keeper that fell behind)
+# renews its own expired leases when it comes back, its listeners still
+# running: a lease deleted sooner would let another message of the key start
+# beside them. (Until then an expired slot may be taken by a claim of its key:
+# the lease's promise ends with it.)
 EXPIRED_SLOTS_SQL = (
-    "DELETE FROM pgpubsub.lease l WHERE l.channel = %s AND l.kind = 'limit' "  # noqa: S608
-    f"AND NOT {LIVE}"
-)  # constant fragments
+    "DELETE FROM pgpubsub.lease l WHERE l.channel = %s AND l.kind = 'limit' "
+    "AND l.expires_at < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => %s)"
+)
+#: Lease periods after which the expired slot leases of a stopped process are deleted.
+SLOT_LEASE_KEPT = 5
 # Seconds until the next token of a limit_key out of tokens with a message
 # due; 0 for one with a whole token when the last claim was short of key
 # tokens (it refilled while the batch ran). None: no such key. A key's due
@@ -858,7 +865,8 @@ class ChannelProcessor:
             if self.key_rate is not None:
                 self._sweep_buckets()
             if self.key_slots is not None:
-                self.session.execute(EXPIRED_SLOTS_SQL, (self.spec.name,))
+                kept = SLOT_LEASE_KEPT * _leases.TTL
+                self.session.execute(EXPIRED_SLOTS_SQL, (self.spec.name, kept))
 
     def _sweep_buckets(self) -> None:
         """Delete the full buckets of the next slice of the channel's (FULL_BUCKETS_SQL)."""
