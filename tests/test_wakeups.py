@@ -261,3 +261,37 @@ def test_publishers_wake_the_worker_while_its_registration_is_taken_but_not_comm
         assert notifications(db, name, lambda: publish_each(db, range(2, 3))) == 1
         first.rollback()  # the registration is back: the next publisher wakes the worker
         assert notifications(db, name, lambda: publish_each(db, range(3, 4))) == 1
+
+
+def test_a_publisher_left_in_its_transaction_does_not_keep_the_workers_looking() -> None:
+    """Review of issue 26 (round 3c), finding 4: while a publisher sat in its transaction
+    (a session left idle in it, for hours) the worker looked at the queue every 50 ms,
+    about 60 transactions a second. After 2 s of such looks without a wake-up only the
+    poller looks (its poll interval: the bound the guide gives such a message); a wake-up
+    starts the short looks again."""
+    from pgpubsub._crew import BUSY_PATIENCE, Crew
+
+    @dataclass
+    class Member:
+        wake: _Recorded
+        stopping: threading.Event
+
+    now = [0.0]
+    crew = Crew(clock=lambda: now[0])
+    poller = Member(_Recorded(), threading.Event())
+
+    def rest(proc: Member) -> None:
+        crew.rest(proc, lambda: 1.0, lambda: False)  # the poll interval: 1 s
+        now[0] += proc.wake.waits[-1] or 0.0
+
+    for _ in range(8):
+        rest(poller)
+    assert poller.wake.waits == [0.005, 0.01, 0.02, 0.04, 0.05, 0.05, 0.05, 0.05]
+    while now[0] < BUSY_PATIENCE:
+        rest(poller)
+    rest(poller)
+    assert poller.wake.waits[-1] == 1.0  # the poll, no more looks for the publisher
+    crew.wake_one()  # none idle: the next rest claims at once, the one after registers
+    crew.rest(poller, lambda: 1.0, lambda: False)
+    crew.rest(poller, lambda: 1.0, lambda: False)
+    assert poller.wake.waits[-1] == 0.005
