@@ -309,3 +309,41 @@ def test_an_error_caught_in_a_block_of_two_statements_is_not_charged(db: str) ->
     proc.session.close()
     assert {n: r[:2] for n, r in rows(db).items()} == {}
     assert dict(calls) == {n: 1 for n in range(5)}
+
+
+def test_every_failure_of_a_processors_life_leaves_its_prepared_statements_true(
+    db: str,
+) -> None:
+    """The intermittent "prepared statement _pg3_N does not exist" of chaos and stress
+    runs. After a rewind the journal sent DEALLOCATE ALL, and psycopg looks at a statement's
+    result (to forget its own record of prepared statements) only the first time it sees
+    its text: a processor whose first failure came before anything was prepared had its
+    statements deallocated by the second one behind psycopg's back, and its next claim
+    failed. Invariant: whatever failures came before, in whatever order, every statement
+    psycopg believes prepared exists on the server. Failures in the first batch of a fresh
+    connection, then after warm batches, twice."""
+    registry = Registry()
+    calls: Counter[int] = Counter()
+
+    def listener(n: int) -> None:
+        calls[n] += 1
+        durable.connection().execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+        if n % 100 == 4:
+            raise RuntimeError("flaky")
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry)
+    try:
+        for b in range(12):  # failures in batches 0, 6 and 11; claims prepared from the 6th
+            first = 100 * b
+            publish(db, Batch, range(first, first + (10 if b in (0, 6, 11) else 3)))
+            proc.drain_once()
+            conn = proc.session.connection
+            prepared = {r[0] for r in conn.execute("SELECT name FROM pg_prepared_statements")}
+            conn.commit()  # (a rollback would make psycopg forget its prepared statements)
+            believed = {n.decode() for n in conn._prepared._names.values()}
+            assert believed <= prepared, (b, believed - prepared)
+    finally:
+        proc.session.close()
+    assert {n: k for n, k in calls.items() if k != 1} == {}
+    assert set(rows(db)) == {4, 604, 1104}

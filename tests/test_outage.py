@@ -17,7 +17,7 @@ from pgpubsub.embedded import EmbeddedServer
 
 pytestmark = pytest.mark.chaos
 
-OUTAGE = 30.0  # seconds the database stays down after the workers start
+OUTAGE = 12.0  # seconds the database stays down after the workers start (a failover)
 
 
 def test_listen_started_during_an_outage_waits_and_then_processes_everything() -> None:

@@ -180,3 +180,118 @@ def test_on_a_schema_older_than_5_publishers_wake_with_every_publish(db: str) ->
         admin.execute("DROP FUNCTION pgpubsub.wake(text) CASCADE")
     name = spec_of(Woken).name
     assert notifications(db, name, lambda: publish_each(db, range(3))) == 3
+
+
+class _Recorded(threading.Event):
+    """A processor's wake-up event that records how long each rest would wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return False
+
+
+def test_a_look_for_a_publisher_that_missed_the_registration_comes_soon_then_less_often() -> None:
+    """A registration beside a publisher in a transaction: that publisher may have checked
+    before it and commit after the last look. Its message waited for a look every 50 ms (the
+    p99 of 13 ms at 400 messages/s against pgqueuer's 9). A short transaction commits just
+    after its check: the first look comes after 5 ms, then twice as long each time up to
+    50 ms; a registration that finds no publisher, or a wake-up, starts again at 5 ms."""
+    from pgpubsub._crew import BUSY_POLL, BUSY_POLL_FIRST, Crew
+
+    @dataclass
+    class Member:
+        wake: _Recorded
+        stopping: threading.Event
+
+    crew = Crew()
+    proc = Member(_Recorded(), threading.Event())
+    outcomes = iter([False] * 6 + [True, False, False] + [False, False])
+    registered: list[bool] = []
+
+    def asleep() -> bool:
+        registered.append(next(outcomes))
+        return registered[-1]
+
+    for _ in range(6):  # publishers always in a transaction
+        crew.rest(proc, lambda: 30.0, asleep)
+    assert proc.wake.waits == [0.005, 0.01, 0.02, 0.04, 0.05, 0.05]
+    assert (BUSY_POLL_FIRST, BUSY_POLL) == (0.005, 0.05)
+    crew.rest(proc, lambda: 30.0, asleep)  # registered: the last look, no wait
+    for _ in range(2):
+        crew.wake_one()  # a publisher took the registration (none idle: claim again)
+        for _ in range(3):
+            crew.rest(proc, lambda: 30.0, asleep)
+    assert proc.wake.waits[6:] == [0.005, 0.01, 0.005, 0.01]
+    assert registered == [False] * 6 + [True, False, False, False, False]
+
+
+def test_a_worker_registers_at_once_beside_a_publisher_that_took_the_registration(
+    db: str,
+) -> None:
+    """Review of issue 26 (round 3c), finding 1: a publisher took the registration (its
+    DELETE, not committed) and stayed in its transaction; the worker's next registration
+    waited on that row for the publisher's whole transaction, and with one processor
+    nothing on the channel ran meanwhile. Invariant: registering never waits for a
+    publisher."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db, autocommit=True) as worker, psycopg.connect(db) as publisher:
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+        pgpubsub.notify(Woken(n=1), conn=publisher)  # takes it, in its transaction
+        worker.execute("SET lock_timeout = '2s'")
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (False,)
+        publisher.commit()
+
+
+def test_publishers_wake_the_worker_while_its_registration_is_taken_but_not_committed(
+    db: str,
+) -> None:
+    """Review of issue 26 (round 3c), finding 2: while the publisher that took the
+    registration was in its transaction, the publishers after it found the row locked,
+    sent nothing, and their messages waited for the poll (1 s here), committed or not the
+    first one. Invariant: a publisher that commits while a worker is registered, or its
+    registration is taken by a transaction still open, wakes it."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db, autocommit=True) as worker, psycopg.connect(db) as first:
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+        pgpubsub.notify(Woken(n=1), conn=first)  # takes the registration, stays open
+        assert notifications(db, name, lambda: publish_each(db, range(2, 3))) == 1
+        first.rollback()  # the registration is back: the next publisher wakes the worker
+        assert notifications(db, name, lambda: publish_each(db, range(3, 4))) == 1
+
+
+def test_a_publisher_left_in_its_transaction_does_not_keep_the_workers_looking() -> None:
+    """Review of issue 26 (round 3c), finding 4: while a publisher sat in its transaction
+    (a session left idle in it, for hours) the worker looked at the queue every 50 ms,
+    about 60 transactions a second. After 2 s of such looks without a wake-up only the
+    poller looks (its poll interval: the bound the guide gives such a message); a wake-up
+    starts the short looks again."""
+    from pgpubsub._crew import BUSY_PATIENCE, Crew
+
+    @dataclass
+    class Member:
+        wake: _Recorded
+        stopping: threading.Event
+
+    now = [0.0]
+    crew = Crew(clock=lambda: now[0])
+    poller = Member(_Recorded(), threading.Event())
+
+    def rest(proc: Member) -> None:
+        crew.rest(proc, lambda: 1.0, lambda: False)  # the poll interval: 1 s
+        now[0] += proc.wake.waits[-1] or 0.0
+
+    for _ in range(8):
+        rest(poller)
+    assert poller.wake.waits == [0.005, 0.01, 0.02, 0.04, 0.05, 0.05, 0.05, 0.05]
+    while now[0] < BUSY_PATIENCE:
+        rest(poller)
+    rest(poller)
+    assert poller.wake.waits[-1] == 1.0  # the poll, no more looks for the publisher
+    crew.wake_one()  # none idle: the next rest claims at once, the one after registers
+    crew.rest(poller, lambda: 1.0, lambda: False)
+    crew.rest(poller, lambda: 1.0, lambda: False)
+    assert poller.wake.waits[-1] == 0.005

@@ -14,21 +14,35 @@ last look at the queue, so that publishers wake it (``pgpubsub.wake``: a
 NOTIFY only then). A wake-up may have taken the registration: the next
 processor to rest registers again. A publisher in a transaction when the crew
 registers may have checked before it and commit after the last look: until a
-registration finds no publisher in a transaction, the crew also looks again
-every :data:`BUSY_POLL` seconds (the publishers that check after the
-registration wake it at once).
+registration finds no publisher in a transaction, the crew also looks again,
+after :data:`BUSY_POLL_FIRST` seconds, then twice as long each time up to
+:data:`BUSY_POLL` (the publishers that check after the registration wake it at
+once). A publisher's check comes just before its commit in a short
+transaction: the first look finds its message; the longer waits are for
+publishers that hold their transactions open. After :data:`BUSY_PATIENCE`
+seconds of such registrations with no wake-up, the crew stops looking for
+them (a session left idle in its transaction would keep it looking 20 times a
+second for hours): their messages wait for the poller, at most the poll
+interval. A wake-up or a registration that finds no publisher in a
+transaction starts the schedule again.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["BUSY_POLL", "Crew"]
+__all__ = ["BUSY_PATIENCE", "BUSY_POLL", "BUSY_POLL_FIRST", "Crew"]
 
-#: Seconds between looks at the queue while a publisher may have missed the registration.
+#: Seconds before the first look at the queue after a registration beside a
+#: publisher in a transaction (which may have missed it).
+BUSY_POLL_FIRST = 0.005
+#: The longest wait between such looks, while registrations keep finding one.
 BUSY_POLL = 0.05
+#: Seconds of such looks without a wake-up, after which only the poller looks.
+BUSY_PATIENCE = 2.0
 
 
 class _Member(Protocol):
@@ -39,7 +53,8 @@ class _Member(Protocol):
 class Crew:
     """Wake-ups for the processors of one channel (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._idle: list[_Member] = []  # asleep, the most recent last
         self._poller: _Member | None = None  # the idle one that polls
@@ -48,6 +63,8 @@ class Crew:
         self._registered = False  # publishers know the crew sleeps (pgpubsub.sleeper)
         self._registering = False
         self._wakes = 0  # wake-ups so far: one may have taken the registration
+        self._busy_wait = BUSY_POLL_FIRST  # the next look's wait beside a publisher
+        self._busy_since: float | None = None  # the first such look since a wake-up
 
     def wake_one(self, *, more: bool = False) -> None:
         """Wake one idle processor; when none is idle, the next to rest claims again.
@@ -58,6 +75,7 @@ class Crew:
         with self._lock:
             self._wakes += 1
             self._registered = False
+            self._busy_wait, self._busy_since = BUSY_POLL_FIRST, None
             proc = self._take()
             if proc is None:
                 self._missed = self._missed or not more
@@ -72,8 +90,9 @@ class Crew:
         Returns when ``proc`` should claim: woken by a wake-up, or its poll is
         due, or the crew has just registered as asleep and takes its last look
         (``asleep()``: False while a publisher is in a transaction, which may
-        have missed the registration: the crew then also looks every
-        :data:`BUSY_POLL` seconds).
+        have missed the registration: the crew then also looks again soon,
+        from :data:`BUSY_POLL_FIRST` up to :data:`BUSY_POLL` seconds, for at
+        most :data:`BUSY_PATIENCE` seconds without a wake-up).
         """
         while not proc.stopping.is_set():
             with self._lock:
@@ -83,7 +102,7 @@ class Crew:
                 register = not self._registered and not self._registering
                 self._registering = self._registering or register
                 wakes = self._wakes
-            busy = False
+            busy = 0.0  # seconds until a look for a publisher that missed the registration
             if register:
                 done = False
                 try:
@@ -92,9 +111,17 @@ class Crew:
                     with self._lock:
                         self._registering = False
                         self._registered = done and wakes == self._wakes
+                        if done:
+                            self._busy_wait, self._busy_since = BUSY_POLL_FIRST, None
+                        else:
+                            now = self._clock()
+                            if self._busy_since is None:
+                                self._busy_since = now
+                            if now - self._busy_since < BUSY_PATIENCE:
+                                busy = self._busy_wait
+                                self._busy_wait = min(busy * 2, BUSY_POLL)
                 if done:
                     return  # the last look, now that publishers will wake the crew
-                busy = True
             with self._lock:
                 if self._poller is None:
                     self._poller = proc
@@ -102,7 +129,7 @@ class Crew:
             try:
                 wait = next_due() if polling else None
                 if busy:
-                    wait = BUSY_POLL if wait is None else min(wait, BUSY_POLL)
+                    wait = busy if wait is None else min(wait, busy)
             except BaseException:
                 with self._lock:
                     if self._poller is proc:

@@ -30,6 +30,7 @@ import contextvars
 import copy
 import datetime
 import decimal
+import itertools
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ _BACK_TO_CHECKPOINT = "ROLLBACK TO SAVEPOINT pgpubsub_checkpoint"
 _MESSAGE = "SAVEPOINT pgpubsub_replay"
 _MESSAGE_DONE = "RELEASE SAVEPOINT pgpubsub_replay"
 _MESSAGE_UNDONE = "ROLLBACK TO SAVEPOINT pgpubsub_replay"
+_FORGET_PREPARED = "DEALLOCATE ALL /* pgpubsub rewind {} */"
+_forgets = itertools.count()
 
 #: The journal of the batch whose listener runs in this thread (None: no listener runs).
 _current: contextvars.ContextVar[Journal | None] = contextvars.ContextVar(
@@ -126,10 +129,13 @@ class Journal:
             if self._rewound:
                 # After a rewind the driver's record of prepared statements may
                 # name one that an aborted part of the pipeline never prepared:
-                # both sides forget them all (the driver does when it sees this
-                # statement's result, with preparing on again).
+                # both sides forget them all. The driver does when it reads the
+                # result of a DEALLOCATE ALL, with preparing on again, but only
+                # of a statement text it has not seen before: a text of its own
+                # each time (the same text, seen once while nothing was
+                # prepared, deallocated everything later behind its back).
                 conn.prepare_threshold = threshold
-                self._exec("DEALLOCATE ALL")
+                self._exec(_FORGET_PREPARED.format(next(_forgets)))
                 self._sync()
         finally:
             _current.reset(token)

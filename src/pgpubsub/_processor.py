@@ -306,28 +306,34 @@ KEY_REFILLED = (
 )
 
 
-# The limit_keys that can start nothing now: out of tokens (their bucket, as
-# last committed, refilled under one), or with every key_concurrency slot
-# live. Found once per claim (an index range over the channel's buckets, one
-# over its slot leases: the keys in use, not their backlogs) and read without
-# locks, to pass over such keys' messages (no head-of-line blocking); what
-# holds the limits is the claim's locked bucket rows and slot leases (see
-# ChannelProcessor._limit). A slot past key_concurrency (one taken under a
-# larger setting) does not count.
+# The limit_keys with every key_concurrency slot live: found once per claim
+# (one index range over the channel's slot leases: about as many as messages
+# in listeners, whatever the keys' backlogs and slots; a slot past
+# key_concurrency, taken under a larger setting, does not count), then each
+# scanned row's key looked up in them (hashed). A key out of tokens is found by
+# its bucket, one index probe per scanned row of a keyed message (the channel's
+# buckets are every key active within about a period: reading them all would
+# cost each claim that many). Both read without locks, to pass over such keys'
+# messages (no head-of-line blocking); what holds the limits is the claim's
+# locked bucket rows and slot leases (see ChannelProcessor._limit).
 _SLOT_OF = "pg_catalog.strpos(l.name, E'\\x1f')"
 HELD_KEYS = f"""held(key) AS MATERIALIZED (
-    SELECT b.key FROM pgpubsub.key_bucket b
-    WHERE %(key_per_second)s::float8 IS NOT NULL AND b.channel = %(channel)s
-      AND {KEY_REFILLED} < 1
-    UNION
     SELECT pg_catalog.substr(l.name, {_SLOT_OF} + 1) FROM pgpubsub.lease l
     WHERE %(key_slots)s::integer IS NOT NULL AND l.channel = %(channel)s
       AND l.kind = 'limit' AND {LIVE}
       AND pg_catalog.substr(l.name, 1, {_SLOT_OF} - 1)::integer < %(key_slots)s
     GROUP BY 1 HAVING pg_catalog.count(*) >= %(key_slots)s
 )"""  # noqa: S608 - constant fragments
-# A message that may start as far as its limit_key goes (m: an alias of ours).
-FREE_KEY = "({m}.limit_key IS NULL OR {m}.limit_key NOT IN (SELECT key FROM held))"
+
+
+def _free_key(m: str) -> str:
+    """SQL: the message aliased ``m`` may start as far as its limit_key goes."""
+    return (
+        f"({m}.limit_key IS NULL OR ({m}.limit_key NOT IN (SELECT key FROM held) "  # noqa: S608
+        "AND NOT (%(key_per_second)s::float8 IS NOT NULL AND EXISTS (SELECT 1 FROM "
+        f"pgpubsub.key_bucket b WHERE b.channel = %(channel)s AND b.key = {m}.limit_key "
+        f"AND {KEY_REFILLED} < 1))))"
+    )  # constant fragments; m is an alias of ours, never input
 
 
 def _limited_claim_sql() -> str:
@@ -336,8 +342,8 @@ def _limited_claim_sql() -> str:
     A key's messages in a batch are at most ``per_limit_key`` (its bucket's
     capacity: more could never start), and its ordering keys' messages stop at
     the first one of a held key (none runs before an older one). The rows also
-    say their limit_key (last column). The held keys are found once (HELD_KEYS)
-    and their due messages passed over row by row, each a hash lookup: a claim
+    say their limit_key (last column). Held keys' due messages are passed over
+    row by row (HELD_KEYS: a hash lookup and a bucket probe each): a claim
     costs the due backlog of held keys ahead of what it takes (a loose index
     scan over limit keys, as for ordering keys, would not read them; the
     messages without a limit_key would then need an index of their own).
@@ -352,7 +358,7 @@ def _limited_claim_sql() -> str:
         (
             "pg_catalog.bool_and(f.run_at <= pg_catalog.now()) OVER (ORDER BY f.id) AS due",
             "pg_catalog.bool_and(f.run_at <= pg_catalog.now() AND "
-            f"{FREE_KEY.format(m='f')}) OVER (ORDER BY f.id) AS due",
+            f"{_free_key('f')}) OVER (ORDER BY f.id) AS due",
         ),
         (
             """unkeyed AS (
@@ -369,7 +375,7 @@ def _limited_claim_sql() -> str:
             SELECT u.id, u.limit_key, u.priority, u.run_at FROM pgpubsub.message u
             WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
               AND run_at <= pg_catalog.now() AND {UNPAUSED}
-              AND {FREE_KEY.format(m="u")}
+              AND {_free_key("u")}
             ORDER BY priority DESC, run_at, id LIMIT %(scan)s
         ) c
     ) c
@@ -420,28 +426,69 @@ UNCLAIM_SQL = (
 )
 #: Seconds between sweeps of full key buckets while a processor claims without rest.
 BUCKET_SWEEP_EVERY = 1.0
+#: Buckets one sweep looks at: a slice in key order, from where the last one stopped.
+BUCKET_SLICE = 1000
 # Buckets refilled to their capacity (idle keys): a missing row is a full
-# bucket, so they go; the table holds the keys active within about a period.
-# A bucket a claim holds locked is left for next time.
+# bucket, so they go; the table holds the keys active within about a period
+# (a "1/d" limit: every key of the day), so a sweep reads a slice of them, and
+# the slices go round. Returns the slice's last key and its size (a short
+# slice: the next one starts again from the first key). A bucket a claim
+# holds locked is left for next time.
 FULL_BUCKETS_SQL = f"""
-DELETE FROM pgpubsub.key_bucket WHERE channel = %(channel)s AND key IN (
-    SELECT b.key FROM pgpubsub.key_bucket b WHERE b.channel = %(channel)s
-    AND {KEY_REFILLED} >= %(key_capacity)s FOR UPDATE SKIP LOCKED)
+WITH slice AS (
+    SELECT b.key FROM pgpubsub.key_bucket b
+    WHERE b.channel = %(channel)s AND b.key > %(after)s ORDER BY b.key LIMIT %(slice)s
+), bound AS (
+    SELECT pg_catalog.max(key) AS until, pg_catalog.count(*) AS n FROM slice
+), gone AS (
+    DELETE FROM pgpubsub.key_bucket WHERE channel = %(channel)s AND key IN (
+        SELECT b.key FROM pgpubsub.key_bucket b
+        WHERE b.channel = %(channel)s AND b.key > %(after)s
+        AND b.key <= (SELECT bound.until FROM bound)
+        AND {KEY_REFILLED} >= %(key_capacity)s FOR UPDATE OF b SKIP LOCKED)
+)
+SELECT until, n FROM bound
 """  # noqa: S608 - constant fragments
+# Slot leases of processes that stopped long ago: expired for five lease
+# periods. A process stopped for a while (SIGSTOP, a keeper that fell behind)
+# renews its own expired leases when it comes back, its listeners still
+# running: a lease deleted sooner would let another message of the key start
+# beside them. (Until then an expired slot may be taken by a claim of its key:
+# the lease's promise ends with it.)
+EXPIRED_SLOTS_SQL = (
+    "DELETE FROM pgpubsub.lease l WHERE l.channel = %s AND l.kind = 'limit' "
+    "AND l.expires_at < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => %s)"
+)
+#: Lease periods after which the expired slot leases of a stopped process are deleted.
+SLOT_LEASE_KEPT = 5
 # Seconds until the next token of a limit_key out of tokens with a message
 # due; 0 for one with a whole token when the last claim was short of key
 # tokens (it refilled while the batch ran). None: no such key. A key's due
 # message held back by its ordering key still counts: the worker then wakes
 # once for nothing (the key has its token, and nothing more is asked of it
-# until the next claim is short), rather than a scan per key (the earliest
-# pending message of a key is one probe of message_limit_key_idx).
+# until the next claim is short), rather than a scan per key. The keys are
+# those with pending messages, visited by a loose index scan of
+# message_limit_key_idx (two probes a key: the next key, its earliest
+# message), not the channel's buckets (every key active within a period).
+_NEXT_LIMIT_KEY = (
+    "SELECT d.limit_key FROM pgpubsub.message d WHERE d.channel = %(channel)s "
+    "AND d.status = 'pending' AND d.limit_key IS NOT NULL{after} "
+    "ORDER BY d.limit_key LIMIT 1"
+)
 KEY_TOKEN_DUE_SQL = f"""
+WITH RECURSIVE k(key) AS (
+    ({_NEXT_LIMIT_KEY.format(after="")})
+    UNION ALL
+    SELECT ({_NEXT_LIMIT_KEY.format(after=" AND d.limit_key > k.key")})
+    FROM k WHERE k.key IS NOT NULL
+)
 SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s ELSE 0 END)
-FROM (SELECT b.key, {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
-      WHERE b.channel = %(channel)s) r
-WHERE {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
+FROM k CROSS JOIN LATERAL (
+    SELECT {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
+    WHERE b.channel = %(channel)s AND b.key = k.key) r
+WHERE k.key IS NOT NULL AND {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
     SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
-    WHERE d.channel = %(channel)s AND d.limit_key = r.key AND d.limit_key IS NOT NULL
+    WHERE d.channel = %(channel)s AND d.limit_key = k.key AND d.limit_key IS NOT NULL
       AND d.status = 'pending') <= pg_catalog.now()
 """  # noqa: S608 - constant fragments
 # Completing a message with an ordering key makes the next one of its key
@@ -645,7 +692,8 @@ class ChannelProcessor:
         self._limited = self.key_rate is not None or self.key_slots is not None
         self._short_of_key_tokens = False  # a key of the last claim used all its tokens
         self._leased_keys = False  # the last claim leased ordering keys of rows given back
-        self._buckets_swept = time.monotonic()  # when full idle key buckets were last deleted
+        self._buckets_swept = time.monotonic()  # when key buckets and slot leases were last swept
+        self._buckets_after = ""  # the last bucket key the last sweep looked at
         self._limit_slots = False  # the last claim took key_concurrency slots
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
@@ -761,7 +809,7 @@ class ChannelProcessor:
                 wake=got > 0
                 and (keyed > 0 or self.max_in_flight is not None or self._limit_slots)
             )
-            self._sweep_buckets()
+            self._sweep_limits()
             if got:
                 self._rotate()
             # A claim cut short by a message claimed alone is no sign of an empty queue.
@@ -836,18 +884,29 @@ class ChannelProcessor:
                 self.session.execute(WAKE_SQL, (self.spec.name,))
         self._leasing = self.max_in_flight is not None
 
-    def _sweep_buckets(self) -> None:
-        """Delete full buckets of idle limit keys every BUCKET_SWEEP_EVERY seconds while
-        busy too: a worker that never rests kept one row per key it had ever claimed
-        (review of issue 28, finding 3). Resting, :meth:`_next_due` sweeps them."""
-        if self.key_rate is None:
+    def _sweep_limits(self) -> None:
+        """Every BUCKET_SWEEP_EVERY seconds while busy: delete full buckets of idle limit
+        keys (a worker that never rests kept one row per key it had ever claimed: review of
+        issue 28, finding 3; resting, :meth:`_next_due` sweeps them) and the expired slot
+        leases of stopped processes (each claim reads the channel's slot leases)."""
+        if not self._limited:
             return
         now = time.monotonic()
         if now - self._buckets_swept < BUCKET_SWEEP_EVERY:
             return
         self._buckets_swept = now
         with self.session.atomic():
-            self.session.execute(FULL_BUCKETS_SQL, self._key_params())
+            if self.key_rate is not None:
+                self._sweep_buckets()
+            if self.key_slots is not None:
+                kept = SLOT_LEASE_KEPT * _leases.TTL
+                self.session.execute(EXPIRED_SLOTS_SQL, (self.spec.name, kept))
+
+    def _sweep_buckets(self) -> None:
+        """Delete the full buckets of the next slice of the channel's (FULL_BUCKETS_SQL)."""
+        params = {**self._key_params(), "after": self._buckets_after, "slice": BUCKET_SLICE}
+        until, n = self.session.execute(FULL_BUCKETS_SQL, params)[0]
+        self._buckets_after = until if n >= BUCKET_SLICE else ""
 
     def _next_due(self) -> float:
         """Seconds to sleep: until the earliest retry or delayed message is due, or a poll.
@@ -870,8 +929,8 @@ class ChannelProcessor:
             rows = self.session.execute(NEXT_DUE_SQL, params)
             due = rows[0][0] if rows else None
             if self.key_rate is not None:
+                self._sweep_buckets()
                 keys = {**self._key_params(), "key_short": self._short_of_key_tokens}
-                self.session.execute(FULL_BUCKETS_SQL, keys)
                 wait = self.session.execute(KEY_TOKEN_DUE_SQL, keys)[0][0]
                 if wait is not None:
                     due = wait if due is None else min(due, wait)

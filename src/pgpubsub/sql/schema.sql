@@ -431,10 +431,10 @@ CREATE TABLE IF NOT EXISTS pgpubsub.lease (
 -- commit one at a time. A worker with nothing to do registers here before its
 -- last look at the queue (pgpubsub.sleep); the first publisher to find the row
 -- takes it and notifies, the others do not (the woken workers register again
--- once they have nothing to do). Publishers hold a shared advisory lock on the
--- channel until they commit, and a worker relies on its registration only
--- when it could take that lock exclusively (else it also looks again every
--- 50 ms): so no publisher finds "nobody sleeps" and commits unseen after the
+-- once they have nothing to do), except while the one that took it is still in
+-- its transaction. Publishers hold a shared advisory lock on the
+-- channel until they commit, and a worker registers only when it can take it
+-- exclusively: so no publisher finds "nobody sleeps" and commits after the
 -- worker's last look. Unlogged: lost in a crash, when workers register anew.
 CREATE UNLOGGED TABLE IF NOT EXISTS pgpubsub.sleeper (
     channel  text        PRIMARY KEY,
@@ -444,14 +444,18 @@ REVOKE ALL ON pgpubsub.sleeper FROM PUBLIC;
 
 -- Take the channel's registration, if any, and wake its worker. A statement
 -- of its own: its snapshot is taken once wake's lock is held. Called by
--- pgpubsub.wake only (as the schema's owner).
+-- pgpubsub.wake only (as the schema's owner). A registration another
+-- publisher has taken in a transaction still open (the row locked) wakes the
+-- worker too: that one's NOTIFY comes at its commit, however late, and none
+-- if it rolls back (the registration is then back).
 CREATE OR REPLACE FUNCTION pgpubsub.take_sleeper(channel text) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 BEGIN
     DELETE FROM pgpubsub.sleeper s WHERE s.ctid = (
         SELECT t.ctid FROM pgpubsub.sleeper t WHERE t.channel = take_sleeper.channel
         FOR UPDATE SKIP LOCKED);
-    IF FOUND THEN
+    IF FOUND OR EXISTS (
+            SELECT FROM pgpubsub.sleeper t WHERE t.channel = take_sleeper.channel) THEN
         PERFORM pg_catalog.pg_notify(channel, '');
     END IF;
 END
@@ -490,10 +494,23 @@ GRANT EXECUTE ON FUNCTION pgpubsub.wake(text) TO PUBLIC;
 -- look, so the worker looks again shortly (version 6: before, it registered
 -- only when no publisher was in a transaction, and publishers that were always
 -- in one left every message waiting for that look).
+-- A registration a publisher has taken in a transaction still open is left
+-- as it is (publishers meanwhile wake the worker, see take_sleeper): the
+-- insert would wait for that transaction, however long (and with one
+-- processor, nothing on the channel would run meanwhile). It waits at most
+-- 10 ms for one that took the row since this look.
 CREATE OR REPLACE FUNCTION pgpubsub.sleep(channel text) RETURNS boolean
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp
+SET lock_timeout = '10ms' AS $body$
 BEGIN
-    INSERT INTO pgpubsub.sleeper (channel) VALUES (sleep.channel) ON CONFLICT DO NOTHING;
+    IF NOT EXISTS (SELECT FROM pgpubsub.sleeper s WHERE s.channel = sleep.channel) THEN
+        BEGIN
+            INSERT INTO pgpubsub.sleeper (channel) VALUES (sleep.channel)
+            ON CONFLICT DO NOTHING;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
+    END IF;
     RETURN pg_catalog.pg_try_advisory_xact_lock(
         pg_catalog.hashtextextended('pgpubsub.sleeper' || channel, 0));
 END
