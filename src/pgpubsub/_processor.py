@@ -564,8 +564,10 @@ ROTATE_EVERY = 1.0
 # segment (pgpubsub.rotate moves a few pending ones) fails with a
 # serialization failure: it is tried again, in a transaction of its own.
 MOVED_STATE = "40001"
-#: How many times in a row a claim is tried again after a row moved under it.
-MOVED_RETRIES = 10
+#: How many times in a row a claim is tried again after a row moved under it (rotate
+#: moves at most 1,000 rows a second; a claim meets one of them only while it moves).
+#: Past that the processor logs the error and claims again after its back-off.
+MOVED_RETRIES = 50
 
 #: Waits between attempts while the database is unavailable.
 RECONNECT = Backoff(base=0.5, factor=2, cap=10)

@@ -148,7 +148,11 @@ DO $convert$
 DECLARE
     old_seq regclass;
     last_id bigint;
-    acl record;
+    todo jsonb;
+    item jsonb;
+    i integer;
+    done integer[] := '{}';
+    grantor oid;
     me name := current_user;
     owner name;
     owner_id oid;
@@ -187,7 +191,11 @@ BEGIN
     -- publisher's INSERT names columns) they hold on the new one, from the
     -- same grantor: the owner's grants first, then each one whose grantor
     -- holds the grant option by then (a chain of grant options, in order).
-    CREATE TEMPORARY TABLE pgpubsub_acl ON COMMIT DROP AS
+    -- Held in a variable (a temporary table needs TEMP on the database).
+    SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+               'priv', x.priv, 'grantable', x.is_grantable, 'grantee', x.grantee,
+               'grantor', x.grantor, 'col', x.col)), '[]')
+    INTO todo FROM (
         SELECT a.privilege_type AS priv, a.is_grantable, a.grantee, a.grantor,
                NULL::name AS col
         FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
@@ -196,51 +204,59 @@ BEGIN
         UNION ALL
         SELECT a.privilege_type, a.is_grantable, a.grantee, a.grantor, t.attname
         FROM pg_catalog.pg_attribute t, pg_catalog.aclexplode(t.attacl) a
-        WHERE t.attrelid = 'pgpubsub.message_v5'::pg_catalog.regclass AND t.attacl IS NOT NULL;
+        WHERE t.attrelid = 'pgpubsub.message_v5'::pg_catalog.regclass AND t.attacl IS NOT NULL
+    ) x;
     WHILE progress LOOP
         progress := false;
-        FOR acl IN SELECT * FROM pgpubsub_acl LOOP
-            granted := acl.grantor = owner_id OR CASE WHEN acl.col IS NULL
-                THEN pg_catalog.has_table_privilege(acl.grantor, 'pgpubsub.message',
-                                                    acl.priv || ' WITH GRANT OPTION')
-                ELSE pg_catalog.has_column_privilege(acl.grantor, 'pgpubsub.message', acl.col,
-                                                     acl.priv || ' WITH GRANT OPTION') END;
+        FOR i IN 0 .. pg_catalog.jsonb_array_length(todo) - 1 LOOP
+            CONTINUE WHEN i = ANY(done);
+            item := todo -> i;
+            grantor := (item ->> 'grantor')::oid;
+            granted := grantor = owner_id OR CASE WHEN item ->> 'col' IS NULL
+                THEN pg_catalog.has_table_privilege(grantor, 'pgpubsub.message',
+                                                    (item ->> 'priv') || ' WITH GRANT OPTION')
+                ELSE pg_catalog.has_column_privilege(grantor, 'pgpubsub.message',
+                    item ->> 'col', (item ->> 'priv') || ' WITH GRANT OPTION') END;
             CONTINUE WHEN NOT granted;
             BEGIN
-                EXECUTE pg_catalog.format('SET LOCAL ROLE %I',
-                                          pg_catalog.pg_get_userbyid(acl.grantor));
+                EXECUTE pg_catalog.format('SET LOCAL ROLE %I', pg_catalog.pg_get_userbyid(grantor));
             EXCEPTION WHEN insufficient_privilege THEN
                 RAISE WARNING 'pgpubsub.message: % on % to % is granted by %, not by % as before '
-                    '(this role may not act as %)', acl.priv, COALESCE(acl.col, 'the table'),
-                    acl.grantee::pg_catalog.regrole, owner,
-                    pg_catalog.pg_get_userbyid(acl.grantor),
-                    pg_catalog.pg_get_userbyid(acl.grantor);
+                    '(this role may not act as %)', item ->> 'priv',
+                    COALESCE(item ->> 'col', 'the table'),
+                    (item ->> 'grantee')::oid::pg_catalog.regrole, owner,
+                    pg_catalog.pg_get_userbyid(grantor), pg_catalog.pg_get_userbyid(grantor);
                 EXECUTE pg_catalog.format('SET LOCAL ROLE %I', owner);
             END;
             EXECUTE pg_catalog.format('GRANT %s %s ON pgpubsub.message TO %s %s',
-                acl.priv,
-                CASE WHEN acl.col IS NULL THEN '' ELSE pg_catalog.format('(%I)', acl.col) END,
-                CASE WHEN acl.grantee = 0 THEN 'PUBLIC'
-                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(acl.grantee)) END,
-                CASE WHEN acl.is_grantable THEN 'WITH GRANT OPTION' ELSE '' END);
+                item ->> 'priv',
+                CASE WHEN item ->> 'col' IS NULL THEN ''
+                     ELSE pg_catalog.format('(%I)', item ->> 'col') END,
+                CASE WHEN (item ->> 'grantee')::oid = 0 THEN 'PUBLIC'
+                     ELSE pg_catalog.quote_ident(
+                         pg_catalog.pg_get_userbyid((item ->> 'grantee')::oid)) END,
+                CASE WHEN (item ->> 'grantable')::boolean THEN 'WITH GRANT OPTION' ELSE '' END);
             EXECUTE pg_catalog.format('SET LOCAL ROLE %I', owner);
-            DELETE FROM pgpubsub_acl a WHERE a.priv = acl.priv AND a.grantee = acl.grantee
-                AND a.grantor = acl.grantor AND a.col IS NOT DISTINCT FROM acl.col;
+            done := done || i;
             progress := true;
         END LOOP;
     END LOOP;
     -- A grant whose grantor never held the option (none in a consistent ACL).
-    EXECUTE pg_catalog.format('SET LOCAL ROLE %I', owner);
-    FOR acl IN SELECT * FROM pgpubsub_acl LOOP
+    FOR i IN 0 .. pg_catalog.jsonb_array_length(todo) - 1 LOOP
+        CONTINUE WHEN i = ANY(done);
+        item := todo -> i;
         RAISE WARNING 'pgpubsub.message: % on % to % is granted by %, not by % as before',
-            acl.priv, COALESCE(acl.col, 'the table'), acl.grantee::pg_catalog.regrole, owner,
-            pg_catalog.pg_get_userbyid(acl.grantor);
+            item ->> 'priv', COALESCE(item ->> 'col', 'the table'),
+            (item ->> 'grantee')::oid::pg_catalog.regrole, owner,
+            pg_catalog.pg_get_userbyid((item ->> 'grantor')::oid);
         EXECUTE pg_catalog.format('GRANT %s %s ON pgpubsub.message TO %s %s',
-            acl.priv,
-            CASE WHEN acl.col IS NULL THEN '' ELSE pg_catalog.format('(%I)', acl.col) END,
-            CASE WHEN acl.grantee = 0 THEN 'PUBLIC'
-                 ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(acl.grantee)) END,
-            CASE WHEN acl.is_grantable THEN 'WITH GRANT OPTION' ELSE '' END);
+            item ->> 'priv',
+            CASE WHEN item ->> 'col' IS NULL THEN ''
+                 ELSE pg_catalog.format('(%I)', item ->> 'col') END,
+            CASE WHEN (item ->> 'grantee')::oid = 0 THEN 'PUBLIC'
+                 ELSE pg_catalog.quote_ident(
+                     pg_catalog.pg_get_userbyid((item ->> 'grantee')::oid)) END,
+            CASE WHEN (item ->> 'grantable')::boolean THEN 'WITH GRANT OPTION' ELSE '' END);
     END LOOP;
     EXECUTE pg_catalog.format('SET LOCAL ROLE %I', me);
     UPDATE pgpubsub.ring SET first_id = last_id;
