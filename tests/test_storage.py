@@ -563,3 +563,50 @@ def test_the_dashboards_estimates_come_from_statistics_autovacuum_builds(db: str
         )[0][0]
         estimate = plan[0]["Plan"]["Plan Rows"]  # type: ignore[index]
         assert abs(estimate - real) <= 0.1 * 20000, (channel, status, estimate, real)
+
+
+# -- the batch counts of version 6, kept across partitions --
+
+
+def test_a_batch_of_version_6_goes_on_counting_after_the_upgrade(dsn: str) -> None:
+    """A batch published on the table of version 6, one member dead: after the upgrade
+    its members move between partitions as they settle (a completion moves to
+    message_kept, a replay back to a segment), and each move counts once, as the
+    plain table's updates did: the callback comes with every member done."""
+    from pgpubsub import messages
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SCHEMA_V6.read_text().encode())
+    name = spec_of(Stored).name
+    batch, members = admin_query(
+        dsn,
+        "SELECT * FROM pgpubsub.publish_batch('after.batch', '{}', %s, %s)",
+        ([name] * 3, ['{"n": 1}', '{"n": 2}', '{"n": 3}']),
+    )[0]
+    dead = members[0]  # type: ignore[index]
+    admin_query(dsn, "UPDATE pgpubsub.message SET status = 'dead' WHERE id = %s", (dead,))
+    counts = "SELECT pending, done, dead, cancelled, callback_id IS NOT NULL FROM pgpubsub.batch"
+    assert admin_query(dsn, counts) == [(2, 0, 1, 0, False)]
+
+    migrate(dsn)
+
+    assert admin_query(dsn, counts) == [(2, 0, 1, 0, False)]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert int(messages.replay(conn, ids=[dead])) == 1  # message_kept -> a segment
+    assert admin_query(dsn, counts) == [(3, 0, 0, 0, False)]
+    seen: list[int] = []
+    registry = Registry()
+    registry.add(Stored, lambda n: seen.append(n))
+    assert pgpubsub.process_stored_notifications([Stored], dsn=dsn, registry=registry) == 3
+    assert sorted(seen) == [1, 2, 3]
+    assert admin_query(dsn, counts) == [(0, 3, 0, 0, True)]
+    callback = admin_query(
+        dsn, "SELECT payload FROM pgpubsub.message WHERE channel = 'after.batch'"
+    )
+    assert json.loads(str(callback[0][0]))["batch"] == {
+        "id": batch,
+        "total": 3,
+        "done": 3,
+        "dead": 0,
+        "cancelled": 0,
+    }
