@@ -213,17 +213,19 @@ GRANT EXECUTE ON FUNCTION pgpubsub.wake(text) TO PUBLIC;
 -- as it is (publishers meanwhile wake the worker, see take_sleeper): the
 -- insert would wait for that transaction, however long (and with one
 -- processor, nothing on the channel would run meanwhile). It waits at most
--- 10 ms for one that took the row since this look.
+-- 10 ms for a transaction that took or made the row since this look, and
+-- then says false: that one may roll back and leave no row, so the worker
+-- looks again shortly and registers anew.
 CREATE OR REPLACE FUNCTION pgpubsub.sleep(channel text) RETURNS boolean
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp
-SET lock_timeout = '10ms' AS $body$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 BEGIN
     IF NOT EXISTS (SELECT FROM pgpubsub.sleeper s WHERE s.channel = sleep.channel) THEN
         BEGIN
+            PERFORM pg_catalog.set_config('lock_timeout', '10ms', true);
             INSERT INTO pgpubsub.sleeper (channel) VALUES (sleep.channel)
             ON CONFLICT DO NOTHING;
         EXCEPTION WHEN lock_not_available THEN
-            NULL;
+            RETURN false;
         END;
     END IF;
     RETURN pg_catalog.pg_try_advisory_xact_lock(
