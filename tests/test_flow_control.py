@@ -1239,3 +1239,30 @@ def test_a_resting_worker_looks_at_a_bounded_number_of_limit_keys(
         proc.session.close()
     bound = 3 * getattr(_processor, "KEYS_PER_REST", 200)  # (a name this change gives it)
     assert len(probes) == 3 and max(probes) <= bound, probes
+
+
+def test_a_held_key_gets_its_next_token_at_every_rest_beside_many_scheduled_keys(
+    flow: str,
+) -> None:
+    """Review of issue 28, round 5, finding 1: with more limit keys of pending messages than
+    a rest looks at (scheduled work per customer), a key out of tokens with a due backlog was
+    among them only now and then; at the other rests the worker slept its whole poll, and a
+    "10/s" key ran at about one message a poll. Invariant: a key whose due messages are the
+    first a claim would take is looked at every rest, however many other keys there are."""
+    name = spec_of(TwoPerKey).name
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.message (channel, payload, limit_key, run_at) "
+        "SELECT %s, '{\"n\": 0}', 'customer-' || g, now() + interval '1 hour' "
+        "FROM generate_series(1, 3000) g",
+        (name,),
+    )
+    publish_keyed(flow, TwoPerKey, range(3), "zz")  # after every customer key
+    proc = processor(flow, TwoPerKey, poll_interval=5.0)
+    try:
+        proc.drain_once()
+        assert proc.claimed == 1  # a bucket of 1
+        waits = [proc._next_due() for _ in range(4)]
+    finally:
+        proc.session.close()
+    assert all(0.2 < wait <= 0.5 for wait in waits), waits

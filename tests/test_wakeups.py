@@ -312,3 +312,13 @@ def test_a_registration_that_could_not_be_made_says_so(db: str) -> None:
             "SELECT count(*) FROM pgpubsub.sleeper WHERE channel = %s", (name,)
         ).fetchone()
     assert registered == (False,) or rows == (1,), (registered, rows)
+
+
+def test_a_registration_leaves_the_callers_lock_timeout_as_it_was(db: str) -> None:
+    """Review of issue 26, round 5, finding 3: the registration's 10 ms lock_timeout stayed
+    set for the rest of the caller's transaction."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db) as worker:
+        worker.execute("SET LOCAL lock_timeout = '3s'")
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+        assert worker.execute("SHOW lock_timeout").fetchone() == ("3s",)

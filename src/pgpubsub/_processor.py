@@ -454,14 +454,16 @@ SLOT_LEASE_KEPT = 5
 # tokens (it refilled while the batch ran). None: no such key. A key's due
 # message held back by its ordering key still counts: the worker then wakes
 # once for nothing (the key has its token, and nothing more is asked of it
-# until the next claim is short), rather than a scan per key. The keys are
-# those with pending messages, visited by a loose index scan of
-# message_limit_key_idx (two probes a key: the next key, its earliest
-# message), at most KEYS_PER_REST of them from after the key the last rest
-# stopped at (the channel's buckets are every key active within a period, and
-# its pending keys may be as many: scheduled work per customer). A key beyond
-# them is found at a later rest; meanwhile the poll bounds its wait. The last
-# columns: the last key visited, and whether the walk was cut short there.
+# until the next claim is short), rather than a scan per key. The keys looked
+# at: those of the due messages a claim looks at first (``scan`` of them, in
+# the claim's order: a rest costs about what a claim does), and at most
+# KEYS_PER_REST keys of pending messages visited by a loose index scan of
+# message_limit_key_idx from after the key the last rest stopped at (the
+# messages of ordering keys; the channel's buckets are every key active within
+# a period, and its pending keys may be as many: scheduled work per customer).
+# A key beyond both is found at a later rest; meanwhile the poll bounds its
+# wait. The last columns: the last key visited, and whether the walk was cut
+# short there (one key more is visited to know).
 _NEXT_LIMIT_KEY = (
     "SELECT d.limit_key FROM pgpubsub.message d WHERE d.channel = %(channel)s "
     "AND d.status = 'pending' AND d.limit_key IS NOT NULL AND {after} "
@@ -472,21 +474,30 @@ WITH RECURSIVE k(key, n) AS (
     SELECT ({_NEXT_LIMIT_KEY.format(after="{after}")}), 1
     UNION ALL
     SELECT ({_NEXT_LIMIT_KEY.format(after="d.limit_key > k.key")}), k.n + 1
-    FROM k WHERE k.key IS NOT NULL AND k.n < %(keys)s
+    FROM k WHERE k.key IS NOT NULL AND k.n <= %(keys)s
 ), walked AS (
     SELECT k.key, k.n FROM k WHERE k.key IS NOT NULL
+), head AS (
+    SELECT DISTINCT h.limit_key AS key FROM (
+        SELECT u.limit_key FROM pgpubsub.message u
+        WHERE u.channel = %(channel)s AND u.status = 'pending' AND u.ordering_key IS NULL
+          AND u.run_at <= pg_catalog.now()
+        ORDER BY u.priority DESC, u.run_at, u.id LIMIT %(scan)s) h
+    WHERE h.limit_key IS NOT NULL
+), seen AS (
+    SELECT w.key FROM walked w WHERE w.n <= %(keys)s UNION SELECT h.key FROM head h
 )
 SELECT (
     SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s ELSE 0 END)
-    FROM walked w CROSS JOIN LATERAL (
+    FROM seen w CROSS JOIN LATERAL (
         SELECT {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
         WHERE b.channel = %(channel)s AND b.key = w.key) r
     WHERE {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
         SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
         WHERE d.channel = %(channel)s AND d.limit_key = w.key AND d.limit_key IS NOT NULL
           AND d.status = 'pending') <= pg_catalog.now()
-), (SELECT w.key FROM walked w ORDER BY w.n DESC LIMIT 1),
-   (SELECT pg_catalog.max(w.n) >= %(keys)s FROM walked w)
+), (SELECT w.key FROM walked w WHERE w.n = %(keys)s),
+   (SELECT pg_catalog.count(*) > %(keys)s FROM walked w)
 """  # noqa: S608 - constant fragments
 KEY_TOKEN_DUE_SQL = _KEY_TOKEN_DUE.replace("{after}", "d.limit_key > %(after)s")
 KEY_TOKEN_DUE_FIRST_SQL = _KEY_TOKEN_DUE.replace("{after}", "true")  # from the first key
@@ -922,6 +933,7 @@ class ChannelProcessor:
                     "key_short": self._short_of_key_tokens,
                     "after": self._keys_after,
                     "keys": KEYS_PER_REST,
+                    "scan": self._scan,
                 }
                 query = KEY_TOKEN_DUE_FIRST_SQL if self._keys_after is None else KEY_TOKEN_DUE_SQL
                 wait, last, cut = self.session.execute(query, keys)[0]
@@ -1161,6 +1173,11 @@ class ChannelProcessor:
         if started:
             self.session.execute(SPEND_SQL, (started, self.spec.name))
 
+    @property
+    def _scan(self) -> int:
+        """Due messages a claim of a key-limited channel looks at (held keys' passed over)."""
+        return max(self.claim_size * 4, 64)
+
     def _key_params(self) -> dict[str, Any]:
         key_rate = self.key_rate
         return {
@@ -1182,7 +1199,7 @@ class ChannelProcessor:
         # A key's messages beyond its bucket could never start in this batch.
         cap = max(1, self.claim_size // 4)
         params["per_limit_key"] = cap if key_rate is None else min(cap, key_rate.capacity)
-        params["scan"] = max(self.claim_size * 4, 64)
+        params["scan"] = self._scan
         self._limit_slots = False
         with self.session.atomic():
             tokens = None if rate is None else self._take_tokens(rate, params)

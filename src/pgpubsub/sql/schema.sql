@@ -218,14 +218,17 @@ GRANT EXECUTE ON FUNCTION pgpubsub.wake(text) TO PUBLIC;
 -- looks again shortly and registers anew.
 CREATE OR REPLACE FUNCTION pgpubsub.sleep(channel text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    patience text := pg_catalog.current_setting('lock_timeout');
 BEGIN
     IF NOT EXISTS (SELECT FROM pgpubsub.sleeper s WHERE s.channel = sleep.channel) THEN
         BEGIN
             PERFORM pg_catalog.set_config('lock_timeout', '10ms', true);
             INSERT INTO pgpubsub.sleeper (channel) VALUES (sleep.channel)
             ON CONFLICT DO NOTHING;
+            PERFORM pg_catalog.set_config('lock_timeout', patience, true);
         EXCEPTION WHEN lock_not_available THEN
-            RETURN false;
+            RETURN false;  -- (the subtransaction's setting is undone with it)
         END;
     END IF;
     RETURN pg_catalog.pg_try_advisory_xact_lock(
