@@ -1266,3 +1266,64 @@ def test_a_held_key_gets_its_next_token_at_every_rest_beside_many_scheduled_keys
     finally:
         proc.session.close()
     assert all(0.2 < wait <= 0.5 for wait in waits), waits
+
+
+@dataclass
+class TwoPerKeyOneAtATime(
+    Channel, lock_notifications=True, key_rate_limit="2/s", key_concurrency=1
+):
+    n: int
+
+
+def _delayed_keys(dsn: str, channel: Any, count: int) -> None:
+    """``count`` limit keys whose only message is an hour away (scheduled work)."""
+    admin_query(
+        dsn,
+        "INSERT INTO pgpubsub.message (channel, payload, limit_key, run_at) "
+        "SELECT %s, '{\"n\": 0}', 'customer-' || g, now() + interval '1 hour' "
+        "FROM generate_series(1, %s) g",
+        (spec_of(channel).name, count),
+    )
+
+
+def test_a_held_key_of_ordered_messages_gets_its_next_token_at_every_rest(flow: str) -> None:
+    """Review of issue 28, round 6, finding 1: the keys a rest looked at first were those of
+    due messages without an ordering key; a key out of tokens whose messages have ordering
+    keys was found only by the walk of pending keys, and ran at one message a poll beside
+    many scheduled keys."""
+    _delayed_keys(flow, TwoPerKey, 3000)
+    with psycopg.connect(flow) as conn:
+        for n in range(3):
+            pgpubsub.notify(TwoPerKey(n=n), conn=conn, limit_key="zz", ordering_key=f"o{n}")
+    proc = processor(flow, TwoPerKey, poll_interval=5.0)
+    try:
+        proc.drain_once()
+        assert proc.claimed == 1  # a bucket of 1
+        waits = [proc._next_due() for _ in range(4)]
+    finally:
+        proc.session.close()
+    assert all(0.2 < wait <= 0.5 for wait in waits), waits
+
+
+def test_a_held_key_behind_a_key_at_its_concurrency_gets_its_next_token(flow: str) -> None:
+    """Review of issue 28, round 6, finding 2: the due messages a rest looked at first
+    included those of keys at their key_concurrency, which a claim passes over; 1,000 of them
+    ahead of a key out of tokens hid it, and that key ran at one message a poll."""
+    name = spec_of(TwoPerKeyOneAtATime).name
+    _delayed_keys(flow, TwoPerKeyOneAtATime, 3000)
+    publish_keyed(flow, TwoPerKeyOneAtATime, range(1000), "busy")  # first in claim order
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.lease (channel, kind, name, holder, expires_at) "
+        "VALUES (%s, 'limit', '0' || E'\\x1f' || 'busy', 'elsewhere:1:x', now() + '1 hour')",
+        (name,),
+    )
+    publish_keyed(flow, TwoPerKeyOneAtATime, range(1000, 1003), "zz")
+    proc = processor(flow, TwoPerKeyOneAtATime, poll_interval=5.0)
+    try:
+        proc.drain_once()
+        assert proc.claimed == 1  # zz's bucket of 1; busy's slot is taken elsewhere
+        waits = [proc._next_due() for _ in range(4)]
+    finally:
+        proc.session.close()
+    assert all(0.2 < wait <= 0.5 for wait in waits), waits

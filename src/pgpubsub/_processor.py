@@ -455,8 +455,10 @@ SLOT_LEASE_KEPT = 5
 # message held back by its ordering key still counts: the worker then wakes
 # once for nothing (the key has its token, and nothing more is asked of it
 # until the next claim is short), rather than a scan per key. The keys looked
-# at: those of the due messages a claim looks at first (``scan`` of them, in
-# the claim's order: a rest costs about what a claim does), and at most
+# at: those of the due messages a claim would take but for their key's tokens
+# (``scan`` without an ordering key, in the claim's order, passing over keys
+# with all their slots in use as the claim does, and ``scan`` with one: a rest
+# costs about what a claim does), and at most
 # KEYS_PER_REST keys of pending messages visited by a loose index scan of
 # message_limit_key_idx from after the key the last rest stopped at (the
 # messages of ordering keys; the channel's buckets are every key active within
@@ -477,13 +479,19 @@ WITH RECURSIVE k(key, n) AS (
     FROM k WHERE k.key IS NOT NULL AND k.n <= %(keys)s
 ), walked AS (
     SELECT k.key, k.n FROM k WHERE k.key IS NOT NULL
-), head AS (
+), {HELD_KEYS}, head AS (
     SELECT DISTINCT h.limit_key AS key FROM (
-        SELECT u.limit_key FROM pgpubsub.message u
-        WHERE u.channel = %(channel)s AND u.status = 'pending' AND u.ordering_key IS NULL
-          AND u.run_at <= pg_catalog.now()
-        ORDER BY u.priority DESC, u.run_at, u.id LIMIT %(scan)s) h
-    WHERE h.limit_key IS NOT NULL
+        (SELECT u.limit_key FROM pgpubsub.message u
+         WHERE u.channel = %(channel)s AND u.status = 'pending' AND u.ordering_key IS NULL
+           AND u.run_at <= pg_catalog.now() AND u.limit_key IS NOT NULL
+           AND u.limit_key NOT IN (SELECT key FROM held)
+         ORDER BY u.priority DESC, u.run_at, u.id LIMIT %(scan)s)
+        UNION ALL
+        (SELECT o.limit_key FROM pgpubsub.message o
+         WHERE o.channel = %(channel)s AND o.status = 'pending' AND o.ordering_key IS NOT NULL
+           AND o.run_at <= pg_catalog.now() AND o.limit_key IS NOT NULL
+           AND o.limit_key NOT IN (SELECT key FROM held)
+         LIMIT %(scan)s)) h
 ), seen AS (
     SELECT w.key FROM walked w WHERE w.n <= %(keys)s UNION SELECT h.key FROM head h
 )
