@@ -1104,14 +1104,14 @@ def test_a_busy_worker_deletes_the_slot_leases_of_stopped_processes(
     assert held == [("alive:1:x",), ("stalled:1:x",)]
 
 
-def _bucket_rows_read(proc: Any, monkeypatch: pytest.MonkeyPatch, query: str) -> list[int]:
-    """Rows of pgpubsub.key_bucket each execution of ``query`` by ``proc`` reads (a list
-    that fills as it runs)."""
+def _bucket_rows_read(proc: Any, monkeypatch: pytest.MonkeyPatch, *queries: str) -> list[int]:
+    """Rows of pgpubsub.key_bucket each execution of one of ``queries`` by ``proc`` reads
+    (a list that fills as it runs)."""
     reads: list[int] = []
     execute = proc.session.execute
 
     def counted(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
-        if sql is not query:
+        if not any(sql is query for query in queries):
             return execute(sql, params)
         before = execute(BUCKET_ROWS_SQL)
         rows = execute(sql, params)
@@ -1134,28 +1134,31 @@ def test_a_sweep_reads_a_slice_of_the_buckets_and_every_full_one_goes_in_turn(
     from pgpubsub import _processor
 
     monkeypatch.setattr(_processor, "BUCKET_SWEEP_EVERY", 0.0)
-    monkeypatch.setattr(_processor, "BUCKET_SLICE", 100)
+    monkeypatch.setattr(_processor, "BUCKET_SLICE", 500)
     name = spec_of(Crowded).name
     admin_query(
         flow,
         "INSERT INTO pgpubsub.key_bucket (channel, key, tokens, updated_at) "
-        "SELECT %s, 'k' || pg_catalog.lpad(g::text, 4, '0'), 0, "
+        "SELECT %s, 'k' || pg_catalog.lpad(g::text, 5, '0'), 0, "
         "CASE WHEN g %% 2 = 0 THEN now() - interval '1 day' ELSE now() END "
-        "FROM generate_series(1, 450) g",
+        "FROM generate_series(1, 2250) g",
         (name,),
     )  # the even ones refilled long ago (full), the odd ones empty
     proc = processor(flow, Crowded)
-    reads = _bucket_rows_read(proc, monkeypatch, _processor.FULL_BUCKETS_SQL)
+    reads = _bucket_rows_read(
+        proc, monkeypatch, _processor.FULL_BUCKETS_SQL, _processor.FULL_BUCKETS_FIRST_SQL
+    )
     proc.session.open()
     try:
+        admin_query(flow, "ANALYZE pgpubsub.key_bucket")
         for _ in range(6):  # 5 slices go round once; the sixth starts again
             proc._sweep_limits()
     finally:
         proc.session.close()
     # the slice, its full ones locked, then deleted: each bucket read at most three times
-    assert len(reads) == 6 and max(reads) <= 3 * 100, reads
+    assert len(reads) == 6 and max(reads) <= 3 * 500, reads
     left = admin_query(flow, "SELECT key FROM pgpubsub.key_bucket ORDER BY key")
-    assert [int(k[1:]) for (k,) in left] == list(range(1, 451, 2))
+    assert [int(k[1:]) for (k,) in left] == list(range(1, 2251, 2))
 
 
 def test_a_worker_out_of_key_tokens_reads_the_buckets_of_keys_with_messages_only(
@@ -1177,7 +1180,9 @@ def test_a_worker_out_of_key_tokens_reads_the_buckets_of_keys_with_messages_only
     )
     publish_keyed(flow, TwoPerKey, range(3), "a")
     proc = processor(flow, TwoPerKey, poll_interval=5.0)
-    reads = _bucket_rows_read(proc, monkeypatch, _processor.KEY_TOKEN_DUE_SQL)
+    reads = _bucket_rows_read(
+        proc, monkeypatch, _processor.KEY_TOKEN_DUE_SQL, _processor.KEY_TOKEN_DUE_FIRST_SQL
+    )
     try:
         proc.drain_once()
         assert proc.claimed == 1  # a bucket of 1
@@ -1186,3 +1191,139 @@ def test_a_worker_out_of_key_tokens_reads_the_buckets_of_keys_with_messages_only
         proc.session.close()
     assert 0.3 < wait <= 0.5, wait  # a's next token
     assert reads and max(reads) <= 10, reads
+
+
+MESSAGE_PROBES_SQL = (
+    "SELECT coalesce(idx_scan, 0) + coalesce(seq_scan, 0) "
+    "FROM pg_stat_xact_user_tables WHERE schemaname = 'pgpubsub' AND relname = 'message'"
+)
+
+
+def test_a_resting_worker_looks_at_a_bounded_number_of_limit_keys(
+    flow: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of issue 28, round 4, finding 1: before sleeping, the worker visited every
+    limit key with a pending message, delayed ones included (scheduled work per customer:
+    30,000 keys made each rest cost 300 ms, and the idle worker a busy backend). Invariant:
+    a rest looks at a bounded number of keys, going round them from rest to rest; a key
+    beyond them waits at most the poll interval."""
+    from pgpubsub import _processor
+
+    name = spec_of(TwoPerKey).name
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.message (channel, payload, limit_key, run_at) "
+        "SELECT %s, '{\"n\": 0}', 'customer-' || g, now() + interval '1 hour' "
+        "FROM generate_series(1, 3000) g",
+        (name,),
+    )
+    proc = processor(flow, TwoPerKey, poll_interval=5.0)
+    probes: list[int] = []
+    execute = proc.session.execute
+
+    def counted(query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        if query not in (_processor.KEY_TOKEN_DUE_SQL, _processor.KEY_TOKEN_DUE_FIRST_SQL):
+            return execute(query, params)
+        before = execute(MESSAGE_PROBES_SQL)
+        rows = execute(query, params)
+        after = execute(MESSAGE_PROBES_SQL)
+        probes.append((after[0][0] if after else 0) - (before[0][0] if before else 0))
+        return rows
+
+    monkeypatch.setattr(proc.session, "execute", counted)
+    proc.session.open()
+    try:
+        for _ in range(3):
+            proc._next_due()
+    finally:
+        proc.session.close()
+    bound = 3 * getattr(_processor, "KEYS_PER_REST", 200)  # (a name this change gives it)
+    assert len(probes) == 3 and max(probes) <= bound, probes
+
+
+def test_a_held_key_gets_its_next_token_at_every_rest_beside_many_scheduled_keys(
+    flow: str,
+) -> None:
+    """Review of issue 28, round 5, finding 1: with more limit keys of pending messages than
+    a rest looks at (scheduled work per customer), a key out of tokens with a due backlog was
+    among them only now and then; at the other rests the worker slept its whole poll, and a
+    "10/s" key ran at about one message a poll. Invariant: a key whose due messages are the
+    first a claim would take is looked at every rest, however many other keys there are."""
+    name = spec_of(TwoPerKey).name
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.message (channel, payload, limit_key, run_at) "
+        "SELECT %s, '{\"n\": 0}', 'customer-' || g, now() + interval '1 hour' "
+        "FROM generate_series(1, 3000) g",
+        (name,),
+    )
+    publish_keyed(flow, TwoPerKey, range(3), "zz")  # after every customer key
+    proc = processor(flow, TwoPerKey, poll_interval=5.0)
+    try:
+        proc.drain_once()
+        assert proc.claimed == 1  # a bucket of 1
+        waits = [proc._next_due() for _ in range(4)]
+    finally:
+        proc.session.close()
+    assert all(0.2 < wait <= 0.5 for wait in waits), waits
+
+
+@dataclass
+class TwoPerKeyOneAtATime(
+    Channel, lock_notifications=True, key_rate_limit="2/s", key_concurrency=1
+):
+    n: int
+
+
+def _delayed_keys(dsn: str, channel: Any, count: int) -> None:
+    """``count`` limit keys whose only message is an hour away (scheduled work)."""
+    admin_query(
+        dsn,
+        "INSERT INTO pgpubsub.message (channel, payload, limit_key, run_at) "
+        "SELECT %s, '{\"n\": 0}', 'customer-' || g, now() + interval '1 hour' "
+        "FROM generate_series(1, %s) g",
+        (spec_of(channel).name, count),
+    )
+
+
+def test_a_held_key_of_ordered_messages_gets_its_next_token_at_every_rest(flow: str) -> None:
+    """Review of issue 28, round 6, finding 1: the keys a rest looked at first were those of
+    due messages without an ordering key; a key out of tokens whose messages have ordering
+    keys was found only by the walk of pending keys, and ran at one message a poll beside
+    many scheduled keys."""
+    _delayed_keys(flow, TwoPerKey, 3000)
+    with psycopg.connect(flow) as conn:
+        for n in range(3):
+            pgpubsub.notify(TwoPerKey(n=n), conn=conn, limit_key="zz", ordering_key=f"o{n}")
+    proc = processor(flow, TwoPerKey, poll_interval=5.0)
+    try:
+        proc.drain_once()
+        assert proc.claimed == 1  # a bucket of 1
+        waits = [proc._next_due() for _ in range(4)]
+    finally:
+        proc.session.close()
+    assert all(0.2 < wait <= 0.5 for wait in waits), waits
+
+
+def test_a_held_key_behind_a_key_at_its_concurrency_gets_its_next_token(flow: str) -> None:
+    """Review of issue 28, round 6, finding 2: the due messages a rest looked at first
+    included those of keys at their key_concurrency, which a claim passes over; 1,000 of them
+    ahead of a key out of tokens hid it, and that key ran at one message a poll."""
+    name = spec_of(TwoPerKeyOneAtATime).name
+    _delayed_keys(flow, TwoPerKeyOneAtATime, 3000)
+    publish_keyed(flow, TwoPerKeyOneAtATime, range(1000), "busy")  # first in claim order
+    admin_query(
+        flow,
+        "INSERT INTO pgpubsub.lease (channel, kind, name, holder, expires_at) "
+        "VALUES (%s, 'limit', '0' || E'\\x1f' || 'busy', 'elsewhere:1:x', now() + '1 hour')",
+        (name,),
+    )
+    publish_keyed(flow, TwoPerKeyOneAtATime, range(1000, 1003), "zz")
+    proc = processor(flow, TwoPerKeyOneAtATime, poll_interval=5.0)
+    try:
+        proc.drain_once()
+        assert proc.claimed == 1  # zz's bucket of 1; busy's slot is taken elsewhere
+        waits = [proc._next_due() for _ in range(4)]
+    finally:
+        proc.session.close()
+    assert all(0.2 < wait <= 0.5 for wait in waits), waits

@@ -347,3 +347,33 @@ def test_every_failure_of_a_processors_life_leaves_its_prepared_statements_true(
         proc.session.close()
     assert {n: k for n, k in calls.items() if k != 1} == {}
     assert set(rows(db)) == {4, 604, 1104}
+
+
+def test_a_caught_error_is_the_one_recorded_when_the_listener_goes_on_and_fails(db: str) -> None:
+    """Review of issue 26 (round 3c), finding 5: a listener caught the error of its own
+    statement (read at once) and went on; its next statement (a transaction block) failed
+    because the transaction was aborted, and that consequence was recorded as the
+    message's failure instead of its cause. Its neighbours complete, none runs twice."""
+    registry = Registry()
+    calls: Counter[int] = Counter()
+
+    def listener(n: int) -> None:
+        calls[n] += 1
+        conn = durable.connection()
+        if n == 1:
+            try:
+                conn.execute("SELECT 1/0").fetchall()
+            except psycopg.errors.DivisionByZero:
+                pass
+        with conn.transaction():
+            conn.execute("INSERT INTO effects VALUES ('job', %s, 0)", (n,))
+
+    registry.add(Batch, listener)
+    proc = processor(db, registry)
+    publish(db, Batch, range(3))
+    proc.drain_once()
+    proc.session.close()
+    assert dict(calls) == {0: 1, 1: 1, 2: 1}
+    stored = rows(db)
+    assert set(stored) == {1}
+    assert "DivisionByZero" in stored[1][2] or "division by zero" in stored[1][2], stored[1][2]

@@ -334,7 +334,7 @@ def test_a_later_message_of_a_key_never_completes_before_an_earlier_one_fails(
 # Timing of the library's own threads (no SQL of the server's version): PostgreSQL 18 only in CI.
 @pytest.mark.acceptance
 def test_max_in_flight_holds_after_a_stop_that_leaves_its_listener_running(
-    db: str,
+    db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Worker.stop(timeout) in a process that goes on (not ``exiting``): the durable guide
     and the docstring say the listener goes on in its thread and its batch commits when
@@ -342,6 +342,9 @@ def test_max_in_flight_holds_after_a_stop_that_leaves_its_listener_running(
     listener holds runs out TTL seconds later and another worker takes it: two listeners
     run under max_in_flight=1."""
 
+    from pgpubsub import _leases
+
+    monkeypatch.setattr(_leases, "TTL", 2.0)  # leases of 2 s: the wait below is 4 s, not 20
     recorder = Recorder()
     registry = Registry()
     registry.add(OneAtATime, lambda seq: recorder(seq))
@@ -357,7 +360,7 @@ def test_max_in_flight_holds_after_a_stop_that_leaves_its_listener_running(
         second = Running(db, registry)
         with psycopg.connect(db, autocommit=True) as conn:
             pgpubsub.notify(OneAtATime(seq=2), conn=conn)
-        deadline = time.monotonic() + 20  # twice the lease TTL
+        deadline = time.monotonic() + 2 * _leases.TTL
         while time.monotonic() < deadline and not recorder.started(2):
             time.sleep(0.1)
         assert not recorder.started(2), "a second listener ran under max_in_flight=1"

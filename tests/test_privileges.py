@@ -526,3 +526,15 @@ def test_revoke_takes_back_what_a_grant_before_version_4_gave(roles: Roles) -> N
     kinds = ["--publisher", "--monitor", "--django-writer"]
     assert cli.main(["grant", role, *kinds, "--revoke", "--dsn", roles.dsn]) == 0
     assert privileges(roles.dsn, role) == before
+
+
+def test_a_worker_grant_registers_as_asleep_with_nothing_more(roles: Roles) -> None:
+    """Review of issue 26 (ring2 review, also on main): registration read pgpubsub.sleeper
+    to see whether a registration was there, and `pgpubsub grant --worker` gives only
+    INSERT on it: an idle worker of such a role failed to register about 4 times a second,
+    each time with a warning. It registers, and a publisher then wakes it."""
+    worker = roles.make("wrk", "--worker")
+    with psycopg.connect(roles.dsn_of(worker), autocommit=True) as conn:
+        assert conn.execute("SELECT pgpubsub.sleep('shop.jobs')").fetchone() == (True,)
+        assert conn.execute("SELECT pgpubsub.sleep('shop.jobs')").fetchone() == (True,)
+    assert admin_query(roles.dsn, "SELECT channel FROM pgpubsub.sleeper") == [("shop.jobs",)]

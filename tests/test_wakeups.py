@@ -295,3 +295,30 @@ def test_a_publisher_left_in_its_transaction_does_not_keep_the_workers_looking()
     crew.rest(poller, lambda: 1.0, lambda: False)
     crew.rest(poller, lambda: 1.0, lambda: False)
     assert poller.wake.waits[-1] == 0.005
+
+
+def test_a_registration_that_could_not_be_made_says_so(db: str) -> None:
+    """Review of issue 26, round 4, finding 2: beside another worker's registration not yet
+    committed, the registration gave up after 10 ms and still said "registered" when no
+    publisher was in a transaction; when that other one rolled back (its worker killed) no
+    row was left, and every message waited for the poll. Invariant: a registration that
+    says so is there once the other's transaction ends, whichever way it ends."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db) as other, psycopg.connect(db, autocommit=True) as worker:
+        other.execute("INSERT INTO pgpubsub.sleeper (channel) VALUES (%s)", (name,))
+        registered = worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone()
+        other.rollback()
+        rows = worker.execute(
+            "SELECT count(*) FROM pgpubsub.sleeper WHERE channel = %s", (name,)
+        ).fetchone()
+    assert registered == (False,) or rows == (1,), (registered, rows)
+
+
+def test_a_registration_leaves_the_callers_lock_timeout_as_it_was(db: str) -> None:
+    """Review of issue 26, round 5, finding 3: the registration's 10 ms lock_timeout stayed
+    set for the rest of the caller's transaction."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db) as worker:
+        worker.execute("SET LOCAL lock_timeout = '3s'")
+        assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+        assert worker.execute("SHOW lock_timeout").fetchone() == ("3s",)

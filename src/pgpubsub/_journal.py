@@ -178,7 +178,12 @@ class Journal:
         except BaseException as exc:
             if self._broken():
                 raise
-            return self._undo(msg, exc), exc
+            own = self._undo(msg, exc)
+            if msg.error is not None and isinstance(exc, psycopg.errors.InFailedSqlTransaction):
+                # The listener caught its statement's error and went on: what
+                # failed next failed of that one, which is the failure.
+                return own, msg.error
+            return own, exc
         if msg.statements and not msg.read:
             self._since.append(msg)
             if key is not None:

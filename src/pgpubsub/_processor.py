@@ -434,21 +434,26 @@ BUCKET_SLICE = 1000
 # the slices go round. Returns the slice's last key and its size (a short
 # slice: the next one starts again from the first key). A bucket a claim
 # holds locked is left for next time.
-FULL_BUCKETS_SQL = f"""
+_FULL_BUCKETS = f"""
 WITH slice AS (
     SELECT b.key FROM pgpubsub.key_bucket b
-    WHERE b.channel = %(channel)s AND b.key > %(after)s ORDER BY b.key LIMIT %(slice)s
+    WHERE b.channel = %(channel)s{{after}} ORDER BY b.key LIMIT %(slice)s
 ), bound AS (
-    SELECT pg_catalog.max(key) AS until, pg_catalog.count(*) AS n FROM slice
+    SELECT pg_catalog.min(key) AS first, pg_catalog.max(key) AS until,
+        pg_catalog.count(*) AS n FROM slice
 ), gone AS (
     DELETE FROM pgpubsub.key_bucket WHERE channel = %(channel)s AND key IN (
         SELECT b.key FROM pgpubsub.key_bucket b
-        WHERE b.channel = %(channel)s AND b.key > %(after)s
+        WHERE b.channel = %(channel)s AND b.key >= (SELECT bound.first FROM bound)
         AND b.key <= (SELECT bound.until FROM bound)
         AND {KEY_REFILLED} >= %(key_capacity)s FOR UPDATE OF b SKIP LOCKED)
 )
 SELECT until, n FROM bound
 """  # noqa: S608 - constant fragments
+# (Two statements, from the first key and after one: a bound that may be NULL
+# is no index bound in a prepared statement's generic plan.)
+FULL_BUCKETS_SQL = _FULL_BUCKETS.replace("{after}", " AND b.key > %(after)s")
+FULL_BUCKETS_FIRST_SQL = _FULL_BUCKETS.replace("{after}", "")
 # Slot leases of processes that stopped long ago: expired for five lease
 # periods. A process stopped for a while (SIGSTOP, a keeper that fell behind)
 # renews its own expired leases when it comes back, its listeners still
@@ -466,31 +471,63 @@ SLOT_LEASE_KEPT = 5
 # tokens (it refilled while the batch ran). None: no such key. A key's due
 # message held back by its ordering key still counts: the worker then wakes
 # once for nothing (the key has its token, and nothing more is asked of it
-# until the next claim is short), rather than a scan per key. The keys are
-# those with pending messages, visited by a loose index scan of
-# message_limit_key_idx (two probes a key: the next key, its earliest
-# message), not the channel's buckets (every key active within a period).
+# until the next claim is short), rather than a scan per key. The keys looked
+# at: those of the due messages a claim would take but for their key's tokens
+# (``scan`` without an ordering key, in the claim's order, passing over keys
+# with all their slots in use as the claim does, and ``scan`` with one: a rest
+# costs about what a claim does), and at most
+# KEYS_PER_REST keys of pending messages visited by a loose index scan of
+# message_limit_key_idx from after the key the last rest stopped at (the
+# messages of ordering keys; the channel's buckets are every key active within
+# a period, and its pending keys may be as many: scheduled work per customer).
+# A key beyond both is found at a later rest; meanwhile the poll bounds its
+# wait. The last columns: the last key visited, and whether the walk was cut
+# short there (one key more is visited to know).
 _NEXT_LIMIT_KEY = (
     "SELECT d.limit_key FROM pgpubsub.message d WHERE d.channel = %(channel)s "
-    "AND d.status = 'pending' AND d.limit_key IS NOT NULL{after} "
+    "AND d.status = 'pending' AND d.limit_key IS NOT NULL AND {after} "
     "ORDER BY d.limit_key LIMIT 1"
 )
-KEY_TOKEN_DUE_SQL = f"""
-WITH RECURSIVE k(key) AS (
-    ({_NEXT_LIMIT_KEY.format(after="")})
+_KEY_TOKEN_DUE = f"""
+WITH RECURSIVE k(key, n) AS (
+    SELECT ({_NEXT_LIMIT_KEY.format(after="{after}")}), 1
     UNION ALL
-    SELECT ({_NEXT_LIMIT_KEY.format(after=" AND d.limit_key > k.key")})
-    FROM k WHERE k.key IS NOT NULL
+    SELECT ({_NEXT_LIMIT_KEY.format(after="d.limit_key > k.key")}), k.n + 1
+    FROM k WHERE k.key IS NOT NULL AND k.n <= %(keys)s
+), walked AS (
+    SELECT k.key, k.n FROM k WHERE k.key IS NOT NULL
+), {HELD_KEYS}, head AS (
+    SELECT DISTINCT h.limit_key AS key FROM (
+        (SELECT u.limit_key FROM pgpubsub.message u
+         WHERE u.channel = %(channel)s AND u.status = 'pending' AND u.ordering_key IS NULL
+           AND u.run_at <= pg_catalog.now() AND u.limit_key IS NOT NULL
+           AND u.limit_key NOT IN (SELECT key FROM held)
+         ORDER BY u.priority DESC, u.run_at, u.id LIMIT %(scan)s)
+        UNION ALL
+        (SELECT o.limit_key FROM pgpubsub.message o
+         WHERE o.channel = %(channel)s AND o.status = 'pending' AND o.ordering_key IS NOT NULL
+           AND o.run_at <= pg_catalog.now() AND o.limit_key IS NOT NULL
+           AND o.limit_key NOT IN (SELECT key FROM held)
+         LIMIT %(scan)s)) h
+), seen AS (
+    SELECT w.key FROM walked w WHERE w.n <= %(keys)s UNION SELECT h.key FROM head h
 )
-SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s ELSE 0 END)
-FROM k CROSS JOIN LATERAL (
-    SELECT {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
-    WHERE b.channel = %(channel)s AND b.key = k.key) r
-WHERE k.key IS NOT NULL AND {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
-    SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
-    WHERE d.channel = %(channel)s AND d.limit_key = k.key AND d.limit_key IS NOT NULL
-      AND d.status = 'pending') <= pg_catalog.now()
+SELECT (
+    SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s ELSE 0 END)
+    FROM seen w CROSS JOIN LATERAL (
+        SELECT {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
+        WHERE b.channel = %(channel)s AND b.key = w.key) r
+    WHERE {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
+        SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
+        WHERE d.channel = %(channel)s AND d.limit_key = w.key AND d.limit_key IS NOT NULL
+          AND d.status = 'pending') <= pg_catalog.now()
+), (SELECT w.key FROM walked w WHERE w.n = %(keys)s),
+   (SELECT pg_catalog.count(*) > %(keys)s FROM walked w)
 """  # noqa: S608 - constant fragments
+KEY_TOKEN_DUE_SQL = _KEY_TOKEN_DUE.replace("{after}", "d.limit_key > %(after)s")
+KEY_TOKEN_DUE_FIRST_SQL = _KEY_TOKEN_DUE.replace("{after}", "true")  # from the first key
+#: Limit keys of pending messages one rest looks at for a token due (see KEY_TOKEN_DUE_SQL).
+KEYS_PER_REST = 200
 # Completing a message with an ordering key makes the next one of its key
 # claimable, and a max_in_flight slot given back lets a waiting worker in:
 # wake the other workers (sent at commit).
@@ -695,7 +732,8 @@ class ChannelProcessor:
         self._short_of_key_tokens = False  # a key of the last claim used all its tokens
         self._leased_keys = False  # the last claim leased ordering keys of rows given back
         self._buckets_swept = time.monotonic()  # when key buckets and slot leases were last swept
-        self._buckets_after = ""  # the last bucket key the last sweep looked at
+        self._buckets_after: str | None = None  # the last bucket key the last sweep saw
+        self._keys_after: str | None = None  # the last limit key the last rest looked at
         self._limit_slots = False  # the last claim took key_concurrency slots
         self.backoff = Backoff(base=float(cls.retry_delay), cap=float(cls.retry_max_delay))
         self.wake = threading.Event()
@@ -906,9 +944,11 @@ class ChannelProcessor:
 
     def _sweep_buckets(self) -> None:
         """Delete the full buckets of the next slice of the channel's (FULL_BUCKETS_SQL)."""
-        params = {**self._key_params(), "after": self._buckets_after, "slice": BUCKET_SLICE}
-        until, n = self.session.execute(FULL_BUCKETS_SQL, params)[0]
-        self._buckets_after = until if n >= BUCKET_SLICE else ""
+        after = self._buckets_after
+        params = {**self._key_params(), "after": after, "slice": BUCKET_SLICE}
+        query = FULL_BUCKETS_FIRST_SQL if after is None else FULL_BUCKETS_SQL
+        until, n = self.session.execute(query, params)[0]
+        self._buckets_after = until if n >= BUCKET_SLICE else None
 
     def _next_due(self) -> float:
         """Seconds to sleep: until the earliest retry or delayed message is due, or a poll.
@@ -932,8 +972,16 @@ class ChannelProcessor:
             due = rows[0][0] if rows else None
             if self.key_rate is not None:
                 self._sweep_buckets()
-                keys = {**self._key_params(), "key_short": self._short_of_key_tokens}
-                wait = self.session.execute(KEY_TOKEN_DUE_SQL, keys)[0][0]
+                keys = {
+                    **self._key_params(),
+                    "key_short": self._short_of_key_tokens,
+                    "after": self._keys_after,
+                    "keys": KEYS_PER_REST,
+                    "scan": self._scan,
+                }
+                query = KEY_TOKEN_DUE_FIRST_SQL if self._keys_after is None else KEY_TOKEN_DUE_SQL
+                wait, last, cut = self.session.execute(query, keys)[0]
+                self._keys_after = last if cut else None
                 if wait is not None:
                     due = wait if due is None else min(due, wait)
         return self.poll_interval if due is None else min(self.poll_interval, max(0.001, due))
@@ -1230,6 +1278,11 @@ class ChannelProcessor:
                 raise
             log.warning("%s: pgpubsub.rotate() failed: %s", self.spec.name, one_line(exc))
 
+    @property
+    def _scan(self) -> int:
+        """Due messages a claim of a key-limited channel looks at (held keys' passed over)."""
+        return max(self.claim_size * 4, 64)
+
     def _key_params(self) -> dict[str, Any]:
         key_rate = self.key_rate
         return {
@@ -1251,7 +1304,7 @@ class ChannelProcessor:
         # A key's messages beyond its bucket could never start in this batch.
         cap = max(1, self.claim_size // 4)
         params["per_limit_key"] = cap if key_rate is None else min(cap, key_rate.capacity)
-        params["scan"] = max(self.claim_size * 4, 64)
+        params["scan"] = self._scan
         self._limit_slots = False
         with self.session.atomic():
             tokens = None if rate is None else self._take_tokens(rate, params)

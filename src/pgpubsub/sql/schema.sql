@@ -510,23 +510,26 @@ GRANT EXECUTE ON FUNCTION pgpubsub.wake(text) TO PUBLIC;
 -- look, so the worker looks again shortly (version 6: before, it registered
 -- only when no publisher was in a transaction, and publishers that were always
 -- in one left every message waiting for that look).
--- A registration a publisher has taken in a transaction still open is left
--- as it is (publishers meanwhile wake the worker, see take_sleeper): the
--- insert would wait for that transaction, however long (and with one
--- processor, nothing on the channel would run meanwhile). It waits at most
--- 10 ms for one that took the row since this look.
+-- The insert waits for a transaction that took or made the row and has not
+-- ended: a publisher that took the registration may hold its transaction
+-- open however long (publishers meanwhile wake the worker, see
+-- take_sleeper), and with one processor nothing on the channel would run
+-- meanwhile. So it waits at most 10 ms, then says false: that transaction
+-- may roll back and leave no row, and the worker looks again shortly and
+-- registers anew. (Only INSERT on the table: what `grant --worker` gives.)
 CREATE OR REPLACE FUNCTION pgpubsub.sleep(channel text) RETURNS boolean
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp
-SET lock_timeout = '10ms' AS $body$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
+DECLARE
+    patience text := pg_catalog.current_setting('lock_timeout');
 BEGIN
-    IF NOT EXISTS (SELECT FROM pgpubsub.sleeper s WHERE s.channel = sleep.channel) THEN
-        BEGIN
-            INSERT INTO pgpubsub.sleeper (channel) VALUES (sleep.channel)
-            ON CONFLICT DO NOTHING;
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;
-        END;
-    END IF;
+    BEGIN
+        PERFORM pg_catalog.set_config('lock_timeout', '10ms', true);
+        INSERT INTO pgpubsub.sleeper (channel) VALUES (sleep.channel)
+        ON CONFLICT DO NOTHING;
+        PERFORM pg_catalog.set_config('lock_timeout', patience, true);
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;  -- (the subtransaction's setting is undone with it)
+    END;
     RETURN pg_catalog.pg_try_advisory_xact_lock(
         pg_catalog.hashtextextended('pgpubsub.sleeper' || channel, 0));
 END
