@@ -786,7 +786,7 @@ def test_the_buckets_of_idle_keys_are_deleted(flow: str) -> None:
         proc.drain_once()
         assert proc.claimed == 20
         assert admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 20
-        # Refilled to their capacity (100 ms at most): the next rest deletes them.
+        # Refilled to their capacity (100 ms at most): a rest deletes them (a sweep a second).
         wait_until(
             lambda: proc._next_due() > 0
             and admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 0,
