@@ -9,13 +9,14 @@ import math
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
-from helpers import admin_query
+from helpers import admin_query, wait_until
 
 import pgpubsub
 from pgpubsub import messages, testing
@@ -191,6 +192,65 @@ def test_replay_skips_dead_messages_whose_dedupe_key_is_held_and_says_why(db: st
         f"skipped {held}: a pending message holds dedupe key 'k' (id {holder})",
         f"skipped {second}: a pending message holds dedupe key 'twin' (id {first})",
     ]
+
+
+@pytest.mark.parametrize("rival", ["publish", "replay", "rolled back"])
+def test_replay_beside_an_uncommitted_holder_of_the_key_skips_or_replays_never_fails(
+    db: str, rival: str
+) -> None:
+    """A pending message may take a dead message's dedupe key in a transaction that has
+    not committed when replay looks: replay waits for it, then reports the holder (or
+    replays, if it rolled back), and never fails with the key's unique violation."""
+
+    @dataclass
+    class Mail(Channel, name="mail", lock_notifications=True, max_attempts=1):
+        to: str
+
+    dead = []
+    for n in (1, 2):  # two dead messages of key k
+        with psycopg.connect(db) as conn:
+            dead.append(int(pgpubsub.notify(Mail(to=str(n)), conn=conn, dedupe_key="k")))
+            conn.execute("UPDATE pgpubsub.message SET status = 'dead' WHERE id = %s", (dead[-1],))
+    with psycopg.connect(db) as rival_conn:
+        if rival == "replay":  # another replay takes the key back first
+            assert messages.replay(rival_conn, ids=[dead[1]]).replayed == (dead[1],)
+            holder = dead[1]
+        else:
+            holder = int(pgpubsub.notify(Mail(to="new"), conn=rival_conn, dedupe_key="k"))
+        results: list[Any] = []
+
+        def replay() -> None:
+            with psycopg.connect(db) as conn:
+                try:
+                    results.append(messages.replay(conn, ids=[dead[0]]))
+                except Exception as exc:
+                    results.append(exc)
+
+        worker = threading.Thread(target=replay)
+        worker.start()
+        wait_until(
+            lambda: admin_query(
+                db,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%%WITH asked%%'",
+            )
+        )
+        if rival == "rolled back":
+            rival_conn.rollback()
+        else:
+            rival_conn.commit()
+        worker.join(timeout=30)
+    [result] = results
+    assert not isinstance(result, BaseException), repr(result)
+    if rival == "rolled back":
+        assert result.replayed == (dead[0],) and result.skipped == ()
+    else:
+        assert result.replayed == ()
+        assert [(s.id, s.reason) for s in result.skipped] == [
+            (dead[0], f"a pending message holds dedupe key 'k' (id {holder})")
+        ]
+    pending = admin_query(db, "SELECT id FROM pgpubsub.message WHERE status = 'pending'")
+    assert pending == [(dead[0] if rival == "rolled back" else holder,)]
 
 
 @pytest.mark.acceptance

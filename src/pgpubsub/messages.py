@@ -20,12 +20,13 @@ channel's ``retention``), ``spill`` (a plain trigger channel's wide row), and
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .channel import resolve_channel
+from .driver import sqlstate
 from .errors import ConfigurationError
 
 __all__ = [
@@ -133,6 +134,49 @@ def _rows(conn: Any, query: str, params: Any) -> list[tuple[Any, ...]]:
     with conn.cursor() as cur:
         cur.execute(query, params)
         return list(cur.fetchall())
+
+
+T = TypeVar("T")
+
+#: The SQLSTATE of SAVEPOINT outside a transaction block (an autocommit connection).
+NO_TRANSACTION = "25P01"
+
+
+def _again_on(conn: Any, state: str, tries: int, work: Callable[[], T]) -> T:
+    """``work()``, run again (at most ``tries`` times in all) when it fails with ``state``.
+
+    In a savepoint of the caller's transaction, whose commit stays the
+    caller's; on an autocommit connection, in a transaction of its own (the
+    statements commit together, as each would have alone). Any other error is
+    raised as is, the savepoint rolled back.
+    """
+    own = False
+    try:
+        _execute(conn, "SAVEPOINT pgpubsub_again")
+    except Exception as exc:
+        if sqlstate(exc) != NO_TRANSACTION:
+            raise
+        own = True
+    for attempt in range(tries):
+        if own:
+            _execute(conn, "BEGIN")
+        try:
+            result = work()
+        except Exception as exc:
+            _execute(conn, "ROLLBACK" if own else "ROLLBACK TO SAVEPOINT pgpubsub_again")
+            if sqlstate(exc) == state and attempt < tries - 1:
+                continue
+            if not own:
+                _execute(conn, "RELEASE SAVEPOINT pgpubsub_again")
+            raise
+        _execute(conn, "COMMIT" if own else "RELEASE SAVEPOINT pgpubsub_again")
+        return result
+    raise AssertionError("unreachable")
+
+
+def _execute(conn: Any, statement: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute(statement)
 
 
 def list_messages(
@@ -249,6 +293,11 @@ WITH asked AS (
 SELECT v.id, v.channel, v.dedupe_key, v.holder, v.twin, r.id IS NOT NULL
 FROM verdict v LEFT JOIN replayed r ON r.id = v.id ORDER BY v.id
 """
+# The statement cannot see a pending message of the key whose transaction has
+# not committed (a publish, another replay): its update waits for that
+# transaction at the unique index, then fails if it committed. Run again, it
+# sees the holder and leaves the dead message as it is.
+UNIQUE_VIOLATION = "23505"
 WAKE_SQL = "SELECT pg_catalog.pg_notify(c, '') FROM pg_catalog.unnest(%s::text[]) AS c"
 WHERE_SQL = "SELECT id, status, channel FROM pgpubsub.message WHERE id = ANY(%s)"
 
@@ -277,7 +326,8 @@ def replay(
     if any(s not in REPLAYABLE for s in statuses):
         raise ConfigurationError("only dead or pending messages can be replayed")
     channel = channel_name(channel)
-    rows = _rows(conn, REPLAY_SQL, {"statuses": statuses, "ids": ids, "channel": channel})
+    asked = {"statuses": statuses, "ids": ids, "channel": channel}
+    rows = _again_on(conn, UNIQUE_VIOLATION, 3, lambda: _rows(conn, REPLAY_SQL, asked))
     replayed, skipped, woken = [], [], set()
     for mid, name, key, holder, twin, done in rows:
         if done:
