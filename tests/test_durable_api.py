@@ -253,6 +253,130 @@ def test_replay_beside_an_uncommitted_holder_of_the_key_skips_or_replays_never_f
     assert pending == [(dead[0] if rival == "rolled back" else holder,)]
 
 
+@dataclass
+class Letter(Channel, name="letter", lock_notifications=True, max_attempts=1):
+    to: str
+
+
+def dead_letters(dsn: str, keys: list[str]) -> list[int]:
+    """One dead message of each dedupe key, in the order of ``keys``."""
+    ids = []
+    for key in keys:
+        with psycopg.connect(dsn) as conn:
+            ids.append(int(pgpubsub.notify(Letter(to=key), conn=conn, dedupe_key=key)))
+            conn.execute("UPDATE pgpubsub.message SET status = 'dead' WHERE id = %s", (ids[-1],))
+    return ids
+
+
+def test_replay_of_many_keys_each_taken_meanwhile_reports_every_holder(db: str) -> None:
+    """However many of the keys a replay asks for are being taken by publishes that commit
+    while it runs, it skips those messages and names each holder: it never fails."""
+    keys = [f"k{n}" for n in range(5)]
+    dead = dead_letters(db, keys)
+    publishers = [psycopg.connect(db) for _ in keys]
+    try:
+        holders = {
+            int(pgpubsub.notify(Letter(to="new"), conn=conn, dedupe_key=key)): conn
+            for key, conn in zip(keys, publishers, strict=True)
+        }  # each key taken, none committed yet
+        by_pid = {conn.info.backend_pid: conn for conn in publishers}
+        results: list[Any] = []
+
+        def replay() -> None:
+            with psycopg.connect(db, autocommit=True) as conn:
+                results.append(conn.info.backend_pid)
+                try:
+                    results.append(messages.replay(conn, channel="letter"))
+                except Exception as exc:
+                    results.append(exc)
+
+        worker = threading.Thread(target=replay)
+        worker.start()
+        while worker.is_alive():  # commit whichever publisher the replay waits for
+            if len(results) == 1:
+                [(blockers,)] = admin_query(db, "SELECT pg_blocking_pids(%s)", (results[0],))
+                for pid in blockers:
+                    by_pid[pid].commit()
+            worker.join(timeout=0.02)
+    finally:
+        for conn in publishers:
+            conn.close()
+    result = results[-1]
+    assert not isinstance(result, BaseException), repr(result)
+    assert result.replayed == ()
+    assert {s.id: s.reason for s in result.skipped} == {
+        mid: f"a pending message holds dedupe key {key!r} (id {holder})"
+        for mid, key, holder in zip(dead, keys, holders, strict=True)
+    }
+
+
+def test_two_replays_that_deadlock_over_a_key_both_return(db: str) -> None:
+    """Replay B holds a key's new pending message uncommitted; replay A, which locked a row B
+    then asks for, waits for B at the key's unique index: PostgreSQL fails one of them as a
+    deadlock. Neither may fail; a key never gets two pending messages."""
+    [d1, d2, d3] = dead_letters(db, ["k", "k-later", "free"])
+    admin_query(db, "UPDATE pgpubsub.message SET dedupe_key = 'k' WHERE id = %s", (d2,))
+    dbname = str(psycopg.conninfo.conninfo_to_dict(db)["dbname"])
+    with psycopg.connect(db, autocommit=True) as conn:  # the deadlock found in 50 ms, not 1 s
+        conn.execute(
+            psycopg.sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
+                psycopg.sql.Identifier(dbname)
+            )
+        )
+    results: list[Any] = []
+    with psycopg.connect(db) as b:
+        assert messages.replay(b, ids=[d1]).replayed == (d1,)  # key k, not committed
+
+        def replay_a() -> None:
+            with psycopg.connect(db, autocommit=True) as a:
+                results.append(a.info.backend_pid)
+                try:
+                    results.append(messages.replay(a, ids=[d2, d3]))
+                except Exception as exc:
+                    results.append(exc)
+
+        worker = threading.Thread(target=replay_a)
+        worker.start()
+        wait_until(lambda: len(results) == 1)
+        wait_until(
+            lambda: admin_query(db, "SELECT pg_blocking_pids(%s) <> '{}'", (results[0],))[0][0]
+        )
+        mine = messages.replay(b, ids=[d3])  # waits for A's lock on d3: a deadlock
+        b.commit()
+        worker.join(timeout=30)
+    theirs = results[-1]
+    assert not isinstance(theirs, BaseException), repr(theirs)
+    assert d2 not in theirs.replayed
+    assert sorted(mine.replayed + theirs.replayed) == [d3]
+    pending = admin_query(
+        db, "SELECT dedupe_key, count(*) FROM pgpubsub.message WHERE status = 'pending' GROUP BY 1"
+    )
+    assert sorted(pending) == [("free", 1), ("k", 1)]
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_replay_in_a_snapshot_older_than_the_keys_holder_reports_it_and_keeps_the_work(
+    db: str, isolation: str
+) -> None:
+    """The caller's snapshot cannot see a holder committed after it began: the message is
+    reported as not replayed, and the caller's transaction, with its earlier work, goes on."""
+    [dead, free] = dead_letters(db, ["k", "free"])
+    with psycopg.connect(db) as caller:
+        caller.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        caller.execute("CREATE TABLE audit (x int)")  # the caller's own work: the snapshot
+        with psycopg.connect(db) as other:
+            holder = int(pgpubsub.notify(Letter(to="new"), conn=other, dedupe_key="k"))
+        result = messages.replay(caller, ids=[dead, free])
+        caller.commit()
+    assert result.replayed == (free,)
+    assert [(s.id, s.reason) for s in result.skipped] == [
+        (dead, "a pending message holds dedupe key 'k' (committed after this transaction began)")
+    ]
+    assert admin_query(db, "SELECT count(*) FROM audit") == [(0,)]
+    statuses = admin_query(db, "SELECT id, status FROM pgpubsub.message ORDER BY id")
+    assert statuses == [(dead, "dead"), (free, "pending"), (holder, "pending")]
+
+
 @pytest.mark.acceptance
 def test_the_dashboard_shows_what_a_replay_could_not_replay_and_why(db: str) -> None:
     from test_dashboard import dashboard, request

@@ -20,10 +20,10 @@ channel's ``retention``), ``spill`` (a plain trigger channel's wide row), and
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from .channel import resolve_channel
 from .driver import sqlstate
@@ -136,42 +136,47 @@ def _rows(conn: Any, query: str, params: Any) -> list[tuple[Any, ...]]:
         return list(cur.fetchall())
 
 
-T = TypeVar("T")
-
 #: The SQLSTATE of SAVEPOINT outside a transaction block (an autocommit connection).
 NO_TRANSACTION = "25P01"
 
 
-def _again_on(conn: Any, state: str, tries: int, work: Callable[[], T]) -> T:
-    """``work()``, run again (at most ``tries`` times in all) when it fails with ``state``.
+class _Attempts:
+    """Statements run so that a unique violation or a deadlock undoes only the one that met it.
 
-    In a savepoint of the caller's transaction, whose commit stays the
-    caller's; on an autocommit connection, in a transaction of its own (the
-    statements commit together, as each would have alone). Any other error is
-    raised as is, the savepoint rolled back.
+    In a savepoint of the caller's transaction (whose commit stays the
+    caller's), or on an autocommit connection each a transaction of its own.
+    Any other error is raised as is, the statement undone.
     """
-    own = False
-    try:
-        _execute(conn, "SAVEPOINT pgpubsub_again")
-    except Exception as exc:
-        if sqlstate(exc) != NO_TRANSACTION:
-            raise
-        own = True
-    for attempt in range(tries):
-        if own:
-            _execute(conn, "BEGIN")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.in_transaction: bool | None = None  # not known before the first savepoint
+        #: The SQLSTATE of the last statement that came back None.
+        self.failed: str | None = None
+
+    def rows(self, query: str, params: Any) -> list[tuple[Any, ...]] | None:
+        """The statement's rows, or None when another transaction got in its way."""
+        if self.in_transaction is not False:
+            try:
+                _execute(self.conn, "SAVEPOINT pgpubsub_attempt")
+                self.in_transaction = True
+            except Exception as exc:
+                if self.in_transaction or sqlstate(exc) != NO_TRANSACTION:
+                    raise
+                self.in_transaction = False
         try:
-            result = work()
+            rows = _rows(self.conn, query, params)
         except Exception as exc:
-            _execute(conn, "ROLLBACK" if own else "ROLLBACK TO SAVEPOINT pgpubsub_again")
-            if sqlstate(exc) == state and attempt < tries - 1:
-                continue
-            if not own:
-                _execute(conn, "RELEASE SAVEPOINT pgpubsub_again")
+            if self.in_transaction:
+                _execute(self.conn, "ROLLBACK TO SAVEPOINT pgpubsub_attempt")
+                _execute(self.conn, "RELEASE SAVEPOINT pgpubsub_attempt")
+            self.failed = sqlstate(exc)
+            if self.failed in (UNIQUE_VIOLATION, DEADLOCK):
+                return None
             raise
-        _execute(conn, "COMMIT" if own else "RELEASE SAVEPOINT pgpubsub_again")
-        return result
-    raise AssertionError("unreachable")
+        if self.in_transaction:
+            _execute(self.conn, "RELEASE SAVEPOINT pgpubsub_attempt")
+        return rows
 
 
 def _execute(conn: Any, statement: str) -> None:
@@ -295,9 +300,26 @@ FROM verdict v LEFT JOIN replayed r ON r.id = v.id ORDER BY v.id
 """
 # The statement cannot see a pending message of the key whose transaction has
 # not committed (a publish, another replay): its update waits for that
-# transaction at the unique index, then fails if it committed. Run again, it
-# sees the holder and leaves the dead message as it is.
+# transaction at the unique index, then fails if it committed. The messages
+# are then replayed one at a time, each run again until it sees its key's
+# holder (on a busy channel the whole statement would meet a new one at each
+# try). A snapshot older than the holder (the caller's REPEATABLE READ or
+# SERIALIZABLE transaction) never sees it: the message is reported at once.
 UNIQUE_VIOLATION = "23505"
+# Replays of overlapping messages at once: one waits for the other's new
+# pending message of a key at the unique index while that one waits for a row
+# the first has locked. PostgreSQL fails one of them; it goes one at a time.
+DEADLOCK = "40P01"
+#: How often one message is tried while other transactions get in its way.
+KEY_TRIES = 5
+CANDIDATES_SQL = """
+SELECT id, dedupe_key FROM pgpubsub.message
+WHERE status = ANY(%(statuses)s)
+  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+  AND (%(channel)s::text IS NULL OR channel = %(channel)s)
+ORDER BY id
+"""
+ISOLATION_SQL = "SELECT pg_catalog.current_setting('transaction_isolation')"
 WAKE_SQL = "SELECT pg_catalog.pg_notify(c, '') FROM pg_catalog.unnest(%s::text[]) AS c"
 WHERE_SQL = "SELECT id, status, channel FROM pgpubsub.message WHERE id = ANY(%s)"
 
@@ -319,16 +341,25 @@ def replay(
     ``dedupe_key`` a pending message holds stays dead (two pending messages
     cannot share a key): "a pending message holds dedupe key 'k' (id 42)";
     of several dead messages of one key, the oldest is replayed and the
-    others stay dead. An id asked for that is not a message of that status
+    others stay dead. A key taken by a publish that commits while replay
+    runs is reported the same way; one whose holder the caller's REPEATABLE
+    READ or SERIALIZABLE snapshot cannot see is reported as held "(committed
+    after this transaction began)". Replay never fails because of another
+    holder of a key. An id asked for that is not a message of that status
     (and channel) is reported too. ``int(result)`` is how many were replayed.
+    In the caller's transaction, whose commit stays the caller's.
     """
     statuses = _statuses(status, REPLAYABLE)
     if any(s not in REPLAYABLE for s in statuses):
         raise ConfigurationError("only dead or pending messages can be replayed")
     channel = channel_name(channel)
     asked = {"statuses": statuses, "ids": ids, "channel": channel}
-    rows = _again_on(conn, UNIQUE_VIOLATION, 3, lambda: _rows(conn, REPLAY_SQL, asked))
-    replayed, skipped, woken = [], [], set()
+    attempts = _Attempts(conn)
+    rows = attempts.rows(REPLAY_SQL, asked)
+    skipped: list[Skipped] = []
+    if rows is None:
+        rows, skipped = _replay_each(attempts, asked)
+    replayed, woken = [], set()
     for mid, name, key, holder, twin, done in rows:
         if done:
             replayed.append(int(mid))
@@ -341,7 +372,7 @@ def replay(
             skipped.append(Skipped(int(mid), why))
     if woken:
         _rows(conn, WAKE_SQL, (sorted(woken),))
-    seen = {int(r[0]) for r in rows}
+    seen = {int(r[0]) for r in rows} | {s.id for s in skipped}
     missing = [i for i in dict.fromkeys(ids or ()) if i not in seen]
     if missing:
         found = {int(r[0]): r[1:] for r in _rows(conn, WHERE_SQL, (missing,))}
@@ -358,6 +389,48 @@ def _not_replayable(found: tuple[Any, ...] | None, statuses: list[str], channel:
     if channel is not None and name != channel:
         return f"it is on channel {name!r}, not {channel!r}"
     return f"it is {status}, not {' or '.join(statuses)}"
+
+
+def _replay_each(
+    attempts: _Attempts, asked: dict[str, Any]
+) -> tuple[list[tuple[Any, ...]], list[Skipped]]:
+    """REPLAY_SQL's rows, message by message (some key was taken while the statement ran).
+
+    The messages of a key taken meanwhile are reported with their holder;
+    those whose holder the caller's snapshot cannot see, or that other
+    transactions get in the way of at every try, are skipped with why.
+    """
+    conn = attempts.conn
+    candidates = _rows(conn, CANDIDATES_SQL, asked)
+    stale = bool(attempts.in_transaction) and _rows(conn, ISOLATION_SQL, None)[0][0] != (
+        "read committed"
+    )
+    rows: list[tuple[Any, ...]] = []
+    skipped: list[Skipped] = []
+    mine: set[int] = set()  # replayed here: a later message of the key is its twin
+    for mid, key in candidates:
+        got = None
+        for _ in range(KEY_TRIES):
+            got = attempts.rows(REPLAY_SQL, {**asked, "ids": [mid]})
+            if got is not None or (stale and attempts.failed == UNIQUE_VIOLATION):
+                break
+        if got is None:
+            why = (
+                f"a pending message holds dedupe key {key!r} (committed after this "
+                "transaction began)"
+                if stale and attempts.failed == UNIQUE_VIOLATION
+                else f"other transactions took its dedupe key {key!r} or locked it at "
+                f"each of {KEY_TRIES} tries"
+            )
+            skipped.append(Skipped(int(mid), why))
+            continue
+        for done_id, name, done_key, holder, twin, done in got:
+            if done:
+                mine.add(int(done_id))
+            elif holder in mine:
+                holder, twin = None, holder
+            rows.append((done_id, name, done_key, holder, twin, done))
+    return rows, skipped
 
 
 def purge(
