@@ -11,6 +11,18 @@
 -- that could inject events is executable by PUBLIC.
 CREATE SCHEMA IF NOT EXISTS pgpubsub;
 
+-- Run again on a live queue (an upgrade), this script takes the message
+-- table's strongest lock first: it would otherwise take a weaker one (an
+-- index) and later the exclusive one (a column), and a worker that had read
+-- the table, waiting to write it, would deadlock with it.
+DO $lock$
+BEGIN
+    IF pg_catalog.to_regclass('pgpubsub.message') IS NOT NULL THEN
+        LOCK TABLE pgpubsub.message IN ACCESS EXCLUSIVE MODE;
+    END IF;
+END
+$lock$;
+
 -- status: pending (waiting or being retried), dead (attempts exhausted, kept
 -- with its error), done (completed, kept only when the channel has a
 -- retention), spill (a plain trigger channel's row too wide for NOTIFY, kept
