@@ -183,9 +183,15 @@ REVOKE ALL ON pgpubsub.sleeper FROM PUBLIC;
 -- always wakes the channel's workers (its commit then waits its turn with
 -- other notifying commits). It leaves registrations alone: the next read
 -- committed publisher takes one, one wake-up more.
+-- With pgpubsub.wake = 'off' (SET LOCAL by a transaction to be prepared:
+-- PostgreSQL cannot PREPARE one that sent a NOTIFY) it does nothing, and the
+-- message waits for the workers' poll.
 CREATE OR REPLACE FUNCTION pgpubsub.wake(channel text) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 BEGIN
+    IF pg_catalog.current_setting('pgpubsub.wake', true) = 'off' THEN
+        RETURN;
+    END IF;
     IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
         PERFORM pg_catalog.pg_notify(channel, '');
         RETURN;
