@@ -377,6 +377,68 @@ def test_replay_in_a_snapshot_older_than_the_keys_holder_reports_it_and_keeps_th
     assert statuses == [(dead, "dead"), (free, "pending"), (holder, "pending")]
 
 
+@pytest.mark.parametrize("rival", ["replay", "purge"])
+def test_replay_in_an_older_snapshot_of_a_message_changed_since_reports_it(
+    db: str, rival: str
+) -> None:
+    """Another session replayed or purged the message after the caller's REPEATABLE READ
+    snapshot: locking it fails with a serialization failure, which replay reports."""
+    [changed, free] = dead_letters(db, ["k", "free"])
+    with psycopg.connect(db) as caller:
+        caller.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        caller.execute("CREATE TABLE audit (x int)")  # the caller's own work: the snapshot
+        with psycopg.connect(db) as other:
+            if rival == "replay":
+                messages.replay(other, ids=[changed])
+            else:
+                messages.purge(other, ids=[changed])
+        result = messages.replay(caller, ids=[changed, free])
+        caller.commit()
+    assert result.replayed == (free,)
+    assert [(s.id, s.reason) for s in result.skipped] == [
+        (changed, "another transaction changed it after this transaction began")
+    ]
+    assert admin_query(db, "SELECT count(*) FROM audit") == [(0,)]
+
+
+def test_replay_one_at_a_time_still_replays_one_dead_message_per_key(db: str) -> None:
+    """Of dead messages of one key only the oldest goes back, also when replay goes one
+    message at a time (a key taken meanwhile) on an autocommit connection, where the
+    replayed one may complete before the next is looked at."""
+    [taken, first, second] = dead_letters(db, ["taken", "tw", "tw-second"])
+    admin_query(db, "UPDATE pgpubsub.message SET dedupe_key = 'tw' WHERE id = %s", (second,))
+    admin_query(  # a worker that completes a replayed 'tw' message at once
+        db,
+        "CREATE FUNCTION complete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "DELETE FROM pgpubsub.message WHERE id = NEW.id; RETURN NULL; END $$; "
+        "CREATE TRIGGER complete AFTER UPDATE ON pgpubsub.message FOR EACH ROW "
+        "WHEN (NEW.status = 'pending' AND NEW.dedupe_key = 'tw') EXECUTE FUNCTION complete()",
+    )
+    with psycopg.connect(db) as rival:
+        holder = int(pgpubsub.notify(Letter(to="new"), conn=rival, dedupe_key="taken"))
+        results: list[Any] = []
+
+        def replay() -> None:
+            with psycopg.connect(db, autocommit=True) as conn:
+                results.append(conn.info.backend_pid)
+                results.append(messages.replay(conn, channel="letter"))
+
+        worker = threading.Thread(target=replay)
+        worker.start()
+        wait_until(lambda: len(results) == 1)
+        wait_until(
+            lambda: admin_query(db, "SELECT pg_blocking_pids(%s) <> '{}'", (results[0],))[0][0]
+        )
+        rival.commit()  # the replay's statement fails: one message at a time
+        worker.join(timeout=30)
+    result = results[-1]
+    assert result.replayed == (first,)
+    assert {s.id: s.reason for s in result.skipped} == {
+        taken: f"a pending message holds dedupe key 'taken' (id {holder})",
+        second: f"message {first} of the same dedupe key 'tw' is replayed instead",
+    }
+
+
 @pytest.mark.acceptance
 def test_the_dashboard_shows_what_a_replay_could_not_replay_and_why(db: str) -> None:
     from test_dashboard import dashboard, request

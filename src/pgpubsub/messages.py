@@ -141,7 +141,10 @@ NO_TRANSACTION = "25P01"
 
 
 class _Attempts:
-    """Statements run so that a unique violation or a deadlock undoes only the one that met it.
+    """Statements run so that another transaction in the way undoes only the one it met.
+
+    (A unique violation of a key taken meanwhile, a deadlock, a row changed
+    after the caller's snapshot.)
 
     In a savepoint of the caller's transaction (whose commit stays the
     caller's), or on an autocommit connection each a transaction of its own.
@@ -171,7 +174,7 @@ class _Attempts:
                 _execute(self.conn, "ROLLBACK TO SAVEPOINT pgpubsub_attempt")
                 _execute(self.conn, "RELEASE SAVEPOINT pgpubsub_attempt")
             self.failed = sqlstate(exc)
-            if self.failed in (UNIQUE_VIOLATION, DEADLOCK):
+            if self.failed in (UNIQUE_VIOLATION, DEADLOCK, SERIALIZATION_FAILURE):
                 return None
             raise
         if self.in_transaction:
@@ -281,22 +284,29 @@ WITH asked AS (
       AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
       AND (%(channel)s::text IS NULL OR channel = %(channel)s)
     ORDER BY id FOR UPDATE
+), firsts AS (
+    -- the first dead message of each key asked for (one sort, not a scan of
+    -- the asked messages per message)
+    SELECT a.id, a.channel, a.status, a.dedupe_key,
+        pg_catalog.min(a.id) FILTER (WHERE a.status = 'dead')
+            OVER (PARTITION BY a.channel, a.dedupe_key) AS first
+    FROM asked a
 ), verdict AS (
     SELECT a.id, a.channel, a.dedupe_key,
         (SELECT p.id FROM pgpubsub.message p
          WHERE a.status = 'dead' AND p.channel = a.channel AND p.dedupe_key = a.dedupe_key
            AND p.status = 'pending') AS holder,
-        (SELECT pg_catalog.min(t.id) FROM asked t
-         WHERE a.status = 'dead' AND t.status = 'dead' AND t.channel = a.channel
-           AND t.dedupe_key = a.dedupe_key AND t.id < a.id) AS twin
-    FROM asked a
+        CASE WHEN a.status = 'dead' AND a.dedupe_key IS NOT NULL AND a.first < a.id
+            THEN a.first END AS twin
+    FROM firsts a
 ), replayed AS (
     UPDATE pgpubsub.message m SET status = 'pending', attempts = 0, run_at = pg_catalog.now()
     FROM verdict v WHERE m.id = v.id AND v.holder IS NULL AND v.twin IS NULL
     RETURNING m.id
 )
-SELECT v.id, v.channel, v.dedupe_key, v.holder, v.twin, r.id IS NOT NULL
-FROM verdict v LEFT JOIN replayed r ON r.id = v.id ORDER BY v.id
+-- (IN: a hashed look-up; the join was a nested loop over both, n x m)
+SELECT v.id, v.channel, v.dedupe_key, v.holder, v.twin, v.id IN (SELECT id FROM replayed)
+FROM verdict v ORDER BY v.id
 """
 # The statement cannot see a pending message of the key whose transaction has
 # not committed (a publish, another replay): its update waits for that
@@ -310,10 +320,13 @@ UNIQUE_VIOLATION = "23505"
 # pending message of a key at the unique index while that one waits for a row
 # the first has locked. PostgreSQL fails one of them; it goes one at a time.
 DEADLOCK = "40P01"
+# A message another transaction changed (replayed, purged, completed) after
+# the caller's REPEATABLE READ or SERIALIZABLE snapshot cannot be locked.
+SERIALIZATION_FAILURE = "40001"
 #: How often one message is tried while other transactions get in its way.
 KEY_TRIES = 5
 CANDIDATES_SQL = """
-SELECT id, dedupe_key FROM pgpubsub.message
+SELECT id, channel, status, dedupe_key FROM pgpubsub.message
 WHERE status = ANY(%(statuses)s)
   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
   AND (%(channel)s::text IS NULL OR channel = %(channel)s)
@@ -397,8 +410,10 @@ def _replay_each(
     """REPLAY_SQL's rows, message by message (some key was taken while the statement ran).
 
     The messages of a key taken meanwhile are reported with their holder;
-    those whose holder the caller's snapshot cannot see, or that other
-    transactions get in the way of at every try, are skipped with why.
+    those the caller's snapshot cannot see as they are now, or that other
+    transactions get in the way of at every try, are skipped with why. Of
+    dead messages of one key, only the first goes back, as in one statement
+    (on an autocommit connection it may have completed before the next).
     """
     conn = attempts.conn
     candidates = _rows(conn, CANDIDATES_SQL, asked)
@@ -407,30 +422,40 @@ def _replay_each(
     )
     rows: list[tuple[Any, ...]] = []
     skipped: list[Skipped] = []
-    mine: set[int] = set()  # replayed here: a later message of the key is its twin
-    for mid, key in candidates:
+    firsts: dict[tuple[str, str], int] = {}  # (channel, key): the dead message replayed
+    for mid, name, status, key in candidates:
+        first = firsts.get((name, key))
+        if first is not None and status == "dead":
+            rows.append((mid, name, key, None, first, False))
+            continue
         got = None
         for _ in range(KEY_TRIES):
             got = attempts.rows(REPLAY_SQL, {**asked, "ids": [mid]})
-            if got is not None or (stale and attempts.failed == UNIQUE_VIOLATION):
+            if got is not None or (stale and attempts.failed != DEADLOCK):
                 break
         if got is None:
-            why = (
-                f"a pending message holds dedupe key {key!r} (committed after this "
-                "transaction began)"
-                if stale and attempts.failed == UNIQUE_VIOLATION
-                else f"other transactions took its dedupe key {key!r} or locked it at "
-                f"each of {KEY_TRIES} tries"
-            )
-            skipped.append(Skipped(int(mid), why))
+            skipped.append(Skipped(int(mid), _in_the_way(key, stale, attempts.failed)))
             continue
-        for done_id, name, done_key, holder, twin, done in got:
-            if done:
-                mine.add(int(done_id))
-            elif holder in mine:
-                holder, twin = None, holder
-            rows.append((done_id, name, done_key, holder, twin, done))
+        for row in got:
+            if row[5] and status == "dead" and key is not None:
+                firsts[(name, key)] = int(mid)
+            rows.append(row)
     return rows, skipped
+
+
+def _in_the_way(key: str | None, stale: bool, failed: str | None) -> str:
+    """Why a message that other transactions got in the way of stays as it was."""
+    if stale and failed == UNIQUE_VIOLATION:
+        return (
+            f"a pending message holds dedupe key {key!r} (committed after this "
+            "transaction began)"
+        )
+    if stale and failed == SERIALIZATION_FAILURE:
+        return "another transaction changed it after this transaction began"
+    return (
+        f"other transactions took its dedupe key {key!r} or locked it at each of "
+        f"{KEY_TRIES} tries"
+    )
 
 
 def purge(
