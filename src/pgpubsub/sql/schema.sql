@@ -14,10 +14,15 @@ CREATE SCHEMA IF NOT EXISTS pgpubsub;
 -- Run again on a live queue (an upgrade), this script takes the message
 -- table's strongest lock first: it would otherwise take a weaker one (an
 -- index) and later the exclusive one (a column), and a worker that had read
--- the table, waiting to write it, would deadlock with it.
+-- the table, waiting to write it, would deadlock with it. Only a role that
+-- acts as the table's owner (the one that can change it) takes it: another
+-- one fails further on, and must not first queue for it behind a transaction
+-- on the table, with every publish and claim queued behind it.
 DO $lock$
 BEGIN
-    IF pg_catalog.to_regclass('pgpubsub.message') IS NOT NULL THEN
+    IF EXISTS (SELECT FROM pg_catalog.pg_class c
+               WHERE c.oid = pg_catalog.to_regclass('pgpubsub.message')
+                 AND pg_catalog.pg_has_role(c.relowner, 'USAGE')) THEN
         LOCK TABLE pgpubsub.message IN ACCESS EXCLUSIVE MODE;
     END IF;
 END
