@@ -439,6 +439,52 @@ def test_replay_one_at_a_time_still_replays_one_dead_message_per_key(db: str) ->
     }
 
 
+def test_purge_and_replay_of_the_same_messages_take_them_in_the_same_order(db: str) -> None:
+    """Replay locks its messages in id order; purge took them channel by channel, so each
+    could hold a message the other waited for, and PostgreSQL failed the purge."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        [(low,), (high,)] = conn.execute(  # the lower id on the later channel
+            "INSERT INTO pgpubsub.message (channel, payload, status) "
+            "VALUES ('b', '{}', 'dead'), ('a', '{}', 'dead') RETURNING id"
+        ).fetchall()
+        conn.execute(
+            psycopg.sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
+                psycopg.sql.Identifier(str(conn.info.dbname))
+            )
+        )
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, work: Any) -> None:
+        with psycopg.connect(db, autocommit=True) as conn:
+            outcomes[f"{name} pid"] = conn.info.backend_pid
+            try:
+                outcomes[name] = work(conn)
+            except Exception as exc:
+                outcomes[name] = exc
+
+    def waiting(name: str) -> bool:
+        pid = outcomes.get(f"{name} pid")
+        return pid is not None and bool(
+            admin_query(db, "SELECT pg_blocking_pids(%s) <> '{}'", (pid,))[0][0]
+        )
+
+    purge = threading.Thread(target=run, args=("purge", lambda c: messages.purge(c)))
+    replay = threading.Thread(
+        target=run, args=("replay", lambda c: messages.replay(c, ids=[low, high]))
+    )
+    with psycopg.connect(db) as holder:  # a worker holds the higher id for a moment
+        holder.execute("SELECT 1 FROM pgpubsub.message WHERE id = %s FOR UPDATE", (high,))
+        purge.start()
+        wait_until(lambda: waiting("purge"))
+        replay.start()
+        wait_until(lambda: waiting("replay"))
+    purge.join(timeout=30)
+    replay.join(timeout=30)
+    assert not isinstance(outcomes["purge"], BaseException), repr(outcomes["purge"])
+    assert not isinstance(outcomes["replay"], BaseException), repr(outcomes["replay"])
+    assert outcomes["purge"] + len(outcomes["replay"].replayed) == 2
+
+
 @pytest.mark.acceptance
 def test_the_dashboard_shows_what_a_replay_could_not_replay_and_why(db: str) -> None:
     from test_dashboard import dashboard, request

@@ -469,15 +469,22 @@ def purge(
     older than seconds, or ids; return how many."""
     name = channel_name(channel)
     with conn.cursor() as cur:
-        cur.execute(
-            "DELETE FROM pgpubsub.message WHERE status = ANY(%s) "
-            "AND (%s::text IS NULL OR channel = %s) "
-            "AND (%s::float8 IS NULL OR "
-            "created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)) "
-            "AND (%s::bigint[] IS NULL OR id = ANY(%s))",
-            (_statuses(status), name, name, older_than, older_than, ids, ids),
-        )
+        cur.execute(PURGE_SQL, (_statuses(status), name, name, older_than, older_than, ids, ids))
         return int(cur.rowcount)
+
+
+# The rows are locked in id order first, as replay locks them: in the order of
+# a scan (channel by channel) a purge and a replay of the same messages could
+# each hold one the other waited for, and PostgreSQL failed one of them.
+PURGE_SQL = """
+DELETE FROM pgpubsub.message WHERE id IN (
+    SELECT id FROM pgpubsub.message WHERE status = ANY(%s)
+      AND (%s::text IS NULL OR channel = %s)
+      AND (%s::float8 IS NULL OR
+           created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s))
+      AND (%s::bigint[] IS NULL OR id = ANY(%s))
+    ORDER BY id FOR UPDATE)
+"""
 
 
 class CancelResult(int):
