@@ -401,6 +401,45 @@ def test_replay_in_an_older_snapshot_of_a_message_changed_since_reports_it(
     assert admin_query(db, "SELECT count(*) FROM audit") == [(0,)]
 
 
+def test_replay_in_a_serializable_transaction_that_must_retry_raises_for_the_retry(
+    db: str,
+) -> None:
+    """A serialization failure of SERIALIZABLE's own checks (a write skew: nobody touched
+    the messages) is the caller's to retry: replay raises it, and reports nothing false."""
+    [first, second] = dead_letters(db, ["k1", "k2"])
+    admin_query(db, "CREATE TABLE audit (x int)")
+    with psycopg.connect(db) as caller, psycopg.connect(db) as other:
+        caller.isolation_level = other.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+        caller.execute("SELECT count(*) FROM audit").fetchone()
+        other.execute("SELECT count(*) FROM pgpubsub.message WHERE status = 'dead'").fetchone()
+        other.execute("INSERT INTO audit VALUES (1)")
+        other.commit()
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            messages.replay(caller)
+    statuses = admin_query(db, "SELECT id, status FROM pgpubsub.message ORDER BY id")
+    assert statuses == [(first, "dead"), (second, "dead")]
+
+
+def test_replay_one_at_a_time_replays_no_later_dead_message_of_a_key_before_the_first(
+    db: str,
+) -> None:
+    """The first dead message of a key cannot go back (another transaction changed it after
+    the caller's REPEATABLE READ snapshot): the later one of its key stays dead too."""
+    [first, later] = dead_letters(db, ["k", "k-later"])
+    admin_query(db, "UPDATE pgpubsub.message SET dedupe_key = 'k' WHERE id = %s", (later,))
+    with psycopg.connect(db) as caller:
+        caller.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        caller.execute("SELECT 1")  # the snapshot
+        admin_query(db, "UPDATE pgpubsub.message SET last_error = 'seen' WHERE id = %s", (first,))
+        result = messages.replay(caller, ids=[first, later])
+        caller.commit()
+    assert result.replayed == ()
+    assert [(s.id, s.reason) for s in result.skipped] == [
+        (first, "another transaction changed it after this transaction began"),
+        (later, f"message {first} of the same dedupe key 'k' comes first and was not replayed"),
+    ]
+
+
 def test_replay_one_at_a_time_still_replays_one_dead_message_per_key(db: str) -> None:
     """Of dead messages of one key only the oldest goes back, also when replay goes one
     message at a time (a key taken meanwhile) on an autocommit connection, where the
@@ -483,6 +522,57 @@ def test_purge_and_replay_of_the_same_messages_take_them_in_the_same_order(db: s
     assert not isinstance(outcomes["purge"], BaseException), repr(outcomes["purge"])
     assert not isinstance(outcomes["replay"], BaseException), repr(outcomes["replay"])
     assert outcomes["purge"] + len(outcomes["replay"].replayed) == 2
+
+
+def test_purge_beside_a_worker_expiring_done_messages_does_not_deadlock(db: str) -> None:
+    """A worker deletes a channel's expired done messages (EXPIRE_SQL) in its scan's order,
+    purge in id order: the worker must not wait for a row purge holds."""
+    from pgpubsub._processor import EXPIRE_SQL
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        [(low,), (high,)] = conn.execute(  # the lower id comes later in the scan
+            "INSERT INTO pgpubsub.message (channel, payload, status, completed_at, created_at) "
+            "VALUES ('r', '{}', 'done', now() - interval '1 hour', now()), "
+            "('r', '{}', 'done', now() - interval '1 hour', now() - interval '1 minute') "
+            "RETURNING id"
+        ).fetchall()
+        conn.execute(
+            psycopg.sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
+                psycopg.sql.Identifier(str(conn.info.dbname))
+            )
+        )
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, work: Any) -> None:
+        with psycopg.connect(db, autocommit=True) as conn:
+            outcomes[f"{name} pid"] = conn.info.backend_pid
+            try:
+                outcomes[name] = work(conn)
+            except Exception as exc:
+                outcomes[name] = exc
+
+    def waiting(name: str) -> bool:
+        pid = outcomes.get(f"{name} pid")
+        return pid is not None and bool(
+            admin_query(db, "SELECT pg_blocking_pids(%s) <> '{}'", (pid,))[0][0]
+        )
+
+    purge = threading.Thread(target=run, args=("purge", lambda c: messages.purge(c, "done")))
+    expire = threading.Thread(
+        target=run, args=("expire", lambda c: c.execute(EXPIRE_SQL, ("r", 60)).rowcount)
+    )
+    with psycopg.connect(db) as holder:  # a transaction holds the lower id for a moment
+        holder.execute("SELECT 1 FROM pgpubsub.message WHERE id = %s FOR UPDATE", (low,))
+        purge.start()
+        wait_until(lambda: waiting("purge"))
+        expire.start()
+        expire.join(timeout=30)  # it waits for nothing: it leaves the held row for later
+    purge.join(timeout=30)
+    assert not isinstance(outcomes["purge"], BaseException), repr(outcomes["purge"])
+    assert not isinstance(outcomes["expire"], BaseException), repr(outcomes["expire"])
+    assert outcomes["purge"] + outcomes["expire"] == 2
+    left = admin_query(db, "SELECT id FROM pgpubsub.message WHERE id IN (%s, %s)", (low, high))
+    assert left == []
 
 
 @pytest.mark.acceptance

@@ -214,9 +214,14 @@ SETTLED_SQL = "SELECT pg_catalog.pg_notify(%s, %s::text)"
 SWEEP_BATCHES_SQL = "SELECT pgpubsub.sweep_batches(%s)"
 #: Seconds between sweeps of a channel without a retention (its batch members).
 SWEEP_EVERY = 60.0
+# Rows another transaction holds (a purge, which locks in id order) are left
+# for the next sweep: a worker that waited for one while holding others in its
+# scan's order could deadlock with it.
 EXPIRE_SQL = (
-    "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
-    "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
+    "DELETE FROM pgpubsub.message WHERE id IN (SELECT id FROM pgpubsub.message "
+    "WHERE channel = %s AND status = 'done' "
+    "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s) "
+    "FOR UPDATE SKIP LOCKED)"
 )
 # A rate-limited channel's token bucket (pgpubsub.rate_bucket, see
 # channel.Rate): its tokens refilled by the time elapsed, measured by the

@@ -174,12 +174,21 @@ class _Attempts:
                 _execute(self.conn, "ROLLBACK TO SAVEPOINT pgpubsub_attempt")
                 _execute(self.conn, "RELEASE SAVEPOINT pgpubsub_attempt")
             self.failed = sqlstate(exc)
-            if self.failed in (UNIQUE_VIOLATION, DEADLOCK, SERIALIZATION_FAILURE):
+            if self.failed in (UNIQUE_VIOLATION, DEADLOCK):
+                return None
+            if self.failed == SERIALIZATION_FAILURE and not self._serializable():
                 return None
             raise
         if self.in_transaction:
             _execute(self.conn, "RELEASE SAVEPOINT pgpubsub_attempt")
         return rows
+
+    def _serializable(self) -> bool:
+        """Whether the caller's transaction is SERIALIZABLE: its serialization failures may
+        come from its own checks (a write skew), and only a retry of it all resolves them."""
+        return bool(self.in_transaction) and (
+            _rows(self.conn, ISOLATION_SQL, None)[0][0] == "serializable"
+        )
 
 
 def _execute(conn: Any, statement: str) -> None:
@@ -321,7 +330,9 @@ UNIQUE_VIOLATION = "23505"
 # the first has locked. PostgreSQL fails one of them; it goes one at a time.
 DEADLOCK = "40P01"
 # A message another transaction changed (replayed, purged, completed) after
-# the caller's REPEATABLE READ or SERIALIZABLE snapshot cannot be locked.
+# the caller's REPEATABLE READ snapshot cannot be locked. (Under SERIALIZABLE
+# the failure may come from its own checks instead: it is raised, for the
+# caller to run its transaction again, as SERIALIZABLE asks of callers.)
 SERIALIZATION_FAILURE = "40001"
 #: How often one message is tried while other transactions get in its way.
 KEY_TRIES = 5
@@ -422,11 +433,24 @@ def _replay_each(
     )
     rows: list[tuple[Any, ...]] = []
     skipped: list[Skipped] = []
-    firsts: dict[tuple[str, str], int] = {}  # (channel, key): the dead message replayed
+    # (channel, key): the first dead message of the key, and what became of it:
+    # a later one follows it (a twin of the one replayed, held by the same
+    # holder, or left dead after the one that could not go back)
+    firsts: dict[tuple[str, str], tuple[int, Any]] = {}
     for mid, name, status, key in candidates:
-        first = firsts.get((name, key))
-        if first is not None and status == "dead":
-            rows.append((mid, name, key, None, first, False))
+        first = firsts.get((name, key)) if status == "dead" else None
+        if first is not None:
+            first_id, holder = first
+            if holder == "skipped":
+                why = (
+                    f"message {first_id} of the same dedupe key {key!r} comes first and "
+                    "was not replayed"
+                )
+                skipped.append(Skipped(int(mid), why))
+            elif holder is None:
+                rows.append((mid, name, key, None, first_id, False))
+            else:
+                rows.append((mid, name, key, holder, None, False))
             continue
         got = None
         for _ in range(KEY_TRIES):
@@ -435,10 +459,12 @@ def _replay_each(
                 break
         if got is None:
             skipped.append(Skipped(int(mid), _in_the_way(key, stale, attempts.failed)))
+            if status == "dead" and key is not None:
+                firsts[(name, key)] = (int(mid), "skipped")
             continue
         for row in got:
-            if row[5] and status == "dead" and key is not None:
-                firsts[(name, key)] = int(mid)
+            if status == "dead" and key is not None:
+                firsts[(name, key)] = (int(mid), None if row[5] else row[3])
             rows.append(row)
     return rows, skipped
 
