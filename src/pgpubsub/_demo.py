@@ -101,19 +101,17 @@ async def _act1(screen: Screen, dsn: str, total: int) -> bool:
     publisher.start()
     if total == 0:
         done.set()
-    # asyncio.wait, not wait_for: on Python 3.11 a Ctrl-C (asyncio.run cancels
-    # this task) that came as wait_for timed out could be lost, and the act ran
-    # on to its end (seen once in CI).
-    finished = asyncio.ensure_future(done.wait())
     while not done.is_set() and time.perf_counter() - started < 120:
-        await asyncio.wait([finished], timeout=0.1)
+        try:
+            await asyncio.wait_for(done.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass
         got = len(received)
         active = max(1e-9, (last_at[0] or time.perf_counter()) - started)
         lat = statistics.median(received[-1000:]) * 1000 if received else 0.0
         screen.status(
             _line(screen, got, total, f"{got:,}/{total:,} {got / active:,.0f}/s p50 {lat:.1f} ms")
         )
-    finished.cancel()
     publisher.join()
     status = worker.engine.status()
     await worker.stop()
