@@ -436,7 +436,11 @@ def test_replay_one_at_a_time_replays_no_later_dead_message_of_a_key_before_the_
     assert result.replayed == ()
     assert [(s.id, s.reason) for s in result.skipped] == [
         (first, "another transaction changed it after this transaction began"),
-        (later, f"message {first} of the same dedupe key 'k' comes first and was not replayed"),
+        (
+            later,
+            f"message {first} of the same dedupe key 'k' comes first and could not be "
+            "replayed in this transaction: replay again",
+        ),
     ]
 
 
@@ -606,6 +610,45 @@ def test_the_dashboard_shows_what_a_replay_could_not_replay_and_why(db: str) -> 
     assert dict(admin_query(db, "SELECT id, status FROM pgpubsub.message")) == {
         held: "dead", holder: "pending", free: "pending"
     }
+
+
+@pytest.mark.acceptance
+def test_the_dashboard_runs_a_replay_again_after_a_serialization_failure(db: str) -> None:
+    """On a database whose transactions are SERIALIZABLE, the dashboard's own transaction
+    meets a serialization failure when another replay of the message commits first: the
+    dashboard runs it again (it said "the database is unreachable")."""
+    from test_dashboard import dashboard, request
+
+    [dead] = dead_letters(db, ["k"])
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            psycopg.sql.SQL(
+                "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'"
+            ).format(psycopg.sql.Identifier(str(conn.info.dbname)))
+        )
+    with dashboard(db, "--allow-actions") as url, psycopg.connect(db) as rival:
+        status, page = request(f"{url}/channel?name=letter&status=dead")
+        match = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert status == 200 and match, page
+        assert messages.replay(rival, ids=[dead]).replayed == (dead,)  # not committed yet
+        answers: list[tuple[int, str]] = []
+        body = f"channel=letter&csrf={match.group(1)}".encode()
+        asking = threading.Thread(
+            target=lambda: answers.append(request(f"{url}/actions/replay", body))
+        )
+        asking.start()
+        wait_until(
+            lambda: admin_query(
+                db, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            )[0][0]
+            > 0
+        )
+        rival.commit()
+        asking.join(timeout=30)
+    [(status, page)] = answers
+    assert status == 200, page
+    (notice,) = re.findall(r'<p class="notice"[^>]*>(.*?)</p>', page, re.S)
+    assert html.unescape(notice) == "0 message(s) will run again"
 
 
 # -- channel options checked at declaration ----------------------------------------------

@@ -20,10 +20,10 @@ channel's ``retention``), ``spill`` (a plain trigger channel's wide row), and
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .channel import resolve_channel
 from .driver import sqlstate
@@ -194,6 +194,25 @@ class _Attempts:
 def _execute(conn: Any, statement: str) -> None:
     with conn.cursor() as cur:
         cur.execute(statement)
+
+
+T = TypeVar("T")
+#: How often a transaction of its own (the dashboard's, the Django admin's) is run
+#: again after a serialization failure.
+OWN_TRANSACTION_TRIES = 3
+
+
+def in_own_transaction(work: Callable[[], T]) -> T:
+    """``work()``, which runs one operation here in a transaction of its own and commits it,
+    run again after a serialization failure (a database whose transactions are
+    SERIALIZABLE: the transaction's owner retries it, with a new snapshot)."""
+    for attempt in range(OWN_TRANSACTION_TRIES):
+        try:
+            return work()
+        except Exception as exc:
+            if sqlstate(exc) != SERIALIZATION_FAILURE or attempt == OWN_TRANSACTION_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def list_messages(
@@ -435,7 +454,9 @@ def _replay_each(
     skipped: list[Skipped] = []
     # (channel, key): the first dead message of the key, and what became of it:
     # a later one follows it (a twin of the one replayed, held by the same
-    # holder, or left dead after the one that could not go back)
+    # holder, or left dead after the one that could not go back: whether that
+    # one is gone or still dead, this transaction may not see; a replay in a
+    # new one will)
     firsts: dict[tuple[str, str], tuple[int, Any]] = {}
     for mid, name, status, key in candidates:
         first = firsts.get((name, key)) if status == "dead" else None
@@ -444,7 +465,7 @@ def _replay_each(
             if holder == "skipped":
                 why = (
                     f"message {first_id} of the same dedupe key {key!r} comes first and "
-                    "was not replayed"
+                    "could not be replayed in this transaction: replay again"
                 )
                 skipped.append(Skipped(int(mid), why))
             elif holder is None:
