@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import admin_query, wait_until
+from helpers import Racers, admin_query, fast_deadlock_detection, wait_until
 
 import pgpubsub
 from pgpubsub import messages, testing
@@ -316,13 +316,7 @@ def test_two_replays_that_deadlock_over_a_key_both_return(db: str) -> None:
     deadlock. Neither may fail; a key never gets two pending messages."""
     [d1, d2, d3] = dead_letters(db, ["k", "k-later", "free"])
     admin_query(db, "UPDATE pgpubsub.message SET dedupe_key = 'k' WHERE id = %s", (d2,))
-    dbname = str(psycopg.conninfo.conninfo_to_dict(db)["dbname"])
-    with psycopg.connect(db, autocommit=True) as conn:  # the deadlock found in 50 ms, not 1 s
-        conn.execute(
-            psycopg.sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
-                psycopg.sql.Identifier(dbname)
-            )
-        )
+    fast_deadlock_detection(db)
     results: list[Any] = []
     with psycopg.connect(db) as b:
         assert messages.replay(b, ids=[d1]).replayed == (d1,)  # key k, not committed
@@ -485,46 +479,20 @@ def test_replay_one_at_a_time_still_replays_one_dead_message_per_key(db: str) ->
 def test_purge_and_replay_of_the_same_messages_take_them_in_the_same_order(db: str) -> None:
     """Replay locks its messages in id order; purge took them channel by channel, so each
     could hold a message the other waited for, and PostgreSQL failed the purge."""
-    with psycopg.connect(db, autocommit=True) as conn:
-        [(low,), (high,)] = conn.execute(  # the lower id on the later channel
-            "INSERT INTO pgpubsub.message (channel, payload, status) "
-            "VALUES ('b', '{}', 'dead'), ('a', '{}', 'dead') RETURNING id"
-        ).fetchall()
-        conn.execute(
-            psycopg.sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
-                psycopg.sql.Identifier(str(conn.info.dbname))
-            )
-        )
-    outcomes: dict[str, Any] = {}
-
-    def run(name: str, work: Any) -> None:
-        with psycopg.connect(db, autocommit=True) as conn:
-            outcomes[f"{name} pid"] = conn.info.backend_pid
-            try:
-                outcomes[name] = work(conn)
-            except Exception as exc:
-                outcomes[name] = exc
-
-    def waiting(name: str) -> bool:
-        pid = outcomes.get(f"{name} pid")
-        return pid is not None and bool(
-            admin_query(db, "SELECT pg_blocking_pids(%s) <> '{}'", (pid,))[0][0]
-        )
-
-    purge = threading.Thread(target=run, args=("purge", lambda c: messages.purge(c)))
-    replay = threading.Thread(
-        target=run, args=("replay", lambda c: messages.replay(c, ids=[low, high]))
+    [(low,), (high,)] = admin_query(  # the lower id on the later channel
+        db,
+        "INSERT INTO pgpubsub.message (channel, payload, status) "
+        "VALUES ('b', '{}', 'dead'), ('a', '{}', 'dead') RETURNING id",
     )
+    fast_deadlock_detection(db)
+    racers = Racers(db)
     with psycopg.connect(db) as holder:  # a worker holds the higher id for a moment
         holder.execute("SELECT 1 FROM pgpubsub.message WHERE id = %s FOR UPDATE", (high,))
-        purge.start()
-        wait_until(lambda: waiting("purge"))
-        replay.start()
-        wait_until(lambda: waiting("replay"))
-    purge.join(timeout=30)
-    replay.join(timeout=30)
-    assert not isinstance(outcomes["purge"], BaseException), repr(outcomes["purge"])
-    assert not isinstance(outcomes["replay"], BaseException), repr(outcomes["replay"])
+        racers.start("purge", messages.purge)
+        wait_until(lambda: racers.waiting("purge"))
+        racers.start("replay", lambda c: messages.replay(c, ids=[low, high]))
+        wait_until(lambda: racers.waiting("replay"))
+    outcomes = racers.finish()
     assert outcomes["purge"] + len(outcomes["replay"].replayed) == 2
 
 
@@ -533,47 +501,22 @@ def test_purge_beside_a_worker_expiring_done_messages_does_not_deadlock(db: str)
     purge in id order: the worker must not wait for a row purge holds."""
     from pgpubsub._processor import EXPIRE_SQL
 
-    with psycopg.connect(db, autocommit=True) as conn:
-        [(low,), (high,)] = conn.execute(  # the lower id comes later in the scan
-            "INSERT INTO pgpubsub.message (channel, payload, status, completed_at, created_at) "
-            "VALUES ('r', '{}', 'done', now() - interval '1 hour', now()), "
-            "('r', '{}', 'done', now() - interval '1 hour', now() - interval '1 minute') "
-            "RETURNING id"
-        ).fetchall()
-        conn.execute(
-            psycopg.sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
-                psycopg.sql.Identifier(str(conn.info.dbname))
-            )
-        )
-    outcomes: dict[str, Any] = {}
-
-    def run(name: str, work: Any) -> None:
-        with psycopg.connect(db, autocommit=True) as conn:
-            outcomes[f"{name} pid"] = conn.info.backend_pid
-            try:
-                outcomes[name] = work(conn)
-            except Exception as exc:
-                outcomes[name] = exc
-
-    def waiting(name: str) -> bool:
-        pid = outcomes.get(f"{name} pid")
-        return pid is not None and bool(
-            admin_query(db, "SELECT pg_blocking_pids(%s) <> '{}'", (pid,))[0][0]
-        )
-
-    purge = threading.Thread(target=run, args=("purge", lambda c: messages.purge(c, "done")))
-    expire = threading.Thread(
-        target=run, args=("expire", lambda c: c.execute(EXPIRE_SQL, ("r", 60)).rowcount)
+    [(low,), (high,)] = admin_query(  # the lower id comes later in the scan
+        db,
+        "INSERT INTO pgpubsub.message (channel, payload, status, completed_at, created_at) "
+        "VALUES ('r', '{}', 'done', now() - interval '1 hour', now()), "
+        "('r', '{}', 'done', now() - interval '1 hour', now() - interval '1 minute') "
+        "RETURNING id",
     )
+    fast_deadlock_detection(db)
+    racers = Racers(db)
     with psycopg.connect(db) as holder:  # a transaction holds the lower id for a moment
         holder.execute("SELECT 1 FROM pgpubsub.message WHERE id = %s FOR UPDATE", (low,))
-        purge.start()
-        wait_until(lambda: waiting("purge"))
-        expire.start()
-        expire.join(timeout=30)  # it waits for nothing: it leaves the held row for later
-    purge.join(timeout=30)
-    assert not isinstance(outcomes["purge"], BaseException), repr(outcomes["purge"])
-    assert not isinstance(outcomes["expire"], BaseException), repr(outcomes["expire"])
+        racers.start("purge", lambda c: messages.purge(c, "done"))
+        wait_until(lambda: racers.waiting("purge"))
+        racers.start("expire", lambda c: c.execute(EXPIRE_SQL, ("r", 60)).rowcount)
+        racers.threads[-1].join(timeout=30)  # it waits for nothing: it leaves the held row
+    outcomes = racers.finish()
     assert outcomes["purge"] + outcomes["expire"] == 2
     left = admin_query(db, "SELECT id FROM pgpubsub.message WHERE id IN (%s, %s)", (low, high))
     assert left == []

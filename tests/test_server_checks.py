@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from helpers import admin_query, wait_until
+from helpers import admin_query, fast_deadlock_detection, wait_until
 
 import pgpubsub
 from pgpubsub import health
@@ -132,13 +132,7 @@ def test_migrate_beside_a_worker_that_read_the_queue_and_then_writes_it_does_not
     completion) while `migrate` runs again: migrate took a weaker lock first and then the
     table's exclusive lock (an index, then a column), so the two waited for each other and
     PostgreSQL failed one of them."""
-    dbname = str(psycopg.conninfo.conninfo_to_dict(db)["dbname"])
-    with psycopg.connect(db, autocommit=True) as conn:  # a deadlock found in 50 ms, not 1 s
-        conn.execute(
-            psycopg.sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
-                psycopg.sql.Identifier(dbname)
-            )
-        )
+    fast_deadlock_detection(db)
     failures: list[BaseException] = []
 
     def migrate_again() -> None:
