@@ -156,6 +156,7 @@ class _Attempts:
         self.in_transaction: bool | None = None  # not known before the first savepoint
         #: The SQLSTATE of the last statement that came back None.
         self.failed: str | None = None
+        self._isolation: str | None = None
 
     def rows(self, query: str, params: Any) -> list[tuple[Any, ...]] | None:
         """The statement's rows, or None when another transaction got in its way."""
@@ -176,19 +177,23 @@ class _Attempts:
             self.failed = sqlstate(exc)
             if self.failed in (UNIQUE_VIOLATION, DEADLOCK):
                 return None
-            if self.failed == SERIALIZATION_FAILURE and not self._serializable():
+            # Under SERIALIZABLE the failure may come from its own checks (a write
+            # skew): only a retry of the caller's whole transaction resolves it.
+            if self.failed == SERIALIZATION_FAILURE and self.isolation() != "serializable":
                 return None
             raise
         if self.in_transaction:
             _execute(self.conn, "RELEASE SAVEPOINT pgpubsub_attempt")
         return rows
 
-    def _serializable(self) -> bool:
-        """Whether the caller's transaction is SERIALIZABLE: its serialization failures may
-        come from its own checks (a write skew), and only a retry of it all resolves them."""
-        return bool(self.in_transaction) and (
-            _rows(self.conn, ISOLATION_SQL, None)[0][0] == "serializable"
-        )
+    def isolation(self) -> str:
+        """The caller's transaction's isolation level ("read committed" on an autocommit
+        connection: each statement then has a snapshot of its own)."""
+        if not self.in_transaction:
+            return "read committed"
+        if self._isolation is None:
+            self._isolation = str(_rows(self.conn, ISOLATION_SQL, None)[0][0])
+        return self._isolation
 
 
 def _execute(conn: Any, statement: str) -> None:
@@ -447,9 +452,7 @@ def _replay_each(
     """
     conn = attempts.conn
     candidates = _rows(conn, CANDIDATES_SQL, asked)
-    stale = bool(attempts.in_transaction) and _rows(conn, ISOLATION_SQL, None)[0][0] != (
-        "read committed"
-    )
+    stale = attempts.isolation() != "read committed"  # a snapshot older than the statement
     rows: list[tuple[Any, ...]] = []
     skipped: list[Skipped] = []
     # (channel, key): the first dead message of the key, and what became of it:
@@ -457,21 +460,20 @@ def _replay_each(
     # holder, or left dead after the one that could not go back: whether that
     # one is gone or still dead, this transaction may not see; a replay in a
     # new one will)
-    firsts: dict[tuple[str, str], tuple[int, Any]] = {}
+    firsts: dict[tuple[str, str], _First] = {}
     for mid, name, status, key in candidates:
         first = firsts.get((name, key)) if status == "dead" else None
         if first is not None:
-            first_id, holder = first
-            if holder == "skipped":
+            if not first.tried:
                 why = (
-                    f"message {first_id} of the same dedupe key {key!r} comes first and "
+                    f"message {first.id} of the same dedupe key {key!r} comes first and "
                     "could not be replayed in this transaction: replay again"
                 )
                 skipped.append(Skipped(int(mid), why))
-            elif holder is None:
-                rows.append((mid, name, key, None, first_id, False))
+            elif first.holder is None:
+                rows.append((mid, name, key, None, first.id, False))
             else:
-                rows.append((mid, name, key, holder, None, False))
+                rows.append((mid, name, key, first.holder, None, False))
             continue
         got = None
         for _ in range(KEY_TRIES):
@@ -481,13 +483,24 @@ def _replay_each(
         if got is None:
             skipped.append(Skipped(int(mid), _in_the_way(key, stale, attempts.failed)))
             if status == "dead" and key is not None:
-                firsts[(name, key)] = (int(mid), "skipped")
+                firsts[(name, key)] = _First(int(mid), tried=False)
             continue
         for row in got:
             if status == "dead" and key is not None:
-                firsts[(name, key)] = (int(mid), None if row[5] else row[3])
+                firsts[(name, key)] = _First(int(mid), holder=None if row[5] else row[3])
             rows.append(row)
     return rows, skipped
+
+
+@dataclass(frozen=True)
+class _First:
+    """The first dead message of a key in a one-at-a-time replay, and what became of it."""
+
+    id: int
+    #: False: other transactions kept it from being tried to the end (it stays dead).
+    tried: bool = True
+    #: The pending message that holds the key (None: this one was replayed).
+    holder: int | None = None
 
 
 def _in_the_way(key: str | None, stale: bool, failed: str | None) -> str:
