@@ -280,29 +280,20 @@ def test_replay_of_many_keys_each_taken_meanwhile_reports_every_holder(db: str) 
             for key, conn in zip(keys, publishers, strict=True)
         }  # each key taken, none committed yet
         by_pid = {conn.info.backend_pid: conn for conn in publishers}
-        results: list[Any] = []
-
-        def replay() -> None:
-            with psycopg.connect(db, autocommit=True) as conn:
-                results.append(conn.info.backend_pid)
-                try:
-                    results.append(messages.replay(conn, channel="letter"))
-                except Exception as exc:
-                    results.append(exc)
-
-        worker = threading.Thread(target=replay)
-        worker.start()
-        while worker.is_alive():  # commit whichever publisher the replay waits for
-            if len(results) == 1:
-                [(blockers,)] = admin_query(db, "SELECT pg_blocking_pids(%s)", (results[0],))
+        racers = Racers(db)
+        racers.start("replay", lambda c: messages.replay(c, channel="letter"))
+        while racers.threads[0].is_alive():  # commit whichever publisher the replay waits for
+            if "replay" in racers.pids:
+                [(blockers,)] = admin_query(
+                    db, "SELECT pg_blocking_pids(%s)", (racers.pids["replay"],)
+                )
                 for pid in blockers:
                     by_pid[pid].commit()
-            worker.join(timeout=0.02)
+            racers.threads[0].join(timeout=0.02)
     finally:
         for conn in publishers:
             conn.close()
-    result = results[-1]
-    assert not isinstance(result, BaseException), repr(result)
+    result = racers.finish()["replay"]
     assert result.replayed == ()
     assert {s.id: s.reason for s in result.skipped} == {
         mid: f"a pending message holds dedupe key {key!r} (id {holder})"
@@ -317,29 +308,14 @@ def test_two_replays_that_deadlock_over_a_key_both_return(db: str) -> None:
     [d1, d2, d3] = dead_letters(db, ["k", "k-later", "free"])
     admin_query(db, "UPDATE pgpubsub.message SET dedupe_key = 'k' WHERE id = %s", (d2,))
     fast_deadlock_detection(db)
-    results: list[Any] = []
+    racers = Racers(db)
     with psycopg.connect(db) as b:
         assert messages.replay(b, ids=[d1]).replayed == (d1,)  # key k, not committed
-
-        def replay_a() -> None:
-            with psycopg.connect(db, autocommit=True) as a:
-                results.append(a.info.backend_pid)
-                try:
-                    results.append(messages.replay(a, ids=[d2, d3]))
-                except Exception as exc:
-                    results.append(exc)
-
-        worker = threading.Thread(target=replay_a)
-        worker.start()
-        wait_until(lambda: len(results) == 1)
-        wait_until(
-            lambda: admin_query(db, "SELECT pg_blocking_pids(%s) <> '{}'", (results[0],))[0][0]
-        )
+        racers.start("a", lambda a: messages.replay(a, ids=[d2, d3]))
+        wait_until(lambda: racers.waiting("a"))
         mine = messages.replay(b, ids=[d3])  # waits for A's lock on d3: a deadlock
         b.commit()
-        worker.join(timeout=30)
-    theirs = results[-1]
-    assert not isinstance(theirs, BaseException), repr(theirs)
+    theirs = racers.finish()["a"]
     assert d2 not in theirs.replayed
     assert sorted(mine.replayed + theirs.replayed) == [d3]
     pending = admin_query(
@@ -453,22 +429,11 @@ def test_replay_one_at_a_time_still_replays_one_dead_message_per_key(db: str) ->
     )
     with psycopg.connect(db) as rival:
         holder = int(pgpubsub.notify(Letter(to="new"), conn=rival, dedupe_key="taken"))
-        results: list[Any] = []
-
-        def replay() -> None:
-            with psycopg.connect(db, autocommit=True) as conn:
-                results.append(conn.info.backend_pid)
-                results.append(messages.replay(conn, channel="letter"))
-
-        worker = threading.Thread(target=replay)
-        worker.start()
-        wait_until(lambda: len(results) == 1)
-        wait_until(
-            lambda: admin_query(db, "SELECT pg_blocking_pids(%s) <> '{}'", (results[0],))[0][0]
-        )
+        racers = Racers(db)
+        racers.start("replay", lambda c: messages.replay(c, channel="letter"))
+        wait_until(lambda: racers.waiting("replay"))
         rival.commit()  # the replay's statement fails: one message at a time
-        worker.join(timeout=30)
-    result = results[-1]
+    result = racers.finish()["replay"]
     assert result.replayed == (first,)
     assert {s.id: s.reason for s in result.skipped} == {
         taken: f"a pending message holds dedupe key 'taken' (id {holder})",
