@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,53 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def fast_deadlock_detection(dsn: str) -> None:
+    """Deadlocks in ``dsn``'s database found after 50 ms, not PostgreSQL's 1 s."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
+                sql.Identifier(conn.info.dbname)
+            )
+        )
+
+
+class Racers:
+    """Operations racing in threads, each on an autocommit connection of its own: what each
+    returned or raised, and whether it waits for a lock another session holds."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.outcomes: dict[str, Any] = {}
+        self.pids: dict[str, int] = {}
+        self.threads: list[threading.Thread] = []
+
+    def start(self, name: str, work: Callable[[psycopg.Connection[Any]], Any]) -> None:
+        def run() -> None:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                self.pids[name] = conn.info.backend_pid
+                try:
+                    self.outcomes[name] = work(conn)
+                except Exception as exc:
+                    self.outcomes[name] = exc
+
+        self.threads.append(threading.Thread(target=run))
+        self.threads[-1].start()
+
+    def waiting(self, name: str) -> bool:
+        pid = self.pids.get(name)
+        return pid is not None and bool(
+            admin_query(self.dsn, "SELECT pg_blocking_pids(%s) <> '{}'", (pid,))[0][0]
+        )
+
+    def finish(self) -> dict[str, Any]:
+        """Each operation's outcome, once all have ended; none may have raised."""
+        for thread in self.threads:
+            thread.join(timeout=30)
+        for name, outcome in self.outcomes.items():
+            assert not isinstance(outcome, BaseException), f"{name}: {outcome!r}"
+        return self.outcomes
 
 
 class Running:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -134,9 +135,12 @@ def test_demo_ctrl_c_is_clean(dsn: str) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a shell's background job (`.ci/run &`) ignores SIGINT,
+        # and its children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(4)
-    proc.send_signal(2)  # SIGINT, as Ctrl-C
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err and "interrupted" in out

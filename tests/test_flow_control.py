@@ -31,7 +31,7 @@ import pytest
 from helpers import DurableRunning, admin_query, wait_until
 
 import pgpubsub
-from pgpubsub import durable, messages
+from pgpubsub import _processor, durable, messages
 from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, Rate, rate_of, spec_of
 from pgpubsub.errors import ConfigurationError
@@ -733,7 +733,6 @@ def test_a_busy_worker_keeps_the_key_buckets_bounded(
 ) -> None:
     """Review of issue 28, finding 3: full buckets of idle keys were deleted only when a
     worker rested, so one that never rested kept a row per key it had ever claimed."""
-    from pgpubsub import _processor
 
     monkeypatch.setattr(_processor, "BUCKET_SWEEP_EVERY", 0.0)  # each batch: deterministic
 
@@ -787,7 +786,7 @@ def test_the_buckets_of_idle_keys_are_deleted(flow: str) -> None:
         proc.drain_once()
         assert proc.claimed == 20
         assert admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 20
-        # Refilled to their capacity (100 ms at most): the next rest deletes them.
+        # Refilled to their capacity (100 ms at most): a rest deletes them (a sweep a second).
         wait_until(
             lambda: proc._next_due() > 0
             and admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 0,
@@ -946,11 +945,37 @@ class Crowded(Channel, lock_notifications=True, key_concurrency=100, key_rate_li
     n: int
 
 
-LOOKUPS_SQL = (
-    "SELECT relname, coalesce(seq_scan, 0) + coalesce(idx_scan, 0) "
-    "FROM pg_stat_xact_user_tables WHERE schemaname = 'pgpubsub' "
-    "AND relname IN ('lease', 'key_bucket')"
-)
+#: Tables' scans, and rows read, as pg_stat_xact_user_tables counts them (see _reads).
+SCANS = "coalesce(seq_scan, 0) + coalesce(idx_scan, 0)"
+ROWS_READ = "coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+#: The statements of a rest's search for a key token, and of a sweep of key buckets.
+RESTS = (_processor.KEY_TOKEN_DUE_SQL, _processor.KEY_TOKEN_DUE_FIRST_SQL)
+SWEEPS = (_processor.FULL_BUCKETS_SQL, _processor.FULL_BUCKETS_FIRST_SQL)
+
+
+def _reads(
+    proc: Any, monkeypatch: pytest.MonkeyPatch, counts: str, *queries: str
+) -> list[dict[str, int]]:
+    """What each execution of one of ``queries`` by ``proc`` read, per pgpubsub table, as
+    ``counts`` (SCANS, ROWS_READ) says: counted in its own transaction, a list that fills
+    as it runs."""
+    stats = (
+        f"SELECT relname, {counts} FROM pg_stat_xact_user_tables "  # noqa: S608 - ours
+        "WHERE schemaname = 'pgpubsub'"
+    )
+    reads: list[dict[str, int]] = []
+    execute = proc.session.execute
+
+    def counted(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        if not any(sql is query for query in queries):
+            return execute(sql, params)
+        before = dict(execute(stats))
+        rows = execute(sql, params)
+        reads.append({t: n - before.get(t, 0) for t, n in execute(stats)})
+        return rows
+
+    monkeypatch.setattr(proc.session, "execute", counted)
+    return reads
 
 
 def test_held_keys_are_found_once_per_claim_whatever_their_backlog(
@@ -963,7 +988,6 @@ def test_held_keys_are_found_once_per_claim_whatever_their_backlog(
     times whatever the held keys' backlogs and slots, and a key's bucket at most once per
     message it passes over. Key a holds all its 100 slots, key b is out of tokens; 1,000
     due messages each come before 3 without a key: the claim runs the 3."""
-    from pgpubsub import _processor
 
     admin_query(
         flow,
@@ -985,19 +1009,7 @@ def test_held_keys_are_found_once_per_claim_whatever_their_backlog(
     ran: list[int] = []
     registry.add(Crowded, lambda n: ran.append(n))
     proc = processor(flow, Crowded, registry)
-    lookups: list[dict[str, int]] = []
-    execute = proc.session.execute
-
-    def counted(query: str, params: Any = ()) -> list[tuple[Any, ...]]:
-        if query is not _processor.LIMITED_CLAIM_SQL:
-            return execute(query, params)
-        before = dict(execute(LOOKUPS_SQL))
-        rows = execute(query, params)
-        after = dict(execute(LOOKUPS_SQL))
-        lookups.append({t: after.get(t, 0) - before.get(t, 0) for t in ("lease", "key_bucket")})
-        return rows
-
-    monkeypatch.setattr(proc.session, "execute", counted)
+    lookups = _reads(proc, monkeypatch, SCANS, _processor.LIMITED_CLAIM_SQL)
     try:
         proc.drain_once()
     finally:
@@ -1005,13 +1017,7 @@ def test_held_keys_are_found_once_per_claim_whatever_their_backlog(
     assert sorted(ran) == [5000, 5001, 5002]
     assert lookups, "no claim was made"
     for claim in lookups:
-        assert claim["lease"] <= 10 and claim["key_bucket"] <= 2000 + 10, lookups
-
-
-BUCKET_ROWS_SQL = (
-    "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) "
-    "FROM pg_stat_xact_user_tables WHERE schemaname = 'pgpubsub' AND relname = 'key_bucket'"
-)
+        assert claim.get("lease", 0) <= 10 and claim.get("key_bucket", 0) <= 2000 + 10, lookups
 
 
 def test_a_claim_reads_the_buckets_of_the_keys_it_meets_not_every_bucket(
@@ -1023,7 +1029,6 @@ def test_a_claim_reads_the_buckets_of_the_keys_it_meets_not_every_bucket(
     a claim took 15 s. Invariant: a claim reads the buckets of the keys of the messages it
     looks at, whatever the number of buckets. 20,000 empty buckets of other keys; 5 due
     messages of new keys and 3 without a key: the claim takes all 8, reading a few buckets."""
-    from pgpubsub import _processor
 
     admin_query(
         flow,
@@ -1038,25 +1043,14 @@ def test_a_claim_reads_the_buckets_of_the_keys_it_meets_not_every_bucket(
     ran: list[int] = []
     registry.add(Crowded, lambda n: ran.append(n))
     proc = processor(flow, Crowded, registry)
-    reads: list[int] = []
-    execute = proc.session.execute
-
-    def counted(query: str, params: Any = ()) -> list[tuple[Any, ...]]:
-        if query is not _processor.LIMITED_CLAIM_SQL:
-            return execute(query, params)
-        before = execute(BUCKET_ROWS_SQL)
-        rows = execute(query, params)
-        after = execute(BUCKET_ROWS_SQL)
-        reads.append((after[0][0] if after else 0) - (before[0][0] if before else 0))
-        return rows
-
-    monkeypatch.setattr(proc.session, "execute", counted)
+    reads = _reads(proc, monkeypatch, ROWS_READ, _processor.LIMITED_CLAIM_SQL)
     try:
         proc.drain_once()
     finally:
         proc.session.close()
     assert sorted(ran) == [0, 1, 2, 3, 4, 100, 101, 102]
-    assert reads and max(reads) <= 50, reads
+    buckets = [claim.get("key_bucket", 0) for claim in reads]
+    assert buckets and max(buckets) <= 50, buckets
 
 
 def test_a_busy_worker_deletes_the_slot_leases_of_stopped_processes(
@@ -1069,7 +1063,6 @@ def test_a_busy_worker_deletes_the_slot_leases_of_stopped_processes(
     process stopped past its lease, SIGSTOP or a slow keeper, renews its own lease when it
     comes back, and a sweep that deleted it let a second message of the key start while
     its listener still ran)."""
-    from pgpubsub import _processor
 
     monkeypatch.setattr(_processor, "BUCKET_SWEEP_EVERY", 0.0)
     name = spec_of(Crowded).name
@@ -1104,25 +1097,6 @@ def test_a_busy_worker_deletes_the_slot_leases_of_stopped_processes(
     assert held == [("alive:1:x",), ("stalled:1:x",)]
 
 
-def _bucket_rows_read(proc: Any, monkeypatch: pytest.MonkeyPatch, *queries: str) -> list[int]:
-    """Rows of pgpubsub.key_bucket each execution of one of ``queries`` by ``proc`` reads
-    (a list that fills as it runs)."""
-    reads: list[int] = []
-    execute = proc.session.execute
-
-    def counted(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
-        if not any(sql is query for query in queries):
-            return execute(sql, params)
-        before = execute(BUCKET_ROWS_SQL)
-        rows = execute(sql, params)
-        after = execute(BUCKET_ROWS_SQL)
-        reads.append((after[0][0] if after else 0) - (before[0][0] if before else 0))
-        return rows
-
-    monkeypatch.setattr(proc.session, "execute", counted)
-    return reads
-
-
 def test_a_sweep_reads_a_slice_of_the_buckets_and_every_full_one_goes_in_turn(
     flow: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1131,7 +1105,6 @@ def test_a_sweep_reads_a_slice_of_the_buckets_and_every_full_one_goes_in_turn(
     at 600,000 buckets a sweep took a fifth of a second, per processor). Invariant: a sweep
     reads a bounded slice, and the slices go round, so that every full bucket goes in turn
     and none that is not full."""
-    from pgpubsub import _processor
 
     monkeypatch.setattr(_processor, "BUCKET_SWEEP_EVERY", 0.0)
     monkeypatch.setattr(_processor, "BUCKET_SLICE", 500)
@@ -1145,8 +1118,8 @@ def test_a_sweep_reads_a_slice_of_the_buckets_and_every_full_one_goes_in_turn(
         (name,),
     )  # the even ones refilled long ago (full), the odd ones empty
     proc = processor(flow, Crowded)
-    reads = _bucket_rows_read(
-        proc, monkeypatch, _processor.FULL_BUCKETS_SQL, _processor.FULL_BUCKETS_FIRST_SQL
+    sweeps = _reads(
+        proc, monkeypatch, ROWS_READ, *SWEEPS
     )
     proc.session.open()
     try:
@@ -1156,6 +1129,7 @@ def test_a_sweep_reads_a_slice_of_the_buckets_and_every_full_one_goes_in_turn(
     finally:
         proc.session.close()
     # the slice, its full ones locked, then deleted: each bucket read at most three times
+    reads = [sweep.get("key_bucket", 0) for sweep in sweeps]
     assert len(reads) == 6 and max(reads) <= 3 * 500, reads
     left = admin_query(flow, "SELECT key FROM pgpubsub.key_bucket ORDER BY key")
     assert [int(k[1:]) for (k,) in left] == list(range(1, 2251, 2))
@@ -1169,7 +1143,6 @@ def test_a_worker_out_of_key_tokens_reads_the_buckets_of_keys_with_messages_only
     300,000 buckets). Invariant: it reads the buckets of the keys that have pending
     messages, whatever the number of buckets. 20,000 empty buckets of keys without
     messages, and key a out of tokens with a due message: the wait is a's next token."""
-    from pgpubsub import _processor
 
     name = spec_of(TwoPerKey).name
     admin_query(
@@ -1180,8 +1153,8 @@ def test_a_worker_out_of_key_tokens_reads_the_buckets_of_keys_with_messages_only
     )
     publish_keyed(flow, TwoPerKey, range(3), "a")
     proc = processor(flow, TwoPerKey, poll_interval=5.0)
-    reads = _bucket_rows_read(
-        proc, monkeypatch, _processor.KEY_TOKEN_DUE_SQL, _processor.KEY_TOKEN_DUE_FIRST_SQL
+    rests = _reads(
+        proc, monkeypatch, ROWS_READ, *RESTS
     )
     try:
         proc.drain_once()
@@ -1190,13 +1163,8 @@ def test_a_worker_out_of_key_tokens_reads_the_buckets_of_keys_with_messages_only
     finally:
         proc.session.close()
     assert 0.3 < wait <= 0.5, wait  # a's next token
+    reads = [rest.get("key_bucket", 0) for rest in rests]
     assert reads and max(reads) <= 10, reads
-
-
-MESSAGE_PROBES_SQL = (
-    "SELECT coalesce(idx_scan, 0) + coalesce(seq_scan, 0) "
-    "FROM pg_stat_xact_user_tables WHERE schemaname = 'pgpubsub' AND relname = 'message'"
-)
 
 
 def test_a_resting_worker_looks_at_a_bounded_number_of_limit_keys(
@@ -1207,7 +1175,6 @@ def test_a_resting_worker_looks_at_a_bounded_number_of_limit_keys(
     30,000 keys made each rest cost 300 ms, and the idle worker a busy backend). Invariant:
     a rest looks at a bounded number of keys, going round them from rest to rest; a key
     beyond them waits at most the poll interval."""
-    from pgpubsub import _processor
 
     name = spec_of(TwoPerKey).name
     admin_query(
@@ -1218,19 +1185,9 @@ def test_a_resting_worker_looks_at_a_bounded_number_of_limit_keys(
         (name,),
     )
     proc = processor(flow, TwoPerKey, poll_interval=5.0)
-    probes: list[int] = []
-    execute = proc.session.execute
-
-    def counted(query: str, params: Any = ()) -> list[tuple[Any, ...]]:
-        if query not in (_processor.KEY_TOKEN_DUE_SQL, _processor.KEY_TOKEN_DUE_FIRST_SQL):
-            return execute(query, params)
-        before = execute(MESSAGE_PROBES_SQL)
-        rows = execute(query, params)
-        after = execute(MESSAGE_PROBES_SQL)
-        probes.append((after[0][0] if after else 0) - (before[0][0] if before else 0))
-        return rows
-
-    monkeypatch.setattr(proc.session, "execute", counted)
+    rests = _reads(
+        proc, monkeypatch, SCANS, *RESTS
+    )
     proc.session.open()
     try:
         for _ in range(3):
@@ -1238,6 +1195,7 @@ def test_a_resting_worker_looks_at_a_bounded_number_of_limit_keys(
     finally:
         proc.session.close()
     bound = 3 * getattr(_processor, "KEYS_PER_REST", 200)  # (a name this change gives it)
+    probes = [rest.get("message", 0) for rest in rests]
     assert len(probes) == 3 and max(probes) <= bound, probes
 
 

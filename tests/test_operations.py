@@ -581,12 +581,13 @@ def test_upgrading_a_version_2_schema_and_per_channel_counts_in_the_registry(dsn
             pgpubsub.notify_many(Jobs, [{"n": i} for i in range(3)], conn=conn)
 
         def stats() -> object:
-            return admin_query(dsn, "SELECT stats FROM pgpubsub.worker")[0][0]
+            # The worker's row appears with its first heartbeat, a moment after it listens.
+            return [row[0] for row in admin_query(dsn, "SELECT stats FROM pgpubsub.worker")]
 
         expected = {
             spec_of(Reads).name: {"kind": "plain", "durable": False, "processed": 1, "failed": 0},
             JOBS: {"kind": "durable", "durable": True, "processed": 3, "failed": 0},
         }
-        wait_until(lambda: stats() == expected, timeout=20, interval=0.2)
+        wait_until(lambda: stats() == [expected], timeout=20, interval=0.2)
     finally:
         worker.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -538,3 +539,34 @@ def test_a_worker_grant_registers_as_asleep_with_nothing_more(roles: Roles) -> N
         assert conn.execute("SELECT pgpubsub.sleep('shop.jobs')").fetchone() == (True,)
         assert conn.execute("SELECT pgpubsub.sleep('shop.jobs')").fetchone() == (True,)
     assert admin_query(roles.dsn, "SELECT channel FROM pgpubsub.sleeper") == [("shop.jobs",)]
+
+
+@pytest.mark.parametrize("kind", ["--worker", "--operator"])
+def test_migrate_by_a_role_that_cannot_migrate_fails_without_holding_up_the_queue(
+    roles: Roles, kind: str
+) -> None:
+    """A worker or operator role (it may write the message table) that may create schemas:
+    its migrate must fail at once, not first queue for the table's exclusive lock behind a
+    transaction on it, with every publish and claim queued behind that."""
+    role = roles.make(kind.strip("-"), kind)
+    dbname = str(conninfo_to_dict(roles.dsn)["dbname"])
+    admin_query(roles.dsn, f'GRANT CREATE ON DATABASE "{dbname}" TO "{role}"')
+    outcome: list[BaseException | None] = []
+
+    def migrate_as_role() -> None:
+        try:
+            durable.migrate(roles.dsn_of(role))
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with psycopg.connect(roles.dsn) as reader:
+        reader.execute("SELECT count(*) FROM pgpubsub.message")  # a transaction on the table
+        thread = threading.Thread(target=migrate_as_role)
+        thread.start()
+        thread.join(timeout=5)
+        waited = thread.is_alive()
+    thread.join(timeout=30)
+    assert not waited, "migrate waited for the table's lock"
+    [error] = outcome
+    assert isinstance(error, errors.PgPubSubError) and "permission denied" in str(error), error

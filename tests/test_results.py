@@ -392,6 +392,22 @@ def step_registry() -> Registry:
     return registry
 
 
+def settle_in_two(db: str, registry: Registry) -> list[int]:
+    """Two processors, a message a claim, drain Step at once (a batch's two members settle
+    side by side); how many each processed."""
+    procs = [processor(db, registry, Step) for _ in range(2)]
+    for proc in procs:
+        proc.claim_size = 1
+    threads = [threading.Thread(target=p.drain_once) for p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    for proc in procs:
+        proc.session.close()
+    return [p.processed for p in procs]
+
+
 def test_the_last_members_completed_concurrently_publish_one_callback(db: str) -> None:
     """Two workers complete the last two members of a batch at the same moment (both
     transactions open at once): exactly one of them publishes the callback."""
@@ -408,17 +424,7 @@ def test_the_last_members_completed_concurrently_publish_one_callback(db: str) -
             pgpubsub.batch(
                 [Step(n=n) for n in range(2)], on_complete=Finished(label=str(round_)), conn=conn
             )
-        procs = [processor(db, registry, Step) for _ in range(2)]
-        for proc in procs:
-            proc.claim_size = 1
-        threads = [threading.Thread(target=p.drain_once) for p in procs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
-        for proc in procs:
-            proc.session.close()
-        assert sorted(p.processed for p in procs) == [1, 1]
+        assert sorted(settle_in_two(db, registry)) == [1, 1]
     labels = sorted(p["label"] for (p,) in callbacks(db))
     assert labels == ["0", "1", "2"]
     assert all(p["batch"]["done"] == 2 for (p,) in callbacks(db))
@@ -698,17 +704,7 @@ def test_the_last_members_completed_concurrently_under_repeatable_read(db: str) 
             pgpubsub.batch(
                 [Step(n=n) for n in range(2)], on_complete=Finished(str(round_)), conn=conn
             )
-        procs = [processor(db, registry, Step) for _ in range(2)]
-        for proc in procs:
-            proc.claim_size = 1
-        threads = [threading.Thread(target=p.drain_once) for p in procs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
-        for proc in procs:
-            proc.session.close()
-        assert sorted(p.processed for p in procs) == [1, 1]
+        assert sorted(settle_in_two(db, registry)) == [1, 1]
     got = sorted((p["label"], p["batch"]["done"]) for (p,) in callbacks(db))
     assert got == [("0", 2), ("1", 2)]
 

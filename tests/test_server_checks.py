@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from helpers import admin_query, wait_until
+from helpers import admin_query, fast_deadlock_detection, wait_until
 
 import pgpubsub
 from pgpubsub import health
@@ -123,3 +124,37 @@ def test_migrate_makes_autovacuum_keep_up_with_the_tables_that_churn(db: str) ->
     assert sorted(again[0][0]) == sorted(  # type: ignore[arg-type]
         f"{k}={v}" for k, v in options["message_kept"].items()
     )
+
+
+def test_migrate_beside_a_worker_that_read_the_queue_and_then_writes_it_does_not_deadlock(
+    db: str,
+) -> None:
+    """A worker's transaction read pgpubsub.message and then writes it (its claim, then its
+    completion) while `migrate` runs again: migrate took a weaker lock first and then the
+    table's exclusive lock (an index, then a column), so the two waited for each other and
+    PostgreSQL failed one of them."""
+    fast_deadlock_detection(db)
+    failures: list[BaseException] = []
+
+    def migrate_again() -> None:
+        try:
+            migrate(db)
+        except BaseException as exc:
+            failures.append(exc)
+
+    with psycopg.connect(db) as worker:
+        worker.execute("SELECT count(*) FROM pgpubsub.message")  # read: it holds the table
+        thread = threading.Thread(target=migrate_again)
+        thread.start()
+        wait_until(
+            lambda: admin_query(
+                db,
+                "SELECT count(*) FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_class c "
+                "ON c.oid = l.relation WHERE c.relname = 'message' AND NOT l.granted",
+            )[0][0]
+            > 0
+        )
+        worker.execute("UPDATE pgpubsub.message SET attempts = attempts WHERE false")  # writes
+        worker.commit()
+        thread.join(timeout=30)
+    assert failures == []

@@ -490,11 +490,16 @@ def _until_waiting_or_done(db: str, pid: int, thread: threading.Thread) -> None:
     )
 
 
-def test_cancel_purge_and_replay_follow_a_row_moved_to_another_segment(db: str) -> None:
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "read-committed"])
+def test_cancel_purge_and_replay_follow_a_row_moved_to_another_segment(
+    db: str, autocommit: bool
+) -> None:
     """A pending message no worker holds, moved to another segment by a transaction
     (as pgpubsub.rotate() moves leftovers) while an operation waits for its lock:
     cancel deletes it (it never reports it as stopping, and it never runs), purge
-    deletes it, replay makes it due; none fails with a serialization failure."""
+    deletes it, replay makes it due and reports nothing skipped; none fails with a
+    serialization failure, on an autocommit connection or in the caller's READ
+    COMMITTED transaction (replay's statements then run in savepoints)."""
     from pgpubsub import messages
 
     operations = {
@@ -507,7 +512,7 @@ def test_cancel_purge_and_replay_follow_a_row_moved_to_another_segment(db: str) 
         ring = admin_query(db, "SELECT segment FROM pgpubsub.ring")
         with psycopg.connect(db, autocommit=True) as conn:
             mid = pgpubsub.notify(Stored(n=1), conn=conn, delay=3600)
-        with psycopg.connect(db) as mover, psycopg.connect(db, autocommit=True) as op:
+        with psycopg.connect(db) as mover, psycopg.connect(db, autocommit=autocommit) as op:
             mover.execute(
                 "UPDATE pgpubsub.message SET segment = (%s + 1) %% 4 WHERE id = %s",
                 (ring[0][0], mid),
@@ -520,6 +525,8 @@ def test_cancel_purge_and_replay_follow_a_row_moved_to_another_segment(db: str) 
             _until_waiting_or_done(db, op.info.backend_pid, thread)
             mover.commit()
             thread.join(10)
+            if not autocommit:
+                op.commit()
         result = outcomes[what]
         assert not isinstance(result, Exception), (what, result)
         left = admin_query(
@@ -527,6 +534,7 @@ def test_cancel_purge_and_replay_follow_a_row_moved_to_another_segment(db: str) 
         )
         if what == "replay":
             assert int(result) == 1 and left == [("pending", True)], (result, left)  # type: ignore[call-overload]
+            assert result.skipped == ()  # type: ignore[attr-defined]
         else:
             assert int(result) == 1 and left == [], (what, result, left)  # type: ignore[call-overload]
         if what == "cancel":

@@ -101,6 +101,26 @@ def test_a_repeatable_read_publisher_survives_a_registration_taken_since_its_sna
     assert stored == (2,)
 
 
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_publisher_whose_snapshot_is_older_than_the_registration_wakes_the_worker(
+    db: str, isolation: str
+) -> None:
+    """A worker registered after the publisher's snapshot was taken, and before its
+    publish: the worker's last look could not see that message, so the publisher must
+    wake it. Its snapshot does not show the registration; the message waited for the
+    poll."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db) as publisher, psycopg.connect(db, autocommit=True) as listener:
+        listener.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(name)))
+        publisher.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        publisher.execute("SELECT 1")  # the snapshot: nobody is registered
+        with psycopg.connect(db, autocommit=True) as worker:
+            assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+        pgpubsub.notify(Woken(n=1), conn=publisher)
+        publisher.commit()
+        assert sum(1 for _ in listener.notifies(timeout=0.5)) == 1
+
+
 def test_no_message_waits_for_the_poll(db: str) -> None:
     """Publishers in threads, single-message transactions of varied length, some open while
     the workers go to sleep: each message starts within 1 s of its commit although the
@@ -322,3 +342,27 @@ def test_a_registration_leaves_the_callers_lock_timeout_as_it_was(db: str) -> No
         worker.execute("SET LOCAL lock_timeout = '3s'")
         assert worker.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
         assert worker.execute("SHOW lock_timeout").fetchone() == ("3s",)
+
+
+@pytest.mark.parametrize("isolation", ["READ COMMITTED", "REPEATABLE READ"])
+def test_a_publish_in_a_transaction_to_prepare_sends_no_wake_up_when_told_so(
+    db: str, isolation: str
+) -> None:
+    """PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY, and a durable publish sends one
+    when a worker sleeps (always under REPEATABLE READ). With pgpubsub.wake = 'off' it sends
+    none: the message waits for the poll, and the transaction can be prepared."""
+    name = spec_of(Woken).name
+    with psycopg.connect(db, autocommit=True) as conn:
+        if conn.execute("SHOW max_prepared_transactions").fetchone() == ("0",):
+            pytest.skip("the server given by PGPUBSUB_TEST_DSN allows no prepared transactions")
+        assert conn.execute("SELECT pgpubsub.sleep(%s)", (name,)).fetchone() == (True,)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(f"BEGIN ISOLATION LEVEL {isolation}")
+        conn.execute("SET LOCAL pgpubsub.wake = 'off'")
+        mid = pgpubsub.notify(Woken(n=1), conn=conn)
+        conn.execute("PREPARE TRANSACTION 'publish-then-prepare'")
+        conn.execute("COMMIT PREPARED 'publish-then-prepare'")
+        stored = conn.execute("SELECT id FROM pgpubsub.message").fetchall()
+        registered = conn.execute("SELECT channel FROM pgpubsub.sleeper").fetchall()
+    assert stored == [(mid,)]
+    assert registered == [(name,)]  # nobody took it: the worker is still asleep

@@ -230,9 +230,14 @@ SETTLED_SQL = "SELECT pg_catalog.pg_notify(%s, %s::text)"
 SWEEP_BATCHES_SQL = "SELECT pgpubsub.sweep_batches(%s)"
 #: Seconds between sweeps of a channel without a retention (its batch members).
 SWEEP_EVERY = 60.0
+# Rows another transaction holds (a purge, which locks in id order) are left
+# for the next sweep: a worker that waited for one while holding others in its
+# scan's order could deadlock with it.
 EXPIRE_SQL = (
-    "DELETE FROM pgpubsub.message WHERE channel = %s AND status = 'done' "
-    "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
+    "DELETE FROM pgpubsub.message WHERE id IN (SELECT id FROM pgpubsub.message "
+    "WHERE channel = %s AND status = 'done' "
+    "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s) "
+    "FOR UPDATE SKIP LOCKED)"
 )
 # A rate-limited channel's token bucket (pgpubsub.rate_bucket, see
 # channel.Rate): its tokens refilled by the time elapsed, measured by the
@@ -925,10 +930,11 @@ class ChannelProcessor:
         self._leasing = self.max_in_flight is not None
 
     def _sweep_limits(self) -> None:
-        """Every BUCKET_SWEEP_EVERY seconds while busy: delete full buckets of idle limit
-        keys (a worker that never rests kept one row per key it had ever claimed: review of
-        issue 28, finding 3; resting, :meth:`_next_due` sweeps them) and the expired slot
-        leases of stopped processes (each claim reads the channel's slot leases)."""
+        """Every BUCKET_SWEEP_EVERY seconds, after a batch or at a rest: delete full buckets
+        of idle limit keys (a worker that never rested kept one row per key it had ever
+        claimed: review of issue 28, finding 3) and the expired slot leases of stopped
+        processes (each claim reads the channel's slot leases). Not at every rest: a rest
+        may come hundreds of times a second."""
         if not self._limited:
             return
         now = time.monotonic()
@@ -967,11 +973,11 @@ class ChannelProcessor:
             "slots": self.max_in_flight,
             "short": self._short_of_tokens,
         }
+        self._sweep_limits()
         with self.session.atomic():
             rows = self.session.execute(NEXT_DUE_SQL, params)
             due = rows[0][0] if rows else None
             if self.key_rate is not None:
-                self._sweep_buckets()
                 keys = {
                     **self._key_params(),
                     "key_short": self._short_of_key_tokens,

@@ -40,8 +40,12 @@ class NotificationAdmin(admin.ModelAdmin):
     @admin.action(description="Replay: run again now, attempts reset")
     def replay(self, request: Any, queryset: Any) -> None:
         ids = list(queryset.values_list("id", flat=True))
-        with transaction.atomic():
-            result = stored.replay(connection, ids=ids, status=("dead", "pending"))
+
+        def replay() -> stored.ReplayResult:
+            with transaction.atomic():
+                return stored.replay(connection, ids=ids, status=("dead", "pending"))
+
+        result = stored.in_own_transaction(replay)
         n = len(result.replayed)
         self.message_user(request, f"{n} notification(s) will run again", messages.SUCCESS)
         for skipped in result.skipped:

@@ -136,8 +136,6 @@ def _rows(conn: Any, query: str, params: Any) -> list[tuple[Any, ...]]:
         return list(cur.fetchall())
 
 
-T = TypeVar("T")
-
 # pgpubsub.message is partitioned (schema version 7): pgpubsub.rotate() moves
 # a few pending rows to the current segment, and a statement that waited for
 # such a row's lock cannot follow it to its new partition: it fails with a
@@ -152,6 +150,9 @@ MOVED_RETRIES = 20
 NO_TRANSACTION = "25P01"
 
 
+T = TypeVar("T")
+
+
 def _moving(conn: Any, work: Callable[[], T]) -> T:
     """``work()``, run again when a row it waited for moved to another partition.
 
@@ -162,31 +163,121 @@ def _moving(conn: Any, work: Callable[[], T]) -> T:
     """
     own = False
     try:
-        _rows_none(conn, "SAVEPOINT pgpubsub_moving")
+        _execute(conn, "SAVEPOINT pgpubsub_moving")
     except Exception as exc:
         if sqlstate(exc) != NO_TRANSACTION:
             raise
         own = True
     for attempt in range(MOVED_RETRIES):
         if own:
-            _rows_none(conn, "BEGIN")
+            _execute(conn, "BEGIN")
         try:
             result = work()
         except Exception as exc:
-            _rows_none(conn, "ROLLBACK" if own else "ROLLBACK TO SAVEPOINT pgpubsub_moving")
+            _execute(conn, "ROLLBACK" if own else "ROLLBACK TO SAVEPOINT pgpubsub_moving")
             if sqlstate(exc) != MOVED_STATE or attempt == MOVED_RETRIES - 1:
                 if not own:
-                    _rows_none(conn, "RELEASE SAVEPOINT pgpubsub_moving")
+                    _execute(conn, "RELEASE SAVEPOINT pgpubsub_moving")
                 raise
             continue
-        _rows_none(conn, "COMMIT" if own else "RELEASE SAVEPOINT pgpubsub_moving")
+        _execute(conn, "COMMIT" if own else "RELEASE SAVEPOINT pgpubsub_moving")
         return result
     raise AssertionError("unreachable")
 
 
-def _rows_none(conn: Any, statement: str) -> None:
+class _Attempts:
+    """Statements run so that another transaction in the way undoes only the one it met.
+
+    (A unique violation of a key taken meanwhile, a deadlock, a row changed
+    after the caller's snapshot.) A statement that met a row pgpubsub.rotate()
+    moved to another partition is run again at once when the caller's
+    transaction is READ COMMITTED (the new statement's snapshot sees the row
+    where it is now): the move changed nothing the caller could see, and is
+    never reported as a change.
+
+    In a savepoint of the caller's transaction (whose commit stays the
+    caller's), or on an autocommit connection each a transaction of its own.
+    Any other error is raised as is, the statement undone.
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.in_transaction: bool | None = None  # not known before the first savepoint
+        #: The SQLSTATE of the last statement that came back None.
+        self.failed: str | None = None
+        self._isolation: str | None = None
+
+    def rows(self, query: str, params: Any) -> list[tuple[Any, ...]] | None:
+        """The statement's rows, or None when another transaction got in its way."""
+        for attempt in range(MOVED_RETRIES):
+            rows = self._once(query, params)
+            # In READ COMMITTED the only serialization failure is a row moved to
+            # another partition meanwhile (a snapshot's own failures need
+            # REPEATABLE READ or SERIALIZABLE).
+            moved = self.failed == MOVED_STATE and self.isolation() == "read committed"
+            if rows is not None or not moved or attempt == MOVED_RETRIES - 1:
+                return rows
+        raise AssertionError("unreachable")
+
+    def _once(self, query: str, params: Any) -> list[tuple[Any, ...]] | None:
+        self.failed = None
+        if self.in_transaction is not False:
+            try:
+                _execute(self.conn, "SAVEPOINT pgpubsub_attempt")
+                self.in_transaction = True
+            except Exception as exc:
+                if self.in_transaction or sqlstate(exc) != NO_TRANSACTION:
+                    raise
+                self.in_transaction = False
+        try:
+            rows = _rows(self.conn, query, params)
+        except Exception as exc:
+            if self.in_transaction:
+                _execute(self.conn, "ROLLBACK TO SAVEPOINT pgpubsub_attempt")
+                _execute(self.conn, "RELEASE SAVEPOINT pgpubsub_attempt")
+            self.failed = sqlstate(exc)
+            if self.failed in (UNIQUE_VIOLATION, DEADLOCK):
+                return None
+            # Under SERIALIZABLE the failure may come from its own checks (a write
+            # skew): only a retry of the caller's whole transaction resolves it.
+            if self.failed == SERIALIZATION_FAILURE and self.isolation() != "serializable":
+                return None
+            raise
+        if self.in_transaction:
+            _execute(self.conn, "RELEASE SAVEPOINT pgpubsub_attempt")
+        return rows
+
+    def isolation(self) -> str:
+        """The caller's transaction's isolation level ("read committed" on an autocommit
+        connection: each statement then has a snapshot of its own)."""
+        if not self.in_transaction:
+            return "read committed"
+        if self._isolation is None:
+            self._isolation = str(_rows(self.conn, ISOLATION_SQL, None)[0][0])
+        return self._isolation
+
+
+def _execute(conn: Any, statement: str) -> None:
     with conn.cursor() as cur:
         cur.execute(statement)
+
+
+#: How often a transaction of its own (the dashboard's, the Django admin's) is run
+#: again after a serialization failure.
+OWN_TRANSACTION_TRIES = 3
+
+
+def in_own_transaction(work: Callable[[], T]) -> T:
+    """``work()``, which runs one operation here in a transaction of its own and commits it,
+    run again after a serialization failure (a database whose transactions are
+    SERIALIZABLE: the transaction's owner retries it, with a new snapshot)."""
+    for attempt in range(OWN_TRANSACTION_TRIES):
+        try:
+            return work()
+        except Exception as exc:
+            if sqlstate(exc) != SERIALIZATION_FAILURE or attempt == OWN_TRANSACTION_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def list_messages(
@@ -286,23 +377,57 @@ WITH asked AS (
       AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
       AND (%(channel)s::text IS NULL OR channel = %(channel)s)
     ORDER BY id FOR UPDATE
+), firsts AS (
+    -- the first dead message of each key asked for (one sort, not a scan of
+    -- the asked messages per message)
+    SELECT a.id, a.channel, a.status, a.dedupe_key,
+        pg_catalog.min(a.id) FILTER (WHERE a.status = 'dead')
+            OVER (PARTITION BY a.channel, a.dedupe_key) AS first
+    FROM asked a
 ), verdict AS (
     SELECT a.id, a.channel, a.dedupe_key,
         (SELECT p.id FROM pgpubsub.message p
          WHERE a.status = 'dead' AND p.channel = a.channel AND p.dedupe_key = a.dedupe_key
            AND p.status = 'pending') AS holder,
-        (SELECT pg_catalog.min(t.id) FROM asked t
-         WHERE a.status = 'dead' AND t.status = 'dead' AND t.channel = a.channel
-           AND t.dedupe_key = a.dedupe_key AND t.id < a.id) AS twin
-    FROM asked a
+        CASE WHEN a.status = 'dead' AND a.dedupe_key IS NOT NULL AND a.first < a.id
+            THEN a.first END AS twin
+    FROM firsts a
 ), replayed AS (
     UPDATE pgpubsub.message m SET status = 'pending', attempts = 0, run_at = pg_catalog.now()
     FROM verdict v WHERE m.id = v.id AND v.holder IS NULL AND v.twin IS NULL
     RETURNING m.id
 )
-SELECT v.id, v.channel, v.dedupe_key, v.holder, v.twin, r.id IS NOT NULL
-FROM verdict v LEFT JOIN replayed r ON r.id = v.id ORDER BY v.id
+-- (IN: a hashed look-up; the join was a nested loop over both, n x m)
+SELECT v.id, v.channel, v.dedupe_key, v.holder, v.twin, v.id IN (SELECT id FROM replayed)
+FROM verdict v ORDER BY v.id
 """
+# The statement cannot see a pending message of the key whose transaction has
+# not committed (a publish, another replay): its update waits for that
+# transaction at the unique index, then fails if it committed. The messages
+# are then replayed one at a time, each run again until it sees its key's
+# holder (on a busy channel the whole statement would meet a new one at each
+# try). A snapshot older than the holder (the caller's REPEATABLE READ or
+# SERIALIZABLE transaction) never sees it: the message is reported at once.
+UNIQUE_VIOLATION = "23505"
+# Replays of overlapping messages at once: one waits for the other's new
+# pending message of a key at the unique index while that one waits for a row
+# the first has locked. PostgreSQL fails one of them; it goes one at a time.
+DEADLOCK = "40P01"
+# A message another transaction changed (replayed, purged, completed) after
+# the caller's REPEATABLE READ snapshot cannot be locked. (Under SERIALIZABLE
+# the failure may come from its own checks instead: it is raised, for the
+# caller to run its transaction again, as SERIALIZABLE asks of callers.)
+SERIALIZATION_FAILURE = "40001"
+#: How often one message is tried while other transactions get in its way.
+KEY_TRIES = 5
+CANDIDATES_SQL = """
+SELECT id, channel, status, dedupe_key FROM pgpubsub.message
+WHERE status = ANY(%(statuses)s)
+  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+  AND (%(channel)s::text IS NULL OR channel = %(channel)s)
+ORDER BY id
+"""
+ISOLATION_SQL = "SELECT pg_catalog.current_setting('transaction_isolation')"
 WAKE_SQL = "SELECT pg_catalog.pg_notify(c, '') FROM pg_catalog.unnest(%s::text[]) AS c"
 WHERE_SQL = "SELECT id, status, channel FROM pgpubsub.message WHERE id = ANY(%s)"
 
@@ -324,16 +449,25 @@ def replay(
     ``dedupe_key`` a pending message holds stays dead (two pending messages
     cannot share a key): "a pending message holds dedupe key 'k' (id 42)";
     of several dead messages of one key, the oldest is replayed and the
-    others stay dead. An id asked for that is not a message of that status
+    others stay dead. A key taken by a publish that commits while replay
+    runs is reported the same way; one whose holder the caller's REPEATABLE
+    READ or SERIALIZABLE snapshot cannot see is reported as held "(committed
+    after this transaction began)". Replay never fails because of another
+    holder of a key. An id asked for that is not a message of that status
     (and channel) is reported too. ``int(result)`` is how many were replayed.
+    In the caller's transaction, whose commit stays the caller's.
     """
     statuses = _statuses(status, REPLAYABLE)
     if any(s not in REPLAYABLE for s in statuses):
         raise ConfigurationError("only dead or pending messages can be replayed")
     channel = channel_name(channel)
     asked = {"statuses": statuses, "ids": ids, "channel": channel}
-    rows = _moving(conn, lambda: _rows(conn, REPLAY_SQL, asked))
-    replayed, skipped, woken = [], [], set()
+    attempts = _Attempts(conn)
+    rows = attempts.rows(REPLAY_SQL, asked)
+    skipped: list[Skipped] = []
+    if rows is None:
+        rows, skipped = _replay_each(attempts, asked)
+    replayed, woken = [], set()
     for mid, name, key, holder, twin, done in rows:
         if done:
             replayed.append(int(mid))
@@ -346,7 +480,7 @@ def replay(
             skipped.append(Skipped(int(mid), why))
     if woken:
         _rows(conn, WAKE_SQL, (sorted(woken),))
-    seen = {int(r[0]) for r in rows}
+    seen = {int(r[0]) for r in rows} | {s.id for s in skipped}
     missing = [i for i in dict.fromkeys(ids or ()) if i not in seen]
     if missing:
         found = {int(r[0]): r[1:] for r in _rows(conn, WHERE_SQL, (missing,))}
@@ -363,6 +497,85 @@ def _not_replayable(found: tuple[Any, ...] | None, statuses: list[str], channel:
     if channel is not None and name != channel:
         return f"it is on channel {name!r}, not {channel!r}"
     return f"it is {status}, not {' or '.join(statuses)}"
+
+
+def _replay_each(
+    attempts: _Attempts, asked: dict[str, Any]
+) -> tuple[list[tuple[Any, ...]], list[Skipped]]:
+    """REPLAY_SQL's rows, message by message (some key was taken while the statement ran).
+
+    The messages of a key taken meanwhile are reported with their holder;
+    those the caller's snapshot cannot see as they are now, or that other
+    transactions get in the way of at every try, are skipped with why. Of
+    dead messages of one key, only the first goes back, as in one statement
+    (on an autocommit connection it may have completed before the next).
+    """
+    conn = attempts.conn
+    candidates = _rows(conn, CANDIDATES_SQL, asked)
+    stale = attempts.isolation() != "read committed"  # a snapshot older than the statement
+    rows: list[tuple[Any, ...]] = []
+    skipped: list[Skipped] = []
+    # (channel, key): the first dead message of the key, and what became of it:
+    # a later one follows it (a twin of the one replayed, held by the same
+    # holder, or left dead after the one that could not go back: whether that
+    # one is gone or still dead, this transaction may not see; a replay in a
+    # new one will)
+    firsts: dict[tuple[str, str], _First] = {}
+    for mid, name, status, key in candidates:
+        first = firsts.get((name, key)) if status == "dead" else None
+        if first is not None:
+            if not first.tried:
+                why = (
+                    f"message {first.id} of the same dedupe key {key!r} comes first and "
+                    "could not be replayed in this transaction: replay again"
+                )
+                skipped.append(Skipped(int(mid), why))
+            elif first.holder is None:
+                rows.append((mid, name, key, None, first.id, False))
+            else:
+                rows.append((mid, name, key, first.holder, None, False))
+            continue
+        got = None
+        for _ in range(KEY_TRIES):
+            got = attempts.rows(REPLAY_SQL, {**asked, "ids": [mid]})
+            if got is not None or (stale and attempts.failed != DEADLOCK):
+                break
+        if got is None:
+            skipped.append(Skipped(int(mid), _in_the_way(key, stale, attempts.failed)))
+            if status == "dead" and key is not None:
+                firsts[(name, key)] = _First(int(mid), tried=False)
+            continue
+        for row in got:
+            if status == "dead" and key is not None:
+                firsts[(name, key)] = _First(int(mid), holder=None if row[5] else row[3])
+            rows.append(row)
+    return rows, skipped
+
+
+@dataclass(frozen=True)
+class _First:
+    """The first dead message of a key in a one-at-a-time replay, and what became of it."""
+
+    id: int
+    #: False: other transactions kept it from being tried to the end (it stays dead).
+    tried: bool = True
+    #: The pending message that holds the key (None: this one was replayed).
+    holder: int | None = None
+
+
+def _in_the_way(key: str | None, stale: bool, failed: str | None) -> str:
+    """Why a message that other transactions got in the way of stays as it was."""
+    if stale and failed == UNIQUE_VIOLATION:
+        return (
+            f"a pending message holds dedupe key {key!r} (committed after this "
+            "transaction began)"
+        )
+    if stale and failed == SERIALIZATION_FAILURE:
+        return "another transaction changed it after this transaction began"
+    return (
+        f"other transactions took its dedupe key {key!r} or locked it at each of "
+        f"{KEY_TRIES} tries"
+    )
 
 
 def purge(
@@ -385,13 +598,18 @@ def purge(
     return _moving(conn, delete)
 
 
-PURGE_SQL = (
-    "DELETE FROM pgpubsub.message WHERE status = ANY(%s) "
-    "AND (%s::text IS NULL OR channel = %s) "
-    "AND (%s::float8 IS NULL OR "
-    "created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)) "
-    "AND (%s::bigint[] IS NULL OR id = ANY(%s))"
-)
+# The rows are locked in id order first, as replay locks them: in the order of
+# a scan (channel by channel) a purge and a replay of the same messages could
+# each hold one the other waited for, and PostgreSQL failed one of them.
+PURGE_SQL = """
+DELETE FROM pgpubsub.message WHERE id IN (
+    SELECT id FROM pgpubsub.message WHERE status = ANY(%s)
+      AND (%s::text IS NULL OR channel = %s)
+      AND (%s::float8 IS NULL OR
+           created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s))
+      AND (%s::bigint[] IS NULL OR id = ANY(%s))
+    ORDER BY id FOR UPDATE)
+"""
 
 
 class CancelResult(int):

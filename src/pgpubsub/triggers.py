@@ -69,9 +69,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 SPILL_PREFIX = '{"spill": '
 SPILL_TTL = 600.0  # seconds a spilled event is kept for plain listeners to read
+# Rows another transaction holds (a purge) are left for the next clean-up.
 PURGE_SPILL_SQL = (
-    "DELETE FROM pgpubsub.message WHERE status = 'spill' AND channel = ANY(%s) "
-    "AND created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s)"
+    "DELETE FROM pgpubsub.message WHERE id IN (SELECT id FROM pgpubsub.message "
+    "WHERE status = 'spill' AND channel = ANY(%s) "
+    "AND created_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s) "
+    "FOR UPDATE SKIP LOCKED)"
 )
 CONTEXT_SETTING = "pgpubsub.notification_context"
 _SPILL_SQL = (

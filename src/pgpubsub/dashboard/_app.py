@@ -279,7 +279,8 @@ class Dashboard:
         return RedirectResponse(f"{target}{sep}{urlencode({'notice': notice})}", 303)
 
     async def _run(self, fn: Callable[[Any], T]) -> T:
-        """One statement of :mod:`pgpubsub.messages`, committed (as ``pgpubsub messages``)."""
+        """One operation of :mod:`pgpubsub.messages`, committed (as ``pgpubsub messages``),
+        run again after a serialization failure (its transaction is the dashboard's)."""
 
         def run() -> T:
             with psycopg.connect(
@@ -289,7 +290,7 @@ class Dashboard:
                 conn.commit()
                 return result
 
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(stored.in_own_transaction, run)
 
 
 #: Skipped messages named in a replay's notice (the rest are counted).

@@ -18,6 +18,6 @@ def install(apps: Any, schema_editor: Any) -> None:
 
 
 class Migration(migrations.Migration):
-    dependencies = [("pgpubsub", "0007_version_6")]
+    dependencies = [("pgpubsub", "0008_version_6_wake")]
 
     operations = [migrations.RunPython(install, migrations.RunPython.noop)]
