@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -336,6 +337,76 @@ def test_admin_lists_notifications_and_replays_dead_ones(dj: str) -> None:
     assert (dead.status, dead.attempts) == ("pending", 0)
 
 
+def test_admin_replay_runs_again_after_a_serialization_failure(dj: str) -> None:
+    """On a database whose transactions are SERIALIZABLE, the admin's replay meets a
+    serialization failure when another replay of the message commits first: it runs its
+    transaction again and answers, where it answered 500."""
+    import threading
+
+    from django.contrib.auth.models import User
+    from django.db import connection
+    from django.test import Client
+
+    from pgpubsub import messages
+    from pgpubsub.models import Notification
+
+    admin_query(
+        dj, "INSERT INTO pgpubsub.message (channel, payload, status) VALUES ('c', '{}', 'dead')"
+    )
+    (dead,) = Notification.objects.all()
+    user, _ = User.objects.get_or_create(username="admin", is_staff=True, is_superuser=True)
+    client = Client()
+    client.force_login(user)
+    database = sql.Identifier(str(psycopg.conninfo.conninfo_to_dict(dj)["dbname"]))
+    admin_query(
+        dj,
+        sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = 'serializable'")
+        .format(database)
+        .as_string(),
+    )
+    answers: list[Any] = []
+
+    def post() -> None:
+        try:
+            answers.append(
+                client.post(
+                    "/admin/pgpubsub/notification/",
+                    {"action": "replay", "_selected_action": [dead.pk]},
+                    follow=True,
+                )
+            )
+        finally:
+            connection.close()  # this thread's own
+
+    try:
+        with psycopg.connect(dj) as rival:
+            assert messages.replay(rival, ids=[dead.pk]).replayed == (dead.pk,)  # uncommitted
+            asking = threading.Thread(target=post)
+            asking.start()
+            wait_until(
+                lambda: (
+                    admin_query(
+                        dj, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    )[0][0]
+                    > 0
+                )
+            )
+            rival.commit()
+            asking.join(timeout=30)
+    finally:
+        admin_query(
+            dj,
+            sql.SQL("ALTER DATABASE {} RESET default_transaction_isolation")
+            .format(database)
+            .as_string(),
+        )
+    [response] = answers
+    assert response.status_code == 200
+    assert b"notification(s) will run again" in response.content
+    dead.refresh_from_db()
+    assert dead.status == "pending"
+
+
 def test_admin_links_to_the_dashboard(dj: str) -> None:
     from django.contrib.auth.models import User
     from django.test import Client, override_settings
@@ -518,7 +589,10 @@ def test_every_pgpubsub_command_runs_through_manage_py_on_the_projects_database(
     dashboard = subprocess.Popen(
         [sys.executable, "manage.py", "pgpubsub", "dashboard", "--port", "0"],
         cwd=PROJECT,
-        env={**{k: v for k, v in os.environ.items() if k != "PGPUBSUB_DSN"}, "PGPUBSUB_DJANGO_DSN": dj},  # noqa: E501
+        env={
+            **{k: v for k, v in os.environ.items() if k != "PGPUBSUB_DSN"},
+            "PGPUBSUB_DJANGO_DSN": dj,
+        },  # noqa: E501
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
