@@ -330,7 +330,7 @@ def test_a_claim_probes_its_rows_whatever_the_statistics_say(dsn: str) -> None:
     """Statistics taken when the queue was empty (autoanalyze often finds it so) made the
     claim's UPDATE loop over the whole batch for each claimed row: a burst of 10,000 then
     ran ten times slower. The claim finds its rows by id, with no such join."""
-    from pgpubsub._processor import CLAIM_SQL
+    from pgpubsub._processor import CLAIM_SQL, EVERY_SEGMENT, claim_on
 
     durable.migrate(dsn)
 
@@ -350,6 +350,7 @@ def test_a_claim_probes_its_rows_whatever_the_statistics_say(dsn: str) -> None:
         "holder": "test#0", "ttl": 10.0, "after": "", "per_key": 125,
     }  # fmt: skip
     with psycopg.connect(dsn) as conn:
-        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN ANALYZE " + CLAIM_SQL, params))
+        claim = claim_on(CLAIM_SQL, EVERY_SEGMENT)
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN ANALYZE " + claim, params))
     assert "rows=500" in plan  # it claimed a batch
     assert "Rows Removed by Join Filter" not in plan, plan

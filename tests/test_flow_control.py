@@ -967,7 +967,8 @@ def _reads(
     execute = proc.session.execute
 
     def counted(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
-        if not any(sql is query for query in queries):
+        made_from = _processor.claim_template(sql) or sql  # a claim, on its partitions
+        if not any(made_from is query for query in queries):
             return execute(sql, params)
         before = dict(execute(stats))
         rows = execute(sql, params)

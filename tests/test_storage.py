@@ -618,3 +618,175 @@ def test_a_batch_of_version_6_goes_on_counting_after_the_upgrade(dsn: str) -> No
         "dead": 0,
         "cancelled": 0,
     }
+
+
+# -- claims plan and lock only the partitions that may hold pending messages --
+
+# The message partitions whose table or one of its indexes this transaction has locked.
+PARTITIONS_TOUCHED = (
+    "SELECT DISTINCT t.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+    "LEFT JOIN pg_index i ON i.indexrelid = c.oid "
+    "JOIN pg_class t ON t.oid = COALESCE(i.indrelid, c.oid) "
+    "JOIN pg_namespace n ON n.oid = t.relnamespace WHERE l.pid = pg_backend_pid() "
+    "AND n.nspname = 'pgpubsub' AND left(t.relname, 8) = 'message_' ORDER BY 1"
+)
+
+
+def _live(db: str) -> list[int]:
+    """The segments that may hold messages: the current one, and those not emptied since
+    they were (an emptied segment is truncated: no pages)."""
+    rows = admin_query(
+        db,
+        "SELECT s FROM generate_series(0, 3) s WHERE s = (SELECT segment FROM pgpubsub.ring) "
+        "OR pg_relation_size(format('pgpubsub.message_%%s', s)::regclass) > 0 ORDER BY s",
+    )
+    return [int(r[0]) for r in rows]  # type: ignore[call-overload]
+
+
+def _rotate_on(db: str) -> None:
+    """pgpubsub.rotate() once the current segment has had 10,000 new messages (as if it
+    had: its first id set back): the ring moves on to the next segment."""
+    before = admin_query(db, "SELECT segment FROM pgpubsub.ring")
+    admin_query(db, "UPDATE pgpubsub.ring SET first_id = first_id - 10000")
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    assert admin_query(db, "SELECT segment FROM pgpubsub.ring") != before
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["claim", "key-limited claim"])
+def test_a_claim_locks_only_the_live_segments_the_next_one_and_the_deduped(
+    db: str, limited: bool
+) -> None:
+    """Inside a claim's transaction the message partitions locked (table or index) are
+    the ring's live segments, the next one and message_deduped: never a segment emptied
+    and not yet current again, nor message_kept (where no pending message is)."""
+    from pgpubsub.session import PsycopgSession
+
+    channel = Limited if limited else Stored
+    spec = spec_of(channel)
+    admin_query(db, "SELECT pgpubsub.rotate()")  # segments 1 to 3 are empty: live {0}
+    assert _live(db) == [0]
+    proc = _processor.ChannelProcessor(PsycopgSession(db), spec, [], poll_interval=60)
+    proc.session.open()
+
+    def claim_locks() -> set[str]:
+        with proc.session.atomic():
+            proc._claim()
+            return {str(r[0]) for r in proc.session.execute(PARTITIONS_TOUCHED)}
+
+    try:
+        claim_locks()  # a first claim reads every segment, and learns the ring
+        assert claim_locks() == {"message_0", "message_1", "message_deduped"}
+        with psycopg.connect(db, autocommit=True) as conn:  # a message left in segment 0
+            pgpubsub.notify(channel(n=1), conn=conn, delay=3600)
+        _rotate_on(db)
+        assert _live(db) == [0, 1]
+        claim_locks()  # learns the ring's move
+        assert claim_locks() == {"message_0", "message_1", "message_2", "message_deduped"}
+        admin_query(db, "SELECT pgpubsub.rotate()")  # segment 0's message moves to 1
+        assert _live(db) == [1]
+        claim_locks()
+        assert claim_locks() == {"message_1", "message_2", "message_deduped"}
+    finally:
+        proc.session.close()
+
+
+@dataclass
+class Limited(Channel, lock_notifications=True, key_concurrency=2):
+    n: int
+
+
+def test_a_message_in_any_live_segment_is_claimed_at_its_wake_up(db: str) -> None:
+    """Whatever the ring did while the worker rested on the channel (one rotation, two,
+    segments emptied), a message stored into any live segment, with its wake-up, is
+    claimed at once: not at the worker's next poll (30 s here)."""
+    name = spec_of(Stored).name
+    seen: list[int] = []
+    registry = Registry()
+    registry.add(Stored, lambda n: seen.append(n))
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    runner = DurableRunning(db, [Stored], registry, poll_interval=30)
+    n = 0
+
+    def store_into_each_live_segment() -> None:
+        nonlocal n
+        for segment in _live(db):
+            n += 1
+            admin_query(
+                db,
+                "WITH m AS (INSERT INTO pgpubsub.message (channel, payload, segment) "
+                "VALUES (%s, %s, %s) RETURNING channel) SELECT pgpubsub.wake(channel) FROM m",
+                (name, json.dumps({"n": n}), segment),
+            )
+            wait_until(lambda n=n: n in seen, timeout=10, interval=0.01)
+
+    try:
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(Stored(n=0), conn=conn)
+        wait_until(lambda: 0 in seen, timeout=10, interval=0.01)
+        store_into_each_live_segment()
+        for rotations in (1, 2, 1, 2):
+            for _ in range(rotations):
+                _rotate_on(db)
+            store_into_each_live_segment()
+            admin_query(db, "SELECT pgpubsub.rotate()")  # drained segments emptied
+            store_into_each_live_segment()
+    finally:
+        runner.stop()
+    assert sorted(seen) == list(range(n + 1))
+
+
+def test_a_drain_that_read_segments_the_ring_moved_past_claims_again_before_it_rests(
+    db: str,
+) -> None:
+    """A processor that last claimed before two rotations claims on the segments it
+    knew and finds nothing; the claim says the ring moved past them, and the same drain
+    claims again on the live ones, instead of resting until a wake-up or a poll."""
+    from pgpubsub.session import PsycopgSession
+
+    spec = spec_of(Stored)
+    seen: list[int] = []
+    registry = Registry()
+    registry.add(Stored, lambda n: seen.append(n))
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    proc = _processor.ChannelProcessor(
+        PsycopgSession(db), spec, registry.listeners(spec), poll_interval=60
+    )
+    try:
+        assert proc.drain_once() == 0  # learns the ring: segment 0 current, 0 and 1 read
+        _rotate_on(db)
+        _rotate_on(db)
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(Stored(n=1), conn=conn)
+        assert admin_query(db, "SELECT DISTINCT segment FROM pgpubsub.message") == [(2,)]
+        assert proc.drain_once() == 1
+        assert seen == [1]
+    finally:
+        proc.session.close()
+
+
+def test_a_message_stored_into_a_segment_emptied_meanwhile_waits_a_poll_at_most(
+    db: str,
+) -> None:
+    """A publisher whose statement read the ring before it moved on may store into a
+    segment emptied since, which claims do not read: a claim of every segment once a
+    poll interval finds it (and rotate() takes the segment back into the live ones)."""
+    name = spec_of(Stored).name
+    seen: list[int] = []
+    registry = Registry()
+    registry.add(Stored, lambda n: seen.append(n))
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    runner = DurableRunning(db, [Stored], registry, poll_interval=1.0)
+    try:
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(Stored(n=0), conn=conn)
+        wait_until(lambda: seen == [0], timeout=10, interval=0.01)
+        assert _live(db) == [0]
+        admin_query(
+            db,
+            "WITH m AS (INSERT INTO pgpubsub.message (channel, payload, segment) "
+            "VALUES (%s, '{\"n\": 1}', 2) RETURNING channel) SELECT pgpubsub.wake(channel) FROM m",
+            (name,),
+        )
+        wait_until(lambda: seen == [0, 1], timeout=5, interval=0.01)
+    finally:
+        runner.stop()

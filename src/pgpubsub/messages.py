@@ -393,7 +393,11 @@ WITH asked AS (
             THEN a.first END AS twin
     FROM firsts a
 ), replayed AS (
-    UPDATE pgpubsub.message m SET status = 'pending', attempts = 0, run_at = pg_catalog.now()
+    -- a dead message goes to the ring's current segment (where claims look: the
+    -- segment it was stored in may have been emptied since), a pending one stays
+    UPDATE pgpubsub.message m SET status = 'pending', attempts = 0, run_at = pg_catalog.now(),
+        segment = CASE WHEN m.status = 'pending' THEN m.segment
+                       ELSE pgpubsub.current_segment() END
     FROM verdict v WHERE m.id = v.id AND v.holder IS NULL AND v.twin IS NULL
     RETURNING m.id
 )

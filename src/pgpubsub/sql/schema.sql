@@ -138,6 +138,14 @@ CREATE TABLE IF NOT EXISTS pgpubsub.ring (
     -- the id sequence's value when the segment became the current one
     first_id  bigint   NOT NULL DEFAULT 0
 );
+-- The live segments: each one that became current and has not been emptied
+-- since (the only ones that may hold rows, but for a publisher that read the
+-- ring before it moved, see rotate). Claims read only those, with the next
+-- segment and message_deduped (ChannelProcessor._claim_parts): a claim
+-- through all of them planned and locked six partitions and their indexes.
+-- Every segment at first (and on the upgrade of a ring without the column):
+-- rotate takes the empty ones out.
+ALTER TABLE pgpubsub.ring ADD COLUMN IF NOT EXISTS live smallint[] NOT NULL DEFAULT '{0,1,2,3}';
 INSERT INTO pgpubsub.ring DEFAULT VALUES ON CONFLICT (one) DO NOTHING;
 REVOKE ALL ON pgpubsub.ring FROM PUBLIC;
 GRANT SELECT ON pgpubsub.ring TO PUBLIC;  -- a segment number: what every publisher reads
@@ -353,6 +361,13 @@ CREATE INDEX IF NOT EXISTS message_dead_idx
 -- next call. Runs as the schema's owner (TRUNCATE); it takes no argument and
 -- reads nothing the caller controls. Only in READ COMMITTED: an older
 -- snapshot could miss committed messages and empty a segment that holds them.
+-- It keeps pgpubsub.ring.live: a segment emptied leaves it, the next one
+-- joins it as it becomes current. A publisher whose statement read the ring
+-- before it moved on may store into a segment emptied since (the INSERT
+-- locks the partition after reading the ring): a segment found holding rows
+-- that are not moved on joins it again, and claims read every segment once a
+-- poll interval (ChannelProcessor._claim_parts), so such a message waits for
+-- a poll at most.
 CREATE OR REPLACE FUNCTION pgpubsub.rotate() RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 DECLARE
@@ -361,6 +376,8 @@ DECLARE
     last bigint;
     nxt smallint;
     emptied boolean;
+    was smallint[];
+    now_live smallint[];
 BEGIN
     IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'pgpubsub.rotate() runs only in a READ COMMITTED transaction';
@@ -369,20 +386,30 @@ BEGIN
             pg_catalog.hashtextextended('pgpubsub.rotate', 0)) THEN
         RETURN;
     END IF;
-    SELECT r.segment, r.first_id INTO cur, first FROM pgpubsub.ring r FOR UPDATE;
+    SELECT r.segment, r.first_id, r.live INTO cur, first, was FROM pgpubsub.ring r FOR UPDATE;
     nxt := (cur + 1) % 4;
+    now_live := ARRAY[cur];
     PERFORM pg_catalog.set_config('lock_timeout', '20ms', true);
     FOR seg IN 0..3 LOOP
         CONTINUE WHEN seg = cur;
         emptied := pgpubsub.empty_segment(seg, cur);
+        IF NOT emptied THEN
+            now_live := now_live || seg::smallint;
+        END IF;
         IF seg = nxt THEN
             last := pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence(
                 'pgpubsub.message', 'id')::pg_catalog.regclass);
             IF emptied AND COALESCE(last, 0) - first >= 10000 THEN
-                UPDATE pgpubsub.ring SET segment = nxt, first_id = last;
+                -- (the previous current segment stays live: it is not emptied here)
+                UPDATE pgpubsub.ring SET segment = nxt, first_id = COALESCE(last, 0);
+                now_live := now_live || nxt;
             END IF;
         END IF;
     END LOOP;
+    now_live := ARRAY(SELECT DISTINCT s FROM pg_catalog.unnest(now_live) s ORDER BY s);
+    IF now_live IS DISTINCT FROM was THEN
+        UPDATE pgpubsub.ring SET live = now_live;
+    END IF;
 END
 $body$;
 REVOKE ALL ON FUNCTION pgpubsub.rotate() FROM PUBLIC;
