@@ -18,6 +18,7 @@ import math
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,22 @@ def claim_on(template: str, parts: tuple[int, ...]) -> str:
 def claim_template(query: str) -> str | None:
     """The claim template ``query`` was made from by :func:`claim_on`, if any."""
     return _TEMPLATE_OF.get(query)
+
+
+class _RingView:
+    """What the processors of one channel in this process (one crew) know of the ring."""
+
+    def __init__(self) -> None:
+        #: (current segment, live segments) as the last claim saw them; None: not known.
+        self.state: tuple[int, tuple[int, ...]] | None = None
+        #: time.monotonic() of the next claim of every segment.
+        self.every_segment_at = 0.0
+
+
+# One view per crew: its processors share it, so that the claim of every segment
+# comes once a poll interval per channel and process, not per processor (32 at
+# concurrency=32, each a larger plan), and a processor's first claim knows the ring.
+_RING_VIEWS: weakref.WeakKeyDictionary[Crew, _RingView] = weakref.WeakKeyDictionary()
 
 
 def ring_parts(segment: int, live: Sequence[int]) -> tuple[int, ...]:
@@ -792,9 +809,6 @@ class ChannelProcessor:
         self._values: dict[int, str] = {}  # id -> the JSON of its listeners' return value
         self._members: dict[int, int] = {}  # id -> batch, of the members in hand
         self._parts: dict[int, int] = {}  # id -> partition (PART), of the rows in hand
-        # The ring as the last claim saw it: (current segment, live segments).
-        self._ring: tuple[int, tuple[int, ...]] | None = None
-        self._every_segment_at = 0.0  # time.monotonic() of the next claim of every segment
         # The last claim came back short, and the ring had moved past its partitions.
         self._ring_moved = False
         self._next_sweep = 0.0  # time.monotonic() of the next sweep of a channel without retention
@@ -1274,12 +1288,21 @@ class ChannelProcessor:
         first claim and once every poll interval: a publisher whose statement
         read the ring before it moved on may have stored into a segment
         emptied since (see pgpubsub.rotate), which no other claim reads.
+        Shared by the channel's processors in this process (see _RING_VIEWS).
         """
+        view = self._ring_view
         now = time.monotonic()
-        if self._ring is None or now >= self._every_segment_at:
-            self._every_segment_at = now + self.poll_interval
+        if view.state is None or now >= view.every_segment_at:
+            view.every_segment_at = now + self.poll_interval
             return EVERY_SEGMENT
-        return ring_parts(*self._ring)
+        return ring_parts(*view.state)
+
+    @property
+    def _ring_view(self) -> _RingView:
+        view = _RING_VIEWS.get(self.crew)
+        if view is None:
+            view = _RING_VIEWS[self.crew] = _RingView()
+        return view
 
     def _run_claim(self, template: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run the claim ``template`` on the partitions of :meth:`_claim_parts`; its rows
@@ -1294,9 +1317,10 @@ class ChannelProcessor:
         # Every row ends with the ring's current segment and live segments; a claim
         # that took nothing returns them on a row of NULLs.
         segment, live = result[0][-2], result[0][-1]
-        self._ring = (int(segment), tuple(int(s) for s in live))
+        state = (int(segment), tuple(int(s) for s in live))
+        self._ring_view.state = state
         claimed = [r[:-2] for r in result if r[0] is not None]
-        now = ring_parts(*self._ring)
+        now = ring_parts(*state)
         self._ring_moved = len(claimed) < int(params["limit"]) and not set(now) <= set(parts)
         self._parts = {r[0]: r[-1] for r in claimed}
         return [r[:-1] for r in claimed]
