@@ -160,6 +160,12 @@ class _RingView:
 _RING_VIEWS: weakref.WeakKeyDictionary[Crew, _RingView] = weakref.WeakKeyDictionary()
 
 
+def ring_state(code: int) -> tuple[int, tuple[int, ...]]:
+    """(current segment, live segments) from the claim's last column: the current
+    segment times 16 plus a bit per live segment (1 << segment)."""
+    return code >> 4, tuple(s for s in range(SEGMENTS) if code >> s & 1)
+
+
 def ring_parts(segment: int, live: Sequence[int]) -> tuple[int, ...]:
     """The partitions a claim reads when the ring's current segment is ``segment`` and
     its live segments ``live``: those, the next one, and message_deduped (-2)."""
@@ -269,7 +275,11 @@ WHERE m.id = ANY(ARRAY(SELECT id FROM pick))
 RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
     m.ordering_key IS NOT NULL, m.claimed_alone, m.ordering_key, {PART}
 )
-SELECT c.*, r.segment, r.live FROM pgpubsub.ring r LEFT JOIN claimed c ON true
+-- the ring's state as one integer (see ring_state): an array on every row cost
+-- the client a parse per row (about 30%% more of its time at 250 rows a claim)
+SELECT c.*, (r.segment * 16 + (SELECT COALESCE(pg_catalog.sum(DISTINCT 1 << s), 0)
+                                FROM pg_catalog.unnest(r.live) s))::integer
+FROM pgpubsub.ring r LEFT JOIN claimed c ON true
 """  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a
 # concurrent claim's scan may hold one of them for an instant (it re-checks the
@@ -1314,12 +1324,14 @@ class ChannelProcessor:
         """
         parts = self._claim_parts()
         result = self.session.execute(claim_on(template, parts), params)
-        # Every row ends with the ring's current segment and live segments; a claim
-        # that took nothing returns them on a row of NULLs.
-        segment, live = result[0][-2], result[0][-1]
-        state = (int(segment), tuple(int(s) for s in live))
+        # Every row ends with the ring's state (ring_state); a claim that took
+        # nothing returns it on a row of NULLs.
+        state = ring_state(int(result[0][-1]))
         self._ring_view.state = state
-        claimed = [r[:-2] for r in result if r[0] is not None]
+        if result[0][0] is None:
+            claimed: list[tuple[Any, ...]] = []
+        else:
+            claimed = [r[:-1] for r in result]
         now = ring_parts(*state)
         self._ring_moved = len(claimed) < int(params["limit"]) and not set(now) <= set(parts)
         self._parts = {r[0]: r[-1] for r in claimed}
