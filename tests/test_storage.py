@@ -790,3 +790,25 @@ def test_a_message_stored_into_a_segment_emptied_meanwhile_waits_a_poll_at_most(
         wait_until(lambda: seen == [0, 1], timeout=5, interval=0.01)
     finally:
         runner.stop()
+
+
+def test_rotate_keeps_the_live_segments_and_takes_back_one_it_cannot_empty(db: str) -> None:
+    """pgpubsub.ring.live: the current segment and each one not emptied. A segment
+    emptied leaves it; one found holding more rows than rotate() moves on (stored there
+    by a publisher that read the ring before it moved) joins it again, so claims read it."""
+    name = spec_of(Stored).name
+    live = "SELECT segment, live FROM pgpubsub.ring"
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    assert admin_query(db, live) == [(0, [0])]
+    admin_query(
+        db,
+        "INSERT INTO pgpubsub.message (channel, payload, segment) "
+        "SELECT %s, '{\"n\": 1}', 2 FROM generate_series(1, 1001)",
+        (name,),
+    )
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    assert admin_query(db, live) == [(0, [0, 2])]
+    admin_query(db, "DELETE FROM pgpubsub.message WHERE segment = 2")
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    assert admin_query(db, live) == [(0, [0])]
+    assert admin_query(db, "SELECT pg_relation_size('pgpubsub.message_2')") == [(0,)]
