@@ -24,6 +24,9 @@ commit returned (both clocks of this host).
   chunk, and pgpubsub.message's size and dead tuples after each; each without
   and with a VACUUM after each chunk (autovacuum's naptime, 1 min, is longer
   than these runs).
+* ``--held-minutes MINUTES`` (by hand): the long-tx row drained chunk after
+  chunk for that long, clean and held (no VACUUMs): the first and last
+  minute's rates and the table's size and dead tuples at the start and end.
 * ``--sustained MINUTES`` (by hand): 2 worker processes, a publisher at 60% of
   their measured drain rate (or ``--rate``) in transactions of a tenth of a
   second's messages: rate in the first and last minute, peak dead tuples and
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -408,32 +412,34 @@ def row_paced(dsn: str, rates: tuple[int, ...] = (50, 400), seconds: float = 20)
 
 # -- 3. a long transaction ---------------------------------------------------
 
-# pgpubsub.message: the table, or from schema version 6 its partitions (the
-# segments, the kept and the deduped rows), with their indexes and TOAST.
+# pgpubsub.message and, should it be partitioned, its partitions (message_...).
 SIZE_SQL = (
-    "SELECT coalesce(sum(pg_catalog.pg_total_relation_size(c.oid)), 0) "
-    "FROM pg_catalog.pg_class c WHERE c.relnamespace = 'pgpubsub'::regnamespace "
-    "AND left(c.relname, 7) = 'message' AND c.relkind = 'r'"
+    "SELECT coalesce(sum(pg_catalog.pg_total_relation_size(relid)), 0) "
+    "FROM pg_catalog.pg_stat_user_tables "
+    "WHERE schemaname = 'pgpubsub' AND relname ~ '^message(_|$)'"
 )
 DEAD_SQL = (
     "SELECT coalesce(sum(n_dead_tup), 0) FROM pg_catalog.pg_stat_user_tables "
-    "WHERE schemaname = 'pgpubsub' AND left(relname, 7) = 'message'"
+    "WHERE schemaname = 'pgpubsub' AND relname ~ '^message(_|$)'"
 )
 # How often autovacuum has vacuumed and analyzed it, as vacuums * 1000 + analyzes.
 AUTO_SQL = (
     "SELECT coalesce(sum(autovacuum_count * 1000 + autoanalyze_count), 0) "
     "FROM pg_catalog.pg_stat_user_tables "
-    "WHERE schemaname = 'pgpubsub' AND left(relname, 7) = 'message'"
+    "WHERE schemaname = 'pgpubsub' AND relname ~ '^message(_|$)'"
 )
 
 
 def drain_chunks(
-    dsn: str, chunks: int, chunk: int, hold: bool, vacuum: bool
-) -> list[tuple[float, int, int, int]]:
-    """Per chunk: messages/s, then pgpubsub.message's bytes, dead tuples and AUTO_SQL.
+    dsn: str, chunks: int, chunk: int, hold: bool, vacuum: bool, seconds: float = 0.0
+) -> list[tuple[float, int, int, int, float]]:
+    """Per chunk: messages/s, then pgpubsub.message's bytes, dead tuples and AUTO_SQL,
+    and the seconds since the first chunk was published.
 
     ``vacuum``: a VACUUM after each chunk (untimed), the chance autovacuum gets
-    between chunks in production.
+    between chunks in production. ``seconds``: chunks go on until that long has
+    passed (``chunks`` ignored). The listener's rows are emptied after each
+    chunk, so that counting them costs the same at the end as at the start.
     """
     reset(dsn)
     out = []
@@ -442,8 +448,7 @@ def drain_chunks(
         try:
             if hold:
                 holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                # A report over other tables takes the snapshot (one that read the
-                # queue's table would also hold its lock: see the durable guide).
+                # takes the snapshot (a query of another table: a report elsewhere)
                 holder.execute("SELECT count(*) FROM pg_catalog.pg_class")
                 held = scalar(
                     dsn,
@@ -451,20 +456,23 @@ def drain_chunks(
                     "WHERE state = 'idle in transaction' AND backend_xmin IS NOT NULL",
                 )
                 assert held, "the idle transaction holds no snapshot"
-            for c in range(chunks):
+            start = time.monotonic()
+            for c in itertools.count():
+                if (time.monotonic() - start >= seconds) if seconds else c == chunks:
+                    break
                 rows = [{"n": c * chunk + i} for i in range(chunk)]
                 with psycopg.connect(dsn) as conn:
                     pgpubsub.notify_many(ProdJob, rows, conn=conn)
                     conn.commit()
                     t0 = time.perf_counter()
-                done = (c + 1) * chunk
-                assert wait_for(dsn, "SELECT count(*) FROM prod_starts", done, 300)
+                assert wait_for(dsn, "SELECT count(*) FROM prod_starts", chunk, 300)
                 rate = chunk / (time.perf_counter() - t0)
+                execute(dsn, "TRUNCATE prod_starts")
                 time.sleep(1.2)  # backends report their table statistics within a second
                 if vacuum:
-                    execute(dsn, "VACUUM pgpubsub.message")  # and its partitions
+                    execute(dsn, "VACUUM pgpubsub.message")
                 stats = [scalar(dsn, query) for query in (SIZE_SQL, DEAD_SQL, AUTO_SQL)]
-                out.append((rate, stats[0], stats[1], stats[2]))
+                out.append((rate, stats[0], stats[1], stats[2], time.monotonic() - start))
         finally:
             holder.close()
     return out
@@ -505,6 +513,33 @@ def row_long_tx(dsn: str, chunks: int = 8, chunk: int = 10_000) -> None:
             x[0] for x in runs[clean]
         )
         print(f"{held} vs {clean}, mean rate: x{ratio:.2f}")
+
+
+def row_long_tx_timed(dsn: str, minutes: float, chunk: int = 10_000) -> None:
+    """Chunks drained for ``minutes``, clean and then beside a session idle in a transaction."""
+    print(
+        f"\n== 3b. 2 worker processes drain chunks of {chunk:,} for {minutes:g} minutes; "
+        "held: beside a session idle in a REPEATABLE READ transaction for the whole run"
+    )
+    runs = {
+        label: drain_chunks(dsn, 0, chunk, hold, False, minutes * 60)
+        for label, hold in (("clean", False), ("held", True))
+    }
+
+    def last_minute(r: list[tuple[float, int, int, int, float]]) -> float:
+        return statistics.mean(x[0] for x in r if x[4] >= r[-1][4] - 60)
+
+    for label, r in runs.items():
+        first = [x for x in r if x[4] <= 60]
+        print(
+            f"{label}: {len(r) * chunk:,} messages; first minute "
+            f"{statistics.mean(x[0] for x in first):,.0f}/s, last minute "
+            f"{last_minute(r):,.0f}/s; pgpubsub.message "
+            f"{r[0][1] / 2**20:.1f} MB and {r[0][2]:,} dead tuples after the first chunk, "
+            f"{r[-1][1] / 2**20:.1f} MB and {r[-1][2]:,} after the last"
+        )
+    ratio = last_minute(runs["held"]) / last_minute(runs["clean"])
+    print(f"held vs clean, last minute: x{ratio:.2f}")
 
 
 # -- 4. sustained ------------------------------------------------------------
@@ -600,6 +635,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--sustained", type=float, metavar="MINUTES", default=0.0)
     parser.add_argument("--rate", type=float, default=0.0, help="--sustained's publish rate")
+    parser.add_argument("--held-minutes", type=float, metavar="MINUTES", default=0.0)
     parser.add_argument("--pgqueuer-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pgqueuer_worker:
@@ -618,6 +654,9 @@ def main() -> None:
             print(f"server: PostgreSQL {conn.info.server_version}, {os.cpu_count()} cores")
         if args.sustained:
             row_sustained(dsn, args.sustained, args.rate)
+            return
+        if args.held_minutes:
+            row_long_tx_timed(dsn, args.held_minutes)
             return
         if "publishers" in args.only:
             row_publishers(dsn)
