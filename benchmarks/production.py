@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -430,11 +430,20 @@ AUTO_SQL = (
 )
 
 
+class Chunk(NamedTuple):
+    """One drained chunk of :func:`drain_chunks`."""
+
+    rate: float  # messages/s
+    size: int  # the message tables' bytes after it
+    dead: int  # their dead tuples
+    auto: int  # AUTO_SQL
+    at: float  # seconds since the first chunk was published
+
+
 def drain_chunks(
     dsn: str, chunks: int, chunk: int, hold: bool, vacuum: bool, seconds: float = 0.0
-) -> list[tuple[float, int, int, int, float]]:
-    """Per chunk: messages/s, then pgpubsub.message's bytes, dead tuples and AUTO_SQL,
-    and the seconds since the first chunk was published.
+) -> list[Chunk]:
+    """Per chunk: its rate, the message tables' size and dead tuples after it, and more.
 
     ``vacuum``: a VACUUM after each chunk (untimed), the chance autovacuum gets
     between chunks in production. ``seconds``: chunks go on until that long has
@@ -472,7 +481,7 @@ def drain_chunks(
                 if vacuum:
                     execute(dsn, "VACUUM pgpubsub.message")
                 stats = [scalar(dsn, query) for query in (SIZE_SQL, DEAD_SQL, AUTO_SQL)]
-                out.append((rate, stats[0], stats[1], stats[2], time.monotonic() - start))
+                out.append(Chunk(rate, *stats, time.monotonic() - start))
         finally:
             holder.close()
     return out
@@ -526,17 +535,16 @@ def row_long_tx_timed(dsn: str, minutes: float, chunk: int = 10_000) -> None:
         for label, hold in (("clean", False), ("held", True))
     }
 
-    def last_minute(r: list[tuple[float, int, int, int, float]]) -> float:
-        return statistics.mean(x[0] for x in r if x[4] >= r[-1][4] - 60)
+    def last_minute(r: list[Chunk]) -> float:
+        return statistics.mean(x.rate for x in r if x.at >= r[-1].at - 60)
 
     for label, r in runs.items():
-        first = [x for x in r if x[4] <= 60]
         print(
             f"{label}: {len(r) * chunk:,} messages; first minute "
-            f"{statistics.mean(x[0] for x in first):,.0f}/s, last minute "
-            f"{last_minute(r):,.0f}/s; pgpubsub.message "
-            f"{r[0][1] / 2**20:.1f} MB and {r[0][2]:,} dead tuples after the first chunk, "
-            f"{r[-1][1] / 2**20:.1f} MB and {r[-1][2]:,} after the last"
+            f"{statistics.mean(x.rate for x in r if x.at <= 60):,.0f}/s, last minute "
+            f"{last_minute(r):,.0f}/s; message tables "
+            f"{r[0].size / 2**20:.1f} MB and {r[0].dead:,} dead tuples after the first chunk, "
+            f"{r[-1].size / 2**20:.1f} MB and {r[-1].dead:,} after the last"
         )
     ratio = last_minute(runs["held"]) / last_minute(runs["clean"])
     print(f"held vs clean, last minute: x{ratio:.2f}")

@@ -10,9 +10,9 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -324,6 +324,25 @@ def test_two_replays_that_deadlock_over_a_key_both_return(db: str) -> None:
     assert sorted(pending) == [("free", 1), ("k", 1)]
 
 
+T = TypeVar("T")
+
+
+def replay_after_the_snapshot(
+    db: str, isolation: str, ids: list[int], meanwhile: Callable[[], T]
+) -> tuple[messages.ReplayResult, T]:
+    """Replay ``ids`` in a transaction of ``isolation`` whose snapshot (taken by its own
+    work: a table created) is older than what ``meanwhile`` did in other sessions; then
+    commit it, its work kept (asserted). The replay's result, and ``meanwhile``'s."""
+    with psycopg.connect(db) as caller:
+        caller.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        caller.execute("CREATE TABLE audit (x int)")
+        done = meanwhile()
+        result = messages.replay(caller, ids=ids)
+        caller.commit()
+    assert admin_query(db, "SELECT count(*) FROM audit") == [(0,)]
+    return result, done
+
+
 @pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
 def test_replay_in_a_snapshot_older_than_the_keys_holder_reports_it_and_keeps_the_work(
     db: str, isolation: str
@@ -331,18 +350,16 @@ def test_replay_in_a_snapshot_older_than_the_keys_holder_reports_it_and_keeps_th
     """The caller's snapshot cannot see a holder committed after it began: the message is
     reported as not replayed, and the caller's transaction, with its earlier work, goes on."""
     [dead, free] = dead_letters(db, ["k", "free"])
-    with psycopg.connect(db) as caller:
-        caller.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
-        caller.execute("CREATE TABLE audit (x int)")  # the caller's own work: the snapshot
+
+    def publish() -> int:
         with psycopg.connect(db) as other:
-            holder = int(pgpubsub.notify(Letter(to="new"), conn=other, dedupe_key="k"))
-        result = messages.replay(caller, ids=[dead, free])
-        caller.commit()
+            return int(pgpubsub.notify(Letter(to="new"), conn=other, dedupe_key="k"))
+
+    result, holder = replay_after_the_snapshot(db, isolation, [dead, free], publish)
     assert result.replayed == (free,)
     assert [(s.id, s.reason) for s in result.skipped] == [
         (dead, "a pending message holds dedupe key 'k' (committed after this transaction began)")
     ]
-    assert admin_query(db, "SELECT count(*) FROM audit") == [(0,)]
     statuses = admin_query(db, "SELECT id, status FROM pgpubsub.message ORDER BY id")
     assert statuses == [(dead, "dead"), (free, "pending"), (holder, "pending")]
 
@@ -354,21 +371,17 @@ def test_replay_in_an_older_snapshot_of_a_message_changed_since_reports_it(
     """Another session replayed or purged the message after the caller's REPEATABLE READ
     snapshot: locking it fails with a serialization failure, which replay reports."""
     [changed, free] = dead_letters(db, ["k", "free"])
-    with psycopg.connect(db) as caller:
-        caller.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        caller.execute("CREATE TABLE audit (x int)")  # the caller's own work: the snapshot
+
+    def change() -> object:
         with psycopg.connect(db) as other:
-            if rival == "replay":
-                messages.replay(other, ids=[changed])
-            else:
-                messages.purge(other, ids=[changed])
-        result = messages.replay(caller, ids=[changed, free])
-        caller.commit()
+            operation = messages.replay if rival == "replay" else messages.purge
+            return operation(other, ids=[changed])
+
+    result, _ = replay_after_the_snapshot(db, "REPEATABLE READ", [changed, free], change)
     assert result.replayed == (free,)
     assert [(s.id, s.reason) for s in result.skipped] == [
         (changed, "another transaction changed it after this transaction began")
     ]
-    assert admin_query(db, "SELECT count(*) FROM audit") == [(0,)]
 
 
 def test_replay_in_a_serializable_transaction_that_must_retry_raises_for_the_retry(
@@ -397,12 +410,14 @@ def test_replay_one_at_a_time_replays_no_later_dead_message_of_a_key_before_the_
     the caller's REPEATABLE READ snapshot): the later one of its key stays dead too."""
     [first, later] = dead_letters(db, ["k", "k-later"])
     admin_query(db, "UPDATE pgpubsub.message SET dedupe_key = 'k' WHERE id = %s", (later,))
-    with psycopg.connect(db) as caller:
-        caller.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        caller.execute("SELECT 1")  # the snapshot
-        admin_query(db, "UPDATE pgpubsub.message SET last_error = 'seen' WHERE id = %s", (first,))
-        result = messages.replay(caller, ids=[first, later])
-        caller.commit()
+    result, _ = replay_after_the_snapshot(
+        db,
+        "REPEATABLE READ",
+        [first, later],
+        lambda: admin_query(
+            db, "UPDATE pgpubsub.message SET last_error = 'seen' WHERE id = %s", (first,)
+        ),
+    )
     assert result.replayed == ()
     assert [(s.id, s.reason) for s in result.skipped] == [
         (first, "another transaction changed it after this transaction began"),
