@@ -653,12 +653,13 @@ def _rotate_on(db: str) -> None:
 
 
 @pytest.mark.parametrize("limited", [False, True], ids=["claim", "key-limited claim"])
-def test_a_claim_locks_only_the_live_segments_the_next_one_and_the_deduped(
+def test_a_claim_locks_only_the_partitions_that_may_hold_pending_messages(
     db: str, limited: bool
 ) -> None:
     """Inside a claim's transaction the message partitions locked (table or index) are
-    the ring's live segments, the next one and message_deduped: never a segment emptied
-    and not yet current again, nor message_kept (where no pending message is)."""
+    the ring's live segments, and message_deduped only while it holds a message: never
+    a segment emptied, nor message_kept (where no pending message is). Most of the time
+    that is one table: a claim's cost follows the number of tables it reads."""
     from pgpubsub.session import PsycopgSession
 
     channel = Limited if limited else Stored
@@ -675,19 +676,97 @@ def test_a_claim_locks_only_the_live_segments_the_next_one_and_the_deduped(
 
     try:
         claim_locks()  # a first claim reads every segment, and learns the ring
-        assert claim_locks() == {"message_0", "message_1", "message_deduped"}
+        assert claim_locks() == {"message_0"}
         with psycopg.connect(db, autocommit=True) as conn:  # a message left in segment 0
             pgpubsub.notify(channel(n=1), conn=conn, delay=3600)
         _rotate_on(db)
         assert _live(db) == [0, 1]
         claim_locks()  # learns the ring's move
-        assert claim_locks() == {"message_0", "message_1", "message_2", "message_deduped"}
+        assert claim_locks() == {"message_0", "message_1"}
         admin_query(db, "SELECT pgpubsub.rotate()")  # segment 0's message moves to 1
         assert _live(db) == [1]
         claim_locks()
-        assert claim_locks() == {"message_1", "message_2", "message_deduped"}
+        assert claim_locks() == {"message_1"}
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(channel(n=2), conn=conn, dedupe_key="k", delay=3600)
+        admin_query(db, "SELECT pgpubsub.rotate()")  # message_deduped holds one: read
+        claim_locks()
+        assert claim_locks() == {"message_1", "message_deduped"}
+        admin_query(db, "DELETE FROM pgpubsub.message WHERE dedupe_key = 'k'")
+        admin_query(db, "SELECT pgpubsub.rotate()")
+        claim_locks()
+        assert claim_locks() == {"message_1"}
     finally:
         proc.session.close()
+
+
+def test_a_backlog_stays_in_one_segment_until_the_workers_nearly_caught_up(db: str) -> None:
+    """The ring moves on from a segment that has had 10,000 new messages only once at
+    most 1,000 of its messages are due: a backlog drains from one segment (claims read
+    one table), and the segment then drains in a moment and is emptied. Messages delayed
+    for later do not count (they would hold the ring back)."""
+    name = spec_of(Stored).name
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    store = (
+        "INSERT INTO pgpubsub.message (channel, payload, run_at) "
+        "SELECT %s, '{\"n\": 1}', now() + %s * interval '1 hour' FROM generate_series(1, %s)"
+    )
+    admin_query(db, store, (name, 0, 1001))  # due
+    admin_query(db, store, (name, 1, 5000))  # delayed
+    admin_query(db, "UPDATE pgpubsub.ring SET first_id = first_id - 10000")
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(0, [0])]
+    admin_query(
+        db, "DELETE FROM pgpubsub.message WHERE id = (SELECT min(id) FROM pgpubsub.message)"
+    )  # 1,000 due left
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(1, [0, 1])]
+
+
+def test_a_segment_pinned_by_delayed_messages_does_not_stop_the_ring(db: str) -> None:
+    """A segment holding more messages than rotate() moves on (delayed for a day, say)
+    stays until they are processed; the ring moves on to the next empty segment past
+    it, and keeps going round the others."""
+    name = spec_of(Stored).name
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    admin_query(
+        db,
+        "INSERT INTO pgpubsub.message (channel, payload, run_at, segment) "
+        "SELECT %s, '{\"n\": 1}', now() + interval '1 day', 1 FROM generate_series(1, 1001)",
+        (name,),
+    )
+    visited = []
+    for _ in range(6):
+        _rotate_on(db)
+        visited.append(int(admin_query(db, "SELECT segment FROM pgpubsub.ring")[0][0]))
+        admin_query(db, "SELECT pgpubsub.rotate()")  # the segment left is emptied
+    assert visited == [2, 3, 0, 2, 3, 0]
+    assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(0, [0, 1])]
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message_1") == [(1001,)]
+
+
+def test_a_deduped_message_is_claimed_at_its_wake_up(db: str) -> None:
+    """Claims read message_deduped only while it holds a message; one stored while the
+    worker rests on the channel, with its wake-up, is claimed at once, not at the
+    worker's next poll (30 s here)."""
+    seen: list[int] = []
+    registry = Registry()
+    registry.add(Stored, lambda n: seen.append(n))
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    runner = DurableRunning(db, [Stored], registry, poll_interval=30)
+    try:
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(Stored(n=0), conn=conn)
+            wait_until(lambda: seen == [0], timeout=10, interval=0.01)
+            admin_query(db, "SELECT pgpubsub.rotate()")
+            assert -2 not in admin_query(db, "SELECT live FROM pgpubsub.ring")[0][0]
+            for n in (1, 2, 3):
+                pgpubsub.notify(Stored(n=n), conn=conn, dedupe_key="once")
+                wait_until(lambda n=n: seen[-1] == n, timeout=5, interval=0.01)
+                admin_query(db, "SELECT pgpubsub.rotate()")
+    finally:
+        runner.stop()
+    assert seen == [0, 1, 2, 3]
 
 
 @dataclass

@@ -107,17 +107,20 @@ def _part(alias: str) -> str:
 
 
 # A claim reads only the partitions that may hold pending messages: the
-# ring's live segments (pgpubsub.ring.live), the next one (a rotation between
-# two claims loses nothing) and message_deduped, named as constants where this
-# marker is, so that the planner prunes the others before locking them, whatever
-# plan the driver prepares (through the parent, a claim planned and locked all
-# six partitions and their indexes: about 190 relation locks, against about 40,
-# and 15% of the drain rate). The claim returns the ring's state (the last two
-# columns, on every row, and on a row of NULLs when it claimed nothing), so the
-# processor knows the next claim's partitions (ChannelProcessor._claim_parts).
+# ring's live ones (pgpubsub.ring.live: the current segment, those not yet
+# emptied, message_deduped while it holds a message), named as constants where
+# this marker is, so that the planner prunes the others before locking them,
+# whatever plan the driver prepares (through the parent, a claim planned and
+# locked all six partitions and their indexes: about 190 relation locks,
+# against about 40, and 15% of the drain rate). A claim's cost follows the
+# number of tables it reads: most of the time this is one. The claim returns
+# the ring's state (the last column, on every row, and on a row of NULLs when
+# it claimed nothing), so the processor knows the next claim's partitions
+# (ChannelProcessor._claim_parts).
 CLAIM_PARTS = "<claim parts>"
 #: The partitions of a claim that knows nothing of the ring: every segment and
-#: message_deduped (a processor's first claim, and one every poll interval).
+#: message_deduped (a processor's first claim, its first after it rested, and one
+#: every poll interval).
 EVERY_SEGMENT = (-2, 0, 1, 2, 3)
 #: How many segments the ring has (schema.sql, Version 7 storage).
 SEGMENTS = 4
@@ -161,15 +164,17 @@ _RING_VIEWS: weakref.WeakKeyDictionary[Crew, _RingView] = weakref.WeakKeyDiction
 
 
 def ring_state(code: int) -> tuple[int, tuple[int, ...]]:
-    """(current segment, live segments) from the claim's last column: the current
-    segment times 16 plus a bit per live segment (1 << segment)."""
-    return code >> 4, tuple(s for s in range(SEGMENTS) if code >> s & 1)
+    """(current segment, live partitions) from the claim's last column: the current
+    segment times 32 plus a bit per live segment (1 << segment) and 16 for
+    message_deduped (-2)."""
+    live = tuple(s for s in range(SEGMENTS) if code >> s & 1)
+    return code >> 5, (-2, *live) if code & 16 else live
 
 
 def ring_parts(segment: int, live: Sequence[int]) -> tuple[int, ...]:
     """The partitions a claim reads when the ring's current segment is ``segment`` and
-    its live segments ``live``: those, the next one, and message_deduped (-2)."""
-    return tuple(sorted({-2, segment, (segment + 1) % SEGMENTS, *live}))
+    its live partitions ``live``."""
+    return tuple(sorted({segment, *live}))
 
 
 _NEXT_KEY = (
@@ -277,8 +282,8 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
 )
 -- the ring's state as one integer (see ring_state): an array on every row cost
 -- the client a parse per row (about 30%% more of its time at 250 rows a claim)
-SELECT c.*, (r.segment * 16 + (SELECT COALESCE(pg_catalog.sum(DISTINCT 1 << s), 0)
-                                FROM pg_catalog.unnest(r.live) s))::integer
+SELECT c.*, (r.segment * 32 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
+        1 << CASE WHEN s < 0 THEN 4 ELSE s END), 0) FROM pg_catalog.unnest(r.live) s))::integer
 FROM pgpubsub.ring r LEFT JOIN claimed c ON true
 """  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a
@@ -821,6 +826,8 @@ class ChannelProcessor:
         self._parts: dict[int, int] = {}  # id -> partition (PART), of the rows in hand
         # The last claim came back short, and the ring had moved past its partitions.
         self._ring_moved = False
+        # The processor rested since its last claim: the next one reads every partition.
+        self._rested = False
         self._next_sweep = 0.0  # time.monotonic() of the next sweep of a channel without retention
         # Flow control per limit_key (key_rate_limit, key_concurrency).
         self.key_rate = key_rate_of(cls)
@@ -1109,6 +1116,7 @@ class ChannelProcessor:
                 self.drain_once()
                 failures = 0
                 self.crew.rest(self, self._next_due, self._asleep)
+                self._rested = True
             except BaseException as exc:  # never let the thread end while the worker runs
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(f"{type(exc).__name__}: {exc}")
@@ -1294,15 +1302,19 @@ class ChannelProcessor:
     def _claim_parts(self) -> tuple[int, ...]:
         """The partitions the next claim reads (see CLAIM_PARTS).
 
-        Those of the ring as the last claim saw it; every segment for the
-        first claim and once every poll interval: a publisher whose statement
-        read the ring before it moved on may have stored into a segment
-        emptied since (see pgpubsub.rotate), which no other claim reads.
-        Shared by the channel's processors in this process (see _RING_VIEWS).
+        Those of the ring as the last claim saw it; every partition for the
+        first claim, the first after the processor rested (a wake-up's message
+        may be in a partition the ring did not yet count as live: a deduped
+        one while message_deduped was empty, one stored by a publisher whose
+        statement read the ring before it moved on, see pgpubsub.rotate), and
+        once every poll interval (such a message stored while the workers were
+        busy). Shared by the channel's processors in this process (see
+        _RING_VIEWS).
         """
         view = self._ring_view
         now = time.monotonic()
-        if view.state is None or now >= view.every_segment_at:
+        rested, self._rested = self._rested, False
+        if view.state is None or rested or now >= view.every_segment_at:
             view.every_segment_at = now + self.poll_interval
             return EVERY_SEGMENT
         return ring_parts(*view.state)

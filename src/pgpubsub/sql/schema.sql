@@ -138,14 +138,15 @@ CREATE TABLE IF NOT EXISTS pgpubsub.ring (
     -- the id sequence's value when the segment became the current one
     first_id  bigint   NOT NULL DEFAULT 0
 );
--- The live segments: each one that became current and has not been emptied
--- since (the only ones that may hold rows, but for a publisher that read the
--- ring before it moved, see rotate). Claims read only those, with the next
--- segment and message_deduped (ChannelProcessor._claim_parts): a claim
--- through all of them planned and locked six partitions and their indexes.
--- Every segment at first (and on the upgrade of a ring without the column):
+-- The live partitions: each segment that became current and has not been
+-- emptied since, and message_deduped (-2) while it holds a message (the only
+-- ones that may hold pending rows, but for a publisher that read the ring
+-- before it moved, see rotate). Claims read only those
+-- (ChannelProcessor._claim_parts): a claim's cost follows the number of
+-- tables it reads, and most of the time that is the current segment alone.
+-- Every one at first (and on the upgrade of a ring without the column):
 -- rotate takes the empty ones out.
-ALTER TABLE pgpubsub.ring ADD COLUMN IF NOT EXISTS live smallint[] NOT NULL DEFAULT '{0,1,2,3}';
+ALTER TABLE pgpubsub.ring ADD COLUMN IF NOT EXISTS live smallint[] NOT NULL DEFAULT '{-2,0,1,2,3}';
 INSERT INTO pgpubsub.ring DEFAULT VALUES ON CONFLICT (one) DO NOTHING;
 REVOKE ALL ON pgpubsub.ring FROM PUBLIC;
 GRANT SELECT ON pgpubsub.ring TO PUBLIC;  -- a segment number: what every publisher reads
@@ -353,29 +354,40 @@ CREATE INDEX IF NOT EXISTS message_dead_idx
 -- rows and index entries whatever transaction is open, where a DELETE's wait
 -- for vacuum. A segment with a few messages still pending (delayed, waiting
 -- for a retry: at most 1,000, none in a worker's hands) has them moved to the
--- current one first; a backlog stays where it is. Once the current segment
--- has had 10,000 new messages, the next one becomes current if it is empty
--- (a backlog there: the current segment takes more). Emptying takes the
--- segment's lock, which claims and completions take too: it is waited for
--- 20 ms at most (claims wait behind it meanwhile), and tried again at the
--- next call. Runs as the schema's owner (TRUNCATE); it takes no argument and
--- reads nothing the caller controls. Only in READ COMMITTED: an older
--- snapshot could miss committed messages and empty a segment that holds them.
--- It keeps pgpubsub.ring.live: a segment emptied leaves it, the next one
--- joins it as it becomes current. A publisher whose statement read the ring
--- before it moved on may store into a segment emptied since (the INSERT
--- locks the partition after reading the ring): a segment found holding rows
--- that are not moved on joins it again, and claims read every segment once a
--- poll interval (ChannelProcessor._claim_parts), so such a message waits for
--- a poll at most.
+-- current one first; a backlog stays where it is. The current segment hands
+-- over to an empty one once it has had 10,000 new messages and at most 1,000
+-- of its messages are due (the workers have nearly caught up): a backlog
+-- drains from one segment, which claims read alone (a claim's cost follows
+-- the number of tables it reads), and the segment left drains in a moment
+-- and is emptied. A backlog that never shrinks hands over after 100,000 new
+-- messages, so that the segment's dead rows stay bounded under a held
+-- transaction. The empty segment taken is the first one after the current
+-- one: a segment pinned by more than 1,000 messages (delayed for a day, say)
+-- is passed over until they are processed, and the ring goes round the
+-- others. Emptying takes the segment's lock, which claims and completions
+-- take too: it is waited for 20 ms at most (claims wait behind it
+-- meanwhile), and tried again at the next call. Runs as the schema's owner
+-- (TRUNCATE); it takes no argument and reads nothing the caller controls.
+-- Only in READ COMMITTED: an older snapshot could miss committed messages
+-- and empty a segment that holds them.
+-- It keeps pgpubsub.ring.live: the current segment, each one not emptied, and
+-- message_deduped (-2) while it holds a message. A publisher whose statement
+-- read the ring before it moved on may store into a segment emptied since
+-- (the INSERT locks the partition after reading the ring), and a deduped
+-- message may be stored after this found message_deduped empty: a segment
+-- found holding rows that are not moved on joins it again, message_deduped
+-- joins it once it holds one, and a claim reads every partition after its
+-- processor rested and once a poll interval (ChannelProcessor._claim_parts),
+-- so such a message waits for a wake-up or a poll at most.
 CREATE OR REPLACE FUNCTION pgpubsub.rotate() RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pgpubsub, pg_temp AS $body$
 DECLARE
     cur smallint;
     first bigint;
     last bigint;
+    seg smallint;
     nxt smallint;
-    emptied boolean;
+    due bigint;
     was smallint[];
     now_live smallint[];
 BEGIN
@@ -387,25 +399,30 @@ BEGIN
         RETURN;
     END IF;
     SELECT r.segment, r.first_id, r.live INTO cur, first, was FROM pgpubsub.ring r FOR UPDATE;
-    nxt := (cur + 1) % 4;
     now_live := ARRAY[cur];
     PERFORM pg_catalog.set_config('lock_timeout', '20ms', true);
-    FOR seg IN 0..3 LOOP
-        CONTINUE WHEN seg = cur;
-        emptied := pgpubsub.empty_segment(seg, cur);
-        IF NOT emptied THEN
-            now_live := now_live || seg::smallint;
-        END IF;
-        IF seg = nxt THEN
-            last := pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence(
-                'pgpubsub.message', 'id')::pg_catalog.regclass);
-            IF emptied AND COALESCE(last, 0) - first >= 10000 THEN
-                -- (the previous current segment stays live: it is not emptied here)
-                UPDATE pgpubsub.ring SET segment = nxt, first_id = COALESCE(last, 0);
-                now_live := now_live || nxt;
-            END IF;
+    FOR step IN 1..3 LOOP
+        seg := (cur + step) % 4;
+        IF pgpubsub.empty_segment(seg, cur) THEN
+            nxt := COALESCE(nxt, seg);
+        ELSE
+            now_live := now_live || seg;
         END IF;
     END LOOP;
+    last := COALESCE(pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence(
+        'pgpubsub.message', 'id')::pg_catalog.regclass), 0);
+    IF nxt IS NOT NULL AND last - first >= 10000 THEN
+        EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM (SELECT FROM pgpubsub.%I m '
+            'WHERE m.run_at <= pg_catalog.now() LIMIT 1001) x', 'message_' || cur) INTO due;
+        IF due <= 1000 OR last - first >= 100000 THEN
+            -- (the segment left stays live: it is not emptied here)
+            UPDATE pgpubsub.ring SET segment = nxt, first_id = last;
+            now_live := now_live || nxt;
+        END IF;
+    END IF;
+    IF EXISTS (SELECT FROM pgpubsub.message_deduped) THEN
+        now_live := now_live || (-2)::smallint;
+    END IF;
     now_live := ARRAY(SELECT DISTINCT s FROM pg_catalog.unnest(now_live) s ORDER BY s);
     IF now_live IS DISTINCT FROM was THEN
         UPDATE pgpubsub.ring SET live = now_live;
