@@ -118,6 +118,15 @@ def _part(alias: str) -> str:
 # it claimed nothing), so the processor knows the next claim's partitions
 # (ChannelProcessor._claim_parts).
 CLAIM_PARTS = "<claim parts>"
+# The claim's transaction plans its statements once (generic plans): under the
+# default plan_cache_mode, PostgreSQL kept planning the prepared claim anew for
+# each call's values (a custom plan), and planning a claim over the ring's
+# partitions took longer than running it. The plan does not depend on the
+# values: every path is an index on (channel, ...) of pending rows, and the
+# partitions are constants (CLAIM_PARTS). Only for the claim's transaction
+# (SET LOCAL): listeners' statements on the session are planned as the
+# application set.
+GENERIC_PLANS_SQL = "SET LOCAL plan_cache_mode = force_generic_plan"
 #: The partitions of a claim that knows nothing of the ring: every segment and
 #: message_deduped (a processor's first claim, its first after it rested, and one
 #: every poll interval).
@@ -1335,7 +1344,9 @@ class ChannelProcessor:
         with the ring's partitions as they are now, before it rests.
         """
         parts = self._claim_parts()
-        result = self.session.execute(claim_on(template, parts), params)
+        with self.session.pipeline():  # one round trip for both
+            self.session.execute(GENERIC_PLANS_SQL)
+            result = self.session.fetch(claim_on(template, parts), params)
         # Every row ends with the ring's state (ring_state); a claim that took
         # nothing returns it on a row of NULLs.
         state = ring_state(int(result[0][-1]))
