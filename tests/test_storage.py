@@ -769,6 +769,49 @@ def test_a_deduped_message_is_claimed_at_its_wake_up(db: str) -> None:
     assert seen == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("where", ["message_deduped", "an emptied segment"])
+@pytest.mark.parametrize("limited", [False, True], ids=["claim", "key-limited claim"])
+def test_a_keys_older_message_outside_the_partitions_a_claim_reads_holds_the_newer_ones(
+    db: str, limited: bool, where: str
+) -> None:
+    """Review of the ring, finding 1: claims read the live partitions only, and a key's
+    head was picked among those, so a newer message of the key ran before an older one
+    stored where claims did not yet look (a deduped message while message_deduped was
+    not live; a publisher's that read the ring before it moved on). Invariant: a claim
+    takes no message of an ordering key while an older one of the key is pending,
+    wherever either is stored; the older one is claimed first by a claim of every partition."""
+    from pgpubsub.session import PsycopgSession
+
+    channel = Limited if limited else Stored
+    spec = spec_of(channel)
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    assert admin_query(db, "SELECT live FROM pgpubsub.ring") == [([0],)]
+    proc = _processor.ChannelProcessor(PsycopgSession(db), spec, [], poll_interval=60)
+    proc.session.open()
+    try:
+        with proc.session.atomic():
+            assert proc._claim() == []  # a first claim reads every segment, and learns the ring
+        with psycopg.connect(db, autocommit=True) as conn:
+            if where == "message_deduped":
+                older = pgpubsub.notify(channel(n=1), conn=conn, ordering_key="k", dedupe_key="d")
+            else:
+                older = int(
+                    admin_query(
+                        db,
+                        "INSERT INTO pgpubsub.message (channel, payload, ordering_key, segment) "
+                        "VALUES (%s, '{\"n\": 1}', 'k', 2) RETURNING id",
+                        (spec.name,),
+                    )[0][0]  # type: ignore[call-overload]
+                )
+            newer = pgpubsub.notify(channel(n=2), conn=conn, ordering_key="k")
+        assert newer > older
+        assert proc._ring_view.state == (0, (0,))  # where the older message is not
+        taken = [r[0] for r in proc._claim_moving()]
+        assert taken[0] == older and taken == sorted(taken)
+    finally:
+        proc.session.close()
+
+
 @dataclass
 class Limited(Channel, lock_notifications=True, key_concurrency=2):
     n: int
