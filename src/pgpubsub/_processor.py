@@ -729,6 +729,8 @@ PER_KEY = 32
 ROTATE_SQL = "SELECT pgpubsub.rotate()"
 #: Seconds between a processor's calls of pgpubsub.rotate while it claims messages.
 ROTATE_EVERY = 1.0
+#: The least seconds between a processor's calls of pgpubsub.rotate as its drains end.
+ROTATE_DRAINED_EVERY = 0.1
 # A claim that met a row another transaction had just moved to another
 # segment (pgpubsub.rotate moves a few pending ones) fails with a
 # serialization failure: it is tried again, in a transaction of its own.
@@ -880,6 +882,7 @@ class ChannelProcessor:
         self.crew = Crew()
         self._always_woken = False  # a schema without pgpubsub.sleep: nothing to register
         self._rotated: float | None = 0.0  # when it last called pgpubsub.rotate; None: never
+        self._rotated_drained = 0.0  # when it last called it as a drain ended
         self.processed = 0  # messages completed
         self.failed = 0  # attempts that raised
         self.claimed = 0  # attempts started (claims)
@@ -1012,6 +1015,8 @@ class ChannelProcessor:
                     self.session.execute(SWEEP_BATCHES_SQL, (RESULT_RETENTION,))
             if sweep:
                 self._next_sweep = now + SWEEP_EVERY
+        if self.processed > before:
+            self._rotate(drained=True)
         return self.processed - before
 
     def _take_slot(self) -> bool:
@@ -1450,8 +1455,12 @@ class ChannelProcessor:
                     raise
         raise AssertionError("unreachable")
 
-    def _rotate(self) -> None:
-        """Move the storage ring on (pgpubsub.rotate), at most every ROTATE_EVERY seconds.
+    def _rotate(self, drained: bool = False) -> None:
+        """Move the storage ring on (pgpubsub.rotate), at most every ROTATE_EVERY seconds
+        while the processor claims, and as a drain that processed messages ends
+        (``drained``: at most every ROTATE_DRAINED_EVERY seconds, whenever the last
+        call was), when the ring may hand over: a burst drained in
+        less than a second would otherwise keep its segment until more traffic came.
 
         Not inside a transaction of the caller's (process_stored_notifications
         on a connection in use): emptying a segment holds its lock to the end
@@ -1460,7 +1469,13 @@ class ChannelProcessor:
         workers; nothing is lost either way, only space is not freed).
         """
         now = time.monotonic()
-        if self._rotated is None or now - self._rotated < ROTATE_EVERY:
+        if self._rotated is None:
+            return
+        if drained:
+            if now - self._rotated_drained < ROTATE_DRAINED_EVERY:
+                return
+            self._rotated_drained = now
+        elif now - self._rotated < ROTATE_EVERY:
             return
         self._rotated = now
         if self.session.in_transaction():

@@ -356,7 +356,10 @@ CREATE INDEX IF NOT EXISTS message_dead_idx
 -- for a retry: at most 1,000, none in a worker's hands) has them moved to the
 -- current one first; a backlog stays where it is. The current segment hands
 -- over to an empty one once it has had 10,000 new messages and at most 1,000
--- of its messages are due (the workers have nearly caught up): a backlog
+-- of its messages are due (the workers have nearly caught up; the segment
+-- left is then emptied at once if it can be, and workers call this as a drain
+-- empties the queue, so a burst drained in less than a second frees its
+-- segment without waiting for more traffic): a backlog
 -- drains from one segment, which claims read alone (a claim's cost follows
 -- the number of tables it reads), and the segment left drains in a moment
 -- and is emptied. A backlog that never shrinks hands over after 100,000 new
@@ -399,7 +402,7 @@ BEGIN
         RETURN;
     END IF;
     SELECT r.segment, r.first_id, r.live INTO cur, first, was FROM pgpubsub.ring r FOR UPDATE;
-    now_live := ARRAY[cur];
+    now_live := '{}';
     PERFORM pg_catalog.set_config('lock_timeout', '20ms', true);
     FOR step IN 1..3 LOOP
         seg := (cur + step) % 4;
@@ -415,11 +418,15 @@ BEGIN
         EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM (SELECT FROM pgpubsub.%I m '
             'WHERE m.run_at <= pg_catalog.now() LIMIT 1001) x', 'message_' || cur) INTO due;
         IF due <= 1000 OR last - first >= 100000 THEN
-            -- (the segment left stays live: it is not emptied here)
             UPDATE pgpubsub.ring SET segment = nxt, first_id = last;
-            now_live := now_live || nxt;
+            -- the segment left is emptied now if it can be (the queue drained)
+            IF due > 1000 OR NOT pgpubsub.empty_segment(cur, nxt) THEN
+                now_live := now_live || cur;
+            END IF;
+            cur := nxt;
         END IF;
     END IF;
+    now_live := now_live || cur;
     IF EXISTS (SELECT FROM pgpubsub.message_deduped) THEN
         now_live := now_live || (-2)::smallint;
     END IF;
@@ -469,7 +476,9 @@ BEGIN
         END IF;
         EXECUTE pg_catalog.format('TRUNCATE pgpubsub.%I', part);
         RETURN true;
-    EXCEPTION WHEN lock_not_available THEN
+    EXCEPTION WHEN lock_not_available OR serialization_failure THEN
+        -- (serialization_failure: a row to move was moved meanwhile, to
+        -- message_kept by its outcome or deleted: tried again at the next call)
         RETURN false;
     END;
 END
