@@ -380,7 +380,7 @@ def test_every_partition_has_a_replica_identity_and_a_published_database_process
     ) == [
         (p, "i", f"pgpubsub.{p}_id_key")
         for p in ("message_0", "message_1", "message_2", "message_3", "message_deduped")
-    ] + [("message_kept", "i", "pgpubsub.message_kept_id_key")]
+    ] + [(p, "i", f"pgpubsub.{p}_id_key") for p in ("message_kept", "message_later")]
     seen: list[int] = []
 
     def listener(n: int) -> None:
@@ -677,10 +677,10 @@ def test_a_claim_locks_only_the_partitions_that_may_hold_pending_messages(
     try:
         claim_locks()  # a first claim reads every segment, and learns the ring
         assert claim_locks() == {"message_0"}
-        admin_query(  # more messages left in segment 0 than rotate() moves on
-            db,
+        admin_query(  # more messages left in segment 0 than rotate() moves on (not due,
+            db,  # but within a minute: they stay in a segment)
             "INSERT INTO pgpubsub.message (channel, payload, run_at) "
-            "SELECT %s, '{\"n\": 1}', now() + interval '1 hour' FROM generate_series(1, 1001)",
+            "SELECT %s, '{\"n\": 1}', now() + interval '50 s' FROM generate_series(1, 1001)",
             (spec.name,),
         )
         _rotate_on(db)
@@ -726,8 +726,11 @@ def test_a_backlog_stays_in_one_segment_until_the_workers_nearly_caught_up(db: s
     admin_query(
         db, "DELETE FROM pgpubsub.message WHERE id = (SELECT min(id) FROM pgpubsub.message)"
     )  # 1,000 due left
-    admin_query(db, "SELECT pgpubsub.rotate()")
-    assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(1, [0, 1])]
+    admin_query(db, "SELECT pgpubsub.rotate()")  # hands over, and segment 0 is emptied:
+    assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(1, [1])]
+    assert admin_query(  # its due messages moved on, the delayed ones to message_later
+        db, "SELECT segment, count(*) FROM pgpubsub.message GROUP BY 1 ORDER BY 1"
+    ) == [(-3, 5000), (1, 1000)]
 
 
 @dataclass
@@ -758,16 +761,20 @@ def test_a_burst_drained_in_less_than_a_second_frees_its_segment(db: str) -> Non
     assert admin_query(db, "SELECT pg_relation_size('pgpubsub.message_0')") == [(0,)]
 
 
-def test_a_segment_pinned_by_delayed_messages_does_not_stop_the_ring(db: str) -> None:
-    """A segment holding more messages than rotate() moves on (delayed for a day, say)
-    stays until they are processed; the ring moves on to the next empty segment past
-    it, and keeps going round the others."""
+def test_messages_due_later_never_pin_a_segment(db: str) -> None:
+    """Review of the ring, finding 2: a segment the ring left holding more than 1,000
+    messages (reminders for tomorrow, retries in an hour) was passed over until they were
+    due; after three hand-overs every other segment was pinned, and the current one grew
+    without bound under a held transaction. Invariant: messages not due within a minute
+    never keep a segment from being emptied (they move to message_later), the ring goes
+    round every segment, and they are claimed from there once due."""
     name = spec_of(Stored).name
     admin_query(db, "SELECT pgpubsub.rotate()")
     admin_query(
         db,
         "INSERT INTO pgpubsub.message (channel, payload, run_at, segment) "
-        "SELECT %s, '{\"n\": 1}', now() + interval '1 day', 1 FROM generate_series(1, 1001)",
+        "SELECT %s, json_build_object('n', s), now() + interval '1 day', 1 "
+        "FROM generate_series(1, 1001) s",
         (name,),
     )
     visited = []
@@ -775,9 +782,17 @@ def test_a_segment_pinned_by_delayed_messages_does_not_stop_the_ring(db: str) ->
         _rotate_on(db)
         visited.append(int(admin_query(db, "SELECT segment FROM pgpubsub.ring")[0][0]))
         admin_query(db, "SELECT pgpubsub.rotate()")  # the segment left is emptied
-    assert visited == [2, 3, 0, 2, 3, 0]
-    assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(0, [0, 1])]
-    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message_1") == [(1001,)]
+    assert visited == [1, 2, 3, 0, 1, 2]
+    assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(2, [2])]
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message_later") == [(1001,)]
+    admin_query(db, "UPDATE pgpubsub.message SET run_at = now() WHERE segment = -3")
+    admin_query(db, "SELECT pgpubsub.rotate()")  # due: claims read message_later
+    assert admin_query(db, "SELECT live FROM pgpubsub.ring") == [([-3, 2],)]
+    seen: list[int] = []
+    registry = Registry()
+    registry.add(Stored, lambda n: seen.append(n))
+    assert pgpubsub.process_stored_notifications([Stored], dsn=db, registry=registry) == 1001
+    assert sorted(seen) == list(range(1, 1002))
 
 
 def test_a_deduped_message_is_claimed_at_its_wake_up(db: str) -> None:

@@ -150,10 +150,10 @@ class _OlderElsewhere(Exception):
     """The claim took a message of a key with an older one where it did not look."""
 
 
-#: The partitions of a claim that knows nothing of the ring: every segment and
-#: message_deduped (a processor's first claim, its first after it rested, and one
-#: every poll interval).
-EVERY_SEGMENT = (-2, 0, 1, 2, 3)
+#: The partitions of a claim that knows nothing of the ring: every segment,
+#: message_later (-3) and message_deduped (-2) (a processor's first claim, its first
+#: after it rested, and one every poll interval).
+EVERY_SEGMENT = (-3, -2, 0, 1, 2, 3)
 #: How many segments the ring has (schema.sql, Version 7 storage).
 SEGMENTS = 4
 
@@ -197,10 +197,10 @@ _RING_VIEWS: weakref.WeakKeyDictionary[Crew, _RingView] = weakref.WeakKeyDiction
 
 def ring_state(code: int) -> tuple[int, tuple[int, ...]]:
     """(current segment, live partitions) from the claim's last column: the current
-    segment times 32 plus a bit per live segment (1 << segment) and 16 for
-    message_deduped (-2)."""
-    live = tuple(s for s in range(SEGMENTS) if code >> s & 1)
-    return code >> 5, (-2, *live) if code & 16 else live
+    segment times 64 plus a bit per live segment (1 << segment), 16 for
+    message_deduped (-2) and 32 for message_later (-3)."""
+    apart = ((-3,) if code & 32 else ()) + ((-2,) if code & 16 else ())
+    return code >> 6, apart + tuple(s for s in range(SEGMENTS) if code >> s & 1)
 
 
 def ring_parts(segment: int, live: Sequence[int]) -> tuple[int, ...]:
@@ -314,8 +314,9 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
 )
 -- the ring's state as one integer (see ring_state): an array on every row cost
 -- the client a parse per row (about 30%% more of its time at 250 rows a claim)
-SELECT c.*, (r.segment * 32 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
-        1 << CASE WHEN s < 0 THEN 4 ELSE s END), 0) FROM pg_catalog.unnest(r.live) s))::integer
+SELECT c.*, (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
+        1 << CASE s WHEN -2 THEN 4 WHEN -3 THEN 5 ELSE s END), 0)
+        FROM pg_catalog.unnest(r.live) s))::integer
 FROM pgpubsub.ring r LEFT JOIN claimed c ON true
 """  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a

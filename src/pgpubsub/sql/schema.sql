@@ -129,7 +129,10 @@ ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS claimed_alone boolean NOT 
 -- dead, done (kept for a retention) and spill rows in pgpubsub.message_kept,
 -- pending messages with a dedupe_key in pgpubsub.message_deduped (its unique
 -- index decides the key, race-free; vacuum reclaims this one's rows, as
--- before). The partition follows from the row (status, dedupe_key and
+-- before), and messages not due for a while that rotate() moved out of a
+-- segment it empties, in pgpubsub.message_later (segment -3: a reminder for
+-- tomorrow, a retry in an hour), so that they do not pin a segment; vacuum
+-- reclaims those too. The partition follows from the row (status, dedupe_key and
 -- segment): a message that dies or is kept moves to message_kept in the same
 -- statement, and one replayed moves back.
 CREATE TABLE IF NOT EXISTS pgpubsub.ring (
@@ -139,14 +142,15 @@ CREATE TABLE IF NOT EXISTS pgpubsub.ring (
     first_id  bigint   NOT NULL DEFAULT 0
 );
 -- The live partitions: each segment that became current and has not been
--- emptied since, and message_deduped (-2) while it holds a message (the only
+-- emptied since, message_deduped (-2) while it holds a message, and
+-- message_later (-3) while it holds one due within a minute (the only
 -- ones that may hold pending rows, but for a publisher that read the ring
 -- before it moved, see rotate). Claims read only those
 -- (ChannelProcessor._claim_parts): a claim's cost follows the number of
 -- tables it reads, and most of the time that is the current segment alone.
 -- Every one at first (and on the upgrade of a ring without the column):
 -- rotate takes the empty ones out.
-ALTER TABLE pgpubsub.ring ADD COLUMN IF NOT EXISTS live smallint[] NOT NULL DEFAULT '{-2,0,1,2,3}';
+ALTER TABLE pgpubsub.ring ADD COLUMN IF NOT EXISTS live smallint[] NOT NULL DEFAULT '{-3,-2,0,1,2,3}';
 INSERT INTO pgpubsub.ring DEFAULT VALUES ON CONFLICT (one) DO NOTHING;
 REVOKE ALL ON pgpubsub.ring FROM PUBLIC;
 GRANT SELECT ON pgpubsub.ring TO PUBLIC;  -- a segment number: what every publisher reads
@@ -205,6 +209,7 @@ BEGIN
     CREATE TABLE pgpubsub.message_3 PARTITION OF pgpubsub.message FOR VALUES IN (3);
     CREATE TABLE pgpubsub.message_kept PARTITION OF pgpubsub.message FOR VALUES IN (-1);
     CREATE TABLE pgpubsub.message_deduped PARTITION OF pgpubsub.message FOR VALUES IN (-2);
+    CREATE TABLE pgpubsub.message_later PARTITION OF pgpubsub.message FOR VALUES IN (-3);
     INSERT INTO pgpubsub.message OVERRIDING SYSTEM VALUE
         SELECT v.*, (SELECT r.segment FROM pgpubsub.ring r) FROM pgpubsub.message_v5 v;
     last_id := GREATEST(COALESCE(pg_catalog.pg_sequence_last_value(old_seq), 0),
@@ -311,7 +316,7 @@ DECLARE
     part text;
 BEGIN
     FOREACH part IN ARRAY ARRAY['message_0', 'message_1', 'message_2', 'message_3',
-                                'message_kept', 'message_deduped'] LOOP
+                                'message_kept', 'message_deduped', 'message_later'] LOOP
         EXECUTE pg_catalog.format(
             'CREATE UNIQUE INDEX IF NOT EXISTS %I ON pgpubsub.%I (id)', part || '_id_key', part);
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_index i
@@ -323,6 +328,8 @@ BEGIN
     END LOOP;
 END
 $identity$;
+-- Whether message_later holds a message due soon (rotate: claims then read it).
+CREATE INDEX IF NOT EXISTS message_later_due_idx ON pgpubsub.message_later (run_at);
 -- Retention sweeps and spill clean-up read only their own rows.
 CREATE INDEX IF NOT EXISTS message_kept_idx
     ON pgpubsub.message (channel, status, created_at) WHERE status IN ('done', 'spill');
@@ -354,7 +361,12 @@ CREATE INDEX IF NOT EXISTS message_dead_idx
 -- rows and index entries whatever transaction is open, where a DELETE's wait
 -- for vacuum. A segment with a few messages still pending (delayed, waiting
 -- for a retry: at most 1,000, none in a worker's hands) has them moved to the
--- current one first; a backlog stays where it is. The current segment hands
+-- current one first; a backlog stays where it is. Messages not due within a
+-- minute go to message_later first, up to 10,000 a call (those would pin the
+-- segment until due: a reminder for tomorrow, a retry in an hour, after
+-- three hand-overs every other segment was pinned and the current one grew
+-- without bound under a held transaction; hostile review of the ring,
+-- finding 2). The current segment hands
 -- over to an empty one once it has had 10,000 new messages and at most 1,000
 -- of its messages are due (the workers have nearly caught up; the segment
 -- left is then emptied at once if it can be, and workers call this as a drain
@@ -373,8 +385,9 @@ CREATE INDEX IF NOT EXISTS message_dead_idx
 -- (TRUNCATE); it takes no argument and reads nothing the caller controls.
 -- Only in READ COMMITTED: an older snapshot could miss committed messages
 -- and empty a segment that holds them.
--- It keeps pgpubsub.ring.live: the current segment, each one not emptied, and
--- message_deduped (-2) while it holds a message. A publisher whose statement
+-- It keeps pgpubsub.ring.live: the current segment, each one not emptied,
+-- message_deduped (-2) while it holds a message, and message_later (-3) while
+-- it holds one due within a minute (its rows are claimed from there). A publisher whose statement
 -- read the ring before it moved on may store into a segment emptied since
 -- (the INSERT locks the partition after reading the ring), and a deduped
 -- message may be stored after this found message_deduped empty: a segment
@@ -430,6 +443,10 @@ BEGIN
     IF EXISTS (SELECT FROM pgpubsub.message_deduped) THEN
         now_live := now_live || (-2)::smallint;
     END IF;
+    IF EXISTS (SELECT FROM pgpubsub.message_later l
+               WHERE l.run_at <= pg_catalog.now() + interval '1 minute') THEN
+        now_live := now_live || (-3)::smallint;
+    END IF;
     now_live := ARRAY(SELECT DISTINCT s FROM pg_catalog.unnest(now_live) s ORDER BY s);
     IF now_live IS DISTINCT FROM was THEN
         UPDATE pgpubsub.ring SET live = now_live;
@@ -438,8 +455,8 @@ END
 $body$;
 REVOKE ALL ON FUNCTION pgpubsub.rotate() FROM PUBLIC;
 
--- Empty segment seg (true: it is empty), its few pending messages moved to
--- segment cur first (see rotate). Under the segment's lock (the caller's
+-- Empty segment seg (true: it is empty), its messages not due within a minute
+-- moved to message_later and its few others to segment cur first (see rotate). Under the segment's lock (the caller's
 -- lock_timeout): no publisher is storing into it, and the check sees every
 -- row committed.
 CREATE OR REPLACE FUNCTION pgpubsub.empty_segment(seg integer, cur integer) RETURNS boolean
@@ -451,6 +468,16 @@ BEGIN
     IF pg_catalog.pg_relation_size(('pgpubsub.' || part)::pg_catalog.regclass) = 0 THEN
         RETURN true;  -- emptied already, nothing stored since
     END IF;
+    BEGIN
+        -- Not those in a worker's hands (unfinished, or locked by a claim).
+        EXECUTE pg_catalog.format(
+            'UPDATE pgpubsub.message m SET segment = -3 WHERE m.id IN ('
+            'SELECT s.id FROM pgpubsub.%I s WHERE NOT s.unfinished '
+            'AND s.run_at > pg_catalog.now() + interval ''1 minute'' '
+            'LIMIT 10000 FOR UPDATE SKIP LOCKED)', part);
+    EXCEPTION WHEN lock_not_available OR serialization_failure THEN
+        RETURN false;  -- (as below)
+    END;
     EXECUTE pg_catalog.format(
         'SELECT pg_catalog.count(*) FROM (SELECT FROM pgpubsub.%I LIMIT 1001) x', part)
         INTO left_over;
@@ -655,8 +682,8 @@ DECLARE
 BEGIN
     -- The segments and the deduped messages: after a thousand changes too
     -- (a segment is emptied by TRUNCATE only once its rows are gone).
-    FOREACH small IN ARRAY ARRAY['message_deduped', 'message_0', 'message_1', 'message_2',
-                                 'message_3'] LOOP
+    FOREACH small IN ARRAY ARRAY['message_deduped', 'message_later', 'message_0', 'message_1',
+                                 'message_2', 'message_3'] LOOP
         EXECUTE pg_catalog.format('ALTER TABLE pgpubsub.%I SET (autovacuum_vacuum_scale_factor '
             '= 0.01, autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 1)', small);
     END LOOP;
