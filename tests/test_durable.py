@@ -347,7 +347,7 @@ def test_a_claim_probes_its_rows_whatever_the_statistics_say(dsn: str) -> None:
         pgpubsub.notify_many(Burst, [{"n": i} for i in range(1000)], conn=conn)
     params = {
         "channel": name, "limit": 500, "max": 5, "base": 1.0, "factor": 2.0, "cap": 300.0,
-        "holder": "test#0", "ttl": 10.0, "after": "", "per_key": 125,
+        "holder": "test#0", "ttl": 10.0, "after": "", "per_key": 125, "blocked": [],
     }  # fmt: skip
     with psycopg.connect(dsn) as conn:
         claim = claim_on(CLAIM_SQL, EVERY_SEGMENT)

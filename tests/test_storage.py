@@ -862,6 +862,92 @@ def test_a_keys_older_message_outside_the_partitions_a_claim_reads_holds_the_new
         proc.session.close()
 
 
+def _count_older_elsewhere(proc: Any, before: Any = None) -> list[int]:
+    """How many of ``proc``'s checks for older messages elsewhere found one (a list that
+    fills as it runs); ``before()`` runs just before each check."""
+    hits: list[int] = []
+    fetch = proc.session.fetch
+
+    def counted(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        if _processor.claim_template(sql) is not _processor.OLDER_ELSEWHERE_SQL:
+            return fetch(sql, params)  # type: ignore[no-any-return]
+        if before is not None:
+            before()
+        rows = fetch(sql, params)
+        hits.extend([1] if rows else [])
+        return rows  # type: ignore[no-any-return]
+
+    proc.session.fetch = counted
+    return hits
+
+
+def test_a_keys_older_message_moved_into_a_read_partition_after_the_claim_holds_it_too(
+    db: str,
+) -> None:
+    """Re-review of the ring, finding 1: the check after a claim read only the partitions
+    the claim did not read, in a snapshot of its own; rotate() moved the older message
+    into a partition the claim had read, between the two, and the newer one ran first."""
+    from pgpubsub.session import PsycopgSession
+
+    spec = spec_of(Stored)
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    proc = _processor.ChannelProcessor(PsycopgSession(db), spec, [], poll_interval=60)
+    proc.session.open()
+    try:
+        with proc.session.atomic():
+            assert proc._claim() == []  # learns the ring: live {0}
+        older = int(
+            admin_query(
+                db,
+                "INSERT INTO pgpubsub.message (channel, payload, ordering_key, segment) "
+                "VALUES (%s, '{\"n\": 1}', 'k', 2) RETURNING id",
+                (spec.name,),
+            )[0][0]  # type: ignore[call-overload]
+        )
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(Stored(n=2), conn=conn, ordering_key="k")
+        moved = "UPDATE pgpubsub.message SET segment = 0 WHERE id = %s"  # as rotate() does
+        hits = _count_older_elsewhere(proc, lambda: admin_query(db, moved, (older,)))
+        taken = [r[0] for r in proc._claim_moving()]
+        assert hits == [1]
+        assert taken[0] == older and taken == sorted(taken)
+    finally:
+        proc.session.close()
+
+
+def test_a_key_waiting_for_a_message_due_later_costs_one_rolled_back_claim_a_poll(
+    db: str,
+) -> None:
+    """Re-review of the ring, finding 2: a message due now behind an older one of its key
+    due in an hour (in message_later, which claims do not read until it is due soon):
+    every claim took it, found the older one and was rolled back (drains 12 times
+    slower). Claims on some partitions now pass over such a key for a poll interval."""
+    from pgpubsub.session import PsycopgSession
+
+    spec = spec_of(Stored)
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    proc = _processor.ChannelProcessor(PsycopgSession(db), spec, [], poll_interval=60)
+    proc.session.open()
+    try:
+        with proc.session.atomic():
+            assert proc._claim() == []  # learns the ring: live {0}
+        admin_query(
+            db,
+            "INSERT INTO pgpubsub.message (channel, payload, ordering_key, segment, run_at) "
+            "VALUES (%s, '{\"n\": 1}', 'k', -3, now() + interval '1 hour')",
+            (spec.name,),
+        )
+        with psycopg.connect(db, autocommit=True) as conn:
+            pgpubsub.notify(Stored(n=2), conn=conn, ordering_key="k")
+            pgpubsub.notify(Stored(n=3), conn=conn)  # another message goes on
+        hits = _count_older_elsewhere(proc)
+        taken = [proc._claim_moving() for _ in range(5)]
+        assert [len(t) for t in taken] == [1, 0, 0, 0, 0]
+        assert hits == [1]
+    finally:
+        proc.session.close()
+
+
 @dataclass
 class Limited(Channel, lock_notifications=True, key_concurrency=2):
     n: int

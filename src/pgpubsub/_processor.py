@@ -128,21 +128,25 @@ CLAIM_PARTS = "<claim parts>"
 # application set.
 GENERIC_PLANS_SQL = "SET LOCAL plan_cache_mode = force_generic_plan"
 # A claim that read only some partitions and took messages of ordering keys:
-# whether an older pending message of one of those keys is in a partition it
-# did not read (stored where claims did not yet look: a deduped one while
-# message_deduped was not live, or a publisher's that read the ring before it
-# moved on, see pgpubsub.rotate). Then the claim is rolled back and made again
-# on every partition, so that no message of a key runs before an older one
-# (hostile review of the ring, finding 1). A statement of its own, run only
-# after a claim that took keyed messages: in the claim, the probe of the other
-# partitions locked them for every claim, and cost a fifth of the drain rate.
+# the keys with an older pending message it did not take, wherever it is now
+# (stored where claims did not yet look: a deduped one while message_deduped
+# was not live, or a publisher's that read the ring before it moved on, see
+# pgpubsub.rotate; or moved since the claim's snapshot into a partition it
+# read, by rotate: hostile re-review of the ring, finding 1). Then the claim is
+# rolled back and made again on every partition, so that no message of a key
+# runs before an older one (hostile review of the ring, finding 1), and the
+# processor's claims on some partitions pass over those keys until its next
+# claim of every partition (one message waiting for another due in an hour
+# made every claim roll back: re-review, finding 2), for a poll interval. A statement of its own,
+# run only after a claim that took keyed messages: in the claim, the probe of
+# the other partitions locked them for every claim, and cost a fifth of P6.
 OLDER_ELSEWHERE_SQL = f"""
-SELECT EXISTS (SELECT FROM pgpubsub.message o
+SELECT DISTINCT c.key FROM pgpubsub.message o
     JOIN ROWS FROM (pg_catalog.unnest(%(keys)s::text[]),
                     pg_catalog.unnest(%(last)s::bigint[])) AS c(key, last)
       ON o.ordering_key = c.key
     WHERE o.channel = %(channel)s AND o.status = 'pending' AND o.id < c.last
-      AND {_part("o")} IN ({CLAIM_PARTS}))
+      AND o.id <> ALL(%(ids)s::bigint[]) AND {_part("o")} IN ({CLAIM_PARTS})
 """  # noqa: S608 - constant fragments
 
 
@@ -231,9 +235,14 @@ WITH RECURSIVE later(key) AS (
     -- rows locked, its lease not yet committed) is passed over for the next
     -- ones, so that two processors claiming at once both fill their batches.
     SELECT h.id, h.unfinished, h.ordering_key, h.rank FROM (
-        SELECT key FROM later WHERE key IS NOT NULL
-        UNION ALL
-        SELECT key FROM earlier WHERE key IS NOT NULL AND key <= %(after)s
+        SELECT key FROM (
+            SELECT key FROM later WHERE key IS NOT NULL
+            UNION ALL
+            SELECT key FROM earlier WHERE key IS NOT NULL AND key <= %(after)s
+        ) u
+        -- keys found held back by an older message where this claim does not
+        -- look (see OLDER_ELSEWHERE_SQL) are passed over for a while
+        WHERE u.key <> ALL(%(blocked)s::text[])
     ) k
     CROSS JOIN LATERAL (
         SELECT m.id, m.unfinished, m.ordering_key, p.rank FROM (
@@ -864,6 +873,9 @@ class ChannelProcessor:
         # The next claim reads every partition: the processor rested since its last
         # one, or that one took a message of a key with an older one elsewhere.
         self._everywhere = False
+        # Keys held back by an older message elsewhere (OLDER_ELSEWHERE_SQL), and until when
+        # (a poll interval) claims on some partitions pass over them.
+        self._blocked_keys: dict[str, float] = {}
         self._next_sweep = 0.0  # time.monotonic() of the next sweep of a channel without retention
         # Flow control per limit_key (key_rate_limit, key_concurrency).
         self.key_rate = key_rate_of(cls)
@@ -1376,6 +1388,10 @@ class ChannelProcessor:
         with the ring's partitions as they are now, before it rests.
         """
         parts = self._claim_parts()
+        at = time.monotonic()
+        self._blocked_keys = {k: t for k, t in self._blocked_keys.items() if t > at}
+        # (a claim of every partition takes a blocked key's older message)
+        params["blocked"] = [] if parts == EVERY_SEGMENT else list(self._blocked_keys)
         with self.session.pipeline():  # one round trip for both
             self.session.execute(GENERIC_PLANS_SQL)
             result = self.session.fetch(claim_on(template, parts), params)
@@ -1394,13 +1410,19 @@ class ChannelProcessor:
         for r in claimed:
             if r[8] is not None:
                 last[r[8]] = max(last.get(r[8], 0), r[0])
-        others = tuple(p for p in EVERY_SEGMENT if p not in parts)
-        if last and others:
+        if last and parts != EVERY_SEGMENT:
             older = self.session.fetch(
-                claim_on(OLDER_ELSEWHERE_SQL, others),
-                {"keys": list(last), "last": list(last.values()), "channel": self.spec.name},
+                claim_on(OLDER_ELSEWHERE_SQL, EVERY_SEGMENT),
+                {
+                    "keys": list(last),
+                    "last": list(last.values()),
+                    "ids": [r[0] for r in claimed],
+                    "channel": self.spec.name,
+                },
             )
-            if older[0][0]:
+            if older:
+                until = time.monotonic() + self.poll_interval
+                self._blocked_keys.update((str(r[0]), until) for r in older)
                 raise _OlderElsewhere
         return [r[:-1] for r in claimed]
 
