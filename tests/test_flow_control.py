@@ -977,12 +977,12 @@ def _reads(
     fetch = proc.session.fetch  # (a claim is fetched, in a pipeline with its SET LOCAL)
 
     def counting(run: Any) -> Any:
-        def counted(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        def counted(sql: str, params: Any = (), *first: str | None) -> list[tuple[Any, ...]]:
             made_from = _processor.claim_template(sql) or sql  # a claim, on its partitions
             if not any(made_from is query for query in queries):
-                return run(sql, params)  # type: ignore[no-any-return]
+                return run(sql, params, *first)  # type: ignore[no-any-return]
             before = dict(fetch(stats))
-            rows = fetch(sql, params)
+            rows = fetch(sql, params, *first)
             reads.append({t: n - before.get(t, 0) for t, n in fetch(stats)})
             return rows
 

@@ -868,9 +868,9 @@ def _count_older_elsewhere(proc: Any, before: Any = None) -> list[int]:
     hits: list[int] = []
     fetch = proc.session.fetch
 
-    def counted(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    def counted(sql: str, params: Any = (), first: str | None = None) -> list[tuple[Any, ...]]:
         if _processor.claim_template(sql) is not _processor.OLDER_ELSEWHERE_SQL:
-            return fetch(sql, params)  # type: ignore[no-any-return]
+            return fetch(sql, params, first)  # type: ignore[no-any-return]
         if before is not None:
             before()
         rows = fetch(sql, params)

@@ -84,11 +84,12 @@ class Crew:
 
     def rest(
         self, proc: _Member, next_due: Callable[[], float], asleep: Callable[[], bool]
-    ) -> None:
+    ) -> bool:
         """``proc`` found nothing to claim: sleep until woken (the poller: until due).
 
-        Returns when ``proc`` should claim: woken by a wake-up, or its poll is
-        due, or the crew has just registered as asleep and takes its last look
+        Returns when ``proc`` should claim, True when a wake-up woke it (a new
+        message, a key or slot given back): False when its poll is due, or the
+        crew has just registered as asleep and takes its last look
         (``asleep()``: False while a publisher is in a transaction, which may
         have missed the registration: the crew then also looks again soon,
         from :data:`BUSY_POLL_FIRST` up to :data:`BUSY_POLL` seconds, for at
@@ -98,7 +99,7 @@ class Crew:
             with self._lock:
                 if self._missed:
                     self._missed = False
-                    return
+                    return True
                 register = not self._registered and not self._registering
                 self._registering = self._registering or register
                 wakes = self._wakes
@@ -121,7 +122,7 @@ class Crew:
                                 busy = self._busy_wait
                                 self._busy_wait = min(busy * 2, BUSY_POLL)
                 if done:
-                    return  # the last look, now that publishers will wake the crew
+                    return False  # the last look, now that publishers will wake the crew
             with self._lock:
                 if self._poller is None:
                     self._poller = proc
@@ -138,9 +139,9 @@ class Crew:
             with self._lock:
                 if self._missed:  # a wake-up came meanwhile, none idle to take it
                     self._missed = False
-                    return
+                    return True
                 self._idle.append(proc)
-            proc.wake.wait(wait)
+            woken = proc.wake.wait(wait)
             proc.wake.clear()
             with self._lock:
                 if proc in self._idle:
@@ -156,7 +157,8 @@ class Crew:
             if successor is not None:
                 successor.wake.set()
             if not handed:
-                return
+                return woken
+        return False
 
     def _take(self, poller_ok: bool = True) -> _Member | None:
         """An idle processor to wake (the poller last: waking it hands its role on)."""

@@ -155,8 +155,8 @@ class _OlderElsewhere(Exception):
 
 
 #: The partitions of a claim that knows nothing of the ring: every segment,
-#: message_later (-3) and message_deduped (-2) (a processor's first claim, its first
-#: after it rested, and one every poll interval).
+#: message_later (-3) and message_deduped (-2) (a processor's first claim, its second
+#: after a wake-up when the first found nothing, and one every poll interval).
 EVERY_SEGMENT = (-3, -2, 0, 1, 2, 3)
 #: How many segments the ring has (schema.sql, Version 7 storage).
 SEGMENTS = 4
@@ -872,12 +872,16 @@ class ChannelProcessor:
         self._parts: dict[int, int] = {}  # id -> partition (PART), of the rows in hand
         # The last claim came back short, and the ring had moved past its partitions.
         self._ring_moved = False
-        # The next claim reads every partition: the processor rested since its last
-        # one, or that one took a message of a key with an older one elsewhere.
+        # The next claim reads every partition: the last one found nothing after a
+        # wake-up, or took a message of a key with an older one elsewhere.
         self._everywhere = False
-        # It rested since its last claim: a first claim that finds nothing on some
-        # partitions is made again on every partition.
-        self._rested = False
+        # A wake-up woke it since its last claim: a first claim that finds nothing on
+        # some partitions is made again on every partition. (Not after a poll or the
+        # last look as the crew registers as asleep: that look found nothing in
+        # the live partitions, and a claim of every partition after it was one more
+        # claim per message at 400 messages/s; their rare message stored outside
+        # them waits for the claim of every partition once a poll interval.)
+        self._woken = False
         # Keys held back by an older message elsewhere (OLDER_ELSEWHERE_SQL), and until when
         # (a poll interval) claims on some partitions pass over them.
         self._blocked_keys: dict[str, float] = {}
@@ -1170,8 +1174,7 @@ class ChannelProcessor:
             try:
                 self.drain_once()
                 failures = 0
-                self.crew.rest(self, self._next_due, self._asleep)
-                self._rested = True
+                self._woken = self.crew.rest(self, self._next_due, self._asleep)
             except BaseException as exc:  # never let the thread end while the worker runs
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(f"{type(exc).__name__}: {exc}")
@@ -1359,8 +1362,8 @@ class ChannelProcessor:
 
         Those of the ring as the last claim saw it; every partition for the
         first claim, one after a claim that took a message of a key with an
-        older one where it did not look (OLDER_ELSEWHERE_SQL), the first after
-        the processor rested (a wake-up's message
+        older one where it did not look (OLDER_ELSEWHERE_SQL), one after the
+        first claim after a wake-up found nothing (the wake-up's message
         may be in a partition the ring did not yet count as live: a deduped
         one while message_deduped was empty, one stored by a publisher whose
         statement read the ring before it moved on, see pgpubsub.rotate), and
@@ -1396,9 +1399,7 @@ class ChannelProcessor:
         self._blocked_keys = {k: t for k, t in self._blocked_keys.items() if t > at}
         # (a claim of every partition takes a blocked key's older message)
         params["blocked"] = [] if parts == EVERY_SEGMENT else list(self._blocked_keys)
-        with self.session.pipeline():  # one round trip for both
-            self.session.execute(GENERIC_PLANS_SQL)
-            result = self.session.fetch(claim_on(template, parts), params)
+        result = self.session.fetch(claim_on(template, parts), params, GENERIC_PLANS_SQL)
         # Every row ends with the ring's state (ring_state); a claim that took
         # nothing returns it on a row of NULLs.
         state = ring_state(int(result[0][-1]))
@@ -1409,8 +1410,8 @@ class ChannelProcessor:
             claimed = [r[:-1] for r in result]
         now = ring_parts(*state)
         self._ring_moved = len(claimed) < int(params["limit"]) and not set(now) <= set(parts)
-        rested, self._rested = self._rested, False
-        if rested and not claimed and parts != EVERY_SEGMENT:
+        woken, self._woken = self._woken, False
+        if woken and not claimed and parts != EVERY_SEGMENT:
             # A wake-up's message may be where the ring does not yet look: claimed
             # again at once on every partition (as after the ring moved).
             self._everywhere = self._ring_moved = True
