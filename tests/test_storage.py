@@ -289,6 +289,13 @@ class Brittle(Channel, lock_notifications=True, max_attempts=1):
     n: int
 
 
+def publish_brittle(dsn: str) -> None:
+    """Messages 0 and 2 in the current segment, 1 with a dedupe key (message_deduped)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgpubsub.notify_many(Brittle, [{"n": 0}, {"n": 2}], conn=conn)
+        pgpubsub.notify(Brittle(n=1), conn=conn, dedupe_key="one")
+
+
 def test_a_processing_transaction_locks_only_the_partitions_of_its_rows(db: str) -> None:
     """Inside the processing transaction, while listeners run and at its commit, the
     message partitions locked are those its rows are in (and message_kept, where a
@@ -316,9 +323,7 @@ def test_a_processing_transaction_locks_only_the_partitions_of_its_rows(db: str)
         if n == 2:
             raise ValueError("dies: moves to message_kept")
 
-    with psycopg.connect(db, autocommit=True) as conn:
-        pgpubsub.notify_many(Brittle, [{"n": 0}, {"n": 2}], conn=conn)
-        pgpubsub.notify(Brittle(n=1), conn=conn, dedupe_key="one")
+    publish_brittle(db)
     registry = Registry()
     registry.add(Brittle, listener)
     assert pgpubsub.process_stored_notifications([Brittle], dsn=db, registry=registry) == 2
@@ -388,9 +393,7 @@ def test_every_partition_has_a_replica_identity_and_a_published_database_process
         if n == 2:
             raise ValueError("dies")
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        pgpubsub.notify_many(Brittle, [{"n": 0}, {"n": 2}], conn=conn)
-        pgpubsub.notify(Brittle(n=1), conn=conn, dedupe_key="one")
+    publish_brittle(dsn)
     registry = Registry()
     registry.add(Brittle, listener)
     assert pgpubsub.process_stored_notifications([Brittle], dsn=dsn, registry=registry) == 2
@@ -1070,3 +1073,29 @@ def test_rotate_keeps_the_live_segments_and_takes_back_one_it_cannot_empty(db: s
     admin_query(db, "SELECT pgpubsub.rotate()")
     assert admin_query(db, live) == [(0, [0])]
     assert admin_query(db, "SELECT pg_relation_size('pgpubsub.message_2')") == [(0,)]
+
+
+def test_a_claim_held_back_by_an_older_message_on_its_last_try_is_made_on_every_partition(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim met rows moving under it (a serialization failure) on all but its last
+    try, and on that one took a message of a key with an older one elsewhere: it ended
+    in AssertionError("unreachable") (hostile review of the ring, a suspicion). The last
+    try reads every partition, where no older message is elsewhere."""
+    from pgpubsub.session import PsycopgSession
+
+    proc = _processor.ChannelProcessor(PsycopgSession(db), spec_of(Stored), [])
+    tries: list[bool] = []
+
+    def claim() -> list[tuple[Any, ...]]:
+        tries.append(proc._everywhere)
+        if len(tries) < _processor.MOVED_RETRIES:
+            raise psycopg.errors.SerializationFailure("a row moved under the claim")
+        if not proc._everywhere:
+            raise _processor._OlderElsewhere
+        return []
+
+    monkeypatch.setattr(proc, "_claim", claim)
+    assert proc._claim_moving() == []
+    assert tries[-1] and not any(tries[:-1])
+    assert len(tries) == _processor.MOVED_RETRIES

@@ -1478,15 +1478,18 @@ class ChannelProcessor:
     def _claim_moving(self) -> list[tuple[Any, ...]]:
         """:meth:`_claim`, again when a row moved segments under it (see MOVED_STATE), or
         on every partition when it took a message of a key with an older one elsewhere."""
-        for attempt in range(MOVED_RETRIES):
+        for _ in range(MOVED_RETRIES - 1):
             try:
                 return self._claim()
             except _OlderElsewhere:
                 self._everywhere = True  # rolled back: claimed again on every partition
             except Exception as exc:
-                if sqlstate(exc) != MOVED_STATE or attempt == MOVED_RETRIES - 1:
+                if sqlstate(exc) != MOVED_STATE:
                     raise
-        raise AssertionError("unreachable")
+        # The last try reads every partition, where no older message is elsewhere;
+        # its error, if any, is raised.
+        self._everywhere = True
+        return self._claim()
 
     def _rotate(self, drained: bool = False) -> None:
         """Move the storage ring on (pgpubsub.rotate), at most every ROTATE_EVERY seconds

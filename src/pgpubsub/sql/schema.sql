@@ -222,10 +222,16 @@ BEGIN
     -- publisher's INSERT names columns) they hold on the new one, from the
     -- same grantor: the owner's grants first, then each one whose grantor
     -- holds the grant option by then (a chain of grant options, in order).
-    -- Held in a variable (a temporary table needs TEMP on the database).
+    -- Held in a variable (a temporary table needs TEMP on the database), each
+    -- with its GRANT statement.
     SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
-               'priv', x.priv, 'grantable', x.is_grantable, 'grantee', x.grantee,
-               'grantor', x.grantor, 'col', x.col)), '[]')
+               'priv', x.priv, 'grantee', x.grantee, 'grantor', x.grantor, 'col', x.col,
+               'grant', pg_catalog.format('GRANT %s %s ON pgpubsub.message TO %s %s',
+                   x.priv,
+                   CASE WHEN x.col IS NULL THEN '' ELSE pg_catalog.format('(%I)', x.col) END,
+                   CASE WHEN x.grantee = 0 THEN 'PUBLIC'
+                        ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(x.grantee)) END,
+                   CASE WHEN x.is_grantable THEN 'WITH GRANT OPTION' ELSE '' END))), '[]')
     INTO todo FROM (
         SELECT a.privilege_type AS priv, a.is_grantable, a.grantee, a.grantor,
                NULL::name AS col
@@ -259,14 +265,7 @@ BEGIN
                     pg_catalog.pg_get_userbyid(grantor), pg_catalog.pg_get_userbyid(grantor);
                 EXECUTE pg_catalog.format('SET LOCAL ROLE %I', owner);
             END;
-            EXECUTE pg_catalog.format('GRANT %s %s ON pgpubsub.message TO %s %s',
-                item ->> 'priv',
-                CASE WHEN item ->> 'col' IS NULL THEN ''
-                     ELSE pg_catalog.format('(%I)', item ->> 'col') END,
-                CASE WHEN (item ->> 'grantee')::oid = 0 THEN 'PUBLIC'
-                     ELSE pg_catalog.quote_ident(
-                         pg_catalog.pg_get_userbyid((item ->> 'grantee')::oid)) END,
-                CASE WHEN (item ->> 'grantable')::boolean THEN 'WITH GRANT OPTION' ELSE '' END);
+            EXECUTE item ->> 'grant';
             EXECUTE pg_catalog.format('SET LOCAL ROLE %I', owner);
             done := done || i;
             progress := true;
@@ -280,14 +279,7 @@ BEGIN
             item ->> 'priv', COALESCE(item ->> 'col', 'the table'),
             (item ->> 'grantee')::oid::pg_catalog.regrole, owner,
             pg_catalog.pg_get_userbyid((item ->> 'grantor')::oid);
-        EXECUTE pg_catalog.format('GRANT %s %s ON pgpubsub.message TO %s %s',
-            item ->> 'priv',
-            CASE WHEN item ->> 'col' IS NULL THEN ''
-                 ELSE pg_catalog.format('(%I)', item ->> 'col') END,
-            CASE WHEN (item ->> 'grantee')::oid = 0 THEN 'PUBLIC'
-                 ELSE pg_catalog.quote_ident(
-                     pg_catalog.pg_get_userbyid((item ->> 'grantee')::oid)) END,
-            CASE WHEN (item ->> 'grantable')::boolean THEN 'WITH GRANT OPTION' ELSE '' END);
+        EXECUTE item ->> 'grant';
     END LOOP;
     EXECUTE pg_catalog.format('SET LOCAL ROLE %I', me);
     UPDATE pgpubsub.ring SET first_id = last_id;
