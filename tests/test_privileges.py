@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,6 +250,35 @@ def test_a_worker_role_runs_scheduled_channels(roles: Roles) -> None:
     run = Running(roles.dsn_of(worker), registry)
     try:
         wait_until(lambda: len(ticks) >= 2, timeout=15)
+    finally:
+        run.stop()
+
+
+def test_status_warns_about_a_worker_whose_role_may_not_call_rotate(roles: Roles) -> None:
+    """Review of the ring, finding 4: a worker role granted before version 7 may not call
+    pgpubsub.rotate(), so its worker never frees stored messages' space. It logged a
+    warning, but `pgpubsub status` said nothing."""
+    worker = roles.make("work", "--worker")
+    admin_query(roles.dsn, f'REVOKE EXECUTE ON FUNCTION pgpubsub.rotate() FROM "{worker}"')
+    registry = Registry()
+    seen: list[str] = []
+    registry.add(Note, lambda text: seen.append(text))
+    run = Running(roles.dsn_of(worker), registry, channels=[spec_of(Note)])
+    try:
+        with psycopg.connect(roles.dsn, autocommit=True) as conn:
+            pgpubsub.notify(Note(text="hi"), conn=conn)
+        wait_until(lambda: seen == ["hi"], timeout=10)
+
+        def warned() -> list[str]:
+            return [w for w in pgpubsub.status(roles.dsn).warnings if "rotate" in w]
+
+        wait_until(warned, timeout=15)  # the worker's next heartbeat
+        assert warned() == [
+            f"worker {pgpubsub.status(roles.dsn).workers[0].host}:{os.getpid()}: "
+            f"{spec_of(Note).name}: this role may not call pgpubsub.rotate() (pgpubsub grant "
+            "ROLE --worker gives it): the worker does not free stored messages' space itself"
+        ]
+        assert pgpubsub.status(roles.dsn).problems() == []  # processing goes on
     finally:
         run.stop()
 

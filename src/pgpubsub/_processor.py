@@ -904,6 +904,9 @@ class ChannelProcessor:
         self.crew = Crew()
         self._always_woken = False  # a schema without pgpubsub.sleep: nothing to register
         self._rotated: float | None = 0.0  # when it last called pgpubsub.rotate; None: never
+        #: What the worker should tell `pgpubsub status` (its heartbeat): a role that may
+        #: not call pgpubsub.rotate().
+        self.warning: str | None = None
         self.processed = 0  # messages completed
         self.failed = 0  # attempts that raised
         self.claimed = 0  # attempts started (claims)
@@ -1524,12 +1527,12 @@ class ChannelProcessor:
             if sqlstate(exc) in SCHEMA_STATES or sqlstate(exc) == PRIVILEGE_STATE:
                 self._rotated = None
                 if sqlstate(exc) == PRIVILEGE_STATE:
-                    log.warning(
-                        "%s: this role may not call pgpubsub.rotate() (pgpubsub grant ROLE "
-                        "--worker gives it): the worker does not free stored messages' "
-                        "space itself",
-                        self.spec.name,
+                    self.warning = (
+                        f"{self.spec.name}: this role may not call pgpubsub.rotate() "
+                        "(pgpubsub grant ROLE --worker gives it): the worker does not free "
+                        "stored messages' space itself"
                     )
+                    log.warning("%s", self.warning)
                 return
             if self.session.broken(exc):
                 raise

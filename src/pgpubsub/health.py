@@ -225,6 +225,11 @@ class WorkerInfo:
         """What stopped in this worker (a channel's scheduler...), from its registry row."""
         return [str(c["error"]) for c in self.stats.values() if c.get("error")]
 
+    @property
+    def warnings(self) -> list[str]:
+        """What this worker cannot do though it runs (free stored messages' space)."""
+        return [str(c["warning"]) for c in self.stats.values() if c.get("warning")]
+
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> WorkerInfo:
         """One row of :data:`WORKERS_SQL`."""
@@ -296,7 +301,9 @@ def status(dsn: str = "", *, timeout: float = 5.0, horizon_age: float = HORIZON_
 
     ``warnings`` names what holds vacuum back (a transaction of this database
     open for more than ``horizon_age`` seconds, a prepared transaction, a
-    replication slot) and a NOTIFY queue fuller than :data:`NOTIFY_QUEUE_WARN`.
+    replication slot), a NOTIFY queue fuller than :data:`NOTIFY_QUEUE_WARN`, and
+    what a live worker says it cannot do (a role that may not call
+    ``pgpubsub.rotate()``, granted before schema version 7).
     """
     conninfo = driver.build_conninfo(dsn)
     try:
@@ -362,6 +369,7 @@ def _read(conn: psycopg.Connection[Any], horizon_age: float = HORIZON_AGE) -> He
         if has_pause and has_pause[0]:
             paused = {r[0] for r in conn.execute(PAUSED_SQL)}
     channels = [replace(c, paused=c.channel in paused) for c in channels]
+    warnings += [f"worker {w.host}:{w.pid}: {x}" for w in workers if w.alive for x in w.warnings]
     known = {c.channel for c in channels}
     for name in sorted(({ch for w in workers if w.alive for ch in w.channels} | paused) - known):
         channels.append(ChannelCounts(name, 0, 0, 0, 0, None, paused=name in paused))

@@ -252,8 +252,9 @@ class Worker:
 
     def channel_stats(self) -> dict[str, dict[str, Any]]:
         """Per channel: its kind and this worker's processed and failed counts (the registry),
-        its ``max_in_flight`` when it has one, and ``error`` when a background task of the
-        channel (its scheduler) stopped."""
+        its ``max_in_flight`` when it has one, ``error`` when a background task of the
+        channel (its scheduler) stopped, and ``warning`` when its processors cannot do all
+        they should (free stored messages' space)."""
         counts = self.counts()
         stats: dict[str, dict[str, Any]] = {}
         for spec in self.channels:
@@ -273,6 +274,9 @@ class Worker:
         for channel, error in self._problems():
             if channel in stats:
                 stats[channel]["error"] = error
+        for proc in self._durable.processors if self._durable is not None else []:
+            if proc.warning is not None:
+                stats[proc.spec.name]["warning"] = proc.warning
         return stats
 
     def _problems(self) -> list[tuple[str, str]]:
