@@ -567,3 +567,23 @@ def test_a_wake_up_during_the_pollers_next_due_query_is_not_lost(db: str) -> Non
         proc.stop(5)
     assert 0 in done
     assert done[0] - sent[0] < 1.0, f"handled {done[0] - sent[0]:.1f}s after its wake-up"
+
+
+def test_a_long_query_runs_with_its_named_parameters_converted_once(db: str) -> None:
+    """psycopg converts the placeholders of a query over 4,096 characters at every run
+    (a sixth of an empty claim's time in the worker): the session converts such a query
+    once, to $n, a name used twice the same $n, and %% a %."""
+    from pgpubsub import session as sessions
+
+    query = (
+        "SELECT %(a)s::int, %(b)s::text, %(a)s::int + 1, '100%%' -- "
+        + "x" * sessions._LONG
+    )
+    run = PsycopgSession(db)
+    run.open()
+    try:
+        assert run.execute(query, {"a": 41, "b": "b"}) == [(41, "b", 42, "100%")]
+        assert run.fetch(query, {"a": 1, "b": "c"}) == [(1, "c", 2, "100%")]
+    finally:
+        run.close()
+    assert sessions._RAW[query][1] == ("a", "b")

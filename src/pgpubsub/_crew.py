@@ -87,9 +87,10 @@ class Crew:
     ) -> bool:
         """``proc`` found nothing to claim: sleep until woken (the poller: until due).
 
-        Returns when ``proc`` should claim, True when a wake-up woke it (a new
-        message, a key or slot given back): False when its poll is due, or the
-        crew has just registered as asleep and takes its last look
+        Returns when ``proc`` should claim: True when it is to look for messages
+        published while the crew was busy (no wake-up for them), False when a
+        wake-up woke it (a new message, a key or slot given back) or its poll
+        is due. It looks when the crew has just registered as asleep (its last look)
         (``asleep()``: False while a publisher is in a transaction, which may
         have missed the registration: the crew then also looks again soon,
         from :data:`BUSY_POLL_FIRST` up to :data:`BUSY_POLL` seconds, for at
@@ -99,7 +100,7 @@ class Crew:
             with self._lock:
                 if self._missed:
                     self._missed = False
-                    return True
+                    return False
                 register = not self._registered and not self._registering
                 self._registering = self._registering or register
                 wakes = self._wakes
@@ -122,7 +123,7 @@ class Crew:
                                 busy = self._busy_wait
                                 self._busy_wait = min(busy * 2, BUSY_POLL)
                 if done:
-                    return False  # the last look, now that publishers will wake the crew
+                    return True  # the last look, now that publishers will wake the crew
             with self._lock:
                 if self._poller is None:
                     self._poller = proc
@@ -139,7 +140,7 @@ class Crew:
             with self._lock:
                 if self._missed:  # a wake-up came meanwhile, none idle to take it
                     self._missed = False
-                    return True
+                    return False
                 self._idle.append(proc)
             woken = proc.wake.wait(wait)
             proc.wake.clear()
@@ -157,7 +158,8 @@ class Crew:
             if successor is not None:
                 successor.wake.set()
             if not handed:
-                return woken
+                # a look beside a publisher in a transaction, when its wait ran out
+                return not woken and busy > 0 and wait == busy
         return False
 
     def _take(self, poller_ok: bool = True) -> _Member | None:

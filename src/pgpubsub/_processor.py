@@ -155,8 +155,9 @@ class _OlderElsewhere(Exception):
 
 
 #: The partitions of a claim that knows nothing of the ring: every segment,
-#: message_later (-3) and message_deduped (-2) (a processor's first claim, its second
-#: after a wake-up when the first found nothing, and one every poll interval).
+#: message_later (-3) and message_deduped (-2) (a processor's first claim, the crew's
+#: looks as it registers as asleep, a second claim after a wake-up or a poll when the
+#: first found nothing, and one every poll interval).
 EVERY_SEGMENT = (-3, -2, 0, 1, 2, 3)
 #: How many segments the ring has (schema.sql, Version 7 storage).
 SEGMENTS = 4
@@ -872,15 +873,14 @@ class ChannelProcessor:
         self._parts: dict[int, int] = {}  # id -> partition (PART), of the rows in hand
         # The last claim came back short, and the ring had moved past its partitions.
         self._ring_moved = False
-        # The next claim reads every partition: the last one found nothing after a
-        # wake-up, or took a message of a key with an older one elsewhere.
+        # The next claim reads every partition: the crew looks for messages published
+        # while it was busy, or the last claim found nothing after a wake-up or a poll,
+        # or took a message of a key with an older one elsewhere.
         self._everywhere = False
-        # A wake-up woke it since its last claim: a first claim that finds nothing on
-        # some partitions is made again on every partition. (Not after a poll or the
-        # last look as the crew registers as asleep: that look found nothing in
-        # the live partitions, and a claim of every partition after it was one more
-        # claim per message at 400 messages/s; their rare message stored outside
-        # them waits for the claim of every partition once a poll interval.)
+        # A wake-up or its poll woke it since its last claim: a first claim that finds
+        # nothing on some partitions is made again on every partition. (The crew's
+        # looks for messages published while it was busy read every partition at
+        # once: a claim on the live ones before it was one more claim a message.)
         self._woken = False
         # Keys held back by an older message elsewhere (OLDER_ELSEWHERE_SQL), and until when
         # (a poll interval) claims on some partitions pass over them.
@@ -1177,7 +1177,10 @@ class ChannelProcessor:
             try:
                 self.drain_once()
                 failures = 0
-                self._woken = self.crew.rest(self, self._next_due, self._asleep)
+                if self.crew.rest(self, self._next_due, self._asleep):
+                    self._everywhere = True  # a look: no wake-up said where
+                else:
+                    self._woken = True
             except BaseException as exc:  # never let the thread end while the worker runs
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(f"{type(exc).__name__}: {exc}")
@@ -1365,8 +1368,9 @@ class ChannelProcessor:
 
         Those of the ring as the last claim saw it; every partition for the
         first claim, one after a claim that took a message of a key with an
-        older one where it did not look (OLDER_ELSEWHERE_SQL), one after the
-        first claim after a wake-up found nothing (the wake-up's message
+        older one where it did not look (OLDER_ELSEWHERE_SQL), the crew's looks
+        for messages published while it was busy, one after the first claim
+        after a wake-up or a poll found nothing (the wake-up's message
         may be in a partition the ring did not yet count as live: a deduped
         one while message_deduped was empty, one stored by a publisher whose
         statement read the ring before it moved on, see pgpubsub.rotate), and
@@ -1415,8 +1419,8 @@ class ChannelProcessor:
         self._ring_moved = len(claimed) < int(params["limit"]) and not set(now) <= set(parts)
         woken, self._woken = self._woken, False
         if woken and not claimed and parts != EVERY_SEGMENT:
-            # A wake-up's message may be where the ring does not yet look: claimed
-            # again at once on every partition (as after the ring moved).
+            # A wake-up's or a poll's message may be where the ring does not yet look:
+            # claimed again at once on every partition (as after the ring moved).
             self._everywhere = self._ring_moved = True
         self._parts = {r[0]: r[-1] for r in claimed}
         last: dict[str, int] = {}  # each ordering key's newest message taken
