@@ -520,7 +520,8 @@ def test_a_claims_backend_is_idle_once_its_rows_are_back(db: str) -> None:
         rows = fetch(query, params, first)
         if _processor.claim_template(query) is CLAIM_SQL:
             states.extend(
-                r[0] for r in admin_query(
+                r[0]
+                for r in admin_query(
                     db, "SELECT state FROM pg_catalog.pg_stat_activity WHERE pid = %s", (pid,)
                 )
             )
@@ -575,10 +576,7 @@ def test_a_long_query_runs_with_its_named_parameters_converted_once(db: str) -> 
     once, to $n, a name used twice the same $n, and %% a %."""
     from pgpubsub import session as sessions
 
-    query = (
-        "SELECT %(a)s::int, %(b)s::text, %(a)s::int + 1, '100%%' -- "
-        + "x" * sessions._LONG
-    )
+    query = "SELECT %(a)s::int, %(b)s::text, %(a)s::int + 1, '100%%' -- " + "x" * sessions._LONG
     run = PsycopgSession(db)
     run.open()
     try:
