@@ -1174,3 +1174,56 @@ def test_a_delayed_message_in_message_later_runs_when_due(db: str) -> None:
     finally:
         runner.stop()
     assert seen[1] - float(due) < 1.0  # type: ignore[arg-type], seen[1] - float(due)  # about 30 s: the poll
+
+
+def test_a_deduped_message_is_claimed_after_the_crews_failed_look_reconnects(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-review of the wake-ups, finding 1: the crew's look for messages published while
+    it was busy (a claim of every partition) lost its backend (a failover, an operator's
+    pg_terminate_backend); the first claim after the reconnect read only the live
+    partitions, and a deduped message waited for the poll."""
+    from pgpubsub.session import PsycopgSession
+
+    every = _processor.claim_on(_processor.CLAIM_SQL, _processor.EVERY_SEGMENT)
+    armed = threading.Event()
+    fetch = PsycopgSession.fetch
+
+    def killing(self: Any, query: str, params: Any = (), first: str | None = None) -> Any:
+        if armed.is_set() and query == every:
+            armed.clear()
+            admin_query(db, "SELECT pg_terminate_backend(%s)", (self.conn.info.backend_pid,))
+            time.sleep(0.05)
+        return fetch(self, query, params, first)
+
+    monkeypatch.setattr(PsycopgSession, "fetch", killing)
+    seen: dict[int, float] = {}
+
+    def listener(n: int) -> None:
+        seen[n] = time.monotonic()
+        if n == 0:
+            time.sleep(0.04)  # busy while the deduped message is published
+
+    registry = Registry()
+    registry.add(Solo, listener)
+    admin_query(db, "SELECT pgpubsub.rotate()")
+    assert -2 not in admin_query(db, "SELECT live FROM pgpubsub.ring")[0][0]
+    runner = DurableRunning(db, [Solo], registry, poll_interval=30)
+    try:
+        with psycopg.connect(db, autocommit=True) as conn:
+            time.sleep(0.3)
+            # a message whose drain ends in rotate(): the next drain's end, within
+            # 0.1 s, does not call it again (and so does not make message_deduped live)
+            pgpubsub.notify(Solo(n=2), conn=conn)
+            wait_until(lambda: 2 in seen, timeout=10, interval=0.001)
+            time.sleep(0.02)
+            pgpubsub.notify(Solo(n=0), conn=conn)
+            wait_until(lambda: 0 in seen, timeout=10, interval=0.001)
+            published = time.monotonic()
+            pgpubsub.notify(Solo(n=1), conn=conn, dedupe_key="once")  # no wake-up: busy
+            armed.set()
+            wait_until(lambda: 1 in seen, timeout=40, interval=0.001)
+    finally:
+        runner.stop()
+    assert not armed.is_set()  # the look was made, and killed
+    assert seen[1] - published < 5.0, seen[1] - published  # a reconnect (0.5 s), not the poll

@@ -1187,6 +1187,10 @@ class ChannelProcessor:
                 wait = RECONNECT.delay(failures)
                 failures += 1
                 self._trouble(exc, wait, failures)
+                # What the failed round was to look for (a look of every partition for
+                # messages published while the crew was busy, say) is not known done:
+                # the first claim after it reads every partition.
+                self._everywhere = True
                 self.session.close()
                 self.wake.wait(wait)
                 self.wake.clear()
