@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1110,17 +1111,16 @@ class Solo(Channel, lock_notifications=True, concurrency=1):
     n: int
 
 
-def test_a_deduped_message_committed_as_the_busy_worker_rests_is_claimed_at_once(db: str) -> None:
-    """Review of the wake-ups, finding 1: a deduped message (message_deduped not live)
-    published in a transaction still open as the busy worker ends its drain waited for
-    the poll: the crew's looks as it registers read only the live partitions
-    (docs/guides/durable.md: about 5 ms to 50 ms)."""
+@contextmanager
+def busy_solo(db: str) -> Iterator[dict[int, float]]:
+    """A worker of Solo (poll interval 30 s) whose listener records when each message
+    started and takes 40 ms over message 0; message_deduped not live. Yields the record."""
     seen: dict[int, float] = {}
 
     def listener(n: int) -> None:
         seen[n] = time.monotonic()
         if n == 0:
-            time.sleep(0.04)
+            time.sleep(0.04)  # busy: publishes meanwhile send no wake-up
 
     registry = Registry()
     registry.add(Solo, listener)
@@ -1128,8 +1128,19 @@ def test_a_deduped_message_committed_as_the_busy_worker_rests_is_claimed_at_once
     assert -2 not in admin_query(db, "SELECT live FROM pgpubsub.ring")[0][0]
     runner = DurableRunning(db, [Solo], registry, poll_interval=30)
     try:
+        time.sleep(0.3)
+        yield seen
+    finally:
+        runner.stop()
+
+
+def test_a_deduped_message_committed_as_the_busy_worker_rests_is_claimed_at_once(db: str) -> None:
+    """Review of the wake-ups, finding 1: a deduped message (message_deduped not live)
+    published in a transaction still open as the busy worker ends its drain waited for
+    the poll: the crew's looks as it registers read only the live partitions
+    (docs/guides/durable.md: about 5 ms to 50 ms)."""
+    with busy_solo(db) as seen:
         with psycopg.connect(db, autocommit=True) as conn, psycopg.connect(db) as pub:
-            time.sleep(0.3)
             pgpubsub.notify(Solo(n=0), conn=conn)  # wakes the worker: 40 ms
             wait_until(lambda: 0 in seen, timeout=10, interval=0.001)
             pgpubsub.notify(Solo(n=1), conn=pub, dedupe_key="once")
@@ -1137,8 +1148,6 @@ def test_a_deduped_message_committed_as_the_busy_worker_rests_is_claimed_at_once
             pub.commit()
             committed = time.monotonic()
             wait_until(lambda: 1 in seen, timeout=40, interval=0.001)
-    finally:
-        runner.stop()
     assert seen[1] - committed < 1.0, seen[1] - committed  # about 30 s: the poll
 
 
@@ -1197,21 +1206,8 @@ def test_a_deduped_message_is_claimed_after_the_crews_failed_look_reconnects(
         return fetch(self, query, params, first)
 
     monkeypatch.setattr(PsycopgSession, "fetch", killing)
-    seen: dict[int, float] = {}
-
-    def listener(n: int) -> None:
-        seen[n] = time.monotonic()
-        if n == 0:
-            time.sleep(0.04)  # busy while the deduped message is published
-
-    registry = Registry()
-    registry.add(Solo, listener)
-    admin_query(db, "SELECT pgpubsub.rotate()")
-    assert -2 not in admin_query(db, "SELECT live FROM pgpubsub.ring")[0][0]
-    runner = DurableRunning(db, [Solo], registry, poll_interval=30)
-    try:
+    with busy_solo(db) as seen:
         with psycopg.connect(db, autocommit=True) as conn:
-            time.sleep(0.3)
             # a message whose drain ends in rotate(): the next drain's end, within
             # 0.1 s, does not call it again (and so does not make message_deduped live)
             pgpubsub.notify(Solo(n=2), conn=conn)
@@ -1223,7 +1219,5 @@ def test_a_deduped_message_is_claimed_after_the_crews_failed_look_reconnects(
             pgpubsub.notify(Solo(n=1), conn=conn, dedupe_key="once")  # no wake-up: busy
             armed.set()
             wait_until(lambda: 1 in seen, timeout=40, interval=0.001)
-    finally:
-        runner.stop()
     assert not armed.is_set()  # the look was made, and killed
     assert seen[1] - published < 5.0, seen[1] - published  # a reconnect (0.5 s), not the poll
