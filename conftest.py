@@ -89,6 +89,31 @@ def _teardown(namespace: dict[str, Any]) -> None:
     registry._listeners.update(namespace["_saved_listeners"])
 
 
+# Tests that run the library's processes (the CLI, workers killed and restarted,
+# the browser): timing and signals, so they share one test process, one after
+# the other, while the in-process tests run beside them (pyproject's addopts:
+# two processes, ``--dist loadgroup``; ``-n 0`` runs everything in one).
+PROCESSES = ("chaos", "acceptance", "browser")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup``: the process tests in one group.
+
+    Any other test is grouped by its file (xdist's default for tests without a
+    group): a file's tests stay together and in order (a page's examples build
+    on the ones before, and a module's fixtures are set up once).
+    """
+
+    if not config.getoption("loadgroup", False):
+        return
+    for item in items:
+        if any(item.get_closest_marker(name) for name in PROCESSES):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.path.relative_to(ROOT).as_posix()))
+
+
 pytest_collect_file = Sybil(
     parsers=[Examples(), IncludedCode(), SkipParser()],
     patterns=["*.md"],
@@ -97,3 +122,6 @@ pytest_collect_file = Sybil(
     setup=_setup,
     teardown=_teardown,
 ).pytest()
+
+
+
