@@ -506,6 +506,58 @@ def test_one_wake_up_costs_one_claim_and_idle_processors_cost_nothing(db: str) -
     assert claims <= 3, claims
 
 
+class OverlapSession(PsycopgSession):
+    """A real session whose claims take 20 ms longer, counting the claims in flight at once
+    across the sessions that share ``flight``."""
+
+    def __init__(self, conninfo: str, flight: dict[str, int], lock: threading.Lock):
+        super().__init__(conninfo)
+        self.flight, self.lock = flight, lock
+
+    def fetch(self, query: str, params: Any = (), first: str | None = None) -> Any:
+        if _processor.claim_template(query) is not CLAIM_SQL:
+            return super().fetch(query, params, first)
+        with self.lock:
+            self.flight["now"] += 1
+            self.flight["most"] = max(self.flight["most"], self.flight["now"])
+        try:
+            time.sleep(0.02)
+            return super().fetch(query, params, first)
+        finally:
+            with self.lock:
+                self.flight["now"] -= 1
+
+
+def test_a_worker_has_one_claim_of_a_channel_in_flight_at_a_time(db: str) -> None:
+    """A worker with concurrency=8 under bursts: its processors, woken together or done
+    together, claim one after the other (at concurrency=32 and 400 messages/s up to 16
+    claims of one worker ran at once); every message is still processed once."""
+    from helpers import Running
+
+    registry = Registry()
+    seen: list[int] = []
+    registry.add(Crowd, lambda n: (time.sleep(0.005), seen.append(n)))
+    flight, lock = {"now": 0, "most": 0}, threading.Lock()
+    worker = Running(
+        db, registry, session_factory=lambda: OverlapSession(db, flight, lock), register=False
+    )
+    try:
+        time.sleep(0.5)
+        for burst in range(20):
+            with psycopg.connect(db) as conn:
+                for n in range(burst * 20, burst * 20 + 20):
+                    pgpubsub.notify(Crowd(n=n), conn=conn)  # type: ignore[call-arg]
+                    conn.commit()
+            time.sleep(0.02)
+        deadline = time.monotonic() + 20
+        while len(seen) < 400 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert sorted(seen) == list(range(400))
+    assert flight["most"] == 1, flight
+
+
 def test_a_claims_backend_is_idle_once_its_rows_are_back(db: str) -> None:
     """A claim sent in a pipeline with its SET LOCAL left its backend active, waiting for
     the pipeline's end, until the thread got to read the rows: at concurrency=32 and 400

@@ -450,8 +450,10 @@ def test_a_rate_limited_channel_never_exceeds_its_rate_across_processes_and_achi
     # claim's UPDATE, a while after the claim took its tokens, and that while varies
     # (a worker's first claim is planned cold), so the first and last alone said
     # more of two claims' durations than of the bucket.
+    # Above the rate only by that while's jitter: over these 4 s, 4 ms of it is x1.001 (a
+    # run beside other tests gave 50.05); a limit per worker instead of shared would be x3.
     achieved = 1 / statistics.linear_regression(range(len(claimed) - 5), claimed[5:]).slope
-    assert 50 * 0.95 <= achieved <= 50 * 1.001, achieved
+    assert 50 * 0.95 <= achieved <= 50 * 1.01, achieved
     started = sorted(at.timestamp() for _, _, at in starts(flow, "paced"))
     assert most_in_a_window(started, 1.0) <= 50 + 5 + 2
 

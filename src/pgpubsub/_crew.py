@@ -7,7 +7,11 @@ may be waiting), so work spreads as fast as it comes and one published
 message costs one claim. Of the idle processors only one, the poller, looks
 at the clock: it asks when the next delayed or retried message is due and
 claims then (or after the poll interval); the others sleep until woken and
-cost the database nothing.
+cost the database nothing. One claim of the crew is in flight at a time
+(:meth:`Crew.claiming`): processors woken together, or done with their batches
+together, claim one after the other, so that a worker keeps one backend busy
+claiming however many processors it runs (at concurrency=32 and 400
+messages/s, up to 16 claims ran at once, each slower for the others).
 
 A crew with nothing to do registers as asleep (``pgpubsub.sleep``) before its
 last look at the queue, so that publishers wake it (``pgpubsub.wake``: a
@@ -31,7 +35,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 __all__ = ["BUSY_PATIENCE", "BUSY_POLL", "BUSY_POLL_FIRST", "Crew"]
@@ -43,6 +48,8 @@ BUSY_POLL_FIRST = 0.005
 BUSY_POLL = 0.05
 #: Seconds of such looks without a wake-up, after which only the poller looks.
 BUSY_PATIENCE = 2.0
+#: Seconds between checks for a stop while waiting for the crew's turn to claim.
+CLAIM_WAIT = 0.1
 
 
 class _Member(Protocol):
@@ -65,6 +72,23 @@ class Crew:
         self._wakes = 0  # wake-ups so far: one may have taken the registration
         self._busy_wait = BUSY_POLL_FIRST  # the next look's wait beside a publisher
         self._busy_since: float | None = None  # the first such look since a wake-up
+        self._claim = threading.Lock()  # held by the processor whose claim is in flight
+
+    @contextmanager
+    def claiming(self, proc: _Member) -> Iterator[bool]:
+        """The crew's turn to claim, once the claim in flight has returned.
+
+        Yields False, without the turn, when ``proc`` is stopped meanwhile (a
+        claim held up by the database must not keep the others from stopping).
+        """
+        while not self._claim.acquire(timeout=CLAIM_WAIT):
+            if proc.stopping.is_set():
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            self._claim.release()
 
     def wake_one(self, *, more: bool = False) -> None:
         """Wake one idle processor; when none is idle, the next to rest claims again.

@@ -1647,7 +1647,8 @@ class ChannelProcessor:
 
     def _batch(self) -> tuple[int, int]:
         """Claim a batch and process it; return how many messages were claimed, and with keys."""
-        claimed = self._claim_moving()
+        with self.crew.claiming(self) as turn:
+            claimed = self._claim_moving() if turn else []
         self.claimed += len(claimed)
         self._alone = any(r[7] for r in claimed)
         if claimed and self._claim_batch is not None:
