@@ -7,11 +7,12 @@ may be waiting), so work spreads as fast as it comes and one published
 message costs one claim. Of the idle processors only one, the poller, looks
 at the clock: it asks when the next delayed or retried message is due and
 claims then (or after the poll interval); the others sleep until woken and
-cost the database nothing. One claim of the crew is in flight at a time
+cost the database nothing. The crew looks for work with one claim at a time
 (:meth:`Crew.claiming`): processors woken together, or done with their batches
-together, claim one after the other, so that a worker keeps one backend busy
-claiming however many processors it runs (at concurrency=32 and 400
-messages/s, up to 16 claims ran at once, each slower for the others).
+together, claim one after the other, so that a worker keeps one backend per
+channel busy looking however many processors it runs (at concurrency=32 and
+400 messages/s, up to 16 claims ran at once, each slower for the others). A
+processor whose claim was full claims again at once: a backlog is there.
 
 A crew with nothing to do registers as asleep (``pgpubsub.sleep``) before its
 last look at the queue, so that publishers wake it (``pgpubsub.wake``: a

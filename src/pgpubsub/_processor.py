@@ -1006,7 +1006,7 @@ class ChannelProcessor:
             asked = self.claim_size
             # On an error the leases stay held, given back at the next round:
             # by then no listener of this processor runs.
-            got, keyed = self._batch()
+            got, keyed = self._batch(looking=full == 0)
             # Slot and keys given back once the outcome is recorded, waking the
             # workers that the key or the slot kept waiting.
             self._release(
@@ -1645,10 +1645,20 @@ class ChannelProcessor:
         )
         return kept
 
-    def _batch(self) -> tuple[int, int]:
-        """Claim a batch and process it; return how many messages were claimed, and with keys."""
-        with self.crew.claiming(self) as turn:
-            claimed = self._claim_moving() if turn else []
+    def _batch(self, looking: bool) -> tuple[int, int]:
+        """Claim a batch and process it; return how many messages were claimed, and with keys.
+
+        ``looking``: the claim looks for work (the first of a drain: after a wake-up, a
+        poll, a look), made in the crew's turn (Crew.claiming). One after a full batch
+        claims at once: a backlog is there, and waiting for the others' claims would cap
+        the worker's rate at one batch per claim's round trips (a max_in_flight channel
+        claims one message at a time: 20-40% slower over a 1 ms network).
+        """
+        if looking:
+            with self.crew.claiming(self) as turn:
+                claimed = self._claim_moving() if turn else []
+        else:
+            claimed = self._claim_moving()
         self.claimed += len(claimed)
         self._alone = any(r[7] for r in claimed)
         if claimed and self._claim_batch is not None:
