@@ -927,6 +927,11 @@ class ChannelProcessor:
     def start(self) -> None:
         self._thread.start()
 
+    def halt(self) -> None:
+        """Take no more messages (the batch in hand goes on): :meth:`stop` without the wait."""
+        self.stopping.set()
+        self.wake.set()
+
     def stop(self, timeout: float, conninfo: str | None = None) -> None:
         """Stop taking messages and wait up to ``timeout`` seconds for the batch in hand.
 
@@ -939,8 +944,7 @@ class ChannelProcessor:
         that only a message that hangs (or crashes) its process runs out of
         attempts that way (issue 23).
         """
-        self.stopping.set()
-        self.wake.set()
+        self.halt()
         self._thread.join(timeout)
         if self._thread.is_alive() and conninfo is not None:
             self._abandon(conninfo)
