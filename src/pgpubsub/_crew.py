@@ -7,12 +7,13 @@ may be waiting), so work spreads as fast as it comes and one published
 message costs one claim. Of the idle processors only one, the poller, looks
 at the clock: it asks when the next delayed or retried message is due and
 claims then (or after the poll interval); the others sleep until woken and
-cost the database nothing. The crew looks for work with one claim at a time
-(:meth:`Crew.claiming`): processors woken together, or done with their batches
+cost the database nothing. The crew's claim statements run one at a time
+(:meth:`Crew.take_turn`): processors woken together, or done with their batches
 together, claim one after the other, so that a worker keeps one backend per
-channel busy looking however many processors it runs (at concurrency=32 and
+channel busy claiming however many processors it runs (at concurrency=32 and
 400 messages/s, up to 16 claims ran at once, each slower for the others). A
-processor whose claim was full claims again at once: a backlog is there.
+turn runs from the claim's BEGIN to its statement's rows: the claims' COMMITs,
+and what follows the statement, go side by side.
 
 A crew with nothing to do registers as asleep (``pgpubsub.sleep``) before its
 last look at the queue, so that publishers wake it (``pgpubsub.wake``: a
@@ -36,8 +37,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["BUSY_PATIENCE", "BUSY_POLL", "BUSY_POLL_FIRST", "Crew"]
@@ -75,21 +75,18 @@ class Crew:
         self._busy_since: float | None = None  # the first such look since a wake-up
         self._claim = threading.Lock()  # held by the processor whose claim is in flight
 
-    @contextmanager
-    def claiming(self, proc: _Member) -> Iterator[bool]:
-        """The crew's turn to claim, once the claim in flight has returned.
-
-        Yields False, without the turn, when ``proc`` is stopped meanwhile (a
-        claim held up by the database must not keep the others from stopping).
-        """
+    def take_turn(self, proc: _Member) -> bool:
+        """The crew's turn to claim, once the claim statement in flight has returned;
+        False, without the turn, when ``proc`` is stopped meanwhile (a claim held up by
+        the database must not keep the others from stopping)."""
         while not self._claim.acquire(timeout=CLAIM_WAIT):
             if proc.stopping.is_set():
-                yield False
-                return
-        try:
-            yield True
-        finally:
-            self._claim.release()
+                return False
+        return True
+
+    def end_turn(self) -> None:
+        """The claim statement of the turn has returned: the next processor's turn."""
+        self._claim.release()
 
     def wake_one(self, *, more: bool = False) -> None:
         """Wake one idle processor; when none is idle, the next to rest claims again.
