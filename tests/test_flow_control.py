@@ -432,7 +432,7 @@ def test_a_rate_limited_channel_never_exceeds_its_rate_across_processes_and_achi
     after it took its tokens (in one run the first claim's UPDATE came 24 ms after the
     bucket's refill began, and the claims on fresh tokens after it fell into its window):
     the claims get a margin of one, and a listener, which starts a few ms after its
-    claim, of two."""
+    claim (tens of ms beside other tests), of four."""
     from app.flow_channels import Paced
 
     rate = rate_of(Paced)
@@ -454,8 +454,12 @@ def test_a_rate_limited_channel_never_exceeds_its_rate_across_processes_and_achi
     # run beside other tests gave 50.05); a limit per worker instead of shared would be x3.
     achieved = 1 / statistics.linear_regression(range(len(claimed) - 5), claimed[5:]).slope
     assert 50 * 0.95 <= achieved <= 50 * 1.01, achieved
+    # A listener starts after its claim's COMMIT and its processing's BEGIN: beside the
+    # other test process on 2 cores, some of those starts came late enough to share a
+    # window with later ones (58 once, with concurrency=1, where no claims wait on each
+    # other): a margin of four (80 ms of such lag at 50/s).
     started = sorted(at.timestamp() for _, _, at in starts(flow, "paced"))
-    assert most_in_a_window(started, 1.0) <= 50 + 5 + 2
+    assert most_in_a_window(started, 1.0) <= 50 + 5 + 4
 
 
 def most_in_a_window(times: list[float], period: float) -> int:
