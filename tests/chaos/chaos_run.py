@@ -285,8 +285,15 @@ class Run:
             self.record.published[m.n] = pub
         return pub
 
-    def _committed(self, pubs: list[Published]) -> None:
+    def _commit(self, conn: psycopg.Connection[Any], pubs: list[Published]) -> None:
+        """Commit ``pubs``' transaction and take their places in the commit order, as one step.
+
+        The order's lock is held through the COMMIT: a publisher descheduled between
+        its COMMIT and its place would otherwise be placed after a publisher of its
+        ordering key that committed later.
+        """
         with self._lock:
+            conn.commit()
             for p in pubs:
                 p.committed = True
                 p.seq = next(self._seq)
@@ -302,8 +309,7 @@ class Run:
                 if i == 0 and op.pause:
                     time.sleep(op.pause)  # the transaction stays open: run_at counts from the call
             if op.commit:
-                conn.commit()
-                self._committed(pubs)
+                self._commit(conn, pubs)
             else:
                 conn.rollback()
 
@@ -324,8 +330,7 @@ class Run:
             with self._lock:
                 for p in pubs:
                     self.record.published[p.msg.n] = p
-            conn.commit()
-            self._committed(pubs)
+            self._commit(conn, pubs)
             with self._lock:
                 self.record.batches[int(made)] = tuple(m.n for m in msgs)
 
@@ -334,8 +339,7 @@ class Run:
 
         If publishing ``second`` waits for ``first`` (publishers of one key taking
         turns), ``first`` commits first; otherwise ``second`` does. Either way the
-        recorded commit order is the one that happened: ``first`` takes its place
-        in the order before its COMMIT, holding the order's lock until it returns.
+        recorded commit order is the one that happened (:meth:`_commit`).
         """
         done = threading.Event()
         errors: list[BaseException] = []
@@ -344,8 +348,7 @@ class Run:
             try:
                 with self._connect() as conn:
                     b = self._publish_one(conn, op.second)
-                    conn.commit()
-                    self._committed([b])
+                    self._commit(conn, [b])
             except BaseException as exc:  # reported below
                 errors.append(exc)
             finally:
@@ -356,9 +359,7 @@ class Run:
             thread = threading.Thread(target=publish_second)
             thread.start()
             done.wait(1.0)  # long enough to commit, unless it waits for ``first``
-            with self._lock:
-                first.commit()
-                a.committed, a.seq = True, next(self._seq)
+            self._commit(first, [a])
         thread.join(60)
         if errors:
             raise errors[0]
@@ -371,8 +372,7 @@ class Run:
                 with self._connect() as conn:
                     for m in msgs:
                         pub = self._publish_one(conn, m)
-                        conn.commit()
-                        self._committed([pub])
+                        self._commit(conn, [pub])
             except BaseException as exc:  # reported by the caller
                 errors.append(exc)
 
