@@ -13,7 +13,10 @@ together, claim one after the other, so that a worker keeps one backend per
 channel busy claiming however many processors it runs (at concurrency=32 and
 400 messages/s, up to 16 claims ran at once, each slower for the others). A
 turn runs from the claim's BEGIN to its statement's rows: the claims' COMMITs,
-and what follows the statement, go side by side.
+and what follows the statement, go side by side. A claim of several messages
+hands them out to the idle processors (:meth:`Crew.hand_out`), so that they
+start at once instead of one after another in the claimer's transaction; a
+processor handed rows runs them and rests again without a claim.
 
 A crew with nothing to do registers as asleep (``pgpubsub.sleep``) before its
 last look at the queue, so that publishers wake it (``pgpubsub.wake``: a
@@ -37,8 +40,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 __all__ = ["BUSY_PATIENCE", "BUSY_POLL", "BUSY_POLL_FIRST", "Crew"]
 
@@ -56,6 +59,9 @@ CLAIM_WAIT = 0.1
 class _Member(Protocol):
     wake: threading.Event
     stopping: threading.Event
+
+    def accept(self, share: Any) -> None:
+        """Take ``share``, rows another processor of the crew claimed, to run next."""
 
 
 class Crew:
@@ -103,6 +109,31 @@ class Crew:
                 self._missed = self._missed or not more
                 return
         proc.wake.set()
+
+    def idle(self) -> int:
+        """How many processors are idle now (:meth:`hand_out` may find fewer)."""
+        with self._lock:
+            return len(self._idle)
+
+    def hand_out(self, shares: Sequence[Any]) -> int:
+        """Hand ``shares`` to idle processors, one each, in order (``accept``), and wake
+        them; how many were handed (the first ones: the caller keeps the others).
+
+        Rows of a batch go to processors with nothing to do rather than wait for
+        the claimer's listeners one after another. The poller is handed one last
+        (it hands its role on as it wakes).
+        """
+        takers = []
+        with self._lock:
+            for share in shares:
+                proc = self._take()
+                if proc is None:
+                    break
+                proc.accept(share)
+                takers.append(proc)
+        for proc in takers:
+            proc.wake.set()
+        return len(takers)
 
     def rest(
         self, proc: _Member, next_due: Callable[[], float], asleep: Callable[[], bool]

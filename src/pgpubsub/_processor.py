@@ -841,6 +841,9 @@ class ChannelProcessor:
         self._leasing = True  # it may hold leases: give them back at the next round
         self._after_key = ""  # keys are visited from the one after the last claimed
         self._in_hand: dict[int, int] = {}  # id -> attempt of the batch being processed
+        # Rows another processor of the crew claimed and handed to this one (hand_out),
+        # with their partitions: run next, even when stopping (they are in hand).
+        self._share: tuple[list[tuple[Any, ...]], dict[int, int]] | None = None
         self._current: int | None = None  # the message whose listeners run now
         self._backend: int | None = None  # the server process of the batch's session
         self.spec = spec
@@ -1178,13 +1181,17 @@ class ChannelProcessor:
 
     def _run(self) -> None:
         failures = 0  # in a row: the wait grows, so an outage is not a log storm
-        while not self.stopping.is_set():
+        # Rows handed to it are in hand: run even when stopping (as a batch is).
+        while not self.stopping.is_set() or self._share is not None:
             try:
-                self.drain_once()
+                if self._share is not None:
+                    self._run_share()  # then rest again: it was handed work, not woken
+                else:
+                    self.drain_once()
                 failures = 0
                 if self.crew.rest(self, self._next_due, self._asleep):
                     self._everywhere = True  # a look: no wake-up said where
-                else:
+                elif self._share is None:
                     self._woken = True
             except BaseException as exc:  # never let the thread end while the worker runs
                 if not isinstance(exc, Exception):
@@ -1710,20 +1717,13 @@ class ChannelProcessor:
                 )
             else:
                 rows.append((mid, payload, attempts, trace, key if keyed else None))
+        rows = self._hand_out(rows)
         if rows:
-            # Timed or traced messages cost a clock and a span each: decided once a batch.
-            self._instrumented = self._observe is not None or _tracing.enabled()
             started = time.monotonic()
             # In hand from the claim on (a stop may come while this waits at
-            # the gate), with the session that will hold its rows.
+            # the gate).
             self._in_hand = {r[0]: r[2] for r in rows}
-            self._backend = _backend_pid(self.session)
-            # A message claimed alone may be the one that kills this process:
-            # nothing else of the process is in a listener meanwhile, so that
-            # its crash is charged to it alone.
-            with GATE.exclusive() if self._alone else GATE.shared():
-                self._process(rows)
-                self._in_hand = {}
+            self._run_rows(rows)
             per_message = (time.monotonic() - started) / len(rows)
             fits = int(self.batch_seconds / max(per_message, 1e-6))
             self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
@@ -1737,6 +1737,64 @@ class ChannelProcessor:
         )
         self._leased_keys = False
         return len(claimed), keyed
+
+    def _run_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """Process rows in hand (``_in_hand``), in the session that will hold them."""
+        # Timed or traced messages cost a clock and a span each: decided once a batch.
+        self._instrumented = self._observe is not None or _tracing.enabled()
+        self._backend = _backend_pid(self.session)
+        # A message claimed alone may be the one that kills this process:
+        # nothing else of the process is in a listener meanwhile, so that
+        # its crash is charged to it alone.
+        with GATE.exclusive() if self._alone else GATE.shared():
+            self._process(rows)
+            self._in_hand = {}
+
+    def _hand_out(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Hand rows of a claim to the crew's idle processors; the rows this one runs.
+
+        A batch's listeners run one after another in its transaction, and a
+        batch grows until it fills ``batch_seconds``: with concurrency=N, the
+        last message of a claim waited up to that long for the others' listeners
+        while the other processors had nothing to do. Idle processors run them
+        at once, each share in a transaction of its own. Only rows without an
+        ordering key (a key's rows run in order, under this processor's lease on
+        the key), of a claim that took no message alone and no slot of a limit
+        (leased in this processor's name for its batch).
+        """
+        if len(rows) < 2 or self._alone or self.max_in_flight is not None or self._limited:
+            return rows
+        loose = [r for r in rows if r[4] is None]
+        keeps = len(loose) == len(rows)  # a share of them (else: the keyed rows)
+        helpers = min(self.crew.idle(), len(loose) - keeps)
+        if helpers < 1:
+            return rows
+        size = -(-len(loose) // (helpers + keeps))  # rows a share
+        start = size if keeps else 0
+        shares = [
+            (share, {r[0]: self._parts[r[0]] for r in share})
+            for share in (loose[i : i + size] for i in range(start, len(loose), size))
+        ]
+        handed = self.crew.hand_out(shares)
+        if not handed:
+            return rows
+        gone = {r[0] for share, _ in shares[:handed] for r in share}
+        return [r for r in rows if r[0] not in gone]
+
+    def accept(self, share: tuple[list[tuple[Any, ...]], dict[int, int]]) -> None:
+        """Rows another processor of the crew claimed, to run next (Crew.hand_out, under
+        the crew's lock while this one is idle): in hand from now on."""
+        self._in_hand = {r[0]: r[2] for r in share[0]}
+        self._share = share
+
+    def _run_share(self) -> None:
+        """Run the rows handed to this processor (see :meth:`_hand_out`)."""
+        assert self._share is not None
+        rows, self._parts = self._share
+        self._share = None
+        self._alone = False  # (never handed: see _hand_out)
+        self.session.open()
+        self._run_rows(rows)
 
     def _process(self, claimed: list[tuple[Any, ...]]) -> None:
         """Run and complete claimed rows ``(id, payload, attempt, trace)`` in one transaction.

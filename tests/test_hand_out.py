@@ -1,0 +1,155 @@
+"""A claim's messages start at once on the worker's idle processors (issue 26: at 400
+messages/s with fast listeners a claim took 3-4 messages, run one after another in the
+claimer's transaction: the last waited for the others' listeners)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from helpers import DurableRunning, admin_query, wait_until
+
+import pgpubsub
+from pgpubsub import durable
+from pgpubsub.listen import Registry
+
+pytestmark = pytest.mark.acceptance
+
+
+@dataclass
+class Spread(pgpubsub.Channel, lock_notifications=True, concurrency=4):
+    n: int
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[str]:
+    durable.migrate(dsn)
+    yield dsn
+
+
+class Spans:
+    """Each message's listener run: (n, start, end, thread), for listeners that sleep."""
+
+    def __init__(self, sleep: float) -> None:
+        self.sleep = sleep
+        self.runs: list[tuple[int, float, float, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        start = time.monotonic()
+        time.sleep(self.sleep)
+        with self.lock:
+            self.runs.append((n, start, time.monotonic(), str(threading.get_ident())))
+
+    def most_at_once(self, ns: set[int] | None = None) -> int:
+        spans = [(a, b) for n, a, b, _ in self.runs if ns is None or n in ns]
+        edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+        now = most = 0
+        for _, step in edges:
+            now += step
+            most = max(most, now)
+        return most
+
+
+def running(db: str, spans: Spans) -> DurableRunning:
+    """A worker of Spread whose processors are idle and claim batches (as after fast
+    listeners: each processor's batch size grows from one to batch_size)."""
+    registry = Registry()
+
+    def listener(n: int) -> None:
+        spans(n)
+
+    registry.add(Spread, listener)
+    worker = DurableRunning(db, [Spread], registry, poll_interval=5.0)
+    time.sleep(0.5)  # every processor has looked, found nothing, and rests
+    for proc in worker.durable.processors:
+        proc.claim_size = 50
+    return worker
+
+
+def publish(db: str, ns: range, keys: dict[int, str] | None = None) -> dict[int, int]:
+    """Spread(n) for each n, in one transaction (one wake-up), ordering keys ``keys`` by n:
+    n -> message id."""
+    keys = keys or {}
+    with psycopg.connect(db) as conn:
+        return {n: pgpubsub.notify(Spread(n=n), conn=conn, ordering_key=keys.get(n)) for n in ns}
+
+
+def test_a_claims_messages_run_at_once_on_the_idle_processors(db: str) -> None:
+    """Four messages of one claim with three processors idle: all four listeners run at
+    once (one after another before), each once, on four processors."""
+    spans = Spans(0.6)
+    worker = running(db, spans)
+    try:
+        publish(db, range(4))
+        wait_until(lambda: len(spans.runs) == 4, timeout=20)
+    finally:
+        worker.stop()
+    assert sorted(n for n, *_ in spans.runs) == [0, 1, 2, 3]
+    assert spans.most_at_once() == 4, spans.runs
+    assert len({thread for *_, thread in spans.runs}) == 4
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message")[0][0] == 0
+
+
+def test_a_keys_messages_stay_in_order_beside_rows_handed_out(db: str) -> None:
+    """The messages of an ordering key are not handed out: they run one after another, in
+    order, while the claim's messages without a key run beside them."""
+    spans = Spans(0.4)
+    worker = running(db, spans)
+    try:
+        publish(db, range(4), {0: "a", 2: "a"})
+        wait_until(lambda: len(spans.runs) == 4, timeout=20)
+    finally:
+        worker.stop()
+    runs = {n: (start, end) for n, start, end, _ in spans.runs}
+    assert runs[0][1] <= runs[2][0], spans.runs  # key a: 0 done before 2 starts
+    assert spans.most_at_once() >= 3, spans.runs  # 1 and 3 beside the key's messages
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message")[0][0] == 0
+
+
+@pytest.mark.parametrize("grace", [5.0, 0.3])
+def test_a_stop_charges_only_the_messages_whose_listener_runs(db: str, grace: float) -> None:
+    """A stop while handed rows are in hand: within the grace they run, each once;
+    past it (the process exits) the ones in a listener keep their attempt and the others
+    are pending again, uncharged, whichever processor held them."""
+    spans = Spans(1.5)
+    started: list[int] = []
+    registry = Registry()
+
+    def listener(n: int) -> None:
+        started.append(n)
+        spans(n)
+
+    registry.add(Spread, listener)
+    worker = DurableRunning(db, [Spread], registry, poll_interval=5.0)
+    time.sleep(0.5)
+    for proc in worker.durable.processors:
+        proc.claim_size = 50
+    # Eight messages, four processors: two each, one in a listener, one waiting.
+    ids = publish(db, range(8))
+    try:
+        wait_until(lambda: len(started) >= 4, timeout=20)
+    finally:
+
+        async def stop() -> None:
+            await worker.durable.stop(grace, exiting=True)
+            await worker.engine.stop()
+
+        worker.loop.run(stop(), timeout=30)
+        worker.loop.close()
+    by_id = {i: n for n, i in ids.items()}
+    left = {
+        by_id[int(str(r[0]))]: (r[1], r[2])
+        for r in admin_query(db, "SELECT id, attempts, unfinished FROM pgpubsub.message")
+    }
+    if grace > 1.5:  # the batches in hand go on: each message ran once, and is done
+        assert sorted(n for n, *_ in spans.runs) == list(range(8)), spans.runs
+        assert left == {}, left
+    else:  # none finished: the four in a listener charged, the other four not
+        assert set(left) == set(range(8)), left
+        assert sorted(n for n, v in left.items() if v == (1, True)) == sorted(started), left
+        assert sum(1 for v in left.values() if v == (0, False)) == 4, left
