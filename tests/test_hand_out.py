@@ -55,9 +55,16 @@ class Spans:
         return most
 
 
+def batching(worker: DurableRunning) -> None:
+    """Its processors claim batches and hand them out, as after batches of listeners of
+    20 ms (a batch grows to fill batch_seconds; a share holds SHARE_SECONDS of them)."""
+    for proc in worker.durable.processors:
+        proc.claim_size = 50
+        proc._listener_pace = 0.02
+
+
 def running(db: str, spans: Spans) -> DurableRunning:
-    """A worker of Spread whose processors are idle and claim batches (as after fast
-    listeners: each processor's batch size grows from one to batch_size)."""
+    """A worker of Spread whose processors are idle and claim batches (see batching)."""
     registry = Registry()
 
     def listener(n: int) -> None:
@@ -66,8 +73,7 @@ def running(db: str, spans: Spans) -> DurableRunning:
     registry.add(Spread, listener)
     worker = DurableRunning(db, [Spread], registry, poll_interval=5.0)
     time.sleep(0.5)  # every processor has looked, found nothing, and rests
-    for proc in worker.durable.processors:
-        proc.claim_size = 50
+    batching(worker)
     return worker
 
 
@@ -93,6 +99,22 @@ def test_a_claims_messages_run_at_once_on_the_idle_processors(db: str) -> None:
     assert spans.most_at_once() == 4, spans.runs
     assert len({thread for *_, thread in spans.runs}) == 4
     assert admin_query(db, "SELECT count(*) FROM pgpubsub.message")[0][0] == 0
+
+
+def test_fast_listeners_run_in_the_claimers_transaction(db: str) -> None:
+    """Listeners faster than a share is worth stay with the claimer, one transaction for
+    its batch: handed out one a share, bursts of 16 messages whose listener inserts a row
+    started after 25 ms at p50 instead of 5.5 ms (concurrency=32)."""
+    spans = Spans(0.0)
+    worker = running(db, spans)
+    for proc in worker.durable.processors:
+        proc._listener_pace = 0.0002  # as after batches of such listeners
+    try:
+        publish(db, range(8))
+        wait_until(lambda: len(spans.runs) == 8, timeout=20)
+    finally:
+        worker.stop()
+    assert len({thread for *_, thread in spans.runs}) == 1, spans.runs
 
 
 def test_a_keys_messages_stay_in_order_beside_rows_handed_out(db: str) -> None:
@@ -127,8 +149,7 @@ def test_a_stop_charges_only_the_messages_whose_listener_runs(db: str, grace: fl
     registry.add(Spread, listener)
     worker = DurableRunning(db, [Spread], registry, poll_interval=5.0)
     time.sleep(0.5)
-    for proc in worker.durable.processors:
-        proc.claim_size = 50
+    batching(worker)
     # Eight messages, four processors: two each, one in a listener, one waiting.
     ids = publish(db, range(8))
     try:
