@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pytest
@@ -174,3 +175,76 @@ def test_a_stop_charges_only_the_messages_whose_listener_runs(db: str, grace: fl
         assert set(left) == set(range(8)), left
         assert sorted(n for n, v in left.items() if v == (1, True)) == sorted(started), left
         assert sum(1 for v in left.values() if v == (0, False)) == 4, left
+
+
+class Effects:
+    """A listener that writes its message's effect in the message's transaction, after
+    ``sleep`` seconds; ``fail(n, attempt)`` may raise or end the session first."""
+
+    def __init__(self, db: str, sleep: float, fail: Any) -> None:
+        self.db, self.sleep, self.fail = db, sleep, fail
+        self.attempts: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        with self.lock:
+            attempt = self.attempts[n] = self.attempts.get(n, 0) + 1
+        time.sleep(self.sleep)
+        self.fail(n, attempt)
+        durable.connection().execute("INSERT INTO effects (n) VALUES (%s)", (n,))
+
+
+def effects_of(db: str, fail: Any, total: int) -> tuple[dict[int, int], Effects]:
+    """``total`` messages of one claim handed out on a worker of Spread whose listener is
+    Effects(fail); each message's committed effects, once the queue is empty."""
+    admin_query(db, "CREATE TABLE effects (n int)")
+    listener = Effects(db, 0.2, fail)
+    registry = Registry()
+
+    def run(n: int) -> None:
+        listener(n)
+
+    registry.add(Spread, run)
+    worker = DurableRunning(db, [Spread], registry, poll_interval=0.5)
+    time.sleep(0.5)
+    batching(worker)
+    try:
+        publish(db, range(total))
+        wait_until(
+            lambda: admin_query(db, "SELECT count(*) FROM pgpubsub.message")[0][0] == 0,
+            timeout=30,
+            interval=0.1,
+        )
+    finally:
+        worker.stop()
+    counts: dict[int, int] = {}
+    for (n,) in admin_query(db, "SELECT n FROM effects"):
+        counts[int(str(n))] = counts.get(int(str(n)), 0) + 1
+    return counts, listener
+
+
+def test_a_handed_message_that_fails_is_retried_alone(db: str) -> None:
+    """A listener of a handed share raises on its first attempt: it runs again, its share's
+    other messages and the other shares complete, each effect once."""
+
+    def fail(n: int, attempt: int) -> None:
+        if n in (2, 5) and attempt == 1:
+            raise RuntimeError(f"message {n} fails once")
+
+    counts, listener = effects_of(db, fail, 8)
+    assert counts == {n: 1 for n in range(8)}, counts
+    assert listener.attempts == {n: 2 if n in (2, 5) else 1 for n in range(8)}
+
+
+def test_a_share_whose_session_ends_is_given_back_and_runs_once(db: str) -> None:
+    """The session of a processor running a handed share ends (a failover, a proxy): its
+    messages are pending again, uncharged, and each effect commits once."""
+
+    def fail(n: int, attempt: int) -> None:
+        if n == 3 and attempt == 1:  # message 3 is in a share: its backend goes
+            pid = durable.connection().info.backend_pid
+            admin_query(db, "SELECT pg_catalog.pg_terminate_backend(%s)", (pid,))
+
+    counts, listener = effects_of(db, fail, 8)
+    assert counts == {n: 1 for n in range(8)}, counts
+    assert listener.attempts[3] == 2
