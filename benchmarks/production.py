@@ -1,7 +1,7 @@
 """Durable channels under production conditions (issue 26), side by side in one run.
 
     python -m pip install -e '.[bench,peers]'
-    python benchmarks/production.py [--only publishers paced long-tx] [--sustained MINUTES]
+    python benchmarks/production.py [--only publishers paced bursts long-tx] [--sustained MINUTES]
 
 Uses ``$PGPUBSUB_DSN`` or starts an embedded server. Every worker is a
 ``pgpubsub listen`` process importing this module; its listener writes one row
@@ -18,6 +18,9 @@ commit returned (both clocks of this host).
   then 400 messages/s for 20 s each: latency p50/p99 and the worker's busy
   backends (pg_stat_activity, state 'active', sampled every 50 ms); then
   pgqueuer with 32 concurrent jobs, the same pacing, in the same run.
+* bursts: bursts of 16 messages in one transaction every 0.25 s for 10 s, to a
+  worker with ``concurrency=32`` (pgqueuer: 32 concurrent jobs) whose jobs do
+  nothing or sleep 5 ms after recording their start: latency p50/p99.
 * long-tx: 2 worker processes drain 80,000 messages published in chunks of
   10,000, without and then with another session idle in a REPEATABLE READ
   transaction that ran a SELECT (it holds the xmin horizon): the rate per
@@ -87,9 +90,15 @@ def on_job(n: int) -> None:
     connection().execute(STARTED_SQL, (n, time.time()))
 
 
+# The work each job of the bursts row does after its start is recorded (seconds).
+WORK = float(os.environ.get("PROD_WORK", "0"))
+
+
 @pgpubsub.listener(ProdJob32)
 def on_job32(n: int) -> None:
     connection().execute(STARTED_SQL, (n, time.time()))
+    if WORK:
+        time.sleep(WORK)
 
 
 # (a): the very INSERT a durable publish sends, into a copy of the table, no wake-up.
@@ -341,6 +350,8 @@ def pgqueuer_worker(dsn: str) -> None:
         async def job(j: Job) -> None:
             started = time.time()
             await writer.execute(STARTED_SQL, (int(j.payload or b"0"), started))
+            if WORK:
+                await asyncio.sleep(WORK)
 
         await pgq.run(max_concurrent_tasks=32)
 
@@ -408,6 +419,50 @@ def row_paced(dsn: str, rates: tuple[int, ...] = (50, 400), seconds: float = 20)
     reset(dsn)
     with pgqueuer_process(dsn) as send:
         run("pgqueuer, 32 concurrent jobs", PGQUEUER_APP, send, True)
+
+
+def row_bursts(
+    dsn: str, works: tuple[float, ...] = (0.0, 0.005), size: int = 16, seconds: float = 10
+) -> None:
+    """Bursts of ``size`` messages in one transaction every 0.25 s, to a worker with
+    ``concurrency=32`` whose jobs work ``works`` seconds each after their start."""
+    print(f"\n== 2b. bursts of {size} messages every 0.25 s for {seconds:.0f} s, 32 concurrent")
+    print("| worker | work a job (ms) | publish-to-start p50 / p99 (ms) |")
+    print("|---|---:|---:|")
+
+    def burst(label: str, send: Callable[[Any, range], None], work: float) -> None:
+        """``send(conn, ns)`` publishes messages ``ns`` in one statement (autocommit)."""
+        execute(dsn, "TRUNCATE prod_starts")
+        committed: dict[int, float] = {}
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            t0 = time.monotonic()
+            for b in range(int(seconds * 4)):
+                ns = range(b * size, (b + 1) * size)
+                send(conn, ns)
+                committed.update(dict.fromkeys(ns, time.time()))
+                time.sleep(max(0.0, t0 + (b + 1) * 0.25 - time.monotonic()))
+        print(f"| {label} | {work * 1000:g} | {fmt_latency(latencies(dsn, committed))} |")
+        sys.stdout.flush()
+
+    from pgqueuer.db import SyncPsycopgDriver
+    from pgqueuer.queries import SyncQueries
+
+    def store(conn: Any, ns: range) -> None:
+        pgpubsub.notify_many(ProdJob32, [{"n": n} for n in ns], conn=conn)
+
+    def enqueue(conn: Any, ns: range) -> None:
+        payloads: list[bytes | None] = [str(n).encode() for n in ns]
+        priorities = [0] * len(ns)
+        SyncQueries(SyncPsycopgDriver(conn)).enqueue(["prod_job"] * len(ns), payloads, priorities)
+
+    for work in works:
+        os.environ["PROD_WORK"] = str(work)  # the worker processes' jobs
+        reset(dsn)
+        with worker(dsn, ProdJob32):
+            burst("pgpubsub, concurrency=32", store, work)
+        reset(dsn)
+        with pgqueuer_process(dsn):
+            burst("pgqueuer, 32 concurrent jobs", enqueue, work)
 
 
 # -- 3. a long transaction ---------------------------------------------------
@@ -635,7 +690,7 @@ def row_sustained(dsn: str, minutes: float, rate: float = 0.0) -> None:
 
 # -- main --------------------------------------------------------------------
 
-ROWS = ("publishers", "paced", "long-tx")
+ROWS = ("publishers", "paced", "bursts", "long-tx")
 
 
 def main() -> None:
@@ -670,6 +725,8 @@ def main() -> None:
             row_publishers(dsn)
         if "paced" in args.only:
             row_paced(dsn)
+        if "bursts" in args.only:
+            row_bursts(dsn)
         if "long-tx" in args.only:
             row_long_tx(dsn)
     finally:

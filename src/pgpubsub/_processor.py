@@ -850,8 +850,7 @@ class ChannelProcessor:
         # Rows another processor of the crew claimed and handed to this one (hand_out),
         # with their partitions: run next, even when stopping (they are in hand).
         self._share: tuple[list[tuple[Any, ...]], dict[int, int]] | None = None
-        self._pace: float | None = None  # seconds a message took in its last batch
-        self._listener_pace: float | None = None  # of which in its listeners
+        self._listener_pace: float | None = None  # seconds in listeners a message, last batch
         self._listening = 0.0  # seconds in listeners of the batch so far
         self._current: int | None = None  # the message whose listeners run now
         self._backend: int | None = None  # the server process of the batch's session
@@ -1734,8 +1733,6 @@ class ChannelProcessor:
             # the gate).
             self._in_hand = {r[0]: r[2] for r in rows}
             self._run_rows(rows)
-            fits = int(self.batch_seconds / max(self._pace or 0.0, 1e-6))
-            self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
         keyed = sum(1 for r in claimed if r[6])
         if keyed:
             self._after_key = max(str(r[8]) for r in claimed if r[6])
@@ -1749,7 +1746,8 @@ class ChannelProcessor:
 
     def _run_rows(self, rows: list[tuple[Any, ...]]) -> None:
         """Process rows in hand (``_in_hand``), in the session that will hold them; note
-        the seconds a message took (``_pace``) and its listeners alone (``_listener_pace``)."""
+        the seconds a message took in its listeners (``_listener_pace``), and size the
+        next claim to the seconds it took in all."""
         started = time.monotonic()
         self._listening = 0.0
         # Timed or traced messages cost a clock and a span each: decided once a batch.
@@ -1761,8 +1759,12 @@ class ChannelProcessor:
         with GATE.exclusive() if self._alone else GATE.shared():
             self._process(rows)
             self._in_hand = {}
-        self._pace = (time.monotonic() - started) / len(rows)
+        pace = (time.monotonic() - started) / len(rows)
         self._listener_pace = self._listening / len(rows)
+        # The next claim's size follows (a processor handed shares too: the next
+        # wake-up goes to the processor that rested last, often one of those).
+        fits = int(self.batch_seconds / max(pace, 1e-6))
+        self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
 
     def _hand_out(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """Hand rows of a claim to the crew's idle processors; the rows this one runs.
