@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import admin_query
+from helpers import admin_query, wait_until
 
 import pgpubsub
 from pgpubsub import _processor, durable
@@ -152,6 +152,75 @@ def test_a_message_that_kills_its_process_charges_no_message_of_another_channel(
             proc.wait(20)
     dead = admin_query(db, "SELECT channel, payload FROM pgpubsub.message WHERE status = 'dead'")
     assert len(dead) == 1 and '"n":5' in str(dead[0][1]).replace(" ", ""), dead
+
+
+@pytest.mark.acceptance  # worker processes
+def test_a_suspect_waiting_for_its_turn_alone_is_not_charged_with_anothers_crash(
+    db: str,
+) -> None:
+    """Two crash suspects (their worker died during their attempt) on a channel of two
+    processors: each is claimed alone, one runs while the other waits for the process to
+    itself, and the one that runs kills the process again. Only it ends dead: the other
+    never ran, so the crash is not its (before, it was dead without its listener ever
+    running: review of issue 26)."""
+    from app.crash_listeners import Suspects
+
+    publish(db, Suspects, range(2))
+    # As a worker SIGKILLed during their attempt left them.
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    env = {**os.environ, "PGPUBSUB_DSN": db, "PYTHONPATH": str(TESTS), "CRASH_ON": "0"}
+    env["CRASH_AFTER"] = "1.0"
+    cmd = [sys.executable, "-m", "pgpubsub", "listen", "app.crash_listeners", "--worker"]
+    cmd += ["--channels", "app.crash_listeners.Suspects"]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def settled() -> bool:
+        return {r[0] for r in rows(db).values()} <= {"dead", "done"}
+
+    deadline = time.monotonic() + 60
+    try:
+        while not settled():
+            assert time.monotonic() < deadline, rows(db)
+            if proc is None or proc.poll() is not None:
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            time.sleep(0.02)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(20)
+    stored = rows(db)
+    assert stored[0][0] == "dead" and stored[1][0] == "done", stored
+    assert effects(db) == {1: 1}
+
+
+def test_a_suspect_is_marked_alone_only_once_nothing_else_of_its_process_runs(db: str) -> None:
+    """The invariant under the test above: a message is charged with its process's crash
+    (claimed_alone) only while nothing else of the process is in a listener. A suspect
+    claimed while a batch of the process runs waits for it unmarked, then is marked before
+    its listener starts."""
+    from pgpubsub._processor import GATE
+
+    marks: list[object] = []
+    registry = Registry()
+
+    def listener(n: int) -> None:
+        marks.append(admin_query(db, "SELECT claimed_alone FROM pgpubsub.message")[0][0])
+
+    registry.add(Batch, listener)
+    publish(db, Batch, range(1))
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    proc = processor(db, registry)
+    done: list[int] = []
+    with GATE.shared():  # a batch of another processor is in its listeners
+        thread = threading.Thread(target=lambda: done.append(proc.drain_once()))
+        thread.start()
+        wait_until(lambda: rows(db)[0][1] == 2)  # claimed (its attempt counted)
+        time.sleep(0.2)  # and waiting for its turn alone
+        waiting = admin_query(db, "SELECT unfinished, claimed_alone FROM pgpubsub.message")
+    thread.join(10)
+    proc.session.close()
+    assert waiting == [(True, False)]  # a crash now is not its
+    assert marks == [True] and done == [1]
 
 
 # -- 2. an exception text PostgreSQL cannot store ------------------------------------------

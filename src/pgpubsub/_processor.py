@@ -310,7 +310,8 @@ UPDATE pgpubsub.message m SET
         secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))),
     status = CASE WHEN {CRASHED_OUT} THEN 'dead' ELSE 'pending' END,
     unfinished = NOT ({CRASHED_OUT}),
-    claimed_alone = (SELECT pg_catalog.bool_or(alone) FROM pick),
+    -- set when it runs alone (MARK_ALONE_SQL), not when a claim takes it alone
+    claimed_alone = false,
     last_error = CASE WHEN {CRASHED_OUT}
         THEN pg_catalog.format(
             'the process handling it stopped before it completed (attempt %%s)', m.attempts)
@@ -322,7 +323,8 @@ WHERE m.id = ANY(ARRAY(SELECT id FROM pick))
   AND (m.ordering_key IS NULL OR m.ordering_key IN (SELECT name FROM leased))
   AND {_part("m")} IN ({CLAIM_PARTS})
 RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
-    m.ordering_key IS NOT NULL, m.claimed_alone, m.ordering_key, {PART}
+    m.ordering_key IS NOT NULL, (SELECT pg_catalog.bool_or(alone) FROM pick) AS alone,
+    m.ordering_key, {PART}
 )
 -- the ring's state as one integer (see ring_state): an array on every row cost
 -- the client a parse per row (about 30%% more of its time at 250 rows a claim)
@@ -532,8 +534,8 @@ def _limited_claim_sql() -> str:
 )""",  # noqa: S608 - constant fragments
         ),
         (
-            "m.claimed_alone, m.ordering_key, (CASE",
-            "m.claimed_alone, m.ordering_key, m.limit_key, (CASE",
+            "AS alone,\n    m.ordering_key, (CASE",
+            "AS alone,\n    m.ordering_key, m.limit_key, (CASE",
         ),
     ]
     for old, new in edits:
@@ -563,9 +565,9 @@ SPEND_KEY_TOKENS_SQL = (
 # Messages a claim took and cannot start (their limit_key out of tokens or
 # slots, after another claim's commit; or behind such a one of their ordering
 # key): as if never claimed, uncharged; one claimed alone (suspected of
-# stopping an earlier process) stays suspect.
+# stopping an earlier process: the second parameter) stays suspect.
 UNCLAIM_SQL = (
-    "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = claimed_alone, "
+    "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = %s, "
     "claimed_alone = false, run_at = pg_catalog.clock_timestamp() "
     "WHERE id = ANY(%s) AND {in_parts}"
 )
@@ -699,6 +701,18 @@ RECOVER_SQL = (
     "AS h(id, attempt) "
     "WHERE m.id = h.id AND m.attempts = h.attempt AND m.unfinished AND m.status = 'pending'"
 )
+# A message claimed alone, as it starts alone: nothing else of its process is in a
+# listener (GATE), so that the process's end is its doing. Marked then, not by the claim:
+# two suspects claimed alone by two processors of a process, or one claimed while a
+# batch of the process ran, waited for their turn charged with a crash that was not
+# theirs (review of issue 26: dead without their listener ever running). Not if
+# another worker claimed it since (its lease ran out meanwhile).
+MARK_ALONE_SQL = (
+    "UPDATE pgpubsub.message m SET claimed_alone = true "
+    "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::int[])) "
+    "AS h(id, attempt) "
+    "WHERE m.id = h.id AND m.attempts = h.attempt AND m.status = 'pending' AND {in_parts}"
+)
 # Messages of a lost round that were cancelled while they ran.
 CANCELLED_SQL = (
     "DELETE FROM pgpubsub.message WHERE id = ANY(%s) AND status = 'pending' "
@@ -717,10 +731,10 @@ END_SESSION_SQL = (
 )
 # The messages of that batch that no listener runs, as if never claimed: none
 # of them stops the process. A message claimed alone (suspected of stopping
-# an earlier process) stays suspect. Those another worker claimed since, or
-# whose outcome committed, are left alone.
+# an earlier process: the first parameter) stays suspect. Those another worker
+# claimed since, or whose outcome committed, are left alone.
 ABANDON_SQL = (
-    "UPDATE pgpubsub.message m SET attempts = m.attempts - 1, unfinished = m.claimed_alone, "
+    "UPDATE pgpubsub.message m SET attempts = m.attempts - 1, unfinished = %s, "
     "claimed_alone = false, run_at = pg_catalog.clock_timestamp() "
     "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::int[])) "
     "AS h(id, attempt) "
@@ -964,6 +978,7 @@ class ChannelProcessor:
     def _abandon(self, conninfo: str) -> None:
         """Give back the batch in hand of a thread that did not stop in time (see stop)."""
         in_hand, current, backend = dict(self._in_hand), self._current, self._backend
+        alone = self._alone
         back = {mid: attempt for mid, attempt in in_hand.items() if mid != current}
         if not in_hand:
             return
@@ -983,7 +998,7 @@ class ChannelProcessor:
                 with conn.transaction():
                     # The ended session's locks go as its server process exits.
                     conn.execute(LOCK_TIMEOUT_SQL, (ABANDON_LOCK_TIMEOUT,))
-                    conn.execute(ABANDON_SQL, (list(back), list(back.values())))
+                    conn.execute(ABANDON_SQL, (alone, list(back), list(back.values())))
         except Exception as exc:  # the process exits anyway: they come back charged
             log.warning(
                 "durable channel %s: could not give back the batch in hand (%s); its messages "
@@ -1678,7 +1693,8 @@ class ChannelProcessor:
                 if order is not None:
                     blocked.add(order)
         if back:
-            self.session.execute(self._in_parts(UNCLAIM_SQL, back), (back,))
+            alone = any(r[7] for r in claimed)
+            self.session.execute(self._in_parts(UNCLAIM_SQL, back), (alone, back))
         spent = {k: allowed[k] - left[k] for k in allowed if allowed[k] > left[k]}
         if spent and self.key_rate is not None:
             self.session.execute(
@@ -1757,6 +1773,11 @@ class ChannelProcessor:
         # nothing else of the process is in a listener meanwhile, so that
         # its crash is charged to it alone.
         with GATE.exclusive() if self._alone else GATE.shared():
+            if self._alone:  # (committed before its listener starts)
+                ids = [r[0] for r in rows]
+                with self.session.atomic():
+                    mark = self._in_parts(MARK_ALONE_SQL, ids)
+                    self.session.execute(mark, (ids, [r[2] for r in rows]))
             self._process(rows)
             self._in_hand = {}
         pace = (time.monotonic() - started) / len(rows)

@@ -39,7 +39,7 @@ class Notification(models.Model):
     ordering_key = models.TextField(null=True)
     # An attempt was claimed and its outcome never recorded (its worker stopped).
     unfinished = models.BooleanField(default=False)
-    claimed_alone = models.BooleanField(default=False)  # its last attempt was claimed alone
+    claimed_alone = models.BooleanField(default=False)  # its last attempt ran alone
     result = models.JSONField(null=True)  # a results channel's listener's return value
     batch_id = models.BigIntegerField(null=True)  # the batch (pgpubsub.batch) it belongs to
     limit_key = models.TextField(null=True)  # the key of key_rate_limit and key_concurrency

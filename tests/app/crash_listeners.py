@@ -48,3 +48,24 @@ def neighbour(n: int) -> None:
     connection().execute(
         "INSERT INTO effects (kind, n, pid) VALUES ('neighbour', %s, %s)", (n, os.getpid())
     )
+
+
+@dataclass
+class Suspects(
+    Channel, lock_notifications=True, concurrency=2, max_attempts=2, retry_delay=0.05, retention=600
+):
+    """Two processors: two crash suspects are claimed alone at once, one waits at the gate."""
+
+    n: int
+
+
+@pgpubsub.listener(Suspects)
+def suspect(n: int) -> None:
+    connection().execute(
+        "INSERT INTO effects (kind, n, pid) VALUES ('suspect', %s, %s)", (n, os.getpid())
+    )
+    if str(n) == os.environ.get("CRASH_ON"):
+        import time
+
+        time.sleep(float(os.environ.get("CRASH_AFTER", "0")))
+        os.kill(os.getpid(), signal.SIGKILL)

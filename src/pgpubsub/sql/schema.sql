@@ -105,9 +105,11 @@ REVOKE ALL ON pgpubsub.role_grant, pgpubsub.role_baseline FROM PUBLIC;
 -- message may be the one that kills its worker, so it is claimed alone, one
 -- per transaction, and charges no other message an attempt.
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS unfinished boolean NOT NULL DEFAULT false;
--- claimed_alone: its last attempt was claimed alone. Only a message whose
--- process stopped while it ran alone is charged crashes to death; one whose
--- batch was cut short may be innocent, and is first run alone.
+-- claimed_alone: its last attempt ran alone (marked as its listener started,
+-- nothing else of its process in a listener). Only a message whose process
+-- stopped while it ran alone is charged crashes to death; one whose batch was
+-- cut short, or that waited for its turn alone, may be innocent, and is run
+-- alone first.
 ALTER TABLE pgpubsub.message ADD COLUMN IF NOT EXISTS claimed_alone boolean NOT NULL DEFAULT false;
 
 -- Version 7 (storage). A message is an insert, a claim's update and a
