@@ -248,3 +248,38 @@ def test_a_share_whose_session_ends_is_given_back_and_runs_once(db: str) -> None
     counts, listener = effects_of(db, fail, 8)
     assert counts == {n: 1 for n in range(8)}, counts
     assert listener.attempts[3] == 2
+
+
+def test_no_share_is_handed_to_a_processor_that_is_stopping() -> None:
+    """A processor stopping (halted: its batch in hand may be given up when the grace runs
+    out) takes no share: the rows stay with the claimer, whose stop accounts for them."""
+    from pgpubsub._crew import Crew
+
+    class Member:
+        def __init__(self) -> None:
+            self.wake = threading.Event()
+            self.stopping = threading.Event()
+            self.shares: list[object] = []
+
+        def accept(self, share: object) -> None:
+            self.shares.append(share)
+
+    crew = Crew()
+    members = [Member() for _ in range(3)]
+
+    def rest(m: Member) -> None:
+        while not m.stopping.is_set():  # as ChannelProcessor._run, with nothing to claim
+            crew.rest(m, lambda: 30.0, lambda: True)
+
+    resting = [threading.Thread(target=rest, args=(m,)) for m in members]
+    for thread in resting:
+        thread.start()
+    wait_until(lambda: crew.idle() == 3)
+    members[2].stopping.set()  # halted, still idle for a moment
+    assert crew.hand_out(["a", "b", "c"]) == 2
+    for m in members:
+        m.stopping.set()
+        m.wake.set()
+    for thread in resting:
+        thread.join(5)
+    assert [m.shares for m in members] in ([["b"], ["a"], []], [["a"], ["b"], []])

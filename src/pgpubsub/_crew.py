@@ -121,12 +121,13 @@ class Crew:
 
         Rows of a batch go to processors with nothing to do rather than wait for
         the claimer's listeners one after another. The poller is handed one last
-        (it hands its role on as it wakes).
+        (it hands its role on as it wakes); a processor stopping, none (its stop
+        may be giving up what it holds).
         """
         takers = []
         with self._lock:
             for share in shares:
-                proc = self._take()
+                proc = self._take(ready=True)
                 if proc is None:
                     break
                 proc.accept(share)
@@ -215,10 +216,12 @@ class Crew:
                 return not woken and busy > 0 and wait == busy
         return False
 
-    def _take(self, poller_ok: bool = True) -> _Member | None:
-        """An idle processor to wake (the poller last: waking it hands its role on)."""
-        for proc in reversed(self._idle):
-            if proc is not self._poller or (poller_ok and len(self._idle) == 1):
+    def _take(self, poller_ok: bool = True, ready: bool = False) -> _Member | None:
+        """An idle processor to wake (the poller last: waking it hands its role on);
+        ``ready``: not one that is stopping."""
+        idle = [p for p in self._idle if not (ready and p.stopping.is_set())]
+        for proc in reversed(idle):
+            if proc is not self._poller or (poller_ok and len(idle) == 1):
                 self._idle.remove(proc)
                 return proc
         return None
