@@ -430,8 +430,10 @@ def test_a_rate_limited_channel_never_exceeds_its_rate_across_processes_and_achi
     claimed (the bucket's capacity), and the limit is reached: 200 messages take
     (200 - 5) / 50 s. A claim's instant here is its UPDATE, up to the claim's duration
     after it took its tokens (in one run the first claim's UPDATE came 24 ms after the
-    bucket's refill began, and the claims on fresh tokens after it fell into its window):
-    the claims get a margin of one, and a listener, which starts a few ms after its
+    bucket's refill began, and the claims on fresh tokens after it fell into its window;
+    on a loaded machine, 57 claims in a window, twice: two more than the bucket allows,
+    40 ms of such lag at 50/s): the claims get a margin of three (60 ms of lag; a limit
+    per worker instead of shared would be 150), and a listener, which starts a few ms after its
     claim (tens of ms beside other tests), of four."""
     from app.flow_channels import Paced
 
@@ -444,7 +446,7 @@ def test_a_rate_limited_channel_never_exceeds_its_rate_across_processes_and_achi
     assert sorted(n for n, _, _ in done) == list(range(200))
     assert len({pid for _, pid, _ in done}) >= 2  # the limit is shared, not per worker
     claimed = [at.timestamp() for _, _, at in done]
-    assert most_in_a_window(claimed, 1.0) <= 50 + 5 + 1
+    assert most_in_a_window(claimed, 1.0) <= 50 + 5 + 3
     # The rate is the slope of the claims' instants (least squares) from the first
     # message claimed on a token the bucket refilled (the 6th): each instant is its
     # claim's UPDATE, a while after the claim took its tokens, and that while varies
@@ -636,10 +638,13 @@ def test_key_concurrency_holds_per_key_across_processes_and_holds_back_no_other_
         publish_keyed(flow, Crowded, range(100, 108), "y")
         publish_keyed(flow, Crowded, range(200, 206), None)
         wait_until(
-            lambda: admin_query(
-                flow, "SELECT count(*) FROM started WHERE channel = 'crowded' AND ended IS NOT NULL"
-            )[0][0]
-            == 22,
+            lambda: (
+                admin_query(
+                    flow,
+                    "SELECT count(*) FROM started WHERE channel = 'crowded' AND ended IS NOT NULL",
+                )[0][0]
+                == 22
+            ),
             timeout=30,
             interval=0.1,
         )
@@ -804,8 +809,10 @@ def test_the_buckets_of_idle_keys_are_deleted(flow: str) -> None:
         assert admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 20
         # Refilled to their capacity (100 ms at most): a rest deletes them (a sweep a second).
         wait_until(
-            lambda: proc._next_due() > 0
-            and admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 0,
+            lambda: (
+                proc._next_due() > 0
+                and admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 0
+            ),
             timeout=5,
             interval=0.02,
         )
@@ -944,8 +951,10 @@ def test_a_least_privileged_worker_runs_a_key_limited_channel(flow: str) -> None
             proc.drain_once()
             assert sorted(ran) == [0, 1, 10, 11, 20, 21]
             wait_until(
-                lambda: proc._next_due() > 0
-                and admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 0,
+                lambda: (
+                    proc._next_due() > 0
+                    and admin_query(flow, "SELECT count(*) FROM pgpubsub.key_bucket")[0][0] == 0
+                ),
                 timeout=5,
                 interval=0.02,
             )
@@ -1139,9 +1148,7 @@ def test_a_sweep_reads_a_slice_of_the_buckets_and_every_full_one_goes_in_turn(
         (name,),
     )  # the even ones refilled long ago (full), the odd ones empty
     proc = processor(flow, Crowded)
-    sweeps = _reads(
-        proc, monkeypatch, ROWS_READ, *SWEEPS
-    )
+    sweeps = _reads(proc, monkeypatch, ROWS_READ, *SWEEPS)
     proc.session.open()
     try:
         admin_query(flow, "ANALYZE pgpubsub.key_bucket")
@@ -1174,9 +1181,7 @@ def test_a_worker_out_of_key_tokens_reads_the_buckets_of_keys_with_messages_only
     )
     publish_keyed(flow, TwoPerKey, range(3), "a")
     proc = processor(flow, TwoPerKey, poll_interval=5.0)
-    rests = _reads(
-        proc, monkeypatch, ROWS_READ, *RESTS
-    )
+    rests = _reads(proc, monkeypatch, ROWS_READ, *RESTS)
     try:
         proc.drain_once()
         assert proc.claimed == 1  # a bucket of 1
@@ -1206,9 +1211,7 @@ def test_a_resting_worker_looks_at_a_bounded_number_of_limit_keys(
         (name,),
     )
     proc = processor(flow, TwoPerKey, poll_interval=5.0)
-    rests = _reads(
-        proc, monkeypatch, SCANS, *RESTS
-    )
+    rests = _reads(proc, monkeypatch, SCANS, *RESTS)
     proc.session.open()
     try:
         for _ in range(3):
