@@ -305,9 +305,7 @@ WITH RECURSIVE later(key) AS (
     RETURNING l.name
 ), claimed AS (
 UPDATE pgpubsub.message m SET
-    -- a message claimed alone is charged as it starts alone (MARK_ALONE_SQL)
-    attempts = m.attempts + CASE WHEN {CRASHED_OUT} OR (SELECT pg_catalog.bool_or(alone) FROM pick)
-        THEN 0 ELSE 1 END,
+    attempts = m.attempts + CASE WHEN {CRASHED_OUT} THEN 0 ELSE 1 END,
     run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(
         secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))),
     status = CASE WHEN {CRASHED_OUT} THEN 'dead' ELSE 'pending' END,
@@ -567,9 +565,9 @@ SPEND_KEY_TOKENS_SQL = (
 # Messages a claim took and cannot start (their limit_key out of tokens or
 # slots, after another claim's commit; or behind such a one of their ordering
 # key): as if never claimed, uncharged; one claimed alone (suspected of
-# stopping an earlier process: the parameters say so) stays suspect, and was not charged.
+# stopping an earlier process: the second parameter) stays suspect.
 UNCLAIM_SQL = (
-    "UPDATE pgpubsub.message SET attempts = attempts - %s, unfinished = %s, "
+    "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = %s, "
     "claimed_alone = false, run_at = pg_catalog.clock_timestamp() "
     "WHERE id = ANY(%s) AND {in_parts}"
 )
@@ -704,21 +702,16 @@ RECOVER_SQL = (
     "WHERE m.id = h.id AND m.attempts = h.attempt AND m.unfinished AND m.status = 'pending'"
 )
 # A message claimed alone, as it starts alone: nothing else of its process is in a
-# listener (GATE), so that the process's end is its doing. Marked and charged its
-# attempt then (its lease renewed), not by the claim: two suspects claimed alone by two
-# processors of a process, or one claimed while a batch of the process ran, waited for
-# their turn charged with a crash that was not theirs (review of issue 26: dead without
-# their listener ever running; re-review: charged an attempt by each crash of another, or
-# by a session lost while it waited). Not if another claim marked it since (its lease ran
-# out meanwhile): the mark says whose attempt it is.
+# listener (GATE), so that the process's end is its doing. Marked then, not by the claim:
+# two suspects claimed alone by two processors of a process, or one claimed while a
+# batch of the process ran, waited for their turn charged with a crash that was not
+# theirs (review of issue 26: dead without their listener ever running). Not if
+# another worker claimed it since (its lease ran out meanwhile).
 MARK_ALONE_SQL = (
-    "UPDATE pgpubsub.message m SET claimed_alone = true, attempts = m.attempts + 1, "
-    "run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => least(%(cap)s, "
-    "%(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))) "
-    "FROM ROWS FROM (pg_catalog.unnest(%(ids)s::bigint[]), "
-    "pg_catalog.unnest(%(attempts)s::int[])) AS h(id, attempt) "
-    "WHERE m.id = h.id AND m.attempts = h.attempt AND m.status = 'pending' AND {in_parts} "
-    "RETURNING m.id, m.attempts"
+    "UPDATE pgpubsub.message m SET claimed_alone = true "
+    "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::int[])) "
+    "AS h(id, attempt) "
+    "WHERE m.id = h.id AND m.attempts = h.attempt AND m.status = 'pending' AND {in_parts}"
 )
 # Messages of a lost round that were cancelled while they ran.
 CANCELLED_SQL = (
@@ -738,11 +731,10 @@ END_SESSION_SQL = (
 )
 # The messages of that batch that no listener runs, as if never claimed: none
 # of them stops the process. A message claimed alone (suspected of stopping
-# an earlier process: the second parameter) stays suspect, and was charged only if
-# marked (the first). Those another worker claimed since, or whose outcome committed,
-# are left alone.
+# an earlier process: the first parameter) stays suspect. Those another worker
+# claimed since, or whose outcome committed, are left alone.
 ABANDON_SQL = (
-    "UPDATE pgpubsub.message m SET attempts = m.attempts - %s, unfinished = %s, "
+    "UPDATE pgpubsub.message m SET attempts = m.attempts - 1, unfinished = %s, "
     "claimed_alone = false, run_at = pg_catalog.clock_timestamp() "
     "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::int[])) "
     "AS h(id, attempt) "
@@ -892,7 +884,6 @@ class ChannelProcessor:
         self.claim_size = min(batch_size, 50 if cls.concurrency == 1 else 1)
         self.poll_interval = poll_interval
         self._alone = False  # the last claim took a message alone (unfinished before)
-        self._marked = False  # and it was marked and charged as it started alone
         self.max_attempts = int(cls.max_attempts)
         self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
         self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
@@ -987,7 +978,7 @@ class ChannelProcessor:
     def _abandon(self, conninfo: str) -> None:
         """Give back the batch in hand of a thread that did not stop in time (see stop)."""
         in_hand, current, backend = dict(self._in_hand), self._current, self._backend
-        alone, charged = self._alone, not self._alone or self._marked
+        alone = self._alone
         back = {mid: attempt for mid, attempt in in_hand.items() if mid != current}
         if not in_hand:
             return
@@ -1007,9 +998,7 @@ class ChannelProcessor:
                 with conn.transaction():
                     # The ended session's locks go as its server process exits.
                     conn.execute(LOCK_TIMEOUT_SQL, (ABANDON_LOCK_TIMEOUT,))
-                    conn.execute(
-                        ABANDON_SQL, (int(charged), alone, list(back), list(back.values()))
-                    )
+                    conn.execute(ABANDON_SQL, (alone, list(back), list(back.values())))
         except Exception as exc:  # the process exits anyway: they come back charged
             log.warning(
                 "durable channel %s: could not give back the batch in hand (%s); its messages "
@@ -1705,8 +1694,7 @@ class ChannelProcessor:
                     blocked.add(order)
         if back:
             alone = any(r[7] for r in claimed)
-            unclaim = self._in_parts(UNCLAIM_SQL, back)
-            self.session.execute(unclaim, (0 if alone else 1, alone, back))
+            self.session.execute(self._in_parts(UNCLAIM_SQL, back), (alone, back))
         spent = {k: allowed[k] - left[k] for k in allowed if allowed[k] > left[k]}
         if spent and self.key_rate is not None:
             self.session.execute(
@@ -1724,7 +1712,6 @@ class ChannelProcessor:
         claimed = self._claim_moving()
         self.claimed += len(claimed)
         self._alone = any(r[7] for r in claimed)
-        self._marked = False
         if claimed and self._claim_batch is not None:
             self._claim_batch(len(claimed))
         rows = []
@@ -1785,38 +1772,20 @@ class ChannelProcessor:
         # A message claimed alone may be the one that kills this process:
         # nothing else of the process is in a listener meanwhile, so that
         # its crash is charged to it alone.
-        count = len(rows)
         with GATE.exclusive() if self._alone else GATE.shared():
-            if self._alone:
-                rows = self._mark_alone(rows)
-            if rows:
-                self._process(rows)
+            if self._alone:  # (committed before its listener starts)
+                ids = [r[0] for r in rows]
+                with self.session.atomic():
+                    mark = self._in_parts(MARK_ALONE_SQL, ids)
+                    self.session.execute(mark, (ids, [r[2] for r in rows]))
+            self._process(rows)
             self._in_hand = {}
-        pace = (time.monotonic() - started) / count
-        self._listener_pace = self._listening / count
+        pace = (time.monotonic() - started) / len(rows)
+        self._listener_pace = self._listening / len(rows)
         # The next claim's size follows (a processor handed shares too: the next
         # wake-up goes to the processor that rested last, often one of those).
         fits = int(self.batch_seconds / max(pace, 1e-6))
         self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
-
-    def _mark_alone(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """Mark the rows of a claim alone as running alone, their attempt charged, in a
-        transaction of its own before their listener starts (MARK_ALONE_SQL); the rows
-        still this processor's, with their attempt."""
-        ids = [r[0] for r in rows]
-        params = {
-            "ids": ids,
-            "attempts": [r[2] for r in rows],
-            "base": self.backoff.base,
-            "factor": self.backoff.factor,
-            "cap": self.backoff.cap,
-        }
-        with self.session.atomic():
-            marked = dict(self.session.execute(self._in_parts(MARK_ALONE_SQL, ids), params))
-        self._marked = True
-        rows = [(r[0], r[1], marked[r[0]], *r[3:]) for r in rows if r[0] in marked]
-        self._in_hand = {r[0]: r[2] for r in rows}
-        return rows
 
     def _hand_out(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """Hand rows of a claim to the crew's idle processors; the rows this one runs.
@@ -1870,7 +1839,7 @@ class ChannelProcessor:
         assert self._share is not None
         rows, self._parts = self._share
         self._share = None
-        self._alone = self._marked = False  # (never handed: see _hand_out)
+        self._alone = False  # (never handed: see _hand_out)
         self.session.open()
         self._run_rows(rows)
 

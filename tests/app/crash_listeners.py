@@ -64,8 +64,6 @@ def suspect(n: int) -> None:
     connection().execute(
         "INSERT INTO effects (kind, n, pid) VALUES ('suspect', %s, %s)", (n, os.getpid())
     )
-    if str(n) == os.environ.get("RAISE_ON"):
-        raise RuntimeError(f"message {n} fails")
     if str(n) == os.environ.get("CRASH_ON"):
         import time
 
