@@ -453,9 +453,11 @@ def test_a_rate_limited_channel_never_exceeds_its_rate_across_processes_and_achi
     # (a worker's first claim is planned cold), so the first and last alone said
     # more of two claims' durations than of the bucket.
     # Above the rate only by that while's jitter: over these 4 s, 4 ms of it is x1.001 (a
-    # run beside other tests gave 50.05); a limit per worker instead of shared would be x3.
+    # run beside other tests gave 50.05, three CI runs on a slower day 50.55-50.63: the
+    # lag shrinking by some 40 ms over the run); a limit per worker instead of shared would
+    # be x3.
     achieved = 1 / statistics.linear_regression(range(len(claimed) - 5), claimed[5:]).slope
-    assert 50 * 0.95 <= achieved <= 50 * 1.01, achieved
+    assert 50 * 0.95 <= achieved <= 50 * 1.02, achieved
     # A listener starts after its claim's COMMIT and its processing's BEGIN: beside the
     # other test process on 2 cores, some of those starts came late enough to share a
     # window with later ones (58 once, with concurrency=1, where no claims wait on each
