@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import admin_query, wait_until
+from helpers import admin_query, most_at_once, wait_until
 
 import pgpubsub
 from pgpubsub import _processor, durable
@@ -75,6 +75,29 @@ def rows(dsn: str) -> dict[int, tuple[Any, ...]]:
 # -- 1. a message that kills its worker ------------------------------------------------------
 
 
+def keep_a_worker_running(
+    cmd: list[str], env: dict[str, str], done: Any, timeout: float, left: Any
+) -> int:
+    """Worker processes ``cmd``, a new one as soon as the last exits (as ``pgpubsub listen
+    --processes`` would, without its backoff), until ``done()``; how many died. After
+    ``timeout`` seconds the test fails, saying what is ``left()``."""
+    proc: subprocess.Popen[bytes] | None = None
+    deaths = 0
+    deadline = time.monotonic() + timeout
+    try:
+        while not done():
+            assert time.monotonic() < deadline, (deaths, left())
+            if proc is None or proc.poll() is not None:
+                deaths += proc is not None
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            time.sleep(0.02)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(20)
+    return deaths
+
+
 @pytest.mark.acceptance  # worker processes
 @pytest.mark.parametrize("how", ["kill", "exit"])
 def test_a_message_that_kills_its_worker_is_the_only_one_charged(db: str, how: str) -> None:
@@ -90,24 +113,11 @@ def test_a_message_that_kills_its_worker_is_the_only_one_charged(db: str, how: s
     env = {**os.environ, "PGPUBSUB_DSN": db, "PYTHONPATH": str(TESTS), "CRASH_ON": "5"}
     env["CRASH_HOW"] = how
     cmd = [sys.executable, "-m", "pgpubsub", "listen", "app.crash_listeners", "--worker"]
-    proc: subprocess.Popen[bytes] | None = None
-    deaths = 0
 
     def finished() -> bool:
         return sorted(r[0] for r in rows(db).values()) == ["dead"] + ["done"] * 19
 
-    deadline = time.monotonic() + 60
-    try:
-        while not finished():
-            assert time.monotonic() < deadline, (deaths, rows(db))
-            if proc is None or proc.poll() is not None:
-                deaths += proc is not None
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-            time.sleep(0.02)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(20)
+    deaths = keep_a_worker_running(cmd, env, finished, 60, lambda: rows(db))
     stored = rows(db)
     assert stored[5][:2] == ("dead", 3)
     assert "stopped before it completed" in stored[5][2]
@@ -131,25 +141,13 @@ def test_a_message_that_kills_its_process_charges_no_message_of_another_channel(
     env = {**os.environ, "PGPUBSUB_DSN": db, "PYTHONPATH": str(TESTS), "CRASH_ON": "5"}
     env["CRASH_AFTER"] = "0.3"
     cmd = [sys.executable, "-m", "pgpubsub", "listen", "app.crash_listeners", "--worker"]
-    proc: subprocess.Popen[bytes] | None = None
 
     def settled() -> bool:
         statuses = admin_query(db, "SELECT status FROM pgpubsub.message ORDER BY status")
         return [s for (s,) in statuses] == ["dead"] + ["done"] * 35
 
-    deadline = time.monotonic() + 90
-    try:
-        while not settled():
-            assert time.monotonic() < deadline, admin_query(
-                db, "SELECT channel, status, attempts FROM pgpubsub.message WHERE status <> 'done'"
-            )
-            if proc is None or proc.poll() is not None:
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-            time.sleep(0.02)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(20)
+    left = "SELECT channel, status, attempts FROM pgpubsub.message WHERE status <> 'done'"
+    keep_a_worker_running(cmd, env, settled, 90, lambda: admin_query(db, left))
     dead = admin_query(db, "SELECT channel, payload FROM pgpubsub.message WHERE status = 'dead'")
     assert len(dead) == 1 and '"n":5' in str(dead[0][1]).replace(" ", ""), dead
 
@@ -172,22 +170,11 @@ def test_a_suspect_waiting_for_its_turn_alone_is_not_charged_with_anothers_crash
     env["CRASH_AFTER"] = "1.0"
     cmd = [sys.executable, "-m", "pgpubsub", "listen", "app.crash_listeners", "--worker"]
     cmd += ["--channels", "app.crash_listeners.Suspects"]
-    proc: subprocess.Popen[bytes] | None = None
 
     def settled() -> bool:
         return {r[0] for r in rows(db).values()} <= {"dead", "done"}
 
-    deadline = time.monotonic() + 60
-    try:
-        while not settled():
-            assert time.monotonic() < deadline, rows(db)
-            if proc is None or proc.poll() is not None:
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-            time.sleep(0.02)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(20)
+    keep_a_worker_running(cmd, env, settled, 60, lambda: rows(db))
     stored = rows(db)
     assert stored[0][0] == "dead" and stored[1][0] == "done", stored
     assert effects(db) == {1: 1}
@@ -611,16 +598,6 @@ class OverlapSession(PsycopgSession):
         self.claims.append((started, time.monotonic(), rows[0][0] is not None))
         self.claimed = True
         return rows
-
-
-def most_at_once(spans: list[tuple[float, float]]) -> int:
-    """The most of ``spans`` (start, end) that overlap at one instant."""
-    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-    now = most = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
 
 
 def paced_claims(

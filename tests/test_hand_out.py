@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import DurableRunning, admin_query, wait_until
+from helpers import DurableRunning, admin_query, most_at_once, wait_until
 
 import pgpubsub
 from pgpubsub import durable
@@ -46,14 +46,8 @@ class Spans:
         with self.lock:
             self.runs.append((n, start, time.monotonic(), str(threading.get_ident())))
 
-    def most_at_once(self, ns: set[int] | None = None) -> int:
-        spans = [(a, b) for n, a, b, _ in self.runs if ns is None or n in ns]
-        edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-        now = most = 0
-        for _, step in edges:
-            now += step
-            most = max(most, now)
-        return most
+    def most_at_once(self) -> int:
+        return most_at_once([(a, b) for _, a, b, _ in self.runs])
 
 
 def batching(worker: DurableRunning) -> None:
