@@ -21,7 +21,7 @@ from test_cli import Listen
 
 import pgpubsub
 from pgpubsub import durable, messages
-from pgpubsub._processor import MARK_ALONE_SQL, ChannelProcessor
+from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.listen import Registry
 from pgpubsub.session import PsycopgSession
@@ -225,11 +225,9 @@ def test_a_worker_dying_in_every_attempt_uses_them_up_and_the_message_ends_dead(
         proc = ChannelProcessor(PsycopgSession(db), spec, [])
         proc.session.open()
         wait_until(lambda: admin_query(db, "SELECT run_at <= now() FROM pgpubsub.message")[0][0])
-        ((mid, _, attempts, status, _, _, _, alone, *_),) = proc._claim()
-        if alone:  # a suspect: its listener starts alone (marked so), then the process dies
-            with proc.session.atomic():
-                mark = proc._in_parts(MARK_ALONE_SQL, [mid])
-                proc.session.execute(mark, ([mid], [attempts]))
+        # a suspect after its first attempt: claimed alone (charged, marked so), its
+        # listener starts, then the process dies
+        ((mid, _, attempts, status, _, _, _, alone, *_),) = proc._claim(alone=attempt > 1)
         proc.session.close()
         assert (attempts, status, alone) == (attempt, "pending", attempt > 1)
     wait_until(lambda: admin_query(db, "SELECT run_at <= now() FROM pgpubsub.message")[0][0])
@@ -352,6 +350,7 @@ def test_a_claim_probes_its_rows_whatever_the_statistics_say(dsn: str) -> None:
     params = {
         "channel": name, "limit": 500, "max": 5, "base": 1.0, "factor": 2.0, "cap": 300.0,
         "holder": "test#0", "ttl": 10.0, "after": "", "per_key": 125, "blocked": [],
+        "alone": False,
     }  # fmt: skip
     with psycopg.connect(dsn) as conn:
         claim = claim_on(CLAIM_SQL, EVERY_SEGMENT)

@@ -67,8 +67,15 @@ log = logging.getLogger("pgpubsub.durable")
 # A message whose last attempt never finished (``unfinished``: its worker
 # stopped mid-batch) may be the one that kills its worker: it is claimed alone,
 # so that a crash charges an attempt to no other message, and only a message
-# whose process stopped while it ran alone dies of crashes. The last columns
-# say the claim was cut short so, and the message's key.
+# whose process stopped while it ran alone dies of crashes. A claim that meets
+# such a suspect among its due messages takes nothing and says so (the column
+# before the ring's state); the processor claims it alone (``alone``) once
+# nothing else of its process is in a listener (GATE), which charges its
+# attempt and marks it claimed_alone at once, just before its listener starts:
+# a suspect waiting for its turn alone is neither charged nor leased, so the
+# crash of another message of its process costs it nothing (review of issue
+# 26). The last columns of a claimed row say whether it was claimed alone, and
+# the message's key.
 # Dead of crashes: its process stopped while it ran alone, its attempts spent.
 # A message whose process stopped during a batch may be innocent: it is run
 # alone (charged one more attempt, even past max_attempts) before that.
@@ -292,9 +299,9 @@ WITH RECURSIVE later(key) AS (
     ) k WHERE k.rank = k.run
 ), pick AS (
     SELECT id, ordering_key, false AS alone FROM due
-    WHERE NOT EXISTS (SELECT FROM due WHERE unfinished)
+    WHERE NOT %(alone)s AND NOT EXISTS (SELECT FROM due WHERE unfinished)
     UNION ALL
-    (SELECT id, ordering_key, true FROM due WHERE unfinished ORDER BY id LIMIT 1)
+    (SELECT id, ordering_key, true FROM due WHERE unfinished AND %(alone)s ORDER BY id LIMIT 1)
 ), leased AS (
     INSERT INTO pgpubsub.lease AS l (channel, kind, name, holder, expires_at)
     SELECT %(channel)s, 'key', d.key, %(holder)s, {EXPIRES}
@@ -310,8 +317,7 @@ UPDATE pgpubsub.message m SET
         secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))),
     status = CASE WHEN {CRASHED_OUT} THEN 'dead' ELSE 'pending' END,
     unfinished = NOT ({CRASHED_OUT}),
-    -- set when it runs alone (MARK_ALONE_SQL), not when a claim takes it alone
-    claimed_alone = false,
+    claimed_alone = %(alone)s,
     last_error = CASE WHEN {CRASHED_OUT}
         THEN pg_catalog.format(
             'the process handling it stopped before it completed (attempt %%s)', m.attempts)
@@ -326,9 +332,11 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
     m.ordering_key IS NOT NULL, (SELECT pg_catalog.bool_or(alone) FROM pick) AS alone,
     m.ordering_key, {PART}
 )
--- the ring's state as one integer (see ring_state): an array on every row cost
--- the client a parse per row (about 30%% more of its time at 250 rows a claim)
-SELECT c.*, (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
+-- a suspect met and not taken (see CRASHED_OUT); the ring's state as one
+-- integer (see ring_state): an array on every row cost the client a parse per
+-- row (about 30%% more of its time at 250 rows a claim)
+SELECT c.*, (SELECT pg_catalog.count(*) > 0 FROM due WHERE unfinished AND NOT %(alone)s),
+    (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
         1 << CASE s WHEN -2 THEN 4 WHEN -3 THEN 5 ELSE s END), 0)
         FROM pg_catalog.unnest(r.live) s))::integer
 FROM pgpubsub.ring r LEFT JOIN claimed c ON true
@@ -701,18 +709,6 @@ RECOVER_SQL = (
     "AS h(id, attempt) "
     "WHERE m.id = h.id AND m.attempts = h.attempt AND m.unfinished AND m.status = 'pending'"
 )
-# A message claimed alone, as it starts alone: nothing else of its process is in a
-# listener (GATE), so that the process's end is its doing. Marked then, not by the claim:
-# two suspects claimed alone by two processors of a process, or one claimed while a
-# batch of the process ran, waited for their turn charged with a crash that was not
-# theirs (review of issue 26: dead without their listener ever running). Not if
-# another worker claimed it since (its lease ran out meanwhile).
-MARK_ALONE_SQL = (
-    "UPDATE pgpubsub.message m SET claimed_alone = true "
-    "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::int[])) "
-    "AS h(id, attempt) "
-    "WHERE m.id = h.id AND m.attempts = h.attempt AND m.status = 'pending' AND {in_parts}"
-)
 # Messages of a lost round that were cancelled while they ran.
 CANCELLED_SQL = (
     "DELETE FROM pgpubsub.message WHERE id = ANY(%s) AND status = 'pending' "
@@ -778,17 +774,23 @@ RECONNECT = Backoff(base=0.5, factor=2, cap=10)
 
 
 class _Gate:
-    """Shared by batches, exclusive for a message that may crash its process."""
+    """Shared by batches, exclusive for a message that may crash its process.
+
+    A processor waiting for its turn alone lets no new batch in: processors of
+    other channels of the process, claiming without rest, would otherwise keep
+    it waiting for as long as they had work.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._running = 0
+        self._waiting = 0  # processors waiting for their turn alone
         self._alone = False
 
     @contextlib.contextmanager
     def shared(self) -> Any:
         with self._cond:
-            self._cond.wait_for(lambda: not self._alone)
+            self._cond.wait_for(lambda: not self._alone and not self._waiting)
             self._running += 1
         try:
             yield
@@ -800,7 +802,9 @@ class _Gate:
     @contextlib.contextmanager
     def exclusive(self) -> Any:
         with self._cond:
+            self._waiting += 1
             self._cond.wait_for(lambda: not self._alone and not self._running)
+            self._waiting -= 1
             self._alone = True
         try:
             yield
@@ -884,6 +888,8 @@ class ChannelProcessor:
         self.claim_size = min(batch_size, 50 if cls.concurrency == 1 else 1)
         self.poll_interval = poll_interval
         self._alone = False  # the last claim took a message alone (unfinished before)
+        self._suspect = False  # the last claim met a suspect, and took nothing
+        self._began = False  # a listener of the rows in hand began
         self.max_attempts = int(cls.max_attempts)
         self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
         self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
@@ -1106,8 +1112,9 @@ class ChannelProcessor:
                 # Cancelled while they ran (pgpubsub.cancel_request): they end cancelled.
                 self.session.execute(CANCELLED_SQL, (list(self._in_hand),))
                 # One message claimed alone may have ended its session itself (a
-                # query that crashes its server process): it keeps its attempt.
-                if not self._alone:
+                # query that crashes its server process), once its listener began:
+                # it keeps its attempt.
+                if not (self._alone and self._began):
                     self.session.execute(
                         RECOVER_SQL, (list(self._in_hand), list(self._in_hand.values()))
                     )
@@ -1276,6 +1283,7 @@ class ChannelProcessor:
         """
         mid = row[0]
         begun = time.monotonic()
+        self._began = True
         self._current = mid  # a stop past the grace leaves this one charged
         stop = Cancellation(mid, self.spec.path, self.timeout)
         token = _cancel.current.set(stop)
@@ -1371,8 +1379,11 @@ class ChannelProcessor:
             )
         return decoded
 
-    def _claim(self) -> list[tuple[Any, ...]]:
+    def _claim(self, alone: bool = False) -> list[tuple[Any, ...]]:
+        """A batch of due messages, or nothing when one of them is a suspect (``_suspect``
+        set); with ``alone``, a suspect alone (or nothing), charged and marked so."""
         params = {
+            "alone": alone,
             "channel": self.spec.name,
             "limit": self.claim_size,
             "max": self.max_attempts,
@@ -1448,15 +1459,16 @@ class ChannelProcessor:
         # (a claim of every partition takes a blocked key's older message)
         params["blocked"] = [] if parts == EVERY_SEGMENT else list(self._blocked_keys)
         result = self.session.fetch(claim_on(template, parts), params, GENERIC_PLANS_SQL)
-        # Every row ends with the ring's state (ring_state); a claim that took
-        # nothing returns it on a row of NULLs.
+        # Every row ends with whether a suspect was met and the ring's state
+        # (ring_state); a claim that took nothing returns them on a row of NULLs.
+        self._suspect = bool(result[0][-2])
         state = ring_state(int(result[0][-1]))
         self._ring_view.state = state
         self._end_turn()  # the next processor's claim goes while this one commits
         if result[0][0] is None:
             claimed: list[tuple[Any, ...]] = []
         else:
-            claimed = [r[:-1] for r in result]
+            claimed = [r[:-2] for r in result]
         now = ring_parts(*state)
         self._ring_moved = len(claimed) < int(params["limit"]) and not set(now) <= set(parts)
         woken, self._woken = self._woken, False
@@ -1524,12 +1536,12 @@ class ChannelProcessor:
         if started:
             self.session.execute(SPEND_SQL, (started, self.spec.name))
 
-    def _claim_moving(self) -> list[tuple[Any, ...]]:
+    def _claim_moving(self, alone: bool = False) -> list[tuple[Any, ...]]:
         """:meth:`_claim`, again when a row moved segments under it (see MOVED_STATE), or
         on every partition when it took a message of a key with an older one elsewhere."""
         for _ in range(MOVED_RETRIES - 1):
             try:
-                return self._claim_in_turn()
+                return self._claim_in_turn(alone)
             except _OlderElsewhere:
                 self._everywhere = True  # rolled back: claimed again on every partition
             except Exception as exc:
@@ -1538,9 +1550,9 @@ class ChannelProcessor:
         # The last try reads every partition, where no older message is elsewhere;
         # its error, if any, is raised.
         self._everywhere = True
-        return self._claim_in_turn()
+        return self._claim_in_turn(alone)
 
-    def _claim_in_turn(self) -> list[tuple[Any, ...]]:
+    def _claim_in_turn(self, alone: bool) -> list[tuple[Any, ...]]:
         """:meth:`_claim` in the crew's turn (Crew.take_turn), from before its BEGIN to its
         statement's rows (_run_claim ends it); nothing when stopped while waiting.
 
@@ -1550,11 +1562,12 @@ class ChannelProcessor:
         a claim) is not capped at one claim's three round trips (held to the COMMIT,
         20-40% slower over a 1 ms network).
         """
+        self._suspect = False
         if not self.crew.take_turn(self):
             return []
         self._turn = True
         try:
-            return self._claim()
+            return self._claim(alone)
         finally:
             self._end_turn()
 
@@ -1708,8 +1721,24 @@ class ChannelProcessor:
         return kept
 
     def _batch(self) -> tuple[int, int]:
-        """Claim a batch and process it; return how many messages were claimed, and with keys."""
+        """Claim a batch and process it; return how many messages were claimed, and with keys.
+
+        A claim that met a suspect (see CRASHED_OUT) took nothing: the suspect is
+        claimed alone once nothing else of this process is in a listener, and runs
+        so. When another worker took it meanwhile, a batch is claimed again.
+        """
         claimed = self._claim_moving()
+        if not claimed and self._suspect and not self.stopping.is_set():
+            with GATE.exclusive():
+                if not self.stopping.is_set():
+                    claimed = self._claim_moving(alone=True)
+                if claimed:
+                    return self._settle(claimed)
+            claimed = self._claim_moving()
+        return self._settle(claimed)
+
+    def _settle(self, claimed: list[tuple[Any, ...]]) -> tuple[int, int]:
+        """Process what a claim took (see :meth:`_batch`)."""
         self.claimed += len(claimed)
         self._alone = any(r[7] for r in claimed)
         if claimed and self._claim_batch is not None:
@@ -1748,6 +1777,7 @@ class ChannelProcessor:
             # In hand from the claim on (a stop may come while this waits at
             # the gate).
             self._in_hand = {r[0]: r[2] for r in rows}
+            self._began = False
             self._run_rows(rows)
         keyed = sum(1 for r in claimed if r[6])
         if keyed:
@@ -1769,15 +1799,10 @@ class ChannelProcessor:
         # Timed or traced messages cost a clock and a span each: decided once a batch.
         self._instrumented = self._observe is not None or _tracing.enabled()
         self._backend = _backend_pid(self.session)
-        # A message claimed alone may be the one that kills this process:
-        # nothing else of the process is in a listener meanwhile, so that
-        # its crash is charged to it alone.
-        with GATE.exclusive() if self._alone else GATE.shared():
-            if self._alone:  # (committed before its listener starts)
-                ids = [r[0] for r in rows]
-                with self.session.atomic():
-                    mark = self._in_parts(MARK_ALONE_SQL, ids)
-                    self.session.execute(mark, (ids, [r[2] for r in rows]))
+        # A message claimed alone may be the one that kills this process: it was
+        # claimed holding the gate (see _batch), so that nothing else of the process
+        # is in a listener meanwhile, and its crash is charged to it alone.
+        with contextlib.nullcontext() if self._alone else GATE.shared():
             self._process(rows)
             self._in_hand = {}
         pace = (time.monotonic() - started) / len(rows)
@@ -1832,6 +1857,7 @@ class ChannelProcessor:
         """Rows another processor of the crew claimed, to run next (Crew.hand_out, under
         the crew's lock while this one is idle): in hand from now on."""
         self._in_hand = {r[0]: r[2] for r in share[0]}
+        self._began = False
         self._share = share
 
     def _run_share(self) -> None:
