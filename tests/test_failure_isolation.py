@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import admin_query, most_at_once
+from helpers import admin_query, most_at_once, wait_until
 
 import pgpubsub
 from pgpubsub import _processor, durable
@@ -214,37 +214,155 @@ def test_a_suspect_is_claimed_only_once_nothing_else_of_its_process_runs(db: str
     assert seen == [(2, True)] and done == [1]
 
 
-def test_a_suspect_waiting_for_its_turn_alone_lets_no_new_batch_in() -> None:
-    """Batches of other channels of the process, claimed without rest, kept a suspect
-    waiting for its turn alone as long as they had work: once a processor waits for its
-    turn alone, a new batch waits for it (one already running finishes first)."""
-    from pgpubsub._processor import _Gate
+@dataclass
+class Parent(Channel, lock_notifications=True, max_attempts=1):
+    n: int
 
-    gate = _Gate()
-    order: list[str] = []
-    running = threading.Event()
-    with gate.shared():  # a batch runs
 
-        def alone() -> None:
-            with gate.exclusive():
-                order.append("alone")
+@dataclass
+class Child(Channel, lock_notifications=True, results=True, max_attempts=1):
+    n: int
 
-        def batch() -> None:
-            running.set()
-            with gate.shared():
-                order.append("batch")
 
-        first = threading.Thread(target=alone)
-        first.start()
-        time.sleep(0.2)  # waiting for its turn alone
-        second = threading.Thread(target=batch)
-        second.start()
-        running.wait(5)
+def test_a_listener_waiting_for_its_processs_work_is_not_held_up_by_a_waiting_suspect(
+    db: str,
+) -> None:
+    """A listener waits for the result of a message that another processor of its process
+    handles, while a suspect waits for its turn alone: the other message's batch gets in
+    (review 5 of issue 26: it waited for the suspect, which waited for the listener, until
+    the listener's timeout)."""
+    log: list[str] = []
+    registry = Registry()
+
+    def parent(n: int) -> None:
+        time.sleep(0.6)  # the suspect is due meanwhile, and waits for its turn alone
+        with psycopg.connect(db, autocommit=True) as conn:
+            handle = pgpubsub.notify(Child(n=n), conn=conn)
+        log.append(f"parent got {handle.result_sync(timeout=5)}")
+
+    registry.add(Parent, parent)
+    registry.add(Child, lambda n: n * 10)
+    registry.add(Batch, lambda n: log.append("suspect ran"))
+    publish(db, Batch, range(1))
+    due_soon = "attempts = 1, unfinished = true, run_at = now() + interval '0.3 s'"
+    admin_query(db, f"UPDATE pgpubsub.message SET {due_soon}")  # noqa: S608 - constant
+    procs = [processor(db, registry, channel, poll_interval=0.1) for channel in (Child, Batch)]
+    with psycopg.connect(db, autocommit=True) as conn:
+        pgpubsub.notify(Parent(n=7), conn=conn)
+    procs.append(processor(db, registry, Parent, poll_interval=0.1))
+    for proc in procs:
+        proc.start()
+    try:
+        wait_until(lambda: len(log) == 2, timeout=10)
+    finally:
+        for proc in procs:
+            proc.stop(5)
+    assert log == ["parent got 70", "suspect ran"]
+
+
+@dataclass
+class Suspicious(Channel, lock_notifications=True, concurrency=3, retry_delay=0.05):
+    n: int
+
+
+def test_a_channels_suspects_hold_up_no_other_channel_of_the_process(db: str) -> None:
+    """Ten suspects of a channel of three processors run alone one after another: a
+    message of another channel published meanwhile runs between two of them, not after
+    them all (review 5 of issue 26: one of the processors was always waiting for its
+    turn alone, and let no batch in)."""
+    from pgpubsub._crew import Crew
+
+    suspects: list[float] = []
+    other: list[float] = []
+    registry = Registry()
+
+    def suspect(n: int) -> None:
+        suspects.append(time.monotonic())
         time.sleep(0.1)
-        order.append("running batch done")
-    first.join(5)
-    second.join(5)
-    assert order == ["running batch done", "alone", "batch"]
+
+    registry.add(Suspicious, suspect)
+    registry.add(Batch, lambda n: other.append(time.monotonic()))
+    publish(db, Suspicious, range(10))
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    crew = Crew()
+    procs = [processor(db, registry, Suspicious, poll_interval=0.2) for _ in range(3)]
+    for proc in procs:
+        proc.crew = crew
+    procs.append(processor(db, registry, Batch, poll_interval=0.2))
+    for proc in procs:
+        proc.start()
+    try:
+        wait_until(lambda: len(suspects) >= 2, timeout=10)
+        published = time.monotonic()
+        publish(db, Batch, range(1))
+        wait_until(lambda: len(suspects) == 10 and other, timeout=10)
+    finally:
+        for proc in procs:
+            proc.stop(5)
+    assert published < other[0] < suspects[-1], (other[0] - published, suspects[-1] - published)
+
+
+def test_a_processor_stopped_while_it_waits_for_its_turn_alone_claims_nothing(db: str) -> None:
+    """A stop that comes while a processor waits for its turn alone (a batch of the process
+    runs) ends its round: it claims no new batch once the turn comes (review 5 of issue
+    26: it claimed and ran what was published meanwhile)."""
+    from pgpubsub._processor import GATE
+
+    ran: list[int] = []
+    registry = Registry()
+    registry.add(Batch, lambda n: ran.append(n))
+    publish(db, Batch, range(1))
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    proc = processor(db, registry)
+    with GATE.shared():  # a batch of another processor of the process is in its listeners
+        thread = threading.Thread(target=proc.drain_once)
+        thread.start()
+        time.sleep(0.5)  # the suspect seen: waiting for its turn alone
+        admin_query(db, "DELETE FROM pgpubsub.message")  # another worker took it
+        publish(db, Batch, range(10, 15))
+        proc.halt()
+        time.sleep(0.2)
+    thread.join(10)
+    proc.session.close()
+    assert ran == []
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message WHERE attempts > 0") == [(0,)]
+
+
+def test_a_suspects_claim_whose_commit_reply_is_lost_costs_no_attempt(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim of a suspect alone commits its charge and its mark; its session is lost
+    before the worker hears of the COMMIT (a network cut, a proxy, a failover). The
+    worker lives, the listener never ran: the next round gives the attempt back (review 5
+    of issue 26: the message was dead at its next claim, crashed out without running)."""
+    registry = Registry()
+    ran: list[int] = []
+    registry.add(Batch, lambda n: ran.append(n))
+    publish(db, Batch, range(1))
+    # max_attempts=3: one more charge would make it dead of crashes at its next claim
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 2, unfinished = true")
+    proc = processor(db, registry)
+    claim = ChannelProcessor._claim
+
+    def reply_lost(self: ChannelProcessor, suspect: int | None = None) -> Any:
+        claimed = claim(self, suspect)
+        if suspect is not None:  # committed: the session goes before its reply arrives
+            pid = self.session.connection.info.backend_pid
+            admin_query(db, "SELECT pg_terminate_backend(%s)", (pid,))
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return claimed
+
+    monkeypatch.setattr(ChannelProcessor, "_claim", reply_lost)
+    with pytest.raises(psycopg.OperationalError):
+        proc.drain_once()
+    monkeypatch.undo()
+    charged = admin_query(db, "SELECT attempts, claimed_alone FROM pgpubsub.message")
+    assert charged == [(3, True)]  # the claim did commit
+    proc.session.close()
+    proc.session.open()
+    proc.drain_once()  # the next round: given back, then claimed alone, and run
+    proc.session.close()
+    assert ran == [0] and rows(db) == {}  # done (and deleted: Batch keeps no outcome)
 
 
 def test_a_suspects_session_lost_before_its_listener_starts_costs_no_attempt(

@@ -1096,7 +1096,7 @@ def test_a_claim_held_back_by_an_older_message_on_its_last_try_is_made_on_every_
     proc = _processor.ChannelProcessor(PsycopgSession(db), spec_of(Stored), [])
     tries: list[bool] = []
 
-    def claim() -> list[tuple[Any, ...]]:
+    def claim(suspect: int | None = None) -> list[tuple[Any, ...]]:
         tries.append(proc._everywhere)
         if len(tries) < _processor.MOVED_RETRIES:
             raise psycopg.errors.SerializationFailure("a row moved under the claim")

@@ -68,10 +68,11 @@ log = logging.getLogger("pgpubsub.durable")
 # stopped mid-batch) may be the one that kills its worker: it is claimed alone,
 # so that a crash charges an attempt to no other message, and only a message
 # whose process stopped while it ran alone dies of crashes. A claim that meets
-# such a suspect among its due messages takes nothing and says so (the column
-# before the ring's state); the processor claims it alone (``alone``) once
-# nothing else of its process is in a listener (GATE), which charges its
-# attempt and marks it claimed_alone at once, just before its listener starts:
+# such a suspect among its due messages takes nothing and says which (its id
+# and attempts, before the ring's state); the processor claims it alone
+# (``suspect``) once nothing else of its process is in a listener (GATE), which
+# charges its attempt and marks it claimed_alone at once, just before its
+# listener starts:
 # a suspect waiting for its turn alone is neither charged nor leased, so the
 # crash of another message of its process costs it nothing (review of issue
 # 26). The last columns of a claimed row say whether it was claimed alone, and
@@ -299,9 +300,9 @@ WITH RECURSIVE later(key) AS (
     ) k WHERE k.rank = k.run
 ), pick AS (
     SELECT id, ordering_key, false AS alone FROM due
-    WHERE NOT %(alone)s AND NOT EXISTS (SELECT FROM due WHERE unfinished)
+    WHERE %(suspect)s::bigint IS NULL AND NOT EXISTS (SELECT FROM due WHERE unfinished)
     UNION ALL
-    (SELECT id, ordering_key, true FROM due WHERE unfinished AND %(alone)s ORDER BY id LIMIT 1)
+    SELECT id, ordering_key, true FROM due WHERE unfinished AND id = %(suspect)s::bigint
 ), leased AS (
     INSERT INTO pgpubsub.lease AS l (channel, kind, name, holder, expires_at)
     SELECT %(channel)s, 'key', d.key, %(holder)s, {EXPIRES}
@@ -317,7 +318,7 @@ UPDATE pgpubsub.message m SET
         secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))),
     status = CASE WHEN {CRASHED_OUT} THEN 'dead' ELSE 'pending' END,
     unfinished = NOT ({CRASHED_OUT}),
-    claimed_alone = %(alone)s,
+    claimed_alone = %(suspect)s::bigint IS NOT NULL,
     last_error = CASE WHEN {CRASHED_OUT}
         THEN pg_catalog.format(
             'the process handling it stopped before it completed (attempt %%s)', m.attempts)
@@ -332,14 +333,18 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
     m.ordering_key IS NOT NULL, (SELECT pg_catalog.bool_or(alone) FROM pick) AS alone,
     m.ordering_key, {PART}
 )
--- a suspect met and not taken (see CRASHED_OUT); the ring's state as one
--- integer (see ring_state): an array on every row cost the client a parse per
--- row (about 30%% more of its time at 250 rows a claim)
-SELECT c.*, (SELECT pg_catalog.count(*) > 0 FROM due WHERE unfinished AND NOT %(alone)s),
-    (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
+-- a suspect met and not taken, and its attempts (see CRASHED_OUT); the ring's
+-- state as one integer (see ring_state): an array on every row cost the client
+-- a parse per row (about 30%% more of its time at 250 rows a claim)
+SELECT c.*, s.id, s.attempts, (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
         1 << CASE s WHEN -2 THEN 4 WHEN -3 THEN 5 ELSE s END), 0)
         FROM pg_catalog.unnest(r.live) s))::integer
 FROM pgpubsub.ring r LEFT JOIN claimed c ON true
+LEFT JOIN LATERAL (
+    SELECT m.id, m.attempts FROM pgpubsub.message m
+    WHERE m.id = (SELECT pg_catalog.min(d.id) FROM due d WHERE d.unfinished)
+      AND %(suspect)s::bigint IS NULL AND {_part("m")} IN ({CLAIM_PARTS})
+) s ON true
 """  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a
 # concurrent claim's scan may hold one of them for an instant (it re-checks the
@@ -776,21 +781,26 @@ RECONNECT = Backoff(base=0.5, factor=2, cap=10)
 class _Gate:
     """Shared by batches, exclusive for a message that may crash its process.
 
-    A processor waiting for its turn alone lets no new batch in: processors of
-    other channels of the process, claiming without rest, would otherwise keep
-    it waiting for as long as they had work.
+    Batches go first: a processor waiting for its turn alone lets new batches
+    in, and batches waiting when a turn alone ends go before the next one. A
+    listener may wait for a message that another processor of its process
+    handles (a result), and a channel's suspects, one after another, held up
+    every other channel of the process (review 5 of issue 26). A suspect waits
+    unclaimed, at no cost (see CRASHED_OUT).
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._running = 0
-        self._waiting = 0  # processors waiting for their turn alone
+        self._queued = 0  # batches waiting for a turn alone to end
         self._alone = False
 
     @contextlib.contextmanager
     def shared(self) -> Any:
         with self._cond:
-            self._cond.wait_for(lambda: not self._alone and not self._waiting)
+            self._queued += 1
+            self._cond.wait_for(lambda: not self._alone)
+            self._queued -= 1
             self._running += 1
         try:
             yield
@@ -802,9 +812,7 @@ class _Gate:
     @contextlib.contextmanager
     def exclusive(self) -> Any:
         with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._alone and not self._running)
-            self._waiting -= 1
+            self._cond.wait_for(lambda: not (self._alone or self._running or self._queued))
             self._alone = True
         try:
             yield
@@ -888,7 +896,8 @@ class ChannelProcessor:
         self.claim_size = min(batch_size, 50 if cls.concurrency == 1 else 1)
         self.poll_interval = poll_interval
         self._alone = False  # the last claim took a message alone (unfinished before)
-        self._suspect = False  # the last claim met a suspect, and took nothing
+        # The last claim met a suspect, and took nothing: its id and attempts.
+        self._suspect: tuple[int, int] | None = None
         self._began = False  # a listener of the rows in hand began
         self.max_attempts = int(cls.max_attempts)
         self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
@@ -1379,11 +1388,11 @@ class ChannelProcessor:
             )
         return decoded
 
-    def _claim(self, alone: bool = False) -> list[tuple[Any, ...]]:
+    def _claim(self, suspect: int | None = None) -> list[tuple[Any, ...]]:
         """A batch of due messages, or nothing when one of them is a suspect (``_suspect``
-        set); with ``alone``, a suspect alone (or nothing), charged and marked so."""
+        says which); with ``suspect``, that one alone (or nothing), charged and marked so."""
         params = {
-            "alone": alone,
+            "suspect": suspect,
             "channel": self.spec.name,
             "limit": self.claim_size,
             "max": self.max_attempts,
@@ -1459,16 +1468,18 @@ class ChannelProcessor:
         # (a claim of every partition takes a blocked key's older message)
         params["blocked"] = [] if parts == EVERY_SEGMENT else list(self._blocked_keys)
         result = self.session.fetch(claim_on(template, parts), params, GENERIC_PLANS_SQL)
-        # Every row ends with whether a suspect was met and the ring's state
-        # (ring_state); a claim that took nothing returns them on a row of NULLs.
-        self._suspect = bool(result[0][-2])
+        # Every row ends with the suspect met (its id and attempts, or NULLs) and the
+        # ring's state (ring_state); a claim that took nothing returns them on a row of
+        # NULLs.
+        found = result[0][-3]
+        self._suspect = None if found is None else (int(found), int(result[0][-2]))
         state = ring_state(int(result[0][-1]))
         self._ring_view.state = state
         self._end_turn()  # the next processor's claim goes while this one commits
         if result[0][0] is None:
             claimed: list[tuple[Any, ...]] = []
         else:
-            claimed = [r[:-2] for r in result]
+            claimed = [r[:-3] for r in result]
         now = ring_parts(*state)
         self._ring_moved = len(claimed) < int(params["limit"]) and not set(now) <= set(parts)
         woken, self._woken = self._woken, False
@@ -1536,12 +1547,12 @@ class ChannelProcessor:
         if started:
             self.session.execute(SPEND_SQL, (started, self.spec.name))
 
-    def _claim_moving(self, alone: bool = False) -> list[tuple[Any, ...]]:
+    def _claim_moving(self, suspect: int | None = None) -> list[tuple[Any, ...]]:
         """:meth:`_claim`, again when a row moved segments under it (see MOVED_STATE), or
         on every partition when it took a message of a key with an older one elsewhere."""
         for _ in range(MOVED_RETRIES - 1):
             try:
-                return self._claim_in_turn(alone)
+                return self._claim_in_turn(suspect)
             except _OlderElsewhere:
                 self._everywhere = True  # rolled back: claimed again on every partition
             except Exception as exc:
@@ -1550,9 +1561,9 @@ class ChannelProcessor:
         # The last try reads every partition, where no older message is elsewhere;
         # its error, if any, is raised.
         self._everywhere = True
-        return self._claim_in_turn(alone)
+        return self._claim_in_turn(suspect)
 
-    def _claim_in_turn(self, alone: bool) -> list[tuple[Any, ...]]:
+    def _claim_in_turn(self, suspect: int | None) -> list[tuple[Any, ...]]:
         """:meth:`_claim` in the crew's turn (Crew.take_turn), from before its BEGIN to its
         statement's rows (_run_claim ends it); nothing when stopped while waiting.
 
@@ -1562,12 +1573,12 @@ class ChannelProcessor:
         a claim) is not capped at one claim's three round trips (held to the COMMIT,
         20-40% slower over a 1 ms network).
         """
-        self._suspect = False
+        self._suspect = None
         if not self.crew.take_turn(self):
             return []
         self._turn = True
         try:
-            return self._claim(alone)
+            return self._claim(suspect)
         finally:
             self._end_turn()
 
@@ -1728,14 +1739,24 @@ class ChannelProcessor:
         so. When another worker took it meanwhile, a batch is claimed again.
         """
         claimed = self._claim_moving()
-        if not claimed and self._suspect and not self.stopping.is_set():
+        suspect = self._suspect
+        if claimed or suspect is None:
+            return self._settle(claimed)
+        if not self.stopping.is_set():
             with GATE.exclusive():
                 if not self.stopping.is_set():
-                    claimed = self._claim_moving(alone=True)
+                    # In hand from before its claim: a claim whose COMMIT's reply is
+                    # lost with its session is given back by _recover, uncharged (it
+                    # committed the charge and the mark: review 5 of issue 26).
+                    self._in_hand, self._alone = {suspect[0]: suspect[1] + 1}, True
+                    self._began = False
+                    claimed = self._claim_moving(suspect[0])
+                    self._in_hand, self._alone = {}, False
                 if claimed:
                     return self._settle(claimed)
-            claimed = self._claim_moving()
-        return self._settle(claimed)
+        if self.stopping.is_set():  # (while it waited for its turn alone)
+            return self._settle([])
+        return self._settle(self._claim_moving())
 
     def _settle(self, claimed: list[tuple[Any, ...]]) -> tuple[int, int]:
         """Process what a claim took (see :meth:`_batch`)."""
