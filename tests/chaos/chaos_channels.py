@@ -21,6 +21,18 @@ class Work(Channel, name="chaos_work", lock_notifications=True, results=True, **
 
 
 @dataclass
+class Crew(Channel, name="chaos_crew", lock_notifications=True, concurrency=4, **RETRY):  # type: ignore[call-arg]
+    """Four processors a worker process: a claim's rows without a key are handed out to
+    the idle ones, each share in a transaction of its own (its listeners take 10 ms at
+    least: long enough to be worth a share)."""
+
+    n: int
+    behaviour: str = "ok"
+    until: int = 0
+    sleep: float = 0.0
+
+
+@dataclass
 class Limited(
     Channel,
     name="chaos_limited",

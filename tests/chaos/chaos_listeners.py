@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 import psycopg
-from chaos_channels import RETRY, Limited, Tick, Work
+from chaos_channels import RETRY, Crew, Limited, Tick, Work
 
 import pgpubsub
 from pgpubsub.durable import cancellation, connection
@@ -137,6 +137,12 @@ def _handle(
 def work(n: int, behaviour: str, until: int, sleep: float) -> dict[str, int]:
     _handle("chaos_work", n, behaviour, until, sleep)
     return {"n": n, "pid": os.getpid()}  # stored with the effect (results=True)
+
+
+@pgpubsub.listener(Crew)
+def crew(n: int, behaviour: str, until: int, sleep: float) -> None:
+    time.sleep(0.01)  # worth a share of its batch (see chaos_channels.Crew)
+    _handle("chaos_crew", n, behaviour, until, sleep)
 
 
 @pgpubsub.listener(Limited)

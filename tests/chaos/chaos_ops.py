@@ -12,9 +12,10 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
-CHANNELS = ("chaos_work", "chaos_limited")
+CHANNELS = ("chaos_work", "chaos_crew", "chaos_limited")
 MAX_ATTEMPTS = 3  # the channels' max_attempts (chaos_listeners.RETRY)
 POISON = 99  # fails every attempt
+CREW_BURST = 16  # messages published to chaos_crew before each sequence (see generate)
 TIMEOUT = 2.0  # chaos_limited's timeout (seconds)
 # A listener this close to the timeout may or may not be stopped (the timer
 # starts a moment before it): neither outcome is a violation.
@@ -212,8 +213,17 @@ class _Gen:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if kind == "publish":
             size = r.choice([1, 1, 2, 3, 5, 8, 12])
+            msgs = tuple(self.msg() for _ in range(size))
+            if msgs[0].n % 3:
+                # Two publishes in three (drawn from n, not the generator: the seeds'
+                # sequences stay as they were) go to the channel whose batches are
+                # handed out, their chaos_work messages all there.
+                msgs = tuple(
+                    dataclasses.replace(m, channel="chaos_crew") if m.channel == "chaos_work" else m
+                    for m in msgs
+                )
             return Publish(
-                tuple(self.msg() for _ in range(size)),
+                msgs,
                 commit=r.random() < 0.85,
                 pause=round(r.uniform(0.3, 0.6), 2) if size > 1 and r.random() < 0.25 else 0.0,
             )
@@ -246,4 +256,10 @@ class _Gen:
 def generate(seed: int, steps: int) -> list[Op]:
     """The operation sequence of ``seed``: the same seed always gives the same sequence."""
     gen = _Gen(random.Random(seed))
-    return [gen.op() for _ in range(steps)]
+    ops = [gen.op() for _ in range(steps)]
+    # First, a burst on chaos_crew (its numbers after the sequence's, drawn from nothing:
+    # the seeds' sequences stay as they were): its processors learn their listeners'
+    # pace and grow their claims (one message at first), so that later claims are
+    # handed out among them.
+    burst = tuple(Msg(n=gen.next_n + i, channel="chaos_crew") for i in range(CREW_BURST))
+    return [Publish(burst), *ops]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from chaos_channels import SCHEMA, BatchDone, Limited, Work
+from chaos_channels import SCHEMA, BatchDone, Crew, Limited, Work
 from chaos_ops import CHANNELS, Admin, Concurrent, Fault, Interleaved, Kill, Msg, Op, Publish, Wait
 from helpers import Server
 from psycopg import sql
@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 # design with leases), and a poison message that kills its process does so
 # max_attempts times: 3 x 30 s, and the retries and restarts around them.
 SETTLE = 150.0
-CLASSES = {"chaos_work": Work, "chaos_limited": Limited}
+CLASSES = {"chaos_work": Work, "chaos_crew": Crew, "chaos_limited": Limited}
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from chaos_check import check, kinds
-from chaos_ops import POISON, Admin, Kill, Msg, Op, Publish, Wait, generate
+from chaos_ops import POISON, Admin, Fault, Kill, Msg, Op, Publish, Wait, generate
 from chaos_run import Record, Run
 from helpers import Server
 
@@ -171,6 +171,27 @@ REGRESSIONS: dict[str, list[Op]] = {
         ),
         Wait(2.5),
         Admin("replay"),
+    ],
+    # Hand-out under faults (written by hand, not found): claims of chaos_crew handed
+    # out among its processors while a share's listener kills its process, one raises,
+    # one fails at COMMIT, the sessions are ended, a worker is killed.
+    "hand-out-under-faults": [
+        Publish(tuple(Msg(n, "chaos_crew") for n in range(1, 17))),  # the claims grow
+        Wait(1.0),
+        Publish(
+            tuple(Msg(n, "chaos_crew") for n in range(17, 29))
+            + (
+                Msg(29, "chaos_crew", behaviour="crash", until=1),
+                Msg(30, "chaos_crew", behaviour="raise", until=1),
+                Msg(31, "chaos_crew", behaviour="commit_fail", until=1),
+            )
+        ),
+        Wait(1.0),
+        Publish(tuple(Msg(n, "chaos_crew", behaviour="slow", sleep=0.3) for n in range(32, 44))),
+        Fault("terminate"),
+        Wait(0.5),
+        Publish(tuple(Msg(n, "chaos_crew") for n in range(44, 56))),
+        Kill("worker", "KILL"),
     ],
 }
 
