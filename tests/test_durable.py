@@ -21,7 +21,7 @@ from test_cli import Listen
 
 import pgpubsub
 from pgpubsub import durable, messages
-from pgpubsub._processor import ChannelProcessor
+from pgpubsub._processor import MARK_ALONE_SQL, ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.listen import Registry
 from pgpubsub.session import PsycopgSession
@@ -225,13 +225,17 @@ def test_a_worker_dying_in_every_attempt_uses_them_up_and_the_message_ends_dead(
         proc = ChannelProcessor(PsycopgSession(db), spec, [])
         proc.session.open()
         wait_until(lambda: admin_query(db, "SELECT run_at <= now() FROM pgpubsub.message")[0][0])
-        # a suspect after its first attempt: met by a claim, then claimed alone
-        # (charged, marked so); its listener starts, then the process dies
+        # a suspect after its first attempt: met by a claim, then claimed alone; its
+        # listener starts alone (marked so), then the process dies
         claimed = proc._claim()
         if attempt > 1:
             assert claimed == [] and proc._suspect is not None
             claimed = proc._claim(proc._suspect[0])
         ((mid, _, attempts, status, _, _, _, alone, *_),) = claimed
+        if alone:
+            with proc.session.atomic():
+                mark = proc._in_parts(MARK_ALONE_SQL, [mid])
+                proc.session.execute(mark, ([mid], [attempts]))
         proc.session.close()
         assert (attempts, status, alone) == (attempt, "pending", attempt > 1)
     wait_until(lambda: admin_query(db, "SELECT run_at <= now() FROM pgpubsub.message")[0][0])
@@ -354,7 +358,7 @@ def test_a_claim_probes_its_rows_whatever_the_statistics_say(dsn: str) -> None:
     params = {
         "channel": name, "limit": 500, "max": 5, "base": 1.0, "factor": 2.0, "cap": 300.0,
         "holder": "test#0", "ttl": 10.0, "after": "", "per_key": 125, "blocked": [],
-        "suspect": None,
+        "suspect": None, "passed": [],
     }  # fmt: skip
     with psycopg.connect(dsn) as conn:
         claim = claim_on(CLAIM_SQL, EVERY_SEGMENT)

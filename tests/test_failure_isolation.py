@@ -187,7 +187,7 @@ def test_a_suspect_is_claimed_only_once_nothing_else_of_its_process_runs(db: str
     listener. While a batch of the process runs, the suspect waits unclaimed: a crash
     then costs it nothing (before, it waited claimed, its attempt charged: one more
     attempt lost for each crash of another message, review of issue 26). Once the batch
-    is over it is claimed, charged and marked at once, before its listener starts."""
+    is over it is claimed and marked, before its listener starts."""
     from pgpubsub._processor import GATE
 
     seen: list[object] = []
@@ -201,10 +201,18 @@ def test_a_suspect_is_claimed_only_once_nothing_else_of_its_process_runs(db: str
     admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
     proc = processor(db, registry)
     done: list[int] = []
+
+    def rounds() -> None:  # as its thread would: a round, a rest (here none), a round...
+        deadline = time.monotonic() + 10
+        while not done and time.monotonic() < deadline:
+            if proc.drain_once():
+                done.append(1)
+            time.sleep(0.05)
+
     with GATE.shared():  # a batch of another processor is in its listeners
-        thread = threading.Thread(target=lambda: done.append(proc.drain_once()))
+        thread = threading.Thread(target=rounds)
         thread.start()
-        time.sleep(0.5)  # the suspect seen, its processor waiting for its turn alone
+        time.sleep(0.6)  # the suspect seen, its processor waiting for its turn alone
         waiting = admin_query(
             db, "SELECT attempts, unfinished, claimed_alone, run_at <= now() FROM pgpubsub.message"
         )
@@ -328,41 +336,221 @@ def test_a_processor_stopped_while_it_waits_for_its_turn_alone_claims_nothing(db
     assert admin_query(db, "SELECT count(*) FROM pgpubsub.message WHERE attempts > 0") == [(0,)]
 
 
-def test_a_suspects_claim_whose_commit_reply_is_lost_costs_no_attempt(
-    db: str, monkeypatch: pytest.MonkeyPatch
+def _lose_the_reply(db: str, where: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The session of the processor's next claim alone is ended as that claim (``claim``)
+    or its mark (``mark``) has committed, before the worker hears of it; the list returned
+    gets an item when it was."""
+    lost: list[int] = []
+
+    def end_session(proc: ChannelProcessor) -> None:
+        lost.append(proc.session.connection.info.backend_pid)
+        admin_query(db, "SELECT pg_terminate_backend(%s)", (lost[-1],))
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    claim, process = ChannelProcessor._claim, ChannelProcessor._process
+
+    def claimed(self: ChannelProcessor, suspect: int | None = None) -> Any:
+        rows = claim(self, suspect)
+        if suspect is not None:
+            end_session(self)
+        return rows
+
+    def processed(self: ChannelProcessor, rows: Any) -> None:
+        if self._alone:  # (marked)
+            end_session(self)
+        process(self, rows)
+
+    if where == "claim":
+        monkeypatch.setattr(ChannelProcessor, "_claim", claimed)
+    else:
+        monkeypatch.setattr(ChannelProcessor, "_process", processed)
+    return lost
+
+
+@pytest.mark.parametrize("where", ["claim", "mark"])
+def test_a_suspect_whose_claim_or_mark_reply_is_lost_is_not_dead_without_running(
+    db: str, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """The claim of a suspect alone commits its charge and its mark; its session is lost
-    before the worker hears of the COMMIT (a network cut, a proxy, a failover). The
-    worker lives, the listener never ran: the next round gives the attempt back (review 5
-    of issue 26: the message was dead at its next claim, crashed out without running)."""
+    """The claim of a suspect alone, or its mark, commits; its session is lost before the
+    worker hears of it (a network cut, a proxy, a failover). The worker lives and its
+    listener never ran: the message runs (review 5 of issue 26: charged and marked by
+    its claim, it was dead at its next claim). A lost mark is given back by the next
+    round; a lost claim leaves an attempt charged, and the message runs once its lease
+    is over."""
     registry = Registry()
     ran: list[int] = []
     registry.add(Batch, lambda n: ran.append(n))
     publish(db, Batch, range(1))
-    # max_attempts=3: one more charge would make it dead of crashes at its next claim
+    # max_attempts=3: marked alone at attempt 3, it would be dead of crashes at its next claim
     admin_query(db, "UPDATE pgpubsub.message SET attempts = 2, unfinished = true")
     proc = processor(db, registry)
-    claim = ChannelProcessor._claim
-
-    def reply_lost(self: ChannelProcessor, suspect: int | None = None) -> Any:
-        claimed = claim(self, suspect)
-        if suspect is not None:  # committed: the session goes before its reply arrives
-            pid = self.session.connection.info.backend_pid
-            admin_query(db, "SELECT pg_terminate_backend(%s)", (pid,))
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return claimed
-
-    monkeypatch.setattr(ChannelProcessor, "_claim", reply_lost)
-    with pytest.raises(psycopg.OperationalError):
-        proc.drain_once()
-    monkeypatch.undo()
-    charged = admin_query(db, "SELECT attempts, claimed_alone FROM pgpubsub.message")
-    assert charged == [(3, True)]  # the claim did commit
+    with monkeypatch.context() as patch:
+        _lose_the_reply(db, where, patch)
+        with pytest.raises(psycopg.OperationalError):
+            proc.drain_once()
     proc.session.close()
     proc.session.open()
-    proc.drain_once()  # the next round: given back, then claimed alone, and run
+    proc._recover()  # the next round's first step
+    left = admin_query(db, "SELECT attempts, claimed_alone, unfinished FROM pgpubsub.message")
+    assert left == [(3 if where == "claim" else 2, False, True)]
+    if where == "claim":
+        admin_query(db, "UPDATE pgpubsub.message SET run_at = now()")  # its lease is over
+    proc.drain_once()
     proc.session.close()
     assert ran == [0] and rows(db) == {}  # done (and deleted: Batch keeps no outcome)
+
+
+def test_a_suspects_lost_mark_is_given_back_by_a_worker_stopped_before_its_next_round(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, the worker stopped (a deploy) while it waits to reconnect: its thread
+    ends without a next round, and gives the suspect back on its way out (review 6 of
+    issue 26: marked alone, it was dead at the next worker's claim, never run)."""
+    registry = Registry()
+    ran: list[int] = []
+    registry.add(Batch, lambda n: ran.append(n))
+    publish(db, Batch, range(1))
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 2, unfinished = true")
+    proc = processor(db, registry, poll_interval=0.1)
+    lost = _lose_the_reply(db, "mark", monkeypatch)
+    proc.start()
+    wait_until(lambda: lost, timeout=10)
+    proc.stop(5, db)
+    assert not proc.running
+    left = admin_query(db, "SELECT attempts, claimed_alone, unfinished FROM pgpubsub.message")
+    assert left == [(2, False, True)]
+    monkeypatch.undo()
+    other = processor(db, registry)
+    other.drain_once()
+    other.session.close()
+    assert ran == [0] and rows(db) == {}
+
+
+def test_a_round_gives_back_only_the_claims_it_knows_it_made(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker 1 meets a suspect; before its claim alone, worker 2 claims it alone, marks
+    it and dies in its listener; worker 1's claim alone then fails on a lost session,
+    having committed nothing. Worker 1's next round gives nothing back: the suspect,
+    its attempts spent, is dead of crashes, not run again (review 6 of issue 26: a claim
+    put in hand before it was sent gave back worker 2's attempt)."""
+    registry = Registry()
+    ran: list[int] = []
+    registry.add(Batch, lambda n: ran.append(n))
+    publish(db, Batch, range(1))
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 2, unfinished = true")
+    one, two = processor(db, registry), processor(db, registry)
+    claim = ChannelProcessor._claim
+
+    def race(self: ChannelProcessor, suspect: int | None = None) -> Any:
+        if self is one and suspect is not None:
+            ((mid, _, attempt, *_),) = claim(two, suspect)  # worker 2 claims it alone,
+            with two.session.atomic():  # marks it, and dies in its listener
+                two.session.execute(
+                    _processor.MARK_ALONE_SQL.format(in_parts="true"), ([mid], [attempt])
+                )
+            two.session.close()
+            pid = self.session.connection.info.backend_pid
+            admin_query(db, "SELECT pg_terminate_backend(%s)", (pid,))
+        return claim(self, suspect)
+
+    monkeypatch.setattr(ChannelProcessor, "_claim", race)
+    with pytest.raises(psycopg.OperationalError):
+        one.drain_once()
+    monkeypatch.undo()
+    one.session.close()
+    one.session.open()
+    admin_query(db, "UPDATE pgpubsub.message SET run_at = now()")  # worker 2's lease is over
+    one.drain_once()
+    one.session.close()
+    assert ran == [] and rows(db)[0][:2] == ("dead", 3)
+
+
+@dataclass
+class Child2(Channel, lock_notifications=True, results=True, concurrency=2):
+    n: int
+
+
+def test_a_listener_waiting_for_a_result_of_a_channel_with_a_suspect_gets_it(db: str) -> None:
+    """A listener waits for the result of a message of a channel where a suspect waits for
+    its turn alone: the channel's other messages run meanwhile (review 6 of issue 26: a
+    claim that met a suspect took nothing, and the listener waited until its timeout)."""
+    from pgpubsub._crew import Crew
+
+    log: list[str] = []
+    registry = Registry()
+
+    def parent(n: int) -> None:
+        time.sleep(0.6)  # the suspect is due meanwhile
+        with psycopg.connect(db, autocommit=True) as conn:
+            handle = pgpubsub.notify(Child2(n=n), conn=conn)
+        log.append(f"parent got {handle.result_sync(timeout=5)}")
+
+    registry.add(Parent, parent)
+    registry.add(Child2, lambda n: log.append(f"child {n}") or n * 10)
+    publish(db, Child2, range(1))  # n=0: the suspect
+    due_soon = "attempts = 1, unfinished = true, run_at = now() + interval '0.3 s'"
+    admin_query(db, f"UPDATE pgpubsub.message SET {due_soon}")  # noqa: S608 - constant
+    crew = Crew()
+    procs = [processor(db, registry, Child2, poll_interval=0.1) for _ in range(2)]
+    for proc in procs:
+        proc.crew = crew
+    with psycopg.connect(db, autocommit=True) as conn:
+        pgpubsub.notify(Parent(n=7), conn=conn)
+    procs.append(processor(db, registry, Parent, poll_interval=0.1))
+    for proc in procs:
+        proc.start()
+    try:
+        wait_until(lambda: len(log) == 3, timeout=10)
+    finally:
+        for proc in procs:
+            proc.stop(5)
+    assert log == ["child 7", "parent got 70", "child 0"]
+
+
+@dataclass
+class Quiet(Channel, lock_notifications=True, concurrency=2):
+    n: int
+
+
+def test_a_suspect_holds_up_no_other_message_of_its_channel(db: str) -> None:
+    """A channel with a suspect and ten other messages, while a listener of another channel
+    of the process runs for 1.5 s: the ten run at once, the suspect once that listener is
+    done (review 6 of issue 26: a claim that met the suspect took nothing, and the ten
+    waited for the other channel)."""
+    from pgpubsub._crew import Crew
+
+    quiet: list[tuple[int, float]] = []
+    slow: list[float] = []
+    registry = Registry()
+    registry.add(Quiet, lambda n: quiet.append((n, time.monotonic())))
+
+    def slow_listener(n: int) -> None:
+        slow.append(time.monotonic())
+        time.sleep(1.5)
+        slow.append(time.monotonic())
+
+    registry.add(Batch, slow_listener)
+    publish(db, Quiet, range(1))
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    publish(db, Quiet, range(1, 11))
+    publish(db, Batch, range(1))
+    crew = Crew()
+    procs = [processor(db, registry, Quiet, poll_interval=0.2) for _ in range(2)]
+    for proc in procs:
+        proc.crew = crew
+    procs.insert(0, processor(db, registry, Batch, poll_interval=0.2))
+    procs[0].start()
+    wait_until(lambda: slow)  # in its listener
+    for proc in procs[1:]:
+        proc.start()
+    try:
+        wait_until(lambda: len(quiet) == 11, timeout=15)
+    finally:
+        for proc in procs:
+            proc.stop(5)
+    ten = [at for n, at in quiet if n]
+    assert max(ten) < slow[1] < dict(quiet)[0], "the ten waited for the other channel"
 
 
 def test_a_suspects_session_lost_before_its_listener_starts_costs_no_attempt(

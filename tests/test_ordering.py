@@ -283,9 +283,12 @@ def test_a_claim_stops_a_key_at_a_message_it_may_not_run_yet(db: str) -> None:
         assert not any(r[7] for r in rows)  # none alone
         proc._release(wake=False)
         admin_query(db, "DELETE FROM pgpubsub.message WHERE id = ANY(%s)", ([r[0] for r in rows],))
-        # k01's oldest is now the unfinished one: the claim takes nothing and says so,
-        # then it is claimed alone
-        assert proc._claim() == [] and proc._suspect == (ids["k01", 2], 0)
+        # k01's oldest is now the unfinished one: the claim leaves it and its key, and
+        # says so; then it is claimed alone
+        rows = proc._claim()
+        assert sorted(r[0] for r in rows) == [ids["k00", 2], ids["k00", 3]]
+        assert proc._suspect == (ids["k01", 2], "k01")
+        proc._release(wake=False)
         rows = proc._claim(ids["k01", 2])
         assert [(r[0], r[7]) for r in rows] == [(ids["k01", 2], True)]
     finally:

@@ -68,15 +68,18 @@ log = logging.getLogger("pgpubsub.durable")
 # stopped mid-batch) may be the one that kills its worker: it is claimed alone,
 # so that a crash charges an attempt to no other message, and only a message
 # whose process stopped while it ran alone dies of crashes. A claim that meets
-# such a suspect among its due messages takes nothing and says which (its id
-# and attempts, before the ring's state); the processor claims it alone
-# (``suspect``) once nothing else of its process is in a listener (GATE), which
-# charges its attempt and marks it claimed_alone at once, just before its
-# listener starts:
-# a suspect waiting for its turn alone is neither charged nor leased, so the
-# crash of another message of its process costs it nothing (review of issue
-# 26). The last columns of a claimed row say whether it was claimed alone, and
-# the message's key.
+# such suspects among its due messages takes the others (but for the keys a
+# suspect heads) and says which suspect it met first, and its key (the columns
+# before the ring's state). The processor claims that one alone (``suspect``)
+# once nothing else of its process is in a listener (GATE), and marks it so
+# (MARK_ALONE_SQL) just before its listener starts: a suspect waiting for its
+# turn alone is neither charged nor leased, so the crash of another message of
+# its process costs it nothing, and its channel goes on meanwhile (reviews of
+# issue 26). A suspect whose turn does not come soon is passed over (``passed``:
+# its id; a keyed one's key is blocked) for a poll interval: in the first rows
+# of a claim, it kept the messages behind it from being claimed. The last
+# columns of a claimed row say whether it was claimed alone, and the message's
+# key.
 # Dead of crashes: its process stopped while it ran alone, its attempts spent.
 # A message whose process stopped during a batch may be innocent: it is run
 # alone (charged one more attempt, even past max_attempts) before that.
@@ -202,6 +205,9 @@ class _RingView:
         self.every_segment_at = 0.0
         #: time.monotonic() of the last call of pgpubsub.rotate as a drain ended.
         self.rotated_drained = 0.0
+        #: Suspects whose turn alone did not come: id -> (ordering key, time.monotonic()
+        #: until which claims pass them over).
+        self.passed: dict[int, tuple[str | None, float]] = {}
 
 
 # One view per crew: its processors share it, so that the claim of every segment
@@ -283,6 +289,7 @@ WITH RECURSIVE later(key) AS (
     SELECT id, unfinished, ordering_key, priority, run_at FROM pgpubsub.message
     WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
       AND run_at <= pg_catalog.now() AND {UNPAUSED} AND {PART} IN ({CLAIM_PARTS})
+      AND id <> ALL(%(passed)s::bigint[])
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), due AS (
     SELECT id, unfinished, ordering_key FROM unkeyed
@@ -300,7 +307,8 @@ WITH RECURSIVE later(key) AS (
     ) k WHERE k.rank = k.run
 ), pick AS (
     SELECT id, ordering_key, false AS alone FROM due
-    WHERE %(suspect)s::bigint IS NULL AND NOT EXISTS (SELECT FROM due WHERE unfinished)
+    WHERE %(suspect)s::bigint IS NULL AND NOT unfinished AND (ordering_key IS NULL
+        OR ordering_key NOT IN (SELECT u.ordering_key FROM due u WHERE u.unfinished))
     UNION ALL
     SELECT id, ordering_key, true FROM due WHERE unfinished AND id = %(suspect)s::bigint
 ), leased AS (
@@ -318,7 +326,8 @@ UPDATE pgpubsub.message m SET
         secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))),
     status = CASE WHEN {CRASHED_OUT} THEN 'dead' ELSE 'pending' END,
     unfinished = NOT ({CRASHED_OUT}),
-    claimed_alone = %(suspect)s::bigint IS NOT NULL,
+    -- set when it runs alone (MARK_ALONE_SQL), not when a claim takes it alone
+    claimed_alone = false,
     last_error = CASE WHEN {CRASHED_OUT}
         THEN pg_catalog.format(
             'the process handling it stopped before it completed (attempt %%s)', m.attempts)
@@ -333,17 +342,16 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
     m.ordering_key IS NOT NULL, (SELECT pg_catalog.bool_or(alone) FROM pick) AS alone,
     m.ordering_key, {PART}
 )
--- a suspect met and not taken, and its attempts (see CRASHED_OUT); the ring's
--- state as one integer (see ring_state): an array on every row cost the client
--- a parse per row (about 30%% more of its time at 250 rows a claim)
-SELECT c.*, s.id, s.attempts, (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
+-- a suspect met and not taken (see CRASHED_OUT); the ring's state as one
+-- integer (see ring_state): an array on every row cost the client a parse per
+-- row (about 30%% more of its time at 250 rows a claim)
+SELECT c.*, s.id, s.ordering_key, (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
         1 << CASE s WHEN -2 THEN 4 WHEN -3 THEN 5 ELSE s END), 0)
         FROM pg_catalog.unnest(r.live) s))::integer
 FROM pgpubsub.ring r LEFT JOIN claimed c ON true
 LEFT JOIN LATERAL (
-    SELECT m.id, m.attempts FROM pgpubsub.message m
-    WHERE m.id = (SELECT pg_catalog.min(d.id) FROM due d WHERE d.unfinished)
-      AND %(suspect)s::bigint IS NULL AND {_part("m")} IN ({CLAIM_PARTS})
+    SELECT d.id, d.ordering_key FROM due d
+    WHERE d.unfinished AND %(suspect)s::bigint IS NULL ORDER BY d.id LIMIT 1
 ) s ON true
 """  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a
@@ -522,6 +530,7 @@ def _limited_claim_sql() -> str:
     SELECT id, unfinished, ordering_key, priority, run_at FROM pgpubsub.message
     WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
       AND run_at <= pg_catalog.now() AND {UNPAUSED} AND {PART} IN ({CLAIM_PARTS})
+      AND id <> ALL(%(passed)s::bigint[])
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 )""".replace("{UNPAUSED}", UNPAUSED).replace("{PART}", PART).replace(
                 "{CLAIM_PARTS}", CLAIM_PARTS
@@ -535,6 +544,7 @@ def _limited_claim_sql() -> str:
             WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
               AND run_at <= pg_catalog.now() AND {UNPAUSED}
               AND {_free_key("u")} AND {_part("u")} IN ({CLAIM_PARTS})
+              AND u.id <> ALL(%(passed)s::bigint[])
             ORDER BY priority DESC, run_at, id LIMIT %(scan)s
         ) c
     ) c
@@ -714,6 +724,17 @@ RECOVER_SQL = (
     "AS h(id, attempt) "
     "WHERE m.id = h.id AND m.attempts = h.attempt AND m.unfinished AND m.status = 'pending'"
 )
+# A message claimed alone, as it starts alone: nothing else of its process is in a
+# listener (GATE, held from before its claim), so that the process's end is its
+# doing. A claim whose reply is lost leaves it charged and unmarked: run alone
+# again once its lease is over. Not if another worker claimed it since (its lease
+# ran out meanwhile).
+MARK_ALONE_SQL = (
+    "UPDATE pgpubsub.message m SET claimed_alone = true "
+    "FROM ROWS FROM (pg_catalog.unnest(%s::bigint[]), pg_catalog.unnest(%s::int[])) "
+    "AS h(id, attempt) "
+    "WHERE m.id = h.id AND m.attempts = h.attempt AND m.status = 'pending' AND {in_parts}"
+)
 # Messages of a lost round that were cancelled while they ran.
 CANCELLED_SQL = (
     "DELETE FROM pgpubsub.message WHERE id = ANY(%s) AND status = 'pending' "
@@ -751,6 +772,10 @@ IMMEDIATE_SQL = "SET CONSTRAINTS ALL IMMEDIATE"
 
 #: The most messages of one ordering key in one claimed batch.
 PER_KEY = 32
+#: Seconds a processor waits for its turn alone (a suspect to run) before it goes on
+#: with its channel's other messages: a listener of the process may be waiting for
+#: one of them (a result), and no turn alone comes until it returns.
+ALONE_WAIT = 0.25
 #: The least listener time, in seconds, worth a share of a batch handed to an idle
 #: processor (ChannelProcessor._hand_out): a share costs a wake-up and a transaction
 #: of its own. Bursts of 16 messages at concurrency=32: with listeners of 5 ms, handed
@@ -810,16 +835,20 @@ class _Gate:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
-    def exclusive(self) -> Any:
+    def exclusive(self, timeout: float | None = None) -> Any:
+        """Yields whether the turn alone came within ``timeout`` seconds (None: wait)."""
         with self._cond:
-            self._cond.wait_for(lambda: not (self._alone or self._running or self._queued))
-            self._alone = True
+            alone = self._cond.wait_for(
+                lambda: not (self._alone or self._running or self._queued), timeout
+            )
+            self._alone = alone
         try:
-            yield
+            yield alone
         finally:
-            with self._cond:
-                self._alone = False
-                self._cond.notify_all()
+            if alone:
+                with self._cond:
+                    self._alone = False
+                    self._cond.notify_all()
 
 
 #: One per process: the processors of every channel take it.
@@ -896,9 +925,10 @@ class ChannelProcessor:
         self.claim_size = min(batch_size, 50 if cls.concurrency == 1 else 1)
         self.poll_interval = poll_interval
         self._alone = False  # the last claim took a message alone (unfinished before)
-        # The last claim met a suspect, and took nothing: its id and attempts.
-        self._suspect: tuple[int, int] | None = None
+        # The last claim met a suspect (and left it): its id and ordering key.
+        self._suspect: tuple[int, str | None] | None = None
         self._began = False  # a listener of the rows in hand began
+        self._abandoned = False  # a stop past the grace gave up the rows in hand
         self.max_attempts = int(cls.max_attempts)
         self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
         self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
@@ -994,6 +1024,7 @@ class ChannelProcessor:
         """Give back the batch in hand of a thread that did not stop in time (see stop)."""
         in_hand, current, backend = dict(self._in_hand), self._current, self._backend
         alone = self._alone
+        self._abandoned = True
         back = {mid: attempt for mid, attempt in in_hand.items() if mid != current}
         if not in_hand:
             return
@@ -1059,12 +1090,18 @@ class ChannelProcessor:
                 wake=got > 0
                 and (keyed > 0 or self.max_in_flight is not None or self._limit_slots)
             )
+            # A suspect the claim left: its turn alone if it comes now, or soon when
+            # the claim took nothing else.
+            suspect = self._suspect
+            if suspect is not None and not self.stopping.is_set():
+                got += self._alone_turn(suspect, 0 if got else ALONE_WAIT)
             self._sweep_limits()
             if got:
                 self._rotate()
-            # A claim cut short by a message claimed alone is no sign of an empty
-            # queue, nor one that read segments the ring had moved past.
-            if got < asked and not self._alone and not self._ring_moved:
+            # A claim cut short by a suspect left is no sign of an empty queue
+            # (unless it took nothing, and the suspect's turn did not come), nor
+            # one that read segments the ring had moved past.
+            if got < asked and (suspect is None or not got) and not self._ring_moved:
                 break
             full = full + 1 if got >= asked else 0
             if full == 2:  # a second full batch in a row: more is waiting, ask for a hand
@@ -1245,9 +1282,30 @@ class ChannelProcessor:
                 self.session.close()
                 self.wake.wait(wait)
                 self.wake.clear()
+        # A failed round's, stopped before the next round gave it back (not what a stop
+        # past the grace gave up: see _abandon).
+        if self._in_hand and not self._abandoned:
+            self._give_back_on_exit()
         self.session.close()
         if self._loop is not None:
             self._loop.close()
+
+    def _give_back_on_exit(self) -> None:
+        """:meth:`_recover`, as the thread ends after a failed round (a stop during the wait
+        before the next one): its messages would come back charged once their lease is
+        over, a suspect marked alone dead of a crash its listener never saw (review 6 of
+        issue 26)."""
+        try:
+            self.session.open()
+            self._recover()
+        except Exception as exc:
+            log.warning(
+                "durable channel %s: could not give back the messages of a failed round (%s); "
+                "they are claimed again once their lease is over, with their attempt counted",
+                self.spec.path,
+                one_line(exc),
+                extra={"channel": self.spec.name},
+            )
 
     def _trouble(self, exc: Exception, wait: float, failures: int) -> None:
         """Log a failed round: a known cause in one line, anything else with its traceback.
@@ -1389,8 +1447,8 @@ class ChannelProcessor:
         return decoded
 
     def _claim(self, suspect: int | None = None) -> list[tuple[Any, ...]]:
-        """A batch of due messages, or nothing when one of them is a suspect (``_suspect``
-        says which); with ``suspect``, that one alone (or nothing), charged and marked so."""
+        """A batch of due messages but suspects (``_suspect``: the first one met); with
+        ``suspect``, that one alone (or nothing)."""
         params = {
             "suspect": suspect,
             "channel": self.spec.name,
@@ -1466,13 +1524,17 @@ class ChannelProcessor:
         at = time.monotonic()
         self._blocked_keys = {k: t for k, t in self._blocked_keys.items() if t > at}
         # (a claim of every partition takes a blocked key's older message)
-        params["blocked"] = [] if parts == EVERY_SEGMENT else list(self._blocked_keys)
+        blocked = [] if parts == EVERY_SEGMENT else list(self._blocked_keys)
+        passed = self._ring_view.passed
+        for mid in [mid for mid, (_, until) in passed.items() if until <= at]:
+            del passed[mid]
+        params["passed"] = [mid for mid, (key, _) in passed.items() if key is None]
+        params["blocked"] = blocked + [key for key, _ in passed.values() if key is not None]
         result = self.session.fetch(claim_on(template, parts), params, GENERIC_PLANS_SQL)
-        # Every row ends with the suspect met (its id and attempts, or NULLs) and the
-        # ring's state (ring_state); a claim that took nothing returns them on a row of
-        # NULLs.
+        # Every row ends with the suspect met and its key (or NULLs), and the ring's
+        # state (ring_state); a claim that took nothing returns them on a row of NULLs.
         found = result[0][-3]
-        self._suspect = None if found is None else (int(found), int(result[0][-2]))
+        self._suspect = None if found is None else (int(found), result[0][-2])
         state = ring_state(int(result[0][-1]))
         self._ring_view.state = state
         self._end_turn()  # the next processor's claim goes while this one commits
@@ -1732,31 +1794,24 @@ class ChannelProcessor:
         return kept
 
     def _batch(self) -> tuple[int, int]:
-        """Claim a batch and process it; return how many messages were claimed, and with keys.
-
-        A claim that met a suspect (see CRASHED_OUT) took nothing: the suspect is
-        claimed alone once nothing else of this process is in a listener, and runs
-        so. When another worker took it meanwhile, a batch is claimed again.
-        """
-        claimed = self._claim_moving()
-        suspect = self._suspect
-        if claimed or suspect is None:
-            return self._settle(claimed)
-        if not self.stopping.is_set():
-            with GATE.exclusive():
-                if not self.stopping.is_set():
-                    # In hand from before its claim: a claim whose COMMIT's reply is
-                    # lost with its session is given back by _recover, uncharged (it
-                    # committed the charge and the mark: review 5 of issue 26).
-                    self._in_hand, self._alone = {suspect[0]: suspect[1] + 1}, True
-                    self._began = False
-                    claimed = self._claim_moving(suspect[0])
-                    self._in_hand, self._alone = {}, False
-                if claimed:
-                    return self._settle(claimed)
-        if self.stopping.is_set():  # (while it waited for its turn alone)
-            return self._settle([])
+        """Claim a batch and process it; return how many messages were claimed, and with keys."""
         return self._settle(self._claim_moving())
+
+    def _alone_turn(self, suspect: tuple[int, str | None], wait: float) -> int:
+        """Claim and run the suspect ``suspect`` (id, key) alone, once nothing else of this
+        process is in a listener; how many messages it claimed (0: no turn within ``wait``
+        seconds, the suspect then passed over for a poll interval; or another worker took
+        it). Its slot (max_in_flight) and key given back after."""
+        with GATE.exclusive(wait) as alone:
+            if not alone:
+                until = time.monotonic() + self.poll_interval
+                self._ring_view.passed[suspect[0]] = (suspect[1], until)
+                return 0
+            if self.stopping.is_set() or not self._take_slot():
+                return 0
+            got, keyed = self._settle(self._claim_moving(suspect[0]))
+        self._release(wake=got > 0 and (keyed > 0 or self.max_in_flight is not None))
+        return got
 
     def _settle(self, claimed: list[tuple[Any, ...]]) -> tuple[int, int]:
         """Process what a claim took (see :meth:`_batch`)."""
@@ -1821,9 +1876,14 @@ class ChannelProcessor:
         self._instrumented = self._observe is not None or _tracing.enabled()
         self._backend = _backend_pid(self.session)
         # A message claimed alone may be the one that kills this process: it was
-        # claimed holding the gate (see _batch), so that nothing else of the process
-        # is in a listener meanwhile, and its crash is charged to it alone.
+        # claimed holding the gate (see _alone_turn), so that nothing else of the
+        # process is in a listener meanwhile, and its crash is charged to it alone.
         with contextlib.nullcontext() if self._alone else GATE.shared():
+            if self._alone:  # (committed before its listener starts)
+                ids = [r[0] for r in rows]
+                with self.session.atomic():
+                    mark = self._in_parts(MARK_ALONE_SQL, ids)
+                    self.session.execute(mark, (ids, [r[2] for r in rows]))
             self._process(rows)
             self._in_hand = {}
         pace = (time.monotonic() - started) / len(rows)
