@@ -553,6 +553,113 @@ def test_a_suspect_holds_up_no_other_message_of_its_channel(db: str) -> None:
     assert max(ten) < slow[1] < dict(quiet)[0], "the ten waited for the other channel"
 
 
+def test_a_turn_alone_stays_alone_when_another_processor_waits_for_one_in_vain() -> None:
+    """A processor's wait for its turn alone that ends without one leaves another's turn
+    alone as it is: no batch gets in beside it (review 7 of issue 26: the failed wait
+    cleared the turn, a batch ran beside a suspect, and the suspect was charged with its
+    crash)."""
+    from pgpubsub._processor import _Gate
+
+    gate = _Gate()
+    events: list[str] = []
+    running = threading.Event()
+
+    def suspect() -> None:
+        with gate.exclusive() as alone:
+            assert alone
+            running.set()
+            time.sleep(0.5)
+            events.append("suspect done")
+
+    def batch() -> None:
+        with gate.shared():
+            events.append("batch in")
+
+    first = threading.Thread(target=suspect)
+    first.start()
+    assert running.wait(5)
+    with gate.exclusive(0) as alone:  # another processor: no turn now
+        assert not alone
+    with gate.exclusive(0.05) as alone:
+        assert not alone
+    second = threading.Thread(target=batch)
+    second.start()
+    first.join(5)
+    second.join(5)
+    assert events == ["suspect done", "batch in"]
+
+
+@dataclass
+class SlowSuspect(Channel, lock_notifications=True):
+    n: int
+
+
+@dataclass
+class LoneSuspect(Channel, lock_notifications=True):
+    n: int
+
+
+def test_a_suspect_runs_alone_while_another_waits_for_its_turn_in_vain(db: str) -> None:
+    """One processor runs its suspect alone; another's claim meets a suspect of its own and
+    its wait for a turn ends without one; a third claims a message. That message's
+    listener runs after the suspect's, not beside it (review 7 of issue 26)."""
+    events: list[str] = []
+    registry = Registry()
+    started = threading.Event()
+
+    def slow_suspect(n: int) -> None:
+        events.append("suspect starts")
+        started.set()
+        time.sleep(1.0)
+        events.append("suspect ends")
+
+    registry.add(SlowSuspect, slow_suspect)
+    registry.add(LoneSuspect, lambda n: events.append("other suspect runs"))
+    registry.add(Batch, lambda n: events.append("message runs"))
+    publish(db, SlowSuspect, range(1))
+    publish(db, LoneSuspect, range(1))
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    procs = [processor(db, registry, ch) for ch in (SlowSuspect, LoneSuspect, Batch)]
+    threads = [threading.Thread(target=proc.drain_once) for proc in procs]
+    threads[0].start()
+    assert started.wait(10)
+    threads[1].start()
+    threads[1].join(0.6)  # its wait for a turn alone (ALONE_WAIT) ended in vain
+    publish(db, Batch, range(1))
+    threads[2].start()
+    for thread in threads:
+        thread.join(15)
+    for proc in procs:
+        proc.session.close()
+    assert events.index("message runs") > events.index("suspect ends"), events
+
+
+@dataclass
+class Mixed(Channel, lock_notifications=True):
+    n: int
+
+
+def test_a_claim_that_meets_an_unkeyed_suspect_takes_the_keyed_messages(db: str) -> None:
+    """An unkeyed suspect heads no ordering key: a claim that meets it takes the keyed
+    messages as it takes unkeyed ones (review 7 of issue 26: the key of the unkeyed
+    suspect, NULL, made every key's NOT IN unknown, and the claim took none)."""
+    from pgpubsub._processor import GATE
+
+    registry = Registry()
+    ran: list[int] = []
+    registry.add(Mixed, lambda n: ran.append(n))
+    publish(db, Mixed, range(1))
+    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    with psycopg.connect(db) as conn:
+        for n, key in [(1, "a"), (2, "b")]:
+            pgpubsub.notify(Mixed(n=n), conn=conn, ordering_key=key)
+    proc = processor(db, registry, Mixed)
+    with GATE.shared():  # another channel's listener runs: no turn alone now
+        proc.drain_once()
+    proc.session.close()
+    assert sorted(ran) == [1, 2]
+
+
 def test_a_suspects_session_lost_before_its_listener_starts_costs_no_attempt(
     db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -308,7 +308,8 @@ WITH RECURSIVE later(key) AS (
 ), pick AS (
     SELECT id, ordering_key, false AS alone FROM due
     WHERE %(suspect)s::bigint IS NULL AND NOT unfinished AND (ordering_key IS NULL
-        OR ordering_key NOT IN (SELECT u.ordering_key FROM due u WHERE u.unfinished))
+        OR ordering_key NOT IN (
+            SELECT u.ordering_key FROM due u WHERE u.unfinished AND u.ordering_key IS NOT NULL))
     UNION ALL
     SELECT id, ordering_key, true FROM due WHERE unfinished AND id = %(suspect)s::bigint
 ), leased AS (
@@ -841,7 +842,8 @@ class _Gate:
             alone = self._cond.wait_for(
                 lambda: not (self._alone or self._running or self._queued), timeout
             )
-            self._alone = alone
+            if alone:  # (a wait in vain leaves another's turn as it is: review 7 of issue 26)
+                self._alone = True
         try:
             yield alone
         finally:
