@@ -1282,32 +1282,38 @@ class ChannelProcessor:
                 # the first claim after it reads every partition.
                 self._everywhere = True
                 self.session.close()
+                self._give_back_round()
                 self.wake.wait(wait)
                 self.wake.clear()
-        # A failed round's, stopped before the next round gave it back (not what a stop
-        # past the grace gave up: see _abandon).
-        if self._in_hand and not self._abandoned:
-            self._give_back_on_exit()
+        self._give_back_round(exiting=True)
         self.session.close()
         if self._loop is not None:
             self._loop.close()
 
-    def _give_back_on_exit(self) -> None:
-        """:meth:`_recover`, as the thread ends after a failed round (a stop during the wait
-        before the next one): its messages would come back charged once their lease is
-        over, a suspect marked alone dead of a crash its listener never saw (review 6 of
-        issue 26)."""
+    def _give_back_round(self, exiting: bool = False) -> None:
+        """:meth:`_recover` the rows of a failed round at once, on a new session: at the
+        next round, after the reconnect wait, their lease may be over and another worker
+        have claimed them, their attempt lost (the chaos tier, seed 5); and a thread
+        stopped meanwhile has no next round (a suspect marked alone was then dead of a
+        crash its listener never saw: review 6 of issue 26). Not what a stop past the
+        grace gave up (see _abandon). When the database is not there either, the next
+        round tries again."""
+        if not self._in_hand or self._abandoned:
+            return
         try:
             self.session.open()
             self._recover()
         except Exception as exc:
-            log.warning(
-                "durable channel %s: could not give back the messages of a failed round (%s); "
-                "they are claimed again once their lease is over, with their attempt counted",
-                self.spec.path,
-                one_line(exc),
-                extra={"channel": self.spec.name},
-            )
+            self.session.close()
+            if exiting:
+                log.warning(
+                    "durable channel %s: could not give back the messages of a failed round "
+                    "(%s); they are claimed again once their lease is over, with their "
+                    "attempt counted",
+                    self.spec.path,
+                    one_line(exc),
+                    extra={"channel": self.spec.name},
+                )
 
     def _trouble(self, exc: Exception, wait: float, failures: int) -> None:
         """Log a failed round: a known cause in one line, anything else with its traceback.
