@@ -700,6 +700,56 @@ def test_a_round_lost_with_its_session_is_given_back_before_its_lease_ends(
     assert rows(db)[0][:2] == ("done", 1)
 
 
+@dataclass
+class Lone(Channel, lock_notifications=True, retry_delay=5, retention=60):
+    n: int
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["suspect alone", "batch"])
+def test_a_stop_past_the_grace_during_a_failed_rounds_give_back_keeps_its_rules(
+    db: str, monkeypatch: pytest.MonkeyPatch, alone: bool
+) -> None:
+    """A listener ends its own session; the give-back of the failed round waits for a slow
+    reconnect (a server restarting) when a stop past the grace comes. The stop gives the
+    rows back as the round's give-back would: a suspect whose listener ran alone keeps its
+    attempt and its mark (it may have ended the session itself), a batch's messages are
+    uncharged and each runs alone next (review 8 of issue 26: the stop gave them back as
+    a batch whose listener still ran: the suspect uncharged and unmarked, the batch's
+    messages no longer to run alone)."""
+    from pgpubsub import durable as api
+
+    registry = Registry()
+    ran: list[int] = []
+
+    def ends_its_session(n: int) -> None:
+        ran.append(n)
+        if alone or n == 2:
+            api.connection().execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    registry.add(Lone, ends_its_session)
+    publish(db, Lone, range(1, 2 if alone else 3))
+    if alone:
+        admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    opened = PsycopgSession.open
+
+    def slow_open(self: PsycopgSession) -> None:
+        if ran and (self.conn is None or self.conn.closed):
+            time.sleep(2)
+        opened(self)
+
+    monkeypatch.setattr(PsycopgSession, "open", slow_open)
+    proc = processor(db, registry, Lone, poll_interval=0.05)
+    proc.start()
+    wait_until(lambda: ran, timeout=10)
+    time.sleep(0.1)
+    proc.stop(0.3, db)
+    proc.join()
+    left = admin_query(
+        db, "SELECT attempts, unfinished, claimed_alone FROM pgpubsub.message ORDER BY id"
+    )
+    assert left == ([(2, True, True)] if alone else [(0, True, False)] * 2)
+
+
 def test_a_suspects_session_lost_before_its_listener_starts_costs_no_attempt(
     db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

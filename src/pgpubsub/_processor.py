@@ -76,7 +76,7 @@ log = logging.getLogger("pgpubsub.durable")
 # turn alone is neither charged nor leased, so the crash of another message of
 # its process costs it nothing, and its channel goes on meanwhile (reviews of
 # issue 26). A suspect whose turn does not come soon is passed over (``passed``:
-# its id; a keyed one's key is blocked) for a poll interval: in the first rows
+# its id; a keyed one's key is blocked) for a while (PASSED_FOR): in the first rows
 # of a claim, it kept the messages behind it from being claimed. The last
 # columns of a claimed row say whether it was claimed alone, and the message's
 # key.
@@ -777,6 +777,11 @@ PER_KEY = 32
 #: with its channel's other messages: a listener of the process may be waiting for
 #: one of them (a result), and no turn alone comes until it returns.
 ALONE_WAIT = 0.25
+#: The least seconds a suspect whose turn alone did not come is passed over by claims
+#: (a poll interval when longer): passed over for less than ALONE_WAIT, it was back in
+#: the first row of nearly every claim of a processor claiming one message at a time,
+#: and the messages behind it were not claimed.
+PASSED_FOR = 1.0
 #: The least listener time, in seconds, worth a share of a batch handed to an idle
 #: processor (ChannelProcessor._hand_out): a share costs a wake-up and a transaction
 #: of its own. Bursts of 16 messages at concurrency=32: with listeners of 5 ms, handed
@@ -931,6 +936,7 @@ class ChannelProcessor:
         self._suspect: tuple[int, str | None] | None = None
         self._began = False  # a listener of the rows in hand began
         self._abandoned = False  # a stop past the grace gave up the rows in hand
+        self._round_failed = False  # the rows in hand are a failed round's
         self.max_attempts = int(cls.max_attempts)
         self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
         self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
@@ -1025,7 +1031,7 @@ class ChannelProcessor:
     def _abandon(self, conninfo: str) -> None:
         """Give back the batch in hand of a thread that did not stop in time (see stop)."""
         in_hand, current, backend = dict(self._in_hand), self._current, self._backend
-        alone = self._alone
+        alone, failed, began = self._alone, self._round_failed, self._began
         self._abandoned = True
         back = {mid: attempt for mid, attempt in in_hand.items() if mid != current}
         if not in_hand:
@@ -1046,7 +1052,13 @@ class ChannelProcessor:
                 with conn.transaction():
                     # The ended session's locks go as its server process exits.
                     conn.execute(LOCK_TIMEOUT_SQL, (ABANDON_LOCK_TIMEOUT,))
-                    conn.execute(ABANDON_SQL, (alone, list(back), list(back.values())))
+                    if failed:  # a failed round's, given back by its rules (see _recover)
+                        ids = list(in_hand)
+                        conn.execute(CANCELLED_SQL, (ids,))
+                        if not (alone and began):
+                            conn.execute(RECOVER_SQL, (ids, list(in_hand.values())))
+                    else:
+                        conn.execute(ABANDON_SQL, (alone, list(back), list(back.values())))
         except Exception as exc:  # the process exits anyway: they come back charged
             log.warning(
                 "durable channel %s: could not give back the batch in hand (%s); its messages "
@@ -1167,6 +1179,7 @@ class ChannelProcessor:
                         RECOVER_SQL, (list(self._in_hand), list(self._in_hand.values()))
                     )
             self._in_hand = {}
+            self._round_failed = False
 
     def _release(self, wake: bool) -> None:
         if not self._leasing:
@@ -1282,6 +1295,7 @@ class ChannelProcessor:
                 # the first claim after it reads every partition.
                 self._everywhere = True
                 self.session.close()
+                self._round_failed = bool(self._in_hand)
                 self._give_back_round()
                 self.wake.wait(wait)
                 self.wake.clear()
@@ -1808,11 +1822,11 @@ class ChannelProcessor:
     def _alone_turn(self, suspect: tuple[int, str | None], wait: float) -> int:
         """Claim and run the suspect ``suspect`` (id, key) alone, once nothing else of this
         process is in a listener; how many messages it claimed (0: no turn within ``wait``
-        seconds, the suspect then passed over for a poll interval; or another worker took
+        seconds, the suspect then passed over for a while (PASSED_FOR); or another worker took
         it). Its slot (max_in_flight) and key given back after."""
         with GATE.exclusive(wait) as alone:
             if not alone:
-                until = time.monotonic() + self.poll_interval
+                until = time.monotonic() + max(self.poll_interval, PASSED_FOR)
                 self._ring_view.passed[suspect[0]] = (suspect[1], until)
                 return 0
             if self.stopping.is_set() or not self._take_slot():
