@@ -9,6 +9,7 @@ committed. Also: delays count from the call, and idle processors do not spin.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -705,12 +706,22 @@ class Lone(Channel, lock_notifications=True, retry_delay=5, retention=60):
     n: int
 
 
+class SlowToLog(logging.Handler):
+    """A handler that takes its time (a network log sink) over a failed round's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "trying again" in record.getMessage():
+            time.sleep(2)
+
+
+@pytest.mark.parametrize("slow", ["reconnect", "log"])
 @pytest.mark.parametrize("alone", [True, False], ids=["suspect alone", "batch"])
 def test_a_stop_past_the_grace_during_a_failed_rounds_give_back_keeps_its_rules(
-    db: str, monkeypatch: pytest.MonkeyPatch, alone: bool
+    db: str, monkeypatch: pytest.MonkeyPatch, alone: bool, slow: str
 ) -> None:
-    """A listener ends its own session; the give-back of the failed round waits for a slow
-    reconnect (a server restarting) when a stop past the grace comes. The stop gives the
+    """A listener ends its own session; the failed round's give-back waits for a slow
+    reconnect (a server restarting), or its log line for a slow handler, when a stop
+    past the grace comes (review 9 of issue 26: the stop during the log line). The stop gives the
     rows back as the round's give-back would: a suspect whose listener ran alone keeps its
     attempt and its mark (it may have ended the session itself), a batch's messages are
     uncharged and each runs alone next (review 8 of issue 26: the stop gave them back as
@@ -737,13 +748,20 @@ def test_a_stop_past_the_grace_during_a_failed_rounds_give_back_keeps_its_rules(
             time.sleep(2)
         opened(self)
 
-    monkeypatch.setattr(PsycopgSession, "open", slow_open)
-    proc = processor(db, registry, Lone, poll_interval=0.05)
-    proc.start()
-    wait_until(lambda: ran, timeout=10)
-    time.sleep(0.1)
-    proc.stop(0.3, db)
-    proc.join()
+    if slow == "reconnect":
+        monkeypatch.setattr(PsycopgSession, "open", slow_open)
+    handler = SlowToLog()
+    if slow == "log":
+        logging.getLogger("pgpubsub.durable").addHandler(handler)
+    try:
+        proc = processor(db, registry, Lone, poll_interval=0.05)
+        proc.start()
+        wait_until(lambda: ran, timeout=10)
+        time.sleep(0.1)
+        proc.stop(0.3, db)
+        proc.join()
+    finally:
+        logging.getLogger("pgpubsub.durable").removeHandler(handler)
     left = admin_query(
         db, "SELECT attempts, unfinished, claimed_alone FROM pgpubsub.message ORDER BY id"
     )

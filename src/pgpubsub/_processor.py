@@ -1285,6 +1285,9 @@ class ChannelProcessor:
                 elif self._share is None:
                     self._woken = True
             except BaseException as exc:  # never let the thread end while the worker runs
+                # Rows in hand now are a failed round's: said before anything else (a stop
+                # past the grace may come during the log line: review 9 of issue 26).
+                self._round_failed = bool(self._in_hand)
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(f"{type(exc).__name__}: {exc}")
                 wait = RECONNECT.delay(failures)
@@ -1295,7 +1298,6 @@ class ChannelProcessor:
                 # the first claim after it reads every partition.
                 self._everywhere = True
                 self.session.close()
-                self._round_failed = bool(self._in_hand)
                 self._give_back_round()
                 self.wake.wait(wait)
                 self.wake.clear()
@@ -1900,14 +1902,18 @@ class ChannelProcessor:
         # A message claimed alone may be the one that kills this process: it was
         # claimed holding the gate (see _alone_turn), so that nothing else of the
         # process is in a listener meanwhile, and its crash is charged to it alone.
-        with contextlib.nullcontext() if self._alone else GATE.shared():
-            if self._alone:  # (committed before its listener starts)
-                ids = [r[0] for r in rows]
-                with self.session.atomic():
-                    mark = self._in_parts(MARK_ALONE_SQL, ids)
-                    self.session.execute(mark, (ids, [r[2] for r in rows]))
-            self._process(rows)
-            self._in_hand = {}
+        try:
+            with contextlib.nullcontext() if self._alone else GATE.shared():
+                if self._alone:  # (committed before its listener starts)
+                    ids = [r[0] for r in rows]
+                    with self.session.atomic():
+                        mark = self._in_parts(MARK_ALONE_SQL, ids)
+                        self.session.execute(mark, (ids, [r[2] for r in rows]))
+                self._process(rows)
+                self._in_hand = {}
+        except BaseException:
+            self._round_failed = True  # (see _abandon)
+            raise
         pace = (time.monotonic() - started) / len(rows)
         self._listener_pace = self._listening / len(rows)
         # The next claim's size follows (a processor handed shares too: the next
@@ -1995,6 +2001,7 @@ class ChannelProcessor:
                 self._count(self._transaction(claimed, known))
             except Exception as exc:
                 if self.session.broken(exc):
+                    self._round_failed = True  # no listener runs: see _abandon
                     raise
                 self._one_by_one(claimed, exc, known)
         finally:
