@@ -3,7 +3,9 @@
 :func:`check` returns the violations, each a line starting with its kind:
 
 * ``duplicate`` / ``lost`` / ``ran-uncommitted``: every committed message's
-  effect exactly once, unless it was cancelled before running or is dead;
+  effect exactly once, unless it was cancelled before running, ended cancelled
+  after its cancel found it in a worker's hands (its listener asked to stop), or
+  is dead;
   nothing of a rolled-back or deduplicated publish ever runs.
 * ``early``: no listener starts before the message's ``delay``/``run_at``,
   counted from the publishing call.
@@ -156,6 +158,8 @@ def check(record: Record) -> list[str]:
             if effects[n]:
                 v.append(f"cancelled-ran: n={n} was cancelled but took effect")
             continue
+        if n in record.cancel_asked and not effects[n] and n not in final:
+            continue  # asked to stop in a worker's hands, it ended cancelled
         if n in dead:
             if effects[n]:
                 v.append(f"duplicate: n={n} is dead but took effect")

@@ -69,6 +69,9 @@ class Record:
     published: dict[int, Published] = field(default_factory=dict)
     faults: list[FaultRecord] = field(default_factory=list)
     cancelled: set[int] = field(default_factory=set)
+    # cancels that found their message in a worker's hands (messages.cancel's ``stopping``):
+    # it ends cancelled (gone, no effect) unless it completes first
+    cancel_asked: set[int] = field(default_factory=set)
     purged: set[int] = field(default_factory=set)  # dead when purged
     replayed: set[int] = field(default_factory=set)
     counts: Counter[str] = field(default_factory=Counter)
@@ -458,8 +461,11 @@ class Run:
                 if not ids:
                     return
                 mid = ids[op.pick % len(ids)]
-                if messages.cancel(conn, ids=[mid]) == 1:
+                result = messages.cancel(conn, ids=[mid])
+                if result == 1:
                     self.record.cancelled.add(by_id[mid])
+                elif result.stopping:
+                    self.record.cancel_asked.add(by_id[mid])
                 return
             dead = [
                 i

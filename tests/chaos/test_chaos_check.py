@@ -234,3 +234,22 @@ def test_a_claim_while_the_channel_was_paused_is_flagged() -> None:
     assert kinds(history(1.5).check()) == {"paused-start"}  # n=2; n=1 before, n=3 after
     # A claim whose statement began before the pause's commit: within the slack.
     assert history(1.1).check() == []
+
+
+def test_a_message_whose_cancel_found_it_in_a_workers_hands_may_end_cancelled() -> None:
+    """A cancel that finds its message in a worker's hands asks its listener to stop (it
+    returns 0, the message in ``stopping``): the message then ends cancelled (gone, no
+    effect, perhaps before its listener started) or completes first, once. The run
+    recorded only cancels of pending messages, and the crew channel's seed 5 was
+    flagged lost for a message that ended cancelled as documented."""
+    h = History()
+    for n in (1, 2, 3, 4):
+        h.publish(n)
+    h.record.cancel_asked.update({1, 2, 3})
+    h.run(2, 0.0, 1.0)  # completed before the stop came: once
+    h.run(3, 0.0, 0.5)
+    h.run(3, 0.6, 1.0)  # ... but not twice
+    assert sorted(h.check()) == [
+        "duplicate: n=3 (n=3 work ok) took effect 2 times",
+        "lost: n=4 (n=4 work ok) is gone without its effect",
+    ]
