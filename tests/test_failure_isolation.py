@@ -73,6 +73,28 @@ def rows(dsn: str) -> dict[int, tuple[Any, ...]]:
     return {r[0]: r[1:] for r in found}  # type: ignore[misc]
 
 
+def as_suspects(dsn: str, attempts: int = 1) -> None:
+    """Every stored message as a worker killed during its attempt ``attempts`` left it."""
+    admin_query(dsn, "UPDATE pgpubsub.message SET attempts = %s, unfinished = true", (attempts,))
+
+
+def session_lost_at_first_lock(dsn: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The processing session of the first batch to start is ended (its server process
+    terminated) as the batch locks its rows; the list gets that backend's pid."""
+    lock = ChannelProcessor._lock
+    lost: list[int] = []
+
+    def lost_first(self: ChannelProcessor, ids: list[int]) -> dict[int, int]:
+        if not lost:
+            lost.append(self.session.connection.info.backend_pid)
+            admin_query(dsn, "SELECT pg_terminate_backend(%s)", (lost[0],))
+            time.sleep(0.05)
+        return lock(self, ids)
+
+    monkeypatch.setattr(ChannelProcessor, "_lock", lost_first)
+    return lost
+
+
 # -- 1. a message that kills its worker ------------------------------------------------------
 
 
@@ -166,7 +188,7 @@ def test_a_suspect_waiting_for_its_turn_alone_is_not_charged_with_anothers_crash
 
     publish(db, Suspects, range(2))
     # As a worker SIGKILLed during their attempt left them.
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    as_suspects(db)
     env = {**os.environ, "PGPUBSUB_DSN": db, "PYTHONPATH": str(TESTS), "CRASH_ON": "0"}
     env["CRASH_AFTER"] = "1.0"
     cmd = [sys.executable, "-m", "pgpubsub", "listen", "app.crash_listeners", "--worker"]
@@ -199,7 +221,7 @@ def test_a_suspect_is_claimed_only_once_nothing_else_of_its_process_runs(db: str
 
     registry.add(Batch, listener)
     publish(db, Batch, range(1))
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    as_suspects(db)
     proc = processor(db, registry)
     done: list[int] = []
 
@@ -292,7 +314,7 @@ def test_a_channels_suspects_hold_up_no_other_channel_of_the_process(db: str) ->
     registry.add(Suspicious, suspect)
     registry.add(Batch, lambda n: other.append(time.monotonic()))
     publish(db, Suspicious, range(10))
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    as_suspects(db)
     crew = Crew()
     procs = [processor(db, registry, Suspicious, poll_interval=0.2) for _ in range(3)]
     for proc in procs:
@@ -321,7 +343,7 @@ def test_a_processor_stopped_while_it_waits_for_its_turn_alone_claims_nothing(db
     registry = Registry()
     registry.add(Batch, lambda n: ran.append(n))
     publish(db, Batch, range(1))
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    as_suspects(db)
     proc = processor(db, registry)
     with GATE.shared():  # a batch of another processor of the process is in its listeners
         thread = threading.Thread(target=proc.drain_once)
@@ -383,7 +405,7 @@ def test_a_suspect_whose_claim_or_mark_reply_is_lost_is_not_dead_without_running
     registry.add(Batch, lambda n: ran.append(n))
     publish(db, Batch, range(1))
     # max_attempts=3: marked alone at attempt 3, it would be dead of crashes at its next claim
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 2, unfinished = true")
+    as_suspects(db, attempts=2)
     proc = processor(db, registry)
     with monkeypatch.context() as patch:
         _lose_the_reply(db, where, patch)
@@ -411,7 +433,7 @@ def test_a_suspects_lost_mark_is_given_back_by_a_worker_stopped_before_its_next_
     ran: list[int] = []
     registry.add(Batch, lambda n: ran.append(n))
     publish(db, Batch, range(1))
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 2, unfinished = true")
+    as_suspects(db, attempts=2)
     proc = processor(db, registry, poll_interval=0.1)
     lost = _lose_the_reply(db, "mark", monkeypatch)
     proc.start()
@@ -439,7 +461,7 @@ def test_a_round_gives_back_only_the_claims_it_knows_it_made(
     ran: list[int] = []
     registry.add(Batch, lambda n: ran.append(n))
     publish(db, Batch, range(1))
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 2, unfinished = true")
+    as_suspects(db, attempts=2)
     one, two = processor(db, registry), processor(db, registry)
     claim = ChannelProcessor._claim
 
@@ -533,7 +555,7 @@ def test_a_suspect_holds_up_no_other_message_of_its_channel(db: str) -> None:
 
     registry.add(Batch, slow_listener)
     publish(db, Quiet, range(1))
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    as_suspects(db)
     publish(db, Quiet, range(1, 11))
     publish(db, Batch, range(1))
     crew = Crew()
@@ -619,7 +641,7 @@ def test_a_suspect_runs_alone_while_another_waits_for_its_turn_in_vain(db: str) 
     registry.add(Batch, lambda n: events.append("message runs"))
     publish(db, SlowSuspect, range(1))
     publish(db, LoneSuspect, range(1))
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    as_suspects(db)
     procs = [processor(db, registry, ch) for ch in (SlowSuspect, LoneSuspect, Batch)]
     threads = [threading.Thread(target=proc.drain_once) for proc in procs]
     threads[0].start()
@@ -650,7 +672,7 @@ def test_a_claim_that_meets_an_unkeyed_suspect_takes_the_keyed_messages(db: str)
     ran: list[int] = []
     registry.add(Mixed, lambda n: ran.append(n))
     publish(db, Mixed, range(1))
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    as_suspects(db)
     with psycopg.connect(db) as conn:
         for n, key in [(1, "a"), (2, "b")]:
             pgpubsub.notify(Mixed(n=n), conn=conn, ordering_key=key)
@@ -676,17 +698,7 @@ def test_a_round_lost_with_its_session_is_given_back_before_its_lease_ends(
     chaos tier, seed 5: a message dead after two runs of three)."""
     registry = Registry()
     registry.add(Leased, lambda n: None)
-    lock = ChannelProcessor._lock
-    lost: list[int] = []
-
-    def lost_first(self: ChannelProcessor, ids: list[int]) -> dict[int, int]:
-        if not lost:
-            lost.append(self.session.connection.info.backend_pid)
-            admin_query(db, "SELECT pg_terminate_backend(%s)", (lost[0],))
-            time.sleep(0.05)
-        return lock(self, ids)
-
-    monkeypatch.setattr(ChannelProcessor, "_lock", lost_first)
+    lost = session_lost_at_first_lock(db, monkeypatch)
     one = processor(db, registry, Leased, poll_interval=0.05)
     one.start()
     publish(db, Leased, range(1))
@@ -740,7 +752,7 @@ def test_a_stop_past_the_grace_during_a_failed_rounds_give_back_keeps_its_rules(
     registry.add(Lone, ends_its_session)
     publish(db, Lone, range(1, 2 if alone else 3))
     if alone:
-        admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+        as_suspects(db)
     opened = PsycopgSession.open
 
     def slow_open(self: PsycopgSession) -> None:
@@ -779,19 +791,9 @@ def test_a_suspects_session_lost_before_its_listener_starts_costs_no_attempt(
     ran: list[int] = []
     registry.add(Batch, lambda n: ran.append(n))
     publish(db, Batch, range(1))
-    admin_query(db, "UPDATE pgpubsub.message SET attempts = 1, unfinished = true")
+    as_suspects(db)
     proc = processor(db, registry)
-    lock = ChannelProcessor._lock
-    kills: list[int] = []
-
-    def killed_first(self: ChannelProcessor, ids: list[int]) -> dict[int, int]:
-        if not kills:
-            kills.append(self.session.connection.info.backend_pid)
-            admin_query(db, "SELECT pg_terminate_backend(%s)", (kills[0],))
-            time.sleep(0.1)
-        return lock(self, ids)
-
-    monkeypatch.setattr(ChannelProcessor, "_lock", killed_first)
+    kills = session_lost_at_first_lock(db, monkeypatch)
     with pytest.raises(psycopg.OperationalError):
         proc.drain_once()
     assert ran == [] and kills

@@ -1053,10 +1053,8 @@ class ChannelProcessor:
                     # The ended session's locks go as its server process exits.
                     conn.execute(LOCK_TIMEOUT_SQL, (ABANDON_LOCK_TIMEOUT,))
                     if failed:  # a failed round's, given back by its rules (see _recover)
-                        ids = list(in_hand)
-                        conn.execute(CANCELLED_SQL, (ids,))
-                        if not (alone and began):
-                            conn.execute(RECOVER_SQL, (ids, list(in_hand.values())))
+                        for statement, params in _recovery(in_hand, alone and began):
+                            conn.execute(statement, params)
                     else:
                         conn.execute(ABANDON_SQL, (alone, list(back), list(back.values())))
         except Exception as exc:  # the process exits anyway: they come back charged
@@ -1169,15 +1167,8 @@ class ChannelProcessor:
         """
         if self._in_hand:
             with self.session.atomic():
-                # Cancelled while they ran (pgpubsub.cancel_request): they end cancelled.
-                self.session.execute(CANCELLED_SQL, (list(self._in_hand),))
-                # One message claimed alone may have ended its session itself (a
-                # query that crashes its server process), once its listener began:
-                # it keeps its attempt.
-                if not (self._alone and self._began):
-                    self.session.execute(
-                        RECOVER_SQL, (list(self._in_hand), list(self._in_hand.values()))
-                    )
+                for statement, params in _recovery(self._in_hand, self._alone and self._began):
+                    self.session.execute(statement, params)
             self._in_hand = {}
             self._round_failed = False
 
@@ -2001,7 +1992,6 @@ class ChannelProcessor:
                 self._count(self._transaction(claimed, known))
             except Exception as exc:
                 if self.session.broken(exc):
-                    self._round_failed = True  # no listener runs: see _abandon
                     raise
                 self._one_by_one(claimed, exc, known)
         finally:
@@ -2307,6 +2297,19 @@ class ChannelProcessor:
             if dead and self.results:  # a waiting handle raises its error
                 self.session.execute(SETTLED_SQL, (DONE_CHANNEL, mid))
         return dead
+
+
+def _recovery(in_hand: dict[int, int], ran_alone: bool) -> list[tuple[str, Any]]:
+    """The statements that give back the rows of a failed round (``in_hand``: id ->
+    attempt), with their parameters: those cancelled while they ran end cancelled
+    (pgpubsub.cancel_request); the others are given back uncharged, but for a message
+    claimed alone whose listener began (``ran_alone``): it may have ended its session
+    itself (a query that crashes its server process), and keeps its attempt."""
+    ids = list(in_hand)
+    statements: list[tuple[str, Any]] = [(CANCELLED_SQL, (ids,))]
+    if not ran_alone:
+        statements.append((RECOVER_SQL, (ids, list(in_hand.values()))))
+    return statements
 
 
 def _backend_pid(session: Session) -> int | None:
