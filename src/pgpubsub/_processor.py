@@ -1651,7 +1651,11 @@ class ChannelProcessor:
         20-40% slower over a 1 ms network).
         """
         self._suspect = None
-        if not self.crew.take_turn(self):
+        # Wake-ups that come while it waits are left to it, up to its room (see
+        # Crew.take_turn): not for a suspect's claim (it takes that one alone), nor
+        # for a channel with key limits (a key's messages are capped in a claim).
+        room = 0 if suspect is not None or self._limited else self.claim_size - 1
+        if not self.crew.take_turn(self, room):
             return []
         self._turn = True
         try:
