@@ -21,7 +21,7 @@ from helpers import Running, admin_query, terminate_sessions, wait_until
 
 import pgpubsub
 from pgpubsub import _leases, errors
-from pgpubsub.channel import Channel
+from pgpubsub.channel import Channel, spec_of
 from pgpubsub.durable import connection, migrate
 from pgpubsub.listen import Registry
 
@@ -289,3 +289,26 @@ def test_a_stop_waits_one_grace_however_many_listeners_outlast_it(db: str) -> No
         run.loop.run(run.engine.stop(), timeout=20)
         run.loop.close()
     assert took < 2.0, took
+
+
+def test_a_start_that_fails_leaves_no_thread_running(db: str) -> None:
+    """The worker's LISTEN fails as the durable side starts (its connection lost, say): the
+    start raises, and it leaves nothing running. The lease keeper went on renewing the
+    worker's leases every few seconds, in a thread of its own, for as long as the process
+    lived (noted in issue 26's reviews)."""
+    from pgpubsub.durable import DurableRunner
+    from pgpubsub.engine import Engine
+
+    engine = Engine(db)
+    runner = DurableRunner(engine, [spec_of(Once)], Registry())
+
+    async def lost(*args: Any, **kwargs: Any) -> None:
+        raise errors.DatabaseConnectionError("connection lost while subscribing")
+
+    engine.subscribe = lost  # type: ignore[method-assign]
+    before = set(threading.enumerate())
+    with pytest.raises(errors.DatabaseConnectionError):
+        asyncio.run(runner.start())
+    time.sleep(0.2)
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == [], left

@@ -434,9 +434,13 @@ class DurableRunner:
 
     async def start(self) -> None:
         self.keeper.start()
-        for name, crew in self.crews.items():
-            await self.engine.subscribe(name, self._waker(crew), thread=False)
-        await self.engine.subscribe(CANCEL_CHANNEL, self._cancel_requested, thread=False)
+        try:
+            for name, crew in self.crews.items():
+                await self.engine.subscribe(name, self._waker(crew), thread=False)
+            await self.engine.subscribe(CANCEL_CHANNEL, self._cancel_requested, thread=False)
+        except BaseException:
+            await asyncio.to_thread(self.keeper.stop)  # nothing left running
+            raise
         # Stored messages are always processed at start (what --recover asks for).
         for proc in self.processors:
             proc.start()
