@@ -507,3 +507,187 @@ def test_messages_whose_wake_ups_came_while_a_claim_waited_for_its_turn_start_at
         assert after[-1] < 1, after
     else:  # four at once, then the last two as the first four end
         assert after[3] < 0.3 and after[-1] < 0.8, after
+
+
+def test_a_claim_that_takes_the_turn_ahead_of_an_earlier_one_leaves_the_crew_working() -> None:
+    """The claim lock is not a queue: a claim arriving as the turn is freed may take it ahead
+    of one that waited. Both waiting with the same room, the newcomer removed the earlier
+    one's entry (equal, not the same), whose own removal then raised as it took the turn:
+    the turn was never ended and every processor of the channel waited for it until the
+    worker stopped (hostile review 10 of issue 26, finding 1: a worker at concurrency=8
+    froze after 16 s of ordinary load)."""
+    from pgpubsub._crew import Crew
+
+    crew = Crew()
+    idle = _Resting(crew)
+    try:
+        wait_until(lambda: crew.idle() == 1)
+        holder, first, barging, later = (_Resting.__new__(_Resting) for _ in range(4))
+        for m in (holder, first, barging, later):
+            m.stopping = threading.Event()
+        assert crew.take_turn(holder)
+        outcome: list[object] = []
+
+        def wait_first() -> None:
+            try:
+                outcome.append(crew.take_turn(first, 9))
+                crew.end_turn()
+            except BaseException as exc:  # (the failure being tested)
+                outcome.append(exc)
+
+        waiting = threading.Thread(target=wait_first)
+        waiting.start()
+        time.sleep(0.2)
+        crew.end_turn()
+        assert crew.take_turn(barging, 9)  # ahead of the one waiting
+        crew.wake_one()  # left to the one still waiting
+        assert idle.woken == 0
+        crew.end_turn()
+        waiting.join(5)
+        assert outcome == [True]
+        taken: list[bool] = []
+        taker = threading.Thread(target=lambda: taken.append(crew.take_turn(later)))
+        taker.start()
+        taker.join(3)
+        assert taken == [True]
+        crew.end_turn()
+        crew.wake_one()  # no claim waits: the idle processor is woken
+        wait_until(lambda: idle.woken == 1)
+    finally:
+        idle.stop()
+
+
+def hold_the_turn_while(runner: DurableRunning, channel: Any, publish: Any) -> float:
+    """Run ``publish()`` while the crew's claim turn is held, as by a claim in flight; the
+    time the turn was freed."""
+    for proc in runner.durable.processors:
+        proc.claim_size = proc.batch_size = 10
+    crew = runner.durable.crews[spec_of(channel).name]
+    assert crew.take_turn(runner.durable.processors[0])
+    try:
+        publish()
+    finally:
+        crew.end_turn()
+    return time.monotonic()
+
+
+def started_after(db: str, channel: Any, publish: Any, count: int, work: float = 0) -> list[float]:
+    """When each of ``count`` messages started, in seconds after the turn was freed (workers
+    polling every 30 s), ``publish`` run while it was held; listeners take ``work`` s."""
+    registry = Registry()
+    started: dict[int, float] = {}
+
+    def listener(n: int) -> None:
+        started[n] = time.monotonic()
+        time.sleep(work)
+
+    registry.add(channel, listener)
+    runner = DurableRunning(db, [channel], registry, poll_interval=30)
+    try:
+        time.sleep(0.3)  # looked and gone to sleep
+        freed = hold_the_turn_while(runner, channel, publish)
+        wait_until(lambda: len(started) == count, timeout=40)
+    finally:
+        runner.stop()
+    return sorted(round(t - freed, 2) for t in started.values())
+
+
+@dataclass
+class Rated(Channel, lock_notifications=True, concurrency=4, rate_limit="20/s"):
+    n: int
+
+
+def test_a_rate_limited_channels_messages_published_while_a_claim_waits_start_in_time(
+    db: str,
+) -> None:
+    """Four messages, a wake-up each, while a claim of a rate-limited channel (20/s) waits:
+    they start within their tokens' time. Left to the waiting claim, the wake-ups did not
+    reach the processor that asks when the next token is due, and two messages waited for
+    the 30 s poll (hostile review 10 of issue 26, finding 2): such a channel's claims take
+    no wake-up left to them."""
+    name = spec_of(Rated).name
+
+    def publish() -> None:
+        for n in range(4):
+            with psycopg.connect(db) as conn:
+                pgpubsub.notify(Rated(n=n), conn=conn)
+                conn.execute("SELECT pg_catalog.pg_notify(%s, '')", [name])
+            time.sleep(0.2)
+
+    after = started_after(db, Rated, publish, 4)
+    assert after[-1] < 2, after
+
+
+@dataclass
+class Keyed(Channel, lock_notifications=True, concurrency=4):
+    n: int
+
+
+def test_one_wake_up_for_many_keyed_messages_left_to_a_waiting_claim_runs_them_side_by_side(
+    db: str,
+) -> None:
+    """A claim waits; one transaction stores 20 messages of 20 ordering keys with one
+    wake-up, left to that claim. Its batch of 10 is full: it asks for a hand at once, and
+    the messages run two batches at a time. They ran one after another, for the claim
+    asked for a hand only after a second full batch, and keyed rows are not handed out
+    (hostile review 10 of issue 26, finding 4)."""
+    name = spec_of(Keyed).name
+
+    def publish() -> None:
+        with psycopg.connect(db) as conn:  # one message, its wake-up: a claim waits
+            pgpubsub.notify(Keyed(n=0), conn=conn, ordering_key="k0")
+            conn.execute("SELECT pg_catalog.pg_notify(%s, '')", [name])
+        time.sleep(0.2)
+        with psycopg.connect(db) as conn:
+            for n in range(1, 21):
+                pgpubsub.notify(Keyed(n=n), conn=conn, ordering_key=f"k{n}")
+            conn.execute("SELECT pg_catalog.pg_notify(%s, '')", [name])
+        time.sleep(0.3)
+
+    after = started_after(db, Keyed, publish, 21, work=0.05)
+    assert after[-1] < 0.8, after
+
+
+def test_messages_left_to_a_claim_that_fails_are_claimed_at_once_by_another(db: str) -> None:
+    """Four messages, a wake-up each, left to a waiting claim whose session is then ended:
+    another processor claims them at once. They waited for the failed processor's
+    reconnect (0.5 s, longer at each failure) while three processors were idle (hostile
+    review 10 of issue 26, finding 5)."""
+    from pgpubsub._processor import _backend_pid
+
+    name = spec_of(Crowd).name
+    registry = Registry()
+    started: dict[int, float] = {}
+    registry.add(Crowd, lambda n: started.setdefault(n, time.monotonic()))
+    runner = DurableRunning(db, [Crowd], registry, poll_interval=30)
+    crew = runner.durable.crews[name]
+    takers: list[Any] = []
+    take_turn = crew.take_turn
+
+    def noted(proc: Any, *args: Any) -> bool:
+        takers.append(proc)
+        return take_turn(proc, *args)
+
+    def publish() -> None:
+        crew.take_turn = noted  # type: ignore[method-assign]
+        for n in range(4):
+            with psycopg.connect(db) as conn:  # this wake-up alone (not the publish's own)
+                conn.execute("SET LOCAL pgpubsub.wake = 'off'")
+                pgpubsub.notify(Crowd(n=n), conn=conn)
+                conn.execute("SELECT pg_catalog.pg_notify(%s, '')", [name])
+            time.sleep(0.2 if n == 0 else 0)
+        time.sleep(0.2)
+        with psycopg.connect(db, autocommit=True) as conn:
+            assert len(takers) == 1, takers  # one claim waits, the wake-ups left to it
+            pid = _backend_pid(takers[0].session)
+            conn.execute("SELECT pg_catalog.pg_terminate_backend(%s)", [pid])
+        time.sleep(0.2)
+
+    try:
+        time.sleep(0.3)
+        freed = hold_the_turn_while(runner, Crowd, publish)
+        wait_until(lambda: len(started) == 4, timeout=40)
+    finally:
+        runner.stop()
+    after = sorted(round(t - freed, 2) for t in started.values())
+    assert after[-1] < 0.3, after

@@ -69,6 +69,15 @@ class _Member(Protocol):
         """Take ``share``, rows another processor of the crew claimed, to run next."""
 
 
+class _Waiting:
+    """A claim waiting for its turn: how many more wake-ups may be left to it."""
+
+    __slots__ = ("room",)
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+
 class Crew:
     """Wake-ups for the processors of one channel (see the module docstring)."""
 
@@ -85,7 +94,8 @@ class Crew:
         self._busy_wait = BUSY_POLL_FIRST  # the next look's wait beside a publisher
         self._busy_since: float | None = None  # the first such look since a wake-up
         self._claim = threading.Lock()  # held by the processor whose claim is in flight
-        self._waiting: list[list[int]] = []  # the claims waiting for their turn: [room]
+        self._waiting: list[_Waiting] = []  # the claims waiting for their turn
+        self.left = 0  # wake-ups left to the claim in turn (read by its processor)
 
     def take_turn(self, proc: _Member, room: int = 0) -> bool:
         """The crew's turn to claim, once the claim statement in flight has returned;
@@ -94,19 +104,26 @@ class Crew:
 
         ``room``: how many more messages than one the claim may take (0 for a claim
         of one message, or of one chosen message): while it waits for its turn, up to
-        that many wake-ups are left to it instead of waking another processor.
+        that many wake-ups are left to it instead of waking another processor
+        (:attr:`left`, once it has the turn: how many were).
         """
-        waiting = [room]
+        waiting = _Waiting(room)
         with self._lock:
             self._waiting.append(waiting)
+        turn = False
         try:
-            while not self._claim.acquire(timeout=CLAIM_WAIT):
-                if proc.stopping.is_set():
-                    return False
-            return True
+            while not turn and not proc.stopping.is_set():
+                turn = self._claim.acquire(timeout=CLAIM_WAIT)
+            return turn
         finally:
             with self._lock:
-                self._waiting.remove(waiting)
+                # This claim's own entry (the turn is not first come, first served),
+                # and only its own: another's stays until it has its turn.
+                self._waiting = [w for w in self._waiting if w is not waiting]
+                if turn:
+                    self.left = room - waiting.room
+            if not turn and room > waiting.room:  # stopped: the wake-ups go on
+                self.wake_one()
 
     def end_turn(self) -> None:
         """The claim statement of the turn has returned: the next processor's turn."""
@@ -124,8 +141,8 @@ class Crew:
             self._busy_wait, self._busy_since = BUSY_POLL_FIRST, None
             if not more:
                 for waiting in self._waiting:
-                    if waiting[0] > 0:  # a claim yet to begin: it will see the message
-                        waiting[0] -= 1
+                    if waiting.room > 0:  # a claim yet to begin: it will see the message
+                        waiting.room -= 1
                         return
             proc = self._take()
             if proc is None:

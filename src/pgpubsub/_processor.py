@@ -934,6 +934,7 @@ class ChannelProcessor:
         self._alone = False  # the last claim took a message alone (unfinished before)
         # The last claim met a suspect (and left it): its id and ordering key.
         self._suspect: tuple[int, str | None] | None = None
+        self._left = 0  # wake-ups left to the last claim (see Crew.take_turn)
         self._began = False  # a listener of the rows in hand began
         self._abandoned = False  # a stop past the grace gave up the rows in hand
         self._round_failed = False  # the rows in hand are a failed round's
@@ -1627,6 +1628,7 @@ class ChannelProcessor:
     def _claim_moving(self, suspect: int | None = None) -> list[tuple[Any, ...]]:
         """:meth:`_claim`, again when a row moved segments under it (see MOVED_STATE), or
         on every partition when it took a message of a key with an older one elsewhere."""
+        self._left = 0  # the wake-ups left to its claims (see Crew.take_turn)
         for _ in range(MOVED_RETRIES - 1):
             try:
                 return self._claim_in_turn(suspect)
@@ -1653,13 +1655,27 @@ class ChannelProcessor:
         self._suspect = None
         # Wake-ups that come while it waits are left to it, up to its room (see
         # Crew.take_turn): not for a suspect's claim (it takes that one alone), nor
-        # for a channel with key limits (a key's messages are capped in a claim).
-        room = 0 if suspect is not None or self._limited else self.claim_size - 1
-        if not self.crew.take_turn(self, room):
+        # on a channel with key limits (a key's messages are capped in a claim) or a
+        # rate limit (the poller, not this processor, waits for the next token).
+        shares = suspect is None and not self._limited and rate_of(self.spec.cls) is None
+        if not self.crew.take_turn(self, self.claim_size - 1 if shares else 0):
             return []
+        self._left += self.crew.left
         self._turn = True
         try:
-            return self._claim(suspect)
+            claimed = self._claim(suspect)
+            if self._left and len(claimed) >= self.claim_size:
+                # Full, with wake-ups left to it (each may stand for more messages):
+                # another processor claims the next batch meanwhile, as it would have.
+                self.crew.wake_one(more=True)
+            return claimed
+        except Exception as exc:
+            # Claimed again at once by this processor (_claim_moving), or not before its
+            # reconnect: the wake-ups left to it go to another processor meanwhile.
+            again = isinstance(exc, _OlderElsewhere) or sqlstate(exc) == MOVED_STATE
+            if self._left and not again:
+                self.crew.wake_one()
+            raise
         finally:
             self._end_turn()
 
