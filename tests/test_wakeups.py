@@ -691,3 +691,56 @@ def test_messages_left_to_a_claim_that_fails_are_claimed_at_once_by_another(db: 
         runner.stop()
     after = sorted(round(t - freed, 2) for t in started.values())
     assert after[-1] < 0.3, after
+
+
+@dataclass
+class Later1(Channel, lock_notifications=True, concurrency=1, retry_delay=0.5):
+    n: int
+
+
+@dataclass
+class Later2(Channel, lock_notifications=True, concurrency=2, retry_delay=0.5):
+    n: int
+
+
+@dataclass
+class Later4(Channel, lock_notifications=True, concurrency=4, retry_delay=0.5):
+    n: int
+
+
+@pytest.mark.parametrize("cls", [Later1, Later2, Later4])
+def test_messages_due_later_start_when_due_at_every_concurrency(db: str, cls: Any) -> None:
+    """A message due later starts when due, not at the poll (30 s here), whatever set its
+    time: a publisher's delay (its wake-up woke the crew), a listener's delayed follow-up
+    (no wake-up: the crew was busy) and a retry. With two processors or more the
+    processor that claimed after the wake-up, or ran the listener, went back to sleep
+    without asking when the next message is due, and the one that polls slept on to
+    its earlier time: they all waited for the poll (hostile review 10 of issue 26,
+    finding 3)."""
+    started: dict[int, list[float]] = {}
+    due: dict[int, float] = {}
+
+    def listener(n: int) -> None:
+        started.setdefault(n, []).append(time.monotonic())
+        if n == 1:  # a follow-up, published in the listener's transaction
+            pgpubsub.notify(cls(n=10), conn=durable.connection(), delay=0.5)
+            due[10] = time.monotonic() + 0.5
+        if n == 2 and len(started[n]) == 1:  # fails once: its retry is due in 0.5 s
+            due[2] = time.monotonic() + 0.5
+            raise RuntimeError("once")
+
+    registry = Registry()
+    registry.add(cls, listener)
+    runner = DurableRunning(db, [cls], registry, poll_interval=30)
+    try:
+        time.sleep(0.3)  # asleep: publishers wake it
+        for n, delay in ((0, 0.5), (1, 0), (2, 0)):
+            with psycopg.connect(db) as conn:
+                pgpubsub.notify(cls(n=n), conn=conn, delay=delay)
+            due.setdefault(n, time.monotonic() + delay)
+            time.sleep(0.8)
+        wait_until(lambda: len(started) == 4 and len(started[2]) == 2, timeout=40)
+    finally:
+        runner.stop()
+    late = {n: round(started[n][-1] - due[n], 3) for n in (0, 2, 10)}
+    assert all(-0.01 < wait < 0.25 for wait in late.values()), late

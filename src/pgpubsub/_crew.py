@@ -2,26 +2,29 @@
 
 A worker runs ``concurrency`` processors per durable channel. A wake-up (a
 NOTIFY, a key or slot given back, a reconnect) wakes one idle processor, not
-all of them; a processor that claimed a full batch wakes the next one (more
-may be waiting), so work spreads as fast as it comes and one published
-message costs one claim. Of the idle processors only one, the poller, looks
-at the clock: it asks when the next delayed or retried message is due and
-claims then (or after the poll interval); the others sleep until woken and
-cost the database nothing. The crew's claim statements run one at a time
-(:meth:`Crew.take_turn`): processors woken together, or done with their batches
-together, claim one after the other, so that a worker keeps one backend per
-channel busy claiming however many processors it runs (at concurrency=32 and
-400 messages/s, up to 16 claims ran at once, each slower for the others). A
-turn runs from the claim's BEGIN to its statement's rows: the claims' COMMITs,
-and what follows the statement, go side by side. A wake-up that comes while a
-claim waits for its turn is left to that claim, which will see its message,
-as long as the claim may take more messages than it has been left; it wakes
-an idle processor only beyond that (at concurrency=32 and 400 messages/s,
-11.6 claims waited for the turn on average, one for each wake-up, though the
-first of them would see every one of their messages). A claim of several messages
-hands them out to the idle processors (:meth:`Crew.hand_out`), so that they
-start at once instead of one after another in the claimer's transaction; a
-processor handed rows runs them and rests again without a claim.
+all of them; a processor that claimed a full batch wakes the next one (more may
+be waiting), so work spreads as fast as it comes and one published message
+costs one claim. Of the idle processors only one, the poller, looks at the
+clock: it asks when the next delayed or retried message is due and claims then
+(or after the poll interval); the others sleep until woken and cost the
+database nothing. After a wake-up (the new message may be due later), a
+registration (messages published before it sent none) or a retry, the next
+processor to rest asks again and becomes the poller; the poller before it
+sleeps on when its wait ends, without claiming. The crew's claim statements run
+one at a time (:meth:`Crew.take_turn`): processors woken together, or done with
+their batches together, claim one after the other, so that a worker keeps one
+backend per channel busy claiming however many processors it runs (at
+concurrency=32 and 400 messages/s, up to 16 claims ran at once, each slower for
+the others). A turn runs from the claim's BEGIN to its statement's rows: the
+claims' COMMITs, and what follows the statement, go side by side. A wake-up
+that comes while a claim waits for its turn is left to that claim, which will
+see its message, as long as the claim may take more messages than it has been
+left; it wakes an idle processor only beyond that (at concurrency=32 and 400
+messages/s, 11.6 claims waited for the turn on average, one for each wake-up,
+though the first of them would see every one of their messages). A claim of
+several messages hands them out to the idle processors (:meth:`Crew.hand_out`),
+so that they start at once instead of one after another in the claimer's
+transaction; a processor handed rows runs them and rests again without a claim.
 
 A crew with nothing to do registers as asleep (``pgpubsub.sleep``) before its
 last look at the queue, so that publishers wake it (``pgpubsub.wake``: a
@@ -91,6 +94,8 @@ class Crew:
         self._registered = False  # publishers know the crew sleeps (pgpubsub.sleeper)
         self._registering = False
         self._wakes = 0  # wake-ups so far: one may have taken the registration
+        self._changes = 0  # events since which the poller's due time may be too late
+        self._polled = 0  # _changes when the poller last asked when the next one is due
         self._busy_wait = BUSY_POLL_FIRST  # the next look's wait beside a publisher
         self._busy_since: float | None = None  # the first such look since a wake-up
         self._claim = threading.Lock()  # held by the processor whose claim is in flight
@@ -137,6 +142,7 @@ class Crew:
         """
         with self._lock:
             self._wakes += 1
+            self._changes += 1 if not more else 0  # a new message may be due later
             self._registered = False
             self._busy_wait, self._busy_since = BUSY_POLL_FIRST, None
             if not more:
@@ -149,6 +155,12 @@ class Crew:
                 self._missed = self._missed or not more
                 return
         proc.wake.set()
+
+    def rescheduled(self) -> None:
+        """A member's committed transaction set a message to run later (a retry): the
+        poller's due time may be too late; the next processor to rest asks again."""
+        with self._lock:
+            self._changes += 1
 
     def idle(self) -> int:
         """How many processors are idle now (:meth:`hand_out` may find fewer)."""
@@ -209,6 +221,9 @@ class Crew:
                         self._registered = done and wakes == self._wakes
                         if done:
                             self._busy_wait, self._busy_since = BUSY_POLL_FIRST, None
+                            # Messages published while it was not registered sent no
+                            # wake-up: some may be due before the poller's time.
+                            self._changes += 1
                         else:
                             now = self._clock()
                             if self._busy_since is None:
@@ -219,9 +234,13 @@ class Crew:
                 if done:
                     return True  # the last look, now that publishers will wake the crew
             with self._lock:
-                if self._poller is None:
+                if self._poller is None or self._polled != self._changes:
+                    # The poller's due time may be too late: this one asks again and
+                    # polls (the one before sleeps on once its wait ends).
                     self._poller = proc
                 polling = self._poller is proc
+                if polling:
+                    self._polled = self._changes
             try:
                 wait = next_due() if polling else None
                 if busy:
@@ -243,6 +262,7 @@ class Crew:
                     self._idle.remove(proc)
                 handed = id(proc) in self._handed
                 self._handed.discard(id(proc))
+                replaced = polling and self._poller is not proc and not woken
                 successor = None
                 if self._poller is proc and not handed:
                     # Off to claim: another idle processor polls meanwhile.
@@ -253,7 +273,10 @@ class Crew:
                 successor.wake.set()
             if not handed:
                 # a look beside a publisher in a transaction, when its wait ran out
-                return not woken and busy > 0 and wait == busy
+                look = not woken and busy > 0 and wait == busy
+                if replaced and not look:
+                    continue  # its due time was asked again since: nothing to claim
+                return look
         return False
 
     def _take(self, poller_ok: bool = True, ready: bool = False) -> _Member | None:

@@ -88,9 +88,7 @@ CRASHED_OUT = "(m.unfinished AND m.claimed_alone AND m.attempts >= %(max)s)"
 # messages, keyed or not, are not claimed. Checked once per claim (it names no
 # row of the claim: an InitPlan, and nothing is scanned when it is false); a
 # pause committed after a claim lets that batch finish.
-UNPAUSED = (
-    "NOT EXISTS (SELECT 1 FROM pgpubsub.channel_pause z WHERE z.channel = %(channel)s)"
-)
+UNPAUSED = "NOT EXISTS (SELECT 1 FROM pgpubsub.channel_pause z WHERE z.channel = %(channel)s)"
 # The partition of a row of pgpubsub.message: the table's partition key
 # (schema.sql, Version 7 storage), spelled as there, so that a statement whose
 # WHERE compares it with constants is pruned by the planner before anything is
@@ -533,9 +531,9 @@ def _limited_claim_sql() -> str:
       AND run_at <= pg_catalog.now() AND {UNPAUSED} AND {PART} IN ({CLAIM_PARTS})
       AND id <> ALL(%(passed)s::bigint[])
     ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-)""".replace("{UNPAUSED}", UNPAUSED).replace("{PART}", PART).replace(
-                "{CLAIM_PARTS}", CLAIM_PARTS
-            ),
+)""".replace("{UNPAUSED}", UNPAUSED)
+            .replace("{PART}", PART)
+            .replace("{CLAIM_PARTS}", CLAIM_PARTS),
             f"""unkeyed AS (
     SELECT m.id, m.unfinished, m.ordering_key, m.priority, m.run_at FROM (
         SELECT c.id, c.limit_key, pg_catalog.row_number() OVER (
@@ -938,6 +936,7 @@ class ChannelProcessor:
         self._began = False  # a listener of the rows in hand began
         self._abandoned = False  # a stop past the grace gave up the rows in hand
         self._round_failed = False  # the rows in hand are a failed round's
+        self._retried = False  # the rows in process set a message to run later
         self.max_attempts = int(cls.max_attempts)
         self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
         self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
@@ -1100,8 +1099,7 @@ class ChannelProcessor:
             # Slot and keys given back once the outcome is recorded, waking the
             # workers that the key or the slot kept waiting.
             self._release(
-                wake=got > 0
-                and (keyed > 0 or self.max_in_flight is not None or self._limit_slots)
+                wake=got > 0 and (keyed > 0 or self.max_in_flight is not None or self._limit_slots)
             )
             # A suspect the claim left: its turn alone if it comes now, or soon when
             # the claim took nothing else.
@@ -1925,6 +1923,10 @@ class ChannelProcessor:
         except BaseException:
             self._round_failed = True  # (see _abandon)
             raise
+        finally:
+            if self._retried:  # (committed now, or undone): the crew's poller asks again
+                self._retried = False
+                self.crew.rescheduled()
         pace = (time.monotonic() - started) / len(rows)
         self._listener_pace = self._listening / len(rows)
         # The next claim's size follows (a processor handed shares too: the next
@@ -2295,6 +2297,7 @@ class ChannelProcessor:
                 f"stored: {one_line(trouble)})"
             )
             final = self._record(mid, error, delay, limit)
+        self._retried = self._retried or not final
         log.log(
             logging.ERROR if final else logging.WARNING,
             "message %s on %s failed (attempt %d of %d): %r%s",
