@@ -12,6 +12,7 @@ import asyncio
 import bisect
 import contextlib
 import datetime
+import itertools
 import math
 import os
 import re
@@ -1311,3 +1312,58 @@ def test_a_held_key_behind_a_key_at_its_concurrency_gets_its_next_token(flow: st
     finally:
         proc.session.close()
     assert all(0.2 < wait <= 0.5 for wait in waits), waits
+
+
+@dataclass
+class Paced1(Channel, lock_notifications=True, concurrency=1, rate_limit="5/s"):
+    n: int
+
+
+@dataclass
+class Paced2(Channel, lock_notifications=True, concurrency=2, rate_limit="5/s"):
+    n: int
+
+
+@dataclass
+class Paced8(Channel, lock_notifications=True, concurrency=8, rate_limit="5/s"):
+    n: int
+
+
+@dataclass
+class KeyPaced1(Channel, lock_notifications=True, concurrency=1, key_rate_limit="5/s"):
+    n: int
+
+
+@dataclass
+class KeyPaced4(Channel, lock_notifications=True, concurrency=4, key_rate_limit="5/s"):
+    n: int
+
+
+@pytest.mark.parametrize("cls", [Paced1, Paced2, Paced8, KeyPaced1, KeyPaced4])
+def test_a_burst_under_one_wake_up_runs_at_the_rate_at_every_concurrency(
+    dsn: str, cls: Any
+) -> None:
+    """12 messages in one transaction (one wake-up) to a channel or key limited to 5/s
+    (a bucket of one token) start one every 0.2 s, never faster and never waiting for
+    the poll (30 s here), at every concurrency. With two processors or more, the one
+    whose claim took the last token went to sleep without asking when the next is due,
+    and the poller, whose own last claim had not run out of tokens, did not wait for
+    one: the rest of the burst waited for the poll."""
+    durable.migrate(dsn)
+    started: dict[int, float] = {}
+    registry = Registry()
+    registry.add(cls, lambda n: started.setdefault(n, time.monotonic()))
+    runner = DurableRunning(dsn, [cls], registry, poll_interval=30)
+    try:
+        time.sleep(0.5)  # asleep: the publisher wakes it
+        key = {"limit_key": "a"} if cls.__name__.startswith("Key") else {}
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify_many(cls, [{"n": n} for n in range(12)], conn=conn, **key)
+        published = time.monotonic()
+        wait_until(lambda: len(started) == 12, timeout=40)
+    finally:
+        runner.stop()
+    times = sorted(started.values())
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    assert times[-1] - published < 11 * 0.2 + 1.0, gaps  # about 2.2 s at the rate
+    assert min(gaps) > 0.15, gaps  # and never faster

@@ -96,6 +96,10 @@ class Crew:
         self._wakes = 0  # wake-ups so far: one may have taken the registration
         self._changes = 0  # events since which the poller's due time may be too late
         self._polled = 0  # _changes when the poller last asked when the next one is due
+        # The crew's last claim took all the channel's tokens (all of a limit_key's):
+        # the poller waits for the next token, whichever processor claimed.
+        self.short_of_tokens = False
+        self.short_of_key_tokens = False
         self._busy_wait = BUSY_POLL_FIRST  # the next look's wait beside a publisher
         self._busy_since: float | None = None  # the first such look since a wake-up
         self._claim = threading.Lock()  # held by the processor whose claim is in flight
@@ -157,8 +161,9 @@ class Crew:
         proc.wake.set()
 
     def rescheduled(self) -> None:
-        """A member's committed transaction set a message to run later (a retry): the
-        poller's due time may be too late; the next processor to rest asks again."""
+        """A member's committed transaction set a message to run later (a retry), or its
+        claim ran out of tokens: the poller's due time may be too late; the next
+        processor to rest asks again."""
         with self._lock:
             self._changes += 1
 

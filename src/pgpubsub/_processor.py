@@ -941,7 +941,6 @@ class ChannelProcessor:
         self.timeout: float | None = None if cls.timeout is None else float(cls.timeout)
         self._stops: dict[int, Cancellation] = {}  # the attempts running now, by message id
         self._doomed: set[int] = set()  # in hand, cancelled before their listener started
-        self._short_of_tokens = False  # the last claim took all the tokens it had
         # A results channel keeps its outcomes a day when it sets no retention.
         self.retention = kept_for(cls)
         self.results = bool(cls.results)
@@ -968,7 +967,6 @@ class ChannelProcessor:
         self.key_rate = key_rate_of(cls)
         self.key_slots: int | None = cls.key_concurrency
         self._limited = self.key_rate is not None or self.key_slots is not None
-        self._short_of_key_tokens = False  # a key of the last claim used all its tokens
         self._leased_keys = False  # the last claim leased ordering keys of rows given back
         self._buckets_swept = time.monotonic()  # when key buckets and slot leases were last swept
         self._buckets_after: str | None = None  # the last bucket key the last sweep saw
@@ -1222,7 +1220,7 @@ class ChannelProcessor:
             "capacity": None if rate is None else rate.capacity,
             "per_second": None if rate is None else rate.per_second,
             "slots": self.max_in_flight,
-            "short": self._short_of_tokens,
+            "short": self.crew.short_of_tokens,
         }
         self._sweep_limits()
         with self.session.atomic():
@@ -1231,7 +1229,7 @@ class ChannelProcessor:
             if self.key_rate is not None:
                 keys = {
                     **self._key_params(),
-                    "key_short": self._short_of_key_tokens,
+                    "key_short": self.crew.short_of_key_tokens,
                     "after": self._keys_after,
                     "keys": KEYS_PER_REST,
                     "scan": self._scan,
@@ -1491,6 +1489,7 @@ class ChannelProcessor:
                 return self._run_claim(CLAIM_SQL, params)
             tokens = self._take_tokens(rate, params)
             if tokens < 1:
+                self.crew.rescheduled()  # the poller waits for the next token
                 return []
             claimed = self._run_claim(CLAIM_SQL, params)
             self._spend_tokens(tokens, claimed)
@@ -1609,7 +1608,7 @@ class ChannelProcessor:
         bucket = {"channel": self.spec.name, "capacity": rate.capacity}
         bucket["per_second"] = rate.per_second
         tokens = int(self.session.execute(TAKE_SQL, bucket)[0][0])
-        self._short_of_tokens = True
+        self.crew.short_of_tokens = True
         params["limit"] = min(self.claim_size, tokens)
         params["per_key"] = max(1, min(PER_KEY, self.claim_size // 4, tokens))
         return tokens
@@ -1618,7 +1617,9 @@ class ChannelProcessor:
         """One token per message claimed that will start (a dead one never does)."""
         # Took fewer than the tokens allowed: nothing more is claimable now,
         # and tokens are not what the rest waits for.
-        self._short_of_tokens = len(claimed) >= tokens
+        self.crew.short_of_tokens = len(claimed) >= tokens
+        if self.crew.short_of_tokens:  # the poller waits for the next token
+            self.crew.rescheduled()
         started = sum(1 for r in claimed if r[3] != "dead")
         if started:
             self.session.execute(SPEND_SQL, (started, self.spec.name))
@@ -1821,9 +1822,11 @@ class ChannelProcessor:
             )
         # A key used all its tokens (or some of its messages went back): its next
         # token may be due while this batch runs, so the rest asks for it.
-        self._short_of_key_tokens = self.key_rate is not None and any(
+        self.crew.short_of_key_tokens = self.key_rate is not None and any(
             left.get(k, 0) < 1 for k in allowed
         )
+        if self.crew.short_of_key_tokens:  # the poller waits for the key's next token
+            self.crew.rescheduled()
         return kept
 
     def _batch(self) -> tuple[int, int]:
