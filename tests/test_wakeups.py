@@ -744,3 +744,44 @@ def test_messages_due_later_start_when_due_at_every_concurrency(db: str, cls: An
         runner.stop()
     late = {n: round(started[n][-1] - due[n], 3) for n in (0, 2, 10)}
     assert all(-0.01 < wait < 0.25 for wait in late.values()), late
+
+
+def test_a_poller_replaced_while_it_waits_still_claims_when_its_message_is_due() -> None:
+    """Hostile review 11 of issue 26, finding 1: the poller waited until a message was
+    due; just before that time a retry elsewhere made the next processor to rest ask again
+    and poll. Its question came at or after the due time, so it saw that message as due
+    (not to come) and waited for the next one or the poll; the replaced poller's wait
+    ended, and it went back to sleep without claiming: the message due waited for the
+    poll. Invariant: a poller whose wait runs out claims, replaced or not."""
+    from pgpubsub._crew import Crew
+
+    @dataclass
+    class Member:
+        wake: threading.Event
+        stopping: threading.Event
+
+    crew = Crew()
+    first, second = (Member(threading.Event(), threading.Event()) for _ in range(2))
+    returned: list[float] = []
+
+    def poller() -> None:
+        crew.rest(first, lambda: 0.2, lambda: True)  # registered: its last look
+        returned.append(time.monotonic())
+        crew.rest(first, lambda: 0.2, lambda: True)  # polls: its message due in 0.2 s
+        returned.append(time.monotonic())
+
+    threads = [threading.Thread(target=poller)]
+    threads[0].start()
+    wait_until(lambda: len(returned) == 1 and first in crew._idle, timeout=5)
+    crew.rescheduled()  # a retry: the next processor to rest asks again
+    threads.append(threading.Thread(target=crew.rest, args=(second, lambda: 5.0, lambda: True)))
+    threads[1].start()
+    try:
+        wait_until(lambda: len(returned) == 2, timeout=2)
+        assert returned[1] - returned[0] < 0.5
+    finally:
+        for member in (first, second):
+            member.stopping.set()
+            member.wake.set()
+        for thread in threads:
+            thread.join(timeout=5)

@@ -10,8 +10,9 @@ clock: it asks when the next delayed or retried message is due and claims then
 database nothing. After a wake-up (the new message may be due later), a
 registration (messages published before it sent none) or a retry, the next
 processor to rest asks again and becomes the poller; the poller before it
-sleeps on when its wait ends, without claiming. The crew's claim statements run
-one at a time (:meth:`Crew.take_turn`): processors woken together, or done with
+claims once when its wait ends (its successor may have asked once its message
+was due, and not counted it), then sleeps. The crew's claim statements run one
+at a time (:meth:`Crew.take_turn`): processors woken together, or done with
 their batches together, claim one after the other, so that a worker keeps one
 backend per channel busy claiming however many processors it runs (at
 concurrency=32 and 400 messages/s, up to 16 claims ran at once, each slower for
@@ -241,7 +242,7 @@ class Crew:
             with self._lock:
                 if self._poller is None or self._polled != self._changes:
                     # The poller's due time may be too late: this one asks again and
-                    # polls (the one before sleeps on once its wait ends).
+                    # polls (the one before claims once its wait ends, then sleeps).
                     self._poller = proc
                 polling = self._poller is proc
                 if polling:
@@ -267,7 +268,6 @@ class Crew:
                     self._idle.remove(proc)
                 handed = id(proc) in self._handed
                 self._handed.discard(id(proc))
-                replaced = polling and self._poller is not proc and not woken
                 successor = None
                 if self._poller is proc and not handed:
                     # Off to claim: another idle processor polls meanwhile.
@@ -278,10 +278,9 @@ class Crew:
                 successor.wake.set()
             if not handed:
                 # a look beside a publisher in a transaction, when its wait ran out
-                look = not woken and busy > 0 and wait == busy
-                if replaced and not look:
-                    continue  # its due time was asked again since: nothing to claim
-                return look
+                # (a poller replaced while it waited claims too: its successor may
+                # have asked once its message was due, and not counted it)
+                return not woken and busy > 0 and wait == busy
         return False
 
     def _take(self, poller_ok: bool = True, ready: bool = False) -> _Member | None:
