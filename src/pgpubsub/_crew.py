@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-__all__ = ["BUSY_PATIENCE", "BUSY_POLL", "BUSY_POLL_FIRST", "Crew"]
+__all__ = ["ASK_AGAIN", "BUSY_PATIENCE", "BUSY_POLL", "BUSY_POLL_FIRST", "Crew"]
 
 #: Seconds before the first look at the queue after a registration beside a
 #: publisher in a transaction (which may have missed it).
@@ -63,6 +63,9 @@ BUSY_POLL = 0.05
 BUSY_PATIENCE = 2.0
 #: Seconds between checks for a stop while waiting for the crew's turn to claim.
 CLAIM_WAIT = 0.1
+#: The least seconds between two questions of when the next message is due after
+#: changes (a processor that comes to rest sooner asks once they have passed).
+ASK_AGAIN = 0.05
 
 
 class _Member(Protocol):
@@ -97,6 +100,7 @@ class Crew:
         self._wakes = 0  # wake-ups so far: one may have taken the registration
         self._changes = 0  # events since which the poller's due time may be too late
         self._polled = 0  # _changes when the poller last asked when the next one is due
+        self._asked = float("-inf")  # when it asked (the crew's clock)
         # The crew's last claim took all the channel's tokens (all of a limit_key's):
         # the poller waits for the next token, whichever processor claimed.
         self.short_of_tokens = False
@@ -239,16 +243,21 @@ class Crew:
                                 self._busy_wait = min(busy * 2, BUSY_POLL)
                 if done:
                     return True  # the last look, now that publishers will wake the crew
+            soon = None  # seconds until this one may ask again (ASK_AGAIN)
             with self._lock:
-                if self._poller is None or self._polled != self._changes:
+                now = self._clock()
+                stale = self._polled != self._changes
+                if self._poller is None or stale and now - self._asked >= ASK_AGAIN:
                     # The poller's due time may be too late: this one asks again and
                     # polls (the one before claims once its wait ends, then sleeps).
                     self._poller = proc
                 polling = self._poller is proc
                 if polling:
-                    self._polled = self._changes
+                    self._polled, self._asked = self._changes, now
+                elif stale:
+                    soon = max(0.001, self._asked + ASK_AGAIN - now)
             try:
-                wait = next_due() if polling else None
+                wait = next_due() if polling else soon
                 if busy:
                     wait = busy if wait is None else min(wait, busy)
             except BaseException:
@@ -280,7 +289,10 @@ class Crew:
                 # a look beside a publisher in a transaction, when its wait ran out
                 # (a poller replaced while it waited claims too: its successor may
                 # have asked once its message was due, and not counted it)
-                return not woken and busy > 0 and wait == busy
+                look = not woken and busy > 0 and wait == busy
+                if not (look or woken or polling) and wait is not None:
+                    continue  # its turn to ask when the next message is due
+                return look
         return False
 
     def _take(self, poller_ok: bool = True, ready: bool = False) -> _Member | None:
