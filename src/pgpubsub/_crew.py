@@ -9,23 +9,24 @@ clock: it asks when the next delayed or retried message is due and claims then
 (or after the poll interval); the others sleep until woken and cost the
 database nothing. After a wake-up (the new message may be due later), a
 registration (messages published before it sent none) or a retry, the next
-processor to rest asks again and becomes the poller; the poller before it
-claims once when its wait ends (its successor may have asked once its message
-was due, and not counted it), then sleeps. The crew's claim statements run one
-at a time (:meth:`Crew.take_turn`): processors woken together, or done with
-their batches together, claim one after the other, so that a worker keeps one
-backend per channel busy claiming however many processors it runs (at
-concurrency=32 and 400 messages/s, up to 16 claims ran at once, each slower for
-the others). A turn runs from the claim's BEGIN to its statement's rows: the
-claims' COMMITs, and what follows the statement, go side by side. A wake-up
-that comes while a claim waits for its turn is left to that claim, which will
-see its message, as long as the claim may take more messages than it has been
-left; it wakes an idle processor only beyond that (at concurrency=32 and 400
-messages/s, 11.6 claims waited for the turn on average, one for each wake-up,
-though the first of them would see every one of their messages). A claim of
-several messages hands them out to the idle processors (:meth:`Crew.hand_out`),
-so that they start at once instead of one after another in the claimer's
-transaction; a processor handed rows runs them and rests again without a claim.
+processor to rest asks again (once :data:`ASK_AGAIN` seconds have passed since
+the last question) and becomes the poller; the poller before it claims once
+when its wait ends (its successor may have asked once its message was due, and
+not counted it), then sleeps. The crew's claim statements run one at a time
+(:meth:`Crew.take_turn`): processors woken together, or done with their batches
+together, claim one after the other, so that a worker keeps one backend per
+channel busy claiming however many processors it runs (at concurrency=32 and
+400 messages/s, up to 16 claims ran at once, each slower for the others). A
+turn runs from the claim's BEGIN to its statement's rows: the claims' COMMITs,
+and what follows the statement, go side by side. A wake-up that comes while a
+claim waits for its turn is left to that claim, which will see its message, as
+long as the claim may take more messages than it has been left; it wakes an
+idle processor only beyond that (at concurrency=32 and 400 messages/s, 11.6
+claims waited for the turn on average, one for each wake-up, though the first
+of them would see every one of their messages). A claim of several messages
+hands them out to the idle processors (:meth:`Crew.hand_out`), so that they
+start at once instead of one after another in the claimer's transaction; a
+processor handed rows runs them and rests again without a claim.
 
 A crew with nothing to do registers as asleep (``pgpubsub.sleep``) before its
 last look at the queue, so that publishers wake it (``pgpubsub.wake``: a
