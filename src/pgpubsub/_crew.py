@@ -8,42 +8,45 @@ costs one claim. Of the idle processors only one, the poller, looks at the
 clock: it asks when the next delayed or retried message is due and claims then
 (or after the poll interval); the others sleep until woken and cost the
 database nothing. After a wake-up (the new message may be due later), a
-registration (messages published before it sent none) or a retry, the next
-processor to rest asks again (once :data:`ASK_AGAIN` seconds have passed since
-the last question) and becomes the poller; the poller before it claims once
-when its wait ends (its successor may have asked once its message was due, and
-not counted it), then sleeps. The crew's claim statements run one at a time
-(:meth:`Crew.take_turn`): processors woken together, or done with their batches
-together, claim one after the other, so that a worker keeps one backend per
-channel busy claiming however many processors it runs (at concurrency=32 and
-400 messages/s, up to 16 claims ran at once, each slower for the others). A
-turn runs from the claim's BEGIN to its statement's rows: the claims' COMMITs,
-and what follows the statement, go side by side. A wake-up that comes while a
-claim waits for its turn is left to that claim, which will see its message, as
-long as the claim may take more messages than it has been left; it wakes an
-idle processor only beyond that (at concurrency=32 and 400 messages/s, 11.6
-claims waited for the turn on average, one for each wake-up, though the first
-of them would see every one of their messages). A claim of several messages
-hands them out to the idle processors (:meth:`Crew.hand_out`), so that they
-start at once instead of one after another in the claimer's transaction; a
-processor handed rows runs them and rests again without a claim.
+registration (messages published before it sent none) or a retry, the idle
+poller is woken to ask again, or else the next processor to rest asks and
+becomes the poller (either once :data:`ASK_AGAIN` seconds have passed since the
+last question); the poller before it claims once when its wait ends (its
+successor may have asked once its message was due, and not counted it), then
+sleeps. The crew's claim statements run one at a time (:meth:`Crew.take_turn`):
+processors woken together, or done with their batches together, claim one after
+the other, so that a worker keeps one backend per channel busy claiming however
+many processors it runs (at concurrency=32 and 400 messages/s, up to 16 claims
+ran at once, each slower for the others). A turn runs from the claim's BEGIN to
+its statement's rows: the claims' COMMITs, and what follows the statement, go
+side by side. A wake-up that comes while a claim waits for its turn is left to
+that claim, which will see its message, as long as the claim may take more
+messages than it has been left; it wakes an idle processor only beyond that (at
+concurrency=32 and 400 messages/s, 11.6 claims waited for the turn on average,
+one for each wake-up, though the first of them would see every one of their
+messages). A claim of several messages hands them out to the idle processors
+(:meth:`Crew.hand_out`), so that they start at once instead of one after
+another in the claimer's transaction; a processor handed rows runs them and
+rests again without a claim.
 
 A crew with nothing to do registers as asleep (``pgpubsub.sleep``) before its
-last look at the queue, so that publishers wake it (``pgpubsub.wake``: a
-NOTIFY only then). A wake-up may have taken the registration: the next
-processor to rest registers again. A publisher in a transaction when the crew
-registers may have checked before it and commit after the last look: until a
-registration finds no publisher in a transaction, the crew also looks again,
-after :data:`BUSY_POLL_FIRST` seconds, then twice as long each time up to
+last look at the queue, so that publishers wake it (``pgpubsub.wake``: a NOTIFY
+only then). A wake-up may have taken the registration: the next processor to
+rest registers again. A publisher in a transaction when the crew registers may
+have checked before it and commit after the last look: until a registration
+finds no publisher in a transaction, the crew also looks again, after
+:data:`BUSY_POLL_FIRST` seconds, then twice as long each time up to
 :data:`BUSY_POLL` (the publishers that check after the registration wake it at
-once). A publisher's check comes just before its commit in a short
-transaction: the first look finds its message; the longer waits are for
-publishers that hold their transactions open. After :data:`BUSY_PATIENCE`
-seconds of such registrations with no wake-up, the crew stops looking for
-them (a session left idle in its transaction would keep it looking 20 times a
-second for hours): their messages wait for the poller, at most the poll
-interval. A wake-up or a registration that finds no publisher in a
-transaction starts the schedule again.
+once). A publisher's check comes just before its commit in a short transaction:
+the first look finds its message; the longer waits are for publishers that hold
+their transactions open. After :data:`BUSY_PATIENCE` seconds of such
+registrations with no wake-up, the crew stops looking for them (a session left
+idle in its transaction would keep it looking 20 times a second for hours):
+their messages wait for the poller, at most the poll interval. A wake-up or a
+registration that finds no publisher in a transaction starts the schedule
+again. A member that starts on the messages a wake-up brought wakes the idle
+poller to register again (:meth:`Crew.working`): publishers wake the crew while
+it is busy.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class Crew:
         self._idle: list[_Member] = []  # asleep, the most recent last
         self._poller: _Member | None = None  # the idle one that polls
         self._handed: set[int] = set()  # woken only to become the poller
+        self._nudged: set[int] = set()  # the poller, woken only to rest again (_nudge)
         self._missed = False  # a wake-up came while none was idle
         self._registered = False  # publishers know the crew sleeps (pgpubsub.sleeper)
         self._registering = False
@@ -166,12 +170,37 @@ class Crew:
                 return
         proc.wake.set()
 
+    def working(self) -> None:
+        """A member is about to run the listeners of the rows it claimed (after
+        :meth:`hand_out`): when a wake-up took the registration, the idle poller
+        registers again at once, so that publishers wake the crew while the member is
+        busy (they sent none until it rested: a message published meanwhile waited for
+        its listeners, other processors idle: review 12 of issue 26)."""
+        with self._lock:
+            poller = None if self._registered or self._registering else self._nudge()
+        if poller is not None:
+            poller.wake.set()
+
     def rescheduled(self) -> None:
         """A member's committed transaction set a message to run later (a retry), or its
-        claim ran out of tokens: the poller's due time may be too late; the next
-        processor to rest asks again."""
+        claim ran out of tokens: the poller's due time may be too late; the idle
+        poller asks again (or the next processor to rest)."""
         with self._lock:
             self._changes += 1
+            poller = self._nudge()
+        if poller is not None:
+            poller.wake.set()
+
+    def _nudge(self) -> _Member | None:
+        """The idle poller, to be woken to rest again (under the lock): to register again
+        after a wake-up took the registration, to ask again after a change. The others
+        may be busy for as long as their listeners run (review 12 of issue 26)."""
+        poller = self._poller
+        if poller is None or poller not in self._idle:
+            return None
+        self._idle.remove(poller)
+        self._nudged.add(id(poller))
+        return poller
 
     def idle(self) -> int:
         """How many processors are idle now (:meth:`hand_out` may find fewer)."""
@@ -248,17 +277,19 @@ class Crew:
             with self._lock:
                 now = self._clock()
                 stale = self._polled != self._changes
-                if self._poller is None or stale and now - self._asked >= ASK_AGAIN:
+                ready = now - self._asked >= ASK_AGAIN
+                if self._poller is None or stale and ready:
                     # The poller's due time may be too late: this one asks again and
                     # polls (the one before claims once its wait ends, then sleeps).
                     self._poller = proc
                 polling = self._poller is proc
-                if polling:
+                asking = polling and (ready or not stale)
+                if asking:
                     self._polled, self._asked = self._changes, now
                 elif stale:
                     soon = max(0.001, self._asked + ASK_AGAIN - now)
             try:
-                wait = next_due() if polling else soon
+                wait = next_due() if asking else soon
                 if busy:
                     wait = busy if wait is None else min(wait, busy)
             except BaseException:
@@ -270,6 +301,8 @@ class Crew:
                 if self._missed:  # a wake-up came meanwhile, none idle to take it
                     self._missed = False
                     return False
+                if asking and self._polled != self._changes:
+                    continue  # a change while it asked: ask again (after ASK_AGAIN)
                 self._idle.append(proc)
             woken = proc.wake.wait(wait)
             proc.wake.clear()
@@ -278,21 +311,25 @@ class Crew:
                     self._idle.remove(proc)
                 handed = id(proc) in self._handed
                 self._handed.discard(id(proc))
+                nudged = id(proc) in self._nudged and not handed
+                self._nudged.discard(id(proc))
+                look = not woken and busy > 0 and wait == busy
+                # a processor that waited for its turn to ask (ASK_AGAIN) asks now
+                again = nudged or not (handed or look or woken or asking) and wait is not None
                 successor = None
-                if self._poller is proc and not handed:
+                if self._poller is proc and not handed and not again:
                     # Off to claim: another idle processor polls meanwhile.
                     self._poller = successor = self._take(poller_ok=False)
                     if successor is not None:
                         self._handed.add(id(successor))
             if successor is not None:
                 successor.wake.set()
+            if again:
+                continue
             if not handed:
                 # a look beside a publisher in a transaction, when its wait ran out
                 # (a poller replaced while it waited claims too: its successor may
                 # have asked once its message was due, and not counted it)
-                look = not woken and busy > 0 and wait == busy
-                if not (look or woken or polling) and wait is not None:
-                    continue  # its turn to ask when the next message is due
                 return look
         return False
 

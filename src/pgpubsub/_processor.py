@@ -1886,6 +1886,7 @@ class ChannelProcessor:
                 rows.append((mid, payload, attempts, trace, key if keyed else None))
         rows = self._hand_out(rows)
         if rows:
+            self.crew.working()
             # In hand from the claim on (a stop may come while this waits at
             # the gate).
             self._in_hand = {r[0]: r[2] for r in rows}
