@@ -203,6 +203,14 @@ def test_on_a_schema_older_than_5_publishers_wake_with_every_publish(db: str) ->
     assert notifications(db, name, lambda: publish_each(db, range(3))) == 3
 
 
+@dataclass
+class _Member:
+    """A crew's member as the crew sees it (its wake-up event and stop flag)."""
+
+    wake: threading.Event
+    stopping: threading.Event
+
+
 class _Recorded(threading.Event):
     """A processor's wake-up event that records how long each rest would wait."""
 
@@ -223,13 +231,9 @@ def test_a_look_for_a_publisher_that_missed_the_registration_comes_soon_then_les
     50 ms; a registration that finds no publisher, or a wake-up, starts again at 5 ms."""
     from pgpubsub._crew import BUSY_POLL, BUSY_POLL_FIRST, Crew
 
-    @dataclass
-    class Member:
-        wake: _Recorded
-        stopping: threading.Event
-
     crew = Crew()
-    proc = Member(_Recorded(), threading.Event())
+    waits = _Recorded()
+    proc = _Member(waits, threading.Event())
     outcomes = iter([False] * 6 + [True, False, False] + [False, False])
     registered: list[bool] = []
 
@@ -239,14 +243,14 @@ def test_a_look_for_a_publisher_that_missed_the_registration_comes_soon_then_les
 
     for _ in range(6):  # publishers always in a transaction
         crew.rest(proc, lambda: 30.0, asleep)
-    assert proc.wake.waits == [0.005, 0.01, 0.02, 0.04, 0.05, 0.05]
+    assert waits.waits == [0.005, 0.01, 0.02, 0.04, 0.05, 0.05]
     assert (BUSY_POLL_FIRST, BUSY_POLL) == (0.005, 0.05)
     crew.rest(proc, lambda: 30.0, asleep)  # registered: the last look, no wait
     for _ in range(2):
         crew.wake_one()  # a publisher took the registration (none idle: claim again)
         for _ in range(3):
             crew.rest(proc, lambda: 30.0, asleep)
-    assert proc.wake.waits[6:] == [0.005, 0.01, 0.005, 0.01]
+    assert waits.waits[6:] == [0.005, 0.01, 0.005, 0.01]
     assert registered == [False] * 6 + [True, False, False, False, False]
 
 
@@ -292,30 +296,26 @@ def test_a_publisher_left_in_its_transaction_does_not_keep_the_workers_looking()
     starts the short looks again."""
     from pgpubsub._crew import BUSY_PATIENCE, Crew
 
-    @dataclass
-    class Member:
-        wake: _Recorded
-        stopping: threading.Event
-
     now = [0.0]
     crew = Crew(clock=lambda: now[0])
-    poller = Member(_Recorded(), threading.Event())
+    waits = _Recorded()
+    poller = _Member(waits, threading.Event())
 
-    def rest(proc: Member) -> None:
+    def rest(proc: _Member) -> None:
         crew.rest(proc, lambda: 1.0, lambda: False)  # the poll interval: 1 s
-        now[0] += proc.wake.waits[-1] or 0.0
+        now[0] += waits.waits[-1] or 0.0
 
     for _ in range(8):
         rest(poller)
-    assert poller.wake.waits == [0.005, 0.01, 0.02, 0.04, 0.05, 0.05, 0.05, 0.05]
+    assert waits.waits == [0.005, 0.01, 0.02, 0.04, 0.05, 0.05, 0.05, 0.05]
     while now[0] < BUSY_PATIENCE:
         rest(poller)
     rest(poller)
-    assert poller.wake.waits[-1] == 1.0  # the poll, no more looks for the publisher
+    assert waits.waits[-1] == 1.0  # the poll, no more looks for the publisher
     crew.wake_one()  # none idle: the next rest claims at once, the one after registers
     crew.rest(poller, lambda: 1.0, lambda: False)
     crew.rest(poller, lambda: 1.0, lambda: False)
-    assert poller.wake.waits[-1] == 0.005
+    assert waits.waits[-1] == 0.005
 
 
 def test_a_registration_that_could_not_be_made_says_so(db: str) -> None:
@@ -756,13 +756,8 @@ def test_a_poller_replaced_while_it_waits_still_claims_when_its_message_is_due()
     poll. Invariant: a poller whose wait runs out claims, replaced or not."""
     from pgpubsub._crew import Crew
 
-    @dataclass
-    class Member:
-        wake: threading.Event
-        stopping: threading.Event
-
     crew = Crew()
-    first, second = (Member(threading.Event(), threading.Event()) for _ in range(2))
+    first, second = (_Member(threading.Event(), threading.Event()) for _ in range(2))
     returned: list[float] = []
 
     def poller() -> None:
@@ -797,19 +792,14 @@ def test_changes_are_asked_about_at_most_every_ask_again_and_always_asked_about(
     about, at most ASK_AGAIN late."""
     from pgpubsub._crew import ASK_AGAIN, Crew
 
-    @dataclass
-    class Member:
-        wake: threading.Event
-        stopping: threading.Event
-
     crew = Crew()
-    first, second = (Member(threading.Event(), threading.Event()) for _ in range(2))
+    first, second = (_Member(threading.Event(), threading.Event()) for _ in range(2))
     asked: dict[str, list[float]] = {"first": [], "second": []}
 
     def due(name: str) -> Any:
         return lambda: asked[name].append(time.monotonic()) or 30.0
 
-    def rest(member: Member, name: str) -> None:
+    def rest(member: _Member, name: str) -> None:
         while not member.stopping.is_set():
             crew.rest(member, due(name), lambda: True)
 
