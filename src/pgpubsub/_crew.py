@@ -316,6 +316,9 @@ class Crew:
                 look = not woken and busy > 0 and wait == busy
                 # a processor that waited for its turn to ask (ASK_AGAIN) asks now
                 again = nudged or not (handed or look or woken or asking) and wait is not None
+                # a poller replaced meanwhile claims once instead (its due time may
+                # have passed before its successor asked)
+                again = again and not (polling and self._poller is not proc)
                 successor = None
                 if self._poller is proc and not handed and not again:
                     # Off to claim: another idle processor polls meanwhile.
