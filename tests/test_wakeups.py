@@ -826,6 +826,60 @@ def test_changes_are_asked_about_at_most_every_ask_again_and_always_asked_about(
             thread.join(timeout=5)
 
 
+def test_the_poller_off_to_run_the_rows_of_its_last_look_hands_its_role_on() -> None:
+    """Hostile review 13 of issue 26: the poller, nudged to register again, went on its
+    last look, found rows and ran their listeners, still the crew's poller: nobody asked
+    when the next message was due, and a nudge found no idle poller to wake, while other
+    processors were idle. Invariant: while a processor is idle, one of them polls."""
+    from pgpubsub._crew import Crew
+
+    crew = Crew()
+    first, second, third = (_Member(threading.Event(), threading.Event()) for _ in range(3))
+    asked: list[tuple[str, float]] = []
+    looked = threading.Event()  # the poller's look after the nudge found rows
+    woken: list[str] = []
+    looked_at: list[float] = []
+
+    def run(member: _Member, name: str) -> None:
+        while not member.stopping.is_set():
+            look = crew.rest(
+                member, lambda: asked.append((name, time.monotonic())) or 30.0, lambda: True
+            )
+            if member.stopping.is_set():
+                return
+            if member is first and look and asked:
+                looked_at.append(time.monotonic())
+                looked.set()
+                crew.working(first)  # its look found rows: it runs their listeners
+                member.stopping.wait(2.0)
+            elif member is not first and not look:
+                woken.append(name)
+                crew.working(member)  # the wake-up's message: it runs its listener
+                member.stopping.wait(2.0)
+
+    threads = [
+        threading.Thread(target=run, args=(member, name))
+        for member, name in ((first, "first"), (second, "second"), (third, "third"))
+    ]
+    threads[0].start()
+    wait_until(lambda: asked and first in crew._idle, timeout=5)  # the poller
+    for thread in threads[1:]:
+        thread.start()
+    wait_until(lambda: second in crew._idle and third in crew._idle, timeout=5)
+    time.sleep(0.1)
+    crew.wake_one()  # a publisher: second claims, and the poller registers again
+    try:
+        assert looked.wait(2)
+        wait_until(lambda: asked[-1][1] > looked_at[0], timeout=1)  # an idle one polls
+        assert woken and asked[-1][0] == ({"second", "third"} - set(woken)).pop()
+    finally:
+        for member in (first, second, third):
+            member.stopping.set()
+            member.wake.set()
+        for thread in threads:
+            thread.join(timeout=5)
+
+
 @dataclass
 class SlowPaced8(Channel, lock_notifications=True, concurrency=8, rate_limit="5/s"):
     n: int
@@ -894,3 +948,44 @@ def test_a_message_published_while_one_processor_is_busy_starts_at_once(db: str)
     finally:
         runner.stop()
     assert started[1] - published < 0.25, started[1] - published
+
+
+@dataclass
+class Burst8(Channel, lock_notifications=True, concurrency=8):
+    n: int
+
+
+@dataclass
+class Burst32(Channel, lock_notifications=True, concurrency=32):
+    n: int
+
+
+@pytest.mark.parametrize(("cls", "count"), [(Burst8, 4), (Burst8, 8), (Burst32, 16)])
+def test_a_quick_burst_of_slow_messages_starts_at_once_on_idle_processors(
+    db: str, cls: Any, count: int
+) -> None:
+    """Hostile review 13 of issue 26: ``count`` messages published one after another, a
+    transaction each, to an idle crew whose listeners take 1.5 s: 2 started at once, the
+    others a listener's length apart (the poller's role stayed with a processor that went
+    on to run a listener, and nobody registered again). Invariant: while processors are
+    idle, a published message starts at once."""
+    started: dict[int, float] = {}
+
+    def listener(n: int) -> None:
+        started[n] = time.monotonic()
+        time.sleep(1.5)
+
+    registry = Registry()
+    registry.add(cls, listener)
+    runner = DurableRunning(db, [cls], registry, poll_interval=10)
+    try:
+        time.sleep(0.5)  # asleep: the first publisher wakes it
+        with psycopg.connect(db, autocommit=True) as conn:
+            for n in range(count):
+                pgpubsub.notify(cls(n=n), conn=conn)
+        published = time.monotonic()
+        wait_until(lambda: len(started) == count, timeout=20)
+    finally:
+        runner.stop()
+    late = sorted(round(t - published, 2) for t in started.values())
+    assert late[-1] < 0.5, late

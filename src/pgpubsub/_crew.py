@@ -46,7 +46,11 @@ their messages wait for the poller, at most the poll interval. A wake-up or a
 registration that finds no publisher in a transaction starts the schedule
 again. A member that starts on the messages a wake-up brought wakes the idle
 poller to register again (:meth:`Crew.working`): publishers wake the crew while
-it is busy.
+it is busy; the poller, back from its last look with messages to run, hands its
+role on to an idle processor. Messages published while the crew was not
+registered sent no wake-up: a look, or a processor woken to lend a hand
+(:meth:`Crew.lent`), whose first claim comes back full asks for another hand at
+once, so that a burst spreads over the idle processors.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class Crew:
         self._poller: _Member | None = None  # the idle one that polls
         self._handed: set[int] = set()  # woken only to become the poller
         self._nudged: set[int] = set()  # the poller, woken only to rest again (_nudge)
+        self._lent: set[int] = set()  # woken to lend a hand (wake_one(more=True))
         self._missed = False  # a wake-up came while none was idle
         self._registered = False  # publishers know the crew sleeps (pgpubsub.sleeper)
         self._registering = False
@@ -155,11 +160,11 @@ class Crew:
         none is idle nothing is kept (the busy ones claim again anyway).
         """
         with self._lock:
-            self._wakes += 1
-            self._changes += 1 if not more else 0  # a new message may be due later
-            self._registered = False
-            self._busy_wait, self._busy_since = BUSY_POLL_FIRST, None
-            if not more:
+            if not more:  # (a hand asked for is the crew's own: it took no registration)
+                self._wakes += 1
+                self._changes += 1  # a new message may be due later
+                self._registered = False
+                self._busy_wait, self._busy_since = BUSY_POLL_FIRST, None
                 for waiting in self._waiting:
                     if waiting.room > 0:  # a claim yet to begin: it will see the message
                         waiting.room -= 1
@@ -168,16 +173,35 @@ class Crew:
             if proc is None:
                 self._missed = self._missed or not more
                 return
+            if more:
+                self._lent.add(id(proc))
         proc.wake.set()
 
-    def working(self) -> None:
-        """A member is about to run the listeners of the rows it claimed (after
-        :meth:`hand_out`): when a wake-up took the registration, the idle poller
-        registers again at once, so that publishers wake the crew while the member is
-        busy (they sent none until it rested: a message published meanwhile waited for
-        its listeners, other processors idle: review 12 of issue 26)."""
+    def lent(self, proc: _Member) -> bool:
+        """Whether ``proc`` was last woken to lend a hand (``wake_one(more=True)``): its
+        claim, like a look, is for messages no wake-up counted; a full one asks for
+        another hand at once."""
         with self._lock:
-            poller = None if self._registered or self._registering else self._nudge()
+            lent = id(proc) in self._lent
+            self._lent.discard(id(proc))
+            return lent
+
+    def working(self, proc: _Member) -> None:
+        """``proc`` is about to run the listeners of the rows it claimed (after
+        :meth:`hand_out`): when a wake-up took the registration, the idle poller
+        registers again at once, so that publishers wake the crew while ``proc`` is
+        busy (they sent none until it rested: a message published meanwhile waited for
+        its listeners, other processors idle: review 12 of issue 26). The poller itself,
+        back from its last look with rows to run, hands its role on to an idle
+        processor (which registers again if need be): busy, it would act on no change
+        and claim nothing when due (review 13 of issue 26)."""
+        with self._lock:
+            if self._poller is proc:
+                poller = self._poller = self._take(poller_ok=False)
+                if poller is not None:
+                    self._handed.add(id(poller))
+            else:
+                poller = None if self._registered or self._registering else self._nudge()
         if poller is not None:
             poller.wake.set()
 

@@ -933,6 +933,7 @@ class ChannelProcessor:
         # The last claim met a suspect (and left it): its id and ordering key.
         self._suspect: tuple[int, str | None] | None = None
         self._left = 0  # wake-ups left to the last claim (see Crew.take_turn)
+        self._uncounted = False  # the next claim is a look's or a lent hand's (_run)
         self._began = False  # a listener of the rows in hand began
         self._abandoned = False  # a stop past the grace gave up the rows in hand
         self._round_failed = False  # the rows in hand are a failed round's
@@ -1268,7 +1269,10 @@ class ChannelProcessor:
                 else:
                     self.drain_once()
                 failures = 0
-                if self.crew.rest(self, self._next_due, self._asleep):
+                look = self.crew.rest(self, self._next_due, self._asleep)
+                # A look's or a lent hand's claim is for messages that no wake-up counted.
+                self._uncounted = look or self.crew.lent(self)
+                if look:
                     self._everywhere = True  # a look: no wake-up said where
                 elif self._share is None:
                     self._woken = True
@@ -1657,14 +1661,18 @@ class ChannelProcessor:
         # on a channel with key limits (a key's messages are capped in a claim) or a
         # rate limit (the poller, not this processor, waits for the next token).
         shares = suspect is None and not self._limited and rate_of(self.spec.cls) is None
+        uncounted, self._uncounted = self._uncounted and shares, False
         if not self.crew.take_turn(self, self.claim_size - 1 if shares else 0):
             return []
         self._left += self.crew.left
         self._turn = True
         try:
             claimed = self._claim(suspect)
-            if self._left and len(claimed) >= self.claim_size:
-                # Full, with wake-ups left to it (each may stand for more messages):
+            if (self._left or uncounted) and len(claimed) >= self.claim_size:
+                # Full, with wake-ups left to it (each may stand for more messages), or
+                # the first claim of a look or a lent hand (messages published while
+                # the crew was not registered sent none: a burst to a crew of slow
+                # listeners started a listener's length apart, review 13 of issue 26):
                 # another processor claims the next batch meanwhile, as it would have.
                 self.crew.wake_one(more=True)
             return claimed
@@ -1886,7 +1894,7 @@ class ChannelProcessor:
                 rows.append((mid, payload, attempts, trace, key if keyed else None))
         rows = self._hand_out(rows)
         if rows:
-            self.crew.working()
+            self.crew.working(self)
             # In hand from the claim on (a stop may come while this waits at
             # the gate).
             self._in_hand = {r[0]: r[2] for r in rows}
