@@ -1367,3 +1367,40 @@ def test_a_burst_under_one_wake_up_runs_at_the_rate_at_every_concurrency(
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
     assert times[-1] - published < 11 * 0.2 + 1.0, gaps  # about 2.2 s at the rate
     assert min(gaps) > 0.15, gaps  # and never faster
+
+
+@pytest.mark.parametrize("cls", [Paced1, Paced2, Paced8, KeyPaced1, KeyPaced4])
+def test_a_rate_limited_burst_costs_about_a_claim_a_token_at_every_concurrency(
+    dsn: str, cls: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review 12 of issue 26, finding 3: 20 messages at 5/s cost 21 claims at
+    concurrency 1 and 40-42 at 4, 8 and 32, half of them empty: with several processors
+    a claim starts at one message, so the claim that took the last token came back full
+    and its processor claimed again at once, with no token to take. Invariant: a claim
+    that took the channel's (or a key's) last token is not followed by another of the
+    same processor before a token is due."""
+    durable.migrate(dsn)
+    started: dict[int, float] = {}
+    claims: list[int] = []
+    claim = ChannelProcessor._claim
+
+    def counted(self: ChannelProcessor, suspect: int | None = None) -> Any:
+        rows = claim(self, suspect)
+        claims.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(ChannelProcessor, "_claim", counted)
+    registry = Registry()
+    registry.add(cls, lambda n: started.setdefault(n, time.monotonic()))
+    runner = DurableRunning(dsn, [cls], registry, poll_interval=30)
+    try:
+        time.sleep(0.5)  # asleep: the publisher wakes it
+        claims.clear()
+        key = {"limit_key": "a"} if cls.__name__.startswith("Key") else {}
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify_many(cls, [{"n": n} for n in range(12)], conn=conn, **key)
+        wait_until(lambda: len(started) == 12, timeout=40)
+    finally:
+        runner.stop()
+    assert sum(claims) == 12
+    assert len(claims) <= 12 + 3, str(claims)  # a claim a token, and a few looks

@@ -747,38 +747,50 @@ def test_messages_due_later_start_when_due_at_every_concurrency(db: str, cls: An
     assert all(-0.01 < wait < 0.25 for wait in late.values()), late
 
 
-def test_a_poller_replaced_while_it_waits_still_claims_when_its_message_is_due() -> None:
+@pytest.mark.parametrize("offset", [0.0, 0.1, 0.18, 0.2, 0.22, 0.3])
+def test_a_message_is_claimed_when_due_whoever_polls(offset: float) -> None:
     """Hostile review 11 of issue 26, finding 1: the poller waited until a message was
     due; just before that time a retry elsewhere made the next processor to rest ask again
     and poll. Its question came at or after the due time, so it saw that message as due
-    (not to come) and waited for the next one or the poll; the replaced poller's wait
-    ended, and it went back to sleep without claiming: the message due waited for the
-    poll. Invariant: a poller whose wait runs out claims, replaced or not."""
+    (the question counts only messages still to come) and waited for the poll; the
+    replaced poller's wait ended, and it went back to sleep without claiming: the message
+    waited for the poll. Invariant: a message due is claimed when due, whichever
+    processor polls and whenever the change comes (``offset`` seconds after the
+    poller asked; the message is due after 0.2 s)."""
     from pgpubsub._crew import Crew
 
     crew = Crew()
     first, second = (_Member(threading.Event(), threading.Event()) for _ in range(2))
-    returned: list[float] = []
+    claimed: list[float] = []
+    due_at: list[float] = []
 
-    def poller() -> None:
-        crew.rest(first, lambda: 0.2, lambda: True)  # registered: its last look
-        returned.append(time.monotonic())
-        crew.rest(first, lambda: 0.2, lambda: True)  # polls: its message due in 0.2 s
-        returned.append(time.monotonic())
+    def next_due() -> float:  # as NEXT_DUE_SQL: a message due now is not counted
+        now = time.monotonic()
+        if not due_at:
+            due_at.append(now + 0.2)
+        return due_at[0] - now if now < due_at[0] else 5.0
 
-    threads = [threading.Thread(target=poller)]
+    def member(proc: _Member, look: bool) -> None:
+        if look:
+            crew.rest(proc, next_due, lambda: True)  # registered: its last look
+        crew.rest(proc, next_due, lambda: True)
+        if not proc.stopping.is_set():
+            claimed.append(time.monotonic())
+
+    threads = [threading.Thread(target=member, args=(first, True))]
     threads[0].start()
-    wait_until(lambda: len(returned) == 1 and first in crew._idle, timeout=5)
-    crew.rescheduled()  # a retry: the next processor to rest asks again
-    threads.append(threading.Thread(target=crew.rest, args=(second, lambda: 5.0, lambda: True)))
+    wait_until(lambda: due_at and first in crew._idle, timeout=5)
+    time.sleep(max(0.0, due_at[0] - 0.2 + offset - time.monotonic()))
+    crew.rescheduled()  # a retry: the poller, or the next processor to rest, asks again
+    threads.append(threading.Thread(target=member, args=(second, False)))
     threads[1].start()
     try:
-        wait_until(lambda: len(returned) == 2, timeout=4)
-        assert returned[1] - returned[0] < 1.5  # its 0.2 s, not the other's 5 s or never
+        wait_until(lambda: claimed, timeout=4)
+        assert claimed[0] - due_at[0] < 0.15, claimed[0] - due_at[0]
     finally:
-        for member in (first, second):
-            member.stopping.set()
-            member.wake.set()
+        for proc in (first, second):
+            proc.stopping.set()
+            proc.wake.set()
         for thread in threads:
             thread.join(timeout=5)
 

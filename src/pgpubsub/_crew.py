@@ -11,9 +11,12 @@ database nothing. After a wake-up (the new message may be due later), a
 registration (messages published before it sent none) or a retry, the idle
 poller is woken to ask again, or else the next processor to rest asks and
 becomes the poller (either once :data:`ASK_AGAIN` seconds have passed since the
-last question); the poller before it claims once when its wait ends (its
-successor may have asked once its message was due, and not counted it), then
-sleeps. The crew's claim statements run one at a time (:meth:`Crew.take_turn`):
+last question); the poller before it sleeps once its wait ends. A question
+counts only messages still to come: once the time the last one said has come
+and no poller has claimed since, the next to ask claims first. The poller off
+to claim what is due keeps its role until its claim has rows to run (a
+successor asking before the claim took them would claim for nothing). The
+crew's claim statements run one at a time (:meth:`Crew.take_turn`):
 processors woken together, or done with their batches together, claim one after
 the other, so that a worker keeps one backend per channel busy claiming however
 many processors it runs (at concurrency=32 and 400 messages/s, up to 16 claims
@@ -111,6 +114,7 @@ class Crew:
         self._changes = 0  # events since which the poller's due time may be too late
         self._polled = 0  # _changes when the poller last asked when the next one is due
         self._asked = float("-inf")  # when it asked (the crew's clock)
+        self._due = float("inf")  # when the last question said the next one is due
         # The crew's last claim took all the channel's tokens (all of a limit_key's):
         # the poller waits for the next token, whichever processor claimed.
         self.short_of_tokens = False
@@ -296,6 +300,9 @@ class Crew:
                                 busy = self._busy_wait
                                 self._busy_wait = min(busy * 2, BUSY_POLL)
                 if done:
+                    with self._lock:
+                        if self._poller is proc:
+                            self._due = float("inf")  # its look takes what is due
                     return True  # the last look, now that publishers will wake the crew
             soon = None  # seconds until this one may ask again (ASK_AGAIN)
             with self._lock:
@@ -304,16 +311,25 @@ class Crew:
                 ready = now - self._asked >= ASK_AGAIN
                 if self._poller is None or stale and ready:
                     # The poller's due time may be too late: this one asks again and
-                    # polls (the one before claims once its wait ends, then sleeps).
+                    # polls (the one before sleeps once its wait ends).
                     self._poller = proc
                 polling = self._poller is proc
                 asking = polling and (ready or not stale)
+                if asking and self._due <= now:
+                    # What the last question said was due is due, and not claimed: a
+                    # question now would not count it (only messages still to come):
+                    # claim first (replaced, or nudged to ask again, at its due time,
+                    # the poller slept and the message waited for the poll: reviews 11
+                    # and 14 of issue 26). It asks once back.
+                    self._due = float("inf")
+                    return False
                 if asking:
                     self._polled, self._asked = self._changes, now
                 elif stale:
                     soon = max(0.001, self._asked + ASK_AGAIN - now)
             try:
-                wait = next_due() if asking else soon
+                due = next_due() if asking else None
+                wait = due if asking else soon
                 if busy:
                     wait = busy if wait is None else min(wait, busy)
             except BaseException:
@@ -325,8 +341,10 @@ class Crew:
                 if self._missed:  # a wake-up came meanwhile, none idle to take it
                     self._missed = False
                     return False
-                if asking and self._polled != self._changes:
-                    continue  # a change while it asked: ask again (after ASK_AGAIN)
+                if due is not None:  # (the crew's clock: no later than the server's)
+                    self._due = now + due
+                    if self._polled != self._changes:
+                        continue  # a change while it asked: ask again (after ASK_AGAIN)
                 self._idle.append(proc)
             woken = proc.wake.wait(wait)
             proc.wake.clear()
@@ -340,12 +358,12 @@ class Crew:
                 look = not woken and busy > 0 and wait == busy
                 # a processor that waited for its turn to ask (ASK_AGAIN) asks now
                 again = nudged or not (handed or look or woken or asking) and wait is not None
-                # a poller replaced meanwhile claims once instead (its due time may
-                # have passed before its successor asked)
-                again = again and not (polling and self._poller is not proc)
                 successor = None
-                if self._poller is proc and not handed and not again:
-                    # Off to claim: another idle processor polls meanwhile.
+                if self._poller is proc and woken and not handed and not again:
+                    # Woken to work: another idle processor polls meanwhile. (Off to
+                    # claim what is due, it polls until its claim has rows to run,
+                    # :meth:`working`: a successor that asked before the claim took them
+                    # would find them due now and claim for nothing.)
                     self._poller = successor = self._take(poller_ok=False)
                     if successor is not None:
                         self._handed.add(id(successor))
@@ -354,10 +372,10 @@ class Crew:
             if again:
                 continue
             if not handed:
-                # a look beside a publisher in a transaction, when its wait ran out
-                # (a poller replaced while it waited claims too: its successor may
-                # have asked once its message was due, and not counted it)
-                return look
+                if polling and self._poller is proc:
+                    with self._lock:
+                        self._due = float("inf")  # its claim takes what is due
+                return look  # a look beside a publisher in a transaction, when its wait ran out
         return False
 
     def _take(self, poller_ok: bool = True, ready: bool = False) -> _Member | None:

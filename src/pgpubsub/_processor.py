@@ -934,6 +934,9 @@ class ChannelProcessor:
         self._suspect: tuple[int, str | None] | None = None
         self._left = 0  # wake-ups left to the last claim (see Crew.take_turn)
         self._uncounted = False  # the next claim is a look's or a lent hand's (_run)
+        # The last claim took the channel's last token (or found none): a processor whose
+        # claim came back full claimed again at once, with nothing to take (review 12).
+        self._out_of_tokens = False
         self._began = False  # a listener of the rows in hand began
         self._abandoned = False  # a stop past the grace gave up the rows in hand
         self._round_failed = False  # the rows in hand are a failed round's
@@ -1112,6 +1115,8 @@ class ChannelProcessor:
             # (unless it took nothing, and the suspect's turn did not come), nor
             # one that read segments the ring had moved past.
             if got < asked and (suspect is None or not got) and not self._ring_moved:
+                break
+            if self._out_of_tokens:  # nothing is claimable before the next token
                 break
             full = full + 1 if got >= asked else 0
             if full == 2:  # a second full batch in a row: more is waiting, ask for a hand
@@ -1484,7 +1489,7 @@ class ChannelProcessor:
             "per_key": max(1, min(PER_KEY, self.claim_size // 4)),
         }
         self._leasing = True  # a claim may lease keys
-        self._ring_moved = False
+        self._ring_moved = self._out_of_tokens = False
         rate = rate_of(self.spec.cls)
         if self._limited:
             return self._claim_limited(params, rate)
@@ -1493,7 +1498,6 @@ class ChannelProcessor:
                 return self._run_claim(CLAIM_SQL, params)
             tokens = self._take_tokens(rate, params)
             if tokens < 1:
-                self.crew.rescheduled()  # the poller waits for the next token
                 return []
             claimed = self._run_claim(CLAIM_SQL, params)
             self._spend_tokens(tokens, claimed)
@@ -1612,7 +1616,13 @@ class ChannelProcessor:
         bucket = {"channel": self.spec.name, "capacity": rate.capacity}
         bucket["per_second"] = rate.per_second
         tokens = int(self.session.execute(TAKE_SQL, bucket)[0][0])
-        self.crew.short_of_tokens = True
+        short, self.crew.short_of_tokens = self.crew.short_of_tokens, True
+        self._out_of_tokens = tokens < 1
+        if self._out_of_tokens and not short:
+            # The poller waits for the next token (if the crew was short already, it
+            # does: a change each time made two processors take the polling from each
+            # other and claim for nothing every ASK_AGAIN, review 12 of issue 26).
+            self.crew.rescheduled()
         params["limit"] = min(self.claim_size, tokens)
         params["per_key"] = max(1, min(PER_KEY, self.claim_size // 4, tokens))
         return tokens
@@ -1621,8 +1631,8 @@ class ChannelProcessor:
         """One token per message claimed that will start (a dead one never does)."""
         # Took fewer than the tokens allowed: nothing more is claimable now,
         # and tokens are not what the rest waits for.
-        self.crew.short_of_tokens = len(claimed) >= tokens
-        if self.crew.short_of_tokens:  # the poller waits for the next token
+        self._out_of_tokens = self.crew.short_of_tokens = len(claimed) >= tokens
+        if self._out_of_tokens:  # the poller waits for the next token
             self.crew.rescheduled()
         started = sum(1 for r in claimed if r[3] != "dead")
         if started:
