@@ -1404,3 +1404,59 @@ def test_a_rate_limited_burst_costs_about_a_claim_a_token_at_every_concurrency(
         runner.stop()
     assert sum(claims) == 12
     assert len(claims) <= 12 + 3, str(claims)  # a claim a token, and a few looks
+
+
+@dataclass
+class OneSlot2(Channel, lock_notifications=True, concurrency=2, max_in_flight=1):
+    n: int
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5])
+def test_a_message_waiting_for_a_slot_held_by_a_long_job_costs_no_questions(
+    dsn: str, delay: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review 16 of issue 26: M1 holds the channel's only slot (max_in_flight=1);
+    M2 is published, or comes due, meanwhile. The idle processor asked when the next
+    message was due about every 2 ms until the slot came back (1,800 questions and 6,900
+    commits in 4 s): M2 was due since the last claim, and no claim ran (no slot) to move
+    that on. Invariant: a message that waits for a slot costs nothing until its wake-up;
+    it starts once the slot is given back."""
+    durable.migrate(dsn)
+    asks: list[float] = []
+    due = ChannelProcessor._next_due
+
+    def asked(self: ChannelProcessor) -> float:
+        asks.append(due(self))
+        return asks[-1]
+
+    monkeypatch.setattr(ChannelProcessor, "_next_due", asked)
+    started: dict[int, float] = {}
+    release = threading.Event()
+
+    def listener(n: int) -> None:
+        started[n] = time.monotonic()
+        if n == 1:
+            release.wait(10)
+
+    registry = Registry()
+    registry.add(OneSlot2, listener)
+    runner = DurableRunning(dsn, [OneSlot2], registry, poll_interval=30)
+    try:
+        time.sleep(0.5)
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify(OneSlot2(n=1), conn=conn)
+        wait_until(lambda: 1 in started, timeout=5)
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify(OneSlot2(n=2), conn=conn, **({"delay": delay} if delay else {}))
+        time.sleep(delay + 0.5)
+        asks.clear()
+        time.sleep(1.5)
+        questions = len(asks)
+        release.set()
+        released = time.monotonic()
+        wait_until(lambda: 2 in started, timeout=10)
+    finally:
+        release.set()
+        runner.stop()
+    assert questions <= 3, questions
+    assert started[2] - released < 1.0

@@ -1069,11 +1069,11 @@ def test_a_message_due_while_a_wake_up_nudges_the_poller_starts_when_due(db: str
     try:
         time.sleep(0.5)
         with psycopg.connect(db, autocommit=True) as conn:
-            for cycle in range(15):
+            for cycle in range(10):
                 m, n = 2 * cycle, 2 * cycle + 1
                 pgpubsub.notify(Nudged2(n=m), conn=conn, delay=0.5)
                 due = time.monotonic() + 0.5
-                time.sleep(max(0.0, due - cycle * 0.001 - time.monotonic()))
+                time.sleep(max(0.0, due - cycle * 0.0015 - time.monotonic()))
                 pgpubsub.notify(Nudged2(n=n), conn=conn)
                 wait_until(lambda: m in started, timeout=15)  # noqa: B023
                 late[m] = round(started[m] - due, 3)

@@ -1098,6 +1098,10 @@ class ChannelProcessor:
             # A max_in_flight slot is held for one batch (one message) at a
             # time, so that the slots pass between every worker.
             if not self._take_slot():
+                # What is due now waits for a slot, whose give-back wakes the crew: as
+                # a claim that came back empty (a question counting it spun every ms
+                # while a long job held the slot: review 16 of issue 26).
+                self.crew.claimed()
                 break
             asked = self.claim_size
             # On an error the leases stay held, given back at the next round:
@@ -1232,9 +1236,9 @@ class ChannelProcessor:
             "per_second": None if rate is None else rate.per_second,
             "slots": self.max_in_flight,
             "short": self.crew.short_of_tokens,
-            "since": self.crew.since(),
         }
         self._sweep_limits()
+        params["since"] = self.crew.since()  # (once the sweep's statements are done)
         with self.session.atomic():
             rows = self.session.execute(NEXT_DUE_SQL, params)
             due = rows[0][0] if rows else None
