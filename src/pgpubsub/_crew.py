@@ -12,11 +12,10 @@ registration (messages published before it sent none) or a retry, the idle
 poller is woken to ask again, or else the next processor to rest asks and
 becomes the poller (either once :data:`ASK_AGAIN` seconds have passed since the
 last question); the poller before it sleeps once its wait ends. A question
-counts the messages due since the crew's last claim returned (:meth:`Crew.since`):
-a message that came due after the claim that could have taken it is due now to
-the next question, whoever asks it and however late. The poller off to claim
-what is due keeps its role until its claim has rows to run (a successor asking
-before the claim took them would claim for nothing). The
+counts only messages still to come: once the time the last one said has come
+and no poller has claimed since, the next to ask claims first. The poller off
+to claim what is due keeps its role until its claim has rows to run (a
+successor asking before the claim took them would claim for nothing). The
 crew's claim statements run one at a time (:meth:`Crew.take_turn`):
 processors woken together, or done with their batches together, claim one after
 the other, so that a worker keeps one backend per channel busy claiming however
@@ -115,7 +114,7 @@ class Crew:
         self._changes = 0  # events since which the poller's due time may be too late
         self._polled = 0  # _changes when the poller last asked when the next one is due
         self._asked = float("-inf")  # when it asked (the crew's clock)
-        self._claimed: float | None = None  # when the last claim returned (the crew's clock)
+        self._due = float("inf")  # when the last question said the next one is due
         # The crew's last claim took all the channel's tokens (all of a limit_key's):
         # the poller waits for the next token, whichever processor claimed.
         self.short_of_tokens = False
@@ -153,20 +152,6 @@ class Crew:
                     self.left = room - waiting.room
             if not turn and room > waiting.room:  # stopped: the wake-ups go on
                 self.wake_one()
-
-    def claimed(self) -> None:
-        """A member's claim has returned: what was due when it began, it could take."""
-        self._claimed = self._clock()
-
-    def since(self) -> float:
-        """Seconds since the crew's last claim returned (0 before any): a question of
-        when the next message is due counts those due since (NEXT_DUE_SQL). Only
-        messages still to come were counted: one that came due during a claim's
-        listeners, or while the poller was nudged to ask again at its due time, was due
-        to no question and waited for the poll (reviews 11 and 15 of issue 26). One that
-        came due while a claim's statements ran is still missed (they take a few ms)."""
-        claimed = self._claimed
-        return 0.0 if claimed is None else max(0.0, self._clock() - claimed)
 
     def end_turn(self) -> None:
         """The claim statement of the turn has returned: the next processor's turn."""
@@ -315,6 +300,9 @@ class Crew:
                                 busy = self._busy_wait
                                 self._busy_wait = min(busy * 2, BUSY_POLL)
                 if done:
+                    with self._lock:
+                        if self._poller is proc:
+                            self._due = float("inf")  # its look takes what is due
                     return True  # the last look, now that publishers will wake the crew
             soon = None  # seconds until this one may ask again (ASK_AGAIN)
             with self._lock:
@@ -327,12 +315,21 @@ class Crew:
                     self._poller = proc
                 polling = self._poller is proc
                 asking = polling and (ready or not stale)
+                if asking and self._due <= now:
+                    # What the last question said was due is due, and not claimed: a
+                    # question now would not count it (only messages still to come):
+                    # claim first (replaced, or nudged to ask again, at its due time,
+                    # the poller slept and the message waited for the poll: reviews 11
+                    # and 14 of issue 26). It asks once back.
+                    self._due = float("inf")
+                    return False
                 if asking:
                     self._polled, self._asked = self._changes, now
                 elif stale:
                     soon = max(0.001, self._asked + ASK_AGAIN - now)
             try:
-                wait = next_due() if asking else soon
+                due = next_due() if asking else None
+                wait = due if asking else soon
                 if busy:
                     wait = busy if wait is None else min(wait, busy)
             except BaseException:
@@ -344,8 +341,10 @@ class Crew:
                 if self._missed:  # a wake-up came meanwhile, none idle to take it
                     self._missed = False
                     return False
-                if asking and self._polled != self._changes:
-                    continue  # a change while it asked: ask again (after ASK_AGAIN)
+                if due is not None:  # (the crew's clock: no later than the server's)
+                    self._due = now + due
+                    if self._polled != self._changes:
+                        continue  # a change while it asked: ask again (after ASK_AGAIN)
                 self._idle.append(proc)
             woken = proc.wake.wait(wait)
             proc.wake.clear()
@@ -373,6 +372,9 @@ class Crew:
             if again:
                 continue
             if not handed:
+                if polling and self._poller is proc:
+                    with self._lock:
+                        self._due = float("inf")  # its claim takes what is due
                 return look  # a look beside a publisher in a transaction, when its wait ran out
         return False
 

@@ -419,15 +419,11 @@ ON CONFLICT (channel) DO UPDATE SET tokens = {REFILLED},
 RETURNING b.tokens
 """  # noqa: S608 - constant fragments
 SPEND_SQL = "UPDATE pgpubsub.rate_bucket SET tokens = tokens - %s WHERE channel = %s"
-# Seconds until the channel's earliest claimable message is due (None: none;
-# 0 or less: claim now). Only a time since the crew's last claim returned
-# counts (``since``, Crew.since): a message due before it that the claim did not
-# take is in another worker's hands (locked), or was given back by it (its
-# run_at then: held by a limit), and waiting for it in a loop would spin; it
-# comes back with a due time of its own, or a wake-up. One that came due after
-# it had no claim yet: counted only from the question's own now(), it waited
-# for the poll (reviews 11 and 15 of issue 26). A message behind an
-# older one of its ordering key does not count either.
+# Seconds until the channel's earliest claimable message is due (None: none).
+# Only a time still to come counts: a message already due that this processor
+# did not claim is in another worker's hands (locked), and waiting for it in a
+# loop would spin; it comes back with a due time of its own, or a wake-up. A
+# message behind an older one of its ordering key does not count either.
 # On a rate-limited channel, when a message is claimable now (due; without a
 # key, or the head of its key with no live lease; a max_in_flight slot free):
 # the time its next token is due (0: a whole token is there, claim again), the
@@ -442,8 +438,7 @@ NEXT_DUE_SQL = f"""
 SELECT CASE WHEN NOT {UNPAUSED} THEN NULL ELSE LEAST(
     (SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now())
      FROM pgpubsub.message m WHERE channel = %(channel)s AND status = 'pending'
-     AND run_at > pg_catalog.now() - pg_catalog.make_interval(secs => %(since)s)
-     AND (m.ordering_key IS NULL OR NOT EXISTS (
+     AND run_at > pg_catalog.now() AND (m.ordering_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel
         AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))),
     -- Until the next token, when tokens held the last claim back (one that
@@ -1098,10 +1093,6 @@ class ChannelProcessor:
             # A max_in_flight slot is held for one batch (one message) at a
             # time, so that the slots pass between every worker.
             if not self._take_slot():
-                # What is due now waits for a slot, whose give-back wakes the crew: as
-                # a claim that came back empty (a question counting it spun every ms
-                # while a long job held the slot: review 16 of issue 26).
-                self.crew.claimed()
                 break
             asked = self.claim_size
             # On an error the leases stay held, given back at the next round:
@@ -1238,7 +1229,6 @@ class ChannelProcessor:
             "short": self.crew.short_of_tokens,
         }
         self._sweep_limits()
-        params["since"] = self.crew.since()  # (once the sweep's statements are done)
         with self.session.atomic():
             rows = self.session.execute(NEXT_DUE_SQL, params)
             due = rows[0][0] if rows else None
@@ -1688,7 +1678,6 @@ class ChannelProcessor:
         self._turn = True
         try:
             claimed = self._claim(suspect)
-            self.crew.claimed()
             if (self._left or uncounted) and len(claimed) >= self.claim_size:
                 # Full, with wake-ups left to it (each may stand for more messages), or
                 # the first claim of a look or a lent hand (messages published while
