@@ -300,9 +300,7 @@ class Crew:
                                 busy = self._busy_wait
                                 self._busy_wait = min(busy * 2, BUSY_POLL)
                 if done:
-                    with self._lock:
-                        if self._poller is proc:
-                            self._due = float("inf")  # its look takes what is due
+                    self._claims(proc)
                     return True  # the last look, now that publishers will wake the crew
             soon = None  # seconds until this one may ask again (ASK_AGAIN)
             with self._lock:
@@ -372,11 +370,16 @@ class Crew:
             if again:
                 continue
             if not handed:
-                if polling and self._poller is proc:
-                    with self._lock:
-                        self._due = float("inf")  # its claim takes what is due
+                self._claims(proc)
                 return look  # a look beside a publisher in a transaction, when its wait ran out
         return False
+
+    def _claims(self, proc: _Member) -> None:
+        """``proc`` leaves its rest to claim (its wait ran out, or its last look): as the
+        poller, that claim takes what its last question said was due."""
+        with self._lock:
+            if self._poller is proc:
+                self._due = float("inf")
 
     def _take(self, poller_ok: bool = True, ready: bool = False) -> _Member | None:
         """An idle processor to wake (the poller last: waking it hands its role on);
