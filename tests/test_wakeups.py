@@ -930,7 +930,7 @@ def test_a_rate_limited_burst_runs_at_the_rate_while_its_listeners_are_slow(db: 
         runner.stop()
     times = [round(t - published, 2) for t in sorted(started)]
     assert times[-1] < 5 * 0.2 + 0.4, times  # about 1 s at the rate
-    assert min(b - a for a, b in itertools.pairwise(sorted(started))) > 0.15, times
+    assert min(b - a for a, b in itertools.pairwise(sorted(started))) > 0.1, times  # (jitter)
 
 
 def test_a_message_published_while_one_processor_is_busy_starts_at_once(db: str) -> None:
