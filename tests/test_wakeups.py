@@ -756,9 +756,10 @@ def test_a_message_is_claimed_when_due_whoever_polls(offset: float) -> None:
     and poll. Its question came at or after the due time, so it saw that message as due
     (the question counts only messages still to come) and waited for the poll; the
     replaced poller's wait ended, and it went back to sleep without claiming: the message
-    waited for the poll. Invariant: a message due is claimed when due, whichever
-    processor polls and whenever the change comes (``offset`` seconds after the
-    poller asked; the message is due after 0.2 s)."""
+    waited for the poll. So did the poller's own, when the change came at its due time.
+    Invariant: a message due is claimed when due, whichever processor polls and
+    whenever the change comes (``offset`` seconds after the poller asked; the message is
+    due after 0.2 s)."""
     from pgpubsub._crew import Crew
 
     crew = Crew()
@@ -766,15 +767,17 @@ def test_a_message_is_claimed_when_due_whoever_polls(offset: float) -> None:
     claimed: list[float] = []
     due_at: list[float] = []
 
-    def next_due() -> float:  # as NEXT_DUE_SQL: a message due now is not counted
+    def next_due() -> float:  # as NEXT_DUE_SQL: due since the crew's last claim began
         now = time.monotonic()
         if not due_at:
             due_at.append(now + 0.2)
-        return due_at[0] - now if now < due_at[0] else 5.0
+        since = now if crew.since is None else crew.since
+        return max(0.001, due_at[0] - now) if due_at[0] > since else 5.0
 
     def member(proc: _Member, look: bool) -> None:
         if look:
             crew.rest(proc, next_due, lambda: True)  # registered: its last look
+            crew.claimed(time.monotonic())  # which found nothing
         crew.rest(proc, next_due, lambda: True)
         if not proc.stopping.is_set():
             claimed.append(time.monotonic())
@@ -1003,3 +1006,81 @@ def test_a_quick_burst_of_slow_messages_starts_at_once_on_idle_processors(
         runner.stop()
     late = sorted(round(t - published, 2) for t in started.values())
     assert late[-1] < 1.0, late  # not a listener's length apart (a loaded CI took 0.57 s)
+
+
+@dataclass
+class Close1(Channel, lock_notifications=True, concurrency=1, retry_delay=20):
+    n: int
+
+
+@dataclass
+class Close2(Channel, lock_notifications=True, concurrency=2, retry_delay=20):
+    n: int
+
+
+@pytest.mark.parametrize("cls", [Close1, Close2])
+def test_a_message_due_during_the_claim_before_it_starts_when_due(db: str, cls: Any) -> None:
+    """Hostile review 15 of issue 26, finding 1: M1 due at 0.5 s (its listener takes
+    0.3 s), M2 due 20 ms later. At concurrency 1 M2 started 10.3 s late, at the poll: the
+    claim of M1 came before M2 was due, and the question after it counted only messages
+    still to come. Invariant: a message that comes due after a claim is due to the next
+    question."""
+    started: dict[int, float] = {}
+
+    def listener(n: int) -> None:
+        started[n] = time.monotonic()
+        if n == 1:
+            time.sleep(0.3)
+
+    registry = Registry()
+    registry.add(cls, listener)
+    runner = DurableRunning(db, [cls], registry, poll_interval=10)
+    try:
+        time.sleep(0.5)
+        with psycopg.connect(db) as conn:
+            pgpubsub.notify(cls(n=1), conn=conn, delay=0.5)
+            pgpubsub.notify(cls(n=2), conn=conn, delay=0.52)
+        due = time.monotonic() + 0.52
+        wait_until(lambda: len(started) == 2, timeout=15)
+    finally:
+        runner.stop()
+    assert started[2] - due < 0.5, started[2] - due  # by the end of M1's listener
+
+
+@dataclass
+class Nudged2(Channel, lock_notifications=True, concurrency=2, retry_delay=20):
+    n: int
+
+
+def test_a_message_due_while_a_wake_up_nudges_the_poller_starts_when_due(db: str) -> None:
+    """Hostile review 15 of issue 26, finding 2: M due at 0.5 s; ``d`` ms before, N is
+    published (its listener takes 0.3 s): the processor woken for N starts on it and
+    nudges the poller to register again, whose last look comes just before M is due,
+    and whose question just after: M waited for the poll (10 s). Invariant as above,
+    over d from 0 to 14 ms."""
+    started: dict[int, float] = {}
+
+    def listener(n: int) -> None:
+        started[n] = time.monotonic()
+        if n % 2:
+            time.sleep(0.3)
+
+    registry = Registry()
+    registry.add(Nudged2, listener)
+    runner = DurableRunning(db, [Nudged2], registry, poll_interval=10)
+    late: dict[int, float] = {}
+    try:
+        time.sleep(0.5)
+        with psycopg.connect(db, autocommit=True) as conn:
+            for cycle in range(10):
+                m, n = 2 * cycle, 2 * cycle + 1
+                pgpubsub.notify(Nudged2(n=m), conn=conn, delay=0.5)
+                due = time.monotonic() + 0.5
+                time.sleep(max(0.0, due - cycle * 0.0015 - time.monotonic()))
+                pgpubsub.notify(Nudged2(n=n), conn=conn)
+                wait_until(lambda: m in started, timeout=15)  # noqa: B023
+                late[m] = round(started[m] - due, 3)
+                time.sleep(0.35)
+    finally:
+        runner.stop()
+    assert max(late.values()) < 0.25, late

@@ -12,8 +12,9 @@ registration (messages published before it sent none) or a retry, the idle
 poller is woken to ask again, or else the next processor to rest asks and
 becomes the poller (either once :data:`ASK_AGAIN` seconds have passed since the
 last question); the poller before it sleeps once its wait ends. A question
-counts only messages still to come: once the time the last one said has come
-and no poller has claimed since, the next to ask claims first. The poller off
+counts the messages due since the server's now() of the crew's last claim
+(:meth:`Crew.claimed`): a message that came due after the claim that could have
+taken it is due to the next question, whoever asks it and however late. The poller off
 to claim what is due keeps its role until its claim has rows to run (a
 successor asking before the claim took them would claim for nothing). The
 crew's claim statements run one at a time (:meth:`Crew.take_turn`):
@@ -114,7 +115,9 @@ class Crew:
         self._changes = 0  # events since which the poller's due time may be too late
         self._polled = 0  # _changes when the poller last asked when the next one is due
         self._asked = float("-inf")  # when it asked (the crew's clock)
-        self._due = float("inf")  # when the last question said the next one is due
+        # The server's now() when the crew's last claim began (a question of when the
+        # next message is due counts those due since); None: as of the question's own.
+        self.since: Any = None
         # The crew's last claim took all the channel's tokens (all of a limit_key's):
         # the poller waits for the next token, whichever processor claimed.
         self.short_of_tokens = False
@@ -152,6 +155,24 @@ class Crew:
                     self.left = room - waiting.room
             if not turn and room > waiting.room:  # stopped: the wake-ups go on
                 self.wake_one()
+
+    def claimed(self, at: Any) -> None:
+        """A member's claim has returned; ``at``: the server's now() when it began. What was
+        due by then it could take: a question of when the next message is due counts
+        those due since (NEXT_DUE_SQL). Counting only messages still to come, a message
+        that came due during the claim before, or while the poller was nudged to ask
+        again at its due time, was due to no question and waited for the poll
+        (reviews 11 and 15 of issue 26)."""
+        with self._lock:
+            if self.since is None or at > self.since:
+                self.since = at
+
+    def held(self) -> None:
+        """A member could not claim (no max_in_flight slot, no token): what is due waits
+        for a give-back's wake-up or the next token, not for a question, which counts
+        only messages still to come until the next claim."""
+        with self._lock:
+            self.since = None
 
     def end_turn(self) -> None:
         """The claim statement of the turn has returned: the next processor's turn."""
@@ -300,7 +321,6 @@ class Crew:
                                 busy = self._busy_wait
                                 self._busy_wait = min(busy * 2, BUSY_POLL)
                 if done:
-                    self._claims(proc)
                     return True  # the last look, now that publishers will wake the crew
             soon = None  # seconds until this one may ask again (ASK_AGAIN)
             with self._lock:
@@ -313,21 +333,12 @@ class Crew:
                     self._poller = proc
                 polling = self._poller is proc
                 asking = polling and (ready or not stale)
-                if asking and self._due <= now:
-                    # What the last question said was due is due, and not claimed: a
-                    # question now would not count it (only messages still to come):
-                    # claim first (replaced, or nudged to ask again, at its due time,
-                    # the poller slept and the message waited for the poll: reviews 11
-                    # and 14 of issue 26). It asks once back.
-                    self._due = float("inf")
-                    return False
                 if asking:
                     self._polled, self._asked = self._changes, now
                 elif stale:
                     soon = max(0.001, self._asked + ASK_AGAIN - now)
             try:
-                due = next_due() if asking else None
-                wait = due if asking else soon
+                wait = next_due() if asking else soon
                 if busy:
                     wait = busy if wait is None else min(wait, busy)
             except BaseException:
@@ -339,10 +350,8 @@ class Crew:
                 if self._missed:  # a wake-up came meanwhile, none idle to take it
                     self._missed = False
                     return False
-                if due is not None:  # (the crew's clock: no later than the server's)
-                    self._due = now + due
-                    if self._polled != self._changes:
-                        continue  # a change while it asked: ask again (after ASK_AGAIN)
+                if asking and self._polled != self._changes:
+                    continue  # a change while it asked: ask again (after ASK_AGAIN)
                 self._idle.append(proc)
             woken = proc.wake.wait(wait)
             proc.wake.clear()
@@ -370,16 +379,8 @@ class Crew:
             if again:
                 continue
             if not handed:
-                self._claims(proc)
                 return look  # a look beside a publisher in a transaction, when its wait ran out
         return False
-
-    def _claims(self, proc: _Member) -> None:
-        """``proc`` leaves its rest to claim (its wait ran out, or its last look): as the
-        poller, that claim takes what its last question said was due."""
-        with self._lock:
-            if self._poller is proc:
-                self._due = float("inf")
 
     def _take(self, poller_ok: bool = True, ready: bool = False) -> _Member | None:
         """An idle processor to wake (the poller last: waking it hands its role on);

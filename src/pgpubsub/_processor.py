@@ -343,10 +343,11 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
 )
 -- a suspect met and not taken (see CRASHED_OUT); the ring's state as one
 -- integer (see ring_state): an array on every row cost the client a parse per
--- row (about 30%% more of its time at 250 rows a claim)
+-- row (about 30%% more of its time at 250 rows a claim); the claim's now(), from
+-- which the next question of when a message is due counts (NEXT_DUE_SQL)
 SELECT c.*, s.id, s.ordering_key, (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
         1 << CASE s WHEN -2 THEN 4 WHEN -3 THEN 5 ELSE s END), 0)
-        FROM pg_catalog.unnest(r.live) s))::integer
+        FROM pg_catalog.unnest(r.live) s))::integer, pg_catalog.now()
 FROM pgpubsub.ring r LEFT JOIN claimed c ON true
 LEFT JOIN LATERAL (
     SELECT d.id, d.ordering_key FROM due d
@@ -419,11 +420,18 @@ ON CONFLICT (channel) DO UPDATE SET tokens = {REFILLED},
 RETURNING b.tokens
 """  # noqa: S608 - constant fragments
 SPEND_SQL = "UPDATE pgpubsub.rate_bucket SET tokens = tokens - %s WHERE channel = %s"
-# Seconds until the channel's earliest claimable message is due (None: none).
-# Only a time still to come counts: a message already due that this processor
-# did not claim is in another worker's hands (locked), and waiting for it in a
-# loop would spin; it comes back with a due time of its own, or a wake-up. A
-# message behind an older one of its ordering key does not count either.
+# Seconds until the channel's earliest claimable message is due (None: none;
+# 0 or less: claim now). Only a time after the now() of the crew's last claim
+# counts (``since``, Crew.since; None: the question's own now()): a message
+# due by then that the claim did not take is in another worker's hands
+# (locked), held by a limit (given back due at that now()) or passed over, and
+# waiting for it in a loop would spin; it comes back with a due time of its
+# own, or a wake-up. One that came due after it had no claim yet: counted only
+# from the question's own now(), it waited for the poll (hostile review 15 of
+# issue 26). A claim that could not run (no max_in_flight slot, no token)
+# counts from the question's now(): what is due waits for a give-back's
+# wake-up or the next token (below). A message behind an older one of its
+# ordering key does not count either.
 # On a rate-limited channel, when a message is claimable now (due; without a
 # key, or the head of its key with no live lease; a max_in_flight slot free):
 # the time its next token is due (0: a whole token is there, claim again), the
@@ -438,7 +446,8 @@ NEXT_DUE_SQL = f"""
 SELECT CASE WHEN NOT {UNPAUSED} THEN NULL ELSE LEAST(
     (SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now())
      FROM pgpubsub.message m WHERE channel = %(channel)s AND status = 'pending'
-     AND run_at > pg_catalog.now() AND (m.ordering_key IS NULL OR NOT EXISTS (
+     AND run_at > COALESCE(%(since)s::timestamptz, pg_catalog.now())
+     AND (m.ordering_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel
         AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))),
     -- Until the next token, when tokens held the last claim back (one that
@@ -587,10 +596,12 @@ SPEND_KEY_TOKENS_SQL = (
 # Messages a claim took and cannot start (their limit_key out of tokens or
 # slots, after another claim's commit; or behind such a one of their ordering
 # key): as if never claimed, uncharged; one claimed alone (suspected of
-# stopping an earlier process: the second parameter) stays suspect.
+# stopping an earlier process: the second parameter) stays suspect. Due at the
+# claim's now(): a question of when the next message is due, counting from it,
+# does not count them as newly due (claimed again and given back in a loop).
 UNCLAIM_SQL = (
     "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = %s, "
-    "claimed_alone = false, run_at = pg_catalog.clock_timestamp() "
+    "claimed_alone = false, run_at = pg_catalog.now() "
     "WHERE id = ANY(%s) AND {in_parts}"
 )
 #: Seconds between sweeps of full key buckets while a processor claims without rest.
@@ -1093,6 +1104,10 @@ class ChannelProcessor:
             # A max_in_flight slot is held for one batch (one message) at a
             # time, so that the slots pass between every worker.
             if not self._take_slot():
+                # What is due waits for a slot, whose give-back wakes the crew: not due
+                # to a question (one asked every ms while a long job held the slot:
+                # review 16 of issue 26).
+                self.crew.held()
                 break
             asked = self.claim_size
             # On an error the leases stay held, given back at the next round:
@@ -1227,6 +1242,7 @@ class ChannelProcessor:
             "per_second": None if rate is None else rate.per_second,
             "slots": self.max_in_flight,
             "short": self.crew.short_of_tokens,
+            "since": self.crew.since,
         }
         self._sweep_limits()
         with self.session.atomic():
@@ -1552,17 +1568,18 @@ class ChannelProcessor:
         params["passed"] = [mid for mid, (key, _) in passed.items() if key is None]
         params["blocked"] = blocked + [key for key, _ in passed.values() if key is not None]
         result = self.session.fetch(claim_on(template, parts), params, GENERIC_PLANS_SQL)
-        # Every row ends with the suspect met and its key (or NULLs), and the ring's
-        # state (ring_state); a claim that took nothing returns them on a row of NULLs.
-        found = result[0][-3]
-        self._suspect = None if found is None else (int(found), result[0][-2])
-        state = ring_state(int(result[0][-1]))
+        # Every row ends with the suspect met and its key (or NULLs), the ring's state
+        # (ring_state) and the claim's now(); a claim that took nothing returns them on
+        # a row of NULLs.
+        found, key, code, at = result[0][-4:]
+        self._suspect = None if found is None else (int(found), key)
+        state = ring_state(int(code))
         self._ring_view.state = state
         self._end_turn()  # the next processor's claim goes while this one commits
         if result[0][0] is None:
             claimed: list[tuple[Any, ...]] = []
         else:
-            claimed = [r[:-3] for r in result]
+            claimed = [r[:-4] for r in result]
         now = ring_parts(*state)
         self._ring_moved = len(claimed) < int(params["limit"]) and not set(now) <= set(parts)
         woken, self._woken = self._woken, False
@@ -1589,6 +1606,8 @@ class ChannelProcessor:
                 until = time.monotonic() + self.poll_interval
                 self._blocked_keys.update((str(r[0]), until) for r in older)
                 raise _OlderElsewhere
+        if params["suspect"] is None:  # (a suspect's claim takes only that one)
+            self.crew.claimed(at)
         return [r[:-1] for r in claimed]
 
     def _in_parts(self, template: str, ids: list[int]) -> str:
@@ -1618,6 +1637,8 @@ class ChannelProcessor:
         tokens = int(self.session.execute(TAKE_SQL, bucket)[0][0])
         short, self.crew.short_of_tokens = self.crew.short_of_tokens, True
         self._out_of_tokens = tokens < 1
+        if self._out_of_tokens:
+            self.crew.held()  # what is due waits for the next token (NEXT_DUE_SQL)
         if self._out_of_tokens and not short:
             # The poller waits for the next token (if the crew was short already, it
             # does: a change each time made two processors take the polling from each
