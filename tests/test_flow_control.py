@@ -1460,3 +1460,56 @@ def test_a_message_waiting_for_a_slot_held_by_a_long_job_costs_no_questions(
         runner.stop()
     assert questions <= 3, questions
     assert started[2] - released < 1.0
+
+
+@dataclass
+class KeyRefills(Channel, lock_notifications=True, concurrency=1, key_rate_limit="20/s"):
+    n: int
+
+
+def test_a_key_passed_over_for_tokens_is_claimed_once_refilled_however_late_the_question(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review 15 of issue 26, finding 3: key a has used its 2 tokens (20/s); a3 of
+    key a and b1 of a fresh key are published: the claim takes b1 (b keeps a token) and
+    passes a3 over. The question after it counted a key's next token only while the key
+    was still out of tokens, or when the claim's own keys were: a refilled (50 ms) before
+    a question that came late (a loaded machine; here slowed by 0.15 s), so a3 waited for
+    the poll (10 s). Invariant: a message passed over for its key's tokens is claimed
+    once they refill, however late the question comes."""
+    durable.migrate(dsn)
+    due = ChannelProcessor._next_due
+    late = threading.Event()  # set once b1 started: the next question comes late
+
+    def slow(self: ChannelProcessor) -> float:
+        if late.is_set():
+            late.clear()
+            time.sleep(0.15)
+        return due(self)
+
+    monkeypatch.setattr(ChannelProcessor, "_next_due", slow)
+    started: dict[str, float] = {}
+    first = threading.Event()
+
+    def listener(n: int) -> None:
+        started.setdefault(f"{n}", time.monotonic())
+        first.set()
+        if n == 4:
+            late.set()
+
+    registry = Registry()
+    registry.add(KeyRefills, listener)
+    runner = DurableRunning(dsn, [KeyRefills], registry, poll_interval=10)
+    try:
+        time.sleep(0.5)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            pgpubsub.notify_many(KeyRefills, [{"n": 1}, {"n": 2}], conn=conn, limit_key="a")
+            first.wait(5)
+            with conn.transaction():
+                pgpubsub.notify(KeyRefills(n=3), conn=conn, limit_key="a")
+                pgpubsub.notify(KeyRefills(n=4), conn=conn, limit_key="b")
+        published = time.monotonic()
+        wait_until(lambda: len(started) == 4, timeout=15)
+    finally:
+        runner.stop()
+    assert started["3"] - published < 1.0, started["3"] - published

@@ -477,6 +477,11 @@ KEY_REFILLED = (
     "GREATEST(0, pg_catalog.date_part('epoch', "
     "pg_catalog.clock_timestamp() - b.updated_at)))"
 )
+# The same, as of the now() of the crew's last claim (as of now without one).
+KEY_REFILLED_SINCE = KEY_REFILLED.replace(
+    "pg_catalog.clock_timestamp()",
+    "COALESCE(%(since)s::timestamptz, pg_catalog.clock_timestamp())",
+)
 
 
 # The limit_keys with every key_concurrency slot live: found once per claim
@@ -648,7 +653,11 @@ EXPIRED_SLOTS_SQL = (
 SLOT_LEASE_KEPT = 5
 # Seconds until the next token of a limit_key out of tokens with a message
 # due; 0 for one with a whole token when the last claim was short of key
-# tokens (it refilled while the batch ran). None: no such key. A key's due
+# tokens (it refilled while the batch ran), or that was out of tokens at the
+# now() of the crew's last claim (``since``, as NEXT_DUE_SQL: that claim passed
+# its messages over, and it refilled before this question: counted only while
+# still out of tokens, they waited for the poll, hostile review 15 of issue
+# 26, finding 3). None: no such key. A key's due
 # message held back by its ordering key still counts: the worker then wakes
 # once for nothing (the key has its token, and nothing more is asked of it
 # until the next claim is short), rather than a scan per key. The keys looked
@@ -695,9 +704,9 @@ WITH RECURSIVE k(key, n) AS (
 SELECT (
     SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s ELSE 0 END)
     FROM seen w CROSS JOIN LATERAL (
-        SELECT {KEY_REFILLED} AS t FROM pgpubsub.key_bucket b
+        SELECT {KEY_REFILLED} AS t, {KEY_REFILLED_SINCE} AS s FROM pgpubsub.key_bucket b
         WHERE b.channel = %(channel)s AND b.key = w.key) r
-    WHERE {UNPAUSED} AND (r.t < 1 OR %(key_short)s) AND (
+    WHERE {UNPAUSED} AND (r.s < 1 OR %(key_short)s) AND (
         SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
         WHERE d.channel = %(channel)s AND d.limit_key = w.key AND d.limit_key IS NOT NULL
           AND d.status = 'pending') <= pg_catalog.now()
@@ -1252,6 +1261,7 @@ class ChannelProcessor:
                 keys = {
                     **self._key_params(),
                     "key_short": self.crew.short_of_key_tokens,
+                    "since": params["since"],
                     "after": self._keys_after,
                     "keys": KEYS_PER_REST,
                     "scan": self._scan,
