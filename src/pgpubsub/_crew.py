@@ -115,7 +115,7 @@ class Crew:
         self._changes = 0  # events since which the poller's due time may be too late
         self._polled = 0  # _changes when the poller last asked when the next one is due
         self._asked = float("-inf")  # when it asked (the crew's clock)
-        # The server's now() when the crew's last claim began (a question of when the
+        # The server's now() when the crew's last claim began, in UTC (a question of when the
         # next message is due counts those due since); None: as of the question's own.
         self.since: Any = None
         # The crew's last claim took all the channel's tokens (all of a limit_key's):

@@ -344,10 +344,11 @@ RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
 -- a suspect met and not taken (see CRASHED_OUT); the ring's state as one
 -- integer (see ring_state): an array on every row cost the client a parse per
 -- row (about 30%% more of its time at 250 rows a claim); the claim's now(), from
--- which the next question of when a message is due counts (NEXT_DUE_SQL)
+-- which the next question of when a message is due counts (NEXT_DUE_SQL), in UTC
+-- without a zone (SINCE): a driver's zone (Django's without USE_TZ) never shifts it
 SELECT c.*, s.id, s.ordering_key, (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
         1 << CASE s WHEN -2 THEN 4 WHEN -3 THEN 5 ELSE s END), 0)
-        FROM pg_catalog.unnest(r.live) s))::integer, pg_catalog.now()
+        FROM pg_catalog.unnest(r.live) s))::integer, pg_catalog.timezone('UTC', pg_catalog.now())
 FROM pgpubsub.ring r LEFT JOIN claimed c ON true
 LEFT JOIN LATERAL (
     SELECT d.id, d.ordering_key FROM due d
@@ -442,11 +443,13 @@ SPEND_SQL = "UPDATE pgpubsub.rate_bucket SET tokens = tokens - %s WHERE channel 
 # worker's claim in progress has committed (FOR SHARE): its tokens before that
 # claim would be spent already. A paused channel has nothing due: its workers
 # sleep until resume's wake-up or a poll.
+# The now() of the crew's last claim, as the claim returned it (None: NULL).
+SINCE = "pg_catalog.timezone('UTC', %(since)s::timestamp)"
 NEXT_DUE_SQL = f"""
 SELECT CASE WHEN NOT {UNPAUSED} THEN NULL ELSE LEAST(
     (SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now())
      FROM pgpubsub.message m WHERE channel = %(channel)s AND status = 'pending'
-     AND run_at > COALESCE(%(since)s::timestamptz, pg_catalog.now())
+     AND run_at > COALESCE({SINCE}, pg_catalog.now())
      AND (m.ordering_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel
         AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))),
@@ -480,7 +483,7 @@ KEY_REFILLED = (
 # The same, as of the now() of the crew's last claim (as of now without one).
 KEY_REFILLED_SINCE = KEY_REFILLED.replace(
     "pg_catalog.clock_timestamp()",
-    "COALESCE(%(since)s::timestamptz, pg_catalog.clock_timestamp())",
+    f"COALESCE({SINCE}, pg_catalog.clock_timestamp())",
 )
 
 
