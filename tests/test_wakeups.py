@@ -1084,3 +1084,47 @@ def test_a_message_due_while_a_wake_up_nudges_the_poller_starts_when_due(db: str
     finally:
         runner.stop()
     assert max(late.values()) < 0.25, late
+
+
+@dataclass
+class Together8(Channel, lock_notifications=True, concurrency=8, retry_delay=20):
+    n: int
+
+
+@dataclass
+class Together32(Channel, lock_notifications=True, concurrency=32, retry_delay=20):
+    n: int
+
+
+@pytest.mark.parametrize(("cls", "count"), [(Together8, 4), (Together8, 8), (Together32, 8)])
+def test_messages_due_together_start_together_on_idle_processors(
+    db: str, cls: Any, count: int
+) -> None:
+    """Hostile review 17 of issue 26: ``count`` messages due at the same instant, 1.5 s
+    listeners. At concurrency > 1 a claim starts at one message: the poller's claim took
+    one and came back full, and the question after it counted from that claim's now(),
+    so the others were due to no question: they started a listener's length apart (on
+    the parent, counting only messages still to come, one at a time). Invariant: what a
+    full claim left is still due to the next question; messages due together start
+    together while processors are idle."""
+    started: dict[int, float] = {}
+
+    def listener(n: int) -> None:
+        started[n] = time.monotonic()
+        time.sleep(1.5)
+
+    registry = Registry()
+    registry.add(cls, listener)
+    runner = DurableRunning(db, [cls], registry, poll_interval=10)
+    try:
+        time.sleep(0.5)
+        with psycopg.connect(db) as conn:
+            conn.execute("SELECT 1")
+            published = time.monotonic()
+            for n in range(count):
+                pgpubsub.notify(cls(n=n), conn=conn, delay=0.5)
+        wait_until(lambda: len(started) == count, timeout=20)
+    finally:
+        runner.stop()
+    late = sorted(round(t - published - 0.5, 2) for t in started.values())
+    assert late[-1] < 1.0, late  # not a listener's length apart

@@ -934,6 +934,7 @@ class ChannelProcessor:
         # with their partitions: run next, even when stopping (they are in hand).
         self._share: tuple[list[tuple[Any, ...]], dict[int, int]] | None = None
         self._listener_pace: float | None = None  # seconds in listeners a message, last batch
+        self._claimed_at: Any = None  # the now() (UTC) of its last claim statement
         self._listening = 0.0  # seconds in listeners of the batch so far
         self._current: int | None = None  # the message whose listeners run now
         self._backend: int | None = None  # the server process of the batch's session
@@ -1619,8 +1620,7 @@ class ChannelProcessor:
                 until = time.monotonic() + self.poll_interval
                 self._blocked_keys.update((str(r[0]), until) for r in older)
                 raise _OlderElsewhere
-        if params["suspect"] is None:  # (a suspect's claim takes only that one)
-            self.crew.claimed(at)
+        self._claimed_at = at
         return [r[:-1] for r in claimed]
 
     def _in_parts(self, template: str, ids: list[int]) -> str:
@@ -1710,8 +1710,16 @@ class ChannelProcessor:
             return []
         self._left += self.crew.left
         self._turn = True
+        self._claimed_at = None
         try:
             claimed = self._claim(suspect)
+            if self._claimed_at is not None and suspect is None and len(claimed) < self.claim_size:
+                # What was due by its now() it took, or left to the wake-up or the token
+                # that frees it: the next question counts from there (Crew.claimed). Not
+                # after a full claim: the rest of what was due, left to no one, started a
+                # listener's length apart (review 17 of issue 26); nor a suspect's, which
+                # takes that one alone.
+                self.crew.claimed(self._claimed_at)
             if (self._left or uncounted) and len(claimed) >= self.claim_size:
                 # Full, with wake-ups left to it (each may stand for more messages), or
                 # the first claim of a look or a lent hand (messages published while
