@@ -12,12 +12,12 @@ registration (messages published before it sent none) or a retry, the idle
 poller is woken to ask again, or else the next processor to rest asks and
 becomes the poller (either once :data:`ASK_AGAIN` seconds have passed since the
 last question); the poller before it sleeps once its wait ends. A question
-counts the messages due since the server's now() of the crew's last claim
-(:meth:`Crew.claimed`): a message that came due after the claim that could have
-taken it is due to the next question, whoever asks it and however late. The poller off
-to claim what is due keeps its role until its claim has rows to run (a
-successor asking before the claim took them would claim for nothing). The
-crew's claim statements run one at a time (:meth:`Crew.take_turn`):
+counts the messages due since the server's now() of the crew's last claim that
+came back short of its size (:meth:`Crew.claimed`): a message that came due after
+the claim that could have taken it is due to the next question, whoever asks it
+and however late. The poller off to claim what is due keeps its role until its
+claim has rows to run (a successor asking before the claim took them would claim
+for nothing). The crew's claim statements run one at a time (:meth:`Crew.take_turn`):
 processors woken together, or done with their batches together, claim one after
 the other, so that a worker keeps one backend per channel busy claiming however
 many processors it runs (at concurrency=32 and 400 messages/s, up to 16 claims
@@ -157,12 +157,13 @@ class Crew:
                 self.wake_one()
 
     def claimed(self, at: Any) -> None:
-        """A member's claim has returned; ``at``: the server's now() when it began. What was
-        due by then it could take: a question of when the next message is due counts
-        those due since (NEXT_DUE_SQL). Counting only messages still to come, a message
-        that came due during the claim before, or while the poller was nudged to ask
-        again at its due time, was due to no question and waited for the poll
-        (reviews 11 and 15 of issue 26)."""
+        """A member's claim came back short of its size; ``at``: the server's now() when
+        it began. What was due by then it took, or left to what frees it (a wake-up, a
+        token): a question of when the next message is due counts those due since
+        (NEXT_DUE_SQL); a full claim says nothing of what else was due. Counting only
+        messages still to come, a message that came due during the claim before, or
+        while the poller was nudged to ask again at its due time, was due to no
+        question and waited for the poll (reviews 11 and 15 of issue 26)."""
         with self._lock:
             if self.since is None or at > self.since:
                 self.since = at

@@ -423,7 +423,8 @@ RETURNING b.tokens
 SPEND_SQL = "UPDATE pgpubsub.rate_bucket SET tokens = tokens - %s WHERE channel = %s"
 # Seconds until the channel's earliest claimable message is due (None: none;
 # 0 or less: claim now). Only a time after the now() of the crew's last claim
-# counts (``since``, Crew.since; None: the question's own now()): a message
+# that came back short of its size counts (``since``, Crew.since; None: the
+# question's own now()): a message
 # due by then that the claim did not take is in another worker's hands
 # (locked), held by a limit (given back due at that now()) or passed over, and
 # waiting for it in a loop would spin; it comes back with a due time of its
