@@ -1467,16 +1467,20 @@ class KeyRefills(Channel, lock_notifications=True, concurrency=1, key_rate_limit
     n: int
 
 
+@pytest.mark.parametrize("late_by", [0.15, 1.1])
 def test_a_key_passed_over_for_tokens_is_claimed_once_refilled_however_late_the_question(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
+    dsn: str, monkeypatch: pytest.MonkeyPatch, late_by: float
 ) -> None:
     """Hostile review 15 of issue 26, finding 3: key a has used its 2 tokens (20/s); a3 of
     key a and b1 of a fresh key are published: the claim takes b1 (b keeps a token) and
     passes a3 over. The question after it counted a key's next token only while the key
     was still out of tokens, or when the claim's own keys were: a refilled (50 ms) before
-    a question that came late (a loaded machine; here slowed by 0.15 s), so a3 waited for
-    the poll (10 s). Invariant: a message passed over for its key's tokens is claimed
-    once they refill, however late the question comes."""
+    a question that came late (a loaded machine, or b1's listener long; here slowed by
+    ``late_by``), so a3 waited for the poll (10 s). Review 18, finding 1: a second late,
+    the sweep of full buckets before the question had deleted a's (refilled to its
+    capacity), and a question does not see a key without a bucket. Invariant: a message
+    passed over for its key's tokens is claimed once they refill, however late the
+    question comes."""
     durable.migrate(dsn)
     due = ChannelProcessor._next_due
     late = threading.Event()  # set once b1 started: the next question comes late
@@ -1484,7 +1488,7 @@ def test_a_key_passed_over_for_tokens_is_claimed_once_refilled_however_late_the_
     def slow(self: ChannelProcessor) -> float:
         if late.is_set():
             late.clear()
-            time.sleep(0.15)
+            time.sleep(late_by)
         return due(self)
 
     monkeypatch.setattr(ChannelProcessor, "_next_due", slow)
@@ -1512,4 +1516,58 @@ def test_a_key_passed_over_for_tokens_is_claimed_once_refilled_however_late_the_
         wait_until(lambda: len(started) == 4, timeout=15)
     finally:
         runner.stop()
-    assert started["3"] - published < 1.0, started["3"] - published
+    assert started["3"] - published < late_by + 1.0, started["3"] - published
+
+
+@dataclass
+class RateAndKeyRate(
+    Channel,
+    lock_notifications=True,
+    concurrency=1,
+    rate_limit=(100, timedelta(seconds=1000)),
+    key_rate_limit=(100, timedelta(seconds=100)),
+):
+    n: int
+
+
+def test_a_message_waiting_for_the_channels_token_costs_no_questions_once_its_key_refills(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review 18 of issue 26, finding 2: a claim took 10 messages of key a, the
+    channel's 10 tokens and key a's 10 (channel: one token in 10 s; key: one a second).
+    The 11th waits for the channel's token. The claim left the crew short of key tokens,
+    and a claim that finds no channel token never reaches the key limits to clear that:
+    once key a had a token again, every question said "due now" and every claim found
+    no channel token, about 330 of each a second until the channel's token came.
+    Invariant: a message that waits for a token costs nothing until the token is due."""
+    durable.migrate(dsn)
+    calls: list[float] = []
+    claim, due = ChannelProcessor._claim, ChannelProcessor._next_due
+
+    def claimed(self: ChannelProcessor, suspect: int | None = None) -> Any:
+        calls.append(time.monotonic())
+        return claim(self, suspect)
+
+    def asked(self: ChannelProcessor) -> float:
+        calls.append(time.monotonic())
+        return due(self)
+
+    monkeypatch.setattr(ChannelProcessor, "_claim", claimed)
+    monkeypatch.setattr(ChannelProcessor, "_next_due", asked)
+    started: list[int] = []
+    registry = Registry()
+    registry.add(RateAndKeyRate, lambda n: started.append(n))
+    runner = DurableRunning(dsn, [RateAndKeyRate], registry, poll_interval=30)
+    try:
+        time.sleep(0.5)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            ns = [{"n": n} for n in range(11)]
+            pgpubsub.notify_many(RateAndKeyRate, ns, conn=conn, limit_key="a")
+        published = time.monotonic()
+        wait_until(lambda: len(started) == 10, timeout=5)
+        time.sleep(max(0.0, published + 3.5 - time.monotonic()))
+    finally:
+        runner.stop()
+    held = [t for t in calls if published + 1.5 <= t < published + 3.5]
+    assert len(started) == 10  # the 11th waits for the channel's token
+    assert len(held) <= 4, len(held)

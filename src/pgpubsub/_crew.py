@@ -171,9 +171,13 @@ class Crew:
     def held(self) -> None:
         """A member could not claim (no max_in_flight slot, no token): what is due waits
         for a give-back's wake-up or the next token, not for a question, which counts
-        only messages still to come until the next claim."""
+        only messages still to come until the next claim. Nor is the crew short of key
+        tokens any more (a claim that reaches the key limits says again): a key that
+        refilled meanwhile was due now to every question, while every claim found no
+        channel token (about 330 of each a second: review 18 of issue 26)."""
         with self._lock:
             self.since = None
+            self.short_of_key_tokens = False
 
     def end_turn(self) -> None:
         """The claim statement of the turn has returned: the next processor's turn."""

@@ -622,7 +622,10 @@ BUCKET_SLICE = 1000
 # (a "1/d" limit: every key of the day), so a sweep reads a slice of them, and
 # the slices go round. Returns the slice's last key and its size (a short
 # slice: the next one starts again from the first key). A bucket a claim
-# holds locked is left for next time.
+# holds locked is left for next time, and so is one whose key has a message
+# due: a question of when a key's token is due reads only keys with a bucket,
+# and one the last claim passed over for its tokens, refilled and swept
+# before the question, waited for the poll (hostile review 18 of issue 26).
 _FULL_BUCKETS = f"""
 WITH slice AS (
     SELECT b.key FROM pgpubsub.key_bucket b
@@ -635,7 +638,13 @@ WITH slice AS (
         SELECT b.key FROM pgpubsub.key_bucket b
         WHERE b.channel = %(channel)s AND b.key >= (SELECT bound.first FROM bound)
         AND b.key <= (SELECT bound.until FROM bound)
-        AND {KEY_REFILLED} >= %(key_capacity)s FOR UPDATE OF b SKIP LOCKED)
+        AND {KEY_REFILLED} >= %(key_capacity)s
+        -- kept while its key has a message due: a question reads it (KEY_TOKEN_DUE_SQL)
+        AND NOT EXISTS (
+            SELECT 1 FROM pgpubsub.message d WHERE d.channel = %(channel)s
+            AND d.limit_key = b.key AND d.status = 'pending' AND d.limit_key IS NOT NULL
+            AND d.run_at <= pg_catalog.now())
+        FOR UPDATE OF b SKIP LOCKED)
 )
 SELECT until, n FROM bound
 """  # noqa: S608 - constant fragments
