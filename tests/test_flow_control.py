@@ -1571,3 +1571,61 @@ def test_a_message_waiting_for_the_channels_token_costs_no_questions_once_its_ke
     held = [t for t in calls if published + 1.5 <= t < published + 3.5]
     assert len(started) == 10  # the 11th waits for the channel's token
     assert len(held) <= 4, len(held)
+
+
+@dataclass
+class KeyBehindHead(
+    Channel, lock_notifications=True, concurrency=4, key_rate_limit=(1, timedelta(seconds=1))
+):
+    n: int
+
+
+def test_a_key_held_by_its_ordering_key_costs_no_claims_while_another_key_streams(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile review 19 of issue 26: b1 (limit key b, ordering key o) runs a long listener
+    and b2 waits behind it, its bucket full; key a streams one message a second (its
+    token). Each claim of a left the crew short of key tokens, and the question after it
+    counted every key with a whole token as due now, b too (its full bucket kept while
+    b2 is due): two empty claims a second. Invariant: a message held for another reason
+    than its key's tokens costs no claims; only the keys a claim left short are due to
+    the question once refilled."""
+    durable.migrate(dsn)
+    empty: list[float] = []
+    claim = ChannelProcessor._claim
+
+    def counted(self: ChannelProcessor, suspect: int | None = None) -> Any:
+        rows = claim(self, suspect)
+        if not rows:
+            empty.append(time.monotonic())
+        return rows
+
+    monkeypatch.setattr(ChannelProcessor, "_claim", counted)
+    release = threading.Event()
+    started: list[int] = []
+
+    def listener(n: int) -> None:
+        started.append(n)
+        if n == 1:
+            release.wait(9)
+
+    registry = Registry()
+    registry.add(KeyBehindHead, listener)
+    runner = DurableRunning(dsn, [KeyBehindHead], registry, poll_interval=30)
+    try:
+        time.sleep(0.5)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            pgpubsub.notify(KeyBehindHead(n=1), conn=conn, limit_key="b", ordering_key="o")
+            wait_until(lambda: 1 in started, timeout=5)
+            pgpubsub.notify(KeyBehindHead(n=2), conn=conn, limit_key="b", ordering_key="o")
+            ns = [{"n": 100 + i} for i in range(20)]
+            pgpubsub.notify_many(KeyBehindHead, ns, conn=conn, limit_key="a")
+        published = time.monotonic()
+        time.sleep(5.0)
+        release.set()
+    finally:
+        release.set()
+        runner.stop()
+    held = [t for t in empty if published + 2.0 <= t < published + 5.0]
+    assert sum(1 for n in started if n >= 100) >= 4  # a streamed at its rate meanwhile
+    assert len(held) <= 1, len(held)

@@ -118,10 +118,11 @@ class Crew:
         # The server's now() when the crew's last claim began, in UTC (a question of when the
         # next message is due counts those due since); None: as of the question's own.
         self.since: Any = None
-        # The crew's last claim took all the channel's tokens (all of a limit_key's):
-        # the poller waits for the next token, whichever processor claimed.
+        # The crew's last claim took all the channel's tokens (short_keys: the limit_keys
+        # whose tokens it took all of): the poller waits for the next token, whichever
+        # processor claimed.
         self.short_of_tokens = False
-        self.short_of_key_tokens = False
+        self.short_keys: list[str] = []
         self._busy_wait = BUSY_POLL_FIRST  # the next look's wait beside a publisher
         self._busy_since: float | None = None  # the first such look since a wake-up
         self._claim = threading.Lock()  # held by the processor whose claim is in flight
@@ -171,13 +172,13 @@ class Crew:
     def held(self) -> None:
         """A member could not claim (no max_in_flight slot, no token): what is due waits
         for a give-back's wake-up or the next token, not for a question, which counts
-        only messages still to come until the next claim. Nor is the crew short of key
-        tokens any more (a claim that reaches the key limits says again): a key that
+        only messages still to come until the next claim. Nor are keys short of tokens
+        any more (a claim that reaches the key limits says again): a key that
         refilled meanwhile was due now to every question, while every claim found no
         channel token (about 330 of each a second: review 18 of issue 26)."""
         with self._lock:
             self.since = None
-            self.short_of_key_tokens = False
+            self.short_keys = []
 
     def end_turn(self) -> None:
         """The claim statement of the turn has returned: the next processor's turn."""

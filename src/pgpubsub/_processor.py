@@ -665,8 +665,8 @@ EXPIRED_SLOTS_SQL = (
 #: Lease periods after which the expired slot leases of a stopped process are deleted.
 SLOT_LEASE_KEPT = 5
 # Seconds until the next token of a limit_key out of tokens with a message
-# due; 0 for one with a whole token when the last claim was short of key
-# tokens (it refilled while the batch ran), or that was out of tokens at the
+# due; 0 for one with a whole token that the last claim left short of tokens
+# (``key_short``: it refilled while the batch ran), or that was out of tokens at the
 # now() of the crew's last claim (``since``, as NEXT_DUE_SQL: that claim passed
 # its messages over, and it refilled before this question: counted only while
 # still out of tokens, they waited for the poll, hostile review 15 of issue
@@ -719,7 +719,7 @@ SELECT (
     FROM seen w CROSS JOIN LATERAL (
         SELECT {KEY_REFILLED} AS t, {KEY_REFILLED_SINCE} AS s FROM pgpubsub.key_bucket b
         WHERE b.channel = %(channel)s AND b.key = w.key) r
-    WHERE {UNPAUSED} AND (r.s < 1 OR %(key_short)s) AND (
+    WHERE {UNPAUSED} AND (r.s < 1 OR w.key = ANY(%(key_short)s::text[])) AND (
         SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
         WHERE d.channel = %(channel)s AND d.limit_key = w.key AND d.limit_key IS NOT NULL
           AND d.status = 'pending') <= pg_catalog.now()
@@ -1274,7 +1274,7 @@ class ChannelProcessor:
             if self.key_rate is not None:
                 keys = {
                     **self._key_params(),
-                    "key_short": self.crew.short_of_key_tokens,
+                    "key_short": self.crew.short_keys,
                     "since": params["since"],
                     "after": self._keys_after,
                     "keys": KEYS_PER_REST,
@@ -1890,12 +1890,13 @@ class ChannelProcessor:
             self.session.execute(
                 SPEND_KEY_TOKENS_SQL, (list(spent), list(spent.values()), self.spec.name)
             )
-        # A key used all its tokens (or some of its messages went back): its next
-        # token may be due while this batch runs, so the rest asks for it.
-        self.crew.short_of_key_tokens = self.key_rate is not None and any(
-            left.get(k, 0) < 1 for k in allowed
-        )
-        if self.crew.short_of_key_tokens:  # the poller waits for the key's next token
+        # Keys that used all their tokens (or some of whose messages went back): their
+        # next token may be due while this batch runs, so the rest asks for it. Those
+        # keys only: a flag for all made every key with a whole token due to the
+        # question, one held by its ordering key too (review 19 of issue 26).
+        short = [k for k in allowed if left.get(k, 0) < 1] if self.key_rate is not None else []
+        self.crew.short_keys = short
+        if short:  # the poller waits for the keys' next token
             self.crew.rescheduled()
         return kept
 
