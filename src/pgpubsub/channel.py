@@ -279,10 +279,12 @@ class Rate:
     Enforced as a token bucket in the database (``pgpubsub.rate_bucket``):
     tokens come at ``count / period`` a second, up to :attr:`capacity`, and each
     message claimed takes one. The capacity is a tenth of a period's count (at
-    least 1): a burst is at most that, so starts are smooth rather than bunched
+    least 1): a burst is at most that, so claims are smooth rather than bunched
     at period edges, and any window of one period has at most ``count +
-    capacity`` starts (a sliding window of exactly ``count`` would need a row
-    per start).
+    capacity`` claims (a sliding window of exactly ``count`` would need a row
+    per claim). A batch's messages start one after another once claimed, so a
+    message behind a slow listener in its batch starts late, and starts may
+    come closer together than the rate.
     """
 
     count: int
