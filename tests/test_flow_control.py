@@ -95,6 +95,21 @@ def drain(dsn: str, registry: Registry, channel: Any) -> float:
     return time.monotonic() - started
 
 
+def record_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[float, Any]]:
+    """Each call of ``ChannelProcessor.<name>`` from now on: (time.monotonic() when it
+    returned, what it returned)."""
+    calls: list[tuple[float, Any]] = []
+    real = getattr(ChannelProcessor, name)
+
+    def recorded(self: ChannelProcessor, *args: Any) -> Any:
+        result = real(self, *args)
+        calls.append((time.monotonic(), result))
+        return result
+
+    monkeypatch.setattr(ChannelProcessor, name, recorded)
+    return calls
+
+
 # -- timeouts ---------------------------------------------------------------------------------
 
 
@@ -1381,15 +1396,7 @@ def test_a_rate_limited_burst_costs_about_a_claim_a_token_at_every_concurrency(
     same processor before a token is due."""
     durable.migrate(dsn)
     started: dict[int, float] = {}
-    claims: list[int] = []
-    claim = ChannelProcessor._claim
-
-    def counted(self: ChannelProcessor, suspect: int | None = None) -> Any:
-        rows = claim(self, suspect)
-        claims.append(len(rows))
-        return rows
-
-    monkeypatch.setattr(ChannelProcessor, "_claim", counted)
+    claims = record_calls(monkeypatch, "_claim")
     registry = Registry()
     registry.add(cls, lambda n: started.setdefault(n, time.monotonic()))
     runner = DurableRunning(dsn, [cls], registry, poll_interval=30)
@@ -1402,8 +1409,9 @@ def test_a_rate_limited_burst_costs_about_a_claim_a_token_at_every_concurrency(
         wait_until(lambda: len(started) == 12, timeout=40)
     finally:
         runner.stop()
-    assert sum(claims) == 12
-    assert len(claims) <= 12 + 3, str(claims)  # a claim a token, and a few looks
+    sizes = [len(rows) for _, rows in claims]
+    assert sum(sizes) == 12
+    assert len(sizes) <= 12 + 3, str(sizes)  # a claim a token, and a few looks
 
 
 @dataclass
@@ -1422,14 +1430,7 @@ def test_a_message_waiting_for_a_slot_held_by_a_long_job_costs_no_questions(
     that on. Invariant: a message that waits for a slot costs nothing until its wake-up;
     it starts once the slot is given back."""
     durable.migrate(dsn)
-    asks: list[float] = []
-    due = ChannelProcessor._next_due
-
-    def asked(self: ChannelProcessor) -> float:
-        asks.append(due(self))
-        return asks[-1]
-
-    monkeypatch.setattr(ChannelProcessor, "_next_due", asked)
+    asks = record_calls(monkeypatch, "_next_due")
     started: dict[int, float] = {}
     release = threading.Event()
 
@@ -1541,19 +1542,8 @@ def test_a_message_waiting_for_the_channels_token_costs_no_questions_once_its_ke
     no channel token, about 330 of each a second until the channel's token came.
     Invariant: a message that waits for a token costs nothing until the token is due."""
     durable.migrate(dsn)
-    calls: list[float] = []
-    claim, due = ChannelProcessor._claim, ChannelProcessor._next_due
-
-    def claimed(self: ChannelProcessor, suspect: int | None = None) -> Any:
-        calls.append(time.monotonic())
-        return claim(self, suspect)
-
-    def asked(self: ChannelProcessor) -> float:
-        calls.append(time.monotonic())
-        return due(self)
-
-    monkeypatch.setattr(ChannelProcessor, "_claim", claimed)
-    monkeypatch.setattr(ChannelProcessor, "_next_due", asked)
+    claims = record_calls(monkeypatch, "_claim")
+    asks = record_calls(monkeypatch, "_next_due")
     started: list[int] = []
     registry = Registry()
     registry.add(RateAndKeyRate, lambda n: started.append(n))
@@ -1568,7 +1558,7 @@ def test_a_message_waiting_for_the_channels_token_costs_no_questions_once_its_ke
         time.sleep(max(0.0, published + 3.5 - time.monotonic()))
     finally:
         runner.stop()
-    held = [t for t in calls if published + 1.5 <= t < published + 3.5]
+    held = [t for t, _ in claims + asks if published + 1.5 <= t < published + 3.5]
     assert len(started) == 10  # the 11th waits for the channel's token
     assert len(held) <= 4, len(held)
 
@@ -1591,16 +1581,7 @@ def test_a_key_held_by_its_ordering_key_costs_no_claims_while_another_key_stream
     than its key's tokens costs no claims; only the keys a claim left short are due to
     the question once refilled."""
     durable.migrate(dsn)
-    empty: list[float] = []
-    claim = ChannelProcessor._claim
-
-    def counted(self: ChannelProcessor, suspect: int | None = None) -> Any:
-        rows = claim(self, suspect)
-        if not rows:
-            empty.append(time.monotonic())
-        return rows
-
-    monkeypatch.setattr(ChannelProcessor, "_claim", counted)
+    claims = record_calls(monkeypatch, "_claim")
     release = threading.Event()
     started: list[int] = []
 
@@ -1626,6 +1607,6 @@ def test_a_key_held_by_its_ordering_key_costs_no_claims_while_another_key_stream
     finally:
         release.set()
         runner.stop()
-    held = [t for t in empty if published + 2.0 <= t < published + 5.0]
+    held = [t for t, rows in claims if not rows and published + 2.0 <= t < published + 5.0]
     assert sum(1 for n in started if n >= 100) >= 4  # a streamed at its rate meanwhile
     assert len(held) <= 1, len(held)

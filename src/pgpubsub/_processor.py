@@ -1662,11 +1662,11 @@ class ChannelProcessor:
         self._out_of_tokens = tokens < 1
         if self._out_of_tokens:
             self.crew.held()  # what is due waits for the next token (NEXT_DUE_SQL)
-        if self._out_of_tokens and not short:
-            # The poller waits for the next token (if the crew was short already, it
-            # does: a change each time made two processors take the polling from each
-            # other and claim for nothing every ASK_AGAIN, review 12 of issue 26).
-            self.crew.rescheduled()
+            if not short:
+                # The poller waits for the next token (if the crew was short already, it
+                # does: a change each time made two processors take the polling from
+                # each other and claim for nothing every ASK_AGAIN, review 12 of issue 26).
+                self.crew.rescheduled()
         params["limit"] = min(self.claim_size, tokens)
         params["per_key"] = max(1, min(PER_KEY, self.claim_size // 4, tokens))
         return tokens
