@@ -203,6 +203,11 @@ class _RingView:
         self.every_segment_at = 0.0
         #: time.monotonic() of the last call of pgpubsub.rotate as a drain ended.
         self.rotated_drained = 0.0
+        #: A drain ended too soon after that call to make its own: the call is made
+        #: once ROTATE_DRAINED_EVERY has passed, by the crew's next drain or its
+        #: poller's wake-up (the first call may have found the segment left still in a
+        #: batch's hands: without this one, its rows waited for the next traffic).
+        self.rotate_owed = False
         #: Suspects whose turn alone did not come: id -> (ordering key, time.monotonic()
         #: until which claims pass them over).
         self.passed: dict[int, tuple[str | None, float]] = {}
@@ -1175,7 +1180,7 @@ class ChannelProcessor:
                     self.session.execute(SWEEP_BATCHES_SQL, (RESULT_RETENTION,))
             if sweep:
                 self._next_sweep = now + SWEEP_EVERY
-        if self.processed > before:
+        if self.processed > before or self._ring_view.rotate_owed:
             self._rotate(drained=True)
         return self.processed - before
 
@@ -1253,7 +1258,8 @@ class ChannelProcessor:
         """Seconds to sleep: until the earliest retry or delayed message is due, or a poll.
 
         On a rate-limited channel out of tokens with messages due: until its
-        next token is due. A paused channel: a poll (or resume's wake-up).
+        next token is due. A paused channel: a poll (or resume's wake-up). A call of
+        pgpubsub.rotate owed by the crew's last drain: when it is allowed.
 
         Never 0: a message already due that this processor could not claim is
         another worker's; a wake-up (NOTIFY) ends the sleep early.
@@ -1285,6 +1291,10 @@ class ChannelProcessor:
                 self._keys_after = last if cut else None
                 if wait is not None:
                     due = wait if due is None else min(due, wait)
+        view = self._ring_view
+        if view.rotate_owed and self._rotated is not None:
+            owed = view.rotated_drained + ROTATE_DRAINED_EVERY - time.monotonic()
+            due = owed if due is None else min(due, owed)
         return self.poll_interval if due is None else min(self.poll_interval, max(0.001, due))
 
     def _asleep(self) -> bool:
@@ -1759,6 +1769,9 @@ class ChannelProcessor:
         (``drained``: at most every ROTATE_DRAINED_EVERY seconds, whenever the last
         call was), when the ring may hand over: a burst drained in
         less than a second would otherwise keep its segment until more traffic came.
+        A drain that ends too soon after the crew's last such call leaves it owed
+        (``_RingView.rotate_owed``): made by the next drain once allowed, the poller
+        waking for it (_next_due).
 
         Not inside a transaction of the caller's (process_stored_notifications
         on a connection in use): emptying a segment holds its lock to the end
@@ -1771,7 +1784,8 @@ class ChannelProcessor:
             return
         if drained:  # once for the crew: 32 processors' drains end at 400 messages/s
             view = self._ring_view
-            if now - view.rotated_drained < ROTATE_DRAINED_EVERY:
+            view.rotate_owed = now - view.rotated_drained < ROTATE_DRAINED_EVERY
+            if view.rotate_owed:
                 return
             view.rotated_drained = now
         elif now - self._rotated < ROTATE_EVERY:
