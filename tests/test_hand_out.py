@@ -16,6 +16,7 @@ from helpers import DurableRunning, admin_query, most_at_once, wait_until
 
 import pgpubsub
 from pgpubsub import durable
+from pgpubsub._processor import ChannelProcessor
 from pgpubsub.listen import Registry
 
 pytestmark = pytest.mark.acceptance
@@ -277,3 +278,96 @@ def test_no_share_is_handed_to_a_processor_that_is_stopping() -> None:
     for thread in resting:
         thread.join(5)
     assert [m.shares for m in members] in ([["b"], ["a"], []], [["a"], ["b"], []])
+
+
+@pytest.fixture(params=["pipelined", "savepoints"])
+def batch_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch pipelined with its statements written down, or (a driver without
+    pipelines) with a savepoint a message."""
+    if request.param == "savepoints":
+        monkeypatch.setattr(psycopg.Pipeline, "is_supported", classmethod(lambda cls: False))
+
+
+def fast_batching(worker: DurableRunning) -> None:
+    """As batching, after batches of fast listeners: a claim's rows stay with the claimer."""
+    batching(worker)
+    for proc in worker.durable.processors:
+        proc._listener_pace = 0.0002
+
+
+def test_slow_messages_of_a_fast_claim_wait_behind_one_slow_listener_at_most(
+    db: str, batch_mode: None
+) -> None:
+    """A processor whose last batch ran fast listeners keeps a claim of slow messages (a
+    share would cost more than they were expected to take): before, the four ran one after
+    another in its transaction while three processors idled (starts 0, 0.6, 1.2, 1.8 s;
+    hostile review 14 of issue 26). Invariant: while processors are idle, a message in a
+    claimer's hands waits behind at most one listener that overran the batch's time; the
+    batch commits what ran and hands the rest out."""
+    spans = Spans(0.6)
+    worker = running(db, spans)
+    fast_batching(worker)
+    try:
+        publish(db, range(4))
+        wait_until(lambda: len(spans.runs) == 4, timeout=20)
+    finally:
+        worker.stop()
+    assert sorted(n for n, *_ in spans.runs) == [0, 1, 2, 3]
+    starts = sorted(start for _, start, _, _ in spans.runs)
+    assert starts[-1] - starts[0] < 0.6 + 0.35, spans.runs
+    assert spans.most_at_once() >= 3, spans.runs
+    assert admin_query(db, "SELECT count(*) FROM pgpubsub.message")[0][0] == 0
+
+
+@dataclass
+class Keyed(pgpubsub.Channel, lock_notifications=True, concurrency=4, retry_delay=0.2):
+    n: int
+
+
+def test_a_keys_message_behind_a_failure_waits_for_its_retry_when_a_batch_is_cut(
+    db: str, batch_mode: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch cut after a slow listener hands out or keeps what it did not run: a later
+    message of a key whose message failed in the batch is given back, not run after the
+    cut (it would run before the failed one's retry). Key a: 0 fails once, 3 follows;
+    1 is slow, so the batch is cut before 2 and 3."""
+    cuts: list[list[int]] = []
+    cut = ChannelProcessor._cut
+
+    def recorded(self: ChannelProcessor, rows: Any, blocked: Any, outcome: Any) -> None:
+        cuts.append([r[0] for r in rows])
+        cut(self, rows, blocked, outcome)
+
+    monkeypatch.setattr(ChannelProcessor, "_cut", recorded)
+    order: list[tuple[int, int]] = []
+    attempts: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def listener(n: int) -> None:
+        with lock:
+            attempt = attempts[n] = attempts.get(n, 0) + 1
+            order.append((n, attempt))
+        if n == 0 and attempt == 1:
+            raise RuntimeError("0 fails once")
+        if n == 1:
+            time.sleep(0.6)
+
+    registry = Registry()
+    registry.add(Keyed, listener)
+    worker = DurableRunning(db, [Keyed], registry, poll_interval=5.0)
+    time.sleep(0.5)
+    fast_batching(worker)
+    try:
+        with psycopg.connect(db) as conn:
+            for n, key in ((0, "a"), (1, None), (2, None), (3, "a")):
+                pgpubsub.notify(Keyed(n=n), conn=conn, ordering_key=key)
+        wait_until(lambda: len(order) == 5, timeout=20)
+        wait_until(
+            lambda: admin_query(db, "SELECT count(*) FROM pgpubsub.message")[0][0] == 0,
+            timeout=10,
+        )
+    finally:
+        worker.stop()
+    assert sorted(order) == [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1)], order
+    assert order.index((0, 2)) < order.index((3, 1)), order
+    assert len(cuts[0]) == 2, cuts  # the batch was cut before 2 and 3

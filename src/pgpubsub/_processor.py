@@ -951,6 +951,9 @@ class ChannelProcessor:
         self._listener_pace: float | None = None  # seconds in listeners a message, last batch
         self._claimed_at: Any = None  # the now() (UTC) of its last claim statement
         self._listening = 0.0  # seconds in listeners of the batch so far
+        self._ran = 0  # messages whose listeners ran in the batch so far
+        self._handed = 0  # rows of the batch handed out after a cut (_after_cut)
+        self._cut_after = 0.0  # time.monotonic() past which the batch may be cut
         self._current: int | None = None  # the message whose listeners run now
         self._backend: int | None = None  # the server process of the batch's session
         self.spec = spec
@@ -1454,6 +1457,7 @@ class ChannelProcessor:
             _cancel.current.reset(token)
             self._current = None
             self._listening += time.monotonic() - begun
+            self._ran += 1
 
     def _traced(self, row: tuple[Any, ...], stop: Cancellation) -> None:
         started = time.perf_counter()
@@ -1969,7 +1973,7 @@ class ChannelProcessor:
                 )
             else:
                 rows.append((mid, payload, attempts, trace, key if keyed else None))
-        rows = self._hand_out(rows)
+        rows = self._hand_out(rows, self._listener_pace)
         if rows:
             self.crew.working(self)
             # In hand from the claim on (a stop may come while this waits at
@@ -1993,7 +1997,9 @@ class ChannelProcessor:
         the seconds a message took in its listeners (``_listener_pace``), and size the
         next claim to the seconds it took in all."""
         started = time.monotonic()
+        self._cut_after = started + self.batch_seconds
         self._listening = 0.0
+        self._ran = self._handed = 0
         # Timed or traced messages cost a clock and a span each: decided once a batch.
         self._instrumented = self._observe is not None or _tracing.enabled()
         self._backend = _backend_pid(self.session)
@@ -2016,14 +2022,15 @@ class ChannelProcessor:
             if self._retried:  # (committed now, or undone): the crew's poller asks again
                 self._retried = False
                 self.crew.rescheduled()
-        pace = (time.monotonic() - started) / len(rows)
-        self._listener_pace = self._listening / len(rows)
+        ran = max(1, len(rows) - self._handed)
+        pace = (time.monotonic() - started) / ran
+        self._listener_pace = self._listening / ran
         # The next claim's size follows (a processor handed shares too: the next
         # wake-up goes to the processor that rested last, often one of those).
         fits = int(self.batch_seconds / max(pace, 1e-6))
         self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
 
-    def _hand_out(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    def _hand_out(self, rows: list[tuple[Any, ...]], pace: float | None) -> list[tuple[Any, ...]]:
         """Hand rows of a claim to the crew's idle processors; the rows this one runs.
 
         A batch's listeners run one after another in its transaction, and a
@@ -2033,16 +2040,10 @@ class ChannelProcessor:
         at once, each share in a transaction of its own. Only rows without an
         ordering key (a key's rows run in order, under this processor's lease on
         the key), of a claim that took no message alone and no slot of a limit
-        (leased in this processor's name for its batch).
+        (leased in this processor's name for its batch). ``pace``: the seconds a
+        message is expected to take in its listeners.
         """
-        pace = self._listener_pace
-        if (
-            len(rows) < 2
-            or pace is None
-            or self._alone
-            or self.max_in_flight is not None
-            or self._limited
-        ):
+        if len(rows) < 2 or pace is None or not self._may_hand_out():
             return rows
         loose = [r for r in rows if r[4] is None]
         keeps = len(loose) == len(rows)  # a share of them (else: the keyed rows)
@@ -2063,6 +2064,43 @@ class ChannelProcessor:
             return rows
         gone = {r[0] for share, _ in handing[:handed] for r in share}
         return [r for r in rows if r[0] not in gone]
+
+    def _may_hand_out(self) -> bool:
+        """Whether rows in hand may go to other processors (see :meth:`_hand_out`)."""
+        return not self._alone and self.max_in_flight is None and not self._limited
+
+    def _cut_at(self, rows: list[tuple[Any, ...]], i: int) -> bool:
+        """Whether the batch stops before ``rows[i]``, once it has overrun the time it was
+        sized for (a listener far slower than the last batch's pace): a message of it ran
+        (each transaction gets on), at least two are left, one without an ordering key,
+        and a processor is idle to take some."""
+        return (
+            0 < i <= len(rows) - 2 and any(r[4] is None for r in rows[i:]) and self.crew.idle() > 0
+        )
+
+    def _cut(self, rows: list[tuple[Any, ...]], blocked: set[str], outcome: _Outcome) -> None:
+        """The batch stops here: ``rows`` (not run) stay in hand for after its commit
+        (``outcome.cut``), but those of a key whose message failed in it, given back as
+        they would have been."""
+        for row in rows:
+            if row[4] in blocked:
+                outcome.returned.append(row[0])
+            else:
+                outcome.cut.append(row)
+
+    def _after_cut(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Rows a committed batch left unrun (:meth:`_cut`), handed out to the idle
+        processors at the pace the batch ran at; the ones this processor runs next.
+        A message cancelled while it waited stays (its stop is noted here)."""
+        pace = self._listening / max(1, self._ran)
+        movable = [r for r in rows if r[0] not in self._doomed]
+        gone = {r[0] for r in movable} - {r[0] for r in self._hand_out(movable, pace)}
+        self._handed += len(gone)
+        self._cut_after = time.monotonic() + self.batch_seconds  # (the next transaction's)
+        kept = [r for r in rows if r[0] not in gone]
+        self._in_hand = {r[0]: r[2] for r in kept}
+        self._began = False
+        return kept
 
     def accept(self, share: tuple[list[tuple[Any, ...]], dict[int, int]]) -> None:
         """Rows another processor of the crew claimed, to run next (Crew.hand_out, under
@@ -2095,27 +2133,45 @@ class ChannelProcessor:
         deferred itself; or in the library's own statements) is each message
         run again, alone in a transaction of its own. Counters count what
         committed.
+
+        A batch that overruns the time it was sized for while a processor of
+        the crew is idle stops (:meth:`_cut_at`): what ran commits, and the rest
+        is handed out, or run here in the next transaction. A claim's size and
+        its hand-out follow the last batch's pace, so a fast batch's claim
+        that took slow messages ran them one after another while processors
+        idled (hostile review 14 of issue 26).
         """
         token = current_connection.set(self.session.connection)
         known: dict[int, BaseException] = {}  # failures that need no second run
+        kept: list[tuple[Any, ...]] = []  # left unrun by a cut, not handed out
         try:
             try:
-                self._count(self._transaction(claimed, known))
+                outcome = self._transaction(claimed, known)
             except Exception as exc:
                 if self.session.broken(exc):
                     raise
                 self._one_by_one(claimed, exc, known)
+            else:
+                self._count(outcome)
+                if outcome.cut:
+                    kept = self._after_cut(outcome.cut)
+                    parts = {r[0]: self._parts[r[0]] for r in kept}
         finally:
             current_connection.reset(token)
             self._values.clear()
             self._members.clear()
             self._parts.clear()
+        if kept:  # (a transaction of their own: the cut's committed)
+            self._parts.update(parts)
+            self._process(kept)
 
     def _transaction(
         self, claimed: list[tuple[Any, ...]], known: dict[int, BaseException]
     ) -> _Outcome:
         session = self.session
         nested = session.in_transaction()
+        # A batch in the caller's transaction is never cut (it commits with the caller's).
+        cut_after = None if nested or not self._may_hand_out() else self._cut_after
         with session.atomic():
             locked = self._lock([r[0] for r in claimed])
             # A row claimed again by someone else since (lease over) is theirs.
@@ -2124,17 +2180,22 @@ class ChannelProcessor:
                 if not nested:  # never change the mode of the caller's transaction
                     session.execute(IMMEDIATE_SQL)
                 if pipeline is None:
-                    return self._run_all(rows, known)
-                return self._run_journaled(rows, Journal(session.connection), known)
+                    return self._run_all(rows, known, cut_after)
+                return self._run_journaled(rows, Journal(session.connection), known, cut_after)
 
     def _run_journaled(
-        self, rows: list[tuple[Any, ...]], journal: Journal, known: dict[int, BaseException]
+        self,
+        rows: list[tuple[Any, ...]],
+        journal: Journal,
+        known: dict[int, BaseException],
+        cut_after: float | None,
     ) -> _Outcome:
         """The batch pipelined, its listeners' statements written down; a failure is undone alone.
 
         A message of a key runs only once the statements of the key's earlier
         message are known to hold: a later message of a key never runs before
-        an earlier one's failure is known.
+        an earlier one's failure is known. Past ``cut_after`` (time.monotonic())
+        the batch may stop (:meth:`_cut_at`).
         """
         outcome = _Outcome()
         ran: list[int] = []
@@ -2142,12 +2203,18 @@ class ChannelProcessor:
         keys = {r[0]: r[4] for r in rows}
         blocked: set[str] = set()  # keys whose message failed: the later ones wait
         with journal.installed():
-            for row in rows:
+            for i, row in enumerate(rows):
                 mid, key = row[0], row[4]
-                if key is not None and journal.must_wait(key):
+                cut = (
+                    cut_after is not None and time.monotonic() > cut_after and self._cut_at(rows, i)
+                )
+                if cut or key is not None and journal.must_wait(key):
                     journal.confirm()
                 if journal.failed:
                     blocked.update(k for m in journal.failed if (k := keys[m]) is not None)
+                if cut:
+                    self._cut(rows[i:], blocked, outcome)
+                    break
                 if key in blocked:
                     outcome.returned.append(mid)
                     continue
@@ -2181,12 +2248,21 @@ class ChannelProcessor:
         self.session.sync()
         return outcome
 
-    def _run_all(self, rows: list[tuple[Any, ...]], known: dict[int, BaseException]) -> _Outcome:
-        """The batch with a savepoint per message; a failure is recorded and the batch goes on."""
+    def _run_all(
+        self,
+        rows: list[tuple[Any, ...]],
+        known: dict[int, BaseException],
+        cut_after: float | None,
+    ) -> _Outcome:
+        """The batch with a savepoint per message; a failure is recorded and the batch goes
+        on. Past ``cut_after`` (time.monotonic()) it may stop (:meth:`_cut_at`)."""
         outcome = _Outcome()
         blocked: set[str] = set()  # keys whose message failed: the later ones wait
         failures: list[tuple[tuple[Any, ...], BaseException]] = []
-        for row in rows:
+        for i, row in enumerate(rows):
+            if cut_after is not None and time.monotonic() > cut_after and self._cut_at(rows, i):
+                self._cut(rows[i:], blocked, outcome)
+                break
             if row[4] in blocked:
                 outcome.returned.append(row[0])
                 continue
@@ -2442,6 +2518,7 @@ class _Outcome:
     done: list[int] = field(default_factory=list)
     failed: list[bool] = field(default_factory=list)
     returned: list[int] = field(default_factory=list)  # given back unrun (behind a failure)
+    cut: list[tuple[Any, ...]] = field(default_factory=list)  # left in hand unrun (_cut)
 
 
 #: The longest error text stored (characters): its head and its end are kept.
