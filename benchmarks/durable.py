@@ -62,6 +62,14 @@ from pgpubsub.session import PsycopgSession  # noqa: E402
 HERE = Path(__file__).parent
 
 
+def worker_env() -> dict[str, str]:
+    """The environment of a worker process: this directory on its path, before the
+    caller's (a checkout's ``src`` given in PYTHONPATH is the code measured, not the
+    installed one)."""
+    path = [str(HERE), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
+
+
 def reset(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_effects")
@@ -81,7 +89,7 @@ def p6(dsn: str, n: int, keys: int = 0) -> float:
     what = f", {keys} ordering keys" if keys else ""
     print(f"\n== P6: {n:,} durable messages, 2 worker processes, one row per message{what}")
     reset(dsn)
-    env = dict(os.environ, PYTHONPATH=str(HERE))
+    env = worker_env()
     channel = "bench_jobs.BenchOrdered" if keys else "bench_jobs.BenchJob"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgpubsub", "listen", "bench_jobs", "--processes", "2",
@@ -139,7 +147,7 @@ def rate_limited(dsn: str, seconds: int = 30, processes: int = 4) -> float:
         conn.execute("DROP TABLE IF EXISTS bench_starts")
         conn.execute("CREATE TABLE bench_starts (n bigint, at timestamptz, key text)")
         conn.execute("TRUNCATE pgpubsub.message, pgpubsub.rate_bucket")
-    env = dict(os.environ, PYTHONPATH=str(HERE))
+    env = worker_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgpubsub", "listen", "bench_jobs", "--processes", str(processes),
          "--channels", "bench_jobs.BenchPaced", "--dsn", dsn, "--log-level", "WARNING"],
@@ -190,7 +198,7 @@ def key_rate_limited(dsn: str, seconds: int = 10, processes: int = 4, keys: int 
         conn.execute("DROP TABLE IF EXISTS bench_starts")
         conn.execute("CREATE TABLE bench_starts (n bigint, at timestamptz, key text)")
         conn.execute("TRUNCATE pgpubsub.message, pgpubsub.key_bucket")
-    env = dict(os.environ, PYTHONPATH=str(HERE))
+    env = worker_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgpubsub", "listen", "bench_jobs", "--processes", str(processes),
          "--channels", "bench_jobs.BenchKeyPaced", "--dsn", dsn, "--log-level", "WARNING"],

@@ -60,7 +60,7 @@ from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from durable import scalar  # noqa: E402
+from durable import scalar, worker_env  # noqa: E402
 from peers import conninfo_to_url  # noqa: E402
 
 import pgpubsub  # noqa: E402
@@ -69,6 +69,7 @@ from pgpubsub.channel import Channel  # noqa: E402
 from pgpubsub.durable import connection  # noqa: E402
 
 HERE = Path(__file__).parent
+
 WORKER_APP = "prod_worker"  # the application_name of pgpubsub's worker connections
 PGQUEUER_APP = "prod_pgqueuer"
 STARTED_SQL = "INSERT INTO prod_starts (n, started) VALUES (%s, %s)"
@@ -143,7 +144,7 @@ def wait_for(dsn: str, query: str, at_least: int, timeout: float) -> bool:
 @contextmanager
 def worker(dsn: str, channel: type[Channel], processes: int = 1) -> Iterator[None]:
     """A ``pgpubsub listen`` process running ``channel`` of this module, started and ready."""
-    env = dict(os.environ, PYTHONPATH=str(HERE))
+    env = worker_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgpubsub", "listen", "production", "--processes", str(processes),
          "--channels", f"production.{channel.__name__}", "--log-level", "WARNING",
