@@ -21,7 +21,7 @@ import traceback
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -191,6 +191,14 @@ def claim_on(template: str, parts: tuple[int, ...]) -> str:
 def claim_template(query: str) -> str | None:
     """The claim template ``query`` was made from by :func:`claim_on`, if any."""
     return _TEMPLATE_OF.get(query)
+
+
+class _Share(NamedTuple):
+    """Rows a processor claimed and handed to another of its crew (ChannelProcessor._hand_out)."""
+
+    rows: list[tuple[Any, ...]]
+    parts: dict[int, int]  # id -> partition
+    leeway: dict[int, float]  # id -> its start's leeway (ChannelProcessor._leeway_of)
 
 
 class _RingView:
@@ -824,6 +832,15 @@ PASSED_FOR = 1.0
 #: out one a share, publish-to-start p50 45 -> 18 ms; with listeners of a row's insert,
 #: handed out alike, 5.5 -> 25 ms.
 SHARE_SECONDS = 0.005
+#: A message that took a rate limit's token (rate_limit, key_rate_limit) at its claim
+#: starts within this share of a token's interval after its batch's first message
+#: (LATE_FLOOR seconds at least), or goes back, its token spent: behind a slow listener of
+#: its batch it started late, as later claims started theirs at their tokens, and starts
+#: bunched (hostile review 20 of issue 26). The first one starts whatever: each batch gets
+#: on. (A message run again alone after its batch's COMMIT failed starts whatever too: one
+#: given back uncharged there could be the failure's cause, never dead.)
+LATE_SHARE = 0.1
+LATE_FLOOR = 0.005
 
 # The storage ring (schema version 6, pgpubsub.rotate): moved on and its
 # drained segments emptied about once a second by each processor that claims.
@@ -914,6 +931,12 @@ class ProcessorStatus:
     alive: bool  # its thread is running
 
 
+def _leeway(rate: Any) -> float | None:
+    """Seconds after its batch's first start within which a message that took a token
+    of ``rate`` starts (see LATE_SHARE); None without a limit."""
+    return None if rate is None else max(LATE_FLOOR, LATE_SHARE / rate.per_second)
+
+
 def _non_finite(value: Any) -> bool:
     """Whether a value of plain JSON types holds a float that is NaN or infinite."""
     if isinstance(value, float):
@@ -947,7 +970,11 @@ class ChannelProcessor:
         self._in_hand: dict[int, int] = {}  # id -> attempt of the batch being processed
         # Rows another processor of the crew claimed and handed to this one (hand_out),
         # with their partitions: run next, even when stopping (they are in hand).
-        self._share: tuple[list[tuple[Any, ...]], dict[int, int]] | None = None
+        self._share: _Share | None = None
+        # Rows in hand that took a rate limit's token: id -> seconds after the batch's
+        # first start within which they start (LATE_SHARE), or go back.
+        self._leeway_of: dict[int, float] = {}
+        self._first_start: float | None = None  # time.monotonic() the batch's first began
         self._listener_pace: float | None = None  # seconds in listeners a message, last batch
         self._claimed_at: Any = None  # the now() (UTC) of its last claim statement
         self._listening = 0.0  # seconds in listeners of the batch so far
@@ -1013,6 +1040,10 @@ class ChannelProcessor:
         self.key_rate = key_rate_of(cls)
         self.key_slots: int | None = cls.key_concurrency
         self._limited = self.key_rate is not None or self.key_slots is not None
+        # Seconds after its batch's first start within which a message that took a
+        # token starts (LATE_SHARE), per limit: the channel's and its keys'.
+        self._leeway_rate = _leeway(rate_of(cls))
+        self._leeway_key = _leeway(self.key_rate)
         self._leased_keys = False  # the last claim leased ordering keys of rows given back
         self._buckets_swept = time.monotonic()  # when key buckets and slot leases were last swept
         self._buckets_after: str | None = None  # the last bucket key the last sweep saw
@@ -1424,6 +1455,8 @@ class ChannelProcessor:
         """
         mid = row[0]
         begun = time.monotonic()
+        if self._first_start is None:
+            self._first_start = begun
         self._began = True
         self._current = mid  # a stop past the grace leaves this one charged
         stop = Cancellation(mid, self.spec.path, self.timeout)
@@ -1544,6 +1577,7 @@ class ChannelProcessor:
         }
         self._leasing = True  # a claim may lease keys
         self._ring_moved = self._out_of_tokens = False
+        self._leeway_of = {}
         rate = rate_of(self.spec.cls)
         if self._limited:
             return self._claim_limited(params, rate)
@@ -1692,9 +1726,10 @@ class ChannelProcessor:
         self._out_of_tokens = self.crew.short_of_tokens = len(claimed) >= tokens
         if self._out_of_tokens:  # the poller waits for the next token
             self.crew.rescheduled()
-        started = sum(1 for r in claimed if r[3] != "dead")
+        started = [r[0] for r in claimed if r[3] != "dead"]
         if started:
-            self.session.execute(SPEND_SQL, (started, self.spec.name))
+            self.session.execute(SPEND_SQL, (len(started), self.spec.name))
+            self._must_start(started, self._leeway_rate)
 
     def _claim_moving(self, suspect: int | None = None) -> list[tuple[Any, ...]]:
         """:meth:`_claim`, again when a row moved segments under it (see MOVED_STATE), or
@@ -1908,6 +1943,10 @@ class ChannelProcessor:
             self.session.execute(
                 SPEND_KEY_TOKENS_SQL, (list(spent), list(spent.values()), self.spec.name)
             )
+            keyed = {r[0] for r in claimed if r[9] is not None}
+            self._must_start(
+                [r[0] for r in kept if r[3] != "dead" and r[0] in keyed], self._leeway_key
+            )
         # Keys that used all their tokens (or some of whose messages went back): their
         # next token may be due while this batch runs, so the rest asks for it. Those
         # keys only: a flag for all made every key with a whole token due to the
@@ -1917,6 +1956,18 @@ class ChannelProcessor:
         if short:  # the poller waits for the keys' next token
             self.crew.rescheduled()
         return kept
+
+    def _must_start(self, ids: list[int], late: float | None) -> None:
+        """Rows ``ids`` took a token of a limit whose messages start within ``late``
+        seconds of their batch's first (LATE_SHARE), or go back."""
+        if late is not None:
+            for mid in ids:
+                self._leeway_of[mid] = min(late, self._leeway_of.get(mid, late))
+
+    def _too_late(self, mid: int) -> bool:
+        """Whether message ``mid`` took a token too long before it could start (LATE_SHARE)."""
+        late, first = self._leeway_of.get(mid), self._first_start
+        return late is not None and first is not None and time.monotonic() > first + late
 
     def _batch(self) -> tuple[int, int]:
         """Claim a batch and process it; return how many messages were claimed, and with keys."""
@@ -2000,6 +2051,7 @@ class ChannelProcessor:
         self._cut_after = started + self.batch_seconds
         self._listening = 0.0
         self._ran = self._handed = 0
+        self._first_start = None
         # Timed or traced messages cost a clock and a span each: decided once a batch.
         self._instrumented = self._observe is not None or _tracing.enabled()
         self._backend = _backend_pid(self.session)
@@ -2026,8 +2078,12 @@ class ChannelProcessor:
         pace = (time.monotonic() - started) / ran
         self._listener_pace = self._listening / ran
         # The next claim's size follows (a processor handed shares too: the next
-        # wake-up goes to the processor that rested last, often one of those).
+        # wake-up goes to the processor that rested last, often one of those); on a
+        # rate-limited channel, its listeners fit the leeway of a token (LATE_SHARE).
         fits = int(self.batch_seconds / max(pace, 1e-6))
+        for leeway in (self._leeway_rate, self._leeway_key):
+            if leeway is not None:
+                fits = min(fits, int(leeway / max(self._listener_pace, 1e-6)) + 1)
         self.claim_size = max(1, min(self.batch_size, (self.claim_size + fits) // 2))
 
     def _hand_out(self, rows: list[tuple[Any, ...]], pace: float | None) -> list[tuple[Any, ...]]:
@@ -2055,14 +2111,19 @@ class ChannelProcessor:
             return rows
         size = -(-len(loose) // shares)  # rows a share
         start = size if keeps else 0
+        late = self._leeway_of
         handing = [
-            (share, {r[0]: self._parts[r[0]] for r in share})
+            _Share(
+                share,
+                {r[0]: self._parts[r[0]] for r in share},
+                {r[0]: late[r[0]] for r in share if r[0] in late},
+            )
             for share in (loose[i : i + size] for i in range(start, len(loose), size))
         ]
         handed = self.crew.hand_out(handing)
         if not handed:
             return rows
-        gone = {r[0] for share, _ in handing[:handed] for r in share}
+        gone = {r[0] for share in handing[:handed] for r in share.rows}
         return [r for r in rows if r[0] not in gone]
 
     def _may_hand_out(self) -> bool:
@@ -2080,13 +2141,23 @@ class ChannelProcessor:
 
     def _cut(self, rows: list[tuple[Any, ...]], blocked: set[str], outcome: _Outcome) -> None:
         """The batch stops here: ``rows`` (not run) stay in hand for after its commit
-        (``outcome.cut``), but those of a key whose message failed in it, given back as
-        they would have been."""
+        (``outcome.cut``), but those that would have gone back (:meth:`_back`)."""
         for row in rows:
-            if row[4] in blocked:
-                outcome.returned.append(row[0])
+            if row[4] in blocked or self._too_late(row[0]):
+                self._back(row, blocked, outcome)
             else:
                 outcome.cut.append(row)
+
+    def _back(self, row: tuple[Any, ...], blocked: set[str], outcome: _Outcome) -> None:
+        """``row`` goes back unrun, uncharged: behind a failed message of its ordering key,
+        or too late for the token it took (:meth:`_too_late`; spent: a token given back
+        now would let the next claim start beside one started at it). The later
+        messages of its ordering key go back with it."""
+        outcome.returned.append(row[0])
+        if row[4] is not None:
+            blocked.add(row[4])
+        if row[0] in self._leeway_of:
+            self._retried = True  # due again: the crew's poller asks when
 
     def _after_cut(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """Rows a committed batch left unrun (:meth:`_cut`), handed out to the idle
@@ -2102,17 +2173,17 @@ class ChannelProcessor:
         self._began = False
         return kept
 
-    def accept(self, share: tuple[list[tuple[Any, ...]], dict[int, int]]) -> None:
+    def accept(self, share: _Share) -> None:
         """Rows another processor of the crew claimed, to run next (Crew.hand_out, under
         the crew's lock while this one is idle): in hand from now on."""
-        self._in_hand = {r[0]: r[2] for r in share[0]}
+        self._in_hand = {r[0]: r[2] for r in share.rows}
         self._began = False
         self._share = share
 
     def _run_share(self) -> None:
         """Run the rows handed to this processor (see :meth:`_hand_out`)."""
         assert self._share is not None
-        rows, self._parts = self._share
+        rows, self._parts, self._leeway_of = self._share
         self._share = None
         self._alone = False  # (never handed: see _hand_out)
         self.session.open()
@@ -2215,8 +2286,8 @@ class ChannelProcessor:
                 if cut:
                     self._cut(rows[i:], blocked, outcome)
                     break
-                if key in blocked:
-                    outcome.returned.append(mid)
+                if key in blocked or self._too_late(mid):
+                    self._back(row, blocked, outcome)
                     continue
                 exc = known.get(mid)
                 own = True
@@ -2263,8 +2334,8 @@ class ChannelProcessor:
             if cut_after is not None and time.monotonic() > cut_after and self._cut_at(rows, i):
                 self._cut(rows[i:], blocked, outcome)
                 break
-            if row[4] in blocked:
-                outcome.returned.append(row[0])
+            if row[4] in blocked or self._too_late(row[0]):
+                self._back(row, blocked, outcome)
                 continue
             exc = known.get(row[0]) or self._attempt(row)
             if exc is None:

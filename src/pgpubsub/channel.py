@@ -282,9 +282,10 @@ class Rate:
     least 1): a burst is at most that, so claims are smooth rather than bunched
     at period edges, and any window of one period has at most ``count +
     capacity`` claims (a sliding window of exactly ``count`` would need a row
-    per claim). A batch's messages start one after another once claimed, so a
-    message behind a slow listener in its batch starts late, and starts may
-    come closer together than the rate.
+    per claim). A batch's messages start one after another once claimed; one
+    that could not start within a tenth of a token's interval (5 ms at least)
+    after the batch's first goes back, its token spent, so that starts keep the
+    rate as claims do.
     """
 
     count: int
