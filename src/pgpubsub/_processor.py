@@ -211,10 +211,13 @@ class _RingView:
         self.every_segment_at = 0.0
         #: time.monotonic() of the last call of pgpubsub.rotate as a drain ended.
         self.rotated_drained = 0.0
-        #: A drain ended too soon after that call to make its own: the call is made
-        #: once ROTATE_DRAINED_EVERY has passed, by the crew's next drain or its
-        #: poller's wake-up (the first call may have found the segment left still in a
-        #: batch's hands: without this one, its rows waited for the next traffic).
+        #: Whether the last call left a segment other than the current one not emptied
+        #: (a row of it in a batch's hands, or another process's call running).
+        self.unemptied = False
+        #: A call to make once ROTATE_DRAINED_EVERY has passed, by the crew's next drain
+        #: or its poller's wake-up: a drain ended too soon after the last call while a
+        #: segment was left to empty, or that call left one (its rows waited for the
+        #: next traffic). Once: a call made for it owes none.
         self.rotate_owed = False
         #: Suspects whose turn alone did not come: id -> (ordering key, time.monotonic()
         #: until which claims pass them over).
@@ -845,6 +848,8 @@ LATE_FLOOR = 0.005
 # The storage ring (schema version 6, pgpubsub.rotate): moved on and its
 # drained segments emptied about once a second by each processor that claims.
 ROTATE_SQL = "SELECT pgpubsub.rotate()"
+# The ring as the call left it (live: the segments not emptied, and two partitions apart).
+RING_SQL = "SELECT segment, live FROM pgpubsub.ring"
 #: Seconds between a processor's calls of pgpubsub.rotate while it claims messages.
 ROTATE_EVERY = 1.0
 #: The least seconds between calls of pgpubsub.rotate as drains end, per channel and process.
@@ -1808,9 +1813,12 @@ class ChannelProcessor:
         (``drained``: at most every ROTATE_DRAINED_EVERY seconds, whenever the last
         call was), when the ring may hand over: a burst drained in
         less than a second would otherwise keep its segment until more traffic came.
-        A drain that ends too soon after the crew's last such call leaves it owed
+        While a segment is left to empty, a drain that ends too soon after the crew's
+        last such call, or that call itself, leaves one more owed
         (``_RingView.rotate_owed``): made by the next drain once allowed, the poller
-        waking for it (_next_due).
+        waking for it (_next_due); a processor that ran a share calls it as a drain
+        does. A steady trickle of messages owes none (a claim of nothing for each
+        would follow: review 21 of issue 26).
 
         Not inside a transaction of the caller's (process_stored_notifications
         on a connection in use): emptying a segment holds its lock to the end
@@ -1821,10 +1829,12 @@ class ChannelProcessor:
         now = time.monotonic()
         if self._rotated is None:
             return
+        view = self._ring_view
+        retry = False  # a call owed already: made now, never owed again (no spin)
         if drained:  # once for the crew: 32 processors' drains end at 400 messages/s
-            view = self._ring_view
-            view.rotate_owed = now - view.rotated_drained < ROTATE_DRAINED_EVERY
-            if view.rotate_owed:
+            retry, view.rotate_owed = view.rotate_owed, False
+            if now - view.rotated_drained < ROTATE_DRAINED_EVERY:
+                view.rotate_owed = retry or view.unemptied
                 return
             view.rotated_drained = now
         elif now - self._rotated < ROTATE_EVERY:
@@ -1835,6 +1845,10 @@ class ChannelProcessor:
         try:
             with self.session.atomic():
                 self.session.execute(ROTATE_SQL)
+                segment, live = self.session.execute(RING_SQL)[0]
+            view.unemptied = any(0 <= s != segment for s in live)
+            if drained and view.unemptied and not retry:
+                view.rotate_owed = True  # (in a batch's hands, or another process's call)
         except Exception as exc:
             if sqlstate(exc) in SCHEMA_STATES or sqlstate(exc) == PRIVILEGE_STATE:
                 self._rotated = None
@@ -2187,7 +2201,10 @@ class ChannelProcessor:
         self._share = None
         self._alone = False  # (never handed: see _hand_out)
         self.session.open()
+        before = self.processed
         self._run_rows(rows)
+        if self.processed > before:  # it may have run the burst's last rows (see _rotate)
+            self._rotate(drained=True)
 
     def _process(self, claimed: list[tuple[Any, ...]]) -> None:
         """Run and complete claimed rows ``(id, payload, attempt, trace)`` in one transaction.
