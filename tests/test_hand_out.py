@@ -15,7 +15,7 @@ import pytest
 from helpers import DurableRunning, admin_query, most_at_once, wait_until
 
 import pgpubsub
-from pgpubsub import durable
+from pgpubsub import durable, messages
 from pgpubsub._processor import ChannelProcessor
 from pgpubsub.listen import Registry
 
@@ -371,3 +371,59 @@ def test_a_keys_message_behind_a_failure_waits_for_its_retry_when_a_batch_is_cut
     assert sorted(order) == [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1)], order
     assert order.index((0, 2)) < order.index((3, 1)), order
     assert len(cuts[0]) == 2, cuts  # the batch was cut before 2 and 3
+
+
+def test_a_cancel_reaches_the_processor_a_cut_handed_its_message_to(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message cancelled while it waits in a batch that a cut then hands out: the worker
+    looked for its holder before reading the request, found the claimer, and asked it to
+    stop a message it no longer held, so the listener ran (review 21 of issue 26).
+    Invariant: a cancel reaches whichever processor holds the message once the request
+    is read."""
+    from pgpubsub.durable import DurableRunner
+
+    handed = threading.Event()
+    after_cut = ChannelProcessor._after_cut
+
+    def handing(self: ChannelProcessor, rows: Any) -> Any:
+        kept = after_cut(self, rows)
+        handed.set()
+        return kept
+
+    read = DurableRunner._cancelled
+
+    def reading(self: DurableRunner, ids: list[int]) -> list[int]:
+        asked = read(self, ids)
+        handed.wait(5)  # the cut hands the message out while the request is read
+        return asked
+
+    monkeypatch.setattr(ChannelProcessor, "_after_cut", handing)
+    monkeypatch.setattr(DurableRunner, "_cancelled", reading)
+    started: list[int] = []
+    registry = Registry()
+
+    def listener(n: int) -> None:
+        started.append(n)
+        time.sleep(0.6 if n == 0 else 0.2)
+
+    registry.add(Spread, listener)
+    worker = DurableRunning(db, [Spread], registry, poll_interval=5.0)
+    time.sleep(0.5)
+    fast_batching(worker)
+    try:
+        ids = publish(db, range(4))
+        wait_until(lambda: started == [0], timeout=10)
+        with psycopg.connect(db, autocommit=True) as conn:
+            assert messages.cancel(conn, ids=[ids[3]]).stopping == (ids[3],)
+        wait_until(
+            lambda: (
+                admin_query(db, "SELECT count(*) FROM pgpubsub.message WHERE status = 'pending'")
+                == [(0,)]
+            ),
+            timeout=10,
+        )
+        assert handed.is_set()
+    finally:
+        worker.stop()
+    assert 3 not in started, started

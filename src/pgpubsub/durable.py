@@ -456,11 +456,14 @@ class DurableRunner:
         The NOTIFY says only "look" (anyone may send one): a listener stops only
         for a row of pgpubsub.cancel_request, which only an operator can write.
         """
-        in_hand = {mid: proc for proc in self.processors for mid in list(proc.in_hand)}
+        in_hand = {mid for proc in self.processors for mid in proc.in_hand}
         if in_hand:
-            asked = await asyncio.to_thread(self._cancelled, list(in_hand))
-            for mid in asked:
-                in_hand[mid].stop_running(mid)
+            asked = set(await asyncio.to_thread(self._cancelled, list(in_hand)))
+            # Its holder now: a batch cut meanwhile may have handed the message on
+            # (review 21 of issue 26); for a moment both hold it, so both are asked.
+            for proc in self.processors:
+                for mid in asked.intersection(proc.in_hand):
+                    proc.stop_running(mid)
 
     def _cancelled(self, ids: list[int]) -> list[int]:
         with driver.connect(self.engine.conninfo, autocommit=True) as conn:
