@@ -340,7 +340,7 @@ def test_a_claim_probes_its_rows_whatever_the_statistics_say(dsn: str) -> None:
     """Statistics taken when the queue was empty (autoanalyze often finds it so) made the
     claim's UPDATE loop over the whole batch for each claimed row: a burst of 10,000 then
     ran ten times slower. The claim finds its rows by id, with no such join."""
-    from pgpubsub._processor import CLAIM_SQL, EVERY_SEGMENT, claim_on
+    from pgpubsub._claim_sql import CLAIM_SQL, EVERY_SEGMENT, claim_on
 
     durable.migrate(dsn)
 

@@ -28,8 +28,10 @@ from helpers import admin_query, most_at_once, wait_until
 
 import pgpubsub
 from pgpubsub import _processor, durable
+from pgpubsub._claim_sql import CLAIM_SQL, claim_template
+from pgpubsub._flow_sql import NEXT_DUE_SQL
 from pgpubsub._leases import TAKE_SLOT_SQL
-from pgpubsub._processor import CLAIM_SQL, NEXT_DUE_SQL, ChannelProcessor
+from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.listen import Registry
 from pgpubsub.session import PsycopgSession
@@ -1055,12 +1057,12 @@ class CountingSession(PsycopgSession):
 
     def execute(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
         # a claim counts as its template, whatever partitions it reads
-        self.counts[_processor.claim_template(query) or query] += 1
+        self.counts[claim_template(query) or query] += 1
         return super().execute(query, params)
 
     def fetch(self, query: str, params: Any = (), first: str | None = None) -> Any:
         # (a claim is fetched, with its SET LOCAL first: counted all the same)
-        self.counts[_processor.claim_template(query) or query] += 1
+        self.counts[claim_template(query) or query] += 1
         return super().fetch(query, params, first)
 
 
@@ -1186,7 +1188,7 @@ class OverlapSession(PsycopgSession):
             self.transactions.append((started, time.monotonic()))
 
     def fetch(self, query: str, params: Any = (), first: str | None = None) -> Any:
-        if _processor.claim_template(query) is not CLAIM_SQL:
+        if claim_template(query) is not CLAIM_SQL:
             return super().fetch(query, params, first)
         started = time.monotonic()
         rows = super().fetch(query, params, first)
@@ -1283,7 +1285,7 @@ def test_a_claims_backend_is_idle_once_its_rows_are_back(db: str) -> None:
 
     def watched(query: str, params: Any = (), first: str | None = None) -> Any:
         rows = fetch(query, params, first)
-        if _processor.claim_template(query) is CLAIM_SQL:
+        if claim_template(query) is CLAIM_SQL:
             states.extend(
                 r[0]
                 for r in admin_query(

@@ -33,7 +33,7 @@ import pytest
 from helpers import DurableRunning, admin_query, wait_until
 
 import pgpubsub
-from pgpubsub import _processor, durable, messages
+from pgpubsub import _claim_sql, _flow_sql, _processor, durable, messages
 from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, Rate, rate_of, spec_of
 from pgpubsub.errors import ConfigurationError
@@ -992,8 +992,8 @@ class Crowded(Channel, lock_notifications=True, key_concurrency=100, key_rate_li
 SCANS = "coalesce(seq_scan, 0) + coalesce(idx_scan, 0)"
 ROWS_READ = "coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
 #: The statements of a rest's search for a key token, and of a sweep of key buckets.
-RESTS = (_processor.KEY_TOKEN_DUE_SQL, _processor.KEY_TOKEN_DUE_FIRST_SQL)
-SWEEPS = (_processor.FULL_BUCKETS_SQL, _processor.FULL_BUCKETS_FIRST_SQL)
+RESTS = (_flow_sql.KEY_TOKEN_DUE_SQL, _flow_sql.KEY_TOKEN_DUE_FIRST_SQL)
+SWEEPS = (_flow_sql.FULL_BUCKETS_SQL, _flow_sql.FULL_BUCKETS_FIRST_SQL)
 
 
 def _reads(
@@ -1011,7 +1011,7 @@ def _reads(
 
     def counting(run: Any) -> Any:
         def counted(sql: str, params: Any = (), *first: str | None) -> list[tuple[Any, ...]]:
-            made_from = _processor.claim_template(sql) or sql  # a claim, on its partitions
+            made_from = _claim_sql.claim_template(sql) or sql  # a claim, on its partitions
             if not any(made_from is query for query in queries):
                 return run(sql, params, *first)  # type: ignore[no-any-return]
             before = dict(fetch(stats))
@@ -1057,7 +1057,7 @@ def test_held_keys_are_found_once_per_claim_whatever_their_backlog(
     ran: list[int] = []
     registry.add(Crowded, lambda n: ran.append(n))
     proc = processor(flow, Crowded, registry)
-    lookups = _reads(proc, monkeypatch, SCANS, _processor.LIMITED_CLAIM_SQL)
+    lookups = _reads(proc, monkeypatch, SCANS, _flow_sql.LIMITED_CLAIM_SQL)
     try:
         proc.drain_once()
     finally:
@@ -1091,7 +1091,7 @@ def test_a_claim_reads_the_buckets_of_the_keys_it_meets_not_every_bucket(
     ran: list[int] = []
     registry.add(Crowded, lambda n: ran.append(n))
     proc = processor(flow, Crowded, registry)
-    reads = _reads(proc, monkeypatch, ROWS_READ, _processor.LIMITED_CLAIM_SQL)
+    reads = _reads(proc, monkeypatch, ROWS_READ, _flow_sql.LIMITED_CLAIM_SQL)
     try:
         proc.drain_once()
     finally:

@@ -27,7 +27,7 @@ import pytest
 from helpers import DurableRunning, admin_query, install_version_5, wait_until
 
 import pgpubsub
-from pgpubsub import _processor
+from pgpubsub import _claim_sql, _processor
 from pgpubsub.channel import Channel, spec_of
 from pgpubsub.durable import migrate
 from pgpubsub.listen import Registry
@@ -1015,7 +1015,7 @@ def _count_older_elsewhere(proc: Any, before: Any = None) -> list[int]:
     fetch = proc.session.fetch
 
     def counted(sql: str, params: Any = (), first: str | None = None) -> list[tuple[Any, ...]]:
-        if _processor.claim_template(sql) is not _processor.OLDER_ELSEWHERE_SQL:
+        if _claim_sql.claim_template(sql) is not _claim_sql.OLDER_ELSEWHERE_SQL:
             return fetch(sql, params, first)  # type: ignore[no-any-return]
         if before is not None:
             before()
@@ -1335,7 +1335,7 @@ def test_a_deduped_message_is_claimed_after_the_crews_failed_look_reconnects(
     partitions, and a deduped message waited for the poll."""
     from pgpubsub.session import PsycopgSession
 
-    every = _processor.claim_on(_processor.CLAIM_SQL, _processor.EVERY_SEGMENT)
+    every = _claim_sql.claim_on(_claim_sql.CLAIM_SQL, _claim_sql.EVERY_SEGMENT)
     armed = threading.Event()
     fetch = PsycopgSession.fetch
 

@@ -19,7 +19,6 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -27,9 +26,38 @@ import msgspec
 
 from . import _cancel, _leases, _metrics, _tracing, driver
 from ._cancel import Cancellation
+from ._claim_sql import (
+    CLAIM_SQL,
+    EVERY_SEGMENT,
+    GENERIC_PLANS_SQL,
+    IN_PARTS,
+    OLDER_ELSEWHERE_SQL,
+    PART,
+    claim_on,
+    ring_parts,
+    ring_state,
+)
 from ._crew import Crew
+from ._flow_sql import (
+    BUCKET_SLICE,
+    BUCKET_SWEEP_EVERY,
+    EXPIRED_SLOTS_SQL,
+    FULL_BUCKETS_FIRST_SQL,
+    FULL_BUCKETS_SQL,
+    KEY_TOKEN_DUE_FIRST_SQL,
+    KEY_TOKEN_DUE_SQL,
+    KEYS_PER_REST,
+    LIMITED_CLAIM_SQL,
+    NEXT_DUE_SQL,
+    SLOT_LEASE_KEPT,
+    SPEND_KEY_TOKENS_SQL,
+    SPEND_SQL,
+    TAKE_KEY_TOKENS_SQL,
+    TAKE_SQL,
+    UNCLAIM_SQL,
+)
 from ._journal import Journal
-from ._leases import EXPIRES, LIVE, RELEASE_SQL, TAKE_LIMIT_SLOTS_SQL, TAKE_SLOT_SQL, new_owner
+from ._leases import RELEASE_SQL, TAKE_LIMIT_SLOTS_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
 from .channel import RESULT_RETENTION, ChannelSpec, kept_for, key_rate_of, rate_of
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
@@ -41,156 +69,9 @@ __all__ = ["ChannelProcessor", "ProcessorStatus", "current_connection"]
 
 log = logging.getLogger("pgpubsub.durable")
 
-# Claiming counts the attempt and commits at once, so a message whose worker
-# dies in the handler (SIGKILL, OOM, power loss) still uses up its attempts.
-# The row is leased until the retry delay of that attempt (the Backoff ceiling,
-# computed per row in SQL): if the worker dies
-# it is claimed again then; while the worker is alive it holds the row lock.
-# Among due messages the higher priority goes first.
-#
-# Messages without an ordering key come from their own partial index. A
-# message with one may run only when it is the head of its key (its oldest
-# pending message: a message waiting for a retry or not due yet holds its key
-# back) and no lease on the key is live (a message of the key is in a
-# listener: a replayed older one waits for it); claiming it leases its key (a
-# key another claim leased at the same moment is left alone): one at a time,
-# in order. The keys are visited by a loose index scan of the channel's keyed
-# pending messages (one index probe per key, its first messages another),
-# starting after the key this processor claimed last and wrapping around, and
-# stopping once enough are found and locked (a key another claim is taking at
-# that moment is passed over): each claim costs the keys it looks at, not
-# the backlog, and every key gets its turn. A key's first few messages are
-# claimed together (as long as each is due): holding the key, the processor
-# runs them one after the other, in order; when one fails, the ones after it
-# are given back unrun and uncharged, to wait for its retry.
-#
-# A message whose last attempt never finished (``unfinished``: its worker
-# stopped mid-batch) may be the one that kills its worker: it is claimed alone,
-# so that a crash charges an attempt to no other message, and only a message
-# whose process stopped while it ran alone dies of crashes. A claim that meets
-# such suspects among its due messages takes the others (but for the keys a
-# suspect heads) and says which suspect it met first, and its key (the columns
-# before the ring's state). The processor claims that one alone (``suspect``)
-# once nothing else of its process is in a listener (GATE), and marks it so
-# (MARK_ALONE_SQL) just before its listener starts: a suspect waiting for its
-# turn alone is neither charged nor leased, so the crash of another message of
-# its process costs it nothing, and its channel goes on meanwhile (reviews of
-# issue 26). A suspect whose turn does not come soon is passed over (``passed``:
-# its id; a keyed one's key is blocked) for a while (PASSED_FOR): in the first rows
-# of a claim, it kept the messages behind it from being claimed. The last
-# columns of a claimed row say whether it was claimed alone, and the message's
-# key.
-# Dead of crashes: its process stopped while it ran alone, its attempts spent.
-# A message whose process stopped during a batch may be innocent: it is run
-# alone (charged one more attempt, even past max_attempts) before that.
-CRASHED_OUT = "(m.unfinished AND m.claimed_alone AND m.attempts >= %(max)s)"
-# A paused channel (messages.pause) has a row in pgpubsub.channel_pause: its
-# messages, keyed or not, are not claimed. Checked once per claim (it names no
-# row of the claim: an InitPlan, and nothing is scanned when it is false); a
-# pause committed after a claim lets that batch finish.
-UNPAUSED = "NOT EXISTS (SELECT 1 FROM pgpubsub.channel_pause z WHERE z.channel = %(channel)s)"
-# The partition of a row of pgpubsub.message: the table's partition key
-# (schema.sql, Version 7 storage), spelled as there, so that a statement whose
-# WHERE compares it with constants is pruned by the planner before anything is
-# locked. A statement through the parent otherwise locks every partition and
-# their indexes until its transaction ends: a processing transaction, held
-# while its listeners run, then kept pgpubsub.rotate() from emptying any
-# segment (hostile review of issue 26, finding 1). The claim says each row's
-# partition; every statement of the processing transaction names those of its
-# rows (:meth:`ChannelProcessor._in_parts`). A row in hand stays in its
-# partition until its outcome is recorded: rotate moves no row a claim left
-# unfinished, and only the outcome moves one to message_kept.
-PART = (
-    "(CASE WHEN status <> 'pending' THEN -1 WHEN dedupe_key IS NOT NULL THEN -2 ELSE segment END)"
-)
-#: Where a statement restricted to its rows' partitions says which ones.
-IN_PARTS = "{in_parts}"
-
-
-def _part(alias: str) -> str:
-    """PART of the row aliased ``alias`` (an alias of ours, never input)."""
-    return (
-        f"(CASE WHEN {alias}.status <> 'pending' THEN -1 "
-        f"WHEN {alias}.dedupe_key IS NOT NULL THEN -2 ELSE {alias}.segment END)"
-    )
-
-
-# A claim reads only the partitions that may hold pending messages: the
-# ring's live ones (pgpubsub.ring.live: the current segment, those not yet
-# emptied, message_deduped while it holds a message), named as constants where
-# this marker is, so that the planner prunes the others before locking them,
-# whatever plan the driver prepares (through the parent, a claim planned and
-# locked all six partitions and their indexes: about 190 relation locks,
-# against about 40, and 15% of the drain rate). A claim's cost follows the
-# number of tables it reads: most of the time this is one. The claim returns
-# the ring's state (the last column, on every row, and on a row of NULLs when
-# it claimed nothing), so the processor knows the next claim's partitions
-# (ChannelProcessor._claim_parts).
-CLAIM_PARTS = "<claim parts>"
-# The claim's transaction plans its statements once (generic plans): under the
-# default plan_cache_mode, PostgreSQL kept planning the prepared claim anew for
-# each call's values (a custom plan), and planning a claim over the ring's
-# partitions took longer than running it. The plan does not depend on the
-# values: every path is an index on (channel, ...) of pending rows, and the
-# partitions are constants (CLAIM_PARTS). Only for the claim's transaction
-# (SET LOCAL): listeners' statements on the session are planned as the
-# application set.
-GENERIC_PLANS_SQL = "SET LOCAL plan_cache_mode = force_generic_plan"
-# A claim that read only some partitions and took messages of ordering keys:
-# the keys with an older pending message it did not take, wherever it is now
-# (stored where claims did not yet look: a deduped one while message_deduped
-# was not live, or a publisher's that read the ring before it moved on, see
-# pgpubsub.rotate; or moved since the claim's snapshot into a partition it
-# read, by rotate: hostile re-review of the ring, finding 1). Then the claim is
-# rolled back and made again on every partition, so that no message of a key
-# runs before an older one (hostile review of the ring, finding 1), and the
-# processor's claims on some partitions pass over those keys until its next
-# claim of every partition (one message waiting for another due in an hour
-# made every claim roll back: re-review, finding 2), for a poll interval. A statement of its own,
-# run only after a claim that took keyed messages: in the claim, the probe of
-# the other partitions locked them for every claim, and cost a fifth of P6.
-OLDER_ELSEWHERE_SQL = f"""
-SELECT DISTINCT c.key FROM pgpubsub.message o
-    JOIN ROWS FROM (pg_catalog.unnest(%(keys)s::text[]),
-                    pg_catalog.unnest(%(last)s::bigint[])) AS c(key, last)
-      ON o.ordering_key = c.key
-    WHERE o.channel = %(channel)s AND o.status = 'pending' AND o.id < c.last
-      AND o.id <> ALL(%(ids)s::bigint[]) AND {_part("o")} IN ({CLAIM_PARTS})
-"""  # noqa: S608 - constant fragments
-
 
 class _OlderElsewhere(Exception):
     """The claim took a message of a key with an older one where it did not look."""
-
-
-#: The partitions of a claim that knows nothing of the ring: every segment,
-#: message_later (-3) and message_deduped (-2) (a processor's first claim, the crew's
-#: looks as it registers as asleep, a second claim after a wake-up or a poll when the
-#: first found nothing, and one every poll interval).
-EVERY_SEGMENT = (-3, -2, 0, 1, 2, 3)
-#: How many segments the ring has (schema.sql, Version 7 storage).
-SEGMENTS = 4
-
-
-# Each claim template's statement for each set of partitions, made once.
-_CLAIMS: dict[tuple[str, tuple[int, ...]], str] = {}
-_TEMPLATE_OF: dict[str, str] = {}
-
-
-def claim_on(template: str, parts: tuple[int, ...]) -> str:
-    """The claim ``template`` (CLAIM_SQL, LIMITED_CLAIM_SQL) reading partitions ``parts``."""
-    query = _CLAIMS.get((template, parts))
-    if query is None:
-        # The values are integers of ours (the ring's segments), never input.
-        query = template.replace(CLAIM_PARTS, ", ".join(str(int(p)) for p in parts))
-        _CLAIMS[(template, parts)] = query
-        _TEMPLATE_OF[query] = template
-    return query
-
-
-def claim_template(query: str) -> str | None:
-    """The claim template ``query`` was made from by :func:`claim_on`, if any."""
-    return _TEMPLATE_OF.get(query)
 
 
 class _Share(NamedTuple):
@@ -230,147 +111,6 @@ class _RingView:
 _RING_VIEWS: weakref.WeakKeyDictionary[Crew, _RingView] = weakref.WeakKeyDictionary()
 
 
-def ring_state(code: int) -> tuple[int, tuple[int, ...]]:
-    """(current segment, live partitions) from the claim's last column: the current
-    segment times 64 plus a bit per live segment (1 << segment), 16 for
-    message_deduped (-2) and 32 for message_later (-3)."""
-    apart = ((-3,) if code & 32 else ()) + ((-2,) if code & 16 else ())
-    return code >> 6, apart + tuple(s for s in range(SEGMENTS) if code >> s & 1)
-
-
-def ring_parts(segment: int, live: Sequence[int]) -> tuple[int, ...]:
-    """The partitions a claim reads when the ring's current segment is ``segment`` and
-    its live partitions ``live``."""
-    return tuple(sorted({segment, *live}))
-
-
-_NEXT_KEY = (
-    "SELECT n.ordering_key FROM pgpubsub.message n WHERE n.channel = %(channel)s "  # noqa: S608
-    "AND n.status = 'pending' AND n.ordering_key IS NOT NULL AND n.ordering_key > {after} "
-    f"AND {_part('n')} IN ({CLAIM_PARTS}) "
-    "ORDER BY n.ordering_key LIMIT 1"
-)
-CLAIM_SQL = f"""
-WITH RECURSIVE later(key) AS (
-    ({_NEXT_KEY.format(after="%(after)s")})
-    UNION ALL
-    SELECT ({_NEXT_KEY.format(after="later.key")}) FROM later WHERE later.key IS NOT NULL
-), earlier(key) AS (
-    ({_NEXT_KEY.format(after="''")})
-    UNION ALL
-    SELECT ({_NEXT_KEY.format(after="earlier.key")}) FROM earlier
-    WHERE earlier.key IS NOT NULL AND earlier.key <= %(after)s
-), keyed AS (
-    -- Each key's first messages are locked as its turn comes, and the limit
-    -- counts locked rows: a key another claim is taking at this moment (its
-    -- rows locked, its lease not yet committed) is passed over for the next
-    -- ones, so that two processors claiming at once both fill their batches.
-    SELECT h.id, h.unfinished, h.ordering_key, h.rank FROM (
-        SELECT key FROM (
-            SELECT key FROM later WHERE key IS NOT NULL
-            UNION ALL
-            SELECT key FROM earlier WHERE key IS NOT NULL AND key <= %(after)s
-        ) u
-        -- keys found held back by an older message where this claim does not
-        -- look (see OLDER_ELSEWHERE_SQL) are passed over for a while
-        WHERE u.key <> ALL(%(blocked)s::text[])
-    ) k
-    CROSS JOIN LATERAL (
-        SELECT m.id, m.unfinished, m.ordering_key, p.rank FROM (
-            SELECT f.id, pg_catalog.row_number() OVER (ORDER BY f.id) AS rank,
-                pg_catalog.bool_and(f.run_at <= pg_catalog.now()) OVER (ORDER BY f.id) AS due
-            FROM (
-                SELECT m.id, m.run_at FROM pgpubsub.message m
-                WHERE m.channel = %(channel)s AND m.status = 'pending'
-                  AND m.ordering_key = k.key AND {_part("m")} IN ({CLAIM_PARTS})
-                ORDER BY m.id LIMIT %(per_key)s
-            ) f
-        ) p
-        -- checked again on the row locked: one another claim took since this
-        -- one began (its run_at moved on) is passed over too
-        JOIN pgpubsub.message m ON m.id = p.id
-        WHERE p.due AND m.status = 'pending' AND m.run_at <= pg_catalog.now()
-          AND {_part("m")} IN ({CLAIM_PARTS})
-        ORDER BY p.rank
-        FOR UPDATE OF m SKIP LOCKED
-    ) h
-    WHERE NOT EXISTS (
-        SELECT 1 FROM pgpubsub.lease l
-        WHERE l.channel = %(channel)s AND l.kind = 'key' AND l.name = k.key AND {LIVE})
-      AND {UNPAUSED}
-    LIMIT %(limit)s
-), unkeyed AS (
-    SELECT id, unfinished, ordering_key, priority, run_at FROM pgpubsub.message
-    WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
-      AND run_at <= pg_catalog.now() AND {UNPAUSED} AND {PART} IN ({CLAIM_PARTS})
-      AND id <> ALL(%(passed)s::bigint[])
-    ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-), due AS (
-    SELECT id, unfinished, ordering_key FROM unkeyed
-    UNION ALL
-    -- a key's messages from its head on, up to the first one another
-    -- transaction holds locked (no gap, so none runs before an older one) or
-    -- that may have crashed its worker (unfinished: only a head is run alone)
-    -- (counted by a window over the key's locked rows: one sort, not a
-    -- scan of the batch per row)
-    SELECT k.id, k.unfinished, k.ordering_key FROM (
-        SELECT o.id, o.unfinished, o.ordering_key, o.rank,
-            pg_catalog.count(*) FILTER (WHERE o.rank = 1 OR NOT o.unfinished)
-                OVER (PARTITION BY o.ordering_key ORDER BY o.id) AS run
-        FROM keyed o
-    ) k WHERE k.rank = k.run
-), pick AS (
-    SELECT id, ordering_key, false AS alone FROM due
-    WHERE %(suspect)s::bigint IS NULL AND NOT unfinished AND (ordering_key IS NULL
-        OR ordering_key NOT IN (
-            SELECT u.ordering_key FROM due u WHERE u.unfinished AND u.ordering_key IS NOT NULL))
-    UNION ALL
-    SELECT id, ordering_key, true FROM due WHERE unfinished AND id = %(suspect)s::bigint
-), leased AS (
-    INSERT INTO pgpubsub.lease AS l (channel, kind, name, holder, expires_at)
-    SELECT %(channel)s, 'key', d.key, %(holder)s, {EXPIRES}
-    FROM (SELECT DISTINCT ordering_key FROM pick WHERE ordering_key IS NOT NULL) d(key)
-    ON CONFLICT (channel, kind, name) DO UPDATE SET holder = EXCLUDED.holder,
-        expires_at = EXCLUDED.expires_at
-    WHERE NOT {LIVE}
-    RETURNING l.name
-), claimed AS (
-UPDATE pgpubsub.message m SET
-    attempts = m.attempts + CASE WHEN {CRASHED_OUT} THEN 0 ELSE 1 END,
-    run_at = pg_catalog.clock_timestamp() + pg_catalog.make_interval(
-        secs => least(%(cap)s, %(base)s * pg_catalog.power(%(factor)s, least(m.attempts, 64)))),
-    status = CASE WHEN {CRASHED_OUT} THEN 'dead' ELSE 'pending' END,
-    unfinished = NOT ({CRASHED_OUT}),
-    -- set when it runs alone (MARK_ALONE_SQL), not when a claim takes it alone
-    claimed_alone = false,
-    last_error = CASE WHEN {CRASHED_OUT}
-        THEN pg_catalog.format(
-            'the process handling it stopped before it completed (attempt %%s)', m.attempts)
-        ELSE m.last_error END
--- The rows by their ids (an index probe each) and no join: statistics taken
--- while the queue was empty made the planner loop over the batch for each row.
--- A claim takes one message alone or none alone (pick), so alone is one value.
-WHERE m.id = ANY(ARRAY(SELECT id FROM pick))
-  AND (m.ordering_key IS NULL OR m.ordering_key IN (SELECT name FROM leased))
-  AND {_part("m")} IN ({CLAIM_PARTS})
-RETURNING m.id, m.payload, m.attempts, m.status, m.trace, m.priority,
-    m.ordering_key IS NOT NULL, (SELECT pg_catalog.bool_or(alone) FROM pick) AS alone,
-    m.ordering_key, {PART}
-)
--- a suspect met and not taken (see CRASHED_OUT); the ring's state as one
--- integer (see ring_state): an array on every row cost the client a parse per
--- row (about 30%% more of its time at 250 rows a claim); the claim's now(), from
--- which the next question of when a message is due counts (NEXT_DUE_SQL), in UTC
--- without a zone (SINCE): a driver's zone (Django's without USE_TZ) never shifts it
-SELECT c.*, s.id, s.ordering_key, (r.segment * 64 + (SELECT COALESCE(pg_catalog.sum(DISTINCT
-        1 << CASE s WHEN -2 THEN 4 WHEN -3 THEN 5 ELSE s END), 0)
-        FROM pg_catalog.unnest(r.live) s))::integer, pg_catalog.timezone('UTC', pg_catalog.now())
-FROM pgpubsub.ring r LEFT JOIN claimed c ON true
-LEFT JOIN LATERAL (
-    SELECT d.id, d.ordering_key FROM due d
-    WHERE d.unfinished AND %(suspect)s::bigint IS NULL ORDER BY d.id LIMIT 1
-) s ON true
-"""  # noqa: S608 - constant fragments
 # The processing transaction locks its claimed rows, waiting (not skipping): a
 # concurrent claim's scan may hold one of them for an instant (it re-checks the
 # row and moves on), and skipping it would leave the message leased, unrun,
@@ -416,336 +156,6 @@ EXPIRE_SQL = (
     "AND completed_at < pg_catalog.now() - pg_catalog.make_interval(secs => %s) "
     "FOR UPDATE SKIP LOCKED)"
 )
-# A rate-limited channel's token bucket (pgpubsub.rate_bucket, see
-# channel.Rate): its tokens refilled by the time elapsed, measured by the
-# server's clock (clock_timestamp: workers' clocks may disagree, and the claim
-# transaction's start would count a wait for the row lock twice).
-REFILLED = (
-    "LEAST(%(capacity)s::float8, b.tokens + %(per_second)s::float8 * "
-    "GREATEST(0, pg_catalog.date_part('epoch', "
-    "pg_catalog.clock_timestamp() - b.updated_at)))"
-)
-# The claim's first statement on a rate-limited channel: the bucket row locked
-# (created full) and refilled; the claim then takes at most its whole tokens,
-# and SPEND_SQL takes one per message claimed, in the same transaction, so
-# that two workers never spend the same token.
-TAKE_SQL = f"""
-INSERT INTO pgpubsub.rate_bucket AS b (channel, tokens, updated_at)
-VALUES (%(channel)s, %(capacity)s, pg_catalog.clock_timestamp())
-ON CONFLICT (channel) DO UPDATE SET tokens = {REFILLED},
-    updated_at = pg_catalog.clock_timestamp()
-RETURNING b.tokens
-"""  # noqa: S608 - constant fragments
-SPEND_SQL = "UPDATE pgpubsub.rate_bucket SET tokens = tokens - %s WHERE channel = %s"
-# Seconds until the channel's earliest claimable message is due (None: none;
-# 0 or less: claim now). Only a time after the now() of the crew's last claim
-# that came back short of its size counts (``since``, Crew.since; None: the
-# question's own now()): a message
-# due by then that the claim did not take is in another worker's hands
-# (locked), held by a limit (given back due at that now()) or passed over, and
-# waiting for it in a loop would spin; it comes back with a due time of its
-# own, or a wake-up. One that came due after it had no claim yet: counted only
-# from the question's own now(), it waited for the poll (hostile review 15 of
-# issue 26). A claim that could not run (no max_in_flight slot, no token)
-# counts from the question's now(): what is due waits for a give-back's
-# wake-up or the next token (below). A message behind an older one of its
-# ordering key does not count either.
-# On a rate-limited channel, when a message is claimable now (due; without a
-# key, or the head of its key with no live lease; a max_in_flight slot free):
-# the time its next token is due (0: a whole token is there, claim again), the
-# bucket refilled to now as the claim refills it. Tokens refill while a batch
-# runs: the worker that ran it claims again. Nothing claimable, no token wait
-# (a message held by its key or a full max_in_flight comes with a wake-up,
-# and waiting for it by the clock would spin). The bucket is read once another
-# worker's claim in progress has committed (FOR SHARE): its tokens before that
-# claim would be spent already. A paused channel has nothing due: its workers
-# sleep until resume's wake-up or a poll.
-# The now() of the crew's last claim, as the claim returned it (None: NULL).
-SINCE = "pg_catalog.timezone('UTC', %(since)s::timestamp)"
-NEXT_DUE_SQL = f"""
-SELECT CASE WHEN NOT {UNPAUSED} THEN NULL ELSE LEAST(
-    (SELECT pg_catalog.date_part('epoch', pg_catalog.min(run_at) - pg_catalog.now())
-     FROM pgpubsub.message m WHERE channel = %(channel)s AND status = 'pending'
-     AND run_at > COALESCE({SINCE}, pg_catalog.now())
-     AND (m.ordering_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM pgpubsub.message o WHERE o.channel = m.channel
-        AND o.ordering_key = m.ordering_key AND o.status = 'pending' AND o.id < m.id))),
-    -- Until the next token, when tokens held the last claim back (one that
-    -- took fewer than its tokens found nothing more claimable: a due message
-    -- is in another worker's hands, and tokens are not what it waits for).
-    (SELECT GREATEST(0, 1 - {REFILLED}) / %(per_second)s
-     FROM pgpubsub.rate_bucket b WHERE b.channel = %(channel)s AND %(short)s AND EXISTS (
-        SELECT 1 FROM pgpubsub.message d WHERE d.channel = %(channel)s
-        AND d.status = 'pending' AND d.run_at <= pg_catalog.now()
-        AND (d.ordering_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM pgpubsub.message o WHERE o.channel = d.channel
-            AND o.ordering_key = d.ordering_key AND o.status = 'pending' AND o.id < d.id)
-          AND NOT EXISTS (
-            SELECT 1 FROM pgpubsub.lease l WHERE l.channel = d.channel AND l.kind = 'key'
-            AND l.name = d.ordering_key AND {LIVE})))
-     AND (%(slots)s::integer IS NULL OR %(slots)s > (
-        SELECT pg_catalog.count(*) FROM pgpubsub.lease l
-        WHERE l.channel = %(channel)s AND l.kind = 'slot' AND {LIVE}))
-     FOR SHARE OF b)
-) END
-"""  # noqa: S608 - constant fragments
-# -- flow control per key (key_rate_limit, key_concurrency; schema version 6) --
-#
-# A limit_key's token bucket (pgpubsub.key_bucket), refilled as the channel's.
-KEY_REFILLED = (
-    "LEAST(%(key_capacity)s::float8, b.tokens + %(key_per_second)s::float8 * "
-    "GREATEST(0, pg_catalog.date_part('epoch', "
-    "pg_catalog.clock_timestamp() - b.updated_at)))"
-)
-# The same, as of the now() of the crew's last claim (as of now without one).
-KEY_REFILLED_SINCE = KEY_REFILLED.replace(
-    "pg_catalog.clock_timestamp()",
-    f"COALESCE({SINCE}, pg_catalog.clock_timestamp())",
-)
-
-
-# The limit_keys with every key_concurrency slot live: found once per claim
-# (one index range over the channel's slot leases: about as many as messages
-# in listeners, whatever the keys' backlogs and slots; a slot past
-# key_concurrency, taken under a larger setting, does not count), then each
-# scanned row's key looked up in them (hashed). A key out of tokens is found by
-# its bucket, one index probe per scanned row of a keyed message (the channel's
-# buckets are every key active within about a period: reading them all would
-# cost each claim that many). Both read without locks, to pass over such keys'
-# messages (no head-of-line blocking); what holds the limits is the claim's
-# locked bucket rows and slot leases (see ChannelProcessor._limit).
-_SLOT_OF = "pg_catalog.strpos(l.name, E'\\x1f')"
-HELD_KEYS = f"""held(key) AS MATERIALIZED (
-    SELECT pg_catalog.substr(l.name, {_SLOT_OF} + 1) FROM pgpubsub.lease l
-    WHERE %(key_slots)s::integer IS NOT NULL AND l.channel = %(channel)s
-      AND l.kind = 'limit' AND {LIVE}
-      AND pg_catalog.substr(l.name, 1, {_SLOT_OF} - 1)::integer < %(key_slots)s
-    GROUP BY 1 HAVING pg_catalog.count(*) >= %(key_slots)s
-)"""  # noqa: S608 - constant fragments
-
-
-def _free_key(m: str) -> str:
-    """SQL: the message aliased ``m`` may start as far as its limit_key goes."""
-    return (
-        f"({m}.limit_key IS NULL OR ({m}.limit_key NOT IN (SELECT key FROM held) "  # noqa: S608
-        "AND NOT (%(key_per_second)s::float8 IS NOT NULL AND EXISTS (SELECT 1 FROM "
-        f"pgpubsub.key_bucket b WHERE b.channel = %(channel)s AND b.key = {m}.limit_key "
-        f"AND {KEY_REFILLED} < 1))))"
-    )  # constant fragments; m is an alias of ours, never input
-
-
-def _limited_claim_sql() -> str:
-    """CLAIM_SQL for a channel with key limits: messages of held keys passed over.
-
-    A key's messages in a batch are at most ``per_limit_key`` (its bucket's
-    capacity: more could never start), and its ordering keys' messages stop at
-    the first one of a held key (none runs before an older one). The rows also
-    say their limit_key (last column). Held keys' due messages are passed over
-    row by row (HELD_KEYS: a hash lookup and a bucket probe each): a claim
-    costs the due backlog of held keys ahead of what it takes (a loose index
-    scan over limit keys, as for ordering keys, would not read them; the
-    messages without a limit_key would then need an index of their own).
-    """
-    sql = CLAIM_SQL
-    edits = [
-        ("WITH RECURSIVE later(key) AS (", f"WITH RECURSIVE {HELD_KEYS}, later(key) AS ("),
-        (
-            "SELECT m.id, m.run_at FROM pgpubsub.message m",
-            "SELECT m.id, m.run_at, m.limit_key FROM pgpubsub.message m",
-        ),
-        (
-            "pg_catalog.bool_and(f.run_at <= pg_catalog.now()) OVER (ORDER BY f.id) AS due",
-            "pg_catalog.bool_and(f.run_at <= pg_catalog.now() AND "
-            f"{_free_key('f')}) OVER (ORDER BY f.id) AS due",
-        ),
-        (
-            """unkeyed AS (
-    SELECT id, unfinished, ordering_key, priority, run_at FROM pgpubsub.message
-    WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
-      AND run_at <= pg_catalog.now() AND {UNPAUSED} AND {PART} IN ({CLAIM_PARTS})
-      AND id <> ALL(%(passed)s::bigint[])
-    ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-)""".replace("{UNPAUSED}", UNPAUSED)
-            .replace("{PART}", PART)
-            .replace("{CLAIM_PARTS}", CLAIM_PARTS),
-            f"""unkeyed AS (
-    SELECT m.id, m.unfinished, m.ordering_key, m.priority, m.run_at FROM (
-        SELECT c.id, c.limit_key, pg_catalog.row_number() OVER (
-            PARTITION BY c.limit_key ORDER BY c.priority DESC, c.run_at, c.id) AS nth
-        FROM (
-            SELECT u.id, u.limit_key, u.priority, u.run_at FROM pgpubsub.message u
-            WHERE channel = %(channel)s AND status = 'pending' AND ordering_key IS NULL
-              AND run_at <= pg_catalog.now() AND {UNPAUSED}
-              AND {_free_key("u")} AND {_part("u")} IN ({CLAIM_PARTS})
-              AND u.id <> ALL(%(passed)s::bigint[])
-            ORDER BY priority DESC, run_at, id LIMIT %(scan)s
-        ) c
-    ) c
-    JOIN pgpubsub.message m ON m.id = c.id
-    WHERE (c.limit_key IS NULL OR c.nth <= %(per_limit_key)s)
-      AND m.status = 'pending' AND m.run_at <= pg_catalog.now()
-      AND {_part("m")} IN ({CLAIM_PARTS})
-    ORDER BY m.priority DESC, m.run_at, m.id LIMIT %(limit)s
-    FOR UPDATE OF m SKIP LOCKED
-)""",  # noqa: S608 - constant fragments
-        ),
-        (
-            "AS alone,\n    m.ordering_key, (CASE",
-            "AS alone,\n    m.ordering_key, m.limit_key, (CASE",
-        ),
-    ]
-    for old, new in edits:
-        assert sql.count(old) == 1, old
-        sql = sql.replace(old, new)
-    return sql
-
-
-LIMITED_CLAIM_SQL = _limited_claim_sql()
-# The claim's own transaction, after LIMITED_CLAIM_SQL: the buckets of its
-# batch's limit_keys locked (created full) and refilled, in key order (as
-# every claim locks them: no deadlock); the claim keeps, per key, at most its
-# whole tokens, and spends one per message kept.
-TAKE_KEY_TOKENS_SQL = f"""
-INSERT INTO pgpubsub.key_bucket AS b (channel, key, tokens, updated_at)
-SELECT %(channel)s, k.key, %(key_capacity)s, pg_catalog.clock_timestamp()
-FROM pg_catalog.unnest(%(keys)s::text[]) k(key) ORDER BY k.key
-ON CONFLICT (channel, key) DO UPDATE SET tokens = {KEY_REFILLED},
-    updated_at = pg_catalog.clock_timestamp()
-RETURNING b.key, b.tokens
-"""  # noqa: S608 - constant fragments
-SPEND_KEY_TOKENS_SQL = (
-    "UPDATE pgpubsub.key_bucket b SET tokens = b.tokens - s.n "
-    "FROM ROWS FROM (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::int[])) AS s(key, n) "
-    "WHERE b.channel = %s AND b.key = s.key"
-)
-# Messages a claim took and cannot start (their limit_key out of tokens or
-# slots, after another claim's commit; or behind such a one of their ordering
-# key): as if never claimed, uncharged; one claimed alone (suspected of
-# stopping an earlier process: the second parameter) stays suspect. Due at the
-# claim's now(): a question of when the next message is due, counting from it,
-# does not count them as newly due (claimed again and given back in a loop).
-UNCLAIM_SQL = (
-    "UPDATE pgpubsub.message SET attempts = attempts - 1, unfinished = %s, "
-    "claimed_alone = false, run_at = pg_catalog.now() "
-    "WHERE id = ANY(%s) AND {in_parts}"
-)
-#: Seconds between sweeps of full key buckets while a processor claims without rest.
-BUCKET_SWEEP_EVERY = 1.0
-#: Buckets one sweep looks at: a slice in key order, from where the last one stopped.
-BUCKET_SLICE = 1000
-# Buckets refilled to their capacity (idle keys): a missing row is a full
-# bucket, so they go; the table holds the keys active within about a period
-# (a "1/d" limit: every key of the day), so a sweep reads a slice of them, and
-# the slices go round. Returns the slice's last key and its size (a short
-# slice: the next one starts again from the first key). A bucket a claim
-# holds locked is left for next time, and so is one whose key has a message
-# due: a question of when a key's token is due reads only keys with a bucket,
-# and one the last claim passed over for its tokens, refilled and swept
-# before the question, waited for the poll (hostile review 18 of issue 26).
-_FULL_BUCKETS = f"""
-WITH slice AS (
-    SELECT b.key FROM pgpubsub.key_bucket b
-    WHERE b.channel = %(channel)s{{after}} ORDER BY b.key LIMIT %(slice)s
-), bound AS (
-    SELECT pg_catalog.min(key) AS first, pg_catalog.max(key) AS until,
-        pg_catalog.count(*) AS n FROM slice
-), gone AS (
-    DELETE FROM pgpubsub.key_bucket WHERE channel = %(channel)s AND key IN (
-        SELECT b.key FROM pgpubsub.key_bucket b
-        WHERE b.channel = %(channel)s AND b.key >= (SELECT bound.first FROM bound)
-        AND b.key <= (SELECT bound.until FROM bound)
-        AND {KEY_REFILLED} >= %(key_capacity)s
-        -- kept while its key has a message due: a question reads it (KEY_TOKEN_DUE_SQL)
-        AND NOT EXISTS (
-            SELECT 1 FROM pgpubsub.message d WHERE d.channel = %(channel)s
-            AND d.limit_key = b.key AND d.status = 'pending' AND d.limit_key IS NOT NULL
-            AND d.run_at <= pg_catalog.now())
-        FOR UPDATE OF b SKIP LOCKED)
-)
-SELECT until, n FROM bound
-"""  # noqa: S608 - constant fragments
-# (Two statements, from the first key and after one: a bound that may be NULL
-# is no index bound in a prepared statement's generic plan.)
-FULL_BUCKETS_SQL = _FULL_BUCKETS.replace("{after}", " AND b.key > %(after)s")
-FULL_BUCKETS_FIRST_SQL = _FULL_BUCKETS.replace("{after}", "")
-# Slot leases of processes that stopped long ago: expired for five lease
-# periods. A process stopped for a while (SIGSTOP, a keeper that fell behind)
-# renews its own expired leases when it comes back, its listeners still
-# running: a lease deleted sooner would let another message of the key start
-# beside them. (Until then an expired slot may be taken by a claim of its key:
-# the lease's promise ends with it.)
-EXPIRED_SLOTS_SQL = (
-    "DELETE FROM pgpubsub.lease l WHERE l.channel = %s AND l.kind = 'limit' "
-    "AND l.expires_at < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => %s)"
-)
-#: Lease periods after which the expired slot leases of a stopped process are deleted.
-SLOT_LEASE_KEPT = 5
-# Seconds until the next token of a limit_key out of tokens with a message
-# due; 0 for one with a whole token that the last claim left short of tokens
-# (``key_short``: it refilled while the batch ran), or that was out of tokens at the
-# now() of the crew's last claim (``since``, as NEXT_DUE_SQL: that claim passed
-# its messages over, and it refilled before this question: counted only while
-# still out of tokens, they waited for the poll, hostile review 15 of issue
-# 26, finding 3). None: no such key. A key's due
-# message held back by its ordering key still counts: the worker then wakes
-# once for nothing (the key has its token, and nothing more is asked of it
-# until the next claim is short), rather than a scan per key. The keys looked
-# at: those of the due messages a claim would take but for their key's tokens
-# (``scan`` without an ordering key, in the claim's order, passing over keys
-# with all their slots in use as the claim does, and ``scan`` with one: a rest
-# costs about what a claim does), and at most
-# KEYS_PER_REST keys of pending messages visited by a loose index scan of
-# message_limit_key_idx from after the key the last rest stopped at (the
-# messages of ordering keys; the channel's buckets are every key active within
-# a period, and its pending keys may be as many: scheduled work per customer).
-# A key beyond both is found at a later rest; meanwhile the poll bounds its
-# wait. The last columns: the last key visited, and whether the walk was cut
-# short there (one key more is visited to know).
-_NEXT_LIMIT_KEY = (
-    "SELECT d.limit_key FROM pgpubsub.message d WHERE d.channel = %(channel)s "
-    "AND d.status = 'pending' AND d.limit_key IS NOT NULL AND {after} "
-    "ORDER BY d.limit_key LIMIT 1"
-)
-_KEY_TOKEN_DUE = f"""
-WITH RECURSIVE k(key, n) AS (
-    SELECT ({_NEXT_LIMIT_KEY.format(after="{after}")}), 1
-    UNION ALL
-    SELECT ({_NEXT_LIMIT_KEY.format(after="d.limit_key > k.key")}), k.n + 1
-    FROM k WHERE k.key IS NOT NULL AND k.n <= %(keys)s
-), walked AS (
-    SELECT k.key, k.n FROM k WHERE k.key IS NOT NULL
-), {HELD_KEYS}, head AS (
-    SELECT DISTINCT h.limit_key AS key FROM (
-        (SELECT u.limit_key FROM pgpubsub.message u
-         WHERE u.channel = %(channel)s AND u.status = 'pending' AND u.ordering_key IS NULL
-           AND u.run_at <= pg_catalog.now() AND u.limit_key IS NOT NULL
-           AND u.limit_key NOT IN (SELECT key FROM held)
-         ORDER BY u.priority DESC, u.run_at, u.id LIMIT %(scan)s)
-        UNION ALL
-        (SELECT o.limit_key FROM pgpubsub.message o
-         WHERE o.channel = %(channel)s AND o.status = 'pending' AND o.ordering_key IS NOT NULL
-           AND o.run_at <= pg_catalog.now() AND o.limit_key IS NOT NULL
-           AND o.limit_key NOT IN (SELECT key FROM held)
-         LIMIT %(scan)s)) h
-), seen AS (
-    SELECT w.key FROM walked w WHERE w.n <= %(keys)s UNION SELECT h.key FROM head h
-)
-SELECT (
-    SELECT pg_catalog.min(CASE WHEN r.t < 1 THEN (1 - r.t) / %(key_per_second)s ELSE 0 END)
-    FROM seen w CROSS JOIN LATERAL (
-        SELECT {KEY_REFILLED} AS t, {KEY_REFILLED_SINCE} AS s FROM pgpubsub.key_bucket b
-        WHERE b.channel = %(channel)s AND b.key = w.key) r
-    WHERE {UNPAUSED} AND (r.s < 1 OR w.key = ANY(%(key_short)s::text[])) AND (
-        SELECT pg_catalog.min(d.run_at) FROM pgpubsub.message d
-        WHERE d.channel = %(channel)s AND d.limit_key = w.key AND d.limit_key IS NOT NULL
-          AND d.status = 'pending') <= pg_catalog.now()
-), (SELECT w.key FROM walked w WHERE w.n = %(keys)s),
-   (SELECT pg_catalog.count(*) > %(keys)s FROM walked w)
-"""  # noqa: S608 - constant fragments
-KEY_TOKEN_DUE_SQL = _KEY_TOKEN_DUE.replace("{after}", "d.limit_key > %(after)s")
-KEY_TOKEN_DUE_FIRST_SQL = _KEY_TOKEN_DUE.replace("{after}", "true")  # from the first key
-#: Limit keys of pending messages one rest looks at for a token due (see KEY_TOKEN_DUE_SQL).
-KEYS_PER_REST = 200
 # Completing a message with an ordering key makes the next one of its key
 # claimable, and a max_in_flight slot given back lets a waiting worker in:
 # wake the other workers (sent at commit).
