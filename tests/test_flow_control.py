@@ -1664,3 +1664,51 @@ def test_a_keys_starts_keep_its_rate_when_one_waits_behind_a_slow_listener(dsn: 
         b - a >= (j - i) * 1.0 - 0.1 - 0.05
         for (i, a), (j, b) in itertools.combinations(enumerate(k), 2)
     ), gaps
+
+
+@dataclass
+class KeyAtTheGate(
+    Channel, lock_notifications=True, concurrency=2, retry_delay=20, key_rate_limit="1/s"
+):
+    n: int
+
+
+def test_a_keys_starts_keep_its_rate_after_a_wait_for_a_turn_alone(dsn: str) -> None:
+    """Batches wait at the process's gate while a message suspected of crashing it runs
+    alone: a batch's first message counted its leeway from its own start, so two
+    processors that claimed key k's messages a second apart during the wait started them
+    together once it ended. Invariant: as
+    test_a_keys_starts_keep_its_rate_when_one_waits_behind_a_slow_listener, whatever a
+    batch waited for before its first listener."""
+    from pgpubsub._processor import GATE
+
+    durable.migrate(dsn)
+    starts: list[float] = []
+    registry = Registry()
+    registry.add(KeyAtTheGate, lambda n: starts.append(time.monotonic()))
+    runner = DurableRunning(dsn, [KeyAtTheGate], registry, poll_interval=30)
+    alone, release = threading.Event(), threading.Event()
+
+    def turn_alone() -> None:  # as a suspect's listener running alone for 1.5 s
+        with GATE.exclusive():
+            alone.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=turn_alone)
+    try:
+        time.sleep(0.5)
+        holder.start()
+        assert alone.wait(5)
+        with psycopg.connect(dsn) as conn:
+            pgpubsub.notify_many(
+                KeyAtTheGate, [{"n": n} for n in range(3)], conn=conn, limit_key="k"
+            )
+        time.sleep(1.5)  # k's first two messages claimed meanwhile, a second apart
+        release.set()
+        wait_until(lambda: len(starts) == 3, timeout=20)
+    finally:
+        release.set()
+        holder.join()
+        runner.stop()
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(sorted(starts))]
+    assert all(gap >= 1.0 - 0.15 for gap in gaps), gaps

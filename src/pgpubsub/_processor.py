@@ -250,8 +250,10 @@ SHARE_SECONDS = 0.005
 #: (LATE_FLOOR seconds at least), or goes back, its token spent: behind a slow listener of
 #: its batch it started late, as later claims started theirs at their tokens, and starts
 #: bunched (hostile review 20 of issue 26). The first one starts whatever: each batch gets
-#: on. (A message run again alone after its batch's COMMIT failed starts whatever too: one
-#: given back uncharged there could be the failure's cause, never dead.)
+#: on; but after a wait at the gate (another's turn alone), the leeways count from before
+#: it, and the new claims made once the gate opens get on. (A message run again alone
+#: after its batch's COMMIT failed starts whatever: one given back uncharged there could
+#: be the failure's cause, never dead.)
 LATE_SHARE = 0.1
 LATE_FLOOR = 0.005
 
@@ -296,13 +298,15 @@ class _Gate:
 
     @contextlib.contextmanager
     def shared(self) -> Any:
+        """Yields whether it waited for a turn alone to end."""
         with self._cond:
+            waited = self._alone
             self._queued += 1
             self._cond.wait_for(lambda: not self._alone)
             self._queued -= 1
             self._running += 1
         try:
-            yield
+            yield waited
         finally:
             with self._cond:
                 self._running -= 1
@@ -1483,7 +1487,10 @@ class ChannelProcessor:
         # claimed holding the gate (see _alone_turn), so that nothing else of the
         # process is in a listener meanwhile, and its crash is charged to it alone.
         try:
-            with contextlib.nullcontext() if self._alone else GATE.shared():
+            at_gate = time.monotonic()
+            with contextlib.nullcontext(False) if self._alone else GATE.shared() as waited:
+                if waited:  # for another's turn alone: its leeways count from before
+                    self._first_start = at_gate
                 if self._alone:  # (committed before its listener starts)
                     ids = [r[0] for r in rows]
                     with self.session.atomic():
