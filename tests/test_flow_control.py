@@ -1629,9 +1629,10 @@ def test_a_keys_starts_keep_its_rate_when_one_waits_behind_a_slow_listener(dsn: 
     after another: a message of key k claimed behind a 3 s listener (a message without a
     limit key) started 3 s after its token, as another worker started k's next ones at
     their tokens: two starts of k 21-24 ms apart at 1/s (hostile review 20 of issue 26).
-    Invariant: a key's starts keep its rate, as its claims do, up to a tenth of a token's
-    interval: a message that would start later than that after its token goes back with
-    the token, and is claimed again at once."""
+    Invariant: a key's starts keep its rate, as its claims do, up to half a token's
+    interval (any window of one period holds no more than count + capacity): a message
+    that would start later than that after its batch's first goes back, its token spent,
+    and is claimed again with a token of its own."""
     durable.migrate(dsn)
     starts: list[tuple[float, int]] = []
     lock = threading.Lock()
@@ -1659,9 +1660,9 @@ def test_a_keys_starts_keep_its_rate_when_one_waits_behind_a_slow_listener(dsn: 
     assert sorted(n for _, n in starts) == list(range(7))
     k = sorted(t for t, n in starts if n >= 1)
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(k)]
-    # 1/s, a bucket of one: n starts span (n - 1) s at least, less 0.1 s and a jitter.
+    # 1/s, a bucket of one: n starts span (n - 1) s at least, less 0.5 s and a jitter.
     assert all(
-        b - a >= (j - i) * 1.0 - 0.1 - 0.05
+        b - a >= (j - i) * 1.0 - 0.5 - 0.05
         for (i, a), (j, b) in itertools.combinations(enumerate(k), 2)
     ), gaps
 
@@ -1711,4 +1712,4 @@ def test_a_keys_starts_keep_its_rate_after_a_wait_for_a_turn_alone(dsn: str) -> 
         holder.join()
         runner.stop()
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(sorted(starts))]
-    assert all(gap >= 1.0 - 0.15 for gap in gaps), gaps
+    assert all(gap >= 1.0 - 0.5 - 0.05 for gap in gaps), gaps

@@ -825,13 +825,19 @@ class Shared(Channel, lock_notifications=True, concurrency=4):
     n: int
 
 
-def test_a_burst_whose_last_rows_run_in_a_share_frees_its_segment(db: str) -> None:
+@pytest.mark.parametrize("drained_every", [0.1, 2.0])
+def test_a_burst_whose_last_rows_run_in_a_share_frees_its_segment(
+    db: str, drained_every: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The last rows of a burst run in a share handed to another processor, which never
     drains: its batch's end called no rotate(), and the claimer's drain, ended first,
     could not empty the segment left (a row of it in the share's hands), which then kept
     its dead rows until the next traffic, polls or not (hostile review 21 of issue 26).
+    And a call owed while the poller slept waited for the poll: nothing told the poller
+    (review 22; ``drained_every`` 2.0: the share's end too soon after the claimer's).
     Invariant: as test_a_burst_whose_last_drains_end_together_frees_its_segment, whoever
     runs the burst's last rows."""
+    monkeypatch.setattr(_processor, "ROTATE_DRAINED_EVERY", drained_every)
     name = spec_of(Shared).name
     admin_query(db, "SELECT pgpubsub.rotate()")
     done: list[int] = []

@@ -59,7 +59,7 @@ from ._flow_sql import (
 from ._journal import Journal
 from ._leases import RELEASE_SQL, TAKE_LIMIT_SLOTS_SQL, TAKE_SLOT_SQL, new_owner
 from .backoff import Backoff, worth_logging
-from .channel import RESULT_RETENTION, ChannelSpec, kept_for, key_rate_of, rate_of
+from .channel import RESULT_RETENTION, ChannelSpec, Rate, kept_for, key_rate_of, rate_of
 from .driver import PRIVILEGE_STATE, SCHEMA_STATES, one_line, sqlstate
 from .errors import AttemptStopped, MessageCancelled, PayloadError, SchemaMismatch
 from .listen import ListenerSpec
@@ -245,17 +245,21 @@ PASSED_FOR = 1.0
 #: out one a share, publish-to-start p50 45 -> 18 ms; with listeners of a row's insert,
 #: handed out alike, 5.5 -> 25 ms.
 SHARE_SECONDS = 0.005
-#: A message that took a rate limit's token (rate_limit, key_rate_limit) at its claim
-#: starts within this share of a token's interval after its batch's first message
-#: (LATE_FLOOR seconds at least), or goes back, its token spent: behind a slow listener of
-#: its batch it started late, as later claims started theirs at their tokens, and starts
-#: bunched (hostile review 20 of issue 26). The first one starts whatever: each batch gets
-#: on; but after a wait at the gate (another's turn alone), the leeways count from before
-#: it, and the new claims made once the gate opens get on. (A message run again alone
-#: after its batch's COMMIT failed starts whatever: one given back uncharged there could
-#: be the failure's cause, never dead.)
-LATE_SHARE = 0.1
-LATE_FLOOR = 0.005
+#: A message that took a token of a rate limit of at most LATE_MAX_RATE a second
+#: (rate_limit, key_rate_limit) at its claim starts within this share of a token's
+#: interval after its batch's first message, or goes back, its token spent: behind a slow
+#: listener of its batch it started late, as later claims started theirs at their tokens,
+#: and starts bunched (two starts of a key 21 ms apart at 1/s: hostile review 20 of issue
+#: 26). Less than a whole interval, so that a window of one period holds no more starts
+#: than claims (count + capacity). Faster limits keep their claims to the rate: a start a
+#: little late there is one of many, and a leeway of a few ms gave back (spent) so many
+#: tokens that a backlog ran at 0.8-0.9 of the rate (review 22). The first one starts
+#: whatever: each batch gets on; but after a wait at the gate (another's turn alone), the
+#: leeways count from before it, and the new claims made once the gate opens get on. (A
+#: message run again alone after its batch's COMMIT failed starts whatever: one given
+#: back uncharged there could be the failure's cause, never dead.)
+LATE_SHARE = 0.5
+LATE_MAX_RATE = 10.0
 
 # The storage ring (schema version 6, pgpubsub.rotate): moved on and its
 # drained segments emptied about once a second by each processor that claims.
@@ -350,10 +354,12 @@ class ProcessorStatus:
     alive: bool  # its thread is running
 
 
-def _leeway(rate: Any) -> float | None:
+def _leeway(rate: Rate | None) -> float | None:
     """Seconds after its batch's first start within which a message that took a token
-    of ``rate`` starts (see LATE_SHARE); None without a limit."""
-    return None if rate is None else max(LATE_FLOOR, LATE_SHARE / rate.per_second)
+    of ``rate`` starts (see LATE_SHARE); None without a limit, or a faster one."""
+    if rate is None or rate.per_second > LATE_MAX_RATE:
+        return None
+    return LATE_SHARE / rate.per_second
 
 
 def _non_finite(value: Any) -> bool:
@@ -1249,6 +1255,8 @@ class ChannelProcessor:
             retry, view.rotate_owed = view.rotate_owed, False
             if now - view.rotated_drained < ROTATE_DRAINED_EVERY:
                 view.rotate_owed = retry or view.unemptied
+                if view.rotate_owed and not retry:
+                    self.crew.rescheduled()  # the poller's sleep ends when it is allowed
                 return
             view.rotated_drained = now
         elif now - self._rotated < ROTATE_EVERY:
@@ -1263,6 +1271,7 @@ class ChannelProcessor:
             view.unemptied = any(0 <= s != segment for s in live)
             if drained and view.unemptied and not retry:
                 view.rotate_owed = True  # (in a batch's hands, or another process's call)
+                self.crew.rescheduled()
         except Exception as exc:
             if sqlstate(exc) in SCHEMA_STATES or sqlstate(exc) == PRIVILEGE_STATE:
                 self._rotated = None

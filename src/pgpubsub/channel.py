@@ -282,10 +282,11 @@ class Rate:
     least 1): a burst is at most that, so claims are smooth rather than bunched
     at period edges, and any window of one period has at most ``count +
     capacity`` claims (a sliding window of exactly ``count`` would need a row
-    per claim). A batch's messages start one after another once claimed; one
-    that could not start within a tenth of a token's interval (5 ms at least)
-    after the batch's first goes back, its token spent, so that starts keep the
-    rate as claims do.
+    per claim). A batch's messages start one after another once claimed; on a
+    limit of at most 10 a second, one that could not start within half a token's
+    interval after the batch's first goes back, its token spent, so that starts
+    keep the rate as claims do (a faster limit's window of starts may also hold a
+    few claimed just before it).
     """
 
     count: int
