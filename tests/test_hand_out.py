@@ -427,3 +427,52 @@ def test_a_cancel_reaches_the_processor_a_cut_handed_its_message_to(
     finally:
         worker.stop()
     assert 3 not in started, started
+
+
+@dataclass
+class PacedSpread(pgpubsub.Channel, lock_notifications=True, concurrency=2, rate_limit="60/m"):
+    n: int
+
+
+def test_a_cut_keeps_its_rate_limited_messages_to_their_leeway(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cut handed rows that took a rate limit's token to an idle processor, whose own
+    first start began their leeway anew: at "60/m" (a leeway of 0.5 s) a message started
+    0.7 s after its batch's first (hostile review 23 of issue 26). Invariant: a message
+    that took a token starts within its leeway after the first start of the batch it was
+    claimed in, or goes back (and starts within it after a claim of its own)."""
+    claims: dict[int, list[float]] = {}
+    must_start = ChannelProcessor._must_start
+
+    def noted(self: ChannelProcessor, ids: list[int], late: float | None) -> None:
+        for mid in ids:
+            claims.setdefault(mid, []).append(time.monotonic())
+        must_start(self, ids, late)
+
+    monkeypatch.setattr(ChannelProcessor, "_must_start", noted)
+    starts: dict[int, float] = {}
+    handle = ChannelProcessor._handle
+
+    def started(self: ChannelProcessor, row: Any) -> None:
+        starts.setdefault(row[0], time.monotonic())
+        handle(self, row)
+
+    monkeypatch.setattr(ChannelProcessor, "_handle", started)
+    sleeps = [0.3, 0.01, 0.01, 0.01, 0.4, 0.01]  # 0.3 s: the batch overruns, and is cut
+    registry = Registry()
+    registry.add(PacedSpread, lambda n: time.sleep(sleeps[n]))
+    worker = DurableRunning(db, [PacedSpread], registry, poll_interval=5.0)
+    time.sleep(0.5)
+    fast_batching(worker)
+    try:
+        with psycopg.connect(db) as conn:  # six at once: the bucket's six tokens
+            pgpubsub.notify_many(PacedSpread, [{"n": n} for n in range(6)], conn=conn)
+        wait_until(lambda: len(starts) == 6, timeout=20)
+    finally:
+        worker.stop()
+    # Each start after the claim that took its token (the last one before it).
+    late = {
+        mid: round(at - max(t for t in claims[mid] if t <= at), 3) for mid, at in starts.items()
+    }
+    assert max(late.values()) <= 0.5 + 0.1, late

@@ -1255,8 +1255,6 @@ class ChannelProcessor:
             retry, view.rotate_owed = view.rotate_owed, False
             if now - view.rotated_drained < ROTATE_DRAINED_EVERY:
                 view.rotate_owed = retry or view.unemptied
-                if view.rotate_owed and not retry:
-                    self.crew.rescheduled()  # the poller's sleep ends when it is allowed
                 return
             view.rotated_drained = now
         elif now - self._rotated < ROTATE_EVERY:
@@ -1271,7 +1269,6 @@ class ChannelProcessor:
             view.unemptied = any(0 <= s != segment for s in live)
             if drained and view.unemptied and not retry:
                 view.rotate_owed = True  # (in a batch's hands, or another process's call)
-                self.crew.rescheduled()
         except Exception as exc:
             if sqlstate(exc) in SCHEMA_STATES or sqlstate(exc) == PRIVILEGE_STATE:
                 self._rotated = None
@@ -1601,10 +1598,12 @@ class ChannelProcessor:
 
     def _after_cut(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """Rows a committed batch left unrun (:meth:`_cut`), handed out to the idle
-        processors at the pace the batch ran at; the ones this processor runs next.
-        A message cancelled while it waited stays (its stop is noted here)."""
+        processors at the pace the batch ran at; the ones this processor runs next."""
         pace = self._listening / max(1, self._ran)
-        movable = [r for r in rows if r[0] not in self._doomed]
+        # Not a message cancelled while it waited (its stop is noted here), nor one that
+        # took a rate limit's token: its leeway counts from this batch's first start
+        # (handed out, it started a leeway after the taker's: review 23 of issue 26).
+        movable = [r for r in rows if r[0] not in self._doomed and r[0] not in self._leeway_of]
         gone = {r[0] for r in movable} - {r[0] for r in self._hand_out(movable, pace)}
         self._handed += len(gone)
         self._cut_after = time.monotonic() + self.batch_seconds  # (the next transaction's)
