@@ -280,6 +280,19 @@ def test_no_share_is_handed_to_a_processor_that_is_stopping() -> None:
     assert [m.shares for m in members] in ([["b"], ["a"], []], [["a"], ["b"], []])
 
 
+def record_cuts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The ids each cut of a batch left unrun, from now on."""
+    cuts: list[list[int]] = []
+    cut = ChannelProcessor._cut
+
+    def recorded(self: ChannelProcessor, rows: Any, blocked: Any, outcome: Any) -> None:
+        cuts.append([r[0] for r in rows])
+        cut(self, rows, blocked, outcome)
+
+    monkeypatch.setattr(ChannelProcessor, "_cut", recorded)
+    return cuts
+
+
 @pytest.fixture(params=["pipelined", "savepoints"])
 def batch_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch pipelined with its statements written down, or (a driver without
@@ -331,14 +344,7 @@ def test_a_keys_message_behind_a_failure_waits_for_its_retry_when_a_batch_is_cut
     message of a key whose message failed in the batch is given back, not run after the
     cut (it would run before the failed one's retry). Key a: 0 fails once, 3 follows;
     1 is slow, so the batch is cut before 2 and 3."""
-    cuts: list[list[int]] = []
-    cut = ChannelProcessor._cut
-
-    def recorded(self: ChannelProcessor, rows: Any, blocked: Any, outcome: Any) -> None:
-        cuts.append([r[0] for r in rows])
-        cut(self, rows, blocked, outcome)
-
-    monkeypatch.setattr(ChannelProcessor, "_cut", recorded)
+    cuts = record_cuts(monkeypatch)
     order: list[tuple[int, int]] = []
     attempts: dict[int, int] = {}
     lock = threading.Lock()
@@ -445,8 +451,11 @@ def test_a_cut_keeps_its_rate_limited_messages_to_their_leeway(
     first start began their leeway anew: at "60/m" (a leeway of 0.5 s) a message started
     0.7 s after its batch's first (hostile review 23 of issue 26). Invariant: a message
     that took a token starts within its leeway after the first start of the batch it was
-    claimed in, or goes back (and starts within it after a claim of its own)."""
+    claimed in, or goes back (and starts within it after a claim of its own). And a batch
+    whose messages all took a token is not cut: none may be handed out, and a cut was a
+    commit for nothing (review 24)."""
     claims: dict[int, list[float]] = {}
+    cuts = record_cuts(monkeypatch)
     must_start = ChannelProcessor._must_start
 
     def noted(self: ChannelProcessor, ids: list[int], late: float | None) -> None:
@@ -480,3 +489,4 @@ def test_a_cut_keeps_its_rate_limited_messages_to_their_leeway(
         mid: round(at - max(t for t in claims[mid] if t <= at), 3) for mid, at in starts.items()
     }
     assert max(late.values()) <= 0.5 + 0.1, late
+    assert cuts == [], cuts

@@ -1570,11 +1570,21 @@ class ChannelProcessor:
     def _cut_at(self, rows: list[tuple[Any, ...]], i: int) -> bool:
         """Whether the batch stops before ``rows[i]``, once it has overrun the time it was
         sized for (a listener far slower than the last batch's pace): a message of it ran
-        (each transaction gets on), at least two are left, one without an ordering key,
-        and a processor is idle to take some."""
+        (each transaction gets on), at least two are left, one that may be handed out (see
+        :meth:`_after_cut`; else a cut is a commit for nothing), and a processor is idle
+        to take some."""
         return (
-            0 < i <= len(rows) - 2 and any(r[4] is None for r in rows[i:]) and self.crew.idle() > 0
+            0 < i <= len(rows) - 2
+            and any(self._movable(r) for r in rows[i:])
+            and self.crew.idle() > 0
         )
+
+    def _movable(self, row: tuple[Any, ...]) -> bool:
+        """Whether a row left by a cut may go to another processor: not one of an ordering
+        key (its key's order), nor one cancelled while it waited (its stop is noted here),
+        nor one that took a rate limit's token (its leeway counts from this batch's first
+        start; handed out, it started a leeway after the taker's: review 23 of issue 26)."""
+        return row[4] is None and row[0] not in self._doomed and row[0] not in self._leeway_of
 
     def _cut(self, rows: list[tuple[Any, ...]], blocked: set[str], outcome: _Outcome) -> None:
         """The batch stops here: ``rows`` (not run) stay in hand for after its commit
@@ -1600,10 +1610,7 @@ class ChannelProcessor:
         """Rows a committed batch left unrun (:meth:`_cut`), handed out to the idle
         processors at the pace the batch ran at; the ones this processor runs next."""
         pace = self._listening / max(1, self._ran)
-        # Not a message cancelled while it waited (its stop is noted here), nor one that
-        # took a rate limit's token: its leeway counts from this batch's first start
-        # (handed out, it started a leeway after the taker's: review 23 of issue 26).
-        movable = [r for r in rows if r[0] not in self._doomed and r[0] not in self._leeway_of]
+        movable = [r for r in rows if self._movable(r)]
         gone = {r[0] for r in movable} - {r[0] for r in self._hand_out(movable, pace)}
         self._handed += len(gone)
         self._cut_after = time.monotonic() + self.batch_seconds  # (the next transaction's)
