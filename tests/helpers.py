@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from pgpubsub._loopthread import LoopThread
+from pgpubsub._processor import ChannelProcessor
 from pgpubsub.embedded import EmbeddedServer
 from pgpubsub.listen import Registry
 from pgpubsub.listen import registry as default_registry
@@ -171,3 +172,18 @@ def most_at_once(spans: list[tuple[float, float]]) -> int:
         now += step
         most = max(most, now)
     return most
+
+
+def record_calls(monkeypatch: Any, name: str) -> list[tuple[float, Any]]:
+    """Each call of ``ChannelProcessor.<name>`` from now on: (time.monotonic() when it
+    returned, what it returned)."""
+    calls: list[tuple[float, Any]] = []
+    real = getattr(ChannelProcessor, name)
+
+    def recorded(self: ChannelProcessor, *args: Any) -> Any:
+        result = real(self, *args)
+        calls.append((time.monotonic(), result))
+        return result
+
+    monkeypatch.setattr(ChannelProcessor, name, recorded)
+    return calls

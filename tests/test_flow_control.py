@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import DurableRunning, admin_query, wait_until
+from helpers import DurableRunning, admin_query, record_calls, wait_until
 
 import pgpubsub
 from pgpubsub import _claim_sql, _flow_sql, _processor, durable, messages
@@ -93,21 +93,6 @@ def drain(dsn: str, registry: Registry, channel: Any) -> float:
     proc.drain_once()
     proc.session.close()
     return time.monotonic() - started
-
-
-def record_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[float, Any]]:
-    """Each call of ``ChannelProcessor.<name>`` from now on: (time.monotonic() when it
-    returned, what it returned)."""
-    calls: list[tuple[float, Any]] = []
-    real = getattr(ChannelProcessor, name)
-
-    def recorded(self: ChannelProcessor, *args: Any) -> Any:
-        result = real(self, *args)
-        calls.append((time.monotonic(), result))
-        return result
-
-    monkeypatch.setattr(ChannelProcessor, name, recorded)
-    return calls
 
 
 # -- timeouts ---------------------------------------------------------------------------------

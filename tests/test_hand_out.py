@@ -81,17 +81,25 @@ def publish(db: str, ns: range, keys: dict[int, str] | None = None) -> dict[int,
         return {n: pgpubsub.notify(Spread(n=n), conn=conn, ordering_key=keys.get(n)) for n in ns}
 
 
-def test_a_claims_messages_run_at_once_on_the_idle_processors(db: str) -> None:
-    """Four messages of one claim with three processors idle: all four listeners run at
-    once (one after another before), each once, on four processors."""
-    spans = Spans(0.6)
+def four_run(db: str, spans: Spans, fast: bool = False) -> Spans:
+    """Four messages of one claim run on a worker of Spread (see running; ``fast``: after
+    batches of fast listeners, see fast_batching), each once."""
     worker = running(db, spans)
+    if fast:
+        fast_batching(worker)
     try:
         publish(db, range(4))
         wait_until(lambda: len(spans.runs) == 4, timeout=20)
     finally:
         worker.stop()
     assert sorted(n for n, *_ in spans.runs) == [0, 1, 2, 3]
+    return spans
+
+
+def test_a_claims_messages_run_at_once_on_the_idle_processors(db: str) -> None:
+    """Four messages of one claim with three processors idle: all four listeners run at
+    once (one after another before), each once, on four processors."""
+    spans = four_run(db, Spans(0.6))
     assert spans.most_at_once() == 4, spans.runs
     assert len({thread for *_, thread in spans.runs}) == 4
     assert admin_query(db, "SELECT count(*) FROM pgpubsub.message")[0][0] == 0
@@ -317,15 +325,7 @@ def test_slow_messages_of_a_fast_claim_wait_behind_one_slow_listener_at_most(
     hostile review 14 of issue 26). Invariant: while processors are idle, a message in a
     claimer's hands waits behind at most one listener that overran the batch's time; the
     batch commits what ran and hands the rest out."""
-    spans = Spans(0.6)
-    worker = running(db, spans)
-    fast_batching(worker)
-    try:
-        publish(db, range(4))
-        wait_until(lambda: len(spans.runs) == 4, timeout=20)
-    finally:
-        worker.stop()
-    assert sorted(n for n, *_ in spans.runs) == [0, 1, 2, 3]
+    spans = four_run(db, Spans(0.6), fast=True)
     starts = sorted(start for _, start, _, _ in spans.runs)
     assert starts[-1] - starts[0] < 0.6 + 0.35, spans.runs
     assert spans.most_at_once() >= 3, spans.runs

@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import DurableRunning, admin_query, install_version_5, wait_until
+from helpers import DurableRunning, admin_query, install_version_5, record_calls, wait_until
 
 import pgpubsub
 from pgpubsub import _claim_sql, _processor
@@ -779,6 +779,27 @@ def test_a_burst_drained_in_less_than_a_second_frees_its_segment(db: str) -> Non
     assert admin_query(db, "SELECT pg_relation_size('pgpubsub.message_0')") == [(0,)]
 
 
+def store_past_a_handover(db: str, channel: type[Any], n: int) -> None:
+    """Messages 1 to ``n`` of ``channel`` in segment 0, the current one, as if it had had
+    its 10,000 new messages: the ring hands over once they are drained."""
+    admin_query(
+        db,
+        "INSERT INTO pgpubsub.message (channel, payload) "
+        "SELECT %s, jsonb_build_object('n', i) FROM generate_series(1, %s) i",
+        (spec_of(channel).name, n),
+    )
+    admin_query(db, "UPDATE pgpubsub.ring SET first_id = first_id - 10000")
+
+
+def wait_for_segment_0_emptied(db: str) -> None:
+    """Segment 0, left by the ring's hand-over, emptied within 5 s (no traffic needed)."""
+    wait_until(
+        lambda: admin_query(db, "SELECT pg_relation_size('pgpubsub.message_0')") == [(0,)],
+        timeout=5,
+    )
+    assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(1, [1])]
+
+
 def test_a_burst_whose_last_drains_end_together_frees_its_segment(
     db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -790,15 +811,8 @@ def test_a_burst_whose_last_drains_end_together_frees_its_segment(
     segment left is emptied without waiting for more traffic, whichever drain ends last."""
     monkeypatch.setattr(_processor, "ROTATE_EVERY", float("inf"))  # as drains end only
     monkeypatch.setattr(_processor, "ROTATE_DRAINED_EVERY", 1.0)
-    name = spec_of(Stored).name
     admin_query(db, "SELECT pgpubsub.rotate()")
-    admin_query(
-        db,
-        "INSERT INTO pgpubsub.message (channel, payload) "
-        "SELECT %s, jsonb_build_object('n', i) FROM generate_series(1, 3000) i",
-        (name,),
-    )
-    admin_query(db, "UPDATE pgpubsub.ring SET first_id = first_id - 10000")
+    store_past_a_handover(db, Stored, 3000)
     done: list[int] = []
 
     def listener(n: int) -> None:
@@ -811,11 +825,7 @@ def test_a_burst_whose_last_drains_end_together_frees_its_segment(
     runner = DurableRunning(db, [Stored], registry, poll_interval=30)
     try:
         wait_until(lambda: len(done) == 3000, timeout=30)
-        wait_until(
-            lambda: admin_query(db, "SELECT pg_relation_size('pgpubsub.message_0')") == [(0,)],
-            timeout=5,
-        )
-        assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(1, [1])]
+        wait_for_segment_0_emptied(db)
     finally:
         runner.stop()
 
@@ -838,7 +848,6 @@ def test_a_burst_whose_last_rows_run_in_a_share_frees_its_segment(
     Invariant: as test_a_burst_whose_last_drains_end_together_frees_its_segment, whoever
     runs the burst's last rows."""
     monkeypatch.setattr(_processor, "ROTATE_DRAINED_EVERY", drained_every)
-    name = spec_of(Shared).name
     admin_query(db, "SELECT pgpubsub.rotate()")
     done: list[int] = []
 
@@ -854,20 +863,10 @@ def test_a_burst_whose_last_rows_run_in_a_share_frees_its_segment(
         time.sleep(0.5)  # every processor rests
         for proc in runner.durable.processors:  # as after batches of slow listeners
             proc.claim_size, proc._listener_pace = 50, 0.5
-        admin_query(
-            db,
-            "INSERT INTO pgpubsub.message (channel, payload) "
-            "SELECT %s, jsonb_build_object('n', i) FROM generate_series(1, 2) i",
-            (name,),
-        )
-        admin_query(db, "UPDATE pgpubsub.ring SET first_id = first_id - 10000")
-        admin_query(db, "SELECT pg_notify(%s, '')", (name,))
+        store_past_a_handover(db, Shared, 2)
+        admin_query(db, "SELECT pg_notify(%s, '')", (spec_of(Shared).name,))
         wait_until(lambda: len(done) == 2, timeout=10)
-        wait_until(
-            lambda: admin_query(db, "SELECT pg_relation_size('pgpubsub.message_0')") == [(0,)],
-            timeout=5,
-        )
-        assert admin_query(db, "SELECT segment, live FROM pgpubsub.ring") == [(1, [1])]
+        wait_for_segment_0_emptied(db)
     finally:
         runner.stop()
 
@@ -884,15 +883,7 @@ def test_a_trickle_costs_no_claim_for_the_ring(db: str, monkeypatch: pytest.Monk
     26). Invariant: a skipped call is owed only while a segment is left to empty, so a
     steady trickle costs a claim that takes its message and one that finds the queue
     empty, and no more."""
-    claims: list[int] = []
-    real = _processor.ChannelProcessor._claim
-
-    def counted(self: Any, *args: Any) -> Any:
-        rows = real(self, *args)
-        claims.append(len(rows))
-        return rows
-
-    monkeypatch.setattr(_processor.ChannelProcessor, "_claim", counted)
+    claims = record_calls(monkeypatch, "_claim")
     done: list[int] = []
     registry = Registry()
     registry.add(Trickle, lambda n: done.append(n))
@@ -909,8 +900,9 @@ def test_a_trickle_costs_no_claim_for_the_ring(db: str, monkeypatch: pytest.Monk
         time.sleep(0.5)
     finally:
         runner.stop()
-    assert sum(claims) == 30
-    assert len(claims) <= 2 * 30 + 4, claims
+    sizes = [len(rows) for _, rows in claims]
+    assert sum(sizes) == 30
+    assert len(sizes) <= 2 * 30 + 4, sizes
 
 
 def test_messages_due_later_never_pin_a_segment(db: str) -> None:
