@@ -1567,14 +1567,16 @@ class ChannelProcessor:
         """Whether rows in hand may go to other processors (see :meth:`_hand_out`)."""
         return not self._alone and self.max_in_flight is None and not self._limited
 
-    def _cut_at(self, rows: list[tuple[Any, ...]], i: int) -> bool:
+    def _cut_at(self, rows: list[tuple[Any, ...]], i: int, cut_after: float | None) -> bool:
         """Whether the batch stops before ``rows[i]``, once it has overrun the time it was
-        sized for (a listener far slower than the last batch's pace): a message of it ran
+        sized for (past ``cut_after``, time.monotonic(); None: never): a message of it ran
         (each transaction gets on), at least two are left, one that may be handed out (see
         :meth:`_after_cut`; else a cut is a commit for nothing), and a processor is idle
         to take some."""
         return (
-            0 < i <= len(rows) - 2
+            cut_after is not None
+            and time.monotonic() > cut_after
+            and 0 < i <= len(rows) - 2
             and any(self._movable(r) for r in rows[i:])
             and self.crew.idle() > 0
         )
@@ -1725,9 +1727,7 @@ class ChannelProcessor:
         with journal.installed():
             for i, row in enumerate(rows):
                 mid, key = row[0], row[4]
-                cut = (
-                    cut_after is not None and time.monotonic() > cut_after and self._cut_at(rows, i)
-                )
+                cut = self._cut_at(rows, i, cut_after)
                 if cut or key is not None and journal.must_wait(key):
                     journal.confirm()
                 if journal.failed:
@@ -1780,7 +1780,7 @@ class ChannelProcessor:
         blocked: set[str] = set()  # keys whose message failed: the later ones wait
         failures: list[tuple[tuple[Any, ...], BaseException]] = []
         for i, row in enumerate(rows):
-            if cut_after is not None and time.monotonic() > cut_after and self._cut_at(rows, i):
+            if self._cut_at(rows, i, cut_after):
                 self._cut(rows[i:], blocked, outcome)
                 break
             if row[4] in blocked or self._too_late(row[0]):
