@@ -1401,7 +1401,10 @@ def test_a_rate_limited_burst_costs_about_a_claim_a_token_at_every_concurrency(
         runner.stop()
     sizes = [len(rows) for _, rows in claims]
     assert sum(sizes) == 12
-    assert len(sizes) <= 12 + 3, str(sizes)  # a claim a token, and a few looks
+    # A claim a token, and a few looks: 3 at concurrency 4 (a claim starts at one
+    # message, each processor's first finds the key out of tokens), 4 on a loaded
+    # machine; the defect made 40-42.
+    assert len(sizes) <= 12 + 4, str(sizes)
 
 
 @dataclass
