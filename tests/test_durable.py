@@ -365,3 +365,65 @@ def test_a_claim_probes_its_rows_whatever_the_statistics_say(dsn: str) -> None:
         plan = "\n".join(r[0] for r in conn.execute("EXPLAIN ANALYZE " + claim, params))
     assert "rows=500" in plan  # it claimed a batch
     assert "Rows Removed by Join Filter" not in plan, plan
+
+
+def _ready_for_query(session: PsycopgSession, run: Any) -> int:
+    """How many round trips ``run()`` took on ``session``'s connection (ReadyForQuery
+    messages in libpq's trace of it)."""
+    import tempfile
+
+    assert session.conn is not None
+    with tempfile.TemporaryFile("w+") as trace:
+        session.conn.pgconn.trace(trace.fileno())
+        try:
+            run()
+        finally:
+            session.conn.pgconn.untrace()
+        trace.seek(0)
+        return sum(1 for line in trace if "ReadyForQuery" in line)
+
+
+def test_a_session_transaction_sends_its_begin_with_its_first_statement(db: str) -> None:
+    """Issue 26: psycopg sent a transaction's BEGIN and waited for it, a round trip more
+    for every claim, batch and question of a worker (about 6 round trips a message at
+    400 messages/s became 4). Invariant: a transaction costs a round trip per wait for
+    results and one for its COMMIT, none for its BEGIN; statements run together cost
+    one in all; a block that runs nothing costs none."""
+    session = PsycopgSession(db)
+    session.open()
+    try:
+
+        def one_statement() -> None:
+            with session.atomic():
+                assert session.execute("SELECT 1") == [(1,)]
+
+        def nothing() -> None:
+            with session.atomic():
+                pass
+
+        assert _ready_for_query(session, one_statement) == 2
+        assert _ready_for_query(session, nothing) == 0
+        both = [("SELECT 1", ()), ("SELECT 2", ())]
+        assert _ready_for_query(session, lambda: session.together(both)) == 1
+        assert session.together(both) == [[(1,)], [(2,)]]
+    finally:
+        session.close()
+
+
+def test_statements_run_together_are_undone_whole_when_one_fails(db: str) -> None:
+    """Statements run together go with their COMMIT in one round trip: when one fails,
+    the COMMIT is skipped, and the transaction, aborted, is rolled back. Invariant:
+    nothing of it stays, the error raises, and the session goes on."""
+    admin_query(db, "CREATE TABLE IF NOT EXISTS together_t (n int)")
+    admin_query(db, "TRUNCATE together_t")
+    session = PsycopgSession(db)
+    session.open()
+    try:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            session.together([("INSERT INTO together_t VALUES (1)", ()), ("SELECT 1/0", ())])
+        assert not session.in_transaction()
+        assert session.together([("INSERT INTO together_t VALUES (2)", ()), ("SELECT 1", ())])
+        assert admin_query(db, "SELECT n FROM together_t") == [(2,)]
+    finally:
+        session.close()
+        admin_query(db, "DROP TABLE together_t")

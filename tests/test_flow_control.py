@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from pgpubsub._processor import ChannelProcessor
 from pgpubsub.channel import Channel, Rate, rate_of, spec_of
 from pgpubsub.errors import ConfigurationError
 from pgpubsub.listen import Registry
-from pgpubsub.session import PsycopgSession
+from pgpubsub.session import PsycopgSession, Session
 
 
 @dataclass
@@ -1008,6 +1009,8 @@ def _reads(
 
     monkeypatch.setattr(proc.session, "execute", counting(proc.session.execute))
     monkeypatch.setattr(proc.session, "fetch", counting(fetch))
+    # Statements run together one by one, each through execute (and counted).
+    monkeypatch.setattr(proc.session, "together", partial(Session.together, proc.session))
     return reads
 
 

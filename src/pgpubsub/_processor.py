@@ -733,23 +733,25 @@ class ChannelProcessor:
             "since": self.crew.since,
         }
         self._sweep_limits()
-        with self.session.atomic():
-            rows = self.session.execute(NEXT_DUE_SQL, params)
-            due = rows[0][0] if rows else None
-            if self.key_rate is not None:
-                keys = {
-                    **self._key_params(),
-                    "key_short": self.crew.short_keys,
-                    "since": params["since"],
-                    "after": self._keys_after,
-                    "keys": KEYS_PER_REST,
-                    "scan": self._scan,
-                }
-                query = KEY_TOKEN_DUE_FIRST_SQL if self._keys_after is None else KEY_TOKEN_DUE_SQL
-                wait, last, cut = self.session.execute(query, keys)[0]
-                self._keys_after = last if cut else None
-                if wait is not None:
-                    due = wait if due is None else min(due, wait)
+        asked: list[tuple[str, Any]] = [(NEXT_DUE_SQL, params)]
+        if self.key_rate is not None:
+            keys = {
+                **self._key_params(),
+                "key_short": self.crew.short_keys,
+                "since": params["since"],
+                "after": self._keys_after,
+                "keys": KEYS_PER_REST,
+                "scan": self._scan,
+            }
+            query = KEY_TOKEN_DUE_FIRST_SQL if self._keys_after is None else KEY_TOKEN_DUE_SQL
+            asked.append((query, keys))
+        answers = self.session.together(asked)
+        due = answers[0][0][0] if answers[0] else None
+        if self.key_rate is not None:
+            wait, last, cut = answers[1][0]
+            self._keys_after = last if cut else None
+            if wait is not None:
+                due = wait if due is None else min(due, wait)
         view = self._ring_view
         if view.rotate_owed and self._rotated is not None:
             owed = view.rotated_drained + ROTATE_DRAINED_EVERY - time.monotonic()
@@ -765,8 +767,7 @@ class ChannelProcessor:
         if self._always_woken:
             return True
         try:
-            with self.session.atomic():
-                return bool(self.session.execute(SLEEP_SQL, (self.spec.name,))[0][0])
+            return bool(self.session.together([(SLEEP_SQL, (self.spec.name,))])[0][0][0])
         except Exception as exc:
             if sqlstate(exc) not in SCHEMA_STATES:
                 raise
@@ -1263,9 +1264,7 @@ class ChannelProcessor:
         if self.session.in_transaction():
             return
         try:
-            with self.session.atomic():
-                self.session.execute(ROTATE_SQL)
-                segment, live = self.session.execute(RING_SQL)[0]
+            segment, live = self.session.together([(ROTATE_SQL, ()), (RING_SQL, ())])[1][0]
             view.unemptied = any(0 <= s != segment for s in live)
             if drained and view.unemptied and not retry:
                 view.rotate_owed = True  # (in a batch's hands, or another process's call)
@@ -1694,16 +1693,16 @@ class ChannelProcessor:
         nested = session.in_transaction()
         # A batch in the caller's transaction is never cut (it commits with the caller's).
         cut_after = None if nested or not self._may_hand_out() else self._cut_after
-        with session.atomic():
+        # Pipelined, the transaction's COMMIT goes with the batch's last statements.
+        with session.pipeline() as pipeline, session.atomic():
             locked = self._lock([r[0] for r in claimed])
             # A row claimed again by someone else since (lease over) is theirs.
             rows = [r for r in claimed if locked.get(r[0]) == r[2]]
-            with session.pipeline() as pipeline:
-                if not nested:  # never change the mode of the caller's transaction
-                    session.execute(IMMEDIATE_SQL)
-                if pipeline is None:
-                    return self._run_all(rows, known, cut_after)
-                return self._run_journaled(rows, Journal(session.connection), known, cut_after)
+            if not nested:  # never change the mode of the caller's transaction
+                session.execute(IMMEDIATE_SQL)
+            if pipeline is None:
+                return self._run_all(rows, known, cut_after)
+            return self._run_journaled(rows, Journal(session.connection), known, cut_after)
 
     def _run_journaled(
         self,
@@ -1765,8 +1764,7 @@ class ChannelProcessor:
             outcome.failed.append(self._failed(row[0], row[2], exc))
         self._complete(outcome.done)
         self._give_back(outcome.returned)
-        self.session.sync()
-        return outcome
+        return outcome  # (their errors raise at the pipeline's end, with the COMMIT's)
 
     def _run_all(
         self,
@@ -1872,7 +1870,7 @@ class ChannelProcessor:
 
     def _lock(self, ids: list[int]) -> dict[int, int]:
         """Lock rows in hand; their attempt counts (batch members noted in ``_members``)."""
-        rows = self.session.execute(self._in_parts(LOCK_SQL, ids), (ids,))
+        rows = self.session.fetch(self._in_parts(LOCK_SQL, ids), (ids,))
         self._members.update((r[0], r[2]) for r in rows if r[2] is not None)
         return {r[0]: r[1] for r in rows}
 

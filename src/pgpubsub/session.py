@@ -55,8 +55,16 @@ class Session(ABC):
             self.execute(first)
         return self.execute(query, params)
 
+    def together(self, statements: list[tuple[str, Any]]) -> list[list[tuple[Any, ...]]]:
+        """Run ``statements`` (query, parameters) in a transaction of their own (a savepoint
+        when one is open); each one's rows. In one round trip when the driver can."""
+        with self.atomic():
+            return [self.execute(query, params) for query, params in statements]
+
     def pipeline(self) -> AbstractContextManager[Any]:
-        """A block whose statements need not wait for their results (when the driver can)."""
+        """A block whose statements need not wait for their results (when the driver can).
+
+        An :meth:`atomic` block inside it queues its COMMIT with them."""
         return nullcontext()
 
     def sync(self) -> None:  # noqa: B027 - nothing to wait for without a pipeline
@@ -82,6 +90,7 @@ class Session(ABC):
 _LONG = 4096
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%|%s")
 _RAW: dict[str, tuple[str, tuple[str, ...]]] = {}
+
 
 
 def _raw(query: str) -> tuple[str, tuple[str, ...]]:
@@ -110,31 +119,91 @@ class PsycopgSession(Session):
         self.conninfo = conninfo
         self.conn: psycopg.Connection[Any] | None = None
         self._pipeline: psycopg.Pipeline | None = None
+        # The transaction of the outermost atomic() block until its first statement,
+        # whose round trip sends its BEGIN (see atomic).
+        self._unbegun: psycopg.Transaction | None = None
 
     def open(self) -> None:
         if self.conn is None or self.conn.closed:
-            self.conn = driver.connect(self.conninfo, autocommit=False)
+            # Autocommit: a transaction is an atomic() block (no BEGIN that psycopg
+            # sends and waits for by itself: see there), or one statement alone
+            # (together()).
+            self.conn = driver.connect(self.conninfo, autocommit=True)
             # Whatever the database's default_transaction_isolation: a batch
             # member's settlement must read its batch's latest counts
             # (schema: batch_member_settled), and a claim the latest rows.
             self.conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+            self.conn.execute("SET default_transaction_isolation TO 'read committed'")
 
     @property
     def connection(self) -> Any:
+        self._begin()  # what is run on it belongs to the atomic() block it is in
         return self.conn
 
-    def atomic(self) -> AbstractContextManager[Any]:
+    @contextmanager
+    def atomic(self) -> Iterator[Any]:
+        """A transaction whose BEGIN goes with its first statement, in one round trip.
+
+        psycopg sends a transaction's BEGIN, and waits for it, before the first
+        statement: a round trip of each claim, look and batch, each costing the
+        worker about 0.1 ms of CPU and a wait on a busy server (a message costs
+        several transactions). The outermost block's BEGIN is queued with its first
+        statement in a pipeline instead; a block that runs none sends neither BEGIN
+        nor COMMIT. Inside :meth:`pipeline`, its COMMIT is queued too, and sent
+        with the pipeline's Sync. A savepoint is psycopg's.
+        """
+        conn = self.conn
+        assert conn is not None
+        if self.in_transaction() or not psycopg.Pipeline.is_supported():
+            self._begin()
+            with conn.transaction() as tx:
+                yield tx
+            return
+        tx = self._unbegun = psycopg.Transaction(conn)
+        try:
+            yield tx
+        except BaseException as exc:
+            if self._unbegun is tx:  # nothing sent: nothing to undo
+                self._unbegun = None
+            elif not tx.__exit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            if self._unbegun is tx:
+                self._unbegun = None
+            else:
+                tx.__exit__(None, None, None)
+
+    def _begin(self) -> None:
+        """Send (or, in a pipeline, queue) the BEGIN of the atomic() block that ran nothing yet."""
+        if self._unbegun is None:
+            return
         assert self.conn is not None
-        return self.conn.transaction()
+        if self._pipeline is not None:
+            self._begin_queued()
+            return
+        with self.conn.pipeline():
+            self._begin_queued()
+
+    def _begin_queued(self) -> None:
+        """Queue the pending BEGIN in the pipeline open (it runs with what follows)."""
+        tx, self._unbegun = self._unbegun, None
+        if tx is not None:
+            tx.__enter__()
 
     def execute(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
         assert self.conn is not None
-        cur = self._run(query, params)
+        if self._unbegun is not None and self._pipeline is None:
+            with self.conn.pipeline():
+                self._begin_queued()
+                cur = self._run(query, params)
+        else:
+            cur = self._run(query, params)
         return cur.fetchall() if cur.description else []
 
     def _run(self, query: str, params: Any) -> psycopg.Cursor[Any]:
         """The cursor of ``query`` run (a long one with named parameters: see _raw)."""
         assert self.conn is not None
+        self._begin()
         if len(query) > _LONG and isinstance(params, Mapping):
             raw, names = _raw(query)
             return psycopg.RawCursor(self.conn).execute(raw, [params[n] for n in names])
@@ -145,12 +214,24 @@ class PsycopgSession(Session):
     ) -> list[tuple[Any, ...]]:
         conn = self.conn
         assert conn is not None
-        if first is None or self._pipeline is not None or not psycopg.Pipeline.is_supported():
+        if self._pipeline is not None:
             if first is not None:
+                self._begin()
+                conn.execute(first)
+            cur = self._run(query, params)
+            # With a Sync, not a flush: the server's session is then idle in its
+            # transaction, not active, while the listeners that follow run.
+            self._pipeline.sync()
+            return cur.fetchall()
+        if first is None and self._unbegun is None or not psycopg.Pipeline.is_supported():
+            if first is not None:
+                self._begin()
                 conn.execute(first)
             return self._run(query, params).fetchall()
         with conn.pipeline():
-            conn.execute(first)
+            self._begin_queued()
+            if first is not None:
+                conn.execute(first)
             cur = self._run(query, params)
         # Read once the pipeline ended (its one Sync): the server's session is idle in
         # its transaction once both ran. Read inside the pipeline, they came with a
@@ -159,18 +240,38 @@ class PsycopgSession(Session):
         # to 27 backends showed active); a sync before reading sent two Syncs.
         return cur.fetchall()
 
+    def together(self, statements: list[tuple[str, Any]]) -> list[list[tuple[Any, ...]]]:
+        if self.in_transaction() or not psycopg.Pipeline.is_supported():
+            return super().together(statements)
+        if len(statements) == 1:  # a transaction of its own as it is: no BEGIN, no COMMIT
+            return [self.execute(*statements[0])]
+        with self.pipeline(), self.atomic():
+            cursors = [self._run(query, params) for query, params in statements]
+        return [cur.fetchall() if cur.description else [] for cur in cursors]
+
     @contextmanager
     def pipeline(self) -> Iterator[Any]:
-        assert self.conn is not None
+        conn = self.conn
+        assert conn is not None
         if not psycopg.Pipeline.is_supported():
             yield None
             return
-        with self.conn.pipeline() as pipeline:
-            outer, self._pipeline = self._pipeline, pipeline
-            try:
-                yield pipeline
-            finally:
-                self._pipeline = outer
+        outer = self._pipeline
+        try:
+            with conn.pipeline() as pipeline:
+                self._pipeline = pipeline
+                try:
+                    self._begin_queued()
+                    yield pipeline
+                finally:
+                    self._pipeline = outer
+        except BaseException:
+            # A statement queued before an atomic() block's COMMIT failed: the COMMIT
+            # was skipped, and the transaction, aborted, is no block's to undo.
+            if outer is None and self._unbegun is None and not conn.closed:
+                if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                    conn.rollback()
+            raise
 
     def sync(self) -> None:
         if self._pipeline is not None:
@@ -178,6 +279,8 @@ class PsycopgSession(Session):
 
     def in_transaction(self) -> bool:
         assert self.conn is not None
+        if self._unbegun is not None:
+            return True
         return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
     def broken(self, exc: BaseException) -> bool:
@@ -191,6 +294,7 @@ class PsycopgSession(Session):
         )
 
     def close(self) -> None:
+        self._unbegun = None
         if self.conn is not None:
             self.conn.close()
         self.conn = None
