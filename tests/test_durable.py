@@ -427,3 +427,68 @@ def test_statements_run_together_are_undone_whole_when_one_fails(db: str) -> Non
     finally:
         session.close()
         admin_query(db, "DROP TABLE together_t")
+
+
+@pytest.fixture
+def session_table(db: str) -> Iterator[PsycopgSession]:
+    """A PsycopgSession open on ``db``, and an empty table ``session_t (n int)``."""
+    admin_query(db, "CREATE TABLE IF NOT EXISTS session_t (n int)")
+    admin_query(db, "TRUNCATE session_t")
+    session = PsycopgSession(db)
+    session.open()
+    yield session
+    session.close()
+    admin_query(db, "DROP TABLE session_t")
+
+
+def test_a_statement_failing_in_a_pipeline_inside_a_transaction_raises_its_own_error(
+    db: str, session_table: PsycopgSession
+) -> None:
+    """Hostile review 25, finding 2: a statement that failed in a pipeline opened inside
+    an atomic() block raised psycopg's ProgrammingError (the pipeline rolled back a
+    transaction the block still held) instead of its own error. Invariant: the error
+    is the statement's, the block is undone, the session goes on."""
+    session = session_table
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        with session.atomic(), session.pipeline():
+            session.execute("INSERT INTO session_t VALUES (1)")
+            session.execute("SELECT 1/0")
+    assert not session.in_transaction()
+    assert session.execute("SELECT 1") == [(1,)]
+    assert admin_query(db, "SELECT n FROM session_t") == []
+
+
+def test_statements_run_together_in_a_pipeline_leave_no_failed_transaction(
+    db: str, session_table: PsycopgSession
+) -> None:
+    """Hostile review 25, finding 1: statements run together inside an open pipeline,
+    one failing and the error caught there, left the session in the failed
+    transaction: every later statement failed. Invariant: as outside a pipeline, the
+    transaction is undone whole and the next statement runs."""
+    session = session_table
+    with session.pipeline():
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            session.together([("INSERT INTO session_t VALUES (1)", ()), ("SELECT 1/0", ())])
+        session.execute("INSERT INTO session_t VALUES (2)")
+    assert not session.in_transaction()
+    assert admin_query(db, "SELECT n FROM session_t") == [(2,)]
+
+
+def test_a_sessions_statements_run_read_committed_on_a_serializable_database(db: str) -> None:
+    """A statement run alone has no BEGIN to name its isolation: on a database whose
+    default is serializable it would run serializable (and fail where two workers
+    meet). Invariant: whatever the database's default, every transaction of a session,
+    alone or in a block, runs read committed."""
+    dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
+    admin_query(db, f"ALTER DATABASE {dbname} SET default_transaction_isolation = 'serializable'")
+    session = PsycopgSession(db)
+    try:
+        session.open()
+        show = ("SHOW transaction_isolation", ())
+        assert session.together([show]) == [[("read committed",)]]
+        assert session.together([show, show])[1] == [("read committed",)]
+        with session.atomic():
+            assert session.execute(*show) == [("read committed",)]
+    finally:
+        session.close()
+        admin_query(db, f"ALTER DATABASE {dbname} RESET default_transaction_isolation")

@@ -92,7 +92,6 @@ _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%|%s")
 _RAW: dict[str, tuple[str, tuple[str, ...]]] = {}
 
 
-
 def _raw(query: str) -> tuple[str, tuple[str, ...]]:
     """``query`` with $n for its %(name)s placeholders, and the names in $n's order."""
     made = _RAW.get(query)
@@ -120,8 +119,11 @@ class PsycopgSession(Session):
         self.conn: psycopg.Connection[Any] | None = None
         self._pipeline: psycopg.Pipeline | None = None
         # The transaction of the outermost atomic() block until its first statement,
-        # whose round trip sends its BEGIN (see atomic).
+        # whose round trip sends its BEGIN (see atomic); and while the block lasts.
         self._unbegun: psycopg.Transaction | None = None
+        self._block: psycopg.Transaction | None = None
+        # Whether a statement alone runs read committed (the server's default).
+        self._alone_committed = False
 
     def open(self) -> None:
         if self.conn is None or self.conn.closed:
@@ -133,7 +135,9 @@ class PsycopgSession(Session):
             # member's settlement must read its batch's latest counts
             # (schema: batch_member_settled), and a claim the latest rows.
             self.conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-            self.conn.execute("SET default_transaction_isolation TO 'read committed'")
+            # Read, not set: a SET would not hold behind a pooler in transaction mode.
+            level = self.conn.execute("SHOW default_transaction_isolation").fetchone()
+            self._alone_committed = level is not None and level[0] == "read committed"
 
     @property
     def connection(self) -> Any:
@@ -159,7 +163,7 @@ class PsycopgSession(Session):
             with conn.transaction() as tx:
                 yield tx
             return
-        tx = self._unbegun = psycopg.Transaction(conn)
+        tx = self._unbegun = self._block = psycopg.Transaction(conn)
         try:
             yield tx
         except BaseException as exc:
@@ -172,6 +176,8 @@ class PsycopgSession(Session):
                 self._unbegun = None
             else:
                 tx.__exit__(None, None, None)
+        finally:
+            self._block = None
 
     def _begin(self) -> None:
         """Send (or, in a pipeline, queue) the BEGIN of the atomic() block that ran nothing yet."""
@@ -243,7 +249,7 @@ class PsycopgSession(Session):
     def together(self, statements: list[tuple[str, Any]]) -> list[list[tuple[Any, ...]]]:
         if self.in_transaction() or not psycopg.Pipeline.is_supported():
             return super().together(statements)
-        if len(statements) == 1:  # a transaction of its own as it is: no BEGIN, no COMMIT
+        if len(statements) == 1 and self._alone_committed:  # a transaction as it is
             return [self.execute(*statements[0])]
         with self.pipeline(), self.atomic():
             cursors = [self._run(query, params) for query, params in statements]
@@ -267,8 +273,8 @@ class PsycopgSession(Session):
                     self._pipeline = outer
         except BaseException:
             # A statement queued before an atomic() block's COMMIT failed: the COMMIT
-            # was skipped, and the transaction, aborted, is no block's to undo.
-            if outer is None and self._unbegun is None and not conn.closed:
+            # was skipped, and the transaction, aborted, is no open block's to undo.
+            if self._block is None and not conn.closed:
                 if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
                     conn.rollback()
             raise
@@ -294,7 +300,7 @@ class PsycopgSession(Session):
         )
 
     def close(self) -> None:
-        self._unbegun = None
+        self._unbegun = self._block = None
         if self.conn is not None:
             self.conn.close()
         self.conn = None
